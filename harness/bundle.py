@@ -1,0 +1,403 @@
+"""Reading and validating an ``optuna_best/`` directory.
+
+Everything here is plain YAML parsing and checking (``yaml.safe_load`` only);
+nothing executes content from the bundle. The target scaler (a joblib/pickle
+file, i.e. code) is only *located* here; it is loaded by the worker process,
+which is the process that would run inside a container.
+
+The accepted schema is documented in README.md ("The optuna_best schema").
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import InputError
+
+CONFIG = "config.yaml"
+TRIAL_INFO = "trial_info.yaml"
+SCALER = "target_scaler.joblib"
+WEIGHTS_DIR = "weights"
+BEST_NAMES = ("best.pt", "best_model.pt", "model_best.pt", "best.pth")
+LAST_NAMES = ("last.pt", "last_model.pt", "last_epoch.pt", "last.pth")
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+ACTIVATIONS = ("relu", "gelu", "tanh")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    path: str  # as written in config.yaml (or given with --data)
+    resolved: str  # absolute path
+    sha256: str | None  # expected digest, when the config records one
+    exclude_channels: tuple[int, ...] = ()
+    downsample: int = 1
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = "mlp"
+    hidden: int = 64
+    num_layers: int = 2
+    dropout_rate: float = 0.0
+    use_residual: bool = False
+    activation: str = "relu"
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    seed: int
+    batch_size: int
+    epochs: int
+    learning_rate: float
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    scale_targets: bool = True
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    """A user's own trainer: ``module:function`` importable from ``code_dir``."""
+
+    entrypoint: str
+    code_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordedTrial:
+    """What the Optuna trial recorded, normalised from trial_info.yaml."""
+
+    number: int | None
+    value: float | None  # the objective: best validation loss
+    params: dict[str, Any] = field(default_factory=dict)
+    r2: dict[str, float] = field(default_factory=dict)  # per target, validation split
+    mse: dict[str, float] = field(default_factory=dict)
+    mae: dict[str, float] = field(default_factory=dict)
+    data_sha256: str | None = None
+    weights_sha256: str | None = None
+    environment: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: str
+    config: dict[str, Any]
+    data: DataSpec
+    model: ModelSpec
+    training: TrainingSpec
+    trainer: TrainerSpec | None
+    recorded: RecordedTrial | None
+    scaler_path: str | None
+    best_weights: str | None
+    last_weights: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- helpers
+
+_MISSING = object()
+
+
+def _lookup(cfg: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _typename(value: Any) -> str:
+    return type(value).__name__
+
+
+class _Reader:
+    """Typed access to a YAML mapping with errors that name file, key and fix."""
+
+    def __init__(self, data: Mapping[str, Any], filename: str) -> None:
+        self.data = data
+        self.filename = filename
+
+    def err(self, key: str, message: str, hint: str | None = None) -> InputError:
+        return InputError(self.filename, f"{key} {message}", hint=hint)
+
+    def get(self, key: str, kind: str, *, default: Any = _MISSING, why: str = "", example: str = "") -> Any:
+        value = _lookup(self.data, key)
+        if value is _MISSING or value is None:
+            if default is not _MISSING:
+                return default
+            reason = f" (needed {why})" if why else ""
+            return_hint = f"add e.g. `{example}`" if example else f"add `{key}`"
+            raise self.err(key, f"is missing{reason}", return_hint)
+        return self._check(key, value, kind, example)
+
+    def _check(self, key: str, value: Any, kind: str, example: str) -> Any:
+        fix = f"write e.g. `{example}`" if example else None
+        if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.err(key, f"must be an integer, got {_typename(value)} {value!r}", fix)
+            return value
+        if kind == "posint":
+            value = self._check(key, value, "int", example)
+            if value < 1:
+                raise self.err(key, f"must be >= 1, got {value}", fix)
+            return value
+        if kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise self.err(key, f"must be a number, got {_typename(value)} {value!r}", fix)
+            if not math.isfinite(float(value)):
+                raise self.err(key, f"must be finite, got {value!r}", fix)
+            return float(value)
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise self.err(key, f"must be true or false, got {_typename(value)} {value!r}", fix)
+            return value
+        if kind == "str":
+            if not isinstance(value, str) or not value:
+                raise self.err(key, f"must be a non-empty string, got {_typename(value)} {value!r}", fix)
+            return value
+        if kind == "intlist":
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise self.err(key, f"must be a list of integers, got {value!r}", fix)
+            return tuple(value)
+        if kind == "mapping":
+            if not isinstance(value, Mapping):
+                raise self.err(key, f"must be a mapping, got {_typename(value)}", fix)
+            return value
+        raise AssertionError(kind)
+
+
+def load_yaml(path: Path, label: str | None = None) -> Any:
+    """``yaml.safe_load`` a file, turning every failure into an InputError."""
+    label = label or path.name
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(str(path), "not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(str(path), f"cannot be read ({exc.__class__.__name__}: {exc})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InputError(label, f"is not valid YAML{where}: {problem}", hint="fix the syntax") from None
+
+
+# --------------------------------------------------------------------------- config.yaml
+
+
+def parse_config(cfg: Any, root: Path, data_override: str | None = None) -> tuple[DataSpec, ModelSpec, TrainingSpec, TrainerSpec | None]:
+    """Validate a parsed config.yaml. Pure apart from resolving paths."""
+    if not isinstance(cfg, Mapping):
+        raise InputError(CONFIG, f"must be a mapping of sections (data, model, training), got {_typename(cfg)}",
+                         hint="see README 'The optuna_best schema'")
+    r = _Reader(cfg, CONFIG)
+    r.get("training", "mapping", example="training: {seed: 42, batch_size: 32, epochs: 20, learning_rate: 0.001}")
+    training = TrainingSpec(
+        seed=r.get("training.seed", "int", why="to seed every RNG and the split", example="training: {seed: 42}"),
+        batch_size=r.get("training.batch_size", "posint", example="training: {batch_size: 32}"),
+        epochs=r.get("training.epochs", "posint", example="training: {epochs: 20}"),
+        learning_rate=r.get("training.learning_rate", "float", example="training: {learning_rate: 0.001}"),
+        weight_decay=r.get("training.weight_decay", "float", default=0.0),
+        optimizer=str(r.get("training.optimizer", "str", default="adam")).lower(),
+        scale_targets=r.get("training.scale_targets", "bool", default=True),
+    )
+    if training.learning_rate <= 0:
+        raise r.err("training.learning_rate", f"must be > 0, got {training.learning_rate}")
+    if training.optimizer not in OPTIMIZERS:
+        raise r.err("training.optimizer", f"is {training.optimizer!r}, not one of {', '.join(OPTIMIZERS)}")
+
+    r.get("data", "mapping", example="data: {path: data/signals.npz}")
+    if data_override is not None:
+        data_path = data_override
+        resolved = Path(data_override).expanduser().resolve()
+    else:
+        data_path = r.get("data.path", "str", why="to find the dataset", example="data: {path: data/signals.npz}")
+        p = Path(data_path).expanduser()
+        resolved = (p if p.is_absolute() else root / p).resolve()
+    split_raw = r.get("data.split", "mapping", default={"train": 0.7, "val": 0.15, "test": 0.15})
+    sr = _Reader(split_raw, CONFIG)
+    split = tuple(sr.get(k, "float", default=None) for k in ("train", "val", "test"))
+    if split[0] is None or split[1] is None:
+        raise r.err("data.split", "needs train and val ratios", hint="write e.g. `split: {train: 0.7, val: 0.15, test: 0.15}`")
+    train_r, val_r, test_r = split
+    if test_r is None:
+        test_r = round(1.0 - train_r - val_r, 12)
+    if min(train_r, val_r, test_r) < 0 or abs(train_r + val_r + test_r - 1.0) > 1e-6:
+        raise r.err("data.split", f"ratios must be >= 0 and sum to 1, got train={train_r}, val={val_r}, test={test_r}")
+    if train_r <= 0 or val_r <= 0:
+        raise r.err("data.split", "train and val ratios must be > 0 (best weights are chosen on val)")
+    sha = r.get("data.sha256", "str", default=None)
+    data = DataSpec(
+        path=str(data_path),
+        resolved=str(resolved),
+        sha256=sha.lower() if sha else None,
+        exclude_channels=r.get("data.exclude_channels", "intlist", default=()),
+        downsample=r.get("data.downsample", "posint", default=1, example="data: {downsample: 2}"),
+        split=(float(train_r), float(val_r), float(test_r)),
+    )
+
+    r.get("model", "mapping", default={})
+    model = ModelSpec(
+        name=str(r.get("model.name", "str", default="mlp")),
+        hidden=r.get("model.hidden", "posint", default=64, example="model: {hidden: 64}"),
+        num_layers=r.get("model.num_layers", "posint", default=2),
+        dropout_rate=r.get("model.dropout_rate", "float", default=0.0),
+        use_residual=r.get("model.use_residual", "bool", default=False),
+        activation=str(r.get("model.activation", "str", default="relu")).lower(),
+    )
+    if not 0.0 <= model.dropout_rate < 1.0:
+        raise r.err("model.dropout_rate", f"must be in [0, 1), got {model.dropout_rate}")
+    if model.activation not in ACTIVATIONS:
+        raise r.err("model.activation", f"is {model.activation!r}, not one of {', '.join(ACTIVATIONS)}")
+
+    trainer = None
+    tcfg = r.get("trainer", "mapping", default=None)
+    if tcfg is not None:
+        tr = _Reader(tcfg, CONFIG)
+        entry = tr.get("entrypoint", "str", example="trainer: {entrypoint: 'my_train:train', code_dir: code}")
+        code_dir = tr.get("code_dir", "str", default=None)
+        trainer = TrainerSpec(entrypoint=entry, code_dir=code_dir)
+    elif model.name != "mlp":
+        raise r.err("model.name", f"is {model.name!r}; the reference trainer builds 'mlp'",
+                    hint="name your own trainer with `trainer: {entrypoint: module:function}` or --trainer")
+    return data, model, training, trainer
+
+
+# --------------------------------------------------------------------------- trial_info.yaml
+
+
+def _float_map(value: Any, key: str) -> dict[str, float]:
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise InputError(TRIAL_INFO, f"{key}.{k} must be a number, got {v!r}")
+            out[str(k)] = float(v)
+        return out
+    raise InputError(TRIAL_INFO, f"{key} must map target names to numbers, got {_typename(value)}",
+                     hint=f"write e.g. `{key}: {{target_a: 0.93}}`")
+
+
+def parse_trial_info(info: Any) -> RecordedTrial:
+    """Normalise trial_info.yaml.
+
+    Accepts what Optuna's ``study.best_trial`` naturally gives (``number``,
+    ``value``, ``params``, ``user_attrs``), optionally nested under
+    ``best_trial:``, plus the flatter spelling (``trial_number``, ``val_loss``,
+    ``r2``). Per-target metrics may sit at top level or in ``user_attrs``.
+    """
+    if not isinstance(info, Mapping):
+        raise InputError(TRIAL_INFO, f"must be a mapping, got {_typename(info)}",
+                         hint="write at least `number:`, `value:` and `params:`")
+    if isinstance(info.get("best_trial"), Mapping):
+        info = {**info, **info["best_trial"]}
+    attrs = info.get("user_attrs") or {}
+    if not isinstance(attrs, Mapping):
+        raise InputError(TRIAL_INFO, "user_attrs must be a mapping")
+
+    def pick(*keys: str) -> Any:
+        for source in (info, attrs):
+            for k in keys:
+                if k in source and source[k] is not None:
+                    return source[k]
+        return None
+
+    number = pick("number", "trial_number", "trial")
+    if number is not None and (isinstance(number, bool) or not isinstance(number, int)):
+        raise InputError(TRIAL_INFO, f"number must be an integer, got {number!r}")
+    value = pick("value", "val_loss", "best_val_loss")
+    if isinstance(value, list):  # multi-objective studies store `values`
+        value = value[0] if value else None
+    if value is None and isinstance(info.get("values"), list) and info["values"]:
+        value = info["values"][0]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise InputError(TRIAL_INFO, f"value (the validation loss) must be a number, got {value!r}")
+    params = info.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise InputError(TRIAL_INFO, "params must be a mapping of hyperparameter names to values")
+    env = pick("environment", "env") or {}
+    return RecordedTrial(
+        number=number,
+        value=float(value) if value is not None else None,
+        params=dict(params),
+        r2=_float_map(pick("r2", "val_r2", "r2_per_target"), "r2"),
+        mse=_float_map(pick("mse", "val_mse"), "mse"),
+        mae=_float_map(pick("mae", "val_mae"), "mae"),
+        data_sha256=(str(pick("data_sha256")).lower() if pick("data_sha256") else None),
+        weights_sha256=(str(pick("weights_sha256")) if pick("weights_sha256") else None),
+        environment=dict(env) if isinstance(env, Mapping) else {},
+    )
+
+
+# --------------------------------------------------------------------------- the bundle
+
+
+def _find(dirpath: Path, names: tuple[str, ...]) -> str | None:
+    for n in names:
+        if (dirpath / n).is_file():
+            return str(dirpath / n)
+    return None
+
+
+def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = None,
+                trainer_override: str | None = None, trainer_path: str | None = None) -> Bundle:
+    """Read and validate an optuna_best directory (no training, no code execution)."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise InputError(str(root), "no such directory", hint="pass the path of your optuna_best/ directory")
+    if not root.is_dir():
+        raise InputError(str(root), "is not a directory", hint="pass the optuna_best/ directory, not a file in it")
+    root = root.resolve()
+    cfg_path = root / CONFIG
+    if not cfg_path.is_file():
+        raise InputError(str(cfg_path), "not found", hint="an optuna_best/ directory needs config.yaml with data, model and training sections")
+    cfg = load_yaml(cfg_path, CONFIG)
+    data, model, training, trainer = parse_config(cfg, root, data_override)
+
+    if trainer_override:
+        trainer = TrainerSpec(entrypoint=trainer_override, code_dir=trainer_path)
+    elif trainer is not None and trainer_path:
+        trainer = TrainerSpec(entrypoint=trainer.entrypoint, code_dir=trainer_path)
+    if trainer is not None:
+        if ":" not in trainer.entrypoint or not all(trainer.entrypoint.split(":", 1)):
+            raise InputError(CONFIG if not trainer_override else "--trainer",
+                             f"trainer entrypoint {trainer.entrypoint!r} is not `module:function`",
+                             hint="write e.g. `my_train:train`")
+        if trainer.code_dir is not None:
+            cd = Path(trainer.code_dir).expanduser()
+            cd = (cd if cd.is_absolute() else (Path.cwd() if trainer_path else root) / cd).resolve()
+            if not cd.is_dir():
+                raise InputError(CONFIG if not trainer_path else "--trainer-path",
+                                 f"trainer code directory {cd} does not exist", hint="point it at the folder holding your module")
+            trainer = TrainerSpec(entrypoint=trainer.entrypoint, code_dir=str(cd))
+
+    recorded = None
+    info_path = root / TRIAL_INFO
+    if info_path.is_file():
+        recorded = parse_trial_info(load_yaml(info_path, TRIAL_INFO))
+
+    scaler = root / SCALER
+    scaler_path = str(scaler) if scaler.is_file() else None
+    wdir = root / WEIGHTS_DIR
+    best = _find(wdir, BEST_NAMES) if wdir.is_dir() else None
+    last = _find(wdir, LAST_NAMES) if wdir.is_dir() else None
+    return Bundle(
+        root=str(root), config=dict(cfg), data=data, model=model, training=training, trainer=trainer,
+        recorded=recorded, scaler_path=scaler_path, best_weights=best, last_weights=last,
+    )

@@ -1,0 +1,103 @@
+"""Seeding and determinism: what the launcher must set before Python starts,
+what the worker sets inside, and a record of what was actually in effect.
+
+The seed document's conditions, and where each is enforced:
+
+* ``set_seed``: torch, numpy, random, CUDA (all devices) -- :func:`set_seed`
+* ``cudnn.benchmark=False``, ``cudnn.deterministic=True``,
+  ``torch.use_deterministic_algorithms(True)`` -- :func:`apply`
+* ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` and ``PYTHONHASHSEED=0`` -- :func:`launch_env`,
+  set by the backend *before* the training interpreter starts (they have no
+  effect when set from inside a running interpreter)
+* seeded ``random_split`` and DataLoader generator, ``num_workers=0`` -- harness.train
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from typing import Any
+
+MODES = ("strict", "warn", "default")
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"
+PYTHONHASHSEED = "0"
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def launch_env(mode: str, threads: int | None) -> dict[str, str]:
+    """Environment variables the launcher sets for a worker (pure)."""
+    env: dict[str, str] = {}
+    if mode in ("strict", "warn"):
+        env["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE_CONFIG
+        env["PYTHONHASHSEED"] = PYTHONHASHSEED
+    if threads:
+        for var in THREAD_VARS:
+            env[var] = str(threads)
+    return env
+
+
+def set_seed(seed: int) -> None:
+    """One place that seeds every RNG the retrain touches."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed(seed)
+        torch.cuda.manual_seed_all(seed)
+
+
+def apply(mode: str, *, tf32: bool, threads: int | None) -> None:
+    """Set the in-process determinism switches for ``mode``."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if mode in ("strict", "warn"):
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=(mode == "warn"))
+    # TF32 is a separate axis: off unless asked for, in every mode, so that the
+    # axis is measured rather than inherited from a torch version's default.
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.allow_tf32 = bool(tf32)
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
+def missing_launch_env(mode: str) -> list[str]:
+    """Variables that ``mode`` needs set before start but which are not in effect."""
+    missing = []
+    if mode in ("strict", "warn"):
+        if os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (":4096:8", ":16:8"):
+            missing.append("CUBLAS_WORKSPACE_CONFIG=:4096:8")
+        if os.environ.get("PYTHONHASHSEED") != PYTHONHASHSEED or sys.flags.hash_randomization:
+            missing.append("PYTHONHASHSEED=0")
+    return missing
+
+
+def capture(mode: str, seed: int | None) -> dict[str, Any]:
+    """The determinism settings actually in effect in this process."""
+    import torch
+
+    return {
+        "mode": mode,
+        "seed": seed,
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "deterministic_algorithms": bool(torch.are_deterministic_algorithms_enabled()),
+        "deterministic_warn_only": bool(torch.is_deterministic_algorithms_warn_only_enabled()),
+        "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED"),
+        "hash_randomization": bool(sys.flags.hash_randomization),
+        "num_threads": int(torch.get_num_threads()),
+        "num_workers": 0,
+        "pin_memory": False,
+        "split_generator_seeded": True,
+        "loader_generator_seeded": True,
+    }

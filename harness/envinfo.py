@@ -1,0 +1,97 @@
+"""Measure the environment a retrain actually ran in (never what was requested)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+        for tok in text.split():
+            parts = tok.split(".")
+            if len(parts) >= 2 and all(p.isdigit() for p in parts):
+                return tok
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=False,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def _version(mod: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(mod)
+    except Exception:  # noqa: BLE001 - any failure means "not installed"
+        return None
+
+
+def measure(device: str = "cpu") -> dict[str, Any]:
+    """Python, torch, CUDA, cuDNN, device name, driver, threads, libraries."""
+    import numpy as np
+    import torch
+
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "torch": str(torch.__version__),
+        "cuda": torch.version.cuda,
+        "cudnn": str(cudnn) if cudnn is not None else None,
+        "numpy": np.__version__,
+        "scikit_learn": _version("scikit-learn"),
+        "joblib": _version("joblib"),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "hostname": socket.gethostname(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "cuda_available": bool(torch.cuda.is_available()),
+        "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "driver": None,
+        "device_type": "cpu",
+        "device": _cpu_model(),
+        "compute_capability": None,
+        "in_container": Path("/.dockerenv").exists(),
+        "executable": sys.executable,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        idx = torch.device(device).index or 0
+        major, minor = torch.cuda.get_device_capability(idx)
+        env.update(
+            device_type="cuda",
+            device=torch.cuda.get_device_name(idx),
+            compute_capability=f"{major}.{minor}",
+            driver=_nvidia_driver(),
+            cuda_arch_list=list(torch.cuda.get_arch_list()),
+        )
+    elif torch.cuda.is_available():
+        env["driver"] = _nvidia_driver()
+    return env

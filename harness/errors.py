@@ -1,0 +1,85 @@
+"""One error family for the whole harness, and the exit codes it maps to.
+
+Every error the harness raises on purpose is a :class:`HarnessError`. Each
+subclass carries an ``exit_code`` and builds a one-line message that names the
+offending thing and the way out. ``harness.cli.main`` is the only place that
+turns them into exit codes; the worker serialises them into the result record
+so that an error raised inside a child process (or a container) reaches the
+CLI with its kind intact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Exit codes, in one place.
+EXIT_OK = 0  # every cell reproduced
+EXIT_RUN_FAILED = 1  # a run (cell, build, container) failed
+EXIT_USAGE = 2  # bad input or usage; nothing was trained
+EXIT_DRIFTED = 3  # everything ran, at least one metric is outside tolerance
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
+class HarnessError(Exception):
+    """Base of every error the harness raises deliberately."""
+
+    exit_code = EXIT_RUN_FAILED
+    kind = "error"
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        """The message a user reads: what is wrong, then how to fix it."""
+        if self.hint:
+            return f"{self.message}; {self.hint}"
+        return self.message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.one_line()}
+
+
+class InputError(HarnessError):
+    """Bad input: a file, key or value the user has to fix. Exit 2."""
+
+    exit_code = EXIT_USAGE
+    kind = "input"
+
+    def __init__(self, where: str, message: str, *, hint: str | None = None) -> None:
+        self.where = where
+        super().__init__(f"{where}: {message}" if where else message, hint=hint)
+
+
+class UsageError(InputError):
+    """Bad command-line usage. Exit 2."""
+
+    kind = "usage"
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__("", message, hint=hint)
+
+
+class RunFailed(HarnessError):
+    """A run that was set up correctly failed while it ran. Exit 1."""
+
+    exit_code = EXIT_RUN_FAILED
+    kind = "run"
+
+
+class BackendError(RunFailed):
+    """The backend (Docker engine, subprocess launcher ...) could not do its job."""
+
+    kind = "backend"
+
+
+def from_dict(data: dict[str, Any]) -> HarnessError:
+    """Rebuild an error serialised by :meth:`HarnessError.to_dict` (worker -> CLI)."""
+    kind = data.get("kind", "run")
+    message = str(data.get("message", "unknown error"))
+    if kind in ("input", "usage"):
+        return InputError("", message)
+    if kind == "backend":
+        return BackendError(message)
+    return RunFailed(message)

@@ -1,0 +1,48 @@
+"""Everything that can be checked before any cell trains, in the CLI process.
+
+Nothing here executes content from the bundle: YAML is safe-loaded, the data
+is loaded with ``allow_pickle=False`` and weights with ``weights_only=True``.
+The scaler (a pickle) is left to the worker, which loads it before training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .bundle import Bundle
+from .data import prepare, sha256_file
+from .errors import InputError
+
+
+@dataclass
+class Preflight:
+    data_sha256: str
+    shape: tuple[int, ...]
+    n_features: int
+    targets: list[str]
+    warnings: list[str]
+
+
+def check(bundle: Bundle) -> Preflight:
+    data = prepare(bundle.data)
+    digest = sha256_file(bundle.data.resolved)
+    warnings = []
+    for source, want in (("config.yaml data.sha256", bundle.data.sha256),
+                         ("trial_info.yaml data_sha256", bundle.recorded.data_sha256 if bundle.recorded else None)):
+        if want and want != digest:
+            warnings.append(f"DATA MISMATCH: {source} is {want[:12]}..., but {bundle.data.resolved} hashes to {digest[:12]}...")
+    if bundle.recorded is None:
+        warnings.append("no trial_info.yaml: the runs go ahead, but there is nothing recorded to compare with")
+    if bundle.scaler_path is not None:
+        with open(bundle.scaler_path, "rb") as fh:
+            if not fh.read(1):
+                raise InputError(bundle.scaler_path, "is empty", hint="re-export it with joblib.dump(scaler, path), or remove it to refit")
+    if bundle.trainer is None:
+        from .model import build, load_checked
+
+        net = build(data.n_features, data.n_targets, bundle.model)
+        for path in (bundle.best_weights, bundle.last_weights):
+            if path is not None:
+                load_checked(path, net)
+    return Preflight(data_sha256=digest, shape=data.raw_shape, n_features=data.n_features,
+                     targets=data.target_names, warnings=warnings)
