@@ -1,0 +1,75 @@
+"""Shared fixtures: the bundled example and small bundles built on the fly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "optuna_best"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture
+def example(tmp_path: Path) -> Path:
+    """A private copy of the bundled example (data beside it, paths as committed)."""
+    dst = tmp_path / "examples"
+    shutil.copytree(EXAMPLE, dst / "optuna_best")
+    shutil.copytree(REPO / "examples" / "data", dst / "data")
+    return dst / "optuna_best"
+
+
+def tiny_config(**over: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "data": {"path": "signals.npz", "exclude_channels": [2], "downsample": 2,
+                 "split": {"train": 0.6, "val": 0.2, "test": 0.2}},
+        "model": {"hidden": 16, "num_layers": 2, "dropout_rate": 0.1, "use_residual": True},
+        "training": {"seed": 7, "batch_size": 8, "epochs": 2, "learning_rate": 0.01},
+    }
+    for dotted, value in over.items():
+        node = cfg
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        if value is _DELETE:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return cfg
+
+
+_DELETE = object()
+
+
+def write_dataset(path: Path, n: int = 60, channels: int = 3, time: int = 16, targets: int = 2, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, channels, time)).astype(np.float32)
+    w = rng.standard_normal((channels * time, targets))
+    y = (X.reshape(n, -1) @ w / 10 + 0.05 * rng.standard_normal((n, targets))).astype(np.float32)
+    np.savez(path, X=X, y=y, target_names=np.array([f"t{i}" for i in range(targets)]))
+    return path
+
+
+@pytest.fixture
+def make_bundle(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: a bundle directory with config.yaml and data; no trial_info or weights unless asked."""
+
+    def make(name: str = "bundle", trial_info: dict[str, Any] | None = None, **over: Any) -> Path:
+        root = tmp_path / name
+        root.mkdir()
+        write_dataset(root / "signals.npz")
+        (root / "config.yaml").write_text(yaml.safe_dump(tiny_config(**over)))
+        if trial_info is not None:
+            (root / "trial_info.yaml").write_text(yaml.safe_dump(trial_info))
+        return root
+
+    return make
+
+
+DELETE = _DELETE

@@ -1,0 +1,262 @@
+"""The command line end to end, through real child processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from harness.record import REQUIRED_KEYS
+
+from .conftest import DELETE, REPO, tiny_config
+
+TRAINERS = Path(__file__).parent / "trainers"
+
+
+def harness(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, COLUMNS="220")
+    env.pop("HARNESS_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.rglob("record.json"))]
+
+
+def assert_complete(rec: dict) -> None:
+    for key in REQUIRED_KEYS:
+        assert key in rec, key
+    for key in ("torch", "cuda", "cudnn", "device", "python"):
+        assert key in rec["env"], key
+    assert rec["schema"] == "harness.result/1"
+
+
+# --------------------------------------------------------------------------- the example, end to end
+
+
+def test_run_example_reproduces(example: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    p = harness("run", str(example), "--out", str(out), "--json", str(tmp_path / "r.json"),
+                "--markdown", str(tmp_path / "r.md"), "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    assert "reproduced" in p.stdout and "Traceback" not in p.stderr
+    (rec,) = records(out)
+    assert_complete(rec)
+    assert rec["status"] == "ok"
+    det = rec["determinism"]
+    assert det["mode"] == "strict" and det["deterministic_algorithms"] and det["cudnn_deterministic"]
+    assert not det["cudnn_benchmark"] and det["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and det["PYTHONHASHSEED"] == "0"
+    assert det["num_workers"] == 0 and det["hash_randomization"] is False
+    info = yaml.safe_load((example / "trial_info.yaml").read_text())
+    # the retrain reproduces the trial bit for bit in the environment that produced it
+    assert rec["weights_sha256"] == info["user_attrs"]["weights_sha256"]
+    assert rec["metrics"]["retrained"]["val_loss"] == info["value"]
+    assert all(v["diff"] == 0 for v in rec["delta_vs_recorded"].values())
+    assert rec["scaler"]["archived"] and rec["scaler"]["refit_matches"] is True
+    assert rec["metrics"]["archived"]["val_loss"] == info["value"]  # archived best weights, evaluated here
+    assert rec["data_sha256"] == info["data_sha256"] and rec["data_sha256_matches"] is True
+    assert (out / "run" / "weights" / "best.pt").is_file()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["comparison"]["overall"] == "reproduced" and len(report["records"]) == 1
+    assert "| run |" in (tmp_path / "r.md").read_text()
+
+
+def test_two_strict_runs_give_identical_weights(example: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    p = harness("matrix", str(example), "--backend", "local", "--devices", "cpu", "--determinism", "strict",
+                "--threads", "1", "--repeats", "2", "--out", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    recs = records(out)
+    assert [r["cell"] for r in recs] == ["cpu-strict-t1-r1", "cpu-strict-t1-r2"]
+    assert recs[0]["weights_sha256"] == recs[1]["weights_sha256"]
+    assert recs[0]["env"]["threads"] == 1
+
+
+def test_drift_exits_3(example: Path, tmp_path: Path) -> None:
+    info_path = example / "trial_info.yaml"
+    info = yaml.safe_load(info_path.read_text())
+    info["user_attrs"]["r2"]["amplitude"] += 0.05
+    info_path.write_text(yaml.safe_dump(info))
+    p = harness("run", str(example), "--out", str(tmp_path / "o"), "--device", "cpu")
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert "drifted" in p.stdout
+    # a looser tolerance accepts the same result
+    p = harness("compare", str(tmp_path / "o"), "--tol", "r2=abs:0.1")
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_missing_trial_info_runs_and_says_so(example: Path, tmp_path: Path) -> None:
+    (example / "trial_info.yaml").unlink()
+    p = harness("run", str(example), "--out", str(tmp_path / "o"), "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    assert "nothing recorded to compare with" in p.stderr
+    (rec,) = records(tmp_path / "o")
+    assert rec["recorded"] is None and rec["status"] == "ok"
+
+
+def test_data_mismatch_is_loud(example: Path, tmp_path: Path) -> None:
+    cfg = yaml.safe_load((example / "config.yaml").read_text())
+    cfg["data"]["sha256"] = "0" * 64
+    (example / "config.yaml").write_text(yaml.safe_dump(cfg))
+    p = harness("run", str(example), "--out", str(tmp_path / "o"), "--device", "cpu")
+    assert "DATA MISMATCH" in p.stderr
+    (rec,) = records(tmp_path / "o")
+    assert rec["data_sha256_matches"] is False
+    assert any("DATA MISMATCH" in w for w in rec["warnings"])
+
+
+# --------------------------------------------------------------------------- bad input: one line, exit 2
+
+
+def _bad_bundles(root: Path, example: Path) -> dict[str, tuple[Path, str]]:
+    cases: dict[str, tuple[Path, str]] = {}
+
+    def bundle(name: str, cfg: dict | None = None, text: str | None = None) -> Path:
+        d = root / name
+        d.mkdir()
+        np.savez(d / "signals.npz", X=np.zeros((40, 3, 16), np.float32), y=np.zeros((40, 2), np.float32))
+        if text is not None:
+            (d / "config.yaml").write_text(text)
+        elif cfg is not None:
+            (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        return d
+
+    cases["missing directory"] = (root / "nope", "no such directory")
+    cases["missing config"] = (bundle("noconfig"), "config.yaml: not found")
+    cases["malformed config"] = (bundle("yamlerr", text="training: {seed: 42\n  epochs: [\n"), "config.yaml: is not valid YAML at line")
+    cases["missing seed"] = (bundle("noseed", tiny_config(training__seed=DELETE)), "config.yaml: training.seed is missing")
+    cases["wrong type"] = (bundle("wrongtype", tiny_config(training__batch_size="32")), "training.batch_size must be an integer")
+    d = bundle("nodata", tiny_config())
+    (d / "signals.npz").unlink()
+    cases["missing data"] = (d, "data file not found")
+    d = bundle("baddata", tiny_config())
+    (d / "signals.npz").write_bytes(b"\x00garbage")
+    cases["unreadable data"] = (d, "cannot be read as an .npz dataset")
+    cases["channel out of range"] = (bundle("chan", tiny_config(data__exclude_channels=[7])), "data.exclude_channels [7] out of range")
+    cases["downsample too large"] = (bundle("ds", tiny_config(data__downsample=99)), "data.downsample is 99 but the series have only 16")
+    d = bundle("badinfo", tiny_config())
+    (d / "trial_info.yaml").write_text("number: [unclosed\n")
+    cases["malformed trial_info"] = (d, "trial_info.yaml: is not valid YAML")
+    # weights that do not fit the config: the example's weights, with a config asking for another width
+    d = root / "badweights"
+    import shutil
+
+    shutil.copytree(example, d)
+    shutil.copytree(example.parent / "data", root / "data")
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    cfg["model"]["hidden"] = 8
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    cases["weights do not fit"] = (d, "weights do not fit the model in config.yaml")
+    d = root / "badscaler"
+    shutil.copytree(example, d)
+    (d / "target_scaler.joblib").write_bytes(b"\x80\x04corrupt")
+    cases["corrupt scaler"] = (d, "target_scaler.joblib: cannot be loaded as a joblib scaler")
+    return cases
+
+
+CASES = ["missing directory", "missing config", "malformed config", "missing seed", "wrong type", "missing data",
+         "unreadable data", "channel out of range", "downsample too large", "malformed trial_info",
+         "weights do not fit", "corrupt scaler"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2(case: str, tmp_path: Path, example: Path) -> None:
+    (tmp_path / "cases").mkdir()
+    path, needle = _bad_bundles(tmp_path / "cases", example)[case]
+    p = harness("matrix", str(path), "--backend", "local", "--devices", "cpu", "--determinism", "strict",
+                "--threads", "1", "--out", str(tmp_path / "out"), "--no-progress")
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("harness: error:")]
+    assert len(errors) == 1, p.stderr
+    assert needle in errors[0], errors[0]
+    assert "Traceback" not in p.stderr + p.stdout
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    p = harness("run", str(tmp_path / "nope"), "--debug")
+    assert p.returncode == 2 and "Traceback" in p.stderr
+
+
+@pytest.mark.parametrize("args", [["matrix"], ["run", ".", "--tol", "r2"], ["frobnicate"]])
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    p = harness(*args)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+
+
+# --------------------------------------------------------------------------- bring your own trainer
+
+
+def _custom_bundle(make_bundle, **cfg_extra) -> Path:
+    root = make_bundle("custom")
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    cfg["trainer"] = {"entrypoint": "seed_style:train", "code_dir": str(TRAINERS)}
+    cfg.update(cfg_extra)
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def test_custom_trainer_through_the_contract(make_bundle, tmp_path: Path) -> None:
+    root = _custom_bundle(make_bundle)
+    out = tmp_path / "o"
+    p = harness("matrix", str(root), "--backend", "local", "--devices", "cpu", "--determinism", "strict",
+                "--threads", "1", "--repeats", "2", "--out", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    recs = records(out)
+    assert len(recs) == 2 and all(r["status"] == "ok" for r in recs)
+    for r in recs:
+        assert_complete(r)
+        assert r["trainer"]["entrypoint"] == "seed_style:train"
+        assert set(r["metrics"]["retrained"]["val"]["r2"]) == {"t0", "t1"}
+        assert r["extra"] == {"style": "seed"}
+        assert [h["epoch"] for h in r["history"]] == [1, 2]
+        assert r["determinism"]["deterministic_algorithms"] is True
+    assert recs[0]["weights_sha256"] == recs[1]["weights_sha256"] is not None
+
+
+def test_trainer_flag_overrides_config(make_bundle, tmp_path: Path) -> None:
+    root = make_bundle("plain")
+    p = harness("run", str(root), "--trainer", "seed_style:train", "--trainer-path", str(TRAINERS),
+                "--out", str(tmp_path / "o"), "--device", "cpu")
+    assert p.returncode == 0, p.stderr  # no trial_info: nothing recorded, still exit 0
+    (rec,) = records(tmp_path / "o")
+    assert rec["trainer"]["entrypoint"] == "seed_style:train"
+
+
+def test_unimportable_trainer_is_bad_input(make_bundle, tmp_path: Path) -> None:
+    root = make_bundle("plain")
+    p = harness("run", str(root), "--trainer", "no_such_module:train", "--trainer-path", str(TRAINERS),
+                "--out", str(tmp_path / "o"), "--device", "cpu")
+    assert p.returncode == 2
+    assert "cannot import 'no_such_module'" in p.stderr
+
+
+def test_failed_cell_keeps_the_others(make_bundle, tmp_path: Path) -> None:
+    root = _custom_bundle(make_bundle, fail_when_single_threaded=True)
+    out = tmp_path / "o"
+    p = harness("matrix", str(root), "--backend", "local", "--devices", "cpu", "--determinism", "strict",
+                "--threads", "1,2", "--out", str(out), "--json", str(tmp_path / "all.json"))
+    assert p.returncode == 1, p.stdout + p.stderr
+    by_cell = {r["cell"]: r for r in records(out)}
+    assert by_cell["cpu-strict-t1"]["status"] == "error"
+    assert "deliberate failure" in by_cell["cpu-strict-t1"]["error"]["message"]
+    assert by_cell["cpu-strict-t2"]["status"] == "ok"
+    assert "✗ cpu-strict-t1" in p.stdout
+    assert json.loads((tmp_path / "all.json").read_text())["comparison"]["overall"] == "failed"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_strict_runs_identical(example: Path, tmp_path: Path) -> None:
+    p = harness("matrix", str(example), "--backend", "local", "--devices", "cuda", "--determinism", "strict",
+                "--tf32", "off", "--threads", "all", "--repeats", "2", "--out", str(tmp_path / "g"))
+    recs = records(tmp_path / "g")
+    assert recs[0]["weights_sha256"] == recs[1]["weights_sha256"], p.stdout

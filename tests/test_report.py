@@ -1,0 +1,57 @@
+"""Rendering at a fixed width into a colourless console, read as a person would."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from harness.compare import compare
+from harness.report import markdown, print_report
+
+from .test_compare import record
+
+
+def render(records: list[dict]) -> str:
+    console = Console(width=220, record=True, color_system=None, force_terminal=False)
+    print_report(console, records, compare(records))
+    return console.export_text()
+
+
+def with_env(rec: dict, torch: str, cuda: str | None) -> dict:
+    rec["env"] = {"torch": torch, "cuda": cuda, "cudnn": "90100" if cuda else None, "device": "NVIDIA H200" if cuda else "cpu",
+                  "python": "3.11.7", "threads": 4, "driver": "580.65.06" if cuda else None}
+    rec["determinism"] = {"mode": "strict", "deterministic_algorithms": True, "cudnn_deterministic": True,
+                          "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONHASHSEED": "0"}
+    rec["wall_s"] = 1.5
+    return rec
+
+
+def test_tables_say_what_a_person_needs() -> None:
+    recs = [with_env(record("cpu-torch2.13"), "2.13.0+cpu", None),
+            with_env(record("cu130-torch2.14", r2=0.85, sha="w2"), "2.14.1+cu130", "13.0")]
+    text = render(recs)
+    assert "Environment (measured inside each run)" in text
+    lines = {ln.split()[0]: ln for ln in text.splitlines() if ln.strip().startswith(("cpu-torch", "cu130-torch"))}
+    assert "2.13.0+cpu" in text and "2.14.1+cu130" in text and "NVIDIA H200" in text and "580.65.06" in text
+    assert "strict (det-algos, cudnn-det, cublas-ws, hashseed0)" in text
+    result_rows = [ln for ln in text.splitlines() if ln.strip().startswith("cu130-torch2.14") and "drifted" in ln]
+    assert result_rows, text
+    assert "≠trial ≠first" in result_rows[0]
+    assert "-5.00e-02" in text  # ΔR² of the drifted target
+    assert "Overall: drifted" in text
+    assert lines
+
+
+def test_failure_reason_is_shown() -> None:
+    bad = record("broken", status="error")
+    bad["error"] = {"kind": "run", "message": "container OOM-killed (exit 137)"}
+    text = render([with_env(record("ok"), "2.13.0", None), bad])
+    assert "✗ broken: container OOM-killed (exit 137)" in text
+    assert "Overall: failed" in text
+
+
+def test_markdown_is_a_valid_table() -> None:
+    md = markdown([with_env(record("a"), "2.13.0", None)], compare([record("a")]))
+    rows = [ln for ln in md.splitlines() if ln.startswith("|")]
+    widths = {ln.replace("\\|", "").count("|") for ln in rows}
+    assert len(widths) == 1, md  # every row has the same number of columns
+    assert "**reproduced**" in md

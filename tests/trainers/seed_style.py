@@ -1,0 +1,60 @@
+"""A user's own trainer, written the way the seed document's code is written
+(its own set_seed, split_dataset and DataLoader), plugged into harness through
+the documented contract: ``train(config, ctx) -> dict``."""
+
+import random
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset, random_split
+
+
+def set_seed(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def split_dataset(dataset, seed, ratios):
+    n = len(dataset)
+    n_train = int(n * ratios["train"])
+    n_val = int(n * ratios["val"])
+    g = torch.Generator().manual_seed(seed)
+    return random_split(dataset, [n_train, n_val, n - n_train - n_val], generator=g)
+
+
+def train(cfg, ctx):
+    seed = cfg["training"]["seed"]
+    set_seed(seed)
+    data = np.load(ctx.data_path)
+    X = torch.tensor(data["X"], dtype=torch.float32).flatten(1)
+    y = torch.tensor(data["y"], dtype=torch.float32)
+    train_ds, val_ds, test_ds = split_dataset(TensorDataset(X, y), seed, cfg["data"]["split"])
+    loader = DataLoader(train_ds, batch_size=cfg["training"]["batch_size"], shuffle=True,
+                        generator=torch.Generator().manual_seed(seed), num_workers=0, pin_memory=False)
+    set_seed(seed)
+    model = nn.Sequential(nn.Linear(X.shape[1], 16), nn.ReLU(), nn.Linear(16, y.shape[1]))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["training"]["learning_rate"])
+    epochs = cfg["training"]["epochs"]
+    for epoch in range(1, epochs + 1):
+        model.train()
+        for xb, yb in loader:
+            opt.zero_grad()
+            nn.functional.mse_loss(model(xb), yb).backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            xv, yv = val_ds[:]
+            val_loss = nn.functional.mse_loss(model(xv), yv).item()
+        ctx.progress(epoch, epochs, val_loss=val_loss)
+    if cfg.get("fail_when_single_threaded") and torch.get_num_threads() == 1:
+        raise RuntimeError("deliberate failure in a single-threaded cell")
+    with torch.no_grad():
+        preds = {name: (ds[:][1].numpy(), model(ds[:][0]).numpy()) for name, ds in (("val", val_ds), ("test", test_ds))}
+    return {"predictions": preds, "val_loss": val_loss, "state_dict": model.state_dict(),
+            "target_names": [str(t) for t in data["target_names"]], "extra": {"style": "seed"}}
