@@ -42,6 +42,14 @@ def _nvidia_driver() -> str | None:
     return None
 
 
+def _net_interfaces() -> list[str] | None:
+    """Network interfaces visible to the run (``["lo"]`` alone means no network)."""
+    try:
+        return sorted(os.listdir("/sys/class/net"))
+    except OSError:
+        return None
+
+
 def _version(mod: str) -> str | None:
     try:
         from importlib.metadata import version
@@ -80,6 +88,7 @@ def measure(device: str = "cpu") -> dict[str, Any]:
         "device": _cpu_model(),
         "compute_capability": None,
         "in_container": Path("/.dockerenv").exists(),
+        "net_interfaces": _net_interfaces(),
         "executable": sys.executable,
     }
     if device.startswith("cuda") and torch.cuda.is_available():

@@ -1,0 +1,61 @@
+"""The bundled example is what the README says it is, and its study script reruns."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from harness.bundle import load_bundle
+from harness.data import sha256_file
+
+from .conftest import EXAMPLE, REPO
+
+
+def test_example_data_is_the_recorded_data() -> None:
+    cfg = yaml.safe_load((EXAMPLE / "config.yaml").read_text())
+    info = yaml.safe_load((EXAMPLE / "trial_info.yaml").read_text())
+    digest = sha256_file(REPO / "examples" / "data" / "signals.npz")
+    assert cfg["data"]["sha256"] == digest == info["data_sha256"]
+
+
+def test_dataset_generator_rewrites_the_same_arrays() -> None:
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        from make_dataset import generate
+    finally:
+        sys.path.pop(0)
+    fresh = generate()
+    with np.load(REPO / "examples" / "data" / "signals.npz") as committed:
+        for key in ("X", "y", "target_names"):
+            np.testing.assert_array_equal(fresh[key], committed[key])
+
+
+def test_example_is_a_real_optuna_export() -> None:
+    b = load_bundle(EXAMPLE)
+    info = yaml.safe_load((EXAMPLE / "trial_info.yaml").read_text())
+    assert set(info) >= {"number", "value", "params", "user_attrs"}
+    # the exported config carries the trial's parameters
+    assert b.model.hidden == info["params"]["hidden"] and b.training.batch_size == info["params"]["batch_size"]
+    assert b.training.learning_rate == info["params"]["learning_rate"]
+    assert b.recorded is not None and set(b.recorded.r2) == {"amplitude", "frequency", "coupling"}
+
+
+def test_study_script_reruns_and_its_export_reproduces(tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    out = tmp_path / "optuna_best"
+    env = {k: v for k, v in os.environ.items() if k not in ("CUBLAS_WORKSPACE_CONFIG", "PYTHONHASHSEED")}
+    p = subprocess.run([sys.executable, str(REPO / "examples" / "optimize.py"), "--trials", "2", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    for name in ("config.yaml", "trial_info.yaml", "target_scaler.joblib", "weights/best.pt", "weights/last.pt"):
+        assert (out / name).is_file(), name
+    r = subprocess.run([sys.executable, "-m", "harness", "run", str(out), "--device", "cpu", "--out", str(tmp_path / "r"),
+                        "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "reproduced" in r.stdout
