@@ -12,7 +12,6 @@ import datetime as _dt
 import os
 import sys
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +39,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_docker(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--matrix", dest="matrix_file", metavar="FILE", help="version matrix (default images/matrix.yaml)")
-    p.add_argument("--base-image", action="append", default=[], metavar="[CELL=]IMAGE",
+    g = p.add_argument_group("docker backend")
+    g.add_argument("--matrix", type=Path, default=None, metavar="FILE", help="version matrix (default images/matrix.yaml)")
+    g.add_argument("--compat", type=Path, default=None, metavar="FILE", help="compatibility data (default images/compat.yaml)")
+    g.add_argument("--base-image", action="append", default=[], metavar="[CELL=]IMAGE",
                    help="build on this base image instead of the matrix's (every cell, or CELL=IMAGE)")
-    p.add_argument("--site-config", metavar="FILE", help="YAML with base_images: {'*': IMAGE, CELL: IMAGE}")
-    p.add_argument("--wheelhouse", action="append", default=[], metavar="[CELL=]DIR",
-                   help="offline wheels: a directory with one sub-directory per cell, or CELL=DIR")
-    p.add_argument("--gpus", default="all", help="GPUs to request for CUDA cells: all, none, or device ids like 0,1")
+    g.add_argument("--site-config", type=Path, default=os.environ.get("HARNESS_SITE_CONFIG") or None, metavar="FILE",
+                   help="YAML with base_images: {'*': IMAGE, CELL: IMAGE} (env HARNESS_SITE_CONFIG)")
+    g.add_argument("--wheelhouse", action="append", default=[], metavar="[CELL=]DIR",
+                   help="offline wheels: a directory with one sub-directory per cell, or CELL=DIR (env HARNESS_WHEELHOUSE)")
+    g.add_argument("--gpus", default="all", help="GPUs to request for CUDA cells: all, none, or device ids like 0,1")
+    g.add_argument("--memory", help="memory limit per container, e.g. 8g")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="docker: pinned images (default); local: axes that vary inside this environment")
     p_mat.add_argument("--cells", help="docker: comma-separated cell names (default: every cell this host can run)")
     p_mat.add_argument("--devices", help="local: comma-separated devices (default: cpu, plus cuda when visible)")
-    p_mat.add_argument("--determinism", default="strict,default", help="local: modes to compare (strict, warn, default)")
-    p_mat.add_argument("--threads", default=None, help="local: thread counts, e.g. 1,all (default: 1 and all cores)")
+    p_mat.add_argument("--determinism", default=None,
+                       help="modes to compare: strict, warn, default (local default: strict,default; docker: strict)")
+    p_mat.add_argument("--threads", default=None, help="thread counts, e.g. 1,all (local default: 1 and all cores)")
     p_mat.add_argument("--tf32", default="off,on", help="local, CUDA cells: off, on or off,on")
     _add_docker(p_mat)
     p_mat.set_defaults(func=cmd_matrix)
@@ -139,15 +143,9 @@ def results_dir(args: argparse.Namespace, bundle: Any) -> Path:
     return (Path.cwd() / "harness-results" / f"{Path(bundle.root).name}-{stamp}").resolve()
 
 
-@dataclass
-class Plan:
-    backend: Any
-    cells: list[Any]
-    skipped: list[Any]
-
-
-def plan_local(args: argparse.Namespace, single: bool) -> Plan:
+def plan_local(args: argparse.Namespace, single: bool) -> Any:
     """Step 2 (local): expand the axes into cells."""
+    from .backends.base import Plan
     from .backends.local import LocalBackend
     from .cells import local_cells, parse_threads
 
@@ -163,7 +161,7 @@ def plan_local(args: argparse.Namespace, single: bool) -> Plan:
             cells[0].name = "run"
     else:
         devices = args.devices.split(",") if args.devices else (["cpu", "cuda"] if has_cuda else ["cpu"])
-        modes = [m.strip() for m in args.determinism.split(",") if m.strip()]
+        modes = [m.strip() for m in (args.determinism or "strict,default").split(",") if m.strip()]
         ncpu = os.cpu_count() or 1
         threads = parse_threads(args.threads) if args.threads else ([1, None] if ncpu > 1 else [None])
         tf32_axis = {"off": [False], "on": [True], "off,on": [False, True], "on,off": [True, False]}.get(args.tf32.replace(" ", ""))
@@ -174,17 +172,17 @@ def plan_local(args: argparse.Namespace, single: bool) -> Plan:
         if c.device.startswith("cuda") and not has_cuda:
             raise UsageError(f"cell {c.name} asks for {c.device}, but torch sees no CUDA device here",
                              hint="drop cuda from --devices, or run where a GPU is visible")
-    return Plan(LocalBackend(), cells, [])
+    return Plan(LocalBackend(), cells)
 
 
-def plan_docker(args: argparse.Namespace, names: list[str] | None) -> Plan:
+def plan_docker(args: argparse.Namespace, names: list[str] | None) -> Any:
     """Step 2 (docker): resolve matrix cells, their base images and host fitness."""
     from .backends.docker import plan_cells
 
     return plan_cells(args, names)
 
 
-def run_cells(plan: Plan, job: Any, progress: bool) -> list[dict[str, Any]]:
+def run_cells(plan: Any, job: Any, progress: bool) -> list[dict[str, Any]]:
     """Steps 3-4: prepare the backend, then run each cell; a failed cell does not stop the others."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -196,7 +194,8 @@ def run_cells(plan: Plan, job: Any, progress: bool) -> list[dict[str, Any]]:
         write_record(job.cell_dir(c) / "record.json", rec)
         records.append(rec)
     err_console = _console(stderr=True)
-    failures = plan.backend.prepare(plan.cells, job)
+    failures = dict(plan.failures)
+    failures.update(plan.backend.prepare([c for c in plan.cells if c.name not in failures], job))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, disable=not progress, transient=True) as bar:
         cells_task = bar.add_task("cells", total=len(plan.cells))
@@ -212,8 +211,9 @@ def run_cells(plan: Plan, job: Any, progress: bool) -> list[dict[str, Any]]:
             for cell in plan.cells:
                 bar.update(cells_task, description=f"cell {cell.name}")
                 if cell.name in failures:
+                    # A cell that cannot start (its image, its wheelhouse) fails alone.
                     exc = failures[cell.name]
-                    rec = error_record(cell.name, exc.kind, exc.one_line())
+                    rec = error_record(cell.name, "image", exc.one_line(), extra={"backend": plan.backend.name})
                     write_record(job.cell_dir(cell) / "record.json", rec)
                 else:
                     rec = plan.backend.run(cell, job, on_event)
@@ -264,7 +264,8 @@ def _execute(args: argparse.Namespace, plan_fn: Any) -> int:
     out = results_dir(args, bundle)
     out.mkdir(parents=True, exist_ok=True)
     job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, results_dir=str(out),
-              trainer=args.trainer, trainer_path=args.trainer_path, trace=args.trace)
+              trainer=bundle.trainer.entrypoint if bundle.trainer else None,
+              trainer_path=bundle.trainer.code_dir if bundle.trainer else None, trace=args.trace)
     records = run_cells(plan, job, progress=not args.no_progress)
     return render(args, records, out, tol)
 

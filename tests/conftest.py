@@ -73,3 +73,67 @@ def make_bundle(tmp_path: Path) -> Callable[..., Path]:
 
 
 DELETE = _DELETE
+
+
+# =============================================================================
+# Docker fixtures (owned by the images work: tests/test_docker_images.py).
+# Self-contained. Locally they skip when the engine, base image or wheelhouses
+# are absent; with CI=true each absence FAILS instead, because CI provides them.
+# =============================================================================
+
+
+def _docker_absent(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (required because CI=true)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    """A connected Docker SDK client with a timeout long enough for multi-GB builds."""
+    import gc
+    import warnings
+
+    client, problem = None, None
+    # A failed connect leaves the SDK's socket unclosed; its ResourceWarning would turn
+    # into an error under filterwarnings=error, so collect it here, silenced.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            import docker
+
+            client = docker.from_env(timeout=3600)
+            client.ping()
+        except Exception as exc:  # ImportError or any engine/transport error
+            problem = str(exc).splitlines()[0][:160]
+            if client is not None:
+                client.close()
+        gc.collect()
+    if problem is not None:
+        _docker_absent(f"Docker engine not reachable ({problem})")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def wheelhouse_root() -> Path:
+    """Root with one wheelhouse per cell: $HARNESS_TEST_WHEELHOUSE, default <repo>/wheelhouse (made by .ci/run)."""
+    root = Path(os.environ.get("HARNESS_TEST_WHEELHOUSE") or REPO / "wheelhouse")
+    missing = [c for c in ("cpu-torch2.13", "cu130-torch2.14") if not any((root / c).glob("torch-*.whl"))]
+    if missing:
+        _docker_absent(f"no wheelhouse for {', '.join(missing)} under {root} "
+                       f"(`harness images wheelhouse --cells {','.join(missing)} --dest {root}`)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def base_image(docker_client) -> str:
+    """An offline base with python3.11 + venv: $HARNESS_TEST_BASE_IMAGE, default local/debian-py:bookworm."""
+    import docker.errors
+
+    name = os.environ.get("HARNESS_TEST_BASE_IMAGE") or "local/debian-py:bookworm"
+    try:
+        docker_client.images.get(name)
+    except docker.errors.ImageNotFound:
+        _docker_absent(f"base image {name} is not in the engine (debootstrap ... | docker import - {name})")
+    return name

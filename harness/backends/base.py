@@ -51,6 +51,16 @@ class Job:
         return Path(self.results_dir) / cell.name
 
 
+@dataclass
+class Plan:
+    """What one invocation will run: the backend, its cells, and cells already decided."""
+
+    backend: "Backend"
+    cells: list[Cell]
+    skipped: list[Cell] = field(default_factory=list)  # cannot run on this host, with the reason
+    failures: dict[str, HarnessError] = field(default_factory=dict)  # cell name -> why it cannot start
+
+
 class Backend(ABC):
     name = "abstract"
 
@@ -67,7 +77,7 @@ class Backend(ABC):
 
 
 def finish_record(cell: Cell, job: Job, *, rc: int | None, log_tail: str, wall_s: float,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                  reason: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read the worker's record, or write a failure record when it left none.
 
     A worker that crashed, was OOM-killed or never started leaves no record;
@@ -82,9 +92,10 @@ def finish_record(cell: Cell, job: Job, *, rc: int | None, log_tail: str, wall_s
         except ValueError:
             record = None
     if record is None:
-        reason = f"worker exited with status {rc} and wrote no record"
-        if rc is not None and rc < 0:
-            reason = f"worker was killed by signal {-rc} and wrote no record"
+        if reason is None:
+            reason = f"worker exited with status {rc} and wrote no record"
+            if rc is not None and rc < 0:
+                reason = f"worker was killed by signal {-rc} and wrote no record"
         tail = log_tail.strip().splitlines()[-1:] if log_tail.strip() else []
         message = reason + (f"; last output: {tail[0][:300]}" if tail else "")
         record = error_record(cell.name, "run", message, wall_s=wall_s, extra={"log_tail": log_tail[-4000:]})

@@ -1,0 +1,289 @@
+"""Cells as containers of pinned images, through the Docker SDK.
+
+The one module that runs containers. Each cell's retrain runs in its image
+with the bundle and data mounted read-only, a results directory writable,
+no network, a read-only root filesystem, the determinism environment set,
+and GPUs requested through device requests when the cell uses CUDA. The
+record carries what was measured inside the container plus the image's id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from .. import determinism
+from ..errors import HarnessError, InputError
+from ..record import RunSpec, atomic_write_text
+from .base import Backend, Cell, EventFn, Job, Plan, finish_record
+from .local import relay
+
+BUNDLE = "/harness/bundle"
+DATA_DIR = "/harness/data"
+OUT = "/harness/out"
+TRAINER = "/harness/trainer"
+LABEL_RUN = "org.harness.run"
+IMAGE_UID = 10001  # the image's non-root user (Dockerfile.cuda)
+
+
+# --------------------------------------------------------------------------- pure: what a container gets
+
+
+def gpu_request(gpus: str) -> list[Any]:
+    """Device requests for ``--gpus all|none|0,1``."""
+    from docker.types import DeviceRequest
+
+    gpus = (gpus or "all").strip()
+    if gpus == "none":
+        return []
+    if gpus == "all":
+        return [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not ids:
+        raise InputError("--gpus", f"{gpus!r} names no GPU", hint="use all, none, or ids like 0,1")
+    return [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
+
+
+def container_spec(cell: Cell, job: Job, image: str, *, gpus: str = "all", memory: str | None = None,
+                   host_uid: int | None = None, run_id: str = "") -> dict[str, Any]:
+    """Keyword arguments for ``client.containers.create`` (plain data, testable without Docker)."""
+    from docker.types import Mount
+
+    data_name = Path(job.data_path).name
+    mounts = [
+        Mount(BUNDLE, job.bundle_dir, type="bind", read_only=True),
+        Mount(f"{DATA_DIR}/{data_name}", job.data_path, type="bind", read_only=True),
+        Mount(OUT, str(job.cell_dir(cell)), type="bind", read_only=False),
+    ]
+    if job.trainer_path:
+        mounts.append(Mount(TRAINER, job.trainer_path, type="bind", read_only=True))
+    env = {"PYTHONUNBUFFERED": "1", "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1",
+           **determinism.launch_env(cell.determinism, cell.threads)}
+    if cell.determinism == "default":
+        # The image bakes the strict variables in; the default mode must not inherit them.
+        env["CUBLAS_WORKSPACE_CONFIG"] = ""
+        env["PYTHONHASHSEED"] = "random"
+    kwargs: dict[str, Any] = {
+        "image": image,
+        "command": ["--spec", f"{OUT}/spec.json"],
+        "mounts": mounts,
+        "environment": env,
+        "network_mode": "none",
+        "read_only": True,
+        "tmpfs": {"/tmp": "rw,exec,size=2g"},
+        "labels": {LABEL_RUN: run_id, "org.harness.cell": cell.name},
+        "detach": True,
+        "shm_size": "1g",
+    }
+    if host_uid:  # a non-root caller owns what the container writes
+        kwargs["user"] = f"{host_uid}:{os.getgid()}"
+    if cell.device.startswith("cuda"):
+        kwargs["device_requests"] = gpu_request(gpus)
+    if memory:
+        kwargs["mem_limit"] = memory
+    return kwargs
+
+
+def container_run_spec(cell: Cell, job: Job, image_info: dict[str, Any]) -> RunSpec:
+    """The RunSpec as the worker inside the container sees it (container paths)."""
+    return RunSpec(
+        cell=cell.name, bundle_dir=BUNDLE, out_dir=OUT, data_path=f"{DATA_DIR}/{Path(job.data_path).name}",
+        device=cell.device, determinism=cell.determinism, threads=cell.threads, tf32=cell.tf32, repeat=cell.repeat,
+        trainer=job.trainer, trainer_path=TRAINER if job.trainer_path else None, trace=job.trace,
+        backend="docker", image=image_info, labels=cell.labels,
+    )
+
+
+def exit_reason(status: int, oom: bool, memory: str | None) -> str:
+    if oom:
+        return f"container was OOM-killed (exit {status}{', memory limit ' + memory if memory else ''})"
+    if status == 137:
+        return "container was killed (exit 137: SIGKILL, often the kernel's OOM killer)"
+    return f"container exited with status {status}"
+
+
+# --------------------------------------------------------------------------- effects
+
+
+def docker_client() -> Any:
+    """A connected client, or a one-line BackendError saying how to start the engine."""
+    from ..cli_images import docker_client as connect
+
+    return connect()
+
+
+class DockerBackend(Backend):
+    name = "docker"
+
+    def __init__(self, client: Any, plans: dict[str, Any], *, gpus: str = "all", memory: str | None = None) -> None:
+        self.client = client
+        self.plans = plans  # cell name -> imagebuild.BuildPlan
+        self.gpus = gpus
+        self.memory = memory
+        self.built: dict[str, Any] = {}
+        self.run_id = f"{os.getpid()}-{int(time.time())}"
+        self._running: list[Any] = []
+
+    def prepare(self, cells: list[Cell], job: Job) -> dict[str, HarnessError]:
+        from rich.console import Console
+
+        from .. import imagebuild
+
+        err = Console(stderr=True, highlight=False)
+
+        def progress(cell: str, event: str, text: str) -> None:
+            if event == "start":
+                err.print(f"[dim]image {cell}: {text}[/dim]")
+            elif event in ("built", "cached"):
+                err.print(f"[dim]image {cell}: {'built' if event == 'built' else 'up to date'} ({text})[/dim]")
+            elif event == "failed":
+                err.print(f"[red]image {cell}: {text}[/red]")
+
+        wanted = [self.plans[c.image.name] for c in cells if c.image is not None and c.image.name in self.plans]
+        unique = list({p.cell.name: p for p in wanted}.values())
+        results = imagebuild.ensure_images(self.client, unique, progress)
+        failures: dict[str, HarnessError] = {}
+        for c in cells:
+            r = results.get(c.image.name) if c.image is not None else None
+            if isinstance(r, HarnessError):
+                failures[c.name] = r
+            elif r is not None:
+                self.built[c.name] = r
+        return failures
+
+    def image_info(self, cell: Cell) -> dict[str, Any]:
+        built = self.built[cell.name]
+        plan = self.plans[cell.image.name]
+        img = self.client.images.get(built.id)
+        return {
+            "cell": cell.image.name, "tag": built.tag, "id": img.id, "repo_digests": img.attrs.get("RepoDigests") or [],
+            "input_hash": plan.input_hash, "torch": cell.image.torch, "variant": cell.image.variant,
+            "cuda": cell.image.cuda, "python": cell.image.python, "base_image": cell.image.base_image,
+            "source": plan.buildargs.get("INSTALL_SOURCE"), "size_bytes": img.attrs.get("Size"),
+            "built_seconds": built.seconds if built.built else None,
+        }
+
+    def run(self, cell: Cell, job: Job, on_event: EventFn | None = None) -> dict[str, Any]:
+        import docker.errors
+
+        out = job.cell_dir(cell)
+        out.mkdir(parents=True, exist_ok=True)
+        uid = os.getuid() if hasattr(os, "getuid") else 0
+        if uid == 0:
+            os.chmod(out, 0o777)  # the image's non-root user writes here
+        stale = out / "record.json"
+        if stale.exists():
+            stale.unlink()
+        info = self.image_info(cell)
+        atomic_write_text(out / "spec.json", container_run_spec(cell, job, info).to_json())
+        os.chmod(out / "spec.json", 0o644)
+        tail: deque[str] = deque(maxlen=40)
+        t0 = time.perf_counter()
+        rc: int | None = None
+        reason: str | None = None
+        container = None
+        with open(out / "worker.log", "w", encoding="utf-8") as log:
+            try:
+                kwargs = container_spec(cell, job, info["id"], gpus=self.gpus, memory=self.memory,
+                                        host_uid=uid or None, run_id=self.run_id)
+                container = self.client.containers.create(**kwargs)
+                self._running.append(container)
+                container.start()
+                buf = b""
+                for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=True):
+                    buf += chunk
+                    while b"\n" in buf:
+                        line, buf = buf.split(b"\n", 1)
+                        relay(line.decode("utf-8", "replace") + "\n", on_event, log, tail)
+                if buf:
+                    relay(buf.decode("utf-8", "replace") + "\n", on_event, log, tail)
+                rc = int(container.wait().get("StatusCode", -1))
+                container.reload()
+                oom = bool(container.attrs.get("State", {}).get("OOMKilled"))
+                if rc != 0 and (oom or rc == 137):
+                    reason = exit_reason(rc, oom, self.memory)
+            except docker.errors.APIError as exc:
+                text = str(exc.explanation or exc)
+                if "could not select device driver" in text:
+                    reason = (f"cell {cell.name} asks for a GPU but this Docker engine has no NVIDIA runtime ({text}); "
+                              "install nvidia-container-toolkit, or run with --gpus none")
+                elif "No such image" in text:
+                    reason = f"image {info['tag']} vanished from the engine: {text}"
+                else:
+                    reason = f"Docker engine refused to run {info['tag']}: {text}"
+            except docker.errors.DockerException as exc:
+                reason = f"Docker engine failed while running {info['tag']}: {exc}"
+            finally:
+                self._remove(container)
+        wall = time.perf_counter() - t0
+        return finish_record(cell, job, rc=rc, log_tail="".join(tail), wall_s=wall, reason=reason,
+                             extra={"backend": self.name, "image": info,
+                                    "host_paths": {"bundle": job.bundle_dir, "data": job.data_path}})
+
+    def _remove(self, container: Any) -> None:
+        if container is None:
+            return
+        try:
+            container.remove(force=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        if container in self._running:
+            self._running.remove(container)
+
+    def close(self) -> None:
+        """Stop and remove every container this backend started that is still there (Ctrl-C)."""
+        for container in list(self._running):
+            try:
+                container.stop(timeout=5)
+            except Exception:  # noqa: BLE001
+                pass
+            self._remove(container)
+
+
+# --------------------------------------------------------------------------- planning (CLI step 2)
+
+
+def plan_cells(args: argparse.Namespace, names: list[str] | None) -> Plan:
+    """Resolve matrix cells for this host: image cells -> run cells, skips with reasons, build plans."""
+    from .. import cli_images, imagebuild, matrix
+
+    args.cells = ",".join(names) if names else None
+    image_cells = cli_images.load_cells(args)
+    wheelhouses = cli_images.wheelhouse_dirs(cli_images.wheelhouse_values(args), image_cells)
+    host = matrix.detect_host()
+    cells: list[Cell] = []
+    skipped: list[Cell] = []
+    plans: dict[str, Any] = {}
+    plan_errors: dict[str, HarnessError] = {}
+    repeats = max(1, int(getattr(args, "repeats", 1) or 1))
+    modes = [m.strip() for m in (getattr(args, "determinism", None) or "strict").split(",") if m.strip()]
+    for m in modes:
+        if m not in determinism.MODES:
+            raise InputError("--determinism", f"{m!r} is not one of {', '.join(determinism.MODES)}")
+    threads = getattr(args, "threads", None)
+    if isinstance(threads, str):
+        threads = None if threads in ("all", "default") else int(threads)
+    for ic in image_cells:
+        skip = matrix.host_skip_reason(ic, host)
+        try:
+            plans[ic.name] = imagebuild.plan_build(ic, matrix.REPO_ROOT, wheelhouses.get(ic.name))
+        except HarnessError as exc:
+            plan_errors[ic.name] = exc
+        device = matrix.effective_device(ic, host)
+        if getattr(args, "gpus", "all") == "none":
+            device = "cpu"
+        for mode in modes:
+            for r in range(repeats):
+                name = ic.name + (f"-{mode}" if len(modes) > 1 else "") + (f"-r{r + 1}" if repeats > 1 else "")
+                cell = Cell(name=name, device=device, determinism=mode, threads=threads, tf32=False, repeat=r,
+                            image=ic, skip_reason=skip,
+                            labels={"image": ic.name, "torch": ic.torch, "variant": ic.variant,
+                                    "determinism": mode, "repeat": r + 1})
+                (skipped if skip else cells).append(cell)
+    backend = DockerBackend(docker_client(), plans, gpus=getattr(args, "gpus", "all"), memory=getattr(args, "memory", None))
+    failures = {c.name: plan_errors[c.image.name] for c in cells if c.image.name in plan_errors}
+    return Plan(backend=backend, cells=cells, skipped=skipped, failures=failures)

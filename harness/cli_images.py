@@ -1,0 +1,292 @@
+"""`harness images ...`: list, build, compose and wheelhouse for the matrix images.
+
+Wired into the main CLI by ``harness.cli`` through :func:`register`. Handlers return an
+exit code and raise :class:`~harness.errors.HarnessError` for bad input; ``harness.cli``
+maps errors to exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from harness import compose as compose_mod
+from harness import imagebuild, matrix
+from harness.errors import EXIT_OK, EXIT_RUN_FAILED, BackendError, HarnessError, InputError
+from harness.matrix import ImageCell
+
+REPO_ROOT = matrix.REPO_ROOT
+COMPOSE_FILE = REPO_ROOT / "compose.yaml"
+# Builds stream output, but a layer commit of a multi-GB venv can be silent for minutes.
+DOCKER_TIMEOUT_S = 3600
+
+
+def docker_client() -> Any:
+    """A connected Docker SDK client, or a BackendError saying how to start the engine."""
+    import docker
+
+    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    client, problem = None, None
+    # A failed connect leaves the SDK's socket unclosed; silence and collect its ResourceWarning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            client = docker.from_env(timeout=DOCKER_TIMEOUT_S)
+            client.ping()
+        except docker.errors.DockerException as exc:
+            problem = str(exc).splitlines()[0][:200]
+            if client is not None:
+                client.close()
+        gc.collect()
+    if problem is not None:
+        raise BackendError(
+            f"Docker engine not reachable at {where} ({problem})",
+            hint="start dockerd (e.g. `setsid dockerd >/var/log/dockerd.log 2>&1 &`) or set DOCKER_HOST",
+        ) from None
+    return client
+
+
+# ----------------------------------------------------------------------------- arguments (pure)
+
+
+def split_cells(value: str | None) -> list[str] | None:
+    """``"a,b"`` -> ``["a", "b"]``; None/empty -> None (all cells)."""
+    if not value:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()] or None
+
+
+def base_image_overrides(values: list[str] | None) -> dict[str, str]:
+    """``--base-image IMAGE`` (every cell) and ``--base-image CELL=IMAGE`` into a mapping."""
+    out: dict[str, str] = {}
+    for v in values or []:
+        cell, sep, image = v.partition("=")
+        if sep and not (cell and image):
+            raise InputError("--base-image", f"{v!r} is neither IMAGE nor CELL=IMAGE")
+        out[cell if sep else "*"] = image if sep else v
+    return out
+
+
+def wheelhouse_dirs(values: list[str] | None, cells: list[ImageCell]) -> dict[str, Path]:
+    """Per-cell wheelhouses from ``--wheelhouse ROOT`` (subdir per cell) and ``CELL=DIR``."""
+    known = {c.name for c in cells}
+    out: dict[str, Path] = {}
+    explicit: dict[str, Path] = {}
+    for v in values or []:
+        cell, sep, path = v.partition("=")
+        if sep and cell in known:
+            explicit[cell] = Path(path)
+        elif sep and not Path(v).is_dir():
+            raise InputError("--wheelhouse", f"{cell!r} is not a selected cell", hint=f"known: {', '.join(sorted(known))}")
+        else:
+            root = Path(v)
+            if not root.is_dir():
+                raise InputError("--wheelhouse", f"{v} is not a directory",
+                                 hint="pass a directory with one subdirectory per cell, or CELL=DIR")
+            for c in cells:
+                if (root / c.name).is_dir():
+                    out[c.name] = root / c.name
+    out.update(explicit)
+    return out
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--matrix", type=Path, default=None, help="matrix file (default images/matrix.yaml)")
+    p.add_argument("--compat", type=Path, default=None, help="compat file (default images/compat.yaml)")
+    p.add_argument("--cells", default=None, help="comma-separated cell names (default: all)")
+    p.add_argument("--site-config", type=Path, default=os.environ.get("HARNESS_SITE_CONFIG") or None,
+                   help="per-host YAML: base_images: {'*': IMAGE, CELL: IMAGE} (env HARNESS_SITE_CONFIG)")
+    p.add_argument("--base-image", action="append", metavar="IMAGE|CELL=IMAGE",
+                   help="substitute a base image for every cell or one cell (repeatable; wins over --site-config)")
+    p.add_argument("--wheelhouse", action="append", metavar="DIR|CELL=DIR",
+                   help="wheelhouse root with one subdir per cell, or CELL=DIR (repeatable; env HARNESS_WHEELHOUSE)")
+
+
+def load_cells(args: argparse.Namespace) -> list[ImageCell]:
+    """The selected, validated cells with base images substituted (site config, then flags)."""
+    cells = matrix.select(matrix.load_matrix(args.matrix, args.compat), split_cells(args.cells))
+    if getattr(args, "site_config", None):
+        cells = matrix.apply_base_images(cells, matrix.load_site_config(args.site_config)["base_images"])
+    return matrix.apply_base_images(cells, base_image_overrides(getattr(args, "base_image", None)))
+
+
+def wheelhouse_values(args: argparse.Namespace) -> list[str]:
+    """``--wheelhouse`` values, or ``$HARNESS_WHEELHOUSE`` when none were given."""
+    values = list(getattr(args, "wheelhouse", None) or [])
+    if not values and os.environ.get("HARNESS_WHEELHOUSE"):
+        values = [os.environ["HARNESS_WHEELHOUSE"]]
+    return values
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Table of cells: pins, source, base image, built or missing, skip reason on this host."""
+    from rich.table import Table
+
+    cells = load_cells(args)
+    wh = wheelhouse_dirs(wheelhouse_values(args), cells)
+    host = matrix.detect_host()
+    try:
+        client = docker_client()
+    except BackendError as exc:
+        client, engine_note = None, exc.one_line()
+    else:
+        engine_note = ""
+    table = Table(title="harness images")
+    for col in ("cell", "torch", "variant", "python", "source"):
+        table.add_column(col, no_wrap=True)
+    for col in ("base image", "image", "on this host"):
+        table.add_column(col, overflow="fold")
+    for c in cells:
+        state = _image_state(client, c, wh.get(c.name))
+        skip = matrix.host_skip_reason(c, host)
+        where = f"skip: {skip}" if skip else f"runs ({matrix.effective_device(c, host)})"
+        source = "wheelhouse" if c.name in wh else c.source
+        base = c.base_image
+        if client is not None and not imagebuild.image_exists(client, base):
+            base += " [yellow](not in engine)[/yellow]"
+        table.add_row(c.name, c.torch, c.variant, c.python, source, base, state, where)
+    out = _console()
+    out.print(table)
+    gpus = ", ".join(f"{g['name']} ({g.get('capability')})" for g in host["gpus"]) or "none"
+    out.print(f"host: driver {host['driver'] or '-'}, GPUs: {gpus}")
+    if engine_note:
+        out.print(f"[yellow]{engine_note}[/yellow]")
+    return EXIT_OK
+
+
+def _image_state(client: Any, cell: ImageCell, wheelhouse: Path | None) -> str:
+    if client is None:
+        return "? (no engine)"
+    try:
+        plan = imagebuild.plan_build(cell, REPO_ROOT, wheelhouse)
+    except HarnessError:
+        # Without its wheelhouse the content tag is unknown; say what the alias shows.
+        alias = f"{imagebuild.REPOSITORY}:{cell.name}"
+        return "alias only (no wheelhouse to check)" if imagebuild.image_exists(client, alias) else "missing"
+    if imagebuild.image_exists(client, plan.tag):
+        return "built"
+    return "missing" if not imagebuild.image_exists(client, plan.alias) else "stale"
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    """Build every selected cell's image that is missing; go on after a failure."""
+    from rich.panel import Panel
+    from rich.table import Table
+
+    cells = load_cells(args)
+    wh = wheelhouse_dirs(wheelhouse_values(args), cells)
+    # Every plan first: bad input (no wheelhouse, wrong torch in it) stops before any build.
+    plans = [imagebuild.plan_build(c, REPO_ROOT, wh.get(c.name)) for c in cells]
+    client = docker_client()
+    err = _console(stderr=True)
+    status = err.status("")
+
+    def progress(cell: str, event: str, text: str) -> None:
+        if event == "start":
+            err.print(f"[bold]{cell}[/bold]: {text}")
+            status.update(f"{cell}: starting")
+            status.start()
+        elif event == "log":
+            if text.startswith("Step "):
+                err.print(f"  [dim]{text[:160]}[/dim]")
+            status.update(f"{cell}: {text.strip()[:100]}")
+        else:
+            status.stop()
+            mark = {"built": "[green]built[/green]", "cached": "[green]up to date[/green]"}.get(event, "[red]FAILED[/red]")
+            err.print(f"{cell}: {mark} {text if event != 'failed' else ''}")
+
+    try:
+        results = imagebuild.ensure_images(client, plans, progress)
+    finally:
+        status.stop()
+    table = Table(title="image build")
+    for col in ("cell", "result", "tag", "seconds"):
+        table.add_column(col, overflow="fold")
+    failed = 0
+    for plan in plans:
+        r = results[plan.cell.name]
+        if isinstance(r, HarnessError):
+            failed += 1
+            table.add_row(plan.cell.name, "[red]failed[/red]", plan.tag, "")
+            tail = getattr(r, "log_tail", None)
+            body = r.message + ("\n\n" + "\n".join(tail) if tail else "") + (f"\n{r.hint}" if r.hint and not tail else "")
+            err.print(Panel(body, title=f"{plan.cell.name}: build failed", border_style="red"))
+        else:
+            table.add_row(plan.cell.name, "built" if r.built else "up to date", r.tag, f"{r.seconds:.1f}")
+    _console().print(table)
+    return EXIT_RUN_FAILED if failed else EXIT_OK
+
+
+def cmd_compose(args: argparse.Namespace) -> int:
+    """Write compose.yaml from the matrix, or with --check fail when the file is stale."""
+    cells = matrix.load_matrix(args.matrix, args.compat)
+    text = compose_mod.render_compose(cells)
+    path: Path = args.output
+    out = _console()
+    if args.check:
+        current = path.read_text() if path.exists() else None
+        if current != text:
+            out.print(f"{path} is stale (or missing); regenerate it with `harness images compose`")
+            return EXIT_RUN_FAILED
+        out.print(f"{path} is up to date")
+        return EXIT_OK
+    path.write_text(text)
+    out.print(f"wrote {path} ({len(cells)} services)")
+    return EXIT_OK
+
+
+def cmd_wheelhouse(args: argparse.Namespace) -> int:
+    """pip-download each selected cell's wheels into DEST/<cell>."""
+    cells = matrix.select(matrix.load_matrix(args.matrix, args.compat), split_cells(args.cells))
+    for c in cells:
+        dest = imagebuild.make_wheelhouse(c, args.dest / c.name, args.python,
+                                          c.index_url if args.torch_index else None)
+        _console().print(f"{c.name}: {dest}")
+    return EXIT_OK
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``images {list,build,compose,wheelhouse}`` to the main CLI's subparsers."""
+    images = subparsers.add_parser("images", help="list, build and compose the matrix images")
+    sub = images.add_subparsers(dest="images_command", metavar="{list,build,compose,wheelhouse}")
+    sub.required = True
+
+    p = sub.add_parser("list", help="cells, pins, base images, built or missing, skips on this host")
+    _common(p)
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("build", help="build missing images (content-addressed; unchanged cells are skipped)")
+    _common(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("compose", help="write compose.yaml from the matrix")
+    p.add_argument("--matrix", type=Path, default=None)
+    p.add_argument("--compat", type=Path, default=None)
+    p.add_argument("--output", type=Path, default=COMPOSE_FILE, help="default: compose.yaml at the repo root")
+    p.add_argument("--check", action="store_true", help="exit 1 when the file differs from what would be written")
+    p.set_defaults(func=cmd_compose)
+
+    p = sub.add_parser("wheelhouse", help="pip-download the wheels of cells for offline builds")
+    p.add_argument("--matrix", type=Path, default=None)
+    p.add_argument("--compat", type=Path, default=None)
+    p.add_argument("--cells", required=True, help="comma-separated cell names")
+    p.add_argument("--dest", type=Path, required=True, help="root directory; each cell gets DEST/<cell>")
+    p.add_argument("--python", default=sys.executable, help="python whose pip downloads (default: this one)")
+    p.add_argument("--torch-index", action="store_true",
+                   help="use the cell's download.pytorch.org index (needs network; picks the CUDA variant)")
+    p.set_defaults(func=cmd_wheelhouse)
+    return images

@@ -1,0 +1,468 @@
+"""Build one Docker image per matrix cell, content-addressed so nothing is rebuilt twice.
+
+Pure part: :func:`plan_build` turns a cell (+ its wheelhouse) into a :class:`BuildPlan`:
+build args, the pip lock, the files of the build context and the tag
+``harness:<cell>-<12 hex>`` hashed over everything that goes into the image.
+Effects part: :func:`build` / :func:`ensure_images` talk to the Docker SDK (classic
+builder), and :func:`make_wheelhouse` runs ``pip download`` on the host.
+
+Every built image is also tagged with the stable alias ``harness:<cell>``, which is
+what compose.yaml refers to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from harness.errors import BackendError, HarnessError, InputError, RunFailed
+from harness.matrix import ImageCell
+
+REPOSITORY = "harness"
+DOCKERFILE = "Dockerfile.cuda"
+DIGEST_CACHE = ".harness-wheel-digests.json"
+# What the worker imports inside the image, besides the harness source.
+IMAGE_PACKAGES = ("numpy", "pyyaml", "joblib", "scikit-learn")
+LOG_TAIL = 20
+LABEL_CELL = "org.harness.cell"
+LABEL_HASH = "org.harness.input-hash"
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_STEP = re.compile(r"^Step (\d+/\d+) : (\S+)")
+_NONZERO = re.compile(r"returned a non-zero code: (\d+)")
+
+
+def _failure_reason(error: str, last_step: str | None) -> str:
+    """A short reason from the builder's error (which repeats the whole RUN script)."""
+    m = _NONZERO.search(error)
+    if m:
+        return f"{last_step or 'a RUN step'} exited with code {m.group(1)}"
+    return error.strip().splitlines()[-1][:300] if error.strip() else "unknown builder error"
+
+
+class BuildFailed(RunFailed):
+    """An image build failed; carries the cell, the tag and the last lines of its log."""
+
+    kind = "build"
+
+    def __init__(self, cell: str, tag: str, reason: str, log_tail: Iterable[str] = ()) -> None:
+        self.cell = cell
+        self.tag = tag
+        self.log_tail = [line[:240] for line in log_tail if line.strip()][-LOG_TAIL:]
+        tail = " | ".join(line.strip() for line in self.log_tail)
+        super().__init__(
+            f"image build for cell {cell} ({tag}) failed: {reason}",
+            hint=f"log tail: {tail}" if tail else "rerun `harness images build --cells " + cell + "` to see the log",
+        )
+
+
+class BaseImageMissing(InputError):
+    """The cell's base image is not in the local engine, and the harness never pulls."""
+
+    def __init__(self, cell: str, image: str) -> None:
+        self.cell = cell
+        self.image = image
+        super().__init__(
+            f"cell {cell}",
+            f"base image {image} is not in the local Docker engine (the harness never pulls)",
+            hint=(
+                f"`docker pull {image}` or `docker load` it yourself, make one with "
+                f"`tar -C ROOTFS -c . | docker import - NAME`, or pick another with "
+                f"--base-image {cell}=IMAGE"
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class Wheel:
+    """One wheel file of a wheelhouse."""
+
+    filename: str
+    path: Path
+    sha256: str
+    name: str  # canonical project name
+    version: str
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """Everything needed to build one cell's image, decided before touching Docker."""
+
+    cell: ImageCell
+    tag: str  # harness:<cell>-<hash12>
+    buildargs: dict[str, str]
+    dockerfile: str  # Dockerfile text
+    context_files: tuple[str, ...]  # paths inside the build context
+    lock: str  # requirements.lock text
+    input_hash: str  # full sha256 hex
+    wheels: tuple[Wheel, ...] = ()
+    sources: dict[str, Path] = field(default_factory=dict)  # context path -> file on disk
+
+    @property
+    def alias(self) -> str:
+        """The stable tag compose.yaml uses: ``harness:<cell>``."""
+        return f"{REPOSITORY}:{self.cell.name}"
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {
+            LABEL_CELL: self.cell.name,
+            LABEL_HASH: self.input_hash,
+            "org.harness.torch": self.cell.torch,
+            "org.harness.variant": self.cell.variant,
+        }
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    """A cell's image in the engine: built now (``built``) or found already there."""
+
+    tag: str
+    id: str
+    cell: str
+    seconds: float
+    built: bool
+
+
+# ----------------------------------------------------------------------------- pure
+
+
+def canonical_name(name: str) -> str:
+    """PEP 503 project name."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def parse_wheel_filename(filename: str) -> tuple[str, str, str]:
+    """``(canonical name, version, python tag)`` of a wheel file name."""
+    parts = filename[: -len(".whl")].split("-")
+    if not filename.endswith(".whl") or len(parts) not in (5, 6):
+        raise InputError(filename, "not a wheel file name (name-version[-build]-python-abi-platform.whl)")
+    return canonical_name(parts[0]), parts[1], parts[-3]
+
+
+def _python_tag_fits(tag: str, python: str) -> bool:
+    # cp311 wheels only fit 3.11; py3/py2.py3 (and abi3 cp3X, rare here) fit any.
+    want = "cp" + python.replace(".", "")
+    return any(not t.startswith("cp") or t == want for t in tag.split("."))
+
+
+def lock_text(cell: ImageCell, wheels: Iterable[Wheel]) -> str:
+    """A pip requirements file pinning every wheel by version and sha256 (index builds: pins only)."""
+    head = f"# requirements.lock for harness cell {cell.name}: torch {cell.torch} ({cell.variant}), python {cell.python}\n"
+    wheels = list(wheels)
+    if not wheels:
+        # Index builds resolve at build time; only torch is pinned, so they are not reproducible
+        # byte for byte. Use a wheelhouse for that.
+        reqs = [f"torch=={cell.torch}", *IMAGE_PACKAGES]
+        return head + "# index build: resolved at build time\n" + "\n".join(reqs) + "\n"
+    groups: dict[tuple[str, str], list[str]] = {}
+    versions: dict[str, set[str]] = {}
+    for w in wheels:
+        groups.setdefault((w.name, w.version), []).append(w.sha256)
+        versions.setdefault(w.name, set()).add(w.version)
+    clash = sorted(n for n, v in versions.items() if len(v) > 1)
+    if clash:
+        raise InputError(
+            f"wheelhouse of {cell.name}",
+            f"several versions of {', '.join(clash)}",
+            hint="keep one version per project in a cell's wheelhouse",
+        )
+    lines = [head, f"# {len(wheels)} wheels; install with pip --no-index --require-hashes\n"]
+    for (name, version), hashes in sorted(groups.items()):
+        opts = " ".join(f"--hash=sha256:{h}" for h in sorted(set(hashes)))
+        lines.append(f"{name}=={version} {opts}\n")
+    return "".join(lines)
+
+
+def build_args(cell: ImageCell, source: str) -> dict[str, str]:
+    """The Dockerfile.cuda build args for a cell (``source``: wheelhouse | index)."""
+    return {
+        "BASE_IMAGE": cell.base_image,
+        "PYTHON": cell.python,
+        "INSTALL_SOURCE": source,
+        "TORCH_INDEX_URL": cell.index_url or "",
+        "TORCH_VERSION": cell.torch,
+    }
+
+
+def input_hash(dockerfile: bytes, buildargs: dict[str, str], wheels: Iterable[Wheel],
+               sources: dict[str, bytes], lock: str) -> str:
+    """sha256 over everything that shapes the image (order-independent where order is not meaningful)."""
+    h = hashlib.sha256()
+    h.update(b"dockerfile\0" + dockerfile + b"\0")
+    for k in sorted(buildargs):
+        h.update(f"arg\0{k}={buildargs[k]}\0".encode())
+    for w in sorted(wheels, key=lambda w: w.filename):
+        h.update(f"wheel\0{w.filename}\0{w.sha256}\0".encode())
+    for rel in sorted(sources):
+        h.update(f"src\0{rel}\0".encode() + hashlib.sha256(sources[rel]).hexdigest().encode() + b"\0")
+    h.update(b"lock\0" + lock.encode())
+    return h.hexdigest()
+
+
+def harness_sources(repo_root: Path) -> dict[str, Path]:
+    """The package source copied into the image: ``harness/**/*.py`` + ``py.typed``."""
+    pkg = repo_root / "harness"
+    if not pkg.is_dir():
+        raise InputError(str(pkg), "the harness package source is missing", hint="run from a harness checkout")
+    out = {}
+    for p in sorted(pkg.rglob("*")):
+        if p.is_file() and (p.suffix == ".py" or p.name == "py.typed") and "__pycache__" not in p.parts:
+            out[p.relative_to(repo_root).as_posix()] = p
+    return out
+
+
+# ----------------------------------------------------------------------------- wheels
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def wheel_digests(wheelhouse: Path) -> dict[str, str]:
+    """sha256 of every wheel, cached in a JSON beside them keyed by name, size and mtime."""
+    cache_path = wheelhouse / DIGEST_CACHE
+    try:
+        cache = json.loads(cache_path.read_text()).get("wheels", {})
+    except (OSError, ValueError, AttributeError):
+        cache = {}
+    out, fresh, dirty = {}, {}, False
+    for p in sorted(wheelhouse.glob("*.whl")):
+        st = p.stat()
+        hit = cache.get(p.name)
+        if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+            digest = hit["sha256"]
+        else:
+            digest, dirty = _sha256_file(p), True
+        out[p.name] = digest
+        fresh[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    if dirty or set(fresh) != set(cache):
+        try:
+            tmp = cache_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"version": 1, "wheels": fresh}, indent=1, sort_keys=True))
+            os.replace(tmp, cache_path)
+        except OSError:
+            pass  # a read-only wheelhouse only costs re-hashing next time
+    return out
+
+
+def resolve_wheels(cell: ImageCell, wheelhouse: Path) -> tuple[Wheel, ...]:
+    """The wheels of ``wheelhouse`` that fit the cell's Python; checks torch is there and pinned right."""
+    where = str(wheelhouse)
+    if not wheelhouse.is_dir():
+        raise InputError(where, f"wheelhouse for cell {cell.name} does not exist",
+                         hint=f"make it with `harness images wheelhouse --cells {cell.name} --dest DIR`")
+    digests = wheel_digests(wheelhouse)
+    wheels = []
+    for fname, digest in digests.items():
+        name, version, pytag = parse_wheel_filename(fname)
+        if _python_tag_fits(pytag, cell.python):
+            wheels.append(Wheel(fname, wheelhouse / fname, digest, name, version))
+    torches = [w for w in wheels if w.name == "torch"]
+    if not torches:
+        raise InputError(where, f"no torch wheel for python {cell.python} (cell {cell.name})",
+                         hint=f"make it with `harness images wheelhouse --cells {cell.name} --dest DIR`")
+    found = {w.version.split("+")[0] for w in torches}
+    if found != {cell.torch}:
+        raise InputError(where, f"holds torch {', '.join(sorted(found))} but cell {cell.name} pins {cell.torch}",
+                         hint="point --wheelhouse at the right directory")
+    return tuple(sorted(wheels, key=lambda w: w.filename))
+
+
+def plan_build(cell: ImageCell, repo_root: str | Path, wheelhouse_dir: str | Path | None) -> BuildPlan:
+    """Decide the tag, build args, lock and context of a cell's image.
+
+    With a wheelhouse the image installs offline from it, whatever the cell's
+    ``source``; a ``source: wheelhouse`` cell without one is refused.
+    """
+    root = Path(repo_root)
+    if wheelhouse_dir is None and cell.source == "wheelhouse":
+        raise InputError(
+            f"cell {cell.name}", "builds from a wheelhouse (source: wheelhouse) but none was given",
+            hint=f"pass --wheelhouse DIR (one subdir per cell) or --wheelhouse {cell.name}=DIR",
+        )
+    wheels = resolve_wheels(cell, Path(wheelhouse_dir)) if wheelhouse_dir is not None else ()
+    source = "wheelhouse" if wheelhouse_dir is not None else "index"
+    try:
+        dockerfile = (root / DOCKERFILE).read_bytes()
+    except OSError:
+        raise InputError(str(root / DOCKERFILE), "not found", hint="run from a harness checkout") from None
+    args = build_args(cell, source)
+    lock = lock_text(cell, wheels)
+    sources = harness_sources(root)
+    digest = input_hash(dockerfile, args, wheels, {k: p.read_bytes() for k, p in sources.items()}, lock)
+    files = ("Dockerfile", "requirements.lock",
+             *(f"wheelhouse/{w.filename}" for w in wheels), *sorted(sources))
+    return BuildPlan(
+        cell=cell, tag=f"{REPOSITORY}:{cell.name}-{digest[:12]}", buildargs=args,
+        dockerfile=dockerfile.decode(), context_files=files, lock=lock, input_hash=digest,
+        wheels=wheels, sources=sources,
+    )
+
+
+# ----------------------------------------------------------------------------- effects
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)  # a 3 GB wheelhouse costs nothing this way
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_context(plan: BuildPlan, dest: Path) -> None:
+    """Lay out the build context in ``dest``: Dockerfile, lock, wheelhouse/, harness/."""
+    (dest / "Dockerfile").write_text(plan.dockerfile)
+    (dest / "requirements.lock").write_text(plan.lock)
+    (dest / "wheelhouse").mkdir()
+    # COPY of an empty directory is fine, but keep one file so every tar tool keeps the dir.
+    (dest / "wheelhouse" / ".keep").write_text("")
+    for w in plan.wheels:
+        _link_or_copy(w.path, dest / "wheelhouse" / w.filename)
+    for rel, path in plan.sources.items():
+        _link_or_copy(path, dest / rel)
+
+
+def image_exists(client: Any, tag: str) -> bool:
+    """Whether the engine holds an image with this tag."""
+    import docker.errors
+
+    try:
+        client.images.get(tag)
+        return True
+    except docker.errors.ImageNotFound:
+        return False
+    except docker.errors.APIError as exc:
+        raise BackendError(f"Docker engine failed to look up {tag}: {exc}") from exc
+
+
+def _alias(client: Any, plan: BuildPlan) -> str:
+    image = client.images.get(plan.tag)
+    client.api.tag(image.id, REPOSITORY, plan.cell.name, force=True)
+    return image.id
+
+
+def build(client: Any, plan: BuildPlan, on_log: Callable[[str], None] | None = None) -> BuiltImage:
+    """Build the plan's image unless its tag exists; always (re)point ``harness:<cell>`` at it."""
+    import docker.errors
+
+    start = time.monotonic()
+    name = plan.cell.name
+    if image_exists(client, plan.tag):
+        return BuiltImage(plan.tag, _alias(client, plan), name, time.monotonic() - start, built=False)
+    if not image_exists(client, plan.cell.base_image):
+        raise BaseImageMissing(name, plan.cell.base_image)
+    log: deque[str] = deque(maxlen=200)
+    last_step: list[str] = []
+
+    def emit(line: str) -> None:
+        line = _ANSI.sub("", line)
+        m = _STEP.match(line)
+        if m:
+            last_step[:] = [f"step {m.group(1)} ({m.group(2)})"]
+        log.append(line)
+        if on_log:
+            on_log(line)
+
+    ctx = Path(tempfile.mkdtemp(prefix=f"harness-build-{name}-"))
+    try:
+        write_context(plan, ctx)
+        stream = client.api.build(
+            path=str(ctx), dockerfile="Dockerfile", tag=plan.tag, buildargs=plan.buildargs,
+            labels=plan.labels, decode=True, rm=True, forcerm=True, pull=False,
+        )
+        failure: str | None = None
+        # Read the stream to its end even after an error, so the SDK releases the socket.
+        for chunk in stream:
+            if "error" in chunk and failure is None:
+                error = str(chunk["error"])
+                failure = _failure_reason(error, last_step[0] if last_step else None)
+                if not _NONZERO.search(error):
+                    emit(error.rstrip())
+                continue
+            text = chunk.get("stream") or chunk.get("status")
+            if text:
+                for line in str(text).rstrip("\n").splitlines():
+                    emit(line)
+        if failure is not None:
+            raise BuildFailed(name, plan.tag, failure, log)
+    except docker.errors.APIError as exc:
+        raise BuildFailed(name, plan.tag, str(exc.explanation or exc), log) from exc
+    except docker.errors.DockerException as exc:
+        raise BackendError(f"Docker engine failed while building {plan.tag}: {exc}") from exc
+    finally:
+        shutil.rmtree(ctx, ignore_errors=True)
+    if not image_exists(client, plan.tag):
+        raise BuildFailed(name, plan.tag, "the build ended without producing the image", log)
+    return BuiltImage(plan.tag, _alias(client, plan), name, time.monotonic() - start, built=True)
+
+
+Progress = Callable[[str, str, str], None]  # (cell, event, text); event: start|log|cached|built|failed
+
+
+def ensure_images(client: Any, plans: Iterable[BuildPlan], progress: Progress | None = None
+                  ) -> dict[str, BuiltImage | HarnessError]:
+    """Build every missing image; a failure is recorded for its cell and the rest go on."""
+    results: dict[str, BuiltImage | HarnessError] = {}
+    say = progress or (lambda cell, event, text: None)
+    for plan in plans:
+        name = plan.cell.name
+        say(name, "start", plan.tag)
+        try:
+            img = build(client, plan, on_log=lambda line, n=name: say(n, "log", line))
+        except HarnessError as exc:
+            results[name] = exc
+            say(name, "failed", exc.one_line())
+            continue
+        except Exception as exc:  # an SDK/transport error must not stop the other cells
+            err = BackendError(f"building {plan.tag}: {type(exc).__name__}: {exc}")
+            results[name] = err
+            say(name, "failed", err.one_line())
+            continue
+        results[name] = img
+        say(name, "built" if img.built else "cached", f"{img.tag} in {img.seconds:.1f}s")
+    return results
+
+
+def wheelhouse_command(cell: ImageCell, dest: str | Path, python_exe: str,
+                       index_url: str | None = None) -> list[str]:
+    """The ``pip download`` command that fills a cell's wheelhouse."""
+    cmd = [python_exe, "-m", "pip", "download", "--only-binary=:all:", "--python-version", cell.python,
+           "-d", str(dest)]
+    if index_url:
+        cmd += ["--index-url", index_url, "--extra-index-url", "https://pypi.org/simple"]
+    return cmd + [f"torch=={cell.torch}", *IMAGE_PACKAGES]
+
+
+def make_wheelhouse(cell: ImageCell, dest: str | Path, python_exe: str = sys.executable,
+                    index_url: str | None = None) -> Path:
+    """Download the cell's wheels (torch + worker deps, binary only) into ``dest`` with pip.
+
+    pip takes the host's index configuration; pass ``index_url`` (e.g. ``cell.index_url``)
+    on a connected machine to get a specific CUDA variant. Run it on the host, then
+    build offline: containers here cannot reach package indexes.
+    """
+    out = Path(dest)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = wheelhouse_command(cell, out, python_exe, index_url)
+    try:
+        subprocess.run(cmd, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise RunFailed(f"wheelhouse for {cell.name}: `{' '.join(cmd)}` failed ({exc})",
+                        hint="check that pip can reach an index holding these wheels") from exc
+    return out

@@ -1,0 +1,323 @@
+"""The version matrix: which images exist, what they pin, and where they can run.
+
+``images/matrix.yaml`` names the cells; ``images/compat.yaml`` says what PyTorch
+actually published (CUDA variants, CPython versions, GPU archs) and what each CUDA
+release needs from the driver. Loading checks every cell against compat data, so an
+impossible combination is refused with its reason before anything is built.
+
+Everything here is pure except :func:`load_matrix`/:func:`load_site_config` (read
+files) and :func:`detect_host` (runs ``nvidia-smi``).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from harness.errors import InputError
+
+MATRIX_SCHEMA = "harness.matrix/1"
+COMPAT_SCHEMA = "harness.compat/1"
+TORCH_INDEX = "https://download.pytorch.org/whl"
+SOURCES = ("index", "wheelhouse")
+DEVICES = ("auto", "cpu")
+CELL_KEYS = {"torch", "variant", "python", "base_image", "source", "device"}
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,100}$")  # must also be a valid Docker tag
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MATRIX = REPO_ROOT / "images" / "matrix.yaml"
+DEFAULT_COMPAT = REPO_ROOT / "images" / "compat.yaml"
+
+
+@dataclass(frozen=True)
+class ImageCell:
+    """One image of the matrix, fully resolved against compat data."""
+
+    name: str
+    torch: str
+    variant: str  # "cpu" or "cuXYZ"
+    cuda: str | None  # "12.4"; None for cpu
+    python: str  # "3.11"
+    base_image: str
+    source: str  # "index" | "wheelhouse"
+    index_url: str | None  # PyTorch index for this variant
+    min_driver: str | None  # oldest NVIDIA driver that runs this CUDA
+    arch: tuple[str, ...]  # compute capabilities with cubins, e.g. ("8.0", "9.0")
+    device: str  # "auto" | "cpu"
+    ptx: str | None = None  # arch whose PTX is embedded (JIT on newer GPUs)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.cuda is not None
+
+
+# ----------------------------------------------------------------------------- compat
+
+
+@dataclass(frozen=True)
+class Compat:
+    """compat.yaml, checked: ``cuda[ver]`` and ``torch[ver]`` as plain dicts."""
+
+    cuda: dict[str, dict[str, Any]]
+    torch: dict[str, dict[str, Any]]
+
+
+def parse_compat(data: Any, where: str = "images/compat.yaml") -> Compat:
+    """Check the shape of compat data and return it."""
+    if not isinstance(data, dict) or data.get("schema") != COMPAT_SCHEMA:
+        raise InputError(where, f"schema must be {COMPAT_SCHEMA}", hint="restore the file from git")
+    cuda = data.get("cuda") or {}
+    torch = data.get("torch") or {}
+    if not isinstance(cuda, dict) or not isinstance(torch, dict):
+        raise InputError(where, "`cuda` and `torch` must be mappings keyed by version")
+    for ver, info in cuda.items():
+        if not isinstance(info, dict) or "min_driver" not in info:
+            raise InputError(where, f"cuda.{ver}: needs min_driver", hint='add e.g. min_driver: "550.54.14"')
+    for ver, info in torch.items():
+        if not isinstance(info, dict) or not isinstance(info.get("variants"), dict):
+            raise InputError(where, f"torch.{ver}: needs a `variants` mapping")
+        if not isinstance(info.get("python"), list):
+            raise InputError(where, f"torch.{ver}: needs a `python` list")
+        for var, vinfo in info["variants"].items():
+            vinfo = vinfo or {}
+            if var != "cpu" and str(vinfo.get("cuda")) not in cuda:
+                raise InputError(where, f"torch.{ver}.variants.{var}: cuda {vinfo.get('cuda')!r} is not under `cuda:`")
+    return Compat(cuda={str(k): v for k, v in cuda.items()}, torch={str(k): v for k, v in torch.items()})
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+def validate(name: str, spec: dict[str, Any], compat: Compat) -> str | None:
+    """Why this cell cannot exist (torch unknown, variant or python not published), or None."""
+    torch = str(spec.get("torch", ""))
+    variant = str(spec.get("variant", ""))
+    python = str(spec.get("python", ""))
+    if not torch:
+        return "torch is missing; add e.g. torch: \"2.5.1\""
+    if torch not in compat.torch:
+        return f"torch {torch} is unknown to compat.yaml (known: {', '.join(compat.torch)}); pick one of those or add it to images/compat.yaml"
+    info = compat.torch[torch]
+    if variant not in info["variants"]:
+        return (
+            f"variant {variant or '(missing)'} is not published for torch {torch} "
+            f"(published: {', '.join(info['variants'])}); pick one of those"
+        )
+    if python not in [str(p) for p in info["python"]]:
+        return (
+            f"python {python} is not supported by torch {torch} "
+            f"(supported: {', '.join(str(p) for p in info['python'])}); set python to one of those"
+        )
+    if spec.get("source") not in SOURCES:
+        return f"source must be one of {', '.join(SOURCES)} (got {spec.get('source')!r})"
+    if spec.get("device") not in DEVICES:
+        return f"device must be one of {', '.join(DEVICES)} (got {spec.get('device')!r})"
+    return None
+
+
+def resolve_cell(name: str, spec: dict[str, Any], compat: Compat, defaults: dict[str, Any],
+                 where: str = "images/matrix.yaml") -> ImageCell:
+    """Turn one matrix entry into an :class:`ImageCell`, refusing impossible ones."""
+    here = f"{where}: cells.{name}"
+    if not _NAME_RE.match(name):
+        raise InputError(where, f"cell name {name!r} must be lowercase letters, digits, '.', '_' or '-' (it becomes a Docker tag)")
+    if not isinstance(spec, dict):
+        raise InputError(here, "must be a mapping", hint='e.g. {torch: "2.5.1", variant: cu124}')
+    unknown = sorted(set(spec) - CELL_KEYS)
+    if unknown:
+        raise InputError(here, f"unknown key(s) {', '.join(unknown)}", hint=f"allowed: {', '.join(sorted(CELL_KEYS))}")
+    full = {
+        "python": str(defaults.get("python", "3.11")),
+        "source": defaults.get("source", "index"),
+        "device": defaults.get("device", "auto"),
+        **{k: (str(v) if k in ("torch", "python") else v) for k, v in spec.items()},
+    }
+    reason = validate(name, full, compat)
+    if reason:
+        raise InputError(here, reason)
+    variant = str(full["variant"])
+    vinfo = compat.torch[full["torch"]]["variants"][variant] or {}
+    cuda = str(vinfo["cuda"]) if variant != "cpu" else None
+    cinfo = compat.cuda.get(cuda, {}) if cuda else {}
+    base = full.get("base_image") or (
+        cinfo.get("base_image") if cuda else str(defaults.get("cpu_base_image", "python:{python}-slim-bookworm"))
+    )
+    if not base:
+        raise InputError(here, "no base_image and compat.yaml has none for this CUDA", hint="set base_image")
+    return ImageCell(
+        name=name,
+        torch=full["torch"],
+        variant=variant,
+        cuda=cuda,
+        python=full["python"],
+        base_image=str(base).format(python=full["python"]),
+        source=full["source"],
+        index_url=f"{TORCH_INDEX}/{variant}",
+        min_driver=str(cinfo["min_driver"]) if cuda else None,
+        arch=tuple(str(a) for a in vinfo.get("arch", ())),
+        device=full["device"],
+        ptx=str(vinfo["ptx"]) if vinfo.get("ptx") else None,
+    )
+
+
+def parse_matrix(data: Any, compat: Compat, where: str = "images/matrix.yaml") -> list[ImageCell]:
+    """Check matrix data and resolve every cell (in file order)."""
+    if not isinstance(data, dict) or data.get("schema") != MATRIX_SCHEMA:
+        raise InputError(where, f"schema must be {MATRIX_SCHEMA}", hint=f"start the file with `schema: {MATRIX_SCHEMA}`")
+    cells = data.get("cells")
+    if not isinstance(cells, dict) or not cells:
+        raise InputError(where, "`cells` must be a non-empty mapping of name -> {torch, variant, ...}")
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise InputError(where, "`defaults` must be a mapping")
+    return [resolve_cell(str(name), spec, compat, defaults, where) for name, spec in cells.items()]
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError(str(path), "file not found", hint="pass an existing file (--matrix)") from None
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        at = f" at line {line + 1}" if line is not None else ""
+        raise InputError(str(path), f"not valid YAML{at}", hint="fix the syntax") from None
+
+
+def load_matrix(matrix_path: str | Path | None = None, compat_path: str | Path | None = None) -> list[ImageCell]:
+    """Load and validate the matrix (default: the repo's images/matrix.yaml + compat.yaml)."""
+    mpath = Path(matrix_path) if matrix_path else DEFAULT_MATRIX
+    cpath = Path(compat_path) if compat_path else DEFAULT_COMPAT
+    compat = parse_compat(_read_yaml(cpath), str(cpath))
+    return parse_matrix(_read_yaml(mpath), compat, str(mpath))
+
+
+def select(cells: list[ImageCell], names: list[str] | None) -> list[ImageCell]:
+    """The named cells in the order asked (all cells when ``names`` is empty)."""
+    if not names:
+        return list(cells)
+    by_name = {c.name: c for c in cells}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise InputError("--cells", f"unknown cell(s) {', '.join(unknown)}", hint=f"known: {', '.join(by_name)}")
+    seen: dict[str, ImageCell] = {}
+    for n in names:
+        seen.setdefault(n, by_name[n])
+    return list(seen.values())
+
+
+def apply_base_images(cells: list[ImageCell], overrides: dict[str, str]) -> list[ImageCell]:
+    """Substitute base images: key ``"*"`` applies to every cell, a cell name wins over it."""
+    known = {c.name for c in cells}
+    unknown = sorted(k for k in overrides if k != "*" and k not in known)
+    if unknown:
+        raise InputError("--base-image", f"unknown cell(s) {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
+    out = []
+    for c in cells:
+        base = overrides.get(c.name) or overrides.get("*")
+        out.append(replace(c, base_image=base) if base else c)
+    return out
+
+
+def parse_site_config(data: Any, where: str) -> dict[str, Any]:
+    """Check a site config: ``{base_images: {"*": IMAGE, CELL: IMAGE}}``."""
+    if data is None:
+        return {"base_images": {}}
+    if not isinstance(data, dict):
+        raise InputError(where, "must be a mapping", hint='e.g. base_images: {"*": local/debian-py:bookworm}')
+    unknown = sorted(set(data) - {"base_images"})
+    if unknown:
+        raise InputError(where, f"unknown key(s) {', '.join(unknown)}", hint="allowed: base_images")
+    bases = data.get("base_images") or {}
+    if not isinstance(bases, dict) or not all(isinstance(v, str) and v for v in bases.values()):
+        raise InputError(where, "base_images must map a cell name or \"*\" to an image name")
+    return {"base_images": {str(k): v for k, v in bases.items()}}
+
+
+def load_site_config(path: str | Path) -> dict[str, Any]:
+    """Read a per-host site config (YAML) such as ``base_images: {"*": local/debian-py:bookworm}``."""
+    return parse_site_config(_read_yaml(Path(path)), str(path))
+
+
+# ----------------------------------------------------------------------------- host
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", str(text)))
+
+
+def _runs_on(cell: ImageCell, capability: str) -> bool:
+    # CUDA binary compatibility: an sm_XY cubin runs on X.Z with Z >= Y (same major);
+    # embedded PTX is JIT-compiled for any newer GPU.
+    cap = _version(capability)
+    if len(cap) < 2:
+        return False
+    for a in cell.arch:
+        av = _version(a)
+        if av[:1] == cap[:1] and av <= cap:
+            return True
+    return bool(cell.ptx) and _version(cell.ptx) <= cap
+
+
+def host_skip_reason(cell: ImageCell, host: dict[str, Any]) -> str | None:
+    """Why this host cannot run the cell's CUDA build on its GPU, or None.
+
+    A CUDA cell on a host without GPUs is not skipped: CUDA wheels run on the CPU.
+    """
+    gpus = host.get("gpus") or []
+    if not cell.is_cuda or not gpus:
+        return None
+    driver = host.get("driver")
+    if driver and cell.min_driver and _version(driver) < _version(cell.min_driver):
+        return f"driver {driver} is older than {cell.min_driver}, the minimum for CUDA {cell.cuda}"
+    caps = [str(g.get("capability")) for g in gpus if g.get("capability")]
+    if caps and not any(_runs_on(cell, c) for c in caps):
+        names = ", ".join(f"{g.get('name', 'GPU')} ({g.get('capability')})" for g in gpus)
+        archs = ", ".join(cell.arch) + (f" + PTX {cell.ptx}" if cell.ptx else "")
+        return f"no GPU here matches the wheel's archs [{archs}]: {names}"
+    return None
+
+
+def effective_device(cell: ImageCell, host: dict[str, Any]) -> str:
+    """``cuda`` when the cell may use a GPU of this host, else ``cpu``."""
+    if cell.device == "cpu" or not cell.is_cuda or not host.get("gpus"):
+        return "cpu"
+    return "cuda"
+
+
+def parse_nvidia_smi(text: str) -> dict[str, Any]:
+    """Host facts from ``nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader``."""
+    gpus, driver = [], None
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 3 or not parts[0]:
+            continue
+        gpus.append({"name": parts[0], "capability": parts[1] if re.match(r"^\d+\.\d+$", parts[1]) else None})
+        driver = driver or parts[2]
+    return {"driver": driver, "gpus": gpus}
+
+
+def detect_host() -> dict[str, Any]:
+    """This machine's NVIDIA driver and GPUs (no GPUs when ``nvidia-smi`` is absent or fails)."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return {"driver": None, "gpus": []}
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"driver": None, "gpus": []}
+    return parse_nvidia_smi(out)
+
+
+def names(cells: Iterable[ImageCell]) -> list[str]:
+    """Cell names, in order."""
+    return [c.name for c in cells]

@@ -1,0 +1,103 @@
+"""Real images: build the two offline cells from wheelhouses, run them, rebuild nothing.
+
+Needs a Docker engine, the base image and the wheelhouses (see tests/conftest.py);
+the first run builds about 7 GB of images (several minutes), later runs reuse them
+because tags are content-addressed. Images are kept on purpose; containers are removed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from harness.imagebuild import BaseImageMissing, BuiltImage, ensure_images, plan_build
+from harness.matrix import REPO_ROOT, apply_base_images, load_matrix, select
+
+pytestmark = pytest.mark.docker
+
+CELLS = {"cpu-torch2.13": "2.13.0+cpu", "cu130-torch2.14": "2.14.1+cu130"}
+PROBE = (
+    "import os, sys, torch; "
+    "print(torch.__version__, os.getuid(), os.path.exists('/wheels'), sys.executable, "
+    "torch.nn.Linear(2, 1)(torch.ones(1, 2)).shape[-1])"
+)
+
+
+@pytest.fixture(scope="module")
+def plans(wheelhouse_root, base_image):
+    cells = apply_base_images(select(load_matrix(), list(CELLS)), {"*": base_image})
+    return [plan_build(c, REPO_ROOT, wheelhouse_root / c.name) for c in cells]
+
+
+@pytest.fixture(scope="module")
+def built(docker_client, plans):
+    start = time.monotonic()
+    res = ensure_images(docker_client, plans)
+    print(f"\nensure_images (first): {time.monotonic() - start:.1f}s "
+          + ", ".join(f"{k}: {'built' if getattr(v, 'built', False) else v} {getattr(v, 'seconds', 0):.1f}s"
+                      for k, v in res.items()))
+    return res
+
+
+def test_images_build_offline(built, plans, docker_client):
+    for plan in plans:
+        img = built[plan.cell.name]
+        assert isinstance(img, BuiltImage), f"{plan.cell.name}: {img}"
+        labels = docker_client.images.get(plan.tag).labels
+        assert labels["org.harness.cell"] == plan.cell.name
+        assert labels["org.harness.input-hash"] == plan.input_hash
+        assert docker_client.images.get(plan.alias).id == img.id  # the compose alias
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_image_runs_torch_as_non_root_without_network(built, plans, docker_client, cell):
+    plan = next(p for p in plans if p.cell.name == cell)
+    out = docker_client.containers.run(
+        plan.tag, entrypoint=["python", "-c", PROBE], network_mode="none", remove=True,
+    ).decode().split()
+    version, uid, has_wheels, exe, width = out
+    assert version == CELLS[cell]
+    assert uid == "10001"
+    assert has_wheels == "False"  # the wheels stayed in the builder stage
+    assert exe == "/opt/venv/bin/python" and width == "1"
+
+
+def test_second_ensure_builds_nothing(built, plans, docker_client):
+    start = time.monotonic()
+    again = ensure_images(docker_client, plans)
+    took = time.monotonic() - start
+    print(f"\nensure_images (warm): {took:.2f}s")
+    assert all(isinstance(r, BuiltImage) and not r.built for r in again.values())
+    assert {r.id for r in again.values()} == {r.id for r in built.values()}
+    assert took < 30
+
+
+def test_missing_base_image_is_refused_without_pulling(docker_client, wheelhouse_root):
+    cell = apply_base_images(select(load_matrix(), ["cpu-torch2.13"]), {"*": "harness-test/absent-base:0"})[0]
+    res = ensure_images(docker_client, [plan_build(cell, REPO_ROOT, wheelhouse_root / cell.name)])
+    assert isinstance(res[cell.name], BaseImageMissing)
+    assert "harness-test/absent-base:0" in str(res[cell.name])
+
+
+def test_failed_build_carries_the_log_tail_and_others_still_build(docker_client, base_image, wheelhouse_root, plans):
+    import io
+
+    from harness.imagebuild import BuildFailed
+
+    broken = "harness-test/nopython:0"
+    docker_client.images.build(
+        fileobj=io.BytesIO(f"FROM {base_image}\nRUN rm -f /usr/bin/python3.11 /usr/bin/python3\n".encode()),
+        tag=broken, rm=True,
+    )
+    try:
+        cell = apply_base_images(select(load_matrix(), ["cpu-torch2.13"]), {"*": broken})[0]
+        bad = plan_build(cell, REPO_ROOT, wheelhouse_root / cell.name)
+        res = ensure_images(docker_client, [bad, plans[1]])
+        err = res["cpu-torch2.13"]
+        assert isinstance(err, BuildFailed) and err.tag == bad.tag
+        assert any("lacks python3.11" in line for line in err.log_tail)
+        assert "step 5/" in str(err) and "exited with code 1" in str(err)
+        assert isinstance(res["cu130-torch2.14"], BuiltImage)
+    finally:
+        docker_client.images.remove(broken, force=True)
