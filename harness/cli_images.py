@@ -124,9 +124,9 @@ def wheelhouse_values(args: argparse.Namespace) -> list[str]:
 
 
 def _console(stderr: bool = False) -> Any:
-    from rich.console import Console
+    from harness.cli import _console as console
 
-    return Console(stderr=stderr, highlight=False)
+    return console(stderr=stderr)
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -249,6 +249,47 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def stale_tags(image_tags: dict[str, list[str]], current: set[str], cells: set[str]) -> list[str]:
+    """Content-addressed tags ``harness:<cell>-<hash>`` of the given cells that no current plan produces (pure).
+
+    ``image_tags`` maps image id -> its tags. An image whose tags include a
+    current one is kept whole (its ``harness:<cell>`` alias included).
+    """
+    stale = []
+    for tags in image_tags.values():
+        if any(t in current for t in tags):
+            continue
+        for t in tags:
+            repo, _, name = t.partition(":")
+            cell, _, digest = name.rpartition("-")
+            if repo == imagebuild.REPOSITORY and cell in cells and len(digest) == 12:
+                stale.append(t)
+    return sorted(stale)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Remove outdated content-addressed images of the selected cells (each code change leaves one)."""
+    cells = load_cells(args)
+    wh = wheelhouse_dirs(wheelhouse_values(args), cells)
+    current = set()
+    for c in cells:
+        try:
+            current.add(imagebuild.plan_build(c, REPO_ROOT, wh.get(c.name)).tag)
+        except HarnessError:
+            continue  # without its wheelhouse the current tag is unknown: keep that cell's images
+    known = {c.name for c in cells if any(t.startswith(f"{imagebuild.REPOSITORY}:{c.name}-") for t in current)}
+    client = docker_client()
+    images = {img.id: list(img.tags) for img in client.images.list(name=imagebuild.REPOSITORY)}
+    stale = stale_tags(images, current, known)
+    out = _console()
+    for tag in stale:
+        if not args.dry_run:
+            client.images.remove(tag, noprune=False)
+        out.print(f"{'would remove' if args.dry_run else 'removed'} {tag}")
+    out.print(f"{len(stale)} outdated image tag(s); kept {len(current)} current")
+    return EXIT_OK
+
+
 def cmd_wheelhouse(args: argparse.Namespace) -> int:
     """pip-download each selected cell's wheels into DEST/<cell>."""
     cells = matrix.select(matrix.load_matrix(args.matrix, args.compat), split_cells(args.cells))
@@ -262,7 +303,7 @@ def cmd_wheelhouse(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``images {list,build,compose,wheelhouse}`` to the main CLI's subparsers."""
     images = subparsers.add_parser("images", help="list, build and compose the matrix images")
-    sub = images.add_subparsers(dest="images_command", metavar="{list,build,compose,wheelhouse}")
+    sub = images.add_subparsers(dest="images_command", metavar="{list,build,compose,prune,wheelhouse}")
     sub.required = True
 
     p = sub.add_parser("list", help="cells, pins, base images, built or missing, skips on this host")
@@ -279,6 +320,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=COMPOSE_FILE, help="default: compose.yaml at the repo root")
     p.add_argument("--check", action="store_true", help="exit 1 when the file differs from what would be written")
     p.set_defaults(func=cmd_compose)
+
+    p = sub.add_parser("prune", help="remove harness images that no selected cell's current inputs produce")
+    _common(p)
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("wheelhouse", help="pip-download the wheels of cells for offline builds")
     p.add_argument("--matrix", type=Path, default=None)

@@ -17,12 +17,19 @@ HEADER = (
     "# Check it is current with `harness images compose --check`.\n"
     "# Images are the stable aliases harness:<cell> that `harness images build` tags.\n"
     "# HARNESS_BUNDLE: the optuna_best bundle to retrain (mounted read-only);\n"
-    "# HARNESS_RESULTS: where each cell writes its result record (one subdir per cell).\n"
+    "# HARNESS_DATA_DIR / HARNESS_DATA_FILE: the directory and name of its dataset (read-only);\n"
+    "# HARNESS_RESULTS: where each cell writes its result record (one subdir per cell, which\n"
+    "# must exist and be writable by HARNESS_UID:HARNESS_GID, default the image's 10001).\n"
+    "#   mkdir -p harness-results/cpu-torch2.13\n"
+    "#   HARNESS_UID=$(id -u) HARNESS_GID=$(id -g) docker-compose run --rm cpu-torch2.13\n"
     "# CUDA services reserve every GPU; on a host without the NVIDIA runtime run the\n"
     "# cpu services, or `harness matrix`, which falls back to the CPU by itself.\n"
 )
 BUNDLE = "${HARNESS_BUNDLE:-./examples/optuna_best}"
 RESULTS = "${HARNESS_RESULTS:-./harness-results}"
+DATA_DIR = "${HARNESS_DATA_DIR:-./examples/data}"
+DATA_FILE = "${HARNESS_DATA_FILE:-signals.npz}"
+USER = "${HARNESS_UID:-10001}:${HARNESS_GID:-10001}"
 
 
 def _tag(cell: ImageCell, tags: Mapping[str, Any] | None) -> str:
@@ -37,14 +44,16 @@ def service(cell: ImageCell, image: str) -> dict[str, Any]:
     device = "cuda" if cell.is_cuda and cell.device != "cpu" else "cpu"
     svc: dict[str, Any] = {
         "image": image,
+        "user": USER,
         "network_mode": "none",
         "read_only": True,
         "tmpfs": ["/tmp"],
-        "volumes": [f"{BUNDLE}:/harness/bundle:ro", f"{RESULTS}/{cell.name}:/harness/out"],
+        "volumes": [f"{BUNDLE}:/harness/bundle:ro", f"{DATA_DIR}:/harness/data:ro",
+                    f"{RESULTS}/{cell.name}:/harness/out"],
         "environment": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONHASHSEED": "0"},
         "labels": {"org.harness.cell": cell.name},
-        "command": ["--bundle", "/harness/bundle", "--out", "/harness/out", "--cell", cell.name,
-                    "--device", device],
+        "command": ["--bundle", "/harness/bundle", "--data", f"/harness/data/{DATA_FILE}", "--out", "/harness/out",
+                    "--cell", cell.name, "--device", device],
     }
     if device == "cuda":
         svc["deploy"] = {"resources": {"reservations": {"devices": [

@@ -71,6 +71,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; records are meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -29,10 +29,12 @@ def test_cuda_service_reserves_gpus_and_runs_on_cuda():
     assert s["deploy"]["resources"]["reservations"]["devices"] == [
         {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
     ]
-    assert s["command"] == ["--bundle", "/harness/bundle", "--out", "/harness/out",
-                            "--cell", "cu124-torch2.5", "--device", "cuda"]
+    assert s["command"] == ["--bundle", "/harness/bundle", "--data", "/harness/data/${HARNESS_DATA_FILE:-signals.npz}",
+                            "--out", "/harness/out", "--cell", "cu124-torch2.5", "--device", "cuda"]
     assert s["volumes"] == ["${HARNESS_BUNDLE:-./examples/optuna_best}:/harness/bundle:ro",
+                            "${HARNESS_DATA_DIR:-./examples/data}:/harness/data:ro",
                             "${HARNESS_RESULTS:-./harness-results}/cu124-torch2.5:/harness/out"]
+    assert s["user"] == "${HARNESS_UID:-10001}:${HARNESS_GID:-10001}"
     assert s["environment"] == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONHASHSEED": "0"}
 
 

@@ -176,3 +176,29 @@ def test_ctrl_c_removes_the_containers(matrix_run, docker_client, wheelhouse_roo
     left = docker_client.containers.list(all=True, filters={"label": "org.harness.cell=cpu-torch2.13"})
     assert left == [], [c.name for c in left]
     assert "interrupted" in err
+
+
+def test_compose_runs_a_cell_without_the_harness(matrix_run, tmp_path: Path) -> None:
+    """`docker-compose run` on the committed compose.yaml: the same single rerun, no harness CLI."""
+    import shutil
+
+    from .conftest import REPO
+
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("docker-compose is required under CI=true (.ci/run installs it)")
+        pytest.skip("docker-compose not installed")
+    results = tmp_path / "results"
+    (results / "cpu-torch2.13").mkdir(parents=True)
+    env = dict(os.environ, HARNESS_BUNDLE=str(matrix_run["bundle"]), HARNESS_DATA_DIR=str(matrix_run["bundle"].parent / "data"),
+               HARNESS_RESULTS=str(results), HARNESS_UID=str(os.getuid() or 10001), HARNESS_GID=str(os.getgid() or 10001))
+    if os.getuid() == 0:
+        os.chmod(results / "cpu-torch2.13", 0o777)
+    p = subprocess.run([exe, "-f", str(REPO / "compose.yaml"), "run", "--rm", "cpu-torch2.13"], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rec = json.loads((results / "cpu-torch2.13" / "record.json").read_text())
+    assert rec["status"] == "ok" and rec["env"]["torch"] == "2.13.0+cpu" and rec["env"]["in_container"]
+    assert rec["determinism"]["PYTHONHASHSEED"] == "0" and rec["env"]["net_interfaces"] == ["lo"]
+    assert all(v["diff"] == 0 for v in rec["delta_vs_recorded"].values())

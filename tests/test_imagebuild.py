@@ -355,3 +355,18 @@ def test_cli_build_reports_a_failure_and_builds_the_rest(tmp_path, monkeypatch, 
     args = parser.parse_args(["images", "build", "--cells", "cpu-torch2.13"])
     with pytest.raises(InputError, match="none was given"):
         args.func(args)
+
+
+def test_stale_tags_keeps_current_and_aliases():
+    from harness.cli_images import stale_tags
+
+    images = {
+        "sha256:new": ["harness:cpu-torch2.13-aaaaaaaaaaaa", "harness:cpu-torch2.13"],
+        "sha256:old": ["harness:cpu-torch2.13-bbbbbbbbbbbb"],
+        "sha256:other": ["harness:cu130-torch2.14-cccccccccccc"],
+        "sha256:foreign": ["harness:mine"],
+    }
+    current = {"harness:cpu-torch2.13-aaaaaaaaaaaa"}
+    assert stale_tags(images, current, {"cpu-torch2.13"}) == ["harness:cpu-torch2.13-bbbbbbbbbbbb"]
+    # a cell whose current tag is unknown keeps all its images
+    assert stale_tags(images, current, set()) == []

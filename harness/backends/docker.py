@@ -124,7 +124,7 @@ class DockerBackend(Backend):
         self.plans = plans  # cell name -> imagebuild.BuildPlan
         self.gpus = gpus
         self.memory = memory
-        self.built: dict[str, Any] = {}
+        self.images: dict[str, dict[str, Any]] = {}  # cell name -> image info, filled by prepare() or use_image()
         self.run_id = f"{os.getpid()}-{int(time.time())}"
         self._running: list[Any] = []
 
@@ -152,11 +152,11 @@ class DockerBackend(Backend):
             if isinstance(r, HarnessError):
                 failures[c.name] = r
             elif r is not None:
-                self.built[c.name] = r
+                self.images[c.name] = self.describe(c, r)
         return failures
 
-    def image_info(self, cell: Cell) -> dict[str, Any]:
-        built = self.built[cell.name]
+    def describe(self, cell: Cell, built: Any) -> dict[str, Any]:
+        """The image facts a record carries (what ran, not what was asked for)."""
         plan = self.plans[cell.image.name]
         img = self.client.images.get(built.id)
         return {
@@ -166,6 +166,13 @@ class DockerBackend(Backend):
             "source": plan.buildargs.get("INSTALL_SOURCE"), "size_bytes": img.attrs.get("Size"),
             "built_seconds": built.seconds if built.built else None,
         }
+
+    def use_image(self, cell_name: str, info: dict[str, Any]) -> None:
+        """Run ``cell_name`` in an image that is already in the engine (e.g. loaded from a snapshot).
+
+        ``info`` needs at least ``id`` and ``tag``; it is stored in the record as is.
+        """
+        self.images[cell_name] = dict(info)
 
     def run(self, cell: Cell, job: Job, on_event: EventFn | None = None) -> dict[str, Any]:
         import docker.errors
@@ -178,7 +185,7 @@ class DockerBackend(Backend):
         stale = out / "record.json"
         if stale.exists():
             stale.unlink()
-        info = self.image_info(cell)
+        info = self.images[cell.name]
         atomic_write_text(out / "spec.json", container_run_spec(cell, job, info).to_json())
         os.chmod(out / "spec.json", 0o644)
         tail: deque[str] = deque(maxlen=40)

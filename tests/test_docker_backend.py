@@ -1,0 +1,69 @@
+"""What a container gets, as plain data (no engine needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.backends.base import Cell, Job
+from harness.backends.docker import container_run_spec, container_spec, exit_reason, gpu_request
+from harness.errors import InputError
+
+
+def job(tmp_path: Path, trainer: bool = False) -> Job:
+    return Job(bundle_dir=str(tmp_path / "b"), data_path=str(tmp_path / "d" / "signals.npz"), results_dir=str(tmp_path / "r"),
+               trainer="m:f" if trainer else None, trainer_path=str(tmp_path / "code") if trainer else None)
+
+
+def mounts(spec: dict) -> dict[str, tuple[str, bool]]:
+    return {m["Target"]: (m["Source"], m["ReadOnly"]) for m in spec["mounts"]}
+
+
+def test_strict_cpu_cell(tmp_path: Path) -> None:
+    spec = container_spec(Cell("c", device="cpu", threads=2), job(tmp_path), "sha256:abc", run_id="r1")
+    assert spec["image"] == "sha256:abc" and spec["network_mode"] == "none" and spec["read_only"] is True
+    assert spec["command"] == ["--spec", "/harness/out/spec.json"]
+    m = mounts(spec)
+    assert m["/harness/bundle"] == (str(tmp_path / "b"), True)
+    assert m["/harness/data/signals.npz"] == (str(tmp_path / "d" / "signals.npz"), True)
+    assert m["/harness/out"] == (str(tmp_path / "r" / "c"), False)
+    env = spec["environment"]
+    assert env["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and env["PYTHONHASHSEED"] == "0"
+    assert env["OMP_NUM_THREADS"] == "2"
+    assert "device_requests" not in spec and "user" not in spec
+    assert spec["labels"]["org.harness.run"] == "r1"
+
+
+def test_default_mode_unsets_the_baked_in_variables(tmp_path: Path) -> None:
+    env = container_spec(Cell("c", determinism="default"), job(tmp_path), "img")["environment"]
+    assert env["CUBLAS_WORKSPACE_CONFIG"] == "" and env["PYTHONHASHSEED"] == "random"
+
+
+def test_cuda_cell_requests_gpus(tmp_path: Path) -> None:
+    spec = container_spec(Cell("g", device="cuda"), job(tmp_path), "img", gpus="0,1", memory="8g", host_uid=1000)
+    (req,) = spec["device_requests"]
+    assert req["DeviceIDs"] == ["0", "1"] and req["Capabilities"] == [["gpu"]]
+    assert spec["mem_limit"] == "8g" and spec["user"].startswith("1000:")
+    assert container_spec(Cell("g", device="cuda"), job(tmp_path), "img", gpus="none").get("device_requests") == []
+
+
+def test_gpu_request_forms() -> None:
+    assert gpu_request("all")[0]["Count"] == -1
+    assert gpu_request("none") == []
+    with pytest.raises(InputError):
+        gpu_request(",")
+
+
+def test_trainer_code_is_mounted_read_only(tmp_path: Path) -> None:
+    j = job(tmp_path, trainer=True)
+    assert mounts(container_spec(Cell("c"), j, "img"))["/harness/trainer"] == (str(tmp_path / "code"), True)
+    rs = container_run_spec(Cell("c"), j, {"id": "sha256:x"})
+    assert rs.trainer == "m:f" and rs.trainer_path == "/harness/trainer"
+    assert rs.bundle_dir == "/harness/bundle" and rs.data_path == "/harness/data/signals.npz" and rs.backend == "docker"
+
+
+def test_exit_reasons() -> None:
+    assert "OOM-killed" in exit_reason(137, True, "48m") and "48m" in exit_reason(137, True, "48m")
+    assert "SIGKILL" in exit_reason(137, False, None)
+    assert exit_reason(1, False, None) == "container exited with status 1"
