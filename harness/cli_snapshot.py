@@ -1,0 +1,428 @@
+"""`harness snapshot ...` and `harness rerun`: archive a run's environment, check it, rerun it offline.
+
+Wired into the main CLI by ``harness.cli`` through :func:`register`::
+
+    harness snapshot OPTUNA_BEST --cell CELL -o FILE [--results DIR] [--no-data]
+    harness snapshot verify FILE
+    harness snapshot rebuild FILE --wheelhouse DIR [--base-image IMAGE]
+    harness rerun FILE [--out DIR] [--json F] [--markdown F] [--tol ...] [--data FILE]
+
+Each command reads as its steps; the container format lives in :mod:`harness.snapshot`.
+Handlers return an exit code and raise :class:`~harness.errors.HarnessError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from . import snapshot as snap
+from .errors import EXIT_OK, EXIT_RUN_FAILED, InputError, RunFailed, UsageError
+
+ACTIONS = ("verify", "rebuild")
+
+
+# ----------------------------------------------------------------------------- wiring
+
+
+def register(subparsers: Any) -> None:
+    """Add ``snapshot`` and ``rerun`` to the main CLI's subparsers."""
+    from .cli import _add_docker
+
+    p = subparsers.add_parser(
+        "snapshot", help="archive a run's image, recipe, bundle, data and records in one file (or verify/rebuild one)",
+        description="harness snapshot OPTUNA_BEST --cell CELL -o FILE | snapshot verify FILE | "
+                    "snapshot rebuild FILE --wheelhouse DIR",
+    )
+    p.add_argument("target", metavar="OPTUNA_BEST|verify|rebuild", help="the bundle to snapshot, or an action")
+    p.add_argument("archive", nargs="?", metavar="FILE", help="verify/rebuild: the snapshot file")
+    p.add_argument("--cell", help="the matrix cell whose image and run are archived")
+    p.add_argument("-o", "--output", metavar="FILE", help="the snapshot to write, e.g. run-2026-11.harness.tar")
+    p.add_argument("--results", metavar="DIR", help="archive the run recorded in DIR/<cell>/record.json instead of running now")
+    p.add_argument("--no-data", action="store_true", help="archive only the data file's sha256 and path, not the file")
+    p.add_argument("--data", help="dataset file (overrides config.yaml data.path)")
+    p.add_argument("--out", help="results directory of the run made now (default: harness-results/<bundle>-<time>)")
+    p.add_argument("--keep", action="store_true", help="rebuild: keep the rebuilt image in the engine")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_docker(p)
+    p.set_defaults(func=cmd_snapshot)
+
+    r = subparsers.add_parser("rerun", help="verify a snapshot, load its image, rerun the retrain offline and compare")
+    r.add_argument("archive", metavar="SNAPSHOT", help="a file written by `harness snapshot`")
+    r.add_argument("--data", help="the data file, for snapshots made with --no-data (its sha256 is checked)")
+    r.add_argument("--out", help="results directory (default: harness-results/rerun-<cell>-<time>)")
+    r.add_argument("--json", dest="json_out", metavar="FILE", help="write both records plus the comparison as JSON")
+    r.add_argument("--markdown", metavar="FILE", help="write a Markdown table")
+    r.add_argument("--tol", action="append", default=[], metavar="METRIC=abs:X[,rel:Y]")
+    r.add_argument("--tolerances", metavar="FILE")
+    r.add_argument("--gpus", default="all", help="GPUs to request when the archived run used CUDA: all, none, or ids")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_rerun)
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    if args.target in ACTIONS and args.archive:
+        return {"verify": cmd_verify, "rebuild": cmd_rebuild}[args.target](args)
+    if args.target in ACTIONS and not Path(args.target).is_dir():
+        raise UsageError(f"harness snapshot {args.target} needs the snapshot FILE",
+                         hint=f"e.g. `harness snapshot {args.target} run.harness.tar`")
+    if args.archive:
+        raise UsageError(f"unexpected argument {args.archive!r}",
+                         hint="harness snapshot OPTUNA_BEST --cell CELL -o FILE, or snapshot verify|rebuild FILE")
+    return cmd_create(args)
+
+
+def _say(text: str) -> None:
+    from .cli import _console
+
+    _console(stderr=True).print(f"[dim]{text}[/dim]")
+
+
+# ----------------------------------------------------------------------------- snapshot
+
+
+def _archived_run(args: argparse.Namespace, plan: Any, bundle: Any, tol: Any) -> dict[str, Any]:
+    """The record to archive: from --results DIR, or from running the cell now."""
+    from . import cli
+    from .backends.base import Job
+    from .record import load_records
+
+    cell = plan.cells[0]
+    if args.results:
+        path = Path(args.results) / args.cell / "record.json"
+        if not path.is_file():
+            raise InputError(str(path), "not found",
+                             hint=f"pass the results directory of a run of cell {args.cell}, or drop --results to run now")
+        (rec,) = load_records([path])
+        if rec.get("status") != "ok":
+            raise InputError(str(path), f"records a failed run ({(rec.get('error') or {}).get('message', 'error')})",
+                             hint="archive a run that succeeded")
+        build = plan.backend.plans[args.cell]
+        if not snap.image_exists(plan.backend.client, build.tag):
+            raise InputError(f"cell {args.cell}", f"its image {build.tag} is not in the engine",
+                             hint=f"build it with `harness images build --cells {args.cell}`, or drop --results")
+        current = plan.backend.client.images.get(build.tag).id
+        ran = (rec.get("image") or {}).get("id")
+        if ran != current:
+            raise InputError(str(path), f"was run in image {ran}, but cell {args.cell}'s image {build.tag} is {current}",
+                             hint="snapshot a run made with this image, or drop --results to run the cell now")
+        return rec
+    out = cli.results_dir(args, bundle)
+    out.mkdir(parents=True, exist_ok=True)
+    job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, results_dir=str(out))
+    records = cli.run_cells(plan, job, progress=not args.no_progress)
+    cli.render(args, records, out, tol)
+    rec = next(r for r in records if r.get("cell") == cell.name)
+    if rec.get("status") != "ok":
+        raise RunFailed(f"cell {args.cell} failed, nothing was archived: {(rec.get('error') or {}).get('message')}")
+    return rec
+
+
+def _recipe_matches(client: Any, build: Any, image: Any, sources_tar: bytes) -> bool:
+    """Whether this checkout's Dockerfile, build args, wheels and lock, with the harness source
+    taken from the image itself, hash to the image's recorded input hash."""
+    from . import imagebuild
+
+    files = snap.tar_bytes_files(sources_tar)
+    digest = imagebuild.input_hash(build.dockerfile.encode(), build.buildargs, build.wheels, files, build.lock)
+    return digest == (image.labels or {}).get(imagebuild.LABEL_HASH)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    """Steps: check input -> resolve the cell -> the run (now or from --results) -> gather -> write."""
+    from . import cli
+
+    if not args.cell:
+        raise UsageError("harness snapshot needs --cell CELL (the matrix cell to archive)",
+                         hint="e.g. --cell cpu-torch2.13; `harness images list` shows the cells")
+    if not args.output:
+        raise UsageError("harness snapshot needs -o FILE (where to write the archive)", hint="e.g. -o run.harness.tar")
+    output = Path(args.output)
+    if output.is_dir():
+        raise InputError(str(output), "is a directory", hint="pass a file name, e.g. run.harness.tar")
+    args.bundle, args.trainer, args.trainer_path = args.target, None, None
+    args.repeats = 1
+    tol = cli.load_tolerances(args)
+    bundle, pre = cli.load_and_check(args)
+    if bundle.trainer and bundle.trainer.code_dir and not Path(bundle.trainer.code_dir).resolve().is_relative_to(Path(bundle.root)):
+        raise InputError(str(bundle.root), f"its trainer code {bundle.trainer.code_dir} lies outside the bundle and would not be archived",
+                         hint="move the trainer's code_dir into the optuna_best directory")
+    plan = cli.plan_docker(args, [args.cell])
+    if plan.skipped:
+        raise InputError(f"cell {args.cell}", f"cannot run on this host: {plan.skipped[0].skip_reason}")
+    if not plan.cells:
+        raise UsageError(f"cell {args.cell} resolves to nothing to run")
+    if args.cell in plan.failures or plan.cells[0].name in plan.failures:
+        raise plan.failures.get(args.cell) or plan.failures[plan.cells[0].name]
+    build = plan.backend.plans[args.cell]
+    rec = _archived_run(args, plan, bundle, tol)
+    t0 = time.perf_counter()
+    client = plan.backend.client
+    image_id = rec["image"]["id"]
+    image = client.images.get(image_id)
+    tag = rec["image"].get("tag") if rec["image"].get("tag") in image.tags else (image.tags[0] if image.tags else None)
+    data_path = Path(bundle.data.resolved)
+    data_sha = snap.sha256_file(data_path)
+    if rec.get("data_sha256") and rec["data_sha256"] != data_sha:
+        raise InputError(str(data_path), f"hashes to {data_sha[:12]}…, but the archived run trained on {rec['data_sha256'][:12]}…",
+                         hint="point --data at the file that run used")
+    sources_tar = snap.image_files(client, image_id, snap.IMAGE_SOURCES_PATH)
+    recipe_ok = _recipe_matches(client, build, image, sources_tar)
+    if not recipe_ok:
+        cli._console(stderr=True).print(
+            f"[yellow]! the Dockerfile/lock/build args of this checkout do not hash to image {tag}'s input hash; "
+            "`snapshot rebuild` of this archive may differ[/yellow]")
+    host = snap.host_facts()
+    environment = {
+        "env": rec.get("env"), "determinism": rec.get("determinism"), "image": rec.get("image"),
+        "image_config": {k: (image.attrs.get("Config") or {}).get(k) for k in ("Env", "Entrypoint", "User", "WorkingDir", "Labels")},
+        "spec": rec.get("spec"), "host": host,
+    }
+    manifest = {
+        "harness_version": snap.__version__, "created": snap.now_utc(), "cell": args.cell,
+        "cell_spec": asdict(build.cell),
+        "image": {"id": image_id, "tag": tag, "size": image.attrs.get("Size"),
+                  "repo_digests": image.attrs.get("RepoDigests") or [],
+                  "input_hash": (image.labels or {}).get("org.harness.input-hash")},
+        "build": {"recipe_matches_image": recipe_ok, "input_hash": build.input_hash},
+        "bundle": {"name": Path(bundle.root).name},
+        "data": {"file": data_path.name, "path": str(data_path), "config_path": bundle.data.path,
+                 "sha256": data_sha, "size": data_path.stat().st_size, "included": not args.no_data},
+        "record": {"cell": rec.get("cell"), "weights_sha256": rec.get("weights_sha256"), "status": rec.get("status")},
+        "host": host,
+    }
+    _say(f"writing {output} (image {tag}, {snap.human(image.attrs.get('Size'))})")
+    try:
+        with snap.SnapshotWriter(output) as w:
+            w.add_bytes(snap.RECORD, json.dumps(rec, indent=2, sort_keys=True).encode())
+            w.add_bytes(snap.ENVIRONMENT, json.dumps(environment, indent=2, sort_keys=True).encode())
+            w.add_bytes(snap.DOCKERFILE, build.dockerfile.encode())
+            w.add_bytes(snap.LOCK, build.lock.encode())
+            w.add_bytes(snap.BUILDARGS, json.dumps(build.buildargs, indent=2, sort_keys=True).encode())
+            w.add_bytes(snap.SOURCES, sources_tar)
+            w.add_tree(snap.BUNDLE, bundle.root, Path(bundle.root).name)
+            if not args.no_data:
+                w.add_file(snap.DATA, data_path)
+            w.add_chunks(snap.IMAGE, snap.save_chunks(client, image_id, tag))
+            w.finish(manifest)
+    except Exception as exc:  # the writer removed its partial file; say what failed in one line
+        raise snap.snapshot_error(exc) from exc
+    size = output.stat().st_size
+    cli._console().print(f"snapshot {output}: {snap.human(size)}, {len(w.members) + 1} members, cell {args.cell}, "
+                         f"image {image_id[:19]} ({tag}), written in {time.perf_counter() - t0:.1f}s")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from rich import box
+    from rich.table import Table
+
+    from .cli import _console
+
+    v = snap.verify(args.archive)
+    m = v.manifest
+    out = _console()
+    table = Table(box=box.SIMPLE_HEAD, title=f"{args.archive}: OK", title_justify="left")
+    for col in ("member", "stored", "content", "sha256"):
+        table.add_column(col, no_wrap=True, justify="right" if col in ("stored", "content") else "left")
+    for e in v.members:
+        table.add_row(e["name"], snap.human(e["size"]), snap.human(e.get("raw_size")), e["sha256"][:16] + "…")
+    out.print(table)
+    data = m.get("data") or {}
+    out.print(f"{len(v.members) + 1} members, {snap.human(v.total_size)} stored, verified in {v.seconds:.1f}s")
+    out.print(f"cell {m.get('cell')}, image {m['image']['id']} ({m['image'].get('tag')})")
+    out.print(f"created {m.get('created')} by harness {m.get('harness_version')}; data "
+              + ("included" if data.get("included") else f"not included (sha256 {str(data.get('sha256'))[:12]}…)"))
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- rerun
+
+
+def _data_for(args: argparse.Namespace, v: snap.Verified, tmp: Path) -> Path:
+    data = v.manifest["data"]
+    if data.get("included"):
+        if args.data:
+            raise UsageError("--data is only for snapshots made with --no-data; this one holds its data file")
+        return snap.extract_file(v.path, snap.DATA, tmp / "data" / data["file"])
+    if not args.data:
+        raise UsageError(f"this snapshot holds no data file (made with --no-data); pass --data FILE "
+                         f"(the original was {data.get('path')}, sha256 {data.get('sha256')})")
+    path = Path(args.data)
+    if not path.is_file():
+        raise InputError(str(path), "not found", hint=f"pass the data file the run used ({data.get('file')})")
+    got = snap.sha256_file(path)
+    if got != data.get("sha256"):
+        raise InputError(str(path), f"hashes to {got[:12]}…, the archived run trained on {str(data.get('sha256'))[:12]}…",
+                         hint=f"pass the original data file ({data.get('file')})")
+    return path.resolve()
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    """Steps: verify -> load the image -> extract bundle + data -> rerun offline -> compare -> render."""
+    from . import cli
+    from .backends.base import Cell, Job, Plan
+    from .backends.docker import DockerBackend, docker_client
+    from .bundle import load_bundle
+
+    tol = cli.load_tolerances(args)
+    v = snap.verify(args.archive)
+    m = v.manifest
+    _say(f"{args.archive}: {len(v.members) + 1} members verified in {v.seconds:.1f}s")
+    tmp = Path(tempfile.mkdtemp(prefix="harness-rerun-"))
+    try:
+        data_path = _data_for(args, v, tmp)
+        client = docker_client()
+        loaded = snap.load_image(client, v.path, m, _say)
+        if loaded["loaded"]:
+            _say(f"image {m['image']['id'][:19]} loaded in {loaded['seconds']:.1f}s")
+        bundle_dir = snap.extract_tree(v.path, snap.BUNDLE, tmp / "bundle") / m["bundle"]["name"]
+        load_bundle(bundle_dir, data_override=str(data_path))  # the archived bundle still validates here
+        archived = json.loads(snap.read_member(v.path, snap.RECORD))
+        cell_name = m["cell"]
+        archived["cell"] = f"{cell_name}@archived"
+        spec = archived.get("spec") or {}
+        cell = Cell(name=f"{cell_name}@rerun", device=spec.get("device") or "cpu",
+                    determinism=spec.get("determinism") or "strict", threads=spec.get("threads"),
+                    tf32=bool(spec.get("tf32")), labels=dict(archived.get("labels") or {}))
+        backend = DockerBackend(client, {}, gpus=args.gpus)
+        backend.use_image(cell.name, dict(archived.get("image") or {}, id=m["image"]["id"],
+                                          tag=m["image"].get("tag") or m["image"]["id"], snapshot=str(v.path)))
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path(args.out).resolve() if args.out else (Path.cwd() / "harness-results" / f"rerun-{cell_name}-{stamp}").resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        from .record import write_record
+
+        write_record(out / archived["cell"] / "record.json", archived)
+        job = Job(bundle_dir=str(bundle_dir), data_path=str(data_path), results_dir=str(out), trainer=spec.get("trainer"))
+        records = cli.run_cells(Plan(backend, [cell]), job, progress=not args.no_progress)
+        rc = cli.render(args, [archived, *records], out, tol)
+        rerun = records[0]
+        console = cli._console()
+        if rerun.get("status") == "ok":
+            same_w = rerun.get("weights_sha256") == archived.get("weights_sha256")
+            console.print(f"weights: {'bitwise identical to' if same_w else 'DIFFER from'} the archived run's "
+                          f"({str(rerun.get('weights_sha256'))[:16]}…)")
+            now = dict(snap.host_facts(), cpu=(rerun.get("env") or {}).get("cpu"))
+            then = dict(m.get("host") or {}, cpu=(archived.get("env") or {}).get("cpu"))
+            diffs = snap.host_differences(then, now)
+            console.print("host: differs from the archived run's: " + "; ".join(diffs) if diffs
+                          else f"host: same as the archived run's ({now.get('hostname')}, {now.get('cpu')})")
+        return rc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- rebuild
+
+
+_LOCK_LINE = re.compile(r"^([A-Za-z0-9_.-]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})+)\s*$")
+
+
+def lock_entries(lock: str) -> list[tuple[str, str, set[str]]]:
+    """``(name, version, {sha256, ...})`` for every pinned line of a requirements lock."""
+    out = []
+    for line in lock.splitlines():
+        mt = _LOCK_LINE.match(line.strip())
+        if mt:
+            out.append((mt.group(1), mt.group(2), set(re.findall(r"sha256:([0-9a-f]{64})", mt.group(3)))))
+    return out
+
+
+def _wheelhouse_for(args: argparse.Namespace, cell: Any) -> Path:
+    from . import cli_images
+
+    values = cli_images.wheelhouse_values(args)
+    if not values:
+        raise UsageError("harness snapshot rebuild needs --wheelhouse DIR (the wheels the lock pins)")
+    if len(values) == 1 and "=" not in values[0] and any(Path(values[0]).glob("*.whl")):
+        return Path(values[0])
+    dirs = cli_images.wheelhouse_dirs(values, [cell])
+    if cell.name not in dirs:
+        raise InputError("--wheelhouse", f"holds no wheels for cell {cell.name}",
+                         hint=f"pass a directory of wheels, DIR with a {cell.name}/ subdirectory, or {cell.name}=DIR")
+    return dirs[cell.name]
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    """Rebuild the archived image offline from its recipe and compare the installed packages."""
+    from . import cli, cli_images, imagebuild
+    from .backends.docker import docker_client
+    from .matrix import ImageCell
+
+    t0 = time.perf_counter()
+    v = snap.verify(args.archive)
+    m = v.manifest
+    spec = dict(m["cell_spec"])
+    spec["arch"] = tuple(spec.get("arch") or ())
+    cell = ImageCell(**spec)
+    dockerfile = snap.read_member(v.path, snap.DOCKERFILE)
+    lock = snap.read_member(v.path, snap.LOCK).decode()
+    buildargs = json.loads(snap.read_member(v.path, snap.BUILDARGS))
+    overrides = cli_images.base_image_overrides(args.base_image)
+    base = overrides.get(cell.name) or overrides.get("*")
+    if base:
+        buildargs["BASE_IMAGE"] = base
+    wheels = imagebuild.resolve_wheels(cell, _wheelhouse_for(args, cell))
+    have = {w.sha256 for w in wheels}
+    for name, version, hashes in lock_entries(lock):
+        if not hashes & have:
+            raise InputError("--wheelhouse", f"lacks {name}=={version} (sha256 {sorted(hashes)[0][:12]}…) pinned by the archived lock",
+                             hint="pass the wheelhouse the image was built from")
+    client = docker_client()
+    if not imagebuild.image_exists(client, buildargs["BASE_IMAGE"]):
+        raise imagebuild.BaseImageMissing(cell.name, buildargs["BASE_IMAGE"])
+    console = cli._console()
+    ctx = Path(tempfile.mkdtemp(prefix="harness-rebuild-"))
+    tag = f"harness-rebuild:{cell.name}-{int(time.time())}"
+    new_id: str | None = None
+    try:
+        src = snap.extract_tree(v.path, snap.SOURCES, ctx)  # -> ctx/harness/...
+        sources = {p.relative_to(src).as_posix(): p.read_bytes() for p in sorted((src / "harness").rglob("*")) if p.is_file()}
+        digest = imagebuild.input_hash(dockerfile, buildargs, wheels, sources, lock)
+        (ctx / "Dockerfile").write_bytes(dockerfile)
+        (ctx / "requirements.lock").write_text(lock)
+        (ctx / "wheelhouse").mkdir()
+        (ctx / "wheelhouse" / ".keep").write_text("")
+        for w in wheels:
+            imagebuild._link_or_copy(w.path, ctx / "wheelhouse" / w.filename)
+        loaded = snap.load_image(client, v.path, m, _say)
+        archived_id = m["image"]["id"]
+        _say(f"rebuilding {cell.name} from the archived recipe, without cache (base {buildargs['BASE_IMAGE']})")
+        new_id = snap.build_image(client, ctx, tag, buildargs)
+        old_pk = snap.image_packages(client, archived_id)
+        new_pk = snap.image_packages(client, new_id)
+        diffs = snap.package_differences(old_pk, new_pk)
+        same_inputs = digest == m["image"].get("input_hash")
+        console.print(f"archived image {archived_id[:19]}{' (loaded from the snapshot)' if loaded['loaded'] else ''}, "
+                      f"rebuilt {new_id[:19]}: "
+                      + ("identical ids" if new_id == archived_id else "ids differ, as expected (layer timestamps)"))
+        console.print("build inputs: " + (f"identical to the archived image's (input hash {digest[:12]})" if same_inputs
+                                          else f"differ from the archived image's input hash ({digest[:12]} vs "
+                                               f"{str(m['image'].get('input_hash'))[:12]}){' — --base-image changed BASE_IMAGE' if base else ''}"))
+        if diffs:
+            for d in diffs:
+                console.print(f"[red]package differs: {d}[/red]")
+            console.print(f"rebuild check FAILED: {len(diffs)} package differences ({time.perf_counter() - t0:.1f}s)")
+            return EXIT_RUN_FAILED
+        console.print(f"rebuild check passed: the same {len(new_pk)} installed distributions "
+                      f"({time.perf_counter() - t0:.1f}s)")
+        return EXIT_OK
+    finally:
+        shutil.rmtree(ctx, ignore_errors=True)
+        if new_id is not None and not args.keep:
+            try:
+                client.images.remove(tag, force=True)
+            except Exception:  # noqa: BLE001 - best effort
+                pass

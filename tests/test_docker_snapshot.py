@@ -1,0 +1,219 @@
+"""`harness snapshot` / `verify` / `rerun` on a real Docker engine, with the cpu-torch2.13 cell.
+
+The image is deleted from the engine and brought back by `rerun` from the archive; a
+module finalizer reloads (or rebuilds) it if a test fails midway, so later tests keep it.
+Marked `docker`: skipped locally without an engine, required under CI=true.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import snapshot as snap
+
+pytestmark = pytest.mark.docker
+
+CELL = "cpu-torch2.13"
+
+
+def harness(*args: str, env: dict | None = None, timeout: int = 1800) -> subprocess.CompletedProcess[str]:
+    e = dict(os.environ, COLUMNS="230", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, env=e, timeout=timeout)
+
+
+def error_line(p: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in p.stderr, p.stderr
+    (line,) = [ln for ln in p.stderr.splitlines() if ln.startswith("harness: error:")]
+    return line
+
+
+def image_present(client, image_id: str) -> bool:
+    import docker.errors
+
+    try:
+        client.images.get(image_id)
+        return True
+    except docker.errors.ImageNotFound:
+        return False
+
+
+def remove_image(client, image_id: str, wait_s: float = 300) -> None:
+    """Delete the image and every tag pointing at it; the engine is shared, so wait out
+    containers that other runs still have on it."""
+    import docker.errors
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.images.remove(image_id, force=True)
+            return
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409 or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def snapped(tmp_path_factory, docker_client, wheelhouse_root, base_image):
+    """The example's cpu cell run and archived once; the image restored at module end whatever happened."""
+    from .conftest import EXAMPLE, REPO
+
+    root = tmp_path_factory.mktemp("dsnap")
+    shutil.copytree(EXAMPLE, root / "examples" / "optuna_best")
+    shutil.copytree(REPO / "examples" / "data", root / "examples" / "data")
+    archive = root / "run.harness.tar"
+    t0 = time.perf_counter()
+    p = harness("snapshot", str(root / "examples" / "optuna_best"), "--cell", CELL, "-o", str(archive),
+                "--out", str(root / "out"), "--wheelhouse", str(wheelhouse_root), "--base-image", base_image, "--no-progress")
+    seconds = time.perf_counter() - t0
+    assert p.returncode == 0, p.stdout + p.stderr
+    record = json.loads((root / "out" / CELL / "record.json").read_text())
+    image_id = record["image"]["id"]
+    yield {"root": root, "archive": archive, "record": record, "image_id": image_id, "seconds": seconds, "proc": p}
+    if not image_present(docker_client, image_id):
+        try:  # the pristine archive first; a rebuild when it cannot serve
+            snap.load_image(docker_client, archive, snap.verify(archive).manifest)
+        except Exception:  # noqa: BLE001
+            harness("images", "build", "--cells", CELL, "--wheelhouse", str(wheelhouse_root), "--base-image", base_image)
+
+
+def test_snapshot_holds_every_member(snapped) -> None:
+    v = snap.verify(snapped["archive"])
+    m = v.manifest
+    names = [e["name"] for e in v.members]
+    assert names == [snap.RECORD, snap.ENVIRONMENT, snap.DOCKERFILE, snap.LOCK, snap.BUILDARGS, snap.SOURCES,
+                     snap.BUNDLE, snap.DATA, snap.IMAGE]
+    assert m["cell"] == CELL and m["image"]["id"] == snapped["image_id"]
+    assert m["build"]["recipe_matches_image"] is True
+    assert m["data"]["sha256"] == snapped["record"]["data_sha256"]
+    lock = snap.read_member(snapped["archive"], snap.LOCK).decode()
+    assert "torch==2.13.0+cpu --hash=sha256:" in lock
+    src = snap.tar_bytes_files(snap.read_member(snapped["archive"], snap.SOURCES))
+    assert "harness/worker.py" in src
+    # the image member is a `docker save` tar tagged with the content tag only
+    raw_manifest = None
+    with tarfile.open(fileobj=_Chunks(snap.member_chunks(snapped["archive"], snap.IMAGE)), mode="r|") as tf:
+        for info in tf:
+            if info.name == "manifest.json":
+                raw_manifest = json.loads(tf.extractfile(info).read())
+                break
+    assert raw_manifest[0]["RepoTags"] == [m["image"]["tag"]]
+    size = snapped["archive"].stat().st_size
+    print(f"\nsnapshot of {CELL}: {size / 1e6:.1f} MB in {snapped['seconds']:.1f}s (including the run)")
+
+
+class _Chunks:
+    """A read()-able view of a chunk iterator (for tarfile's stream mode)."""
+
+    def __init__(self, chunks) -> None:
+        self.it, self.buf = iter(chunks), b""
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self.buf) < n:
+            nxt = next(self.it, None)
+            if nxt is None:
+                break
+            self.buf += nxt
+        out, self.buf = (self.buf, b"") if n < 0 else (self.buf[:n], self.buf[n:])
+        return out
+
+
+def test_verify_prints_a_summary(snapped) -> None:
+    t0 = time.perf_counter()
+    p = harness("snapshot", "verify", str(snapped["archive"]))
+    assert p.returncode == 0, p.stderr
+    assert snap.IMAGE in p.stdout and snapped["image_id"] in p.stdout and CELL in p.stdout
+    print(f"\nverify: {time.perf_counter() - t0:.1f}s")
+
+
+def test_rerun_loads_the_deleted_image_and_reproduces(snapped, docker_client) -> None:
+    image_id = snapped["image_id"]
+    remove_image(docker_client, image_id)
+    assert not image_present(docker_client, image_id)
+    out = snapped["root"] / "rerun"
+    t0 = time.perf_counter()
+    p = harness("rerun", str(snapped["archive"]), "--out", str(out), "--json", str(out / "both.json"), "--no-progress")
+    seconds = time.perf_counter() - t0
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert image_present(docker_client, image_id)  # loaded, and the very same id
+    rerun = json.loads((out / f"{CELL}@rerun" / "record.json").read_text())
+    original = snapped["record"]
+    assert rerun["status"] == "ok"
+    assert rerun["image"]["id"] == image_id
+    assert rerun["env"]["net_interfaces"] == ["lo"]  # network none
+    assert rerun["metrics"]["retrained"] == original["metrics"]["retrained"]
+    assert rerun["weights_sha256"] == original["weights_sha256"]
+    report = json.loads((out / "both.json").read_text())
+    assert [r["cell"] for r in report["records"]] == [f"{CELL}@archived", f"{CELL}@rerun"]
+    assert "bitwise identical" in p.stdout and "host: same" in p.stdout
+    print(f"\nrerun with image load: {seconds:.1f}s")
+
+
+def _damaged_copy(snapped, name: str) -> Path:
+    dst = snapped["root"] / name
+    shutil.copyfile(snapped["archive"], dst)
+    return dst
+
+
+def _image_member(path: Path) -> tuple[int, int]:
+    with tarfile.open(path, "r:") as tf:
+        info = tf.getmember(snap.IMAGE)
+        return info.offset_data, info.size
+
+
+def _refused_naming(snapped, docker_client, path: Path, words: str) -> None:
+    before = len(docker_client.images.list(all=True))
+    for cmd in (["snapshot", "verify", str(path)], ["rerun", str(path), "--out", str(path) + ".out", "--no-progress"]):
+        p = harness(*cmd)
+        assert p.returncode == 2, p.stdout + p.stderr
+        line = error_line(p)
+        assert f"member {snap.IMAGE} {words}" in line, line
+    assert len(docker_client.images.list(all=True)) == before  # nothing loaded
+    assert not Path(str(path) + ".out").exists()
+
+
+def test_flipped_byte_is_refused_and_named(snapped, docker_client) -> None:
+    bad = _damaged_copy(snapped, "flipped.harness.tar")
+    off, size = _image_member(bad)
+    with open(bad, "r+b") as f:
+        f.seek(off + size // 2)
+        b = f.read(1)
+        f.seek(off + size // 2)
+        f.write(bytes([b[0] ^ 0x01]))
+    _refused_naming(snapped, docker_client, bad, "differs from the manifest")
+
+
+def test_truncated_archive_is_refused_and_named(snapped, docker_client) -> None:
+    bad = _damaged_copy(snapped, "truncated.harness.tar")
+    off, size = _image_member(bad)
+    with open(bad, "r+b") as f:
+        f.truncate(off + size // 2)
+    _refused_naming(snapped, docker_client, bad, "is truncated")
+
+
+def test_results_dir_with_another_image_is_refused(snapped, wheelhouse_root, base_image, tmp_path: Path) -> None:
+    res = tmp_path / "res" / CELL
+    res.mkdir(parents=True)
+    rec = dict(snapped["record"], image=dict(snapped["record"]["image"], id="sha256:" + "f" * 64))
+    (res / "record.json").write_text(json.dumps(rec))
+    p = harness("snapshot", str(snapped["root"] / "examples" / "optuna_best"), "--cell", CELL, "-o", str(tmp_path / "x.tar"),
+                "--results", str(tmp_path / "res"), "--wheelhouse", str(wheelhouse_root), "--base-image", base_image)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "was run in image sha256:ffff" in error_line(p)
+    assert not (tmp_path / "x.tar").exists() and not list(tmp_path.glob(".x.tar.*"))
+
+
+def test_no_engine_is_one_line(snapped, tmp_path: Path) -> None:
+    p = harness("rerun", str(snapped["archive"]), "--out", str(tmp_path / "o"),
+                env={"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"})
+    assert p.returncode == 1
+    assert "Docker engine not reachable" in error_line(p)
