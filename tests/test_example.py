@@ -59,3 +59,17 @@ def test_study_script_reruns_and_its_export_reproduces(tmp_path: Path) -> None:
                         "--no-progress"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "reproduced" in r.stdout
+
+
+def test_committed_reference_results_still_render(tmp_path: Path) -> None:
+    """The records under examples/results stay readable by this version (schema harness.result/1)."""
+    results = sorted((REPO / "examples" / "results").glob("*.json"))
+    assert results
+    p = subprocess.run([sys.executable, "-m", "harness", "compare", *map(str, results), "--json", str(tmp_path / "m.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    import json
+
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert merged["comparison"]["overall"] == "reproduced"
+    assert {r["env"]["torch"] for r in merged["records"]} >= {"2.13.0+cpu", "2.14.1+cu130"}
