@@ -202,3 +202,24 @@ def test_compose_runs_a_cell_without_the_harness(matrix_run, tmp_path: Path) -> 
     assert rec["status"] == "ok" and rec["env"]["torch"] == "2.13.0+cpu" and rec["env"]["in_container"]
     assert rec["determinism"]["PYTHONHASHSEED"] == "0" and rec["env"]["net_interfaces"] == ["lo"]
     assert all(v["diff"] == 0 for v in rec["delta_vs_recorded"].values())
+
+
+def test_gpu_request_without_nvidia_runtime_is_a_clear_row(matrix_run, docker_client, tmp_path: Path) -> None:
+    """A CUDA cell on an engine without the NVIDIA runtime: the engine's real refusal becomes the cell's reason."""
+    import harness.matrix as matrix
+    from harness.backends.base import Cell, Job
+    from harness.backends.docker import DockerBackend
+
+    if docker_client.info().get("Runtimes", {}).get("nvidia"):
+        pytest.skip("this engine has the NVIDIA runtime")
+    image = docker_client.images.get("harness:cpu-torch2.13")
+    (ic,) = matrix.select(matrix.load_matrix(), ["cpu-torch2.13"])
+    backend = DockerBackend(docker_client, {}, gpus="all")
+    cell = Cell("gpu-cell", device="cuda", image=ic)
+    backend.use_image(cell.name, {"id": image.id, "tag": "harness:cpu-torch2.13"})
+    bundle = matrix_run["bundle"]
+    job = Job(bundle_dir=str(bundle), data_path=str(bundle.parent / "data" / "signals.npz"), results_dir=str(tmp_path))
+    rec = backend.run(cell, job)
+    assert rec["status"] == "error"
+    assert "no NVIDIA runtime" in rec["error"]["message"] and "--gpus none" in rec["error"]["message"]
+    assert docker_client.containers.list(all=True, filters={"label": "org.harness.cell=gpu-cell"}) == []
