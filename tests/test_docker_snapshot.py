@@ -217,3 +217,24 @@ def test_no_engine_is_one_line(snapped, tmp_path: Path) -> None:
                 env={"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"})
     assert p.returncode == 1
     assert "Docker engine not reachable" in error_line(p)
+
+
+def test_no_data_snapshot_reruns_with_the_checked_data(snapped, wheelhouse_root, base_image, tmp_path: Path) -> None:
+    """--no-data archives only the data's digest; rerun then needs --data, and checks it."""
+    bundle = snapped["root"] / "examples" / "optuna_best"
+    archive = tmp_path / "nodata.harness.tar"
+    p = harness("snapshot", str(bundle), "--cell", CELL, "-o", str(archive), "--results", str(snapped["root"] / "out"),
+                "--no-data", "--wheelhouse", str(wheelhouse_root), "--base-image", base_image, "--no-progress")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert snap.DATA not in {m["name"] for m in snap.verify(archive).manifest["members"]}
+    p = harness("rerun", str(archive), "--out", str(tmp_path / "o1"), "--no-progress")
+    assert p.returncode == 2 and "--data" in error_line(p)
+    wrong = tmp_path / "wrong.npz"
+    wrong.write_bytes(b"not the data")
+    p = harness("rerun", str(archive), "--data", str(wrong), "--out", str(tmp_path / "o2"), "--no-progress")
+    assert p.returncode == 2 and "the archived run trained on 844a62a5e74e" in error_line(p)
+    data = snapped["root"] / "examples" / "data" / "signals.npz"
+    p = harness("rerun", str(archive), "--data", str(data), "--out", str(tmp_path / "o3"), "--no-progress")
+    assert p.returncode == 0, p.stdout + p.stderr
+    rerun = json.loads((tmp_path / "o3" / f"{CELL}@rerun" / "record.json").read_text())
+    assert rerun["weights_sha256"] == snapped["record"]["weights_sha256"]
