@@ -174,7 +174,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     if rec.get("data_sha256") and rec["data_sha256"] != data_sha:
         raise InputError(str(data_path), f"hashes to {data_sha[:12]}…, but the archived run trained on {rec['data_sha256'][:12]}…",
                          hint="point --data at the file that run used")
-    sources_tar = snap.image_files(client, image_id, snap.IMAGE_SOURCES_PATH)
+    sources_tar = snap.without_bytecode(snap.image_files(client, image_id, snap.IMAGE_SOURCES_PATH))
     recipe_ok = _recipe_matches(client, build, image, sources_tar)
     if not recipe_ok:
         cli._console(stderr=True).print(

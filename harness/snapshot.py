@@ -560,6 +560,18 @@ def image_files(client: Any, image_id: str, path: str) -> bytes:
                 pass
 
 
+def without_bytecode(tar_data: bytes) -> bytes:
+    """The same tar without ``__pycache__`` entries: images carry compiled bytecode
+    (Dockerfile.cuda compiles it at build time), but the recipe is the sources."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(tar_data), mode="r:") as src, tarfile.open(fileobj=out, mode="w:") as dst:
+        for info in src.getmembers():
+            if "__pycache__" in info.name.split("/"):
+                continue
+            dst.addfile(info, src.extractfile(info) if info.isfile() else None)
+    return out.getvalue()
+
+
 PACKAGES_SCRIPT = (
     "import importlib.metadata as m, json; "
     "print(json.dumps({d.metadata['Name'].lower().replace('_', '-'): d.version for d in m.distributions()}))"

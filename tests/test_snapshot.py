@@ -210,3 +210,17 @@ def test_pure_helpers() -> None:
     assert snap.disk_shortfall(100, 100) == 10
     h = "a" * 64
     assert lock_entries(f"# c\ntorch==2.13.0+cpu --hash=sha256:{h}\n") == [("torch", "2.13.0+cpu", {h})]
+
+
+def test_without_bytecode_keeps_only_sources():
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:") as tf:
+        for name, data in (("harness/a.py", b"x = 1\n"), ("harness/__pycache__/a.cpython-311.pyc", b"\x00pyc")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    files = snap.tar_bytes_files(snap.without_bytecode(buf.getvalue()))
+    assert files == {"harness/a.py": b"x = 1\n"}
