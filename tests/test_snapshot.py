@@ -42,6 +42,17 @@ def member_offset(path: Path, name: str) -> tuple[int, int]:
         return info.offset_data, info.size
 
 
+def rewrite_manifest(raw: bytearray, path: Path, edit) -> None:
+    """Edit the manifest in its slot (re-signed with its own digest) and write the archive back."""
+    off, size = member_offset(path, snap.MANIFEST)
+    manifest = json.loads(bytes(raw[off:off + size]))
+    edit(manifest)
+    manifest["manifest_sha256"] = snap.manifest_digest(manifest)
+    text = json.dumps(manifest).encode()
+    raw[off:off + size] = text + b" " * (size - len(text))
+    path.write_bytes(bytes(raw))
+
+
 def flip(path: Path, offset: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -116,42 +127,31 @@ def test_extra_member_is_refused(archive: Path) -> None:
         snap.verify(archive)
 
 
-def test_undecompressable_member(tmp_path: Path) -> None:
-    path = tmp_path / "bad.tar"
+def one_member_archive(path: Path) -> Path:
     with snap.SnapshotWriter(path) as w:
         w.add_bytes(snap.RECORD, b"{}")
         w.finish({"cell": "c"})
+    return path
+
+
+def test_undecompressable_member(tmp_path: Path) -> None:
+    path = one_member_archive(tmp_path / "bad.tar")
     # Replace the stored gzip bytes with garbage and fix the manifest to match: only the
     # decompression can then tell.
     off, size = member_offset(path, snap.RECORD)
     raw = bytearray(path.read_bytes())
     raw[off:off + size] = b"\x1f\x8b" + b"\x00" * (size - 2)
-    moff, msize = member_offset(path, snap.MANIFEST)
-    manifest = json.loads(bytes(raw[moff:moff + msize]))
     import hashlib
 
-    manifest["members"][0]["sha256"] = hashlib.sha256(bytes(raw[off:off + size])).hexdigest()
-    manifest["manifest_sha256"] = snap.manifest_digest(manifest)
-    text = json.dumps(manifest).encode()
-    raw[moff:moff + msize] = text + b" " * (msize - len(text))
-    path.write_bytes(bytes(raw))
+    digest = hashlib.sha256(bytes(raw[off:off + size])).hexdigest()
+    rewrite_manifest(raw, path, lambda m: m["members"][0].update(sha256=digest))
     with pytest.raises(InputError, match=f"member {snap.RECORD} cannot be decompressed"):
         snap.verify(path)
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "new.tar"
-    with snap.SnapshotWriter(path) as w:
-        w.add_bytes(snap.RECORD, b"{}")
-        w.finish({"cell": "c"})
-    off, size = member_offset(path, snap.MANIFEST)
-    raw = bytearray(path.read_bytes())
-    manifest = json.loads(bytes(raw[off:off + size]))
-    manifest["schema"] = "harness.snapshot/2"
-    manifest["manifest_sha256"] = snap.manifest_digest(manifest)
-    text = json.dumps(manifest).encode()
-    raw[off:off + size] = text + b" " * (size - len(text))
-    path.write_bytes(bytes(raw))
+    path = one_member_archive(tmp_path / "new.tar")
+    rewrite_manifest(bytearray(path.read_bytes()), path, lambda m: m.update(schema="harness.snapshot/2"))
     with pytest.raises(InputError, match="has schema harness.snapshot/2, this harness reads harness.snapshot/1; upgrade"):
         snap.verify(path)
 
