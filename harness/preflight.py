@@ -14,6 +14,20 @@ from .data import prepare, sha256_file
 from .errors import InputError
 
 
+def expected_data_digests(bundle: Bundle) -> dict[str, str]:
+    """Where the bundle records the data's sha256, and what it says (pure)."""
+    found = {"config.yaml data.sha256": bundle.data.sha256,
+             "trial_info.yaml data_sha256": bundle.recorded.data_sha256 if bundle.recorded else None}
+    return {source: want for source, want in found.items() if want}
+
+
+def data_mismatches(bundle: Bundle, digest: str) -> list[str]:
+    """One loud line per recorded digest that the data file does not match (pure)."""
+    return [f"DATA MISMATCH: {source} is {want[:12]}..., but {bundle.data.resolved} hashes to {digest[:12]}...; "
+            "this is not the data the trial was trained on"
+            for source, want in expected_data_digests(bundle).items() if want != digest]
+
+
 @dataclass
 class Preflight:
     data_sha256: str
@@ -26,11 +40,7 @@ class Preflight:
 def check(bundle: Bundle) -> Preflight:
     data = prepare(bundle.data)
     digest = sha256_file(bundle.data.resolved)
-    warnings = []
-    for source, want in (("config.yaml data.sha256", bundle.data.sha256),
-                         ("trial_info.yaml data_sha256", bundle.recorded.data_sha256 if bundle.recorded else None)):
-        if want and want != digest:
-            warnings.append(f"DATA MISMATCH: {source} is {want[:12]}..., but {bundle.data.resolved} hashes to {digest[:12]}...")
+    warnings = data_mismatches(bundle, digest)
     if bundle.recorded is None:
         warnings.append("no trial_info.yaml: the runs go ahead, but there is nothing recorded to compare with")
     if bundle.scaler_path is not None:

@@ -255,6 +255,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
     from .bundle import load_bundle
     from .compare import delta_vs_recorded
     from .data import prepare, sha256_file
+    from .preflight import data_mismatches, expected_data_digests
 
     t_start = time.perf_counter()
     out = Path(spec.out_dir)
@@ -291,13 +292,9 @@ def run(spec: RunSpec) -> dict[str, Any]:
     rec["data"] = {"path": bundle.data.path, "file": Path(bundle.data.resolved).name,
                    "exclude_channels": list(bundle.data.exclude_channels), "downsample": bundle.data.downsample,
                    "split": list(bundle.data.split)}
-    expected = {"config.yaml data.sha256": bundle.data.sha256,
-                "trial_info.yaml data_sha256": bundle.recorded.data_sha256 if bundle.recorded else None}
-    for source, want in expected.items():
-        if want and want != data_sha:
-            rec["warnings"].append(f"DATA MISMATCH: {source} is {want[:12]}..., the data file hashes to {data_sha[:12]}...; "
-                                   "this is not the data the trial was trained on")
-    rec["data_sha256_matches"] = all(w == data_sha for w in expected.values() if w) if any(expected.values()) else None
+    mismatches = data_mismatches(bundle, data_sha)
+    rec["warnings"].extend(mismatches)
+    rec["data_sha256_matches"] = (not mismatches) if expected_data_digests(bundle) else None
     data = prepare(bundle.data)
     rec["data"]["shape"] = list(data.raw_shape)
     rec["data"]["targets"] = data.target_names
