@@ -67,9 +67,9 @@ def main() -> None:
 
     import optuna
 
-    from harness.data import sha256_file
+    from harness.worker.data import sha256_file
     from harness.record import RunSpec
-    from harness.worker import run
+    from harness.worker.retrain import run
 
     data_sha = sha256_file(DATA)
     work = Path(tempfile.mkdtemp(prefix="harness-study-"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .bundle import Bundle
-from .data import prepare, sha256_file
+from .worker.data import prepare, sha256_file
 from .errors import InputError
 
 
@@ -48,7 +48,7 @@ def check(bundle: Bundle) -> Preflight:
             if not fh.read(1):
                 raise InputError(bundle.scaler_path, "is empty", hint="re-export it with joblib.dump(scaler, path), or remove it to refit")
     if bundle.trainer is None:
-        from .model import build, load_checked
+        from .worker.model import build, load_checked
 
         net = build(data.n_features, data.n_targets, bundle.model)
         for path in (bundle.best_weights, bundle.last_weights):

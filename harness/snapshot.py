@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 from . import __version__
-from .imagebuild import image_exists
+from .images.build import image_exists
 from .errors import BackendError, HarnessError, InputError, RunFailed
 
 SCHEMA = "harness.snapshot/1"
@@ -467,8 +467,8 @@ def host_facts() -> dict[str, Any]:
     import platform
     import socket
 
-    from . import matrix
-    from .envinfo import _cpu_model
+    from .images import matrix
+    from .worker.envinfo import _cpu_model
 
     host = matrix.detect_host()
     return {"hostname": socket.gethostname(), "cpu": _cpu_model(), "machine": platform.machine(),
@@ -687,7 +687,7 @@ def build_image(client: Any, context: Path, tag: str, buildargs: dict[str, str],
     """A from-scratch build (no cache) of ``context``; returns the image id."""
     import docker.errors
 
-    from .imagebuild import _failure_reason
+    from .images.build import _failure_reason
 
     failure: str | None = None
     tail: list[str] = []

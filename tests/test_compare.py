@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.compare import (
+from harness.judge import (
     DRIFTED, FAILED, REPRODUCED, UNRECORDED, Tol, Tolerances, compare, delta_vs_recorded, diff, exit_code,
     flatten_recorded, flatten_split, load_tolerances, merge, parse_tolerance,
 )

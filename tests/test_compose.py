@@ -6,9 +6,9 @@ import argparse
 
 import yaml
 
-from harness import cli_images
-from harness.compose import render_compose
-from harness.matrix import REPO_ROOT, load_matrix, select
+from harness.cli import images as cli_images
+from harness.images.compose import render_compose
+from harness.images.matrix import REPO_ROOT, load_matrix, select
 
 
 def services(text: str) -> dict:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from harness.bundle import DataSpec
-from harness.data import prepare, sha256_file, split_sizes
+from harness.worker.data import prepare, sha256_file, split_sizes
 from harness.errors import InputError
 
 from .conftest import write_dataset

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from harness.imagebuild import BaseImageMissing, BuiltImage, ensure_images, plan_build
-from harness.matrix import REPO_ROOT, apply_base_images, load_matrix, select
+from harness.images.build import BaseImageMissing, BuiltImage, ensure_images, plan_build
+from harness.images.matrix import REPO_ROOT, apply_base_images, load_matrix, select
 
 pytestmark = pytest.mark.docker
 
@@ -83,7 +83,7 @@ def test_missing_base_image_is_refused_without_pulling(docker_client, wheelhouse
 def test_failed_build_carries_the_log_tail_and_others_still_build(docker_client, base_image, wheelhouse_root, plans):
     import io
 
-    from harness.imagebuild import BuildFailed
+    from harness.images.build import BuildFailed
 
     broken = "harness-test/nopython:0"
     docker_client.images.build(

@@ -206,7 +206,7 @@ def test_compose_runs_a_cell_without_the_harness(matrix_run, tmp_path: Path) -> 
 
 def test_gpu_request_without_nvidia_runtime_is_a_clear_row(matrix_run, docker_client, tmp_path: Path) -> None:
     """A CUDA cell on an engine without the NVIDIA runtime: the engine's real refusal becomes the cell's reason."""
-    import harness.matrix as matrix
+    import harness.images.matrix as matrix
     from harness.backends.base import Cell, Job
     from harness.backends.docker import DockerBackend
 

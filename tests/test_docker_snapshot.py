@@ -98,7 +98,7 @@ def test_snapshot_holds_every_member(snapped) -> None:
     lock = snap.read_member(snapped["archive"], snap.LOCK).decode()
     assert "torch==2.13.0+cpu --hash=sha256:" in lock
     src = snap.tar_bytes_files(snap.read_member(snapped["archive"], snap.SOURCES))
-    assert "harness/worker.py" in src
+    assert "harness/worker/retrain.py" in src
     # the image member is a `docker save` tar tagged with the content tag only
     raw_manifest = None
     with tarfile.open(fileobj=_Chunks(snap.member_chunks(snapped["archive"], snap.IMAGE)), mode="r|") as tf:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from harness.bundle import load_bundle
-from harness.data import sha256_file
+from harness.worker.data import sha256_file
 
 from .conftest import EXAMPLE, REPO
 

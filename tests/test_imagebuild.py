@@ -12,9 +12,9 @@ from pathlib import Path
 import docker.errors
 import pytest
 
-from harness import imagebuild
+from harness.images import build as imagebuild
 from harness.errors import BackendError, InputError, RunFailed
-from harness.imagebuild import (
+from harness.images.build import (
     DIGEST_CACHE,
     BaseImageMissing,
     BuildFailed,
@@ -25,7 +25,7 @@ from harness.imagebuild import (
     plan_build,
     wheelhouse_command,
 )
-from harness.matrix import REPO_ROOT, load_matrix
+from harness.images.matrix import REPO_ROOT, load_matrix
 
 CPU_WHEELS = {
     "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl": b"torch",
@@ -154,7 +154,7 @@ def test_context_files(repo, wheelhouse):
     p = plan(repo, wheelhouse)
     assert p.context_files[:2] == ("Dockerfile", "requirements.lock")
     assert "wheelhouse/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl" in p.context_files
-    assert {"harness/__init__.py", "harness/worker.py", "harness/backends/base.py"} <= set(p.context_files)
+    assert {"harness/__init__.py", "harness/worker/retrain.py", "harness/backends/base.py"} <= set(p.context_files)
     assert not any("__pycache__" in f for f in p.context_files)
     ctx = repo.parent / "ctx"
     ctx.mkdir()
@@ -336,7 +336,7 @@ def test_unexpected_sdk_error_becomes_backend_error(two_plans):
 def test_cli_build_reports_a_failure_and_builds_the_rest(tmp_path, monkeypatch, capsys):
     import argparse
 
-    from harness import cli_images
+    from harness.cli import images as cli_images
 
     for name, torch in (("cpu-torch2.13", "2.13.0+cpu"), ("cu130-torch2.14", "2.14.1")):
         (tmp_path / name).mkdir()
@@ -358,7 +358,7 @@ def test_cli_build_reports_a_failure_and_builds_the_rest(tmp_path, monkeypatch, 
 
 
 def test_stale_tags_keeps_current_and_aliases():
-    from harness.cli_images import stale_tags
+    from harness.cli.images import stale_tags
 
     images = {
         "sha256:new": ["harness:cpu-torch2.13-aaaaaaaaaaaa", "harness:cpu-torch2.13"],

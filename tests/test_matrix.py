@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from harness.errors import InputError
-from harness.matrix import (
+from harness.images.matrix import (
     DEFAULT_COMPAT,
     ImageCell,
     apply_base_images,
@@ -233,7 +233,7 @@ def test_cells_are_frozen():
 
 
 def test_cli_base_image_and_wheelhouse_arguments(tmp_path):
-    from harness.cli_images import base_image_overrides, split_cells, wheelhouse_dirs
+    from harness.cli.images import base_image_overrides, split_cells, wheelhouse_dirs
 
     assert split_cells("a, b,,") == ["a", "b"] and split_cells("") is None
     assert base_image_overrides(["img:1", "cu124-torch2.5=site/cuda:12.4"]) == {

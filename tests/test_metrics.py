@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-from harness.metrics import per_target
+from harness.worker.metrics import per_target
 
 
 def test_against_sklearn() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from harness.compare import compare
+from harness.judge import compare
 from harness.report import markdown, print_report
 
 from .test_compare import record

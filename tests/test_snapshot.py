@@ -12,7 +12,7 @@ import pytest
 
 from harness import snapshot as snap
 from harness.cli import main
-from harness.cli_snapshot import lock_entries
+from harness.cli.snapshot import lock_entries
 from harness.errors import InputError
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset, random_split
 
-import harness.train as train_mod
+import harness.worker.train as train_mod
 from harness.bundle import load_bundle
-from harness.data import prepare
-from harness.determinism import set_seed
-from harness.train import batch_order, split_indices, train_reference
+from harness.worker.data import prepare
+from harness.worker.determinism import set_seed
+from harness.worker.train import batch_order, split_indices, train_reference
 
 
 def seed_split_dataset(dataset, seed: int, ratios=(0.6, 0.2, 0.2)):

@@ -16,7 +16,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from .. import determinism
+from ..worker import determinism
 from ..errors import HarnessError, InputError
 from ..record import RunSpec, atomic_write_text
 from .base import Backend, Cell, EventFn, Job, Plan, finish_record
@@ -111,7 +111,7 @@ def exit_reason(status: int, oom: bool, memory: str | None) -> str:
 
 def docker_client() -> Any:
     """A connected client, or a one-line BackendError saying how to start the engine."""
-    from ..cli_images import docker_client as connect
+    from ..cli.images import docker_client as connect
 
     return connect()
 
@@ -131,7 +131,7 @@ class DockerBackend(Backend):
     def prepare(self, cells: list[Cell], job: Job) -> dict[str, HarnessError]:
         from rich.console import Console
 
-        from .. import imagebuild
+        from ..images import build as imagebuild
 
         err = Console(stderr=True, highlight=False)
 
@@ -256,7 +256,9 @@ class DockerBackend(Backend):
 
 def plan_cells(args: argparse.Namespace, names: list[str] | None) -> Plan:
     """Resolve matrix cells for this host: image cells -> run cells, skips with reasons, build plans."""
-    from .. import cli_images, imagebuild, matrix
+    from ..cli import images as cli_images
+    from ..images import build as imagebuild
+    from ..images import matrix
 
     args.cells = ",".join(names) if names else None
     image_cells = cli_images.load_cells(args)

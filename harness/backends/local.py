@@ -17,9 +17,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from .. import determinism
+from ..worker import determinism
 from ..record import RunSpec, atomic_write_text
-from ..worker import EVENT_PREFIX
+from ..worker.retrain import EVENT_PREFIX
 from .base import Backend, Cell, EventFn, Job, finish_record
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])

@@ -14,8 +14,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .bundle import ModelSpec
-from .errors import InputError
+from ..bundle import ModelSpec
+from ..errors import InputError
 
 _ACT = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 

@@ -15,8 +15,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, HarnessError, InputError, UsageError
+from .. import __version__
+from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, HarnessError, InputError, UsageError
 
 # --------------------------------------------------------------------------- options shared by run and matrix
 
@@ -90,13 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.set_defaults(func=cmd_compare)
 
     try:
-        from . import cli_images
+        from . import images as cli_images
     except ImportError:  # pragma: no cover - the image tooling is optional in stripped installs
         cli_images = None  # type: ignore[assignment]
     if cli_images is not None:
         cli_images.register(sub)
     try:
-        from . import cli_snapshot
+        from . import snapshot as cli_snapshot
     except ImportError:
         cli_snapshot = None  # type: ignore[assignment]
     if cli_snapshot is not None:
@@ -117,7 +117,7 @@ def _console(stderr: bool = False) -> Any:
 
 
 def load_tolerances(args: argparse.Namespace) -> Any:
-    from .compare import Tolerances, load_tolerances as load_file, parse_tolerance
+    from ..judge import Tolerances, load_tolerances as load_file, parse_tolerance
 
     tol = Tolerances()
     if getattr(args, "tolerances", None):
@@ -129,8 +129,8 @@ def load_tolerances(args: argparse.Namespace) -> Any:
 
 def load_and_check(args: argparse.Namespace) -> tuple[Any, Any]:
     """Step 1: read and validate the bundle and its data; nothing trains before this passes."""
-    from . import preflight
-    from .bundle import load_bundle
+    from .. import preflight
+    from ..bundle import load_bundle
 
     bundle = load_bundle(args.bundle, data_override=args.data, trainer_override=args.trainer, trainer_path=args.trainer_path)
     return bundle, preflight.check(bundle)
@@ -145,9 +145,9 @@ def results_dir(args: argparse.Namespace, bundle: Any) -> Path:
 
 def plan_local(args: argparse.Namespace, single: bool) -> Any:
     """Step 2 (local): expand the axes into cells."""
-    from .backends.base import Plan
-    from .backends.local import LocalBackend
-    from .cells import local_cells, parse_threads
+    from ..backends.base import Plan
+    from ..backends.local import LocalBackend
+    from ..plan import local_cells, parse_threads
 
     import torch
 
@@ -177,7 +177,7 @@ def plan_local(args: argparse.Namespace, single: bool) -> Any:
 
 def plan_docker(args: argparse.Namespace, names: list[str] | None) -> Any:
     """Step 2 (docker): resolve matrix cells, their base images and host fitness."""
-    from .backends.docker import plan_cells
+    from ..backends.docker import plan_cells
 
     return plan_cells(args, names)
 
@@ -186,7 +186,7 @@ def run_cells(plan: Any, job: Any, progress: bool) -> list[dict[str, Any]]:
     """Steps 3-4: prepare the backend, then run each cell; a failed cell does not stop the others."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .record import error_record, write_record
+    from ..record import error_record, write_record
 
     records: list[dict[str, Any]] = []
     for c in plan.skipped:
@@ -232,9 +232,9 @@ def run_cells(plan: Any, job: Any, progress: bool) -> list[dict[str, Any]]:
 
 def render(args: argparse.Namespace, records: list[dict[str, Any]], results: Path | None, tol: Any) -> int:
     """Steps 5-6: compare, print, write the reports; return the verdict's exit code."""
-    from .compare import compare, exit_code
-    from .record import atomic_write_text, dumps
-    from .report import json_report, markdown, print_report
+    from ..judge import compare, exit_code
+    from ..record import atomic_write_text, dumps
+    from ..report import json_report, markdown, print_report
 
     comparison = compare(records, tol)
     print_report(_console(), records, comparison)
@@ -251,7 +251,7 @@ def render(args: argparse.Namespace, records: list[dict[str, Any]], results: Pat
 
 
 def _execute(args: argparse.Namespace, plan_fn: Any) -> int:
-    from .backends.base import Job
+    from ..backends.base import Job
 
     tol = load_tolerances(args)
     bundle, pre = load_and_check(args)
@@ -288,8 +288,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import merge
-    from .record import load_records
+    from ..judge import merge
+    from ..record import load_records
 
     tol = load_tolerances(args)
     groups = [load_records([p]) for p in args.paths]

@@ -24,8 +24,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from . import snapshot as snap
-from .errors import EXIT_OK, EXIT_RUN_FAILED, InputError, RunFailed, UsageError
+from .. import snapshot as snap
+from ..errors import EXIT_OK, EXIT_RUN_FAILED, InputError, RunFailed, UsageError
 
 ACTIONS = ("verify", "rebuild")
 
@@ -35,7 +35,7 @@ ACTIONS = ("verify", "rebuild")
 
 def register(subparsers: Any) -> None:
     """Add ``snapshot`` and ``rerun`` to the main CLI's subparsers."""
-    from .cli import _add_docker
+    from . import _add_docker
 
     p = subparsers.add_parser(
         "snapshot", help="archive a run's image, recipe, bundle, data and records in one file (or verify/rebuild one)",
@@ -81,7 +81,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def _say(text: str) -> None:
-    from .cli import _console
+    from . import _console
 
     _console(stderr=True).print(f"[dim]{text}[/dim]")
 
@@ -91,9 +91,9 @@ def _say(text: str) -> None:
 
 def _archived_run(args: argparse.Namespace, plan: Any, bundle: Any, tol: Any) -> dict[str, Any]:
     """The record to archive: from --results DIR, or from running the cell now."""
-    from . import cli
-    from .backends.base import Job
-    from .record import load_records
+    from .. import cli
+    from ..backends.base import Job
+    from ..record import load_records
 
     cell = plan.cells[0]
     if args.results:
@@ -129,7 +129,7 @@ def _archived_run(args: argparse.Namespace, plan: Any, bundle: Any, tol: Any) ->
 def _recipe_matches(client: Any, build: Any, image: Any, sources_tar: bytes) -> bool:
     """Whether this checkout's Dockerfile, build args, wheels and lock, with the harness source
     taken from the image itself, hash to the image's recorded input hash."""
-    from . import imagebuild
+    from ..images import build as imagebuild
 
     files = snap.tar_bytes_files(sources_tar)
     digest = imagebuild.input_hash(build.dockerfile.encode(), build.buildargs, build.wheels, files, build.lock)
@@ -138,7 +138,7 @@ def _recipe_matches(client: Any, build: Any, image: Any, sources_tar: bytes) -> 
 
 def cmd_create(args: argparse.Namespace) -> int:
     """Steps: check input -> resolve the cell -> the run (now or from --results) -> gather -> write."""
-    from . import cli
+    from .. import cli
 
     if not args.cell:
         raise UsageError("harness snapshot needs --cell CELL (the matrix cell to archive)",
@@ -228,7 +228,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from rich import box
     from rich.table import Table
 
-    from .cli import _console
+    from . import _console
 
     v = snap.verify(args.archive)
     m = v.manifest
@@ -271,10 +271,10 @@ def _data_for(args: argparse.Namespace, v: snap.Verified, tmp: Path) -> Path:
 
 def cmd_rerun(args: argparse.Namespace) -> int:
     """Steps: verify -> load the image -> extract bundle + data -> rerun offline -> compare -> render."""
-    from . import cli
-    from .backends.base import Cell, Job, Plan
-    from .backends.docker import DockerBackend, docker_client
-    from .bundle import load_bundle
+    from .. import cli
+    from ..backends.base import Cell, Job, Plan
+    from ..backends.docker import DockerBackend, docker_client
+    from ..bundle import load_bundle
 
     tol = cli.load_tolerances(args)
     v = snap.verify(args.archive)
@@ -302,7 +302,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path(args.out).resolve() if args.out else (Path.cwd() / "harness-results" / f"rerun-{cell_name}-{stamp}").resolve()
         out.mkdir(parents=True, exist_ok=True)
-        from .record import write_record
+        from ..record import write_record
 
         write_record(out / archived["cell"] / "record.json", archived)
         job = Job(bundle_dir=str(bundle_dir), data_path=str(data_path), results_dir=str(out), trainer=spec.get("trainer"))
@@ -341,7 +341,7 @@ def lock_entries(lock: str) -> list[tuple[str, str, set[str]]]:
 
 
 def _wheelhouse_for(args: argparse.Namespace, cell: Any) -> Path:
-    from . import cli_images
+    from . import images as cli_images
 
     values = cli_images.wheelhouse_values(args)
     if not values:
@@ -357,9 +357,11 @@ def _wheelhouse_for(args: argparse.Namespace, cell: Any) -> Path:
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
     """Rebuild the archived image offline from its recipe and compare the installed packages."""
-    from . import cli, cli_images, imagebuild
-    from .backends.docker import docker_client
-    from .matrix import ImageCell
+    from .. import cli
+    from . import images as cli_images
+    from ..images import build as imagebuild
+    from ..backends.docker import docker_client
+    from ..images.matrix import ImageCell
 
     t0 = time.perf_counter()
     v = snap.verify(args.archive)

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from harness.errors import InputError
+from ..errors import InputError
 
 MATRIX_SCHEMA = "harness.matrix/1"
 COMPAT_SCHEMA = "harness.compat/1"
@@ -30,7 +30,7 @@ DEVICES = ("auto", "cpu")
 CELL_KEYS = {"torch", "variant", "python", "base_image", "source", "device"}
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,100}$")  # must also be a valid Docker tag
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MATRIX = REPO_ROOT / "images" / "matrix.yaml"
 DEFAULT_COMPAT = REPO_ROOT / "images" / "compat.yaml"
 

@@ -26,9 +26,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import EXIT_OK, HarnessError, InputError, RunFailed
-from .record import SCHEMA, RunSpec, error_record, write_record
+from .. import __version__
+from ..errors import EXIT_OK, HarnessError, InputError, RunFailed
+from ..record import SCHEMA, RunSpec, error_record, write_record
 
 EVENT_PREFIX = "HARNESS-EVENT "
 
@@ -251,11 +251,12 @@ def _sha_json(obj: Any) -> str:
 
 def run(spec: RunSpec) -> dict[str, Any]:
     """Run one cell and return its record (raises HarnessError on failure)."""
-    from . import determinism, envinfo
-    from .bundle import load_bundle
-    from .compare import delta_vs_recorded
+    from . import determinism
+    from . import envinfo
+    from ..bundle import load_bundle
+    from ..judge import delta_vs_recorded
     from .data import prepare, sha256_file
-    from .preflight import data_mismatches, expected_data_digests
+    from ..preflight import data_mismatches, expected_data_digests
 
     t_start = time.perf_counter()
     out = Path(spec.out_dir)

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset, random_split
 
 from . import model as model_mod
-from .bundle import ModelSpec, TrainingSpec
+from ..bundle import ModelSpec, TrainingSpec
 from .data import Dataset, split_sizes
 from .determinism import set_seed
 

@@ -6,7 +6,7 @@ import itertools
 from typing import Sequence
 
 from .backends.base import Cell
-from .determinism import MODES
+from .worker.determinism import MODES
 from .errors import UsageError
 
 

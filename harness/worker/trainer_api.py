@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import InputError, RunFailed
+from ..errors import InputError, RunFailed
 
 
 @dataclass

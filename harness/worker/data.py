@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import DataSpec
-from .errors import InputError
+from ..bundle import DataSpec
+from ..errors import InputError
 
 
 @dataclass

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from harness.errors import BackendError, HarnessError, InputError, RunFailed
-from harness.matrix import ImageCell
+from ..errors import BackendError, HarnessError, InputError, RunFailed
+from .matrix import ImageCell
 
 REPOSITORY = "harness"
 DOCKERFILE = "Dockerfile.cuda"

@@ -15,10 +15,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from harness import compose as compose_mod
-from harness import imagebuild, matrix
-from harness.errors import EXIT_OK, EXIT_RUN_FAILED, BackendError, HarnessError, InputError
-from harness.matrix import ImageCell
+from ..images import compose as compose_mod
+from ..images import build as imagebuild
+from ..images import matrix
+from ..errors import EXIT_OK, EXIT_RUN_FAILED, BackendError, HarnessError, InputError
+from ..images.matrix import ImageCell
 
 REPO_ROOT = matrix.REPO_ROOT
 COMPOSE_FILE = REPO_ROOT / "compose.yaml"
@@ -124,7 +125,7 @@ def wheelhouse_values(args: argparse.Namespace) -> list[str]:
 
 
 def _console(stderr: bool = False) -> Any:
-    from harness.cli import _console as console
+    from . import _console as console
 
     return console(stderr=stderr)
 

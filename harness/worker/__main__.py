@@ -1,0 +1,5 @@
+import sys
+
+from .retrain import main
+
+sys.exit(main())
