@@ -15,6 +15,7 @@ from harness.images.matrix import (
     apply_base_images,
     effective_device,
     host_skip_reason,
+    host_warning,
     load_matrix,
     load_site_config,
     parse_compat,
@@ -87,9 +88,13 @@ def test_defaults_apply_and_cpu_base_is_templated(tmp_path):
 @pytest.mark.parametrize(
     "spec, words",
     [
-        ({"torch": "1.13.1", "variant": "cu117"}, ["torch 1.13.1 is unknown", "2.3.1"]),
-        ({"torch": "2.9.1", "variant": "cu118"}, ["variant cu118 is not published for torch 2.9.1", "cu126"]),
-        ({"torch": "2.3.1", "variant": "cu121", "python": "3.13"}, ["python 3.13 is not supported by torch 2.3.1", "3.12"]),
+        ({"torch": "1.13.1", "variant": "cu117"}, ["torch 1.13.1 is unknown", "known: 2.0.0 to 2.14.1"]),
+        ({"torch": "2.99.0", "variant": "cu130"}, ["torch 2.99.0 is unknown", "known: 2.0.0 to 2.14.1"]),
+        ({"torch": "2.9.1", "variant": "cu118"}, ["variant cu118 was last published with torch 2.7.1", "torch 2.9.1 has", "cu126"]),
+        ({"torch": "2.0.1", "variant": "cu121"}, ["variant cu121 was first published with torch 2.1.0", "torch 2.0.1 has", "cu117, cu118"]),
+        ({"torch": "2.3.1", "variant": "cu121", "python": "3.13"}, ["python 3.13 was first supported by torch 2.5.0", "3.12"]),
+        ({"torch": "2.1.2", "variant": "cu118", "python": "3.12"}, ["python 3.12 was first supported by torch 2.2.0"]),
+        ({"torch": "2.9.1", "variant": "cu126", "python": "3.9"}, ["python 3.9 was last supported by torch 2.8.0"]),
         ({"torch": "2.5.1", "variant": "cu124", "source": "conda"}, ["source must be one of"]),
         ({"torch": "2.5.1", "variant": "cu124", "device": "tpu"}, ["device must be one of"]),
         ({"variant": "cu124"}, ["torch is missing"]),
@@ -107,7 +112,7 @@ def test_impossible_cells_are_refused_with_the_reason(tmp_path, spec, words):
 
 def test_validate_is_a_plain_function():
     assert validate("x", {"torch": "2.6.0", "variant": "cu126", "python": "3.11", "source": "index", "device": "auto"}, compat()) is None
-    assert "not published" in validate("x", {"torch": "2.6.0", "variant": "cu121", "python": "3.11"}, compat())
+    assert "last published with torch 2.5.1" in validate("x", {"torch": "2.6.0", "variant": "cu121", "python": "3.11"}, compat())
 
 
 def test_unknown_cell_key_and_bad_schema_are_refused(tmp_path):
@@ -182,12 +187,15 @@ def test_no_gpu_host_never_skips_and_runs_on_cpu():
         assert effective_device(c, host) == "cpu"
 
 
-def test_old_driver_skips_newer_cuda():
+def test_old_driver_runs_newer_minor_with_a_warning_and_skips_newer_major():
     cells = cells_by_name()
     host = {"driver": "550.54.14", "gpus": [{"name": "NVIDIA H200", "capability": "9.0"}]}
     assert host_skip_reason(cells["cu124-torch2.5"], host) is None  # exactly the minimum
-    reason = host_skip_reason(cells["cu126-torch2.6"], host)
-    assert "driver 550.54.14 is older than 560.28.03" in reason and "CUDA 12.6" in reason
+    assert host_warning(cells["cu124-torch2.5"], host) is None
+    # CUDA 12.6 wheels run on a 12.x driver through minor-version compatibility.
+    assert host_skip_reason(cells["cu126-torch2.6"], host) is None
+    warning = host_warning(cells["cu126-torch2.6"], host)
+    assert "driver 550.54.14 is older than 560.28.03" in warning and "CUDA 12.6" in warning
     # Numeric, not string, comparison: 570.26 < 570.124.06 < 580.
     host["driver"] = "570.124.06"
     assert host_skip_reason(cells["cu128-torch2.7"], host) is None
@@ -250,3 +258,153 @@ def test_cli_base_image_and_wheelhouse_arguments(tmp_path):
         wheelhouse_dirs([str(tmp_path / "nope")], cells)
     with pytest.raises(InputError, match="not a selected cell"):
         wheelhouse_dirs(["cu999=/x"], cells)
+
+
+# ----------------------------------------------------------------------------- compat data and driver judgement
+
+
+def test_compat_data_is_internally_consistent():
+    data = yaml.safe_load(DEFAULT_COMPAT.read_text())
+    v = lambda s: tuple(int(p) for p in str(s).split("."))  # noqa: E731
+    for ver, info in data["cuda"].items():
+        assert isinstance(ver, str) and isinstance(info["min_driver"], str), ver
+        assert isinstance(info["compat_floor"], str), ver
+        assert v(info["min_driver"]) >= v(info["compat_floor"]), ver
+        assert info["base_image"].startswith("nvidia/cuda:" + ver), ver
+    floors = {ver.split(".")[0]: info["compat_floor"] for ver, info in data["cuda"].items()}
+    assert floors == {"11": "450.80.02", "12": "525.60.13", "13": "580"}
+    releases = list(data["torch"])
+    assert releases == sorted(releases, key=v), "torch releases are listed oldest first"
+    for ver, info in data["torch"].items():
+        py = info["python"]
+        assert all(isinstance(p, str) for p in py), ver
+        assert py == sorted(set(py), key=v), f"torch {ver}: python list must be sorted and unique"
+        assert "cpu" in info["variants"], ver
+        for var, vinfo in info["variants"].items():
+            if var == "cpu":
+                continue
+            assert var == "cu" + vinfo["cuda"].replace(".", ""), (ver, var)
+            assert vinfo["cuda"] in data["cuda"], (ver, var)
+            arch = vinfo["arch"]
+            assert arch and arch == sorted(set(arch), key=v), (ver, var)
+            assert vinfo.get("ptx") in (None, *arch), (ver, var)
+    parse_compat(data)
+
+
+def test_compat_covers_every_release_from_2_0():
+    c = compat()
+    for t in ("2.0.0", "2.0.1", "2.1.0", "2.1.1", "2.1.2", "2.2.0", "2.2.1", "2.2.2", "2.3.0", "2.4.0",
+              "2.5.0", "2.7.0", "2.9.0", "2.10.0", "2.12.0", "2.13.0", "2.14.0"):
+        assert t in c.torch, t
+    assert set(c.torch["2.0.1"]["variants"]) == {"cpu", "cu117", "cu118"}
+    assert set(c.torch["2.1.2"]["variants"]) == {"cpu", "cu118", "cu121"}
+    assert c.torch["2.1.2"]["python"] == ["3.8", "3.9", "3.10", "3.11"]
+    assert "3.12" in c.torch["2.2.0"]["python"]
+    assert c.torch["2.0.0"]["variants"]["cu118"]["arch"] == ["3.7", "5.0", "6.0", "7.0", "7.5", "8.0", "8.6", "9.0"]
+    assert c.cuda["11.7"]["min_driver"] == "515.43.04"
+
+
+def test_old_release_cells_now_resolve(tmp_path):
+    c = one(tmp_path, torch="2.1.2", variant="cu118", python="3.10")
+    assert (c.cuda, c.min_driver, c.compat_floor) == ("11.8", "520.61.05", "450.80.02")
+    assert "3.7" in c.arch and c.index_url.endswith("/cu118")
+    c = one(tmp_path, torch="2.0.1", variant="cu117")
+    assert (c.cuda, c.min_driver, c.base_image) == ("11.7", "515.43.04", "nvidia/cuda:11.7.1-cudnn8-runtime-ubuntu22.04")
+
+
+def test_reasons_are_derived_from_the_data():
+    c = parse_compat({"schema": "harness.compat/1", "cuda": {"12.1": {"min_driver": "530.30.02"}},
+                      "torch": {"2.1.0": {"python": ["3.11"], "variants": {"cpu": {}, "cu121": {"cuda": "12.1"}}},
+                                "2.2.0": {"python": ["3.11"], "variants": {"cpu": {}}},
+                                "2.3.0": {"python": ["3.12"], "variants": {"cpu": {}, "cu121": {"cuda": "12.1"}}}}})
+    spec = {"torch": "2.2.0", "variant": "cu121", "python": "3.11", "source": "index", "device": "auto"}
+    assert "published with torch 2.1.0 to 2.3.0, but not by torch 2.2.0" in validate("x", spec, c)
+    assert "last supported by torch 2.2.0" in validate("x", {**spec, "torch": "2.3.0", "variant": "cpu"}, c)
+    assert "never published" in validate("x", {**spec, "variant": "cu999"}, c)
+
+
+def test_compat_floor_above_min_driver_is_refused():
+    with pytest.raises(InputError, match="compat_floor 600 is above min_driver"):
+        parse_compat({"schema": "harness.compat/1", "cuda": {"12.4": {"min_driver": "550.54.14", "compat_floor": "600"}},
+                      "torch": {}}, "compat.yaml")
+
+
+def gpu(driver: str, capability: str = "9.0", name: str = "NVIDIA H200") -> dict:
+    return {"driver": driver, "gpus": [{"name": name, "capability": capability}]}
+
+
+def test_cuda12_cell_on_an_older_12x_driver_runs_with_a_warning():
+    cu124 = cells_by_name()["cu124-torch2.5"]
+    host = gpu("535.104.05")
+    assert host_skip_reason(cu124, host) is None
+    warning = host_warning(cu124, host)
+    assert "driver 535.104.05 is older than 550.54.14 (CUDA 12.4's own minimum)" in warning
+    assert "minor-version compatibility" in warning and "PTX JIT may fail" in warning
+    assert effective_device(cu124, host) == "cuda"
+
+
+def test_driver_below_the_compat_floor_skips_naming_both_numbers():
+    cu124 = cells_by_name()["cu124-torch2.5"]
+    for driver in ("470.57.02", "450.51"):
+        reason = host_skip_reason(cu124, gpu(driver))
+        assert f"driver {driver} is below 525.60.13" in reason
+        assert "CUDA 12.x wheels (minor-version compatibility)" in reason and "550.54.14" in reason
+        assert host_warning(cu124, gpu(driver)) is None
+
+
+def test_cuda13_needs_a_580_driver():
+    cu130 = cells_by_name()["cu130-torch2.9"]
+    reason = host_skip_reason(cu130, gpu("575.57.08"))
+    assert "below 580" in reason and "CUDA 13.x" in reason
+    for driver in ("580.65.06", "580.95.05"):
+        assert host_skip_reason(cu130, gpu(driver)) is None
+        assert host_warning(cu130, gpu(driver)) is None
+
+
+def test_cuda11_on_a_460_driver_warns(tmp_path):
+    cell = one(tmp_path, torch="2.1.2", variant="cu118")
+    host = gpu("460.32.03", "8.0", "A100")
+    assert host_skip_reason(cell, host) is None
+    warning = host_warning(cell, host)
+    assert "460.32.03 is older than 520.61.05 (CUDA 11.8's own minimum)" in warning
+    reason = host_skip_reason(cell, gpu("450.51.06", "8.0", "A100"))
+    assert "below 450.80.02" in reason and "CUDA 11.x" in reason
+
+
+def test_ptx_only_cell_between_floor_and_minimum_is_skipped():
+    # A wheel with sm_50..sm_90 cubins and compute_90 PTX: a 10.0 GPU runs it only by PTX JIT.
+    cell = replace(cells_by_name()["cu124-torch2.5"], ptx="9.0")
+    b200 = gpu("535.104.05", "10.0", "B200")
+    reason = host_skip_reason(cell, b200)
+    assert "B200 (10.0) runs this wheel only by PTX JIT" in reason
+    assert "550.54.14 (CUDA 12.4's own minimum)" in reason and "driver 535.104.05" in reason
+    assert host_warning(cell, b200) is None
+    assert host_skip_reason(cell, gpu("550.54.15", "10.0", "B200")) is None  # own minimum: PTX JIT works
+    # A GPU with a matching cubin runs on the same old driver, with the warning only.
+    h200 = gpu("535.104.05", "9.0")
+    assert host_skip_reason(cell, h200) is None and host_warning(cell, h200) is not None
+    # One GPU with a cubin is enough for the cell to run.
+    mixed = {"driver": "535.104.05", "gpus": [{"name": "B200", "capability": "10.0"}, {"name": "H200", "capability": "9.0"}]}
+    assert host_skip_reason(cell, mixed) is None
+    # sm_120 cubins cover a 12.1 GPU (same major): no PTX JIT needed, so only a warning.
+    cu128 = cells_by_name()["cu128-torch2.7"]
+    assert host_skip_reason(cu128, gpu("550.54.14", "12.1", "GB10")) is None
+    assert "570.26" in host_warning(cu128, gpu("550.54.14", "12.1", "GB10"))
+
+
+def test_archived_cells_without_compat_floor_derive_it_from_the_major():
+    cu124 = replace(cells_by_name()["cu124-torch2.5"], compat_floor=None)
+    spec = {k: v for k, v in cu124.__dict__.items() if k != "compat_floor"}
+    archived = ImageCell(**spec)
+    assert archived.compat_floor is None
+    assert host_skip_reason(archived, gpu("535.104.05")) is None
+    assert "525.60.13" in host_skip_reason(archived, gpu("470.57.02"))
+    odd = replace(archived, cuda="14.0", min_driver="600.1")  # unknown major: own minimum is the floor
+    assert "below 600.1" in host_skip_reason(odd, gpu("590.1"))
+
+
+def test_no_gpu_or_cpu_cell_never_warns():
+    for c in load_matrix():
+        assert host_warning(c, {"driver": None, "gpus": []}) is None
+        assert host_warning(c, H200) is None
+    assert host_warning(cells_by_name()["cpu-torch2.13"], gpu("450.51")) is None

@@ -3,7 +3,11 @@
 ``images/matrix.yaml`` names the cells; ``images/compat.yaml`` says what PyTorch
 actually published (CUDA variants, CPython versions, GPU archs) and what each CUDA
 release needs from the driver. Loading checks every cell against compat data, so an
-impossible combination is refused with its reason before anything is built.
+impossible combination is refused with its reason (derived from the data: "first
+published with torch X") before anything is built. On a host, a driver below the
+minor-version-compatibility floor of the cell's CUDA major skips the cell
+(:func:`host_skip_reason`); one between that floor and the toolkit's own minimum runs it
+with a warning (:func:`host_warning`), unless only PTX JIT could run it.
 
 Everything here is pure except :func:`load_matrix`/:func:`load_site_config` (read
 files) and :func:`detect_host` (runs ``nvidia-smi``).
@@ -33,6 +37,9 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,100}$")  # must also be a valid D
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MATRIX = REPO_ROOT / "images" / "matrix.yaml"
 DEFAULT_COMPAT = REPO_ROOT / "images" / "compat.yaml"
+# Fallback when compat data (or an archived cell) lacks `compat_floor`: NVIDIA's
+# "Minimum Required Driver Version for CUDA Minor Version Compatibility", per major.
+COMPAT_FLOORS = {"11": "450.80.02", "12": "525.60.13", "13": "580"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,9 @@ class ImageCell:
     arch: tuple[str, ...]  # compute capabilities with cubins, e.g. ("8.0", "9.0")
     device: str  # "auto" | "cpu"
     ptx: str | None = None  # arch whose PTX is embedded (JIT on newer GPUs)
+    # Oldest driver that runs this CUDA major's wheels through minor-version
+    # compatibility (no PTX JIT). None: derived from the CUDA major (archived cells).
+    compat_floor: str | None = None
 
     @property
     def is_cuda(self) -> bool:
@@ -79,6 +89,10 @@ def parse_compat(data: Any, where: str = "images/compat.yaml") -> Compat:
     for ver, info in cuda.items():
         if not isinstance(info, dict) or "min_driver" not in info:
             raise InputError(where, f"cuda.{ver}: needs min_driver", hint='add e.g. min_driver: "550.54.14"')
+        floor = info.get("compat_floor")
+        if floor is not None and _version(str(floor)) > _version(str(info["min_driver"])):
+            raise InputError(where, f"cuda.{ver}: compat_floor {floor} is above min_driver {info['min_driver']}",
+                             hint="compat_floor is the minor-version-compatibility floor, never above the toolkit's own minimum")
     for ver, info in torch.items():
         if not isinstance(info, dict) or not isinstance(info.get("variants"), dict):
             raise InputError(where, f"torch.{ver}: needs a `variants` mapping")
@@ -94,26 +108,64 @@ def parse_compat(data: Any, where: str = "images/compat.yaml") -> Compat:
 # ----------------------------------------------------------------------------- cells
 
 
+def _by_version(versions: Iterable[str]) -> list[str]:
+    return sorted((str(v) for v in versions), key=_version)
+
+
+def _releases_with(compat: Compat, has: Any) -> list[str]:
+    """Torch releases (oldest first) whose compat entry satisfies ``has(info)``."""
+    return [t for t in _by_version(compat.torch) if has(compat.torch[t])]
+
+
+def _first_last(torch: str, releases: list[str], verb: str) -> str:
+    """'first <verb> torch X' / 'last <verb> torch Y' / '<verb> torch X to Y, but not by T'."""
+    if _version(torch) < _version(releases[0]):
+        return f"first {verb} torch {releases[0]}"
+    if _version(torch) > _version(releases[-1]):
+        return f"last {verb} torch {releases[-1]}"
+    return f"{verb} torch {releases[0]} to {releases[-1]}, but not by torch {torch}"
+
+
+def _known_range(compat: Compat) -> str:
+    known = _by_version(compat.torch)
+    return f"{known[0]} to {known[-1]}" if known else "none"
+
+
 def validate(name: str, spec: dict[str, Any], compat: Compat) -> str | None:
-    """Why this cell cannot exist (torch unknown, variant or python not published), or None."""
+    """Why this cell cannot exist, or None.
+
+    The reason is derived from the compat data: an unknown torch names the known range;
+    a variant or CPython that this torch lacks names the torch release that first (or
+    last) published it, found by scanning every release.
+    """
     torch = str(spec.get("torch", ""))
     variant = str(spec.get("variant", ""))
     python = str(spec.get("python", ""))
     if not torch:
         return "torch is missing; add e.g. torch: \"2.5.1\""
     if torch not in compat.torch:
-        return f"torch {torch} is unknown to compat.yaml (known: {', '.join(compat.torch)}); pick one of those or add it to images/compat.yaml"
+        same_minor = [t for t in _by_version(compat.torch) if _version(t)[:2] == _version(torch)[:2]]
+        also = f"; torch {'.'.join(map(str, _version(torch)[:2]))} releases known: {', '.join(same_minor)}" if same_minor else ""
+        return (f"torch {torch} is unknown to compat.yaml (known: {_known_range(compat)}{also}); "
+                f"pick a known release or add it to images/compat.yaml")
     info = compat.torch[torch]
     if variant not in info["variants"]:
-        return (
-            f"variant {variant or '(missing)'} is not published for torch {torch} "
-            f"(published: {', '.join(info['variants'])}); pick one of those"
-        )
-    if python not in [str(p) for p in info["python"]]:
-        return (
-            f"python {python} is not supported by torch {torch} "
-            f"(supported: {', '.join(str(p) for p in info['python'])}); set python to one of those"
-        )
+        has = ", ".join(info["variants"])
+        releases = _releases_with(compat, lambda i: variant in (i.get("variants") or {}))
+        if not releases:
+            return (f"variant {variant or '(missing)'} was never published by a torch release known to compat.yaml "
+                    f"({_known_range(compat)}); torch {torch} has {has}")
+        when = _first_last(torch, releases, "published with")
+        return f"variant {variant} was {when} (torch {torch} has {has}); pick one of those"
+    supported = [str(p) for p in info["python"]]
+    if python not in supported:
+        has = ", ".join(supported)
+        releases = _releases_with(compat, lambda i: python in [str(p) for p in i.get("python") or []])
+        if not releases:
+            return (f"python {python} is not supported by any torch release known to compat.yaml "
+                    f"({_known_range(compat)}); torch {torch} supports {has}")
+        when = _first_last(torch, releases, "supported by")
+        return f"python {python} was {when} (torch {torch} supports {has}); set python to one of those"
     if spec.get("source") not in SOURCES:
         return f"source must be one of {', '.join(SOURCES)} (got {spec.get('source')!r})"
     if spec.get("device") not in DEVICES:
@@ -163,6 +215,7 @@ def resolve_cell(name: str, spec: dict[str, Any], compat: Compat, defaults: dict
         arch=tuple(str(a) for a in vinfo.get("arch", ())),
         device=full["device"],
         ptx=str(vinfo["ptx"]) if vinfo.get("ptx") else None,
+        compat_floor=_compat_floor_of(cuda, cinfo),
     )
 
 
@@ -177,6 +230,14 @@ def parse_matrix(data: Any, compat: Compat, where: str = "images/matrix.yaml") -
     if not isinstance(defaults, dict):
         raise InputError(where, "`defaults` must be a mapping")
     return [resolve_cell(str(name), spec, compat, defaults, where) for name, spec in cells.items()]
+
+
+def _compat_floor_of(cuda: str | None, cinfo: dict[str, Any]) -> str | None:
+    if not cuda:
+        return None
+    if cinfo.get("compat_floor"):
+        return str(cinfo["compat_floor"])
+    return COMPAT_FLOORS.get(cuda.split(".")[0])
 
 
 def _read_yaml(path: Path) -> Any:
@@ -252,35 +313,85 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", str(text)))
 
 
-def _runs_on(cell: ImageCell, capability: str) -> bool:
-    # CUDA binary compatibility: an sm_XY cubin runs on X.Z with Z >= Y (same major);
-    # embedded PTX is JIT-compiled for any newer GPU.
+def _cubin_runs_on(cell: ImageCell, capability: str) -> bool:
+    # CUDA binary compatibility: an sm_XY cubin runs on X.Z with Z >= Y (same major).
     cap = _version(capability)
     if len(cap) < 2:
         return False
-    for a in cell.arch:
-        av = _version(a)
-        if av[:1] == cap[:1] and av <= cap:
-            return True
-    return bool(cell.ptx) and _version(cell.ptx) <= cap
+    return any(_version(a)[:1] == cap[:1] and _version(a) <= cap for a in cell.arch)
+
+
+def _ptx_runs_on(cell: ImageCell, capability: str) -> bool:
+    # Embedded PTX is JIT-compiled by the driver for any GPU at least as new.
+    cap = _version(capability)
+    return len(cap) >= 2 and bool(cell.ptx) and _version(cell.ptx) <= cap
+
+
+def _runs_on(cell: ImageCell, capability: str) -> bool:
+    return _cubin_runs_on(cell, capability) or _ptx_runs_on(cell, capability)
+
+
+def _floor(cell: ImageCell) -> str | None:
+    """The minor-version-compatibility floor for the cell's CUDA major (data, else derived)."""
+    if cell.compat_floor:
+        return cell.compat_floor
+    derived = COMPAT_FLOORS.get(str(cell.cuda).split(".")[0])
+    return derived or cell.min_driver  # unknown major: only the toolkit's own minimum is safe
+
+
+def _major(cell: ImageCell) -> str:
+    return f"{str(cell.cuda).split('.')[0]}.x"
 
 
 def host_skip_reason(cell: ImageCell, host: dict[str, Any]) -> str | None:
     """Why this host cannot run the cell's CUDA build on its GPU, or None.
 
     A CUDA cell on a host without GPUs is not skipped: CUDA wheels run on the CPU.
+    The driver is judged with two numbers: below the minor-version-compatibility floor
+    of the CUDA major nothing runs (skip); between the floor and the toolkit's own
+    minimum the cell runs (see :func:`host_warning`) unless it could only run by PTX
+    JIT, which needs the toolkit's own minimum.
     """
     gpus = host.get("gpus") or []
     if not cell.is_cuda or not gpus:
         return None
     driver = host.get("driver")
-    if driver and cell.min_driver and _version(driver) < _version(cell.min_driver):
-        return f"driver {driver} is older than {cell.min_driver}, the minimum for CUDA {cell.cuda}"
+    floor = _floor(cell)
+    if driver and floor and _version(driver) < _version(floor):
+        own = f"; CUDA {cell.cuda}'s own minimum is {cell.min_driver}" if cell.min_driver and cell.min_driver != floor else ""
+        return (f"driver {driver} is below {floor}, the oldest that runs CUDA {_major(cell)} wheels "
+                f"(minor-version compatibility){own}")
     caps = [str(g.get("capability")) for g in gpus if g.get("capability")]
     if caps and not any(_runs_on(cell, c) for c in caps):
         names = ", ".join(f"{g.get('name', 'GPU')} ({g.get('capability')})" for g in gpus)
         archs = ", ".join(cell.arch) + (f" + PTX {cell.ptx}" if cell.ptx else "")
         return f"no GPU here matches the wheel's archs [{archs}]: {names}"
+    below_own = bool(driver and cell.min_driver and _version(driver) < _version(cell.min_driver))
+    if below_own and caps and not any(_cubin_runs_on(cell, c) for c in caps):
+        names = ", ".join(f"{g.get('name', 'GPU')} ({g.get('capability')})" for g in gpus
+                          if g.get("capability") and _ptx_runs_on(cell, str(g.get("capability"))))
+        return (f"{names} runs this wheel only by PTX JIT (no cubin matches; PTX {cell.ptx}), which needs "
+                f"{cell.min_driver} (CUDA {cell.cuda}'s own minimum); driver {driver} is older and "
+                f"minor-version compatibility does not cover PTX JIT")
+    return None
+
+
+def host_warning(cell: ImageCell, host: dict[str, Any]) -> str | None:
+    """A caveat for a cell that runs here, or None.
+
+    Between the minor-version-compatibility floor and the toolkit's own minimum driver
+    the cell runs, but kernels that need PTX JIT may fail. Cells that
+    :func:`host_skip_reason` skips get no warning.
+    """
+    gpus = host.get("gpus") or []
+    driver = host.get("driver")
+    if not cell.is_cuda or not gpus or not driver or not cell.min_driver:
+        return None
+    if host_skip_reason(cell, host) is not None:
+        return None
+    if _version(driver) < _version(cell.min_driver):
+        return (f"driver {driver} is older than {cell.min_driver} (CUDA {cell.cuda}'s own minimum): "
+                f"runs through minor-version compatibility; kernels that need PTX JIT may fail")
     return None
 
 
