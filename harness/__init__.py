@@ -5,4 +5,4 @@ Importing this package imports nothing heavy: the worker side (which runs
 inside minimal images) needs only torch, numpy, pyyaml, joblib, scikit-learn.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

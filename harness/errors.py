@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 # Exit codes, in one place.
-EXIT_OK = 0  # every cell reproduced
-EXIT_RUN_FAILED = 1  # a run (cell, build, container) failed
+EXIT_OK = 0  # every cell that ran reproduced (skipped cells do not count against it)
+EXIT_RUN_FAILED = 1  # a run (cell, build, container) failed, or the run is incomplete
 EXIT_USAGE = 2  # bad input or usage; nothing was trained
 EXIT_DRIFTED = 3  # everything ran, at least one metric is outside tolerance
 EXIT_INTERRUPTED = 130  # Ctrl-C
@@ -74,12 +74,8 @@ class BackendError(RunFailed):
     kind = "backend"
 
 
-def from_dict(data: dict[str, Any]) -> HarnessError:
-    """Rebuild an error serialised by :meth:`HarnessError.to_dict` (worker -> CLI)."""
-    kind = data.get("kind", "run")
-    message = str(data.get("message", "unknown error"))
-    if kind in ("input", "usage"):
-        return InputError("", message)
-    if kind == "backend":
-        return BackendError(message)
-    return RunFailed(message)
+class Interrupted(HarnessError):
+    """Ctrl-C during a run: what finished is kept, the running cell is recorded as interrupted. Exit 130."""
+
+    exit_code = EXIT_INTERRUPTED
+    kind = "interrupted"

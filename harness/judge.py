@@ -1,26 +1,40 @@
-"""Comparison and verdicts: pure functions of result records.
+"""Verdicts: pure functions of typed result records.
 
 Plain data in, plain data out (as in dvc's metric diff): flatten each record's
 metrics into ``{"val_loss": x, "r2/target": x, ...}``, diff two such maps
-into ``{key: {"old", "new", "diff", "rel", "ok"}}``, and turn diffs into a
-verdict with per-metric tolerances. Rendering lives in harness.report.
+into ``{key: MetricDiff(old, new, diff, rel, ok)}``, and turn the diffs into a
+:class:`Verdict` per cell and overall with per-metric tolerances. This is the
+only module that judges; workers measure, :mod:`harness.report` renders.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import InputError
+from .record import RecordSet, ResultRecord, Status
 
 FAMILIES = ("val_loss", "r2", "mse", "mae")
 
-REPRODUCED = "reproduced"
-DRIFTED = "drifted"
-FAILED = "failed"
-UNRECORDED = "unrecorded"  # ran fine; no trial_info.yaml to judge against
+
+
+class Verdict(str, enum.Enum):
+    """What a cell (or the whole run) says about reproduction."""
+
+    REPRODUCED = "reproduced"  # every recorded metric within tolerance
+    DRIFTED = "drifted"  # ran, and at least one metric is outside tolerance
+    UNRECORDED = "unrecorded"  # ran fine; nothing recorded to judge against
+    FAILED = "failed"  # did not produce metrics: build, container, trainer ...
+    SKIPPED = "skipped"  # this host cannot run it; does not fail the run
+    INCOMPLETE = "incomplete"  # interrupted, or planned and never recorded; never "reproduced"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -135,49 +149,90 @@ def flatten_recorded(recorded: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
-def diff(old: Mapping[str, float], new: Mapping[str, float], tol: Tolerances | None = None) -> dict[str, dict[str, Any]]:
-    """Keys present in ``old`` compared with ``new``: old, new, diff, rel, ok."""
+@dataclass(frozen=True)
+class MetricDiff:
+    """One metric of a cell against a reference: ``new - old`` and whether tolerance allows it."""
+
+    old: float
+    new: float | None
+    diff: float | None
+    rel: float | None
+    ok: bool
+
+
+def diff(old: Mapping[str, float], new: Mapping[str, float], tol: Tolerances | None = None) -> dict[str, MetricDiff]:
+    """Keys present in ``old`` compared with ``new``; a key ``new`` lacks is not ok."""
     tol = tol or Tolerances()
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, MetricDiff] = {}
     for key, o in old.items():
         n = new.get(key)
         if n is None:
-            out[key] = {"old": o, "new": None, "diff": None, "rel": None, "ok": False}
+            out[key] = MetricDiff(o, None, None, None, False)
             continue
         d = n - o
-        rel = (d / abs(o)) if o not in (0.0,) and math.isfinite(o) else None
-        out[key] = {"old": o, "new": n, "diff": d, "rel": rel, "ok": tol.for_key(key).allows(o, n)}
+        rel = (d / abs(o)) if o != 0.0 and math.isfinite(o) else None
+        out[key] = MetricDiff(o, n, d, rel, tol.for_key(key).allows(o, n))
     return out
 
 
-def delta_vs_recorded(metrics: Mapping[str, Any], recorded: Mapping[str, Any] | None, tol: Tolerances | None = None) -> dict[str, Any]:
-    """What the worker stores in a record: retrained val metrics against the trial."""
-    if not recorded:
-        return {}
-    return diff(flatten_recorded(recorded), flatten_split(metrics.get("retrained"), "val"), tol)
-
-
-def max_abs(d: Mapping[str, Mapping[str, Any]], family: str) -> float | None:
-    vals = [abs(v["diff"]) for k, v in d.items() if k.split("/", 1)[0] == family and v.get("diff") is not None]
+def max_abs(diffs: Mapping[str, MetricDiff], family: str | None = None, prefix: str = "") -> float | None:
+    """The largest |diff| among keys of ``family`` (all when None) that start with ``prefix``."""
+    vals = [abs(v.diff) for k, v in diffs.items()
+            if v.diff is not None and k.startswith(prefix)
+            and (family is None or k[len(prefix):].split("/", 1)[0] == family)]
     return max(vals) if vals else None
+
+
+def data_mismatches(rec: ResultRecord) -> list[str]:
+    """One line per digest the bundle records for the data that the data the run read does not match."""
+    if not rec.data_sha256:
+        return []
+    return [f"DATA MISMATCH: {source} is {want[:12]}..., but the data file hashes to {rec.data_sha256[:12]}...; "
+            "this is not the data the trial was trained on"
+            for source, want in sorted(rec.expected_data_sha256.items()) if want != rec.data_sha256]
 
 
 # --------------------------------------------------------------------------- the comparison
 
 
 @dataclass
-class CellComparison:
+class CellJudgement:
     cell: str
-    status: str  # ok | error
-    verdict: str  # reproduced | drifted | failed | unrecorded
+    status: Status
+    verdict: Verdict
     reason: str
-    vs_recorded: dict[str, Any]
-    vs_first: dict[str, Any]
-    vs_first_ok: bool | None
-    weights_identical_to_first: bool | None
-    weights_identical_to_recorded: bool | None
-    archived_inference: dict[str, Any]  # archived best weights evaluated here, vs recorded
-    out_of_tolerance: list[str]
+    vs_recorded: dict[str, MetricDiff] = field(default_factory=dict)
+    vs_first: dict[str, MetricDiff] = field(default_factory=dict)  # keys "test:..." compare the test split
+    vs_first_ok: bool | None = None
+    weights_identical_to_first: bool | None = None
+    weights_identical_to_recorded: bool | None = None
+    archived_inference: dict[str, MetricDiff] = field(default_factory=dict)  # archived weights evaluated here vs recorded
+    out_of_tolerance: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Comparison:
+    """Every cell judged, the overall verdict, and what is missing."""
+
+    overall: Verdict
+    reason: str
+    first_cell: str | None
+    tolerances: dict[str, dict[str, float]]
+    cells: list[CellJudgement]
+    missing: list[str] = field(default_factory=list)  # planned cells that left no record
+    warnings: list[str] = field(default_factory=list)
+    schema: str = "harness.comparison/2"
+
+    def cell(self, name: str) -> CellJudgement | None:
+        return next((c for c in self.cells if c.cell == name), None)
+
+    def counts(self) -> dict[Verdict, int]:
+        out: dict[Verdict, int] = {}
+        for c in self.cells:
+            out[c.verdict] = out.get(c.verdict, 0) + 1
+        if self.missing:
+            out[Verdict.INCOMPLETE] = out.get(Verdict.INCOMPLETE, 0) + len(self.missing)
+        return out
 
 
 def _both(a: Any, b: Any) -> bool | None:
@@ -186,93 +241,99 @@ def _both(a: Any, b: Any) -> bool | None:
     return a == b
 
 
-def compare(records: list[dict[str, Any]], tol: Tolerances | None = None) -> dict[str, Any]:
-    """Judge every record against the recorded trial and against the first successful cell."""
-    tol = tol or Tolerances()
-    first = next((r for r in records if r.get("status") == "ok"), None)
-    first_flat = flatten_split((first or {}).get("metrics", {}).get("retrained"), "val") if first else {}
-    first_test = flatten_split((first or {}).get("metrics", {}).get("retrained"), "test") if first else {}
-    rows: list[CellComparison] = []
-    for rec in records:
-        cell = rec.get("cell", "?")
-        if rec.get("status") != "ok":
-            err = rec.get("error") or {}
-            rows.append(CellComparison(cell, "error", FAILED, err.get("message", "failed"), {}, {}, None, None, None, {}, []))
-            continue
-        retrained = rec.get("metrics", {}).get("retrained")
-        flat = flatten_split(retrained, "val")
-        recorded = rec.get("recorded")
-        vs_rec = diff(flatten_recorded(recorded), flat, tol) if recorded else {}
-        vs_first: dict[str, Any] = {}
-        vs_first_ok = None
-        if first is not None and rec is not first:
-            vs_first = diff(first_flat, flat, tol)
-            vs_first.update({f"test:{k}": v for k, v in diff(first_test, flatten_split(retrained, "test"), tol).items()})
-            vs_first_ok = all(v["ok"] for v in vs_first.values())
-        elif rec is first:
-            vs_first_ok = True
-        archived = rec.get("metrics", {}).get("archived")
-        arch = diff(flatten_recorded(recorded), flatten_split(archived, "val"), tol) if (recorded and archived) else {}
-        bad = [k for k, v in vs_rec.items() if not v["ok"]]
-        if recorded and vs_rec:
-            verdict = DRIFTED if bad else REPRODUCED
-            reason = f"{len(bad)} of {len(vs_rec)} recorded metrics outside tolerance" if bad else f"all {len(vs_rec)} recorded metrics within tolerance"
-        elif recorded:
-            verdict, reason = UNRECORDED, "trial_info.yaml records no metric this run produces"
-        else:
-            verdict, reason = UNRECORDED, "no trial_info.yaml: nothing recorded to compare with"
-            if vs_first_ok is False:
-                verdict, reason = DRIFTED, "differs from the first cell beyond tolerance"
-                bad = [k for k, v in vs_first.items() if not v["ok"]]
-        rows.append(CellComparison(
-            cell=cell, status="ok", verdict=verdict, reason=reason, vs_recorded=vs_rec, vs_first=vs_first,
-            vs_first_ok=vs_first_ok,
-            weights_identical_to_first=_both(rec.get("weights_sha256"), (first or {}).get("weights_sha256")),
-            weights_identical_to_recorded=_both(rec.get("weights_sha256"), (recorded or {}).get("weights_sha256")),
-            archived_inference=arch, out_of_tolerance=bad,
-        ))
-    verdicts = [r.verdict for r in rows]
-    if FAILED in verdicts:
-        overall = FAILED
-    elif DRIFTED in verdicts:
-        overall = DRIFTED
-    elif verdicts and all(v == REPRODUCED for v in verdicts):
-        overall = REPRODUCED
+def _not_run(rec: ResultRecord) -> CellJudgement:
+    message = rec.error.message if rec.error else rec.status.value
+    verdict = {Status.SKIPPED: Verdict.SKIPPED, Status.INTERRUPTED: Verdict.INCOMPLETE}.get(rec.status, Verdict.FAILED)
+    return CellJudgement(rec.cell, rec.status, verdict, message)
+
+
+def _judge_ok(rec: ResultRecord, first: ResultRecord | None, tol: Tolerances) -> CellJudgement:
+    flat = flatten_split(rec.retrained, "val")
+    recorded = rec.recorded
+    vs_rec = diff(flatten_recorded(recorded), flat, tol) if recorded else {}
+    vs_first: dict[str, MetricDiff] = {}
+    vs_first_ok: bool | None = None
+    if first is not None and rec is not first:
+        vs_first = diff(flatten_split(first.retrained, "val"), flat, tol)
+        vs_first.update({f"test:{k}": v for k, v in diff(flatten_split(first.retrained, "test"),
+                                                          flatten_split(rec.retrained, "test"), tol).items()})
+        vs_first_ok = all(v.ok for v in vs_first.values())
+    elif rec is first:
+        vs_first_ok = True
+    archived = rec.archived
+    arch = diff(flatten_recorded(recorded), flatten_split(archived, "val"), tol) if (recorded and archived) else {}
+    bad = [k for k, v in vs_rec.items() if not v.ok]
+    if recorded and vs_rec:
+        verdict = Verdict.DRIFTED if bad else Verdict.REPRODUCED
+        reason = (f"{len(bad)} of {len(vs_rec)} recorded metrics outside tolerance" if bad
+                  else f"all {len(vs_rec)} recorded metrics within tolerance")
+    elif recorded:
+        verdict, reason = Verdict.UNRECORDED, "trial_info.yaml records no metric this run produces"
     else:
-        overall = UNRECORDED if verdicts else FAILED
-    return {
-        "schema": "harness.comparison/1",
-        "first_cell": first.get("cell") if first else None,
-        "tolerances": tol.to_dict(),
-        "overall": overall,
-        "cells": [asdict(r) for r in rows],
-    }
+        verdict, reason = Verdict.UNRECORDED, "no trial_info.yaml: nothing recorded to compare with"
+        if vs_first_ok is False:
+            verdict, reason = Verdict.DRIFTED, "differs from the first cell beyond tolerance"
+            bad = [k for k, v in vs_first.items() if not v.ok]
+    return CellJudgement(
+        cell=rec.cell, status=rec.status, verdict=verdict, reason=reason, vs_recorded=vs_rec, vs_first=vs_first,
+        vs_first_ok=vs_first_ok,
+        weights_identical_to_first=_both(rec.weights_sha256, first.weights_sha256 if first else None),
+        weights_identical_to_recorded=_both(rec.weights_sha256, (recorded or {}).get("weights_sha256")),
+        archived_inference=arch, out_of_tolerance=bad,
+    )
 
 
-def exit_code(comparison: Mapping[str, Any]) -> int:
-    """0 reproduced (or nothing to judge), 1 a run failed, 3 drifted."""
-    from .errors import EXIT_DRIFTED, EXIT_OK, EXIT_RUN_FAILED
+def _overall(cells: list[CellJudgement], missing: list[str]) -> tuple[Verdict, str]:
+    verdicts = [c.verdict for c in cells]
+    ran = [v for v in verdicts if v not in (Verdict.SKIPPED, Verdict.FAILED, Verdict.INCOMPLETE)]
+    n_skip = verdicts.count(Verdict.SKIPPED)
+    skipped = f"; {n_skip} skipped" if n_skip else ""
+    if Verdict.FAILED in verdicts:
+        return Verdict.FAILED, f"{verdicts.count(Verdict.FAILED)} cell(s) failed{skipped}"
+    incomplete = verdicts.count(Verdict.INCOMPLETE) + len(missing)
+    if incomplete:
+        return Verdict.INCOMPLETE, f"{incomplete} cell(s) interrupted or never recorded{skipped}"
+    if not ran:
+        return Verdict.INCOMPLETE, (f"no cell ran: all {n_skip} were skipped on this host" if n_skip else "no cell ran")
+    if Verdict.DRIFTED in verdicts:
+        return Verdict.DRIFTED, f"{verdicts.count(Verdict.DRIFTED)} of {len(ran)} cell(s) drifted{skipped}"
+    if all(v is Verdict.REPRODUCED for v in ran):
+        return Verdict.REPRODUCED, f"{len(ran)} cell(s) reproduced{skipped}"
+    return Verdict.UNRECORDED, f"{len(ran)} cell(s) ran, nothing recorded to judge against{skipped}"
 
-    overall = comparison.get("overall")
-    if overall == FAILED:
-        return EXIT_RUN_FAILED
-    if overall == DRIFTED:
-        return EXIT_DRIFTED
-    return EXIT_OK
+
+def compare(records: list[ResultRecord], tol: Tolerances | None = None, missing: Iterable[str] = ()) -> Comparison:
+    """Judge every record against the recorded trial and against the first cell that ran.
+
+    Skipped cells are ``skipped`` and do not fail the run; interrupted cells and
+    ``missing`` ones (planned, never recorded) make the run ``incomplete``.
+    """
+    tol = tol or Tolerances()
+    first = next((r for r in records if r.ok), None)
+    cells = [(_judge_ok(r, first, tol) if r.ok else _not_run(r)) for r in records]
+    missing = [m for m in missing if m not in {r.cell for r in records}]
+    overall, reason = _overall(cells, missing)
+    warnings: dict[str, None] = {}
+    for r in records:
+        for w in data_mismatches(r):
+            warnings.setdefault(f"{r.cell}: {w}", None)
+    return Comparison(overall=overall, reason=reason, first_cell=first.cell if first else None,
+                      tolerances=tol.to_dict(), cells=cells, missing=missing, warnings=list(warnings))
 
 
-def merge(groups: Iterable[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Concatenate record lists from several machines, keeping cell names unique."""
+def merge(sets: Iterable[RecordSet]) -> RecordSet:
+    """Concatenate record sets from several places, keeping cell names unique."""
     seen: dict[str, int] = {}
-    out = []
-    for group in groups:
-        for rec in group:
-            rec = dict(rec)
-            name = rec.get("cell", "?")
+    out: list[ResultRecord] = []
+    missing: list[str] = []
+    for rs in sets:
+        for rec in rs.records:
+            name = rec.cell
             if name in seen:
                 seen[name] += 1
-                rec["cell"] = f"{name}@{(rec.get('env') or {}).get('hostname') or seen[name]}"
+                rec = dataclasses.replace(rec, cell=f"{name}@{rec.env.hostname or seen[name]}")
             else:
                 seen[name] = 0
             out.append(rec)
-    return out
+        missing.extend(rs.missing)
+    return RecordSet(out, missing, ", ".join(rs.source for rs in sets))

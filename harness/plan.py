@@ -1,71 +1,247 @@
-"""Expanding the local matrix's axes into named cells (pure)."""
+"""The one planner: typed options in, named cells out, for every backend.
+
+Pure part: :func:`local_cells` and :func:`image_run_cells` expand the axes
+(devices, determinism modes, threads, TF32, repeats) into :class:`Cell` s
+with stable names, the first cell being the strictest (the baseline the
+others are compared with). Effects are gathered in :func:`make_plan` alone:
+whether torch sees CUDA, the host's driver and GPUs, the matrix files and
+the wheelhouses the image builds will use.
+"""
 
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
 
-from .backends.base import Cell
-from .worker.determinism import MODES
-from .errors import UsageError
+from .errors import HarnessError, InputError, UsageError
+from .options import Axes, ImageOptions, RunOptions
+
+LOCAL_DEFAULT_MODES = ("strict", "default")
+IMAGE_DEFAULT_MODES = ("strict",)
 
 
-def _name(device: str, mode: str, threads: int | None, tf32: bool, repeat: int, repeats: int) -> str:
+@dataclass
+class Cell:
+    """One point of the matrix: where and how a retrain runs."""
+
+    name: str
+    device: str = "cpu"
+    determinism: str = "strict"
+    threads: int | None = None
+    tf32: bool = False
+    repeat: int = 0
+    image: Any = None  # harness.images.matrix.ImageCell, for cells that run in an image
+    skip_reason: str | None = None  # this host cannot run it (decided before anything starts)
+    warning: str | None = None  # it runs, but the user should know (e.g. an old driver)
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Job:
+    """What every cell of one invocation shares (host paths)."""
+
+    bundle_dir: str
+    data_path: str
+    results_dir: str
+    trainer: str | None = None
+    trainer_path: str | None = None
+    trace: bool = False
+    run_id: str = ""
+
+    def cell_dir(self, cell: Cell) -> Path:
+        return Path(self.results_dir) / cell.name
+
+
+@dataclass
+class Plan:
+    """What one invocation will run, in order, before anything runs."""
+
+    backend: str  # "local" | "docker"
+    cells: list[Cell]  # every planned cell, skipped ones included, in table order
+    builds: dict[str, Any] = field(default_factory=dict)  # image cell name -> images.build.BuildPlan
+    blocked: dict[str, HarnessError] = field(default_factory=dict)  # cell name -> why it cannot start
+    options: ImageOptions | None = None
+
+    @property
+    def runnable(self) -> list[Cell]:
+        return [c for c in self.cells if c.skip_reason is None]
+
+    @property
+    def skipped(self) -> list[Cell]:
+        return [c for c in self.cells if c.skip_reason is not None]
+
+
+# --------------------------------------------------------------------------- pure expansion
+
+
+def _suffix(device: str, mode: str, threads: int | None, tf32: bool, repeat: int, repeats: int) -> list[str]:
     parts = [device.replace(":", ""), mode, f"t{threads}" if threads else "tdef"]
     if device.startswith("cuda"):
         parts.append("tf32" if tf32 else "fp32")
     if repeats > 1:
         parts.append(f"r{repeat + 1}")
-    return "-".join(parts)
+    return parts
 
 
-def local_cells(
-    devices: Sequence[str],
-    modes: Sequence[str],
-    threads: Sequence[int | None],
-    tf32: Sequence[bool] = (False,),
-    repeats: int = 1,
-) -> list[Cell]:
-    """Every combination of the axes; TF32 only varies on CUDA devices.
-
-    The first cell is the baseline the others are compared with, so the
-    strictest settings come first.
-    """
-    for m in modes:
-        if m not in MODES:
-            raise UsageError(f"--determinism {m!r} is not one of {', '.join(MODES)}", hint="e.g. --determinism strict,default")
-    for d in devices:
-        if d != "cpu" and not d.startswith("cuda"):
-            raise UsageError(f"--devices {d!r} is not cpu or cuda[:N]", hint="e.g. --devices cpu,cuda")
-    if repeats < 1:
-        raise UsageError(f"--repeats must be >= 1, got {repeats}")
+def local_cells(devices: Sequence[str], modes: Sequence[str], threads: Sequence[int | None],
+                tf32: Sequence[bool] = (False,), repeats: int = 1) -> list[Cell]:
+    """Every combination of the axes; TF32 only varies on CUDA devices. Names like ``cpu-strict-t1``."""
     cells: list[Cell] = []
     seen: set[str] = set()
     for device, mode, t, tf, r in itertools.product(devices, modes, threads, tf32, range(repeats)):
-        if tf and not device.startswith("cuda"):
+        on_cuda = device.startswith("cuda")
+        if tf and not on_cuda:
             continue
-        name = _name(device, mode, t, tf, r, repeats)
+        name = "-".join(_suffix(device, mode, t, tf, r, repeats))
         if name in seen:
             continue
         seen.add(name)
-        cells.append(Cell(name=name, device=device, determinism=mode, threads=t, tf32=bool(tf) and device.startswith("cuda"),
-                          repeat=r, labels={"device": device, "determinism": mode, "threads": t, "tf32": tf, "repeat": r + 1}))
+        cells.append(Cell(name=name, device=device, determinism=mode, threads=t, tf32=bool(tf) and on_cuda, repeat=r,
+                          labels={"device": device, "determinism": mode, "threads": t, "tf32": bool(tf) and on_cuda,
+                                  "repeat": r + 1}))
     return cells
 
 
-def parse_threads(text: str) -> list[int | None]:
-    """``1,2`` or ``1,all``; ``all``/``default`` leaves torch's own default."""
-    out: list[int | None] = []
-    for part in text.split(","):
-        part = part.strip()
-        if part in ("all", "default", "auto"):
-            out.append(None)
-            continue
-        try:
-            v = int(part)
-        except ValueError:
-            raise UsageError(f"--threads {part!r} is not an integer", hint="e.g. --threads 1,2 or --threads 1,all") from None
-        if v < 1:
-            raise UsageError(f"--threads must be >= 1, got {v}")
-        out.append(v)
+def image_run_cells(image_cells: Sequence[Any], modes: Sequence[str], threads: Sequence[int | None],
+                    tf32: Sequence[bool], repeats: int, devices: dict[str, str],
+                    skips: dict[str, str | None], warnings: dict[str, str | None]) -> list[Cell]:
+    """Image cells x modes x threads x TF32 x repeats; a suffix names an axis only where it varies.
+
+    ``devices``, ``skips`` and ``warnings`` are the host's verdicts per image cell.
+    """
+    cells: list[Cell] = []
+    for ic in image_cells:
+        device = devices[ic.name]
+        tf_axis = [t for t in tf32 if not t or device.startswith("cuda")] or [False]
+        for mode, t, tf, r in itertools.product(modes, threads, tf_axis, range(repeats)):
+            name = ic.name
+            if len(modes) > 1:
+                name += f"-{mode}"
+            if len(threads) > 1:
+                name += f"-t{t}" if t else "-tdef"
+            if len(tf_axis) > 1:
+                name += "-tf32" if tf else "-fp32"
+            if repeats > 1:
+                name += f"-r{r + 1}"
+            cells.append(Cell(name=name, device=device, determinism=mode, threads=t, tf32=tf, repeat=r, image=ic,
+                              skip_reason=skips.get(ic.name), warning=warnings.get(ic.name),
+                              labels={"image": ic.name, "torch": ic.torch, "variant": ic.variant, "determinism": mode,
+                                      "threads": t, "tf32": tf, "repeat": r + 1}))
+    return cells
+
+
+def refuse_inapplicable(opts: RunOptions) -> None:
+    """Options that do nothing for the chosen backend are refused, not silently ignored."""
+    if opts.backend == "local":
+        if opts.cells:
+            raise UsageError("--cells names image cells of the docker backend; the local backend has none",
+                             hint="drop --cells, or use --backend docker")
+        im = opts.images
+        given = [flag for flag, on in (("--matrix", im.matrix), ("--compat", im.compat), ("--base-image", im.base_images),
+                                        ("--wheelhouse", im.wheelhouses), ("--memory", im.memory)) if on]
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply to the docker backend", hint="drop them, or use --backend docker")
+    elif opts.axes.devices is not None:
+        raise UsageError("--devices is for the local backend; an image cell runs on its GPU when the host has one",
+                         hint="use --gpus none to keep every image cell on the CPU")
+
+
+# --------------------------------------------------------------------------- effects: the host's facts
+
+
+def _local_plan(opts: RunOptions) -> Plan:
+    import os
+
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    ax = opts.axes
+    if opts.single:
+        device = (ax.devices or ("auto",))[0]
+        if device == "auto":
+            device = "cuda" if has_cuda else "cpu"
+        devices: tuple[str, ...] = (device,)
+        modes = ax.modes or ("strict",)
+        threads = ax.threads or (None,)
+    else:
+        devices = tuple(("cuda" if has_cuda else "cpu") if d == "auto" else d for d in (ax.devices or ()))
+        devices = devices or (("cpu", "cuda") if has_cuda else ("cpu",))
+        modes = ax.modes or LOCAL_DEFAULT_MODES
+        threads = ax.threads or ((1, None) if (os.cpu_count() or 1) > 1 else (None,))
+    cells = local_cells(devices, modes, threads, ax.tf32, ax.repeats)
+    if opts.single and len(cells) == 1:
+        cells[0].name = "run"
+    for c in cells:
+        if c.device.startswith("cuda") and not has_cuda:
+            raise UsageError(f"cell {c.name} asks for {c.device}, but torch sees no CUDA device here",
+                             hint="drop cuda from --devices, or run where a GPU is visible")
+    return Plan("local", cells)
+
+
+def load_image_cells(images: ImageOptions, names: Sequence[str] | None) -> list[Any]:
+    """The selected, validated image cells with base images substituted (site config, then flags)."""
+    from .images import matrix
+
+    cells = matrix.select(matrix.load_matrix(images.matrix, images.compat), list(names) if names else None)
+    if images.site_config:
+        cells = matrix.apply_base_images(cells, matrix.load_site_config(images.site_config)["base_images"])
+    return matrix.apply_base_images(cells, dict(images.base_images))
+
+
+def wheelhouse_dirs(values: Sequence[str], cells: Sequence[Any]) -> dict[str, Path]:
+    """Per-cell wheelhouses from ``--wheelhouse ROOT`` (subdir per cell) and ``CELL=DIR``."""
+    known = {c.name for c in cells}
+    out: dict[str, Path] = {}
+    explicit: dict[str, Path] = {}
+    for v in values:
+        cell, sep, path = v.partition("=")
+        if sep and cell in known:
+            explicit[cell] = Path(path)
+        elif sep and not Path(v).is_dir():
+            raise InputError("--wheelhouse", f"{cell!r} is not a selected cell", hint=f"known: {', '.join(sorted(known))}")
+        else:
+            root = Path(v)
+            if not root.is_dir():
+                raise InputError("--wheelhouse", f"{v} is not a directory",
+                                 hint="pass a directory with one subdirectory per cell, or CELL=DIR")
+            for c in cells:
+                if (root / c.name).is_dir():
+                    out[c.name] = root / c.name
+    out.update(explicit)
     return out
+
+
+def _image_plan(opts: RunOptions) -> Plan:
+    from .images import build as imagebuild
+    from .images import matrix
+
+    image_cells = load_image_cells(opts.images, opts.cells)
+    wheelhouses = wheelhouse_dirs(opts.images.wheelhouses, image_cells)
+    host = matrix.detect_host()
+    builds: dict[str, Any] = {}
+    build_errors: dict[str, HarnessError] = {}
+    for ic in image_cells:
+        try:
+            builds[ic.name] = imagebuild.plan_build(ic, matrix.REPO_ROOT, wheelhouses.get(ic.name))
+        except HarnessError as exc:
+            build_errors[ic.name] = exc
+    devices = {ic.name: ("cpu" if opts.images.gpus == "none" else matrix.effective_device(ic, host)) for ic in image_cells}
+    skips = {ic.name: matrix.host_skip_reason(ic, host) for ic in image_cells}
+    host_warning = getattr(matrix, "host_warning", None)
+    warnings = {ic.name: host_warning(ic, host) if host_warning else None for ic in image_cells}
+    ax = opts.axes
+    cells = image_run_cells(image_cells, ax.modes or IMAGE_DEFAULT_MODES, ax.threads or (None,), ax.tf32, ax.repeats,
+                            devices, skips, warnings)
+    blocked = {c.name: build_errors[c.image.name] for c in cells if c.skip_reason is None and c.image.name in build_errors}
+    return Plan("docker", cells, builds=builds, blocked=blocked, options=opts.images)
+
+
+def make_plan(opts: RunOptions) -> Plan:
+    """Turn the options into cells for ``opts.backend`` (reads the host's facts, builds nothing)."""
+    refuse_inapplicable(opts)
+    plan = _local_plan(opts) if opts.backend == "local" else _image_plan(opts)
+    if not plan.cells:
+        raise UsageError("no cells to run", hint="check --cells / --devices")
+    return plan

@@ -1,64 +1,103 @@
-"""The two plain-data documents that cross process and machine boundaries:
+"""The typed documents that cross process and machine boundaries.
 
-* :class:`RunSpec` -- what a backend hands the worker (one cell, one run)
-* the result record -- one JSON file per run, schema ``harness.result/1``
+* :class:`RunSpec` -- what a backend hands the worker (one cell, one run),
+  schema ``harness.runspec/2``
+* :class:`ResultRecord` -- one JSON file per run, ``OUT/<cell>/record.json``,
+  schema ``harness.result/2``
 
-Every table, JSON or Markdown report is built from result records alone, so
-records written on other machines can be merged into one comparison.
+Both are dataclasses with ``to_json``/``from_json``. ``from_json`` refuses a
+document of another schema version with one line (an :class:`InputError`,
+exit 2) instead of guessing at fields it does not know. This module is the
+only one that writes ``record.json`` (:func:`write`), always atomically.
+
+A record *measures*; it never judges. Verdicts are computed from records by
+:mod:`harness.judge`, so a record's content cannot contradict the verdict
+printed for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
+import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from .errors import InputError
 
-SCHEMA = "harness.result/1"
-SPEC_SCHEMA = "harness.runspec/1"
-REQUIRED_KEYS = (
-    "schema", "cell", "status", "env", "determinism", "metrics", "recorded",
-    "delta_vs_recorded", "weights_sha256", "data_sha256", "wall_s",
-)
-ENV_KEYS = ("torch", "cuda", "cudnn", "device", "python")
+SCHEMA = "harness.result/2"
+SPEC_SCHEMA = "harness.runspec/2"
+RUN_SCHEMA = "harness.run/1"
+REPORT_SCHEMA = "harness.report/2"
+RECORD_FILE = "record.json"
+RUN_FILE = "run.json"  # what one invocation planned, in order: the basis for "missing"
+LOG_TAIL_CHARS = 4000
 
 
-@dataclass
-class RunSpec:
-    """One run of one cell, as the worker sees it (paths are the worker's own)."""
+class Status(str, enum.Enum):
+    """How a cell's run ended. Only ``ok`` carries metrics."""
 
-    cell: str
-    bundle_dir: str
-    out_dir: str
-    data_path: str | None = None
-    device: str = "cpu"
-    determinism: str = "strict"
-    threads: int | None = None
-    tf32: bool = False
-    repeat: int = 0
-    trainer: str | None = None
-    trainer_path: str | None = None
-    trace: bool = False
-    backend: str = "local"
-    image: dict[str, Any] = field(default_factory=dict)  # requested image (tag, cell pins), docker backend
-    labels: dict[str, Any] = field(default_factory=dict)  # the cell's axis values, for tables
-    schema: str = SPEC_SCHEMA
+    OK = "ok"
+    FAILED = "failed"  # it ran (or tried to) and broke: a build, a container, the trainer
+    SKIPPED = "skipped"  # this host cannot run it (no GPU fit, driver too old); never started
+    INTERRUPTED = "interrupted"  # Ctrl-C (or the launcher died) while it ran
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+    def __str__(self) -> str:
+        return self.value
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunSpec":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
-    @property
-    def record_path(self) -> Path:
-        return Path(self.out_dir) / "record.json"
+# --------------------------------------------------------------------------- helpers
+
+
+def _refuse_schema(data: Any, want: str, where: str, what: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise InputError(where, f"is not a {what} (expected a JSON object)")
+    schema = data.get("schema")
+    if schema == want:
+        return data
+    family = want.rsplit("/", 1)[0]
+    if isinstance(schema, str) and schema.startswith(family + "/"):
+        raise InputError(where, f"has schema {schema}, this harness reads {want}",
+                         hint="read it with the harness version that wrote it, or rerun the cell with this one")
+    raise InputError(where, f"is not a {what} (schema {schema!r}, expected {want})")
+
+
+def _take(cls: type, data: Mapping[str, Any], where: str, *, extra_field: str | None = None) -> dict[str, Any]:
+    """The keyword arguments of ``cls`` found in ``data``; unknown keys go to ``extra_field`` or are refused."""
+    names = {f.name for f in fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown and extra_field is None:
+        raise InputError(where, f"has unknown key(s) {', '.join(sorted(unknown))} for {cls.__name__}",
+                         hint="it was written by another harness version")
+    out = {k: v for k, v in data.items() if k in names and k != extra_field}
+    if extra_field is not None:
+        extra = dict(data.get(extra_field) or {})
+        extra.update({k: data[k] for k in unknown})
+        out[extra_field] = extra
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON data: enums by value, dataclasses as dicts; NaN and infinities stay floats."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    return value
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(_jsonable(data), indent=2, sort_keys=True, allow_nan=True) + "\n"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -81,61 +120,337 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def dumps(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=True, allow_nan=True) + "\n"
+# --------------------------------------------------------------------------- the run spec
 
 
-def write_record(path: str | Path, record: dict[str, Any]) -> None:
-    atomic_write_text(path, dumps(record))
+@dataclass
+class RunSpec:
+    """One run of one cell, as the worker sees it (paths are the worker's own)."""
+
+    cell: str
+    bundle_dir: str
+    out_dir: str
+    data_path: str | None = None
+    device: str = "cpu"
+    determinism: str = "strict"
+    threads: int | None = None
+    tf32: bool = False
+    repeat: int = 0
+    trainer: str | None = None
+    trainer_path: str | None = None
+    trace: bool = False
+    backend: str = "local"
+    image: dict[str, Any] = field(default_factory=dict)  # the image the cell runs in (docker backend)
+    labels: dict[str, Any] = field(default_factory=dict)  # the cell's axis values, for tables
+    schema: str = SPEC_SCHEMA
+
+    def to_json(self) -> str:
+        return dumps(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(self)
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "spec.json") -> "RunSpec":
+        """A spec of this version; another version or an unknown key is refused (exit 2)."""
+        data = _refuse_schema(data, SPEC_SCHEMA, where, "harness run spec")
+        return cls(**_take(cls, data, where))
+
+    @property
+    def record_path(self) -> Path:
+        return Path(self.out_dir) / RECORD_FILE
 
 
-def error_record(cell: str, kind: str, message: str, *, spec: dict[str, Any] | None = None,
-                 wall_s: float = 0.0, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A complete record for a run that never produced metrics."""
-    rec: dict[str, Any] = {
-        "schema": SCHEMA, "cell": cell, "status": "error",
-        "error": {"kind": kind, "message": message},
-        "env": {k: None for k in ENV_KEYS}, "determinism": {}, "metrics": {},
-        "recorded": None, "delta_vs_recorded": {}, "weights_sha256": None,
-        "data_sha256": None, "wall_s": wall_s, "spec": spec or {},
-    }
-    if extra:
-        rec.update(extra)
-    return rec
+# --------------------------------------------------------------------------- the result record
 
 
-def validate(record: Any, where: str) -> dict[str, Any]:
-    """Check that a loaded record is one this version understands."""
-    if not isinstance(record, dict):
-        raise InputError(where, "is not a result record (expected a JSON object)")
-    schema = record.get("schema")
-    if schema != SCHEMA:
-        if isinstance(schema, str) and schema.startswith("harness.result/"):
-            raise InputError(where, f"has schema {schema}, this harness reads {SCHEMA}", hint="upgrade harness to read it")
-        raise InputError(where, f"is not a harness result record (schema {schema!r})")
-    missing = [k for k in REQUIRED_KEYS if k not in record]
-    if missing:
-        raise InputError(where, f"result record lacks keys {missing}")
-    return record
+@dataclass
+class ErrorInfo:
+    """Why a cell has no metrics: what kind of failure, in one line, and its evidence."""
+
+    kind: str  # input | usage | run | backend | build | image | skipped | interrupted | ...
+    message: str
+    exit_status: int | None = None  # the worker's (or container's) exit status, when it had one
+    image: str | None = None  # the image tag the cell ran in, when it ran in one
+    log_tail: str | None = None  # the last lines the worker printed
+    traceback: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> "ErrorInfo":
+        if not isinstance(data, Mapping):
+            raise InputError(where, "error must be an object {kind, message, ...}")
+        return cls(**_take(cls, data, where))
 
 
-def load_records(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Load records from files or directories (``*/record.json`` and ``*.json``)."""
-    out: list[dict[str, Any]] = []
-    for p in paths:
-        p = Path(p)
-        files = sorted(p.rglob("record.json")) if p.is_dir() else [p]
-        if p.is_dir() and not files:
+@dataclass
+class Env:
+    """The environment measured inside the run (never the one asked for)."""
+
+    python: str | None = None
+    torch: str | None = None
+    cuda: str | None = None
+    cudnn: str | None = None
+    device: str | None = None  # device model: CPU model or GPU name
+    device_type: str | None = None  # cpu | cuda
+    driver: str | None = None
+    compute_capability: str | None = None
+    threads: int | None = None
+    numpy: str | None = None
+    cpu: str | None = None
+    hostname: str | None = None
+    in_container: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # every other measured fact, kept as measured
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> "Env":
+        if not isinstance(data, Mapping):
+            raise InputError(where, "env must be an object")
+        return cls(**_take(cls, data, where, extra_field="extra"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat: the known facts and the extra ones side by side."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        return out
+
+
+@dataclass
+class ImageInfo:
+    """The image a container cell ran in: what ran, not what was asked for."""
+
+    id: str
+    tag: str | None = None
+    cell: str | None = None
+    repo_digests: list[str] = field(default_factory=list)
+    input_hash: str | None = None
+    torch: str | None = None
+    variant: str | None = None
+    cuda: str | None = None
+    python: str | None = None
+    base_image: str | None = None
+    source: str | None = None
+    size_bytes: int | None = None
+    built_seconds: float | None = None
+    snapshot: str | None = None  # the archive it was loaded from (harness rerun)
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> "ImageInfo":
+        if not isinstance(data, Mapping) or not data.get("id"):
+            raise InputError(where, "image must be an object with an id")
+        return cls(**_take(cls, data, where))
+
+
+@dataclass
+class ResultRecord:
+    """One run of one cell: what ran, where, and what it measured.
+
+    ``metrics`` is ``{"retrained": M, "archived": M | None}`` where ``M`` is
+    ``{"val_loss": x, "best_epoch": n, "val": {"r2": {target: x}, "mse": ...,
+    "mae": ...}, "test": {...}}`` in original target units. ``recorded`` is the
+    trial as read from ``trial_info.yaml``. Nothing here is a verdict.
+    """
+
+    cell: str
+    status: Status
+    error: ErrorInfo | None = None
+    backend: str = "local"
+    harness_version: str | None = None
+    run_id: str | None = None  # the invocation that wrote it (see run.json)
+    started_at: str | None = None
+    finished_at: str | None = None
+    spec: dict[str, Any] = field(default_factory=dict)  # the RunSpec the worker ran, as it read it
+    labels: dict[str, Any] = field(default_factory=dict)
+    image: ImageInfo | None = None
+    env: Env = field(default_factory=Env)
+    determinism: dict[str, Any] = field(default_factory=dict)
+    bundle: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    data_sha256: str | None = None
+    expected_data_sha256: dict[str, str] = field(default_factory=dict)  # where the bundle records one -> digest
+    split: dict[str, Any] = field(default_factory=dict)
+    scaler: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    recorded: dict[str, Any] | None = None
+    weights_sha256: str | None = None
+    last_weights_sha256: str | None = None
+    archived_weights_sha256: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    trainer: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    host_paths: dict[str, Any] = field(default_factory=dict)
+    wall_s: float | None = None  # the worker's own wall time
+    train_s: float | None = None
+    launcher_wall_s: float | None = None  # as the launcher saw it (start-up included)
+    schema: str = SCHEMA
+
+    # ---- construction
+
+    @classmethod
+    def without_metrics(cls, cell: str, status: Status, kind: str, message: str, **kw: Any) -> "ResultRecord":
+        """A complete record for a run that produced no metrics (failed, skipped, interrupted)."""
+        err_keys = {f.name for f in fields(ErrorInfo)} - {"kind", "message"}
+        err = ErrorInfo(kind=kind, message=message, **{k: kw.pop(k) for k in list(kw) if k in err_keys})
+        return cls(cell=cell, status=status, error=err, **kw)
+
+    # ---- (de)serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        d = _jsonable(self)
+        d["env"] = _jsonable(self.env.to_dict())
+        return d
+
+    def to_json(self) -> str:
+        return dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = RECORD_FILE) -> "ResultRecord":
+        """A record of this schema version; another version is refused with one line (exit 2)."""
+        data = _refuse_schema(data, SCHEMA, where, "harness result record")
+        kw = _take(cls, data, where)
+        for key in ("cell", "status"):
+            if key not in kw:
+                raise InputError(where, f"result record lacks {key!r}")
+        try:
+            kw["status"] = Status(kw["status"])
+        except ValueError:
+            raise InputError(where, f"status {kw['status']!r} is not one of {', '.join(s.value for s in Status)}") from None
+        if kw.get("error") is not None:
+            kw["error"] = ErrorInfo.from_json(kw["error"], where)
+        if kw.get("image") is not None:
+            kw["image"] = ImageInfo.from_json(kw["image"], where)
+        kw["env"] = Env.from_json(kw.get("env") or {}, where)
+        if kw["status"] is Status.OK and not kw.get("metrics"):
+            raise InputError(where, "an ok record carries no metrics")
+        if kw["status"] is not Status.OK and kw.get("error") is None:
+            raise InputError(where, f"a {kw['status'].value} record carries no error")
+        return cls(**kw)
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.OK
+
+    @property
+    def retrained(self) -> dict[str, Any]:
+        return (self.metrics or {}).get("retrained") or {}
+
+    @property
+    def archived(self) -> dict[str, Any] | None:
+        return (self.metrics or {}).get("archived")
+
+
+# --------------------------------------------------------------------------- what one invocation planned
+
+
+@dataclass
+class RunManifest:
+    """``OUT/run.json``: the cells one invocation planned, in order, written before any runs.
+
+    ``harness compare`` keeps this order and names the planned cells that left
+    no record (an interrupted or killed run) as missing.
+    """
+
+    run_id: str
+    cells: list[str]
+    backend: str
+    bundle: str
+    started_at: str
+    harness_version: str | None = None
+    schema: str = RUN_SCHEMA
+
+    def to_json(self) -> str:
+        return dumps(self)
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = RUN_FILE) -> "RunManifest":
+        data = _refuse_schema(data, RUN_SCHEMA, where, "harness run manifest")
+        kw = _take(cls, data, where)
+        if not isinstance(kw.get("cells"), list) or not all(isinstance(c, str) for c in kw["cells"]):
+            raise InputError(where, "cells must be a list of cell names")
+        return cls(**kw)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write(path: str | Path, record: ResultRecord) -> None:
+    """Write ``record.json`` atomically: the one place that does."""
+    atomic_write_text(path, record.to_json())
+
+
+def read(path: str | Path) -> ResultRecord:
+    """One ``record.json``; a missing, unreadable or foreign file is one clear line (exit 2)."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(str(p), "not found") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(str(p), f"cannot be read as JSON ({exc})") from None
+    return ResultRecord.from_json(data, str(p))
+
+
+def write_manifest(results_dir: str | Path, manifest: RunManifest) -> None:
+    atomic_write_text(Path(results_dir) / RUN_FILE, manifest.to_json())
+
+
+def read_manifest(results_dir: str | Path) -> RunManifest | None:
+    p = Path(results_dir) / RUN_FILE
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(str(p), f"cannot be read as JSON ({exc})") from None
+    return RunManifest.from_json(data, str(p))
+
+
+@dataclass
+class RecordSet:
+    """Records read from one place, in the run's order, with the planned cells that left none."""
+
+    records: list[ResultRecord]
+    missing: list[str] = field(default_factory=list)
+    source: str = ""
+
+
+def _ordered(records: list[ResultRecord], manifest: RunManifest | None) -> tuple[list[ResultRecord], list[str]]:
+    if manifest is None:
+        # No plan to follow: the order the cells started in (a run starts them in plan order).
+        return sorted(records, key=lambda r: (r.started_at or "", r.cell)), []
+    rank = {name: i for i, name in enumerate(manifest.cells)}
+    ordered = sorted(records, key=lambda r: (rank.get(r.cell, len(rank)), r.started_at or "", r.cell))
+    have = {r.cell for r in records}
+    return ordered, [c for c in manifest.cells if c not in have]
+
+
+def load(path: str | Path) -> RecordSet:
+    """Records from a results directory, a ``record.json`` or a JSON report.
+
+    A directory is read in the order of its ``run.json`` (else the cells'
+    start times); planned cells without a record are listed as missing.
+    """
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob(f"*/{RECORD_FILE}"))
+        manifest = read_manifest(p)
+        if not files and manifest is None:
             raise InputError(str(p), "holds no record.json files", hint="point at a results directory written by harness")
-        for f in files:
-            try:
-                data = json.loads(f.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise InputError(str(f), "not found") from None
-            except (OSError, ValueError) as exc:
-                raise InputError(str(f), f"cannot be read as JSON ({exc})") from None
-            if isinstance(data, dict) and "records" in data and isinstance(data["records"], list):
-                out.extend(validate(r, str(f)) for r in data["records"])
-            else:
-                out.append(validate(data, str(f)))
-    return out
+        records, missing = _ordered([read(f) for f in files], manifest)
+        return RecordSet(records, missing, str(p))
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(str(p), "not found") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(str(p), f"cannot be read as JSON ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("records"), list):
+        _refuse_schema(data, REPORT_SCHEMA, str(p), "harness report")
+        records = [ResultRecord.from_json(r, f"{p}: records[{i}]") for i, r in enumerate(data["records"])]
+        missing = [str(c) for c in (data.get("comparison") or {}).get("missing") or []]
+        return RecordSet(records, missing, str(p))
+    return RecordSet([ResultRecord.from_json(data, str(p))], [], str(p))
+
+
+def load_many(paths: Iterable[str | Path]) -> list[RecordSet]:
+    return [load(p) for p in paths]

@@ -1,13 +1,15 @@
 """Rendering records and their comparison: rich tables, Markdown, JSON.
 
-Everything here consumes plain data (result records and the output of
-``harness.compare.compare``); nothing here computes a verdict.
+Everything here consumes typed records and the :class:`~harness.judge.Comparison`
+that :func:`harness.judge.compare` made of them; nothing here computes a verdict.
 """
 
 from __future__ import annotations
 
 import math
 from statistics import fmean
+import os
+import sys
 from typing import Any, Iterable, Mapping
 
 from rich import box
@@ -15,7 +17,19 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-VERDICT_STYLE = {"reproduced": "bold green", "drifted": "bold yellow", "failed": "bold red", "unrecorded": "cyan"}
+from .judge import Comparison, MetricDiff, Verdict, max_abs
+from .record import REPORT_SCHEMA, ResultRecord, Status, _jsonable
+
+VERDICT_STYLE = {Verdict.REPRODUCED: "bold green", Verdict.DRIFTED: "bold yellow", Verdict.FAILED: "bold red",
+                 Verdict.UNRECORDED: "cyan", Verdict.SKIPPED: "dim", Verdict.INCOMPLETE: "bold magenta"}
+
+
+def console(stderr: bool = False) -> Console:
+    """The console every command prints through: plain and 200 columns wide when not a terminal."""
+    width = None
+    if not sys.stdout.isatty():
+        width = int(os.environ.get("COLUMNS", "200"))
+    return Console(stderr=stderr, width=width, highlight=False, soft_wrap=False)
 
 
 # --------------------------------------------------------------------------- formatting
@@ -43,16 +57,9 @@ def _mean(d: Mapping[str, Any] | None) -> float | None:
     return fmean(vals) if vals else None
 
 
-def _max_abs(diffs: Mapping[str, Any], family: str | None = None, prefix: str = "") -> float | None:
-    vals = [abs(v["diff"]) for k, v in diffs.items()
-            if v.get("diff") is not None and k.startswith(prefix)
-            and (family is None or k[len(prefix):].split("/", 1)[0] == family)]
-    return max(vals) if vals else None
-
-
-def _env_summary(rec: Mapping[str, Any]) -> dict[str, str]:
-    env = rec.get("env") or {}
-    det = rec.get("determinism") or {}
+def _env_summary(rec: ResultRecord) -> dict[str, str]:
+    env = rec.env
+    det = rec.determinism or {}
     flags = []
     if det:
         flags.append("det-algos" if det.get("deterministic_algorithms") else "nondet-algos")
@@ -63,67 +70,73 @@ def _env_summary(rec: Mapping[str, Any]) -> dict[str, str]:
             flags.append("cublas-ws")
         if det.get("PYTHONHASHSEED") == "0":
             flags.append("hashseed0")
-    image = rec.get("image") or {}
-    where = rec.get("backend") or "?"
-    if image.get("tag"):
-        where = f"{where}:{image['tag']}"
+    where = rec.backend or "?"
+    if rec.image is not None and rec.image.tag:
+        where = f"{where}:{rec.image.tag}"
     return {
         "where": where,
-        "python": env.get("python") or "—",
-        "torch": env.get("torch") or "—",
-        "cuda": env.get("cuda") or "—",
-        "cudnn": env.get("cudnn") or "—",
-        "device": env.get("device") or "—",
-        "driver": env.get("driver") or "—",
-        "threads": str(env.get("threads") if env.get("threads") is not None else "—"),
+        "python": env.python or "—",
+        "torch": env.torch or "—",
+        "cuda": env.cuda or "—",
+        "cudnn": env.cudnn or "—",
+        "device": env.device or "—",
+        "driver": env.driver or "—",
+        "threads": str(env.threads if env.threads is not None else "—"),
         "determinism": (det.get("mode") or "—") + (f" ({', '.join(flags)})" if flags else ""),
     }
 
 
-def _weights(cmp: Mapping[str, Any], is_first: bool) -> str:
+def _weights(j: Any, is_first: bool) -> str:
     """Bitwise identity of the retrained best weights with the trial's and the first cell's."""
+    if j is None:
+        return "—"
     parts = []
-    vs_trial = cmp.get("weights_identical_to_recorded")
-    if vs_trial is not None:
-        parts.append("=trial" if vs_trial else "≠trial")
-    vs_first = cmp.get("weights_identical_to_first")
-    if not is_first and vs_first is not None:
-        parts.append("=first" if vs_first else "≠first")
+    if j.weights_identical_to_recorded is not None:
+        parts.append("=trial" if j.weights_identical_to_recorded else "≠trial")
+    if not is_first and j.weights_identical_to_first is not None:
+        parts.append("=first" if j.weights_identical_to_first else "≠first")
     return " ".join(parts) or "—"
+
+
+def _diff(d: Mapping[str, MetricDiff], key: str) -> float | None:
+    m = d.get(key)
+    return m.diff if m is not None else None
 
 
 # --------------------------------------------------------------------------- rows (plain data)
 
 
-def rows(records: list[dict[str, Any]], comparison: Mapping[str, Any]) -> list[dict[str, str]]:
-    """One row of display strings per cell; shared by the terminal and Markdown renderers."""
+def rows(records: list[ResultRecord], comparison: Comparison) -> list[dict[str, str]]:
+    """One row of display strings per cell (missing cells last); shared by the terminal and Markdown."""
     out = []
-    by_cell = {c["cell"]: c for c in comparison.get("cells", [])}
-    first = comparison.get("first_cell")
+    first = comparison.first_cell
     for rec in records:
-        cmp = by_cell.get(rec.get("cell"), {})
-        retrained = (rec.get("metrics") or {}).get("retrained") or {}
+        j = comparison.cell(rec.cell)
+        retrained = rec.retrained
         val = retrained.get("val") or {}
-        vs_rec = cmp.get("vs_recorded") or {}
-        vs_first = cmp.get("vs_first") or {}
-        arch = cmp.get("archived_inference") or {}
-        row = {
-            "cell": str(rec.get("cell")),
+        vs_rec = j.vs_recorded if j else {}
+        wall = rec.launcher_wall_s if rec.launcher_wall_s is not None else rec.wall_s
+        out.append({
+            "cell": rec.cell,
             **_env_summary(rec),
             "val_loss": fnum(retrained.get("val_loss")),
-            "d_rec_loss": fdelta((vs_rec.get("val_loss") or {}).get("diff")),
+            "d_rec_loss": fdelta(_diff(vs_rec, "val_loss")),
             "r2": fnum(_mean(val.get("r2")), 5),
-            "d_rec_r2": fdelta(_max_abs(vs_rec, "r2")),
+            "d_rec_r2": fdelta(max_abs(vs_rec, "r2")),
             "mse": fnum(_mean(val.get("mse")), 5),
             "mae": fnum(_mean(val.get("mae")), 5),
-            "d_first": "baseline" if rec.get("cell") == first else fdelta(_max_abs(vs_first)),
-            "weights": _weights(cmp, rec.get("cell") == first),
-            "d_archived": fdelta(_max_abs(arch)),
-            "wall": f"{rec.get('wall_s'):.1f}s" if isinstance(rec.get("wall_s"), (int, float)) else "—",
-            "verdict": cmp.get("verdict", "?"),
-            "reason": cmp.get("reason", ""),
-        }
-        out.append(row)
+            "d_first": "baseline" if rec.cell == first else fdelta(max_abs(j.vs_first) if j else None),
+            "weights": _weights(j, rec.cell == first),
+            "d_archived": fdelta(max_abs(j.archived_inference) if j else None),
+            "wall": f"{wall:.1f}s" if isinstance(wall, (int, float)) and rec.ok else "—",
+            "verdict": (j.verdict if j else Verdict.INCOMPLETE).value,
+            "reason": j.reason if j else "",
+        })
+    blank = {k: "—" for k in ("where", "python", "torch", "cuda", "cudnn", "device", "driver", "threads", "determinism",
+                              "val_loss", "d_rec_loss", "r2", "d_rec_r2", "mse", "mae", "d_first", "weights",
+                              "d_archived", "wall")}
+    for name in comparison.missing:
+        out.append({**blank, "cell": name, "verdict": Verdict.INCOMPLETE.value, "reason": "planned, but left no record"})
     return out
 
 
@@ -150,74 +163,77 @@ def results_table(data: list[dict[str, str]]) -> Table:
     for key, head in RESULT_COLUMNS:
         t.add_column(head, justify="left" if key in ("cell", "weights", "verdict") else "right", overflow="fold")
     for r in data:
-        cells = [r[k] for k, _ in RESULT_COLUMNS]
-        cells[-1] = Text(r["verdict"], style=VERDICT_STYLE.get(r["verdict"], ""))
+        cells: list[Any] = [r[k] for k, _ in RESULT_COLUMNS]
+        cells[-1] = Text(r["verdict"], style=VERDICT_STYLE.get(Verdict(r["verdict"]), ""))
         t.add_row(*cells)
     return t
 
 
-def per_target_table(records: list[dict[str, Any]], comparison: Mapping[str, Any]) -> Table:
+def per_target_table(records: list[ResultRecord], comparison: Comparison) -> Table | None:
+    """Per target detail of the cells that ran; None when no cell has per-target metrics."""
     t = Table(title="Per target (validation): value and Δ vs recorded", box=box.SIMPLE_HEAD, title_justify="left")
     for head in ("cell", "target", "R²", "ΔR² rec", "MSE", "ΔMSE rec", "MAE", "ΔMAE rec", "test R²"):
         t.add_column(head, justify="left" if head in ("cell", "target") else "right")
-    by_cell = {c["cell"]: c for c in comparison.get("cells", [])}
     for rec in records:
-        retrained = (rec.get("metrics") or {}).get("retrained") or {}
+        retrained = rec.retrained
         val = retrained.get("val") or {}
         test = retrained.get("test") or {}
-        vs_rec = (by_cell.get(rec.get("cell")) or {}).get("vs_recorded") or {}
+        j = comparison.cell(rec.cell)
+        vs_rec = j.vs_recorded if j else {}
         for target in (val.get("r2") or {}):
             def d(fam: str) -> str:
-                return fdelta((vs_rec.get(f"{fam}/{target}") or {}).get("diff"))
-            t.add_row(str(rec.get("cell")), target, fnum(val["r2"].get(target), 5), d("r2"),
+                return fdelta(_diff(vs_rec, f"{fam}/{target}"))
+            t.add_row(rec.cell, target, fnum(val["r2"].get(target), 5), d("r2"),
                       fnum((val.get("mse") or {}).get(target), 5), d("mse"),
                       fnum((val.get("mae") or {}).get(target), 5), d("mae"),
                       fnum((test.get("r2") or {}).get(target), 5))
-    return t
+    return t if t.row_count else None
 
 
-def warnings(records: Iterable[Mapping[str, Any]]) -> list[str]:
-    out = []
+def warnings(records: Iterable[ResultRecord], comparison: Comparison | None = None) -> list[str]:
+    out = list(comparison.warnings) if comparison is not None else []
     for rec in records:
-        for w in rec.get("warnings") or []:
-            out.append(f"{rec.get('cell')}: {w}")
-        sc = rec.get("scaler") or {}
+        for w in rec.warnings:
+            out.append(f"{rec.cell}: {w}")
+        sc = rec.scaler or {}
         if sc.get("refit_matches") is False:
-            out.append(f"{rec.get('cell')}: the scaler refitted on the reproduced train split differs from the archived one "
+            out.append(f"{rec.cell}: the scaler refitted on the reproduced train split differs from the archived one "
                        f"(max |Δ| {sc.get('max_abs_diff'):.3g}): the split or the data did not reproduce")
     # the same warning from every cell is said once
-    seen: dict[str, None] = {}
-    for w in out:
-        seen.setdefault(w, None)
-    return list(seen)
+    return list(dict.fromkeys(out))
 
 
-def summary_line(comparison: Mapping[str, Any]) -> Text:
-    cells = comparison.get("cells", [])
-    counts: dict[str, int] = {}
-    for c in cells:
-        counts[c["verdict"]] = counts.get(c["verdict"], 0) + 1
-    overall = comparison.get("overall", "?")
-    detail = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
-    return Text.assemble(("Overall: ", "bold"), (overall, VERDICT_STYLE.get(overall, "")), f"  ({detail}; {len(cells)} cells)")
+def summary_line(comparison: Comparison) -> Text:
+    counts = comparison.counts()
+    n = len(comparison.cells) + len(comparison.missing)
+    detail = ", ".join(f"{k} {v.value}" for v, k in sorted(counts.items(), key=lambda kv: kv[0].value))
+    overall = comparison.overall
+    return Text.assemble(("Overall: ", "bold"), (overall.value, VERDICT_STYLE.get(overall, "")),
+                         f"  ({detail}; {n} cells) — {comparison.reason}")
 
 
-def renderable(records: list[dict[str, Any]], comparison: Mapping[str, Any], *, per_target: bool = True) -> Group:
+def renderable(records: list[ResultRecord], comparison: Comparison, *, per_target: bool = True) -> Group:
     data = rows(records, comparison)
     parts: list[Any] = [environment_table(data), results_table(data)]
     if per_target:
-        parts.append(per_target_table(records, comparison))
+        table = per_target_table(records, comparison)
+        if table is not None:
+            parts.append(table)
     for r in data:
-        if r["verdict"] == "failed":
+        if r["verdict"] == Verdict.FAILED.value:
             parts.append(Text(f"✗ {r['cell']}: {r['reason']}", style="red"))
-    for w in warnings(records):
+        elif r["verdict"] == Verdict.SKIPPED.value:
+            parts.append(Text(f"- {r['cell']} skipped: {r['reason']}", style="dim"))
+        elif r["verdict"] == Verdict.INCOMPLETE.value:
+            parts.append(Text(f"… {r['cell']} incomplete: {r['reason']}", style="magenta"))
+    for w in warnings(records, comparison):
         parts.append(Text(f"! {w}", style="bold red"))
     parts.append(summary_line(comparison))
     return Group(*parts)
 
 
-def print_report(console: Console, records: list[dict[str, Any]], comparison: Mapping[str, Any]) -> None:
-    console.print(renderable(records, comparison))
+def print_report(out: Console, records: list[ResultRecord], comparison: Comparison) -> None:
+    out.print(renderable(records, comparison))
 
 
 # --------------------------------------------------------------------------- Markdown and JSON
@@ -227,24 +243,67 @@ def _md_escape(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
-def markdown(records: list[dict[str, Any]], comparison: Mapping[str, Any]) -> str:
+def markdown(records: list[ResultRecord], comparison: Comparison) -> str:
     """A compact report fit for a pull-request comment."""
     data = rows(records, comparison)
-    lines = [f"### harness: **{comparison.get('overall')}**", ""]
+    lines = [f"### harness: **{comparison.overall.value}** — {_md_escape(comparison.reason)}", ""]
     cols = [("cell", "cell"), ("torch", "torch"), ("cuda", "cuda"), ("device", "device"), ("determinism", "determinism")] + RESULT_COLUMNS[1:]
     lines.append("| " + " | ".join(_md_escape(h) for _, h in cols) + " |")
     lines.append("|" + "|".join("---" for _ in cols) + "|")
     for r in data:
         lines.append("| " + " | ".join(_md_escape(r[k]) for k, _ in cols) + " |")
-    fails = [r for r in data if r["verdict"] == "failed"]
-    notes = [f"- `{r['cell']}` failed: {_md_escape(r['reason'])}" for r in fails] + [f"- {_md_escape(w)}" for w in warnings(records)]
+    notes = [f"- `{r['cell']}` {r['verdict']}: {_md_escape(r['reason'])}" for r in data
+             if r["verdict"] in (Verdict.FAILED.value, Verdict.SKIPPED.value, Verdict.INCOMPLETE.value)]
+    notes += [f"- {_md_escape(w)}" for w in warnings(records, comparison)]
     if notes:
         lines += ["", *notes]
-    tol = comparison.get("tolerances") or {}
+    tol = comparison.tolerances or {}
     if tol:
         lines += ["", "Tolerances: " + ", ".join(f"{k} abs {v['abs']:g} rel {v['rel']:g}" for k, v in sorted(tol.items()))]
     return "\n".join(lines) + "\n"
 
 
-def json_report(records: list[dict[str, Any]], comparison: Mapping[str, Any]) -> dict[str, Any]:
-    return {"schema": "harness.report/1", "records": records, "comparison": dict(comparison)}
+def json_report(records: list[ResultRecord], comparison: Comparison) -> dict[str, Any]:
+    return {"schema": REPORT_SCHEMA, "records": [r.to_dict() for r in records], "comparison": _jsonable(comparison)}
+
+
+# --------------------------------------------------------------------------- progress while cells run
+
+
+class CellProgress:
+    """A progress bar on stderr: which cell, which epoch; one line per finished cell without a bar."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.err = console(stderr=True)
+        self.enabled = enabled
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=self.err, disable=not enabled, transient=True)
+        self.total = total
+
+    def __enter__(self) -> "CellProgress":
+        self.bar.__enter__()
+        self.cells_task = self.bar.add_task("cells", total=self.total)
+        self.epoch_task = self.bar.add_task("epochs", total=None)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def start(self, cell: str) -> None:
+        self.bar.update(self.cells_task, description=f"cell {cell}")
+
+    def event(self, ev: dict[str, Any]) -> None:
+        if ev.get("event") == "start":
+            self.bar.reset(self.epoch_task, total=ev.get("epochs"), description=f"  {ev.get('cell')} epochs")
+        elif ev.get("event") == "epoch":
+            self.bar.update(self.epoch_task, completed=ev.get("epoch"), total=ev.get("epochs"))
+
+    def done(self, rec: ResultRecord) -> None:
+        self.bar.advance(self.cells_task)
+        if not self.enabled:
+            self.err.print(f"[dim]{rec.cell}: {rec.status.value}[/dim]")
+
+    def note(self, text: str, style: str = "dim") -> None:
+        self.err.print(Text(text, style=style))

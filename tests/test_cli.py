@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from harness.record import REQUIRED_KEYS
+from harness import record
+from harness.record import ResultRecord, Status
 
 from .conftest import DELETE, REPO, tiny_config
 
@@ -27,16 +28,15 @@ def harness(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
                           cwd=cwd, env=env, timeout=timeout)
 
 
-def records(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(out.rglob("record.json"))]
+def records(out: Path) -> list[ResultRecord]:
+    """The records of a results directory, typed, in the run's order."""
+    return record.load(out).records
 
 
-def assert_complete(rec: dict) -> None:
-    for key in REQUIRED_KEYS:
-        assert key in rec, key
-    for key in ("torch", "cuda", "cudnn", "device", "python"):
-        assert key in rec["env"], key
-    assert rec["schema"] == "harness.result/1"
+def assert_complete(rec: ResultRecord) -> None:
+    assert rec.schema == "harness.result/2"
+    assert rec.env.torch and rec.env.python and rec.env.device
+    assert rec.determinism and rec.metrics and rec.data_sha256 and rec.wall_s is not None
 
 
 # --------------------------------------------------------------------------- the example, end to end
@@ -50,19 +50,20 @@ def test_run_example_reproduces(example: Path, tmp_path: Path) -> None:
     assert "reproduced" in p.stdout and "Traceback" not in p.stderr
     (rec,) = records(out)
     assert_complete(rec)
-    assert rec["status"] == "ok"
-    det = rec["determinism"]
+    assert rec.status is Status.OK
+    det = rec.determinism
     assert det["mode"] == "strict" and det["deterministic_algorithms"] and det["cudnn_deterministic"]
     assert not det["cudnn_benchmark"] and det["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and det["PYTHONHASHSEED"] == "0"
     assert det["num_workers"] == 0 and det["hash_randomization"] is False
     info = yaml.safe_load((example / "trial_info.yaml").read_text())
     # the retrain reproduces the trial bit for bit in the environment that produced it
-    assert rec["weights_sha256"] == info["user_attrs"]["weights_sha256"]
-    assert rec["metrics"]["retrained"]["val_loss"] == info["value"]
-    assert all(v["diff"] == 0 for v in rec["delta_vs_recorded"].values())
-    assert rec["scaler"]["archived"] and rec["scaler"]["refit_matches"] is True
-    assert rec["metrics"]["archived"]["val_loss"] == info["value"]  # archived best weights, evaluated here
-    assert rec["data_sha256"] == info["data_sha256"] and rec["data_sha256_matches"] is True
+    assert rec.weights_sha256 == info["user_attrs"]["weights_sha256"]
+    assert rec.retrained["val_loss"] == info["value"]
+    assert rec.scaler["archived"] and rec.scaler["refit_matches"] is True
+    assert rec.archived["val_loss"] == info["value"]  # archived best weights, evaluated here
+    assert rec.data_sha256 == info["data_sha256"] and set(rec.expected_data_sha256.values()) == {info["data_sha256"]}
+    report = json.loads((out / "report.json").read_text())
+    assert all(d["diff"] == 0 for d in report["comparison"]["cells"][0]["vs_recorded"].values())
     assert (out / "run" / "weights" / "best.pt").is_file()
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["comparison"]["overall"] == "reproduced" and len(report["records"]) == 1
@@ -75,9 +76,9 @@ def test_two_strict_runs_give_identical_weights(example: Path, tmp_path: Path) -
                 "--threads", "1", "--repeats", "2", "--out", str(out))
     assert p.returncode == 0, p.stdout + p.stderr
     recs = records(out)
-    assert [r["cell"] for r in recs] == ["cpu-strict-t1-r1", "cpu-strict-t1-r2"]
-    assert recs[0]["weights_sha256"] == recs[1]["weights_sha256"]
-    assert recs[0]["env"]["threads"] == 1
+    assert [r.cell for r in recs] == ["cpu-strict-t1-r1", "cpu-strict-t1-r2"]
+    assert recs[0].weights_sha256 == recs[1].weights_sha256
+    assert recs[0].env.threads == 1
 
 
 def test_drift_exits_3(example: Path, tmp_path: Path) -> None:
@@ -99,7 +100,7 @@ def test_missing_trial_info_runs_and_says_so(example: Path, tmp_path: Path) -> N
     assert p.returncode == 0, p.stderr
     assert "nothing recorded to compare with" in p.stderr
     (rec,) = records(tmp_path / "o")
-    assert rec["recorded"] is None and rec["status"] == "ok"
+    assert rec.recorded is None and rec.status is Status.OK
 
 
 def test_data_mismatch_is_loud(example: Path, tmp_path: Path) -> None:
@@ -109,8 +110,8 @@ def test_data_mismatch_is_loud(example: Path, tmp_path: Path) -> None:
     p = harness("run", str(example), "--out", str(tmp_path / "o"), "--device", "cpu")
     assert "DATA MISMATCH" in p.stderr
     (rec,) = records(tmp_path / "o")
-    assert rec["data_sha256_matches"] is False
-    assert any("DATA MISMATCH" in w for w in rec["warnings"])
+    assert rec.expected_data_sha256["config.yaml data.sha256"] == "0" * 64 != rec.data_sha256
+    assert "DATA MISMATCH" in p.stdout  # judged from the record, not written into it
 
 
 # --------------------------------------------------------------------------- bad input: one line, exit 2
@@ -211,15 +212,15 @@ def test_custom_trainer_through_the_contract(make_bundle, tmp_path: Path) -> Non
                 "--threads", "1", "--repeats", "2", "--out", str(out))
     assert p.returncode == 0, p.stdout + p.stderr
     recs = records(out)
-    assert len(recs) == 2 and all(r["status"] == "ok" for r in recs)
+    assert len(recs) == 2 and all(r.status is Status.OK for r in recs)
     for r in recs:
         assert_complete(r)
-        assert r["trainer"]["entrypoint"] == "seed_style:train"
-        assert set(r["metrics"]["retrained"]["val"]["r2"]) == {"t0", "t1"}
-        assert r["extra"] == {"style": "seed"}
-        assert [h["epoch"] for h in r["history"]] == [1, 2]
-        assert r["determinism"]["deterministic_algorithms"] is True
-    assert recs[0]["weights_sha256"] == recs[1]["weights_sha256"] is not None
+        assert r.trainer["entrypoint"] == "seed_style:train"
+        assert set(r.retrained["val"]["r2"]) == {"t0", "t1"}
+        assert r.extra == {"style": "seed"}
+        assert [h["epoch"] for h in r.history] == [1, 2]
+        assert r.determinism["deterministic_algorithms"] is True
+    assert recs[0].weights_sha256 == recs[1].weights_sha256 is not None
 
 
 def test_trainer_flag_overrides_config(make_bundle, tmp_path: Path) -> None:
@@ -228,7 +229,7 @@ def test_trainer_flag_overrides_config(make_bundle, tmp_path: Path) -> None:
                 "--out", str(tmp_path / "o"), "--device", "cpu")
     assert p.returncode == 0, p.stderr  # no trial_info: nothing recorded, still exit 0
     (rec,) = records(tmp_path / "o")
-    assert rec["trainer"]["entrypoint"] == "seed_style:train"
+    assert rec.trainer["entrypoint"] == "seed_style:train"
 
 
 def test_unimportable_trainer_is_bad_input(make_bundle, tmp_path: Path) -> None:
@@ -245,10 +246,11 @@ def test_failed_cell_keeps_the_others(make_bundle, tmp_path: Path) -> None:
     p = harness("matrix", str(root), "--backend", "local", "--devices", "cpu", "--determinism", "strict",
                 "--threads", "1,2", "--out", str(out), "--json", str(tmp_path / "all.json"))
     assert p.returncode == 1, p.stdout + p.stderr
-    by_cell = {r["cell"]: r for r in records(out)}
-    assert by_cell["cpu-strict-t1"]["status"] == "error"
-    assert "deliberate failure" in by_cell["cpu-strict-t1"]["error"]["message"]
-    assert by_cell["cpu-strict-t2"]["status"] == "ok"
+    by_cell = {r.cell: r for r in records(out)}
+    assert by_cell["cpu-strict-t1"].status is Status.FAILED
+    assert "deliberate failure" in by_cell["cpu-strict-t1"].error.message
+    assert by_cell["cpu-strict-t1"].error.traceback  # the trainer's own traceback is kept
+    assert by_cell["cpu-strict-t2"].status is Status.OK
     assert "✗ cpu-strict-t1" in p.stdout
     assert json.loads((tmp_path / "all.json").read_text())["comparison"]["overall"] == "failed"
 
@@ -259,4 +261,92 @@ def test_gpu_strict_runs_identical(example: Path, tmp_path: Path) -> None:
     p = harness("matrix", str(example), "--backend", "local", "--devices", "cuda", "--determinism", "strict",
                 "--tf32", "off", "--threads", "all", "--repeats", "2", "--out", str(tmp_path / "g"))
     recs = records(tmp_path / "g")
-    assert recs[0]["weights_sha256"] == recs[1]["weights_sha256"], p.stdout
+    assert recs[0].weights_sha256 == recs[1].weights_sha256, p.stdout
+
+
+# --------------------------------------------------------------------------- records measure, the judge judges
+
+
+def test_the_worker_does_not_judge(example: Path, tmp_path: Path) -> None:
+    # The worker used to store ok flags computed with default tolerances: a record could say
+    # ok while the verdict printed with --tol said drifted.
+    out = tmp_path / "o"
+    p = harness("run", str(example), "--out", str(out), "--device", "cpu", "--tol", "val_loss=abs:0,rel:0",
+                "--tol", "r2=abs:0")
+    assert p.returncode == 0, p.stdout + p.stderr
+    raw = (out / "run" / "record.json").read_text()
+    assert '"ok":' not in raw and "delta_vs_recorded" not in raw and "verdict" not in raw
+    p = harness("compare", str(out), "--tol", "r2=abs:0")
+    assert p.returncode == 0 and "reproduced" in p.stdout
+
+
+def test_threads_all_is_accepted_by_run_and_matrix(example: Path, tmp_path: Path) -> None:
+    # `harness run --threads all` was refused by argparse (type=int) while matrix accepted it.
+    p = harness("run", str(example), "--out", str(tmp_path / "r"), "--device", "cpu", "--threads", "all")
+    assert p.returncode == 0, p.stdout + p.stderr
+    (rec,) = records(tmp_path / "r")
+    assert rec.spec["threads"] is None and rec.env.threads == torch.get_num_threads()
+    p = harness("run", str(example), "--out", str(tmp_path / "bad"), "--threads", "many")
+    assert p.returncode == 2 and "--threads 'many' is neither an integer nor 'all'" in p.stderr
+
+
+def test_compare_keeps_the_run_order_and_baseline(example: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    p = harness("matrix", str(example), "--backend", "local", "--determinism", "strict,default", "--threads", "1",
+                "--out", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = harness("compare", str(out), "--json", str(tmp_path / "c.json"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    report = json.loads((tmp_path / "c.json").read_text())
+    # alphabetically cpu-default-t1 would come first and become the baseline
+    assert [c["cell"] for c in report["comparison"]["cells"]] == ["cpu-strict-t1", "cpu-default-t1"]
+    assert report["comparison"]["first_cell"] == "cpu-strict-t1"
+
+
+def test_compare_refuses_a_record_of_another_schema(tmp_path: Path) -> None:
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "record.json").write_text(json.dumps({"schema": "harness.result/1", "cell": "c", "status": "ok"}))
+    p = harness("compare", str(tmp_path))
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "has schema harness.result/1, this harness reads harness.result/2" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_options_that_do_not_apply_to_the_backend_are_refused(example: Path, tmp_path: Path) -> None:
+    p = harness("matrix", str(example), "--backend", "local", "--cells", "cpu-torch2.13", "--out", str(tmp_path / "o"))
+    assert p.returncode == 2 and "--cells names image cells of the docker backend" in p.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_interrupt_leaves_an_interrupted_record_and_compare_says_incomplete(example: Path, tmp_path: Path) -> None:
+    """Ctrl-C in the middle of a local matrix, as a user would press it (SIGINT to the process group)."""
+    import signal
+    import time
+
+    out = tmp_path / "m"
+    env = dict(os.environ, COLUMNS="220")
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "matrix", str(example), "--backend", "local",
+                             "--devices", "cpu", "--determinism", "strict,default", "--threads", "1", "--repeats", "2",
+                             "--out", str(out), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    deadline = time.monotonic() + 240
+    # wait until the first cell finished and the second one is training
+    while time.monotonic() < deadline and not (out / "cpu-strict-t1-r2" / "spec.json").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout + stderr
+    assert "cells not run: cpu-default-t1-r1, cpu-default-t1-r2" in stderr
+    assert str(out) in stderr
+    by_cell = {r.cell: r for r in records(out)}
+    assert by_cell["cpu-strict-t1-r1"].status is Status.OK
+    assert by_cell["cpu-strict-t1-r2"].status is Status.INTERRUPTED
+    report = json.loads((out / "report.json").read_text())
+    assert report["comparison"]["overall"] == "incomplete"
+    assert report["comparison"]["missing"] == ["cpu-default-t1-r1", "cpu-default-t1-r2"]
+    p = harness("compare", str(out))
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "Overall: incomplete" in p.stdout
+    for name in ("cpu-default-t1-r1", "cpu-default-t1-r2"):
+        assert f"… {name} incomplete: planned, but left no record" in p.stdout

@@ -1,4 +1,4 @@
-"""Comparison, tolerances and verdicts: pure functions of records."""
+"""Comparison, tolerances and verdicts: pure functions of typed records."""
 
 from __future__ import annotations
 
@@ -6,26 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from harness.judge import (
-    DRIFTED, FAILED, REPRODUCED, UNRECORDED, Tol, Tolerances, compare, delta_vs_recorded, diff, exit_code,
-    flatten_recorded, flatten_split, load_tolerances, merge, parse_tolerance,
-)
+from harness.cli import verdict_exit
 from harness.errors import InputError
+from harness.judge import (
+    MetricDiff, Tol, Tolerances, Verdict, compare, diff, flatten_recorded, flatten_split, load_tolerances, merge,
+    parse_tolerance,
+)
+from harness.record import Env, RecordSet, Status
 
-
-def record(cell: str, r2: float = 0.9, loss: float = 0.1, sha: str = "w1", status: str = "ok", recorded: bool = True) -> dict:
-    return {
-        "cell": cell, "status": status, "weights_sha256": sha,
-        "metrics": {"retrained": {"val_loss": loss, "val": {"r2": {"a": r2}, "mse": {"a": 0.2}, "mae": {"a": 0.3}},
-                                  "test": {"r2": {"a": r2 - 0.1}, "mse": {"a": 0.2}, "mae": {"a": 0.3}}},
-                    "archived": {"val_loss": 0.1, "val": {"r2": {"a": 0.9}}}},
-        "recorded": {"value": 0.1, "r2": {"a": 0.9}, "weights_sha256": "w1"} if recorded else None,
-        "error": None if status == "ok" else {"kind": "run", "message": "boom"},
-    }
+from .records import record
 
 
 def test_flatten() -> None:
-    flat = flatten_split(record("c")["metrics"]["retrained"], "val")
+    flat = flatten_split(record("c").retrained, "val")
     assert flat == {"val_loss": 0.1, "r2/a": 0.9, "mse/a": 0.2, "mae/a": 0.3}
     assert flatten_recorded({"value": 1.0, "r2": {"a": 0.5}}) == {"val_loss": 1.0, "r2/a": 0.5}
 
@@ -40,51 +33,76 @@ def test_tol_semantics() -> None:
 
 def test_diff_shape() -> None:
     d = diff({"r2/a": 0.9, "r2/b": 0.5}, {"r2/a": 0.95}, Tolerances())
-    assert d["r2/a"]["diff"] == pytest.approx(0.05) and d["r2/a"]["ok"] is False
-    assert d["r2/b"] == {"old": 0.5, "new": None, "diff": None, "rel": None, "ok": False}
+    assert d["r2/a"].diff == pytest.approx(0.05) and d["r2/a"].ok is False
+    assert d["r2/b"] == MetricDiff(old=0.5, new=None, diff=None, rel=None, ok=False)
 
 
 def test_reproduced_and_drifted() -> None:
     cmp = compare([record("a"), record("b", r2=0.9005), record("c", r2=0.8, sha="w2")])
-    verdicts = {c["cell"]: c["verdict"] for c in cmp["cells"]}
-    assert verdicts == {"a": REPRODUCED, "b": REPRODUCED, "c": DRIFTED}
-    assert cmp["overall"] == DRIFTED and exit_code(cmp) == 3
-    c = cmp["cells"][2]
-    assert c["out_of_tolerance"] == ["r2/a"]
-    assert c["weights_identical_to_first"] is False and c["weights_identical_to_recorded"] is False
-    assert cmp["cells"][0]["weights_identical_to_recorded"] is True
+    assert {c.cell: c.verdict for c in cmp.cells} == {"a": Verdict.REPRODUCED, "b": Verdict.REPRODUCED, "c": Verdict.DRIFTED}
+    assert cmp.overall is Verdict.DRIFTED and verdict_exit(cmp) == 3
+    c = cmp.cells[2]
+    assert c.out_of_tolerance == ["r2/a"]
+    assert c.weights_identical_to_first is False and c.weights_identical_to_recorded is False
+    assert cmp.cells[0].weights_identical_to_recorded is True
 
 
 def test_tolerance_override_changes_verdict() -> None:
     recs = [record("a", r2=0.8)]
-    assert compare(recs)["overall"] == DRIFTED
-    assert compare(recs, parse_tolerance("r2=abs:0.2"))["overall"] == REPRODUCED
+    assert compare(recs).overall is Verdict.DRIFTED
+    assert compare(recs, parse_tolerance("r2=abs:0.2")).overall is Verdict.REPRODUCED
 
 
 def test_failed_cell_wins_exit_code() -> None:
-    cmp = compare([record("a"), record("b", status="error"), record("c", r2=0.5)])
-    assert [c["verdict"] for c in cmp["cells"]] == [REPRODUCED, FAILED, DRIFTED]
-    assert cmp["overall"] == FAILED and exit_code(cmp) == 1
+    cmp = compare([record("a"), record("b", status=Status.FAILED), record("c", r2=0.5)])
+    assert [c.verdict for c in cmp.cells] == [Verdict.REPRODUCED, Verdict.FAILED, Verdict.DRIFTED]
+    assert cmp.overall is Verdict.FAILED and verdict_exit(cmp) == 1
+
+
+def test_skipped_cell_does_not_fail_the_run() -> None:
+    # Before typed statuses a skipped cell was an error record: reproduced + skipped -> failed, exit 1.
+    cmp = compare([record("a"), record("cu124", status=Status.SKIPPED, message="driver 470 is below 525.60.13")])
+    assert [c.verdict for c in cmp.cells] == [Verdict.REPRODUCED, Verdict.SKIPPED]
+    assert cmp.overall is Verdict.REPRODUCED and verdict_exit(cmp) == 0
+    assert "1 skipped" in cmp.reason
+    assert cmp.cell("cu124").reason == "driver 470 is below 525.60.13"
+
+
+def test_only_skipped_cells_is_not_a_reproduction() -> None:
+    cmp = compare([record("a", status=Status.SKIPPED)])
+    assert cmp.overall is Verdict.INCOMPLETE and verdict_exit(cmp) == 1
+    assert "no cell ran" in cmp.reason
+
+
+def test_interrupted_or_missing_cells_make_the_run_incomplete() -> None:
+    cmp = compare([record("a"), record("b", status=Status.INTERRUPTED)])
+    assert cmp.cell("b").verdict is Verdict.INCOMPLETE
+    assert cmp.overall is Verdict.INCOMPLETE and verdict_exit(cmp) == 1
+    # Planned cells that left no record are never counted as reproduced.
+    cmp = compare([record("a")], missing=["b", "c"])
+    assert cmp.overall is Verdict.INCOMPLETE and cmp.missing == ["b", "c"] and verdict_exit(cmp) == 1
+    assert cmp.counts()[Verdict.INCOMPLETE] == 2
 
 
 def test_no_recorded_trial_judges_against_first_cell() -> None:
     cmp = compare([record("a", recorded=False), record("b", recorded=False)])
-    assert cmp["overall"] == UNRECORDED and exit_code(cmp) == 0
+    assert cmp.overall is Verdict.UNRECORDED and verdict_exit(cmp) == 0
     cmp = compare([record("a", recorded=False), record("b", r2=0.5, recorded=False)])
-    assert [c["verdict"] for c in cmp["cells"]] == [UNRECORDED, DRIFTED]
-    assert exit_code(cmp) == 3
+    assert [c.verdict for c in cmp.cells] == [Verdict.UNRECORDED, Verdict.DRIFTED]
+    assert verdict_exit(cmp) == 3
 
 
 def test_first_cell_is_first_successful() -> None:
-    cmp = compare([record("x", status="error"), record("a"), record("b")])
-    assert cmp["first_cell"] == "a"
+    cmp = compare([record("x", status=Status.FAILED), record("a"), record("b")])
+    assert cmp.first_cell == "a"
 
 
-def test_delta_vs_recorded() -> None:
-    rec = record("a", r2=0.91)
-    d = delta_vs_recorded(rec["metrics"], rec["recorded"])
-    assert d["r2/a"]["diff"] == pytest.approx(0.01)
-    assert delta_vs_recorded(rec["metrics"], None) == {}
+def test_data_mismatch_is_judged_from_the_record() -> None:
+    rec = record("a")
+    rec.data_sha256 = "1" * 64
+    rec.expected_data_sha256 = {"config.yaml data.sha256": "0" * 64}
+    cmp = compare([rec])
+    assert any("DATA MISMATCH" in w and "config.yaml data.sha256" in w for w in cmp.warnings)
 
 
 @pytest.mark.parametrize("text", ["r2", "foo=abs:1", "r2=abs:x", "r2=max:1", "r2=abs:-1"])
@@ -105,7 +123,8 @@ def test_tolerance_file(tmp_path: Path) -> None:
 
 
 def test_merge_keeps_names_unique() -> None:
-    a = [record("cpu")]
-    b = [dict(record("cpu"), env={"hostname": "gpu-node"})]
-    merged = merge([a, b])
-    assert [r["cell"] for r in merged] == ["cpu", "cpu@gpu-node"]
+    b = record("cpu")
+    b.env = Env(hostname="gpu-node")
+    merged = merge([RecordSet([record("cpu")]), RecordSet([b], missing=["gpu"])])
+    assert [r.cell for r in merged.records] == ["cpu", "cpu@gpu-node"]
+    assert merged.missing == ["gpu"]

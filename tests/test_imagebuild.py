@@ -154,7 +154,7 @@ def test_context_files(repo, wheelhouse):
     p = plan(repo, wheelhouse)
     assert p.context_files[:2] == ("Dockerfile", "requirements.lock")
     assert "wheelhouse/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl" in p.context_files
-    assert {"harness/__init__.py", "harness/worker/retrain.py", "harness/backends/base.py"} <= set(p.context_files)
+    assert {"harness/__init__.py", "harness/worker.py", "harness/backends/base.py"} <= set(p.context_files)
     assert not any("__pycache__" in f for f in p.context_files)
     ctx = repo.parent / "ctx"
     ctx.mkdir()

@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness.backends.base import Cell
+from harness.plan import Cell
 from harness.backends.local import child_env
-from harness.record import RunSpec
+from harness import record
+from harness.record import RunSpec, Status
 
 
 def test_strict_child_gets_the_variables_before_start() -> None:
@@ -37,6 +38,18 @@ def test_worker_refuses_strict_mode_without_the_launch_variables(make_bundle, tm
     p = subprocess.run([sys.executable, "-m", "harness.worker", "--spec", str(tmp_path / "spec.json")],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 1
-    rec = json.loads((tmp_path / "o" / "record.json").read_text())
-    assert rec["status"] == "error" and "CUBLAS_WORKSPACE_CONFIG=:4096:8" in rec["error"]["message"]
-    assert "PYTHONHASHSEED=0" in rec["error"]["message"]
+    rec = record.read(tmp_path / "o" / "record.json")
+    assert rec.status is Status.FAILED and "CUBLAS_WORKSPACE_CONFIG=:4096:8" in rec.error.message
+    assert "PYTHONHASHSEED=0" in rec.error.message
+
+
+def test_worker_refuses_a_spec_of_another_version(make_bundle, tmp_path: Path) -> None:
+    root = make_bundle()
+    spec = json.loads(RunSpec(cell="c", bundle_dir=str(root), out_dir=str(tmp_path / "o")).to_json())
+    spec["schema"] = "harness.runspec/1"
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    p = subprocess.run([sys.executable, "-m", "harness.worker", "--spec", str(tmp_path / "spec.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    rec = record.read(tmp_path / "o" / "record.json")
+    assert rec.status is Status.FAILED and "has schema harness.runspec/1" in rec.error.message

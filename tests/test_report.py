@@ -5,24 +5,16 @@ from __future__ import annotations
 from rich.console import Console
 
 from harness.judge import compare
+from harness.record import ErrorInfo, ResultRecord, Status
 from harness.report import markdown, print_report
 
-from .test_compare import record
+from .records import record, with_env
 
 
-def render(records: list[dict]) -> str:
+def render(records: list[ResultRecord], missing: list[str] | None = None) -> str:
     console = Console(width=220, record=True, color_system=None, force_terminal=False)
-    print_report(console, records, compare(records))
+    print_report(console, records, compare(records, missing=missing or []))
     return console.export_text()
-
-
-def with_env(rec: dict, torch: str, cuda: str | None) -> dict:
-    rec["env"] = {"torch": torch, "cuda": cuda, "cudnn": "90100" if cuda else None, "device": "NVIDIA H200" if cuda else "cpu",
-                  "python": "3.11.7", "threads": 4, "driver": "580.65.06" if cuda else None}
-    rec["determinism"] = {"mode": "strict", "deterministic_algorithms": True, "cudnn_deterministic": True,
-                          "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONHASHSEED": "0"}
-    rec["wall_s"] = 1.5
-    return rec
 
 
 def test_tables_say_what_a_person_needs() -> None:
@@ -42,11 +34,24 @@ def test_tables_say_what_a_person_needs() -> None:
 
 
 def test_failure_reason_is_shown() -> None:
-    bad = record("broken", status="error")
-    bad["error"] = {"kind": "run", "message": "container OOM-killed (exit 137)"}
+    bad = record("broken", status=Status.FAILED)
+    bad.error = ErrorInfo(kind="run", message="container OOM-killed (exit 137)")
     text = render([with_env(record("ok"), "2.13.0", None), bad])
     assert "✗ broken: container OOM-killed (exit 137)" in text
     assert "Overall: failed" in text
+
+
+def test_skip_and_missing_cells_are_shown_with_their_reasons() -> None:
+    skipped = record("cu124-torch2.5", status=Status.SKIPPED, message="driver 470.1 is below 525.60.13")
+    text = render([with_env(record("cpu"), "2.13.0", None), skipped], missing=["cpu-default-t1"])
+    assert "- cu124-torch2.5 skipped: driver 470.1 is below 525.60.13" in text
+    assert "… cpu-default-t1 incomplete: planned, but left no record" in text
+    assert "Overall: incomplete" in text and "1 skipped" in text
+
+
+def test_per_target_table_is_not_printed_empty() -> None:
+    text = render([record("a", status=Status.FAILED)])
+    assert "Per target" not in text
 
 
 def test_markdown_is_a_valid_table() -> None:

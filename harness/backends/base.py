@@ -1,107 +1,135 @@
 """The one small interface every backend implements (local processes, Docker,
 and later a cluster scheduler).
 
-A backend gets a :class:`Cell` and a :class:`Job` and returns a result record.
-Only :meth:`Backend.run` touches the system; everything it launches runs
-``python -m harness.worker`` with a :class:`~harness.record.RunSpec`, so every
-backend produces the same record.
+:meth:`Backend.run` is the one skeleton: lay out the cell's directory, write
+the :class:`~harness.record.RunSpec`, launch, relay the worker's output,
+then read the worker's record -- or, when it left none, write the failure
+record with the exit status and the log tail. A backend supplies only how to
+launch a worker (:meth:`Backend.launch`) and, where its paths differ from the
+host's, the spec the worker sees (:meth:`Backend.spec`).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from abc import ABC, abstractmethod
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
+from .. import record
 from ..errors import HarnessError
-from ..record import error_record, write_record
+from ..plan import Cell, Job
+from ..record import ImageInfo, ResultRecord, RunSpec, Status
+from ..worker import EVENT_PREFIX
 
 EventFn = Callable[[dict[str, Any]], None]
+LineFn = Callable[[str], None]
+TAIL_LINES = 40
 
 
 @dataclass
-class Cell:
-    """One point of the matrix: where and how a retrain runs."""
+class Launch:
+    """How a launched worker ended, as the launcher saw it."""
 
-    name: str
-    device: str = "cpu"
-    determinism: str = "strict"
-    threads: int | None = None
-    tf32: bool = False
-    repeat: int = 0
-    image: Any = None  # harness.matrix.ImageCell for the docker backend
-    skip_reason: str | None = None
-    labels: dict[str, Any] = field(default_factory=dict)
+    exit_status: int | None  # None: it never started, or the launcher could not tell
+    reason: str | None = None  # a better reason than the exit status, when the launcher has one
+    image: ImageInfo | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # fields for the record (host_paths ...)
 
 
-@dataclass
-class Job:
-    """What every cell of one invocation shares (host paths)."""
-
-    bundle_dir: str
-    data_path: str
-    results_dir: str
-    trainer: str | None = None
-    trainer_path: str | None = None
-    trace: bool = False
-
-    def cell_dir(self, cell: Cell) -> Path:
-        return Path(self.results_dir) / cell.name
+def relay(line: str, on_event: EventFn | None, log: TextIO, tail: deque[str]) -> None:
+    """Route one line of worker output: progress events to the callback, the rest to the log."""
+    if line.startswith(EVENT_PREFIX):
+        if on_event is not None:
+            try:
+                on_event(json.loads(line[len(EVENT_PREFIX):]))
+            except ValueError:
+                pass
+        return
+    log.write(line)
+    tail.append(line)
 
 
-@dataclass
-class Plan:
-    """What one invocation will run: the backend, its cells, and cells already decided."""
-
-    backend: "Backend"
-    cells: list[Cell]
-    skipped: list[Cell] = field(default_factory=list)  # cannot run on this host, with the reason
-    failures: dict[str, HarnessError] = field(default_factory=dict)  # cell name -> why it cannot start
+def failure_reason(exit_status: int | None, log_tail: str) -> str:
+    """Why a worker that left no record failed, from what the launcher saw (pure)."""
+    if exit_status is None:
+        reason = "the worker never started"
+    elif exit_status < 0:
+        reason = f"worker was killed by signal {-exit_status} and wrote no record"
+    else:
+        reason = f"worker exited with status {exit_status} and wrote no record"
+    last = log_tail.strip().splitlines()[-1:] if log_tail.strip() else []
+    return reason + (f"; last output: {last[0][:300]}" if last else "")
 
 
 class Backend(ABC):
     name = "abstract"
 
     def prepare(self, cells: list[Cell], job: Job) -> dict[str, HarnessError]:
-        """Make what the cells need (images ...). Returns per-cell failures; others go on."""
+        """Make what the cells need (images ...). Returns per-cell failures; the others go on."""
         return {}
 
+    def spec(self, cell: Cell, job: Job) -> RunSpec:
+        """The spec as the worker sees it; host paths unless the backend maps them."""
+        return RunSpec(
+            cell=cell.name, bundle_dir=job.bundle_dir, out_dir=str(job.cell_dir(cell)), data_path=job.data_path,
+            device=cell.device, determinism=cell.determinism, threads=cell.threads, tf32=cell.tf32,
+            repeat=cell.repeat, trainer=job.trainer, trainer_path=job.trainer_path, trace=job.trace,
+            backend=self.name, labels=cell.labels,
+        )
+
+    def make_cell_dir(self, out: Path) -> None:
+        """Create the directory the worker writes into."""
+        out.mkdir(parents=True, exist_ok=True)
+
     @abstractmethod
-    def run(self, cell: Cell, job: Job, on_event: EventFn | None = None) -> dict[str, Any]:
-        """Run one cell to completion and return its record (also on disk)."""
+    def launch(self, cell: Cell, job: Job, spec_path: Path, on_line: LineFn) -> Launch:
+        """Start the worker on ``spec_path``, feed each output line to ``on_line``, wait for it to end."""
 
     def close(self) -> None:
-        """Release what the backend holds; stop anything still running."""
+        """Release what the backend holds; stop anything still running (Ctrl-C)."""
 
+    def run(self, cell: Cell, job: Job, on_event: EventFn | None = None) -> ResultRecord:
+        """Run one cell to completion and return its record (also on disk)."""
+        out = job.cell_dir(cell)
+        self.make_cell_dir(out)
+        (out / record.RECORD_FILE).unlink(missing_ok=True)  # never read a previous run's record
+        spec_path = out / "spec.json"
+        record.atomic_write_text(spec_path, self.spec(cell, job).to_json())
+        tail: deque[str] = deque(maxlen=TAIL_LINES)
+        t0 = time.perf_counter()
+        with open(out / "worker.log", "w", encoding="utf-8") as log:
+            launched = self.launch(cell, job, spec_path, lambda line: relay(line, on_event, log, tail))
+        return self.finish(cell, job, launched, "".join(tail), time.perf_counter() - t0)
 
-def finish_record(cell: Cell, job: Job, *, rc: int | None, log_tail: str, wall_s: float,
-                  reason: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read the worker's record, or write a failure record when it left none.
-
-    A worker that crashed, was OOM-killed or never started leaves no record;
-    the failure, its exit status and the log tail become the cell's record so
-    the table still has a row for it.
-    """
-    path = job.cell_dir(cell) / "record.json"
-    record: dict[str, Any] | None = None
-    if path.is_file():
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:
-            record = None
-    if record is None:
-        if reason is None:
-            reason = f"worker exited with status {rc} and wrote no record"
-            if rc is not None and rc < 0:
-                reason = f"worker was killed by signal {-rc} and wrote no record"
-        tail = log_tail.strip().splitlines()[-1:] if log_tail.strip() else []
-        message = reason + (f"; last output: {tail[0][:300]}" if tail else "")
-        record = error_record(cell.name, "run", message, wall_s=wall_s, extra={"log_tail": log_tail[-4000:]})
-    record.setdefault("labels", {}).update(cell.labels)
-    if extra:
-        record.update(extra)
-    record["launcher_wall_s"] = wall_s
-    write_record(path, record)
-    return record
+    def finish(self, cell: Cell, job: Job, launched: Launch, log_tail: str, wall_s: float) -> ResultRecord:
+        """The worker's record, or a failure record when it left none (crash, OOM kill, never started)."""
+        path = job.cell_dir(cell) / record.RECORD_FILE
+        rec: ResultRecord | None = None
+        problem = None
+        if path.is_file():
+            try:
+                rec = record.read(path)
+            except HarnessError as exc:
+                problem = f"the worker's record is unusable: {exc.one_line()}"
+        if rec is None:
+            rec = ResultRecord.without_metrics(
+                cell.name, Status.FAILED, "run",
+                launched.reason or problem or failure_reason(launched.exit_status, log_tail),
+                exit_status=launched.exit_status, log_tail=log_tail[-record.LOG_TAIL_CHARS:] or None,
+                image=launched.image.tag if launched.image else None)
+        elif rec.error is not None and rec.error.log_tail is None and log_tail:
+            rec.error.log_tail = log_tail[-record.LOG_TAIL_CHARS:]
+        rec.labels = {**rec.labels, **cell.labels}
+        rec.backend = self.name
+        rec.run_id = job.run_id or rec.run_id
+        if launched.image is not None:
+            rec.image = launched.image
+        for key, value in launched.extra.items():
+            setattr(rec, key, value)
+        rec.launcher_wall_s = wall_s
+        record.write(path, rec)
+        return rec

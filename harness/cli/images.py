@@ -125,7 +125,7 @@ def wheelhouse_values(args: argparse.Namespace) -> list[str]:
 
 
 def _console(stderr: bool = False) -> Any:
-    from . import _console as console
+    from ..report import console
 
     return console(stderr=stderr)
 

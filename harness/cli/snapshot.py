@@ -35,7 +35,7 @@ ACTIONS = ("verify", "rebuild")
 
 def register(subparsers: Any) -> None:
     """Add ``snapshot`` and ``rerun`` to the main CLI's subparsers."""
-    from . import _add_docker
+    from .args import add_docker
 
     p = subparsers.add_parser(
         "snapshot", help="archive a run's image, recipe, bundle, data and records in one file (or verify/rebuild one)",
@@ -52,7 +52,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", help="results directory of the run made now (default: harness-results/<bundle>-<time>)")
     p.add_argument("--keep", action="store_true", help="rebuild: keep the rebuilt image in the engine")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_docker(p)
+    add_docker(p)
     p.set_defaults(func=cmd_snapshot)
 
     r = subparsers.add_parser("rerun", help="verify a snapshot, load its image, rerun the retrain offline and compare")
@@ -81,7 +81,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def _say(text: str) -> None:
-    from . import _console
+    from ..report import console as _console
 
     _console(stderr=True).print(f"[dim]{text}[/dim]")
 
@@ -228,7 +228,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from rich import box
     from rich.table import Table
 
-    from . import _console
+    from ..report import console as _console
 
     v = snap.verify(args.archive)
     m = v.manifest

@@ -5,3 +5,6 @@ launches. The modules here need only torch, numpy, pyyaml, joblib and
 scikit-learn, because they run inside the minimal images; the host imports
 their pure helpers (data digests, launch environment) but never trains.
 """
+
+# A line the worker prints for the launcher (progress, not log): this prefix, then one JSON object.
+EVENT_PREFIX = "HARNESS-EVENT "

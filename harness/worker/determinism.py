@@ -19,7 +19,7 @@ import random
 import sys
 from typing import Any
 
-MODES = ("strict", "warn", "default")
+from ..options import MODES  # one list of modes for the CLI and the worker
 CUBLAS_WORKSPACE_CONFIG = ":4096:8"
 PYTHONHASHSEED = "0"
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")

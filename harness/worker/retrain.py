@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from . import EVENT_PREFIX
 from ..errors import EXIT_OK, HarnessError, InputError, RunFailed
-from ..record import SCHEMA, RunSpec, error_record, write_record
+from ..record import Env, ResultRecord, RunSpec, Status, write
 
-EVENT_PREFIX = "HARNESS-EVENT "
 
 
 def emit(event: str, **data: Any) -> None:
@@ -117,7 +117,7 @@ def _evaluate(net: Any, data: Any, split: Any, scaler: Any, device: Any, y_scale
 # --------------------------------------------------------------------------- the run
 
 
-def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path, rec: dict[str, Any]) -> None:
+def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path, rec: ResultRecord) -> None:
     import numpy as np
     import torch
 
@@ -126,7 +126,7 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
 
     seed = bundle.training.seed
     split = split_indices(len(data.X), bundle.data.split, seed)
-    rec["split"] = {"sizes": [len(split.train), len(split.val), len(split.test)],
+    rec.split = {"sizes": [len(split.train), len(split.val), len(split.test)],
                     "indices_sha256": _sha_json([split.train, split.val, split.test])}
 
     archived_scaler = _load_scaler(bundle.scaler_path) if bundle.scaler_path else None
@@ -134,7 +134,7 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
     scaler, info = _scaler_check(archived_scaler, y_train)
     if not bundle.training.scale_targets and archived_scaler is None:
         scaler, info = None, {"archived": False, "used": "none"}
-    rec["scaler"] = info
+    rec.scaler = info
     if archived_scaler is None and scaler is not None:
         import joblib
 
@@ -150,7 +150,7 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
         probe.load_state_dict(state)
         probe.to(device)
         archived_metrics = _evaluate(probe, data, split, scaler, device, y_scaled)
-        rec["archived_weights_sha256"] = model_mod.state_sha256(state)
+        rec.archived_weights_sha256 = model_mod.state_sha256(state)
     if bundle.last_weights:
         model_mod.load_checked(bundle.last_weights, model_mod.build(data.n_features, data.n_targets, bundle.model))
     del probe
@@ -171,22 +171,22 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
     finally:
         if trace_fh is not None:
             trace_fh.close()
-    rec["train_s"] = time.perf_counter() - t0
+    rec.train_s = time.perf_counter() - t0
     net.load_state_dict(result.best_state)
     retrained = _evaluate(net, data, split, scaler, device, y_scaled)
     retrained["val_loss"] = result.val_loss  # the objective's value: best epoch's validation loss
     retrained["best_epoch"] = result.best_epoch
-    rec["metrics"] = {"retrained": retrained, "archived": archived_metrics}
-    rec["history"] = result.history
+    rec.metrics = {"retrained": retrained, "archived": archived_metrics}
+    rec.history = result.history
     wdir = out / "weights"
     wdir.mkdir(parents=True, exist_ok=True)
     torch.save(result.best_state, wdir / "best.pt")
     torch.save(result.last_state, wdir / "last.pt")
-    rec["weights_sha256"] = model_mod.state_sha256(result.best_state)
-    rec["last_weights_sha256"] = model_mod.state_sha256(result.last_state)
+    rec.weights_sha256 = model_mod.state_sha256(result.best_state)
+    rec.last_weights_sha256 = model_mod.state_sha256(result.last_state)
 
 
-def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: dict[str, Any]) -> None:
+def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultRecord) -> None:
     import numpy as np
     import torch
 
@@ -213,9 +213,10 @@ def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: dict[st
         raise
     except Exception as exc:  # noqa: BLE001 - the user's trainer failed
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-6:])
-        rec["traceback"] = tb
-        raise RunFailed(f"trainer {bundle.trainer.entrypoint} raised {exc.__class__.__name__}: {exc}") from None
-    rec["train_s"] = time.perf_counter() - t0
+        failure = RunFailed(f"trainer {bundle.trainer.entrypoint} raised {exc.__class__.__name__}: {exc}")
+        failure.user_traceback = tb  # type: ignore[attr-defined]
+        raise failure from None
+    rec.train_s = time.perf_counter() - t0
     if not isinstance(result, dict):
         raise RunFailed(f"trainer {bundle.trainer.entrypoint} returned {type(result).__name__}; the contract asks for a dict "
                         "(see README 'Bring your own trainer')")
@@ -229,8 +230,8 @@ def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: dict[st
         metrics.setdefault(split_name, m)
     if result.get("val_loss") is not None:
         metrics["val_loss"] = float(result["val_loss"])
-    rec["metrics"] = {"retrained": metrics, "archived": None}
-    rec["history"] = history
+    rec.metrics = {"retrained": metrics, "archived": None}
+    rec.history = history
     state = result.get("state_dict")
     if state is None and result.get("model") is not None:
         state = result["model"].state_dict()
@@ -238,9 +239,9 @@ def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: dict[st
         state = {k: v.detach().cpu() for k, v in state.items()}
         (out / "weights").mkdir(parents=True, exist_ok=True)
         torch.save(state, out / "weights" / "best.pt")
-        rec["weights_sha256"] = state_sha256(state)
-    rec["trainer"] = {"entrypoint": bundle.trainer.entrypoint, "code_dir": bundle.trainer.code_dir}
-    rec["extra"] = result.get("extra") or {}
+        rec.weights_sha256 = state_sha256(state)
+    rec.trainer = {"entrypoint": bundle.trainer.entrypoint, "code_dir": bundle.trainer.code_dir}
+    rec.extra = result.get("extra") or {}
 
 
 def _sha_json(obj: Any) -> str:
@@ -249,14 +250,12 @@ def _sha_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, separators=(",", ":")).encode()).hexdigest()
 
 
-def run(spec: RunSpec) -> dict[str, Any]:
-    """Run one cell and return its record (raises HarnessError on failure)."""
-    from . import determinism
-    from . import envinfo
+def run(spec: RunSpec) -> ResultRecord:
+    """Run one cell and return its record (raises HarnessError on failure). Measures; never judges."""
     from ..bundle import load_bundle
-    from ..judge import delta_vs_recorded
+    from ..preflight import expected_data_digests
+    from . import determinism, envinfo
     from .data import prepare, sha256_file
-    from ..preflight import data_mismatches, expected_data_digests
 
     t_start = time.perf_counter()
     out = Path(spec.out_dir)
@@ -280,44 +279,36 @@ def run(spec: RunSpec) -> dict[str, Any]:
     determinism.set_seed(bundle.training.seed)
 
     emit("start", cell=spec.cell, epochs=bundle.training.epochs)
-    rec: dict[str, Any] = {
-        "schema": SCHEMA, "cell": spec.cell, "status": "running", "harness_version": __version__,
-        "started_at": _now(), "backend": spec.backend, "spec": json.loads(spec.to_json()),
-        "labels": spec.labels, "image": spec.image or None,
-        "bundle": {"path": bundle.root, "trial": bundle.recorded.number if bundle.recorded else None},
-        "warnings": [],
-    }
-    rec["env"] = envinfo.measure(spec.device)
-    data_sha = sha256_file(bundle.data.resolved)
-    rec["data_sha256"] = data_sha
-    rec["data"] = {"path": bundle.data.path, "file": Path(bundle.data.resolved).name,
-                   "exclude_channels": list(bundle.data.exclude_channels), "downsample": bundle.data.downsample,
-                   "split": list(bundle.data.split)}
-    mismatches = data_mismatches(bundle, data_sha)
-    rec["warnings"].extend(mismatches)
-    rec["data_sha256_matches"] = (not mismatches) if expected_data_digests(bundle) else None
+    rec = ResultRecord(
+        cell=spec.cell, status=Status.OK, harness_version=__version__, started_at=_now(), backend=spec.backend,
+        spec=spec.to_dict(), labels=dict(spec.labels),
+        bundle={"path": bundle.root, "trial": bundle.recorded.number if bundle.recorded else None},
+        env=Env.from_json(envinfo.measure(spec.device), "env"),
+    )
+    rec.data_sha256 = sha256_file(bundle.data.resolved)
+    rec.expected_data_sha256 = expected_data_digests(bundle)
+    rec.data = {"path": bundle.data.path, "file": Path(bundle.data.resolved).name,
+                "exclude_channels": list(bundle.data.exclude_channels), "downsample": bundle.data.downsample,
+                "split": list(bundle.data.split)}
     data = prepare(bundle.data)
-    rec["data"]["shape"] = list(data.raw_shape)
-    rec["data"]["targets"] = data.target_names
+    rec.data["shape"] = list(data.raw_shape)
+    rec.data["targets"] = data.target_names
 
     if bundle.trainer is not None:
         _custom_run(spec, bundle, device, out, rec)
     else:
         _reference_run(spec, bundle, data, device, out, rec)
-    rec.setdefault("weights_sha256", None)
-    rec["determinism"] = determinism.capture(spec.determinism, bundle.training.seed)
+    rec.determinism = determinism.capture(spec.determinism, bundle.training.seed)
     recorded = bundle.recorded
-    rec["recorded"] = None if recorded is None else {
+    rec.recorded = None if recorded is None else {
         "number": recorded.number, "value": recorded.value, "params": recorded.params, "r2": recorded.r2,
         "mse": recorded.mse, "mae": recorded.mae, "data_sha256": recorded.data_sha256,
         "weights_sha256": recorded.weights_sha256,
     }
     if recorded is None:
-        rec["warnings"].append("no trial_info.yaml: nothing recorded to compare with")
-    rec["delta_vs_recorded"] = delta_vs_recorded(rec["metrics"], rec["recorded"])
-    rec["status"] = "ok"
-    rec["finished_at"] = _now()
-    rec["wall_s"] = time.perf_counter() - t_start
+        rec.warnings.append("no trial_info.yaml: nothing recorded to compare with")
+    rec.finished_at = _now()
+    rec.wall_s = time.perf_counter() - t_start
     return rec
 
 
@@ -337,7 +328,18 @@ def _parse(argv: list[str] | None) -> RunSpec:
     p.add_argument("--trace", action="store_true")
     a = p.parse_args(argv)
     if a.spec:
-        return RunSpec.from_dict(json.loads(Path(a.spec).read_text(encoding="utf-8")))
+        path = Path(a.spec)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(str(path), f"cannot be read as JSON ({exc})") from None
+        try:
+            return RunSpec.from_json(data, str(path))
+        except InputError:
+            # Write the refusal where the launcher looks for the record, when the spec says where.
+            if isinstance(data, dict) and isinstance(data.get("out_dir"), str) and isinstance(data.get("cell"), str):
+                _SPEC_FALLBACK.update(cell=data["cell"], out_dir=data["out_dir"])
+            raise
     if not a.bundle or not a.out:
         p.error("give --spec FILE, or --bundle DIR and --out DIR")
     device = a.device
@@ -350,25 +352,37 @@ def _parse(argv: list[str] | None) -> RunSpec:
                    trainer_path=a.trainer_path, trace=a.trace, backend="standalone")
 
 
+_SPEC_FALLBACK: dict[str, str] = {}
+
+
 def main(argv: list[str] | None = None) -> int:
-    spec = _parse(argv)
     t0 = time.perf_counter()
+    try:
+        spec = _parse(argv)
+    except HarnessError as exc:
+        print(f"harness.worker: {exc.one_line()}", file=sys.stderr)
+        if _SPEC_FALLBACK:
+            write(Path(_SPEC_FALLBACK["out_dir"]) / "record.json", ResultRecord.without_metrics(
+                _SPEC_FALLBACK["cell"], Status.FAILED, exc.kind, exc.one_line(), harness_version=__version__))
+        return exc.exit_code
     try:
         rec = run(spec)
         code = EXIT_OK
     except HarnessError as exc:
-        rec = error_record(spec.cell, exc.kind, exc.one_line(), spec=json.loads(spec.to_json()),
-                           wall_s=time.perf_counter() - t0)
+        rec = ResultRecord.without_metrics(spec.cell, Status.FAILED, exc.kind, exc.one_line(), spec=spec.to_dict(),
+                                           harness_version=__version__, wall_s=time.perf_counter() - t0,
+                                           exit_status=exc.exit_code, traceback=getattr(exc, "user_traceback", None))
         code = exc.exit_code
     except Exception as exc:  # noqa: BLE001 - anything else is a failed run, with its traceback kept
-        rec = error_record(spec.cell, "run", f"{exc.__class__.__name__}: {exc}", spec=json.loads(spec.to_json()),
-                           wall_s=time.perf_counter() - t0,
-                           extra={"traceback": traceback.format_exc()})
+        rec = ResultRecord.without_metrics(spec.cell, Status.FAILED, "run", f"{exc.__class__.__name__}: {exc}",
+                                           spec=spec.to_dict(), harness_version=__version__,
+                                           wall_s=time.perf_counter() - t0, exit_status=RunFailed.exit_code,
+                                           traceback=traceback.format_exc())
         code = RunFailed.exit_code
-    write_record(spec.record_path, rec)
-    emit("done", cell=spec.cell, status=rec["status"])
-    if code != EXIT_OK:
-        print(f"harness.worker: {rec['error']['message']}", file=sys.stderr)
+    write(spec.record_path, rec)
+    emit("done", cell=spec.cell, status=rec.status.value)
+    if code != EXIT_OK and rec.error is not None:
+        print(f"harness.worker: {rec.error.message}", file=sys.stderr)
     return code
 
 

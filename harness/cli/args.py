@@ -1,0 +1,84 @@
+"""The argparse flags several commands share (kept apart so no command module imports another)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from ..options import ImageOptions, ReportOptions, base_image_overrides
+
+EXIT_CODES_HELP = """exit codes:
+  0    every cell that ran reproduced (skipped cells are listed, not counted against it),
+       or nothing was recorded to judge against
+  1    a cell, an image build or a container failed, or the run is incomplete
+       (interrupted, or planned cells left no record)
+  2    bad input or usage: one line names the file, key and fix
+  3    everything ran, and at least one metric is outside its tolerance
+  130  interrupted (Ctrl-C): finished records, an interrupted record and report.json stay"""
+
+
+# --------------------------------------------------------------------------- options shared by run and matrix
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", help="the optuna_best directory")
+    p.add_argument("--data", help="dataset file (overrides config.yaml data.path)")
+    p.add_argument("--trainer", help="your own trainer as module:function (overrides config.yaml trainer.entrypoint)")
+    p.add_argument("--trainer-path", help="directory holding the trainer's module")
+    p.add_argument("--out", help="results directory (default: harness-results/<bundle>-<time>)")
+    p.add_argument("--json", dest="json_out", metavar="FILE", help="write all records plus the comparison as JSON")
+    p.add_argument("--markdown", metavar="FILE", help="write a Markdown table (for a pull-request comment)")
+    p.add_argument("--tol", action="append", default=[], metavar="METRIC=abs:X[,rel:Y]",
+                   help="tolerance for val_loss, r2, mse or mae (repeatable), e.g. --tol r2=abs:1e-4")
+    p.add_argument("--tolerances", metavar="FILE", help="YAML file of tolerances: {r2: {abs: 1e-4}, mse: {rel: 0.01}}")
+    p.add_argument("--trace", action="store_true", help="write every training step's loss to trace.jsonl")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--repeats", default=1, help="run each cell N times")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+
+def add_docker(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("docker backend")
+    g.add_argument("--matrix", type=Path, default=None, metavar="FILE", help="version matrix (default images/matrix.yaml)")
+    g.add_argument("--compat", type=Path, default=None, metavar="FILE", help="compatibility data (default images/compat.yaml)")
+    g.add_argument("--base-image", action="append", default=[], metavar="[CELL=]IMAGE",
+                   help="build on this base image instead of the matrix's (every cell, or CELL=IMAGE)")
+    g.add_argument("--site-config", type=Path, default=os.environ.get("HARNESS_SITE_CONFIG") or None, metavar="FILE",
+                   help="YAML with base_images: {'*': IMAGE, CELL: IMAGE} (env HARNESS_SITE_CONFIG)")
+    g.add_argument("--wheelhouse", action="append", default=[], metavar="[CELL=]DIR",
+                   help="offline wheels: a directory with one sub-directory per cell, or CELL=DIR (env HARNESS_WHEELHOUSE)")
+    g.add_argument("--gpus", default="all", help="GPUs to request for CUDA cells: all, none, or device ids like 0,1")
+    g.add_argument("--memory", help="memory limit per container, e.g. 8g")
+
+
+
+
+# --------------------------------------------------------------------------- arguments -> typed options
+
+
+def tolerances(args: argparse.Namespace) -> Any:
+    from ..judge import Tolerances, load_tolerances as load_file, parse_tolerance
+
+    tol = Tolerances()
+    if getattr(args, "tolerances", None):
+        tol = load_file(args.tolerances, tol)
+    for t in getattr(args, "tol", []) or []:
+        tol = parse_tolerance(t, tol)
+    return tol
+
+
+def report_options(args: argparse.Namespace) -> ReportOptions:
+    return ReportOptions(json_out=getattr(args, "json_out", None), markdown=getattr(args, "markdown", None))
+
+
+def image_options(args: argparse.Namespace) -> ImageOptions:
+    """The docker backend's options, from the flags every image-using command shares."""
+    return ImageOptions(
+        matrix=getattr(args, "matrix", None), compat=getattr(args, "compat", None),
+        base_images=base_image_overrides(getattr(args, "base_image", None)),
+        site_config=getattr(args, "site_config", None),
+        wheelhouses=ImageOptions.wheelhouse_values(getattr(args, "wheelhouse", None)),
+        gpus=getattr(args, "gpus", None) or "all", memory=getattr(args, "memory", None),
+    )

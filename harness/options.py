@@ -1,0 +1,175 @@
+"""Typed options: what the user asked for, parsed once, for every command and backend.
+
+The CLI turns its arguments into these dataclasses (and nothing else reads an
+``argparse.Namespace``). The axis parsers here are the only ones: ``run`` and
+``matrix``, the local and the Docker backend all read ``--threads 1,all`` or
+``--determinism strict,default`` the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import InputError, UsageError
+
+MODES = ("strict", "warn", "default")  # determinism modes; the worker reads this list too
+BACKENDS = ("docker", "local")
+THREADS_ALL = ("all", "default", "auto")
+
+
+# --------------------------------------------------------------------------- axis parsers (pure)
+
+
+def _items(text: str | Sequence[str]) -> list[str]:
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    return [p.strip() for p in parts if p and p.strip()]
+
+
+def parse_threads(text: str | Sequence[str], flag: str = "--threads") -> tuple[int | None, ...]:
+    """``1,2`` or ``1,all``; ``all`` (or ``default``/``auto``) leaves torch's own default (None)."""
+    out: list[int | None] = []
+    for part in _items(text):
+        if part in THREADS_ALL:
+            out.append(None)
+            continue
+        try:
+            v = int(part)
+        except ValueError:
+            raise UsageError(f"{flag} {part!r} is neither an integer nor 'all'", hint=f"e.g. {flag} 1,2 or {flag} 1,all") from None
+        if v < 1:
+            raise UsageError(f"{flag} must be >= 1, got {v}", hint=f"e.g. {flag} 1,all")
+        out.append(v)
+    if not out:
+        raise UsageError(f"{flag} names no thread count", hint=f"e.g. {flag} 1,all")
+    return tuple(dict.fromkeys(out))
+
+
+def parse_modes(text: str | Sequence[str], flag: str = "--determinism") -> tuple[str, ...]:
+    """``strict,default``: each one of :data:`MODES`."""
+    modes = _items(text)
+    for m in modes:
+        if m not in MODES:
+            raise UsageError(f"{flag} {m!r} is not one of {', '.join(MODES)}", hint=f"e.g. {flag} strict,default")
+    if not modes:
+        raise UsageError(f"{flag} names no mode", hint=f"e.g. {flag} strict,default")
+    return tuple(dict.fromkeys(modes))
+
+
+def parse_devices(text: str | Sequence[str], flag: str = "--devices") -> tuple[str, ...]:
+    """``cpu,cuda`` or ``cuda:1``; ``auto`` is resolved by the planner."""
+    devices = _items(text)
+    for d in devices:
+        if d not in ("cpu", "auto") and not (d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit())):
+            raise UsageError(f"{flag} {d!r} is not cpu, cuda or cuda:N", hint=f"e.g. {flag} cpu,cuda")
+    if not devices:
+        raise UsageError(f"{flag} names no device", hint=f"e.g. {flag} cpu,cuda")
+    return tuple(dict.fromkeys(devices))
+
+
+def parse_tf32(text: str | Sequence[str], flag: str = "--tf32") -> tuple[bool, ...]:
+    """``off``, ``on`` or ``off,on``."""
+    out: list[bool] = []
+    for part in _items(text):
+        if part not in ("off", "on"):
+            raise UsageError(f"{flag} {part!r} is neither off nor on", hint=f"e.g. {flag} off,on")
+        out.append(part == "on")
+    if not out:
+        raise UsageError(f"{flag} names no setting", hint=f"e.g. {flag} off,on")
+    return tuple(dict.fromkeys(out))
+
+
+def parse_cells(text: str | None) -> tuple[str, ...] | None:
+    """``a,b`` -> ``("a", "b")``; None or empty -> None (every cell)."""
+    if not text:
+        return None
+    return tuple(dict.fromkeys(_items(text))) or None
+
+
+def parse_repeats(value: Any, flag: str = "--repeats") -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag} {value!r} is not an integer", hint=f"e.g. {flag} 3") from None
+    if n < 1:
+        raise UsageError(f"{flag} must be >= 1, got {n}", hint=f"e.g. {flag} 3")
+    return n
+
+
+def base_image_overrides(values: Sequence[str] | None) -> dict[str, str]:
+    """``--base-image IMAGE`` (every cell) and ``--base-image CELL=IMAGE`` into a mapping."""
+    out: dict[str, str] = {}
+    for v in values or []:
+        cell, sep, image = v.partition("=")
+        if sep and not (cell and image):
+            raise InputError("--base-image", f"{v!r} is neither IMAGE nor CELL=IMAGE")
+        out[cell if sep else "*"] = image if sep else v
+    return out
+
+
+# --------------------------------------------------------------------------- the options
+
+
+@dataclass(frozen=True)
+class Axes:
+    """What varies between cells. ``None`` means "the backend's default"."""
+
+    devices: tuple[str, ...] | None = None
+    modes: tuple[str, ...] | None = None
+    threads: tuple[int | None, ...] | None = None
+    tf32: tuple[bool, ...] = (False,)
+    repeats: int = 1
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """Where the Docker backend finds its matrix, base images and wheels."""
+
+    matrix: Path | None = None
+    compat: Path | None = None
+    base_images: dict[str, str] = field(default_factory=dict)
+    site_config: Path | None = None
+    wheelhouses: tuple[str, ...] = ()
+    gpus: str = "all"
+    memory: str | None = None
+
+    @staticmethod
+    def wheelhouse_values(values: Sequence[str] | None) -> tuple[str, ...]:
+        """``--wheelhouse`` values, or ``$HARNESS_WHEELHOUSE`` when none were given."""
+        vals = tuple(values or ())
+        if not vals and os.environ.get("HARNESS_WHEELHOUSE"):
+            vals = (os.environ["HARNESS_WHEELHOUSE"],)
+        return vals
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """One ``harness run`` or ``harness matrix`` invocation."""
+
+    bundle: str
+    backend: str = "local"
+    single: bool = False  # `harness run`: one cell, named "run"
+    cells: tuple[str, ...] | None = None  # docker: matrix cells to run
+    axes: Axes = field(default_factory=Axes)
+    images: ImageOptions = field(default_factory=ImageOptions)
+    data: str | None = None
+    trainer: str | None = None
+    trainer_path: str | None = None
+    out: str | None = None
+    trace: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise UsageError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """Where the comparison goes besides the terminal, and how it is judged."""
+
+    json_out: str | None = None
+    markdown: str | None = None
+    tolerances: Any = None  # harness.judge.Tolerances

@@ -1,0 +1,217 @@
+"""Running a plan: the steps of ``harness run`` and ``harness matrix``.
+
+load and check the bundle -> plan the cells -> write ``run.json`` -> prepare
+the backend (build images) -> run each cell -> judge -> render and write the
+reports. Every step is a function here; the CLI only parses its arguments into
+:mod:`harness.options`, calls :func:`execute` and maps the outcome to an exit code.
+
+Ctrl-C at any point while cells run leaves a complete picture on disk: the
+cells that finished keep their records, the running one gets an
+``interrupted`` record, ``report.json`` covers what exists, and the cells that
+never started are named (they stay listed in ``run.json``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__, record
+from .errors import HarnessError, InputError, Interrupted
+from .judge import Comparison, Tolerances, compare
+from .options import ReportOptions, RunOptions
+from .plan import Cell, Job, Plan, make_plan
+from .record import ResultRecord, RunManifest, Status
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run_id() -> str:
+    return f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def load_and_check(opts: RunOptions) -> tuple[Any, Any]:
+    """Read and validate the bundle and its data; nothing trains before this passes."""
+    from . import preflight
+    from .bundle import load_bundle
+
+    bundle = load_bundle(opts.bundle, data_override=opts.data, trainer_override=opts.trainer,
+                         trainer_path=opts.trainer_path)
+    return bundle, preflight.check(bundle)
+
+
+def results_dir(out: str | None, bundle_root: str, prefix: str = "") -> Path:
+    """``--out``, else ``harness-results/<bundle>-<time>/`` under the working directory."""
+    if out:
+        return Path(out).resolve()
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return (Path.cwd() / "harness-results" / f"{prefix}{Path(bundle_root).name}-{stamp}").resolve()
+
+
+def make_backend(plan: Plan) -> Any:
+    """The backend a plan runs on."""
+    if plan.backend == "local":
+        from .backends.local import LocalBackend
+
+        return LocalBackend()
+    from .backends.docker import DockerBackend, docker_client
+
+    im = plan.options
+    return DockerBackend(docker_client(), plan.builds, gpus=im.gpus if im else "all", memory=im.memory if im else None)
+
+
+def _log_tail(path: Path, chars: int = 2000) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - chars))
+            return fh.read().decode("utf-8", "replace") or None
+    except OSError:
+        return None
+
+
+@dataclass
+class Outcome:
+    """What a run left: the records in plan order and the planned cells that have none."""
+
+    records: list[ResultRecord]
+    missing: list[str]
+
+
+def run_cells(plan: Plan, backend: Any, job: Job, progress: Any) -> Outcome:
+    """Run every runnable cell; a failed cell does not stop the others.
+
+    Skipped and blocked cells get their records without starting. Ctrl-C writes an
+    ``interrupted`` record for the running cell and raises :class:`Interrupted`
+    with the outcome so far attached (``exc.outcome``).
+    """
+    records: dict[str, ResultRecord] = {}
+
+    def keep(cell: Cell, rec: ResultRecord) -> None:
+        rec.run_id = job.run_id
+        rec.labels = {**cell.labels, **rec.labels}
+        record.write(job.cell_dir(cell) / record.RECORD_FILE, rec)
+        records[cell.name] = rec
+
+    for c in plan.skipped:
+        keep(c, ResultRecord.without_metrics(c.name, Status.SKIPPED, "skipped", c.skip_reason or "skipped",
+                                             backend=backend.name, started_at=now_utc()))
+    runnable = plan.runnable
+    for c in runnable:
+        if c.warning:
+            progress.note(f"! {c.name}: {c.warning}", "yellow")
+    current: Cell | None = None
+    t_cell = time.perf_counter()
+    try:
+        blocked = dict(plan.blocked)
+        blocked.update(backend.prepare([c for c in runnable if c.name not in blocked], job))
+        for cell in runnable:
+            current, t_cell = cell, time.perf_counter()
+            progress.start(cell.name)
+            if cell.name in blocked:
+                # A cell that cannot start (its image, its wheelhouse) fails alone.
+                exc = blocked[cell.name]
+                rec = ResultRecord.without_metrics(cell.name, Status.FAILED, getattr(exc, "kind", "image"),
+                                                   exc.one_line(), backend=backend.name, started_at=now_utc(),
+                                                   log_tail="\n".join(getattr(exc, "log_tail", []) or []) or None)
+                keep(cell, rec)
+            else:
+                rec = backend.run(cell, job, progress.event)
+                records[cell.name] = rec
+            current = None
+            progress.done(rec)
+            if not rec.ok and rec.error is not None and rec.error.kind in ("input", "usage"):
+                # The same bad input fails every cell: stop, keep what ran, exit 2.
+                raise InputError("", rec.error.message)
+    except KeyboardInterrupt:
+        backend.close()
+        if current is not None:
+            out = job.cell_dir(current)
+            keep(current, ResultRecord.without_metrics(
+                current.name, Status.INTERRUPTED, "interrupted",
+                f"interrupted (Ctrl-C) after {time.perf_counter() - t_cell:.1f}s; the run was stopped",
+                backend=backend.name, started_at=now_utc(), log_tail=_log_tail(out / "worker.log")))
+        outcome = Outcome([records[c.name] for c in plan.cells if c.name in records],
+                          [c.name for c in plan.cells if c.name not in records])
+        exc = Interrupted(f"interrupted; {len(outcome.records)} record(s) kept in {job.results_dir}",
+                          hint=("cells not run: " + ", ".join(outcome.missing)) if outcome.missing else None)
+        exc.outcome = outcome  # type: ignore[attr-defined]
+        raise exc from None
+    finally:
+        backend.close()
+    return Outcome([records[c.name] for c in plan.cells if c.name in records],
+                   [c.name for c in plan.cells if c.name not in records])
+
+
+def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, results: Path | None,
+           report_opts: ReportOptions) -> Comparison:
+    """Judge, print, and write the reports (``report.json`` in the results directory, --json, --markdown)."""
+    from .report import console, json_report, markdown, print_report
+
+    comparison = compare(records, tol, missing)
+    print_report(console(), records, comparison)
+    report = record.dumps(json_report(records, comparison))
+    if results is not None:
+        record.atomic_write_text(results / "report.json", report)
+    if report_opts.json_out:
+        record.atomic_write_text(report_opts.json_out, report)
+    if report_opts.markdown:
+        record.atomic_write_text(report_opts.markdown, markdown(records, comparison))
+    if results is not None:
+        console(stderr=True).print(f"[dim]records: {results}[/dim]")
+    return comparison
+
+
+def start(plan: Plan, job: Job, bundle_root: str) -> None:
+    """Write ``run.json`` (the planned cells, in order) before any cell runs."""
+    Path(job.results_dir).mkdir(parents=True, exist_ok=True)
+    record.write_manifest(job.results_dir, RunManifest(
+        run_id=job.run_id, cells=[c.name for c in plan.cells], backend=plan.backend, bundle=bundle_root,
+        started_at=now_utc(), harness_version=__version__))
+
+
+def execute_plan(plan: Plan, backend: Any, job: Job, report_opts: ReportOptions, tol: Tolerances,
+                 progress_enabled: bool = True, extra_records: list[ResultRecord] | None = None) -> Comparison:
+    """Run a plan on a backend and judge it; on Ctrl-C, judge and report what exists, then re-raise."""
+    from .report import CellProgress
+
+    start(plan, job, job.bundle_dir)
+    before = list(extra_records or [])
+    try:
+        with CellProgress(len(plan.runnable), enabled=progress_enabled) as progress:
+            outcome = run_cells(plan, backend, job, progress)
+    except Interrupted as exc:
+        got: Outcome = exc.outcome  # type: ignore[attr-defined]
+        try:
+            render(before + got.records, got.missing, tol, Path(job.results_dir), report_opts)
+        except HarnessError:
+            pass  # the interrupt is what the user needs to hear about
+        raise
+    return render(before + outcome.records, outcome.missing, tol, Path(job.results_dir), report_opts)
+
+
+def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances) -> Comparison:
+    """``harness run`` / ``harness matrix``: every step, from the bundle to the verdict."""
+    from .report import console
+
+    bundle, pre = load_and_check(opts)
+    err = console(stderr=True)
+    for w in pre.warnings:
+        err.print(f"[bold red]! {w}[/bold red]" if "MISMATCH" in w else f"[yellow]! {w}[/yellow]")
+    plan = make_plan(opts)
+    out = results_dir(opts.out, bundle.root)
+    job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, results_dir=str(out),
+              trainer=bundle.trainer.entrypoint if bundle.trainer else None,
+              trainer_path=bundle.trainer.code_dir if bundle.trainer else None, trace=opts.trace,
+              run_id=new_run_id())
+    backend = make_backend(plan)
+    return execute_plan(plan, backend, job, report_opts, tol, progress_enabled=opts.progress)

@@ -1,0 +1,96 @@
+"""The package's shape: no import cycles, backends below the CLI, one module that talks to Docker."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+HARNESS = Path(__file__).resolve().parent.parent / "harness"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for f in HARNESS.rglob("*.py"):
+        name = ".".join(f.relative_to(HARNESS.parent).with_suffix("").parts)
+        out[name.removesuffix(".__init__")] = f
+    return out
+
+
+def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """Module -> harness modules it imports (anywhere in the file, lazy imports included), and -> top-level packages."""
+    mods = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    external: dict[str, set[str]] = {m: set() for m in mods}
+    for m, f in mods.items():
+        pkg = m if f.name == "__init__.py" else m.rpartition(".")[0]
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                    external[m].add(target.split(".")[0])
+                for a in node.names:
+                    for cand in (f"{target}.{a.name}", target):
+                        if cand in mods and cand != m:
+                            graph[m].add(cand)
+                            break
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    external[m].add(a.name.split(".")[0])
+                    if a.name in mods:
+                        graph[m].add(a.name)
+    return graph, external
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    cycles, seen, stack = [], set(), []
+
+    def visit(m: str) -> None:
+        if m in stack:
+            cycles.append(stack[stack.index(m):] + [m])
+            return
+        if m in seen:
+            return
+        seen.add(m)
+        stack.append(m)
+        for n in sorted(graph[m]):
+            visit(n)
+        stack.pop()
+
+    for m in sorted(graph):
+        visit(m)
+    return cycles
+
+
+def test_no_import_cycles() -> None:
+    graph, _ = import_graph()
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    assert _cycles({"a": {"b"}, "b": {"a"}}) == [["a", "b", "a"]]
+
+
+def test_backends_never_import_the_cli() -> None:
+    graph, _ = import_graph()
+    offenders = {m: sorted(t for t in targets if t == "harness.cli" or t.startswith("harness.cli."))
+                 for m, targets in graph.items() if m.startswith("harness.backends")}
+    assert {m: t for m, t in offenders.items() if t} == {}
+
+
+def test_the_worker_imports_nothing_from_the_host_side() -> None:
+    # The worker runs inside minimal images: it may not need rich, docker or the CLI.
+    graph, external = import_graph()
+    for m in graph:
+        if m.startswith("harness.worker"):
+            assert not {"rich", "docker"} & external[m], m
+            assert not [t for t in graph[m] if t.startswith(("harness.cli", "harness.backends", "harness.runner",
+                                                             "harness.report", "harness.judge"))], m
+
+
+def test_only_the_docker_module_imports_the_docker_sdk() -> None:
+    _, external = import_graph()
+    users = sorted(m for m, pkgs in external.items() if "docker" in pkgs)
+    assert users == ["harness.docker_engine"]
