@@ -1,6 +1,6 @@
-"""Cells as containers of pinned images, through the Docker SDK.
+"""Cells as containers of pinned images, run through :class:`~harness.docker_engine.Engine`.
 
-The one module that runs containers. Each cell's retrain runs in its image
+Each cell's retrain runs in its image
 with the bundle and data mounted read-only, a results directory writable,
 no network, a read-only root filesystem, the determinism environment set,
 and GPUs requested through device requests when the cell uses CUDA. The
@@ -16,8 +16,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from ..docker_engine import ContainerRequest, Engine
+from ..errors import BackendError, HarnessError, InputError
 from ..worker import determinism
-from ..errors import HarnessError, InputError
 from ..record import RunSpec, atomic_write_text
 from .base import Backend, Cell, EventFn, Job, Plan, finish_record
 from .local import relay
@@ -33,59 +34,51 @@ IMAGE_UID = 10001  # the image's non-root user (Dockerfile.cuda)
 # --------------------------------------------------------------------------- pure: what a container gets
 
 
-def gpu_request(gpus: str) -> list[Any]:
-    """Device requests for ``--gpus all|none|0,1``."""
-    from docker.types import DeviceRequest
-
+def gpu_spec(gpus: str | None) -> str:
+    """``--gpus all|none|0,1`` normalised (``"0, 1"`` -> ``"0,1"``); an InputError when it names no GPU."""
     gpus = (gpus or "all").strip()
-    if gpus == "none":
-        return []
-    if gpus == "all":
-        return [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    if gpus in ("all", "none"):
+        return gpus
     ids = [g.strip() for g in gpus.split(",") if g.strip()]
     if not ids:
         raise InputError("--gpus", f"{gpus!r} names no GPU", hint="use all, none, or ids like 0,1")
-    return [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
+    return ",".join(ids)
 
 
 def container_spec(cell: Cell, job: Job, image: str, *, gpus: str = "all", memory: str | None = None,
-                   host_uid: int | None = None, run_id: str = "") -> dict[str, Any]:
-    """Keyword arguments for ``client.containers.create`` (plain data, testable without Docker)."""
-    from docker.types import Mount
-
+                   host_uid: int | None = None, run_id: str = "", tag: str | None = None) -> ContainerRequest:
+    """What the cell's container gets (plain data, testable without Docker)."""
     data_name = Path(job.data_path).name
     mounts = [
-        Mount(BUNDLE, job.bundle_dir, type="bind", read_only=True),
-        Mount(f"{DATA_DIR}/{data_name}", job.data_path, type="bind", read_only=True),
-        Mount(OUT, str(job.cell_dir(cell)), type="bind", read_only=False),
+        (job.bundle_dir, BUNDLE, True),
+        (job.data_path, f"{DATA_DIR}/{data_name}", True),
+        (str(job.cell_dir(cell)), OUT, False),
     ]
     if job.trainer_path:
-        mounts.append(Mount(TRAINER, job.trainer_path, type="bind", read_only=True))
+        mounts.append((job.trainer_path, TRAINER, True))
     env = {"PYTHONUNBUFFERED": "1", "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1",
            **determinism.launch_env(cell.determinism, cell.threads)}
     if cell.determinism == "default":
         # The image bakes the strict variables in; the default mode must not inherit them.
         env["CUBLAS_WORKSPACE_CONFIG"] = ""
         env["PYTHONHASHSEED"] = "random"
-    kwargs: dict[str, Any] = {
-        "image": image,
-        "command": ["--spec", f"{OUT}/spec.json"],
-        "mounts": mounts,
-        "environment": env,
-        "network_mode": "none",
-        "read_only": True,
-        "tmpfs": {"/tmp": "rw,exec,size=2g"},
-        "labels": {LABEL_RUN: run_id, "org.harness.cell": cell.name},
-        "detach": True,
-        "shm_size": "1g",
-    }
-    if host_uid:  # a non-root caller owns what the container writes
-        kwargs["user"] = f"{host_uid}:{os.getgid()}"
-    if cell.device.startswith("cuda"):
-        kwargs["device_requests"] = gpu_request(gpus)
-    if memory:
-        kwargs["mem_limit"] = memory
-    return kwargs
+    return ContainerRequest(
+        image=image,
+        command=("--spec", f"{OUT}/spec.json"),
+        mounts=tuple(mounts),
+        environment=env,
+        # a non-root caller owns what the container writes
+        user=f"{host_uid}:{os.getgid()}" if host_uid else None,
+        gpus=gpu_spec(gpus) if cell.device.startswith("cuda") else "none",
+        memory=memory or None,
+        labels={LABEL_RUN: run_id, "org.harness.cell": cell.name},
+        network="none",
+        read_only=True,
+        tmpfs={"/tmp": "rw,exec,size=2g"},
+        shm_size="1g",
+        cell=cell.name,
+        tag=tag,
+    )
 
 
 def container_run_spec(cell: Cell, job: Job, image_info: dict[str, Any]) -> RunSpec:
@@ -109,24 +102,16 @@ def exit_reason(status: int, oom: bool, memory: str | None) -> str:
 # --------------------------------------------------------------------------- effects
 
 
-def docker_client() -> Any:
-    """A connected client, or a one-line BackendError saying how to start the engine."""
-    from ..cli.images import docker_client as connect
-
-    return connect()
-
-
 class DockerBackend(Backend):
     name = "docker"
 
-    def __init__(self, client: Any, plans: dict[str, Any], *, gpus: str = "all", memory: str | None = None) -> None:
-        self.client = client
-        self.plans = plans  # cell name -> imagebuild.BuildPlan
+    def __init__(self, engine: Engine, plans: dict[str, Any], *, gpus: str = "all", memory: str | None = None) -> None:
+        self.engine = engine
+        self.plans = plans  # cell name -> images.build.BuildPlan
         self.gpus = gpus
         self.memory = memory
         self.images: dict[str, dict[str, Any]] = {}  # cell name -> image info, filled by prepare() or use_image()
         self.run_id = f"{os.getpid()}-{int(time.time())}"
-        self._running: list[Any] = []
 
     def prepare(self, cells: list[Cell], job: Job) -> dict[str, HarnessError]:
         from rich.console import Console
@@ -145,7 +130,7 @@ class DockerBackend(Backend):
 
         wanted = [self.plans[c.image.name] for c in cells if c.image is not None and c.image.name in self.plans]
         unique = list({p.cell.name: p for p in wanted}.values())
-        results = imagebuild.ensure_images(self.client, unique, progress)
+        results = imagebuild.ensure_images(self.engine, unique, progress)
         failures: dict[str, HarnessError] = {}
         for c in cells:
             r = results.get(c.image.name) if c.image is not None else None
@@ -158,12 +143,15 @@ class DockerBackend(Backend):
     def describe(self, cell: Cell, built: Any) -> dict[str, Any]:
         """The image facts a record carries (what ran, not what was asked for)."""
         plan = self.plans[cell.image.name]
-        img = self.client.images.get(built.id)
+        img = self.engine.image(built.id)
+        if img is None:
+            raise BackendError(f"image {built.tag} of cell {cell.image.name} vanished from the engine",
+                               hint=f"build it again with `harness images build --cells {cell.image.name}`")
         return {
-            "cell": cell.image.name, "tag": built.tag, "id": img.id, "repo_digests": img.attrs.get("RepoDigests") or [],
+            "cell": cell.image.name, "tag": built.tag, "id": img.id, "repo_digests": list(img.repo_digests),
             "input_hash": plan.input_hash, "torch": cell.image.torch, "variant": cell.image.variant,
             "cuda": cell.image.cuda, "python": cell.image.python, "base_image": cell.image.base_image,
-            "source": plan.buildargs.get("INSTALL_SOURCE"), "size_bytes": img.attrs.get("Size"),
+            "source": plan.buildargs.get("INSTALL_SOURCE"), "size_bytes": img.size,
             "built_seconds": built.seconds if built.built else None,
         }
 
@@ -175,8 +163,6 @@ class DockerBackend(Backend):
         self.images[cell_name] = dict(info)
 
     def run(self, cell: Cell, job: Job, on_event: EventFn | None = None) -> dict[str, Any]:
-        import docker.errors
-
         out = job.cell_dir(cell)
         out.mkdir(parents=True, exist_ok=True)
         uid = os.getuid() if hasattr(os, "getuid") else 0
@@ -190,65 +176,21 @@ class DockerBackend(Backend):
         os.chmod(out / "spec.json", 0o644)
         tail: deque[str] = deque(maxlen=40)
         t0 = time.perf_counter()
-        rc: int | None = None
-        reason: str | None = None
-        container = None
         with open(out / "worker.log", "w", encoding="utf-8") as log:
-            try:
-                kwargs = container_spec(cell, job, info["id"], gpus=self.gpus, memory=self.memory,
-                                        host_uid=uid or None, run_id=self.run_id)
-                container = self.client.containers.create(**kwargs)
-                self._running.append(container)
-                container.start()
-                buf = b""
-                for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=True):
-                    buf += chunk
-                    while b"\n" in buf:
-                        line, buf = buf.split(b"\n", 1)
-                        relay(line.decode("utf-8", "replace") + "\n", on_event, log, tail)
-                if buf:
-                    relay(buf.decode("utf-8", "replace") + "\n", on_event, log, tail)
-                rc = int(container.wait().get("StatusCode", -1))
-                container.reload()
-                oom = bool(container.attrs.get("State", {}).get("OOMKilled"))
-                if rc != 0 and (oom or rc == 137):
-                    reason = exit_reason(rc, oom, self.memory)
-            except docker.errors.APIError as exc:
-                text = str(exc.explanation or exc)
-                if "could not select device driver" in text:
-                    reason = (f"cell {cell.name} asks for a GPU but this Docker engine has no NVIDIA runtime ({text}); "
-                              "install nvidia-container-toolkit, or run with --gpus none")
-                elif "No such image" in text:
-                    reason = f"image {info['tag']} vanished from the engine: {text}"
-                else:
-                    reason = f"Docker engine refused to run {info['tag']}: {text}"
-            except docker.errors.DockerException as exc:
-                reason = f"Docker engine failed while running {info['tag']}: {exc}"
-            finally:
-                self._remove(container)
+            request = container_spec(cell, job, info["id"], gpus=self.gpus, memory=self.memory,
+                                     host_uid=uid or None, run_id=self.run_id, tag=info.get("tag"))
+            ended = self.engine.run(request, lambda line: relay(line + "\n", on_event, log, tail))
+        rc, reason = ended.status, ended.error
+        if reason is None and rc is not None and rc != 0 and (ended.oom_killed or rc == 137):
+            reason = exit_reason(rc, ended.oom_killed, self.memory)
         wall = time.perf_counter() - t0
         return finish_record(cell, job, rc=rc, log_tail="".join(tail), wall_s=wall, reason=reason,
                              extra={"backend": self.name, "image": info,
                                     "host_paths": {"bundle": job.bundle_dir, "data": job.data_path}})
 
-    def _remove(self, container: Any) -> None:
-        if container is None:
-            return
-        try:
-            container.remove(force=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-        if container in self._running:
-            self._running.remove(container)
-
     def close(self) -> None:
         """Stop and remove every container this backend started that is still there (Ctrl-C)."""
-        for container in list(self._running):
-            try:
-                container.stop(timeout=5)
-            except Exception:  # noqa: BLE001
-                pass
-            self._remove(container)
+        self.engine.stop_all()
 
 
 # --------------------------------------------------------------------------- planning (CLI step 2)
@@ -293,6 +235,6 @@ def plan_cells(args: argparse.Namespace, names: list[str] | None) -> Plan:
                             labels={"image": ic.name, "torch": ic.torch, "variant": ic.variant,
                                     "determinism": mode, "repeat": r + 1})
                 (skipped if skip else cells).append(cell)
-    backend = DockerBackend(docker_client(), plans, gpus=getattr(args, "gpus", "all"), memory=getattr(args, "memory", None))
+    backend = DockerBackend(Engine.connect(), plans, gpus=getattr(args, "gpus", "all"), memory=getattr(args, "memory", None))
     failures = {c.name: plan_errors[c.image.name] for c in cells if c.image.name in plan_errors}
     return Plan(backend=backend, cells=cells, skipped=skipped, failures=failures)

@@ -106,10 +106,11 @@ def _archived_run(args: argparse.Namespace, plan: Any, bundle: Any, tol: Any) ->
             raise InputError(str(path), f"records a failed run ({(rec.get('error') or {}).get('message', 'error')})",
                              hint="archive a run that succeeded")
         build = plan.backend.plans[args.cell]
-        if not snap.image_exists(plan.backend.client, build.tag):
+        found = plan.backend.engine.image(build.tag)
+        if found is None:
             raise InputError(f"cell {args.cell}", f"its image {build.tag} is not in the engine",
                              hint=f"build it with `harness images build --cells {args.cell}`, or drop --results")
-        current = plan.backend.client.images.get(build.tag).id
+        current = found.id
         ran = (rec.get("image") or {}).get("id")
         if ran != current:
             raise InputError(str(path), f"was run in image {ran}, but cell {args.cell}'s image {build.tag} is {current}",
@@ -126,7 +127,7 @@ def _archived_run(args: argparse.Namespace, plan: Any, bundle: Any, tol: Any) ->
     return rec
 
 
-def _recipe_matches(client: Any, build: Any, image: Any, sources_tar: bytes) -> bool:
+def _recipe_matches(build: Any, image: Any, sources_tar: bytes) -> bool:
     """Whether this checkout's Dockerfile, build args, wheels and lock, with the harness source
     taken from the image itself, hash to the image's recorded input hash."""
     from ..images import build as imagebuild
@@ -165,17 +166,20 @@ def cmd_create(args: argparse.Namespace) -> int:
     build = plan.backend.plans[args.cell]
     rec = _archived_run(args, plan, bundle, tol)
     t0 = time.perf_counter()
-    client = plan.backend.client
+    engine = plan.backend.engine
     image_id = rec["image"]["id"]
-    image = client.images.get(image_id)
+    image = engine.image(image_id)
+    if image is None:
+        raise InputError(f"cell {args.cell}", f"the image it ran in ({image_id[:19]}) is no longer in the engine",
+                         hint="run the cell again (drop --results) and snapshot that run")
     tag = rec["image"].get("tag") if rec["image"].get("tag") in image.tags else (image.tags[0] if image.tags else None)
     data_path = Path(bundle.data.resolved)
     data_sha = snap.sha256_file(data_path)
     if rec.get("data_sha256") and rec["data_sha256"] != data_sha:
         raise InputError(str(data_path), f"hashes to {data_sha[:12]}…, but the archived run trained on {rec['data_sha256'][:12]}…",
                          hint="point --data at the file that run used")
-    sources_tar = snap.without_bytecode(snap.image_files(client, image_id, snap.IMAGE_SOURCES_PATH))
-    recipe_ok = _recipe_matches(client, build, image, sources_tar)
+    sources_tar = snap.without_bytecode(engine.files(image_id, snap.IMAGE_SOURCES_PATH))
+    recipe_ok = _recipe_matches(build, image, sources_tar)
     if not recipe_ok:
         cli._console(stderr=True).print(
             f"[yellow]! the Dockerfile/lock/build args of this checkout do not hash to image {tag}'s input hash; "
@@ -183,14 +187,14 @@ def cmd_create(args: argparse.Namespace) -> int:
     host = snap.host_facts()
     environment = {
         "env": rec.get("env"), "determinism": rec.get("determinism"), "image": rec.get("image"),
-        "image_config": {k: (image.attrs.get("Config") or {}).get(k) for k in ("Env", "Entrypoint", "User", "WorkingDir", "Labels")},
+        "image_config": image.config,
         "spec": rec.get("spec"), "host": host,
     }
     manifest = {
         "harness_version": snap.__version__, "created": snap.now_utc(), "cell": args.cell,
         "cell_spec": asdict(build.cell),
-        "image": {"id": image_id, "tag": tag, "size": image.attrs.get("Size"),
-                  "repo_digests": image.attrs.get("RepoDigests") or [],
+        "image": {"id": image_id, "tag": tag, "size": image.size,
+                  "repo_digests": list(image.repo_digests),
                   "input_hash": (image.labels or {}).get("org.harness.input-hash")},
         "build": {"recipe_matches_image": recipe_ok, "input_hash": build.input_hash},
         "bundle": {"name": Path(bundle.root).name},
@@ -199,7 +203,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         "record": {"cell": rec.get("cell"), "weights_sha256": rec.get("weights_sha256"), "status": rec.get("status")},
         "host": host,
     }
-    _say(f"writing {output} (image {tag}, {snap.human(image.attrs.get('Size'))})")
+    _say(f"writing {output} (image {tag}, {snap.human(image.size)})")
     try:
         with snap.SnapshotWriter(output) as w:
             w.add_bytes(snap.RECORD, json.dumps(rec, indent=2, sort_keys=True).encode())
@@ -211,7 +215,7 @@ def cmd_create(args: argparse.Namespace) -> int:
             w.add_tree(snap.BUNDLE, bundle.root, Path(bundle.root).name)
             if not args.no_data:
                 w.add_file(snap.DATA, data_path)
-            w.add_chunks(snap.IMAGE, snap.save_chunks(client, image_id, tag))
+            w.add_chunks(snap.IMAGE, engine.save(image_id, tag))
             w.finish(manifest)
     except Exception as exc:  # the writer removed its partial file; say what failed in one line
         raise snap.snapshot_error(exc) from exc
@@ -273,7 +277,8 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     """Steps: verify -> load the image -> extract bundle + data -> rerun offline -> compare -> render."""
     from .. import cli
     from ..backends.base import Cell, Job, Plan
-    from ..backends.docker import DockerBackend, docker_client
+    from ..backends.docker import DockerBackend
+    from ..docker_engine import Engine
     from ..bundle import load_bundle
 
     tol = cli.load_tolerances(args)
@@ -283,8 +288,8 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="harness-rerun-"))
     try:
         data_path = _data_for(args, v, tmp)
-        client = docker_client()
-        loaded = snap.load_image(client, v.path, m, _say)
+        engine = Engine.connect()
+        loaded = snap.load_image(engine, v.path, m, _say)
         if loaded["loaded"]:
             _say(f"image {m['image']['id'][:19]} loaded in {loaded['seconds']:.1f}s")
         bundle_dir = snap.extract_tree(v.path, snap.BUNDLE, tmp / "bundle") / m["bundle"]["name"]
@@ -296,7 +301,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         cell = Cell(name=f"{cell_name}@rerun", device=spec.get("device") or "cpu",
                     determinism=spec.get("determinism") or "strict", threads=spec.get("threads"),
                     tf32=bool(spec.get("tf32")), labels=dict(archived.get("labels") or {}))
-        backend = DockerBackend(client, {}, gpus=args.gpus)
+        backend = DockerBackend(engine, {}, gpus=args.gpus)
         backend.use_image(cell.name, dict(archived.get("image") or {}, id=m["image"]["id"],
                                           tag=m["image"].get("tag") or m["image"]["id"], snapshot=str(v.path)))
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -359,8 +364,9 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     """Rebuild the archived image offline from its recipe and compare the installed packages."""
     from .. import cli
     from . import images as cli_images
+    from ..docker_engine import Engine
+    from ..errors import BaseImageMissing
     from ..images import build as imagebuild
-    from ..backends.docker import docker_client
     from ..images.matrix import ImageCell
 
     t0 = time.perf_counter()
@@ -382,30 +388,26 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         if not hashes & have:
             raise InputError("--wheelhouse", f"lacks {name}=={version} (sha256 {sorted(hashes)[0][:12]}…) pinned by the archived lock",
                              hint="pass the wheelhouse the image was built from")
-    client = docker_client()
-    if not imagebuild.image_exists(client, buildargs["BASE_IMAGE"]):
-        raise imagebuild.BaseImageMissing(cell.name, buildargs["BASE_IMAGE"])
+    engine = Engine.connect()
+    if not engine.image_exists(buildargs["BASE_IMAGE"]):
+        raise BaseImageMissing(cell.name, buildargs["BASE_IMAGE"])
     console = cli._console()
-    ctx = Path(tempfile.mkdtemp(prefix="harness-rebuild-"))
-    tag = f"harness-rebuild:{cell.name}-{int(time.time())}"
+    tmp = Path(tempfile.mkdtemp(prefix="harness-rebuild-"))
     new_id: str | None = None
+    plan = None
     try:
-        src = snap.extract_tree(v.path, snap.SOURCES, ctx)  # -> ctx/harness/...
-        sources = {p.relative_to(src).as_posix(): p.read_bytes() for p in sorted((src / "harness").rglob("*")) if p.is_file()}
-        digest = imagebuild.input_hash(dockerfile, buildargs, wheels, sources, lock)
-        (ctx / "Dockerfile").write_bytes(dockerfile)
-        (ctx / "requirements.lock").write_text(lock)
-        (ctx / "wheelhouse").mkdir()
-        (ctx / "wheelhouse" / ".keep").write_text("")
-        for w in wheels:
-            imagebuild._link_or_copy(w.path, ctx / "wheelhouse" / w.filename)
-        loaded = snap.load_image(client, v.path, m, _say)
+        src = snap.extract_tree(v.path, snap.SOURCES, tmp / "src")  # -> src/harness/...
+        sources = {p.relative_to(src).as_posix(): p for p in sorted((src / "harness").rglob("*")) if p.is_file()}
+        plan = imagebuild.recipe_plan(cell, f"harness-rebuild:{cell.name}-{int(time.time())}", dockerfile, buildargs,
+                                      lock, wheels, sources)
+        loaded = snap.load_image(engine, v.path, m, _say)
         archived_id = m["image"]["id"]
         _say(f"rebuilding {cell.name} from the archived recipe, without cache (base {buildargs['BASE_IMAGE']})")
-        new_id = snap.build_image(client, ctx, tag, buildargs)
-        old_pk = snap.image_packages(client, archived_id)
-        new_pk = snap.image_packages(client, new_id)
+        new_id = imagebuild.build_plan_image(engine, plan, nocache=True)
+        old_pk = snap.image_packages(engine, archived_id)
+        new_pk = snap.image_packages(engine, new_id)
         diffs = snap.package_differences(old_pk, new_pk)
+        digest = plan.input_hash
         same_inputs = digest == m["image"].get("input_hash")
         console.print(f"archived image {archived_id[:19]}{' (loaded from the snapshot)' if loaded['loaded'] else ''}, "
                       f"rebuilt {new_id[:19]}: "
@@ -422,9 +424,9 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
                       f"({time.perf_counter() - t0:.1f}s)")
         return EXIT_OK
     finally:
-        shutil.rmtree(ctx, ignore_errors=True)
-        if new_id is not None and not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if new_id is not None and plan is not None and not args.keep:
             try:
-                client.images.remove(tag, force=True)
+                engine.remove_image(plan.tag, force=True)
             except Exception:  # noqa: BLE001 - best effort
                 pass
