@@ -204,7 +204,7 @@ def test_compose_runs_a_cell_without_the_harness(matrix_run, tmp_path: Path) -> 
     assert all(v["diff"] == 0 for v in rec["delta_vs_recorded"].values())
 
 
-def test_gpu_request_without_nvidia_runtime_is_a_clear_row(matrix_run, docker_client, tmp_path: Path) -> None:
+def test_gpu_request_without_nvidia_runtime_is_a_clear_row(matrix_run, docker_client, engine, tmp_path: Path) -> None:
     """A CUDA cell on an engine without the NVIDIA runtime: the engine's real refusal becomes the cell's reason."""
     import harness.images.matrix as matrix
     from harness.backends.base import Cell, Job
@@ -214,7 +214,7 @@ def test_gpu_request_without_nvidia_runtime_is_a_clear_row(matrix_run, docker_cl
         pytest.skip("this engine has the NVIDIA runtime")
     image = docker_client.images.get("harness:cpu-torch2.13")
     (ic,) = matrix.select(matrix.load_matrix(), ["cpu-torch2.13"])
-    backend = DockerBackend(docker_client, {}, gpus="all")
+    backend = DockerBackend(engine, {}, gpus="all")
     cell = Cell("gpu-cell", device="cuda", image=ic)
     backend.use_image(cell.name, {"id": image.id, "tag": "harness:cpu-torch2.13"})
     bundle = matrix_run["bundle"]
