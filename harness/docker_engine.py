@@ -155,6 +155,17 @@ def create_kwargs(req: ContainerRequest) -> dict[str, Any]:
     return kwargs
 
 
+def refusal(request: ContainerRequest, text: str) -> str:
+    """One line for an engine that refused to create or start a container, with the way out."""
+    what = request.tag or request.image
+    if "could not select device driver" in text:
+        who = f"cell {request.cell}" if request.cell else f"a container of {what}"
+        return f"{who} asks for a GPU but this Docker engine has no NVIDIA runtime ({text}); {NO_NVIDIA_HINT}"
+    if "No such image" in text:
+        return f"image {what} vanished from the engine: {text}"
+    return f"Docker engine refused to run {what}: {text}"
+
+
 # ----------------------------------------------------------------------------- the engine
 
 
@@ -412,15 +423,7 @@ class Engine:
             oom = bool((container.attrs.get("State") or {}).get("OOMKilled"))
             return ContainerExit(status, oom_killed=oom)
         except docker.errors.APIError as exc:
-            text = str(exc.explanation or exc)
-            if "could not select device driver" in text:
-                who = f"cell {request.cell}" if request.cell else f"a container of {what}"
-                error = f"{who} asks for a GPU but this Docker engine has no NVIDIA runtime ({text}); {NO_NVIDIA_HINT}"
-            elif "No such image" in text:
-                error = f"image {what} vanished from the engine: {text}"
-            else:
-                error = f"Docker engine refused to run {what}: {text}"
-            return ContainerExit(None, error=error)
+            return ContainerExit(None, error=refusal(request, str(exc.explanation or exc)))
         except docker.errors.DockerException as exc:
             return ContainerExit(None, error=f"Docker engine failed while running {what}: {exc}")
         finally:
