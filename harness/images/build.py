@@ -308,11 +308,6 @@ def write_context(plan: BuildPlan, dest: Path) -> None:
         _link_or_copy(path, dest / rel)
 
 
-def image_exists(engine: Engine, tag: str) -> bool:
-    """Whether the engine holds an image with this tag."""
-    return engine.image_exists(tag)
-
-
 def build_plan_image(engine: Engine, plan: BuildPlan, *, nocache: bool = False,
                      on_log: Callable[[str], None] | None = None) -> str:
     """Write the plan's context to a temporary directory and build it as ``plan.tag``; the image id.
