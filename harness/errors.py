@@ -10,7 +10,7 @@ CLI with its kind intact.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 # Exit codes, in one place.
 EXIT_OK = 0  # every cell that ran reproduced (skipped cells do not count against it)
@@ -72,6 +72,42 @@ class BackendError(RunFailed):
     """The backend (Docker engine, subprocess launcher ...) could not do its job."""
 
     kind = "backend"
+
+
+BUILD_LOG_TAIL = 20  # lines of a failed build's log that its error carries
+
+
+class BuildFailed(RunFailed):
+    """An image build failed; carries the cell, the tag and the last lines of its log."""
+
+    kind = "build"
+
+    def __init__(self, cell: str | None, tag: str, reason: str, log_tail: Iterable[str] = ()) -> None:
+        self.cell = cell
+        self.tag = tag
+        self.reason = reason
+        self.log_tail = [line[:240] for line in log_tail if line.strip()][-BUILD_LOG_TAIL:]
+        tail = " | ".join(line.strip() for line in self.log_tail)
+        what = f"image build for cell {cell} ({tag})" if cell else f"image build of {tag}"
+        again = f"rerun `harness images build --cells {cell}` to see the log" if cell else "rerun it to see the log"
+        super().__init__(f"{what} failed: {reason}", hint=f"log tail: {tail}" if tail else again)
+
+
+class BaseImageMissing(InputError):
+    """A cell's base image is not in the local engine, and the harness never pulls."""
+
+    def __init__(self, cell: str, image: str) -> None:
+        self.cell = cell
+        self.image = image
+        super().__init__(
+            f"cell {cell}",
+            f"base image {image} is not in the local Docker engine (the harness never pulls)",
+            hint=(
+                f"`docker pull {image}` or `docker load` it yourself, make one with "
+                f"`tar -C ROOTFS -c . | docker import - NAME`, or pick another with "
+                f"--base-image {cell}=IMAGE"
+            ),
+        )
 
 
 class Interrupted(HarnessError):

@@ -63,10 +63,11 @@ def make_backend(plan: Plan) -> Any:
         from .backends.local import LocalBackend
 
         return LocalBackend()
-    from .backends.docker import DockerBackend, docker_client
+    from .backends.docker import DockerBackend
+    from .docker_engine import Engine
 
     im = plan.options
-    return DockerBackend(docker_client(), plan.builds, gpus=im.gpus if im else "all", memory=im.memory if im else None)
+    return DockerBackend(Engine.connect(), plan.builds, gpus=im.gpus if im else "all", memory=im.memory if im else None)
 
 
 def _log_tail(path: Path, chars: int = 2000) -> str | None:

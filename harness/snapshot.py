@@ -26,7 +26,7 @@ damaged manifest is reported as the manifest, not as the member whose digest it 
 Any tar tool can list the archive; ``gzip -d`` reads any member.
 
 Pure parts (writing and verifying the container) need no Docker; the image
-effects (save, load, inspect, rebuild) are the functions at the end.
+effects at the end (load, package list) go through a :class:`~harness.docker_engine.Engine`.
 """
 
 from __future__ import annotations
@@ -36,18 +36,19 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tarfile
 import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
 
 from . import __version__
-from .images.build import image_exists
 from .errors import BackendError, HarnessError, InputError, RunFailed
+
+if TYPE_CHECKING:
+    from .docker_engine import Engine
 
 SCHEMA = "harness.snapshot/1"
 SCHEMA_PREFIX = "harness.snapshot/"
@@ -527,37 +528,7 @@ def human(n: float | int | None) -> str:
     return f"{n:.1f} TB"
 
 
-# =============================================================================== Docker effects
-
-
-def save_chunks(client: Any, image_id: str, tag: str | None) -> Iterator[bytes]:
-    """``docker save`` of one image, streamed; tagged with ``tag`` only (not every alias)."""
-    import docker.errors
-
-    try:
-        image = client.images.get(image_id)
-        yield from image.save(chunk_size=CHUNK, named=tag if tag else False)
-    except docker.errors.DockerException as exc:
-        raise BackendError(f"Docker engine failed to save image {tag or image_id}: {exc}") from exc
-
-
-def image_files(client: Any, image_id: str, path: str) -> bytes:
-    """A tar of ``path`` inside an image, read from a created (never started) container."""
-    import docker.errors
-
-    container = None
-    try:
-        container = client.containers.create(image_id, command=["true"], network_mode="none")
-        stream, _ = container.get_archive(path)
-        return b"".join(stream)
-    except docker.errors.DockerException as exc:
-        raise BackendError(f"Docker engine failed to read {path} from image {image_id[:19]}: {exc}") from exc
-    finally:
-        if container is not None:
-            try:
-                container.remove(force=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+# =============================================================================== image effects (through the engine)
 
 
 def without_bytecode(tar_data: bytes) -> bytes:
@@ -578,58 +549,37 @@ PACKAGES_SCRIPT = (
 )
 
 
-def image_packages(client: Any, image_id: str) -> dict[str, str]:
+def image_packages(engine: Engine, image_id: str) -> dict[str, str]:
     """``{distribution: version}`` installed in an image, measured in a container without network."""
-    import docker.errors
-
     try:
-        out = client.containers.run(image_id, entrypoint=["python", "-c", PACKAGES_SCRIPT], network_mode="none",
-                                    remove=True, stdout=True, stderr=False)
-        return json.loads(out.decode().strip().splitlines()[-1])
-    except (docker.errors.DockerException, ValueError, IndexError) as exc:
-        raise BackendError(f"could not list the packages of image {image_id[:19]}: {str(exc).splitlines()[0][:200]}") from exc
+        out = engine.run_command(image_id, ["python", "-c", PACKAGES_SCRIPT])
+        packages = json.loads(out.strip().splitlines()[-1])
+    except BackendError as exc:
+        raise BackendError(f"could not list the packages of image {image_id[:19]}: {exc.message}") from exc
+    except (ValueError, IndexError) as exc:
+        raise BackendError(f"could not list the packages of image {image_id[:19]}: "
+                           f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from exc
+    if not isinstance(packages, dict):
+        raise BackendError(f"could not list the packages of image {image_id[:19]}: not a JSON object")
+    return packages
 
 
-def engine_free_bytes(client: Any) -> tuple[str | None, int | None]:
-    """The engine's DockerRootDir and its free bytes, when this process can see it."""
-    try:
-        root = client.info().get("DockerRootDir")
-    except Exception:  # noqa: BLE001 - a remote engine need not say
-        return None, None
-    if not root:
-        return None, None
-    try:
-        return root, shutil.disk_usage(root).free
-    except OSError:
-        return root, None
-
-
-def _remove_images(client: Any, refs: Iterable[str]) -> None:
-    for ref in refs:
-        try:
-            client.images.remove(ref, force=True)
-        except Exception:  # noqa: BLE001 - best effort cleanup
-            pass
-
-
-def load_image(client: Any, archive: str | Path, manifest: dict[str, Any],
+def load_image(engine: Engine, archive: str | Path, manifest: dict[str, Any],
                say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Load the archived image into the engine unless it is there; check its id.
 
     Returns ``{"loaded": bool, "seconds": float}``. On any failure whatever this call
     loaded is removed again, and a one-line error says why.
     """
-    import docker.errors
-
     image = manifest["image"]
     want = image["id"]
     t0 = time.perf_counter()
-    if image_exists(client, want):
+    if engine.image_exists(want):
         return {"loaded": False, "seconds": 0.0}
     entry = next((m for m in manifest["members"] if m["name"] == IMAGE), None)
     if entry is None:
         raise InputError(str(archive), f"member {IMAGE} is missing")
-    root, free = engine_free_bytes(client)
+    root, free = engine.free_bytes()
     short = disk_shortfall(free, int(entry.get("raw_size") or 0))
     if short:
         raise RunFailed(f"not enough disk to load image {image.get('tag') or want[:19]}: {root} has {human(free)} free, "
@@ -637,78 +587,47 @@ def load_image(client: Any, archive: str | Path, manifest: dict[str, Any],
                         hint=f"free {human(short)} in {root} (e.g. `docker image prune`)")
     if say:
         say(f"loading image {image.get('tag') or want[:19]} ({human(entry.get('raw_size'))}) into the engine")
-    before = {i.id for i in client.images.list(all=True)}
+    before = set(engine.images())
     loaded: list[str] = []
     problem: str | None = None
     try:
-        for msg in client.api.load_image(member_chunks(archive, IMAGE)):
-            if isinstance(msg, dict):
-                if msg.get("error"):
-                    problem = str(msg["error"])
-                text = str(msg.get("stream") or "")
-                for prefix in ("Loaded image ID: ", "Loaded image: "):
-                    if text.startswith(prefix):
-                        loaded.append(text[len(prefix):].strip())
-    except (docker.errors.DockerException, zlib.error, OSError, tarfile.TarError) as exc:
+        for ref in engine.load(member_chunks(archive, IMAGE)):
+            loaded.append(ref)
+    except BackendError as exc:
+        problem = exc.message
+    except (zlib.error, OSError, tarfile.TarError) as exc:
         problem = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
     except BaseException:
-        _cleanup_loaded(client, loaded, before)
+        _cleanup_loaded(engine, loaded, before)
         raise
-    if problem is None and not image_exists(client, want):
-        got = []
-        for ref in loaded:
-            try:
-                got.append(client.images.get(ref).id)
-            except Exception:  # noqa: BLE001
-                pass
+    if problem is None and not engine.image_exists(want):
+        got = [f.id for f in (_image_or_none(engine, ref) for ref in loaded) if f is not None]
         problem = (f"the loaded image is {', '.join(got) or 'unknown'}, not the archived {want}"
                    if got else f"the engine does not hold {want} after the load")
     if problem is not None:
-        _cleanup_loaded(client, loaded, before)
+        _cleanup_loaded(engine, loaded, before)
         raise BackendError(f"loading image {image.get('tag') or want[:19]} from {archive} failed: {problem}",
                            hint="nothing was left in the engine")
     return {"loaded": True, "seconds": time.perf_counter() - t0}
 
 
-def _cleanup_loaded(client: Any, loaded: list[str], before: set[str]) -> None:
-    ids = []
-    for ref in loaded:
-        try:
-            img = client.images.get(ref)
-        except Exception:  # noqa: BLE001
-            continue
-        if img.id not in before:
-            ids.append(img.id)
-    _remove_images(client, ids)
-
-
-def build_image(client: Any, context: Path, tag: str, buildargs: dict[str, str],
-                on_log: Callable[[str], None] | None = None) -> str:
-    """A from-scratch build (no cache) of ``context``; returns the image id."""
-    import docker.errors
-
-    from .images.build import _failure_reason
-
-    failure: str | None = None
-    tail: list[str] = []
+def _image_or_none(engine: Engine, ref: str) -> Any:
     try:
-        for chunk in client.api.build(path=str(context), dockerfile="Dockerfile", tag=tag, buildargs=buildargs,
-                                      decode=True, rm=True, forcerm=True, pull=False, nocache=True):
-            if "error" in chunk and failure is None:
-                failure = _failure_reason(str(chunk["error"]), None)
-                continue
-            text = chunk.get("stream") or chunk.get("status")
-            if text:
-                for line in str(text).rstrip("\n").splitlines():
-                    tail = (tail + [line])[-20:]
-                    if on_log:
-                        on_log(line)
-    except docker.errors.DockerException as exc:
-        failure = str(exc).splitlines()[0][:300]
-    if failure is not None:
-        raise RunFailed(f"rebuild of {tag} failed: {failure}",
-                        hint="log tail: " + " | ".join(t.strip() for t in tail[-5:] if t.strip()))
-    return client.images.get(tag).id
+        return engine.image(ref)
+    except Exception:  # noqa: BLE001 - cleanup and messages only
+        return None
+
+
+def _cleanup_loaded(engine: Engine, loaded: list[str], before: set[str]) -> None:
+    """Remove the images a failed load left behind (those the engine did not hold before)."""
+    for ref in loaded:
+        facts = _image_or_none(engine, ref)
+        if facts is None or facts.id in before:
+            continue
+        try:
+            engine.remove_image(facts.id, force=True)
+        except Exception:  # noqa: BLE001 - best effort cleanup
+            pass
 
 
 def snapshot_error(exc: BaseException) -> HarnessError:

@@ -116,6 +116,16 @@ def docker_client():
 
 
 @pytest.fixture(scope="session")
+def engine(docker_client):
+    """The harness's Engine on the session's client (closing the client stays with docker_client)."""
+    from harness.docker_engine import Engine
+
+    eng = Engine(docker_client)
+    yield eng
+    eng.stop_all()
+
+
+@pytest.fixture(scope="session")
 def wheelhouse_root() -> Path:
     """Root with one wheelhouse per cell: $HARNESS_TEST_WHEELHOUSE, default <repo>/wheelhouse (made by .ci/run)."""
     root = Path(os.environ.get("HARNESS_TEST_WHEELHOUSE") or REPO / "wheelhouse")

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.backends.base import Cell, Job
-from harness.backends.docker import container_run_spec, container_spec, exit_reason, gpu_request
+from harness.plan import Cell, Job
+from harness.record import ImageInfo
+from harness.backends.docker import container_run_spec, container_spec, exit_reason, gpu_spec
+from harness.docker_engine import ContainerRequest, create_kwargs
 from harness.errors import InputError
 
 
@@ -16,49 +18,60 @@ def job(tmp_path: Path, trainer: bool = False) -> Job:
                trainer="m:f" if trainer else None, trainer_path=str(tmp_path / "code") if trainer else None)
 
 
-def mounts(spec: dict) -> dict[str, tuple[str, bool]]:
-    return {m["Target"]: (m["Source"], m["ReadOnly"]) for m in spec["mounts"]}
+def mounts(spec: ContainerRequest) -> dict[str, tuple[str, bool]]:
+    return {target: (source, ro) for source, target, ro in spec.mounts}
 
 
 def test_strict_cpu_cell(tmp_path: Path) -> None:
     spec = container_spec(Cell("c", device="cpu", threads=2), job(tmp_path), "sha256:abc", run_id="r1")
-    assert spec["image"] == "sha256:abc" and spec["network_mode"] == "none" and spec["read_only"] is True
-    assert spec["command"] == ["--spec", "/harness/out/spec.json"]
+    assert spec.image == "sha256:abc" and spec.network == "none" and spec.read_only is True
+    assert spec.command == ("--spec", "/harness/out/spec.json")
     m = mounts(spec)
     assert m["/harness/bundle"] == (str(tmp_path / "b"), True)
     assert m["/harness/data/signals.npz"] == (str(tmp_path / "d" / "signals.npz"), True)
     assert m["/harness/out"] == (str(tmp_path / "r" / "c"), False)
-    env = spec["environment"]
+    env = spec.environment
     assert env["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and env["PYTHONHASHSEED"] == "0"
     assert env["OMP_NUM_THREADS"] == "2"
-    assert "device_requests" not in spec and "user" not in spec
-    assert spec["labels"]["org.harness.run"] == "r1"
+    assert spec.gpus == "none" and spec.user is None and spec.memory is None
+    assert spec.labels["org.harness.run"] == "r1" and spec.labels["org.harness.cell"] == "c"
+    assert spec.tmpfs == {"/tmp": "rw,exec,size=2g"} and spec.shm_size == "1g"
+    # what the SDK gets
+    kw = create_kwargs(spec)
+    assert kw["network_mode"] == "none" and kw["read_only"] is True and kw["detach"] is True
+    assert "device_requests" not in kw and "user" not in kw and "mem_limit" not in kw
+    assert {m["Target"]: (m["Source"], m["ReadOnly"], m["Type"]) for m in kw["mounts"]}["/harness/out"] == (
+        str(tmp_path / "r" / "c"), False, "bind")
 
 
 def test_default_mode_unsets_the_baked_in_variables(tmp_path: Path) -> None:
-    env = container_spec(Cell("c", determinism="default"), job(tmp_path), "img")["environment"]
+    env = container_spec(Cell("c", determinism="default"), job(tmp_path), "img").environment
     assert env["CUBLAS_WORKSPACE_CONFIG"] == "" and env["PYTHONHASHSEED"] == "random"
 
 
 def test_cuda_cell_requests_gpus(tmp_path: Path) -> None:
-    spec = container_spec(Cell("g", device="cuda"), job(tmp_path), "img", gpus="0,1", memory="8g", host_uid=1000)
-    (req,) = spec["device_requests"]
+    spec = container_spec(Cell("g", device="cuda"), job(tmp_path), "img", gpus="0, 1", memory="8g", host_uid=1000)
+    assert spec.gpus == "0,1" and spec.memory == "8g" and spec.user.startswith("1000:")
+    kw = create_kwargs(spec)
+    (req,) = kw["device_requests"]
     assert req["DeviceIDs"] == ["0", "1"] and req["Capabilities"] == [["gpu"]]
-    assert spec["mem_limit"] == "8g" and spec["user"].startswith("1000:")
-    assert container_spec(Cell("g", device="cuda"), job(tmp_path), "img", gpus="none").get("device_requests") == []
+    assert kw["mem_limit"] == "8g" and kw["user"].startswith("1000:")
+    none = container_spec(Cell("g", device="cuda"), job(tmp_path), "img", gpus="none")
+    assert none.gpus == "none" and "device_requests" not in create_kwargs(none)
+    assert create_kwargs(container_spec(Cell("g", device="cuda"), job(tmp_path), "img"))["device_requests"][0]["Count"] == -1
 
 
-def test_gpu_request_forms() -> None:
-    assert gpu_request("all")[0]["Count"] == -1
-    assert gpu_request("none") == []
+def test_gpu_spec_forms() -> None:
+    assert gpu_spec("all") == "all" and gpu_spec(None) == "all" and gpu_spec(" none ") == "none"
+    assert gpu_spec("1,") == "1"
     with pytest.raises(InputError):
-        gpu_request(",")
+        gpu_spec(",")
 
 
 def test_trainer_code_is_mounted_read_only(tmp_path: Path) -> None:
     j = job(tmp_path, trainer=True)
     assert mounts(container_spec(Cell("c"), j, "img"))["/harness/trainer"] == (str(tmp_path / "code"), True)
-    rs = container_run_spec(Cell("c"), j, {"id": "sha256:x"})
+    rs = container_run_spec(Cell("c"), j, ImageInfo(id="sha256:x", tag="harness:c-1"))
     assert rs.trainer == "m:f" and rs.trainer_path == "/harness/trainer"
     assert rs.bundle_dir == "/harness/bundle" and rs.data_path == "/harness/data/signals.npz" and rs.backend == "docker"
 

@@ -31,9 +31,9 @@ def plans(wheelhouse_root, base_image):
 
 
 @pytest.fixture(scope="module")
-def built(docker_client, plans):
+def built(engine, plans):
     start = time.monotonic()
-    res = ensure_images(docker_client, plans)
+    res = ensure_images(engine, plans)
     print(f"\nensure_images (first): {time.monotonic() - start:.1f}s "
           + ", ".join(f"{k}: {'built' if getattr(v, 'built', False) else v} {getattr(v, 'seconds', 0):.1f}s"
                       for k, v in res.items()))
@@ -63,9 +63,9 @@ def test_image_runs_torch_as_non_root_without_network(built, plans, docker_clien
     assert exe == "/opt/venv/bin/python" and width == "1"
 
 
-def test_second_ensure_builds_nothing(built, plans, docker_client):
+def test_second_ensure_builds_nothing(built, plans, engine):
     start = time.monotonic()
-    again = ensure_images(docker_client, plans)
+    again = ensure_images(engine, plans)
     took = time.monotonic() - start
     print(f"\nensure_images (warm): {took:.2f}s")
     assert all(isinstance(r, BuiltImage) and not r.built for r in again.values())
@@ -73,14 +73,15 @@ def test_second_ensure_builds_nothing(built, plans, docker_client):
     assert took < 30
 
 
-def test_missing_base_image_is_refused_without_pulling(docker_client, wheelhouse_root):
+def test_missing_base_image_is_refused_without_pulling(engine, wheelhouse_root):
     cell = apply_base_images(select(load_matrix(), ["cpu-torch2.13"]), {"*": "harness-test/absent-base:0"})[0]
-    res = ensure_images(docker_client, [plan_build(cell, REPO_ROOT, wheelhouse_root / cell.name)])
+    res = ensure_images(engine, [plan_build(cell, REPO_ROOT, wheelhouse_root / cell.name)])
     assert isinstance(res[cell.name], BaseImageMissing)
     assert "harness-test/absent-base:0" in str(res[cell.name])
 
 
-def test_failed_build_carries_the_log_tail_and_others_still_build(docker_client, base_image, wheelhouse_root, plans):
+def test_failed_build_carries_the_log_tail_and_others_still_build(docker_client, engine, base_image, wheelhouse_root,
+                                                                  plans):
     import io
 
     from harness.images.build import BuildFailed
@@ -93,7 +94,7 @@ def test_failed_build_carries_the_log_tail_and_others_still_build(docker_client,
     try:
         cell = apply_base_images(select(load_matrix(), ["cpu-torch2.13"]), {"*": broken})[0]
         bad = plan_build(cell, REPO_ROOT, wheelhouse_root / cell.name)
-        res = ensure_images(docker_client, [bad, plans[1]])
+        res = ensure_images(engine, [bad, plans[1]])
         err = res["cpu-torch2.13"]
         assert isinstance(err, BuildFailed) and err.tag == bad.tag
         assert any("lacks python3.11" in line for line in err.log_tail)

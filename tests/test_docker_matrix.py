@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.record import REQUIRED_KEYS
+from harness import record
+from harness.record import ImageInfo, Status
 
 pytestmark = pytest.mark.docker
 
@@ -58,24 +59,19 @@ def matrix_run(tmp_path_factory, docker_client, wheelhouse_root, base_image):
 def test_matrix_runs_both_cells(matrix_run) -> None:
     p = matrix_run["runs"][0]["proc"]
     assert p.returncode in (0, 3), p.stdout + p.stderr  # reproduced, or drifted with numbers: never a failure
-    report = matrix_run["runs"][0]["report"]
-    recs = {r["cell"]: r for r in report["records"]}
-    assert set(recs) == set(CELLS.split(","))
+    recs = {r.cell: r for r in record.load(matrix_run["root"] / "out1").records}
+    assert list(recs) == CELLS.split(",")  # in the matrix's order
     for cell, rec in recs.items():
-        assert rec["status"] == "ok", rec.get("error")
-        for key in REQUIRED_KEYS:
-            assert rec.get(key) is not None or key in ("recorded",), (cell, key)
-        env = rec["env"]
-        assert env["in_container"] is True and env["net_interfaces"] == ["lo"]  # network_mode=none
-        assert rec["backend"] == "docker" and rec["image"]["id"].startswith("sha256:")
-        assert rec["image"]["cell"] == cell
-        assert rec["determinism"]["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-        assert rec["metrics"]["retrained"]["val"]["r2"]
+        assert rec.status is Status.OK, rec.error
+        assert rec.env.in_container is True and rec.env.extra["net_interfaces"] == ["lo"]  # network_mode=none
+        assert rec.backend == "docker" and isinstance(rec.image, ImageInfo) and rec.image.id.startswith("sha256:")
+        assert rec.image.cell == cell and rec.weights_sha256 and rec.data_sha256
+        assert rec.determinism["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert rec.retrained["val"]["r2"]
     # what was measured inside the containers, not what was asked for
-    assert recs["cpu-torch2.13"]["env"]["torch"] == "2.13.0+cpu"
-    assert recs["cu130-torch2.14"]["env"]["torch"].startswith("2.14.1")
-    assert recs["cu130-torch2.14"]["env"]["cuda"] == "13.0"
-    assert recs["cpu-torch2.13"]["env"]["torch"] != recs["cu130-torch2.14"]["env"]["torch"]
+    assert recs["cpu-torch2.13"].env.torch == "2.13.0+cpu"
+    assert recs["cu130-torch2.14"].env.torch.startswith("2.14.1")
+    assert recs["cu130-torch2.14"].env.cuda == "13.0"
 
 
 def test_table_renders_measured_environments(matrix_run) -> None:
@@ -107,8 +103,8 @@ def test_single_pinned_image_rerun(matrix_run, wheelhouse_root, base_image) -> N
     p = harness("run", str(matrix_run["bundle"]), "--image", "cpu-torch2.13", "--out", str(out),
                 *docker_args(wheelhouse_root, base_image))
     assert p.returncode == 0, p.stdout + p.stderr
-    rec = json.loads((out / "cpu-torch2.13" / "record.json").read_text())
-    assert rec["backend"] == "docker" and rec["env"]["torch"] == "2.13.0+cpu"
+    rec = record.read(out / "cpu-torch2.13" / "record.json")
+    assert rec.backend == "docker" and rec.env.torch == "2.13.0+cpu"
     assert "reproduced" in p.stdout
 
 
@@ -117,9 +113,9 @@ def test_oom_killed_container_is_a_row_and_the_others_stay(matrix_run, wheelhous
     p = harness("matrix", str(matrix_run["bundle"]), "--cells", "cpu-torch2.13", "--repeats", "1",
                 "--memory", "48m", "--out", str(out), *docker_args(wheelhouse_root, base_image))
     assert p.returncode == 1, p.stdout + p.stderr
-    rec = json.loads((out / "cpu-torch2.13" / "record.json").read_text())
-    assert rec["status"] == "error"
-    assert "OOM-killed" in rec["error"]["message"] or "exit 137" in rec["error"]["message"]
+    rec = record.read(out / "cpu-torch2.13" / "record.json")
+    assert rec.status is Status.FAILED and rec.error.exit_status == 137
+    assert "OOM-killed" in rec.error.message or "exit 137" in rec.error.message
     assert "✗ cpu-torch2.13" in p.stdout
 
 
@@ -131,10 +127,10 @@ def test_bad_cells_fail_alone(matrix_run, wheelhouse_root, base_image) -> None:
                 "--wheelhouse", str(wheelhouse_root), "--base-image", f"cpu-torch2.13={base_image}",
                 "--base-image", "cu124-torch2.5=no/such-base:1", "--no-progress")
     assert p.returncode == 1, p.stdout + p.stderr
-    ok = json.loads((out / "cpu-torch2.13" / "record.json").read_text())
-    bad = json.loads((out / "cu124-torch2.5" / "record.json").read_text())
-    assert ok["status"] == "ok"
-    assert bad["status"] == "error" and "no/such-base:1" in bad["error"]["message"]
+    ok = record.read(out / "cpu-torch2.13" / "record.json")
+    bad = record.read(out / "cu124-torch2.5" / "record.json")
+    assert ok.status is Status.OK
+    assert bad.status is Status.FAILED and "no/such-base:1" in bad.error.message
 
 
 def test_unknown_cell_is_bad_input(matrix_run) -> None:
@@ -153,15 +149,25 @@ def test_engine_not_running(matrix_run, tmp_path: Path) -> None:
 
 
 def test_ctrl_c_removes_the_containers(matrix_run, docker_client, wheelhouse_root, base_image) -> None:
+    import shutil
+
+    import yaml
+
     out = matrix_run["root"] / "interrupted"
+    # A long retrain, so that the container is still training when Ctrl-C comes (the example takes ~1 s).
+    long = matrix_run["root"] / "examples" / "long_best"
+    shutil.copytree(matrix_run["bundle"], long)
+    cfg = yaml.safe_load((long / "config.yaml").read_text())
+    cfg["training"]["epochs"] = 5000
+    (long / "config.yaml").write_text(yaml.safe_dump(cfg))
     e = dict(os.environ, COLUMNS="200")
-    proc = subprocess.Popen([sys.executable, "-m", "harness", "matrix", str(matrix_run["bundle"]), "--cells", "cpu-torch2.13",
-                             "--out", str(out), *docker_args(wheelhouse_root, base_image)],
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "matrix", str(long), "--cells", "cpu-torch2.13",
+                             "--determinism", "strict,default", "--out", str(out), *docker_args(wheelhouse_root, base_image)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
-            running = docker_client.containers.list(filters={"label": f"org.harness.cell=cpu-torch2.13"})
+            running = docker_client.containers.list(filters={"label": "org.harness.cell=cpu-torch2.13-strict"})
             if running:
                 break
             time.sleep(0.5)
@@ -173,9 +179,12 @@ def test_ctrl_c_removes_the_containers(matrix_run, docker_client, wheelhouse_roo
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, err
-    left = docker_client.containers.list(all=True, filters={"label": "org.harness.cell=cpu-torch2.13"})
+    left = docker_client.containers.list(all=True, filters={"label": "org.harness.cell=cpu-torch2.13-strict"})
     assert left == [], [c.name for c in left]
-    assert "interrupted" in err
+    assert "interrupted" in err and "cells not run: cpu-torch2.13-default" in err
+    rec = record.read(out / "cpu-torch2.13-strict" / "record.json")
+    assert rec.status is Status.INTERRUPTED and rec.backend == "docker"
+    assert json.loads((out / "report.json").read_text())["comparison"]["missing"] == ["cpu-torch2.13-default"]
 
 
 def test_compose_runs_a_cell_without_the_harness(matrix_run, tmp_path: Path) -> None:
@@ -198,28 +207,29 @@ def test_compose_runs_a_cell_without_the_harness(matrix_run, tmp_path: Path) -> 
     p = subprocess.run([exe, "-f", str(REPO / "compose.yaml"), "run", "--rm", "cpu-torch2.13"], capture_output=True,
                        text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    rec = json.loads((results / "cpu-torch2.13" / "record.json").read_text())
-    assert rec["status"] == "ok" and rec["env"]["torch"] == "2.13.0+cpu" and rec["env"]["in_container"]
-    assert rec["determinism"]["PYTHONHASHSEED"] == "0" and rec["env"]["net_interfaces"] == ["lo"]
-    assert all(v["diff"] == 0 for v in rec["delta_vs_recorded"].values())
+    rec = record.read(results / "cpu-torch2.13" / "record.json")
+    assert rec.status is Status.OK and rec.env.torch == "2.13.0+cpu" and rec.env.in_container
+    assert rec.determinism["PYTHONHASHSEED"] == "0" and rec.env.extra["net_interfaces"] == ["lo"]
+    assert rec.retrained["val_loss"] == rec.recorded["value"]
+    assert rec.weights_sha256 == rec.recorded["weights_sha256"]
 
 
-def test_gpu_request_without_nvidia_runtime_is_a_clear_row(matrix_run, docker_client, tmp_path: Path) -> None:
+def test_gpu_request_without_nvidia_runtime_is_a_clear_row(matrix_run, docker_client, engine, tmp_path: Path) -> None:
     """A CUDA cell on an engine without the NVIDIA runtime: the engine's real refusal becomes the cell's reason."""
     import harness.images.matrix as matrix
-    from harness.backends.base import Cell, Job
     from harness.backends.docker import DockerBackend
+    from harness.plan import Cell, Job
 
     if docker_client.info().get("Runtimes", {}).get("nvidia"):
         pytest.skip("this engine has the NVIDIA runtime")
     image = docker_client.images.get("harness:cpu-torch2.13")
     (ic,) = matrix.select(matrix.load_matrix(), ["cpu-torch2.13"])
-    backend = DockerBackend(docker_client, {}, gpus="all")
+    backend = DockerBackend(engine, {}, gpus="all")
     cell = Cell("gpu-cell", device="cuda", image=ic)
-    backend.use_image(cell.name, {"id": image.id, "tag": "harness:cpu-torch2.13"})
+    backend.use_image(cell.name, ImageInfo(id=image.id, tag="harness:cpu-torch2.13"))
     bundle = matrix_run["bundle"]
     job = Job(bundle_dir=str(bundle), data_path=str(bundle.parent / "data" / "signals.npz"), results_dir=str(tmp_path))
     rec = backend.run(cell, job)
-    assert rec["status"] == "error"
-    assert "no NVIDIA runtime" in rec["error"]["message"] and "--gpus none" in rec["error"]["message"]
+    assert rec.status is Status.FAILED
+    assert "no NVIDIA runtime" in rec.error.message and "--gpus none" in rec.error.message
     assert docker_client.containers.list(all=True, filters={"label": "org.harness.cell=gpu-cell"}) == []

@@ -63,7 +63,7 @@ def remove_image(client, image_id: str, wait_s: float = 300) -> None:
 
 
 @pytest.fixture(scope="module")
-def snapped(tmp_path_factory, docker_client, wheelhouse_root, base_image):
+def snapped(tmp_path_factory, docker_client, engine, wheelhouse_root, base_image):
     """The example's cpu cell run and archived once; the image restored at module end whatever happened."""
     from .conftest import EXAMPLE, REPO
 
@@ -81,7 +81,7 @@ def snapped(tmp_path_factory, docker_client, wheelhouse_root, base_image):
     yield {"root": root, "archive": archive, "record": record, "image_id": image_id, "seconds": seconds, "proc": p}
     if not image_present(docker_client, image_id):
         try:  # the pristine archive first; a rebuild when it cannot serve
-            snap.load_image(docker_client, archive, snap.verify(archive).manifest)
+            snap.load_image(engine, archive, snap.verify(archive).manifest)
         except Exception:  # noqa: BLE001
             harness("images", "build", "--cells", CELL, "--wheelhouse", str(wheelhouse_root), "--base-image", base_image)
 

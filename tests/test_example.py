@@ -62,7 +62,7 @@ def test_study_script_reruns_and_its_export_reproduces(tmp_path: Path) -> None:
 
 
 def test_committed_reference_results_still_render(tmp_path: Path) -> None:
-    """The records under examples/results stay readable by this version (schema harness.result/1)."""
+    """The records under examples/results stay readable by this version (schema harness.result/2)."""
     results = sorted((REPO / "examples" / "results").glob("*.json"))
     assert results
     p = subprocess.run([sys.executable, "-m", "harness", "compare", *map(str, results), "--json", str(tmp_path / "m.json")],

@@ -12,6 +12,7 @@ from pathlib import Path
 import docker.errors
 import pytest
 
+from harness.docker_engine import Engine
 from harness.images import build as imagebuild
 from harness.errors import BackendError, InputError, RunFailed
 from harness.images.build import (
@@ -46,9 +47,10 @@ def repo(tmp_path: Path) -> Path:
     """A minimal checkout: Dockerfile.cuda + a harness package."""
     root = tmp_path / "repo"
     (root / "harness" / "backends").mkdir(parents=True)
+    (root / "harness" / "worker").mkdir()
     shutil.copy(REPO_ROOT / "Dockerfile.cuda", root / "Dockerfile.cuda")
     (root / "harness" / "__init__.py").write_text("")
-    (root / "harness" / "worker.py").write_text("print('worker')\n")
+    (root / "harness" / "worker" / "retrain.py").write_text("print('worker')\n")
     (root / "harness" / "backends" / "base.py").write_text("X = 1\n")
     (root / "harness" / "__pycache__").mkdir()
     (root / "harness" / "__pycache__" / "worker.cpython-311.pyc").write_bytes(b"junk")
@@ -154,7 +156,7 @@ def test_context_files(repo, wheelhouse):
     p = plan(repo, wheelhouse)
     assert p.context_files[:2] == ("Dockerfile", "requirements.lock")
     assert "wheelhouse/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl" in p.context_files
-    assert {"harness/__init__.py", "harness/worker.py", "harness/backends/base.py"} <= set(p.context_files)
+    assert {"harness/__init__.py", "harness/worker/retrain.py", "harness/backends/base.py"} <= set(p.context_files)
     assert not any("__pycache__" in f for f in p.context_files)
     ctx = repo.parent / "ctx"
     ctx.mkdir()
@@ -212,12 +214,16 @@ def test_wheelhouse_command():
     assert online[online.index("--index-url") + 1] == "https://download.pytorch.org/whl/cu124"
 
 
-# ----------------------------------------------------------------------------- fake engine
+# ----------------------------------------------------------------------------- fake SDK client
+# These drive the real Engine (its build-stream parsing and error mapping) against a
+# fake SDK client; tests/fake_engine.py fakes the Engine itself for the backends.
 
 
 class FakeImage:
     def __init__(self, id_):
         self.id = id_
+        self.tags = []
+        self.attrs = {"Config": {}}
 
 
 class FakeImages:
@@ -258,6 +264,7 @@ class FakeAPI:
 
 class FakeClient:
     def __init__(self, fail=(), bases=("local/debian-py:bookworm",)):
+        self.engine = Engine(self)
         self.tags = {b: "sha256:base" for b in bases}
         self.fail = set(fail)
         self.builds: list[dict] = []
@@ -281,7 +288,7 @@ def two_plans(repo, tmp_path):
 def test_ensure_images_builds_missing_then_nothing(two_plans):
     client = FakeClient()
     events = []
-    res = ensure_images(client, two_plans, lambda c, e, t: events.append((c, e)))
+    res = ensure_images(client.engine, two_plans, lambda c, e, t: events.append((c, e)))
     assert all(isinstance(r, BuiltImage) and r.built for r in res.values())
     assert client.tags["harness:cpu-torch2.13"] == client.tags[two_plans[0].tag]  # alias
     kw = client.builds[0]
@@ -289,14 +296,14 @@ def test_ensure_images_builds_missing_then_nothing(two_plans):
     assert kw["decode"] and kw["rm"] and kw["forcerm"] and kw["pull"] is False
     assert not any(c.exists() for c in client.contexts)  # temp contexts removed
     assert ("cpu-torch2.13", "built") in events and ("cpu-torch2.13", "log") in events
-    again = ensure_images(client, two_plans)
+    again = ensure_images(client.engine, two_plans)
     assert len(client.builds) == 2
     assert all(not r.built for r in again.values())
 
 
 def test_failed_build_does_not_stop_the_others(two_plans):
     client = FakeClient(fail={"cpu-torch2.13"})
-    res = ensure_images(client, two_plans)
+    res = ensure_images(client.engine, two_plans)
     err = res["cpu-torch2.13"]
     assert isinstance(err, BuildFailed) and isinstance(err, RunFailed) and err.exit_code == 1
     assert err.cell == "cpu-torch2.13" and err.tag == two_plans[0].tag
@@ -310,7 +317,7 @@ def test_failed_build_does_not_stop_the_others(two_plans):
 
 def test_missing_base_image_is_a_clear_error_and_nothing_is_pulled(two_plans):
     client = FakeClient(bases=())
-    res = ensure_images(client, two_plans[:1])
+    res = ensure_images(client.engine, two_plans[:1])
     err = res["cpu-torch2.13"]
     assert isinstance(err, BaseImageMissing)
     msg = err.one_line()
@@ -326,10 +333,10 @@ def test_unexpected_sdk_error_becomes_backend_error(two_plans):
         raise docker.errors.APIError("500 Server Error: engine exploded")
 
     client.api.build = boom
-    res = ensure_images(client, two_plans)
+    res = ensure_images(client.engine, two_plans)
     assert all(isinstance(r, BuildFailed) for r in res.values())
     client.images.get = lambda name: (_ for _ in ()).throw(RuntimeError("socket closed"))
-    res = ensure_images(client, two_plans[:1])
+    res = ensure_images(client.engine, two_plans[:1])
     assert isinstance(res["cpu-torch2.13"], BackendError)
 
 
@@ -342,7 +349,7 @@ def test_cli_build_reports_a_failure_and_builds_the_rest(tmp_path, monkeypatch, 
         (tmp_path / name).mkdir()
         (tmp_path / name / f"torch-{torch}-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"x")
     client = FakeClient(fail={"cpu-torch2.13"})
-    monkeypatch.setattr(cli_images, "docker_client", lambda: client)
+    monkeypatch.setattr(Engine, "connect", classmethod(lambda cls: client.engine))
     parser = argparse.ArgumentParser()
     cli_images.register(parser.add_subparsers())
     args = parser.parse_args(["images", "build", "--cells", "cpu-torch2.13,cu130-torch2.14",

@@ -241,9 +241,10 @@ def test_cells_are_frozen():
 
 
 def test_cli_base_image_and_wheelhouse_arguments(tmp_path):
-    from harness.cli.images import base_image_overrides, split_cells, wheelhouse_dirs
+    from harness.options import base_image_overrides, parse_cells
+    from harness.plan import wheelhouse_dirs
 
-    assert split_cells("a, b,,") == ["a", "b"] and split_cells("") is None
+    assert parse_cells("a, b,,") == ("a", "b") and parse_cells("") is None
     assert base_image_overrides(["img:1", "cu124-torch2.5=site/cuda:12.4"]) == {
         "*": "img:1", "cu124-torch2.5": "site/cuda:12.4"}
     with pytest.raises(InputError, match="neither IMAGE nor CELL=IMAGE"):

@@ -81,6 +81,10 @@ class Backend(ABC):
             backend=self.name, labels=cell.labels,
         )
 
+    def spec_document(self, cell: Cell, job: Job) -> dict[str, Any]:
+        """What ``spec.json`` holds (a backend may hand a worker an archived spec unchanged)."""
+        return self.spec(cell, job).to_dict()
+
     def make_cell_dir(self, out: Path) -> None:
         """Create the directory the worker writes into."""
         out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +102,7 @@ class Backend(ABC):
         self.make_cell_dir(out)
         (out / record.RECORD_FILE).unlink(missing_ok=True)  # never read a previous run's record
         spec_path = out / "spec.json"
-        record.atomic_write_text(spec_path, self.spec(cell, job).to_json())
+        record.atomic_write_text(spec_path, record.dumps(self.spec_document(cell, job)))
         tail: deque[str] = deque(maxlen=TAIL_LINES)
         t0 = time.perf_counter()
         with open(out / "worker.log", "w", encoding="utf-8") as log:

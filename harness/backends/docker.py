@@ -1,6 +1,6 @@
-"""Cells as containers of pinned images, through the Docker SDK.
+"""Cells as containers of pinned images, run through :class:`~harness.docker_engine.Engine`.
 
-The one module that runs containers. Each cell's retrain runs in its image
+Each cell's retrain runs in its image
 with the bundle and data mounted read-only, a results directory writable,
 no network, a read-only root filesystem, the determinism environment set,
 and GPUs requested through device requests when the cell uses CUDA. The
@@ -9,18 +9,17 @@ record carries what was measured inside the container plus the image's id.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
+from ..docker_engine import ContainerRequest, Engine
+from ..errors import BackendError, HarnessError, InputError
+from ..plan import Cell, Job
+from ..record import ImageInfo, RunSpec
 from ..worker import determinism
-from ..errors import HarnessError, InputError
-from ..record import RunSpec, atomic_write_text
-from .base import Backend, Cell, EventFn, Job, Plan, finish_record
-from .local import relay
+from .base import Backend, Launch, LineFn
 
 BUNDLE = "/harness/bundle"
 DATA_DIR = "/harness/data"
@@ -33,68 +32,60 @@ IMAGE_UID = 10001  # the image's non-root user (Dockerfile.cuda)
 # --------------------------------------------------------------------------- pure: what a container gets
 
 
-def gpu_request(gpus: str) -> list[Any]:
-    """Device requests for ``--gpus all|none|0,1``."""
-    from docker.types import DeviceRequest
-
+def gpu_spec(gpus: str | None) -> str:
+    """``--gpus all|none|0,1`` normalised (``"0, 1"`` -> ``"0,1"``); an InputError when it names no GPU."""
     gpus = (gpus or "all").strip()
-    if gpus == "none":
-        return []
-    if gpus == "all":
-        return [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    if gpus in ("all", "none"):
+        return gpus
     ids = [g.strip() for g in gpus.split(",") if g.strip()]
     if not ids:
         raise InputError("--gpus", f"{gpus!r} names no GPU", hint="use all, none, or ids like 0,1")
-    return [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
+    return ",".join(ids)
 
 
 def container_spec(cell: Cell, job: Job, image: str, *, gpus: str = "all", memory: str | None = None,
-                   host_uid: int | None = None, run_id: str = "") -> dict[str, Any]:
-    """Keyword arguments for ``client.containers.create`` (plain data, testable without Docker)."""
-    from docker.types import Mount
-
+                   host_uid: int | None = None, run_id: str = "", tag: str | None = None) -> ContainerRequest:
+    """What the cell's container gets (plain data, testable without Docker)."""
     data_name = Path(job.data_path).name
     mounts = [
-        Mount(BUNDLE, job.bundle_dir, type="bind", read_only=True),
-        Mount(f"{DATA_DIR}/{data_name}", job.data_path, type="bind", read_only=True),
-        Mount(OUT, str(job.cell_dir(cell)), type="bind", read_only=False),
+        (job.bundle_dir, BUNDLE, True),
+        (job.data_path, f"{DATA_DIR}/{data_name}", True),
+        (str(job.cell_dir(cell)), OUT, False),
     ]
     if job.trainer_path:
-        mounts.append(Mount(TRAINER, job.trainer_path, type="bind", read_only=True))
+        mounts.append((job.trainer_path, TRAINER, True))
     env = {"PYTHONUNBUFFERED": "1", "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1",
            **determinism.launch_env(cell.determinism, cell.threads)}
     if cell.determinism == "default":
         # The image bakes the strict variables in; the default mode must not inherit them.
         env["CUBLAS_WORKSPACE_CONFIG"] = ""
         env["PYTHONHASHSEED"] = "random"
-    kwargs: dict[str, Any] = {
-        "image": image,
-        "command": ["--spec", f"{OUT}/spec.json"],
-        "mounts": mounts,
-        "environment": env,
-        "network_mode": "none",
-        "read_only": True,
-        "tmpfs": {"/tmp": "rw,exec,size=2g"},
-        "labels": {LABEL_RUN: run_id, "org.harness.cell": cell.name},
-        "detach": True,
-        "shm_size": "1g",
-    }
-    if host_uid:  # a non-root caller owns what the container writes
-        kwargs["user"] = f"{host_uid}:{os.getgid()}"
-    if cell.device.startswith("cuda"):
-        kwargs["device_requests"] = gpu_request(gpus)
-    if memory:
-        kwargs["mem_limit"] = memory
-    return kwargs
+    return ContainerRequest(
+        image=image,
+        command=("--spec", f"{OUT}/spec.json"),
+        mounts=tuple(mounts),
+        environment=env,
+        # a non-root caller owns what the container writes
+        user=f"{host_uid}:{os.getgid()}" if host_uid else None,
+        gpus=gpu_spec(gpus) if cell.device.startswith("cuda") else "none",
+        memory=memory or None,
+        labels={LABEL_RUN: run_id, "org.harness.cell": cell.name},
+        network="none",
+        read_only=True,
+        tmpfs={"/tmp": "rw,exec,size=2g"},
+        shm_size="1g",
+        cell=cell.name,
+        tag=tag,
+    )
 
 
-def container_run_spec(cell: Cell, job: Job, image_info: dict[str, Any]) -> RunSpec:
+def container_run_spec(cell: Cell, job: Job, image: ImageInfo) -> RunSpec:
     """The RunSpec as the worker inside the container sees it (container paths)."""
     return RunSpec(
         cell=cell.name, bundle_dir=BUNDLE, out_dir=OUT, data_path=f"{DATA_DIR}/{Path(job.data_path).name}",
         device=cell.device, determinism=cell.determinism, threads=cell.threads, tf32=cell.tf32, repeat=cell.repeat,
         trainer=job.trainer, trainer_path=TRAINER if job.trainer_path else None, trace=job.trace,
-        backend="docker", image=image_info, labels=cell.labels,
+        backend="docker", image={"id": image.id, "tag": image.tag}, labels=cell.labels,
     )
 
 
@@ -109,24 +100,17 @@ def exit_reason(status: int, oom: bool, memory: str | None) -> str:
 # --------------------------------------------------------------------------- effects
 
 
-def docker_client() -> Any:
-    """A connected client, or a one-line BackendError saying how to start the engine."""
-    from ..cli.images import docker_client as connect
-
-    return connect()
-
-
 class DockerBackend(Backend):
     name = "docker"
 
-    def __init__(self, client: Any, plans: dict[str, Any], *, gpus: str = "all", memory: str | None = None) -> None:
-        self.client = client
-        self.plans = plans  # cell name -> imagebuild.BuildPlan
+    def __init__(self, engine: Engine, plans: dict[str, Any], *, gpus: str = "all", memory: str | None = None) -> None:
+        self.engine = engine
+        self.plans = plans  # cell name -> images.build.BuildPlan
         self.gpus = gpus
         self.memory = memory
-        self.images: dict[str, dict[str, Any]] = {}  # cell name -> image info, filled by prepare() or use_image()
+        self.images: dict[str, ImageInfo] = {}  # cell name -> the image it runs in, from prepare() or use_image()
+        self.fixed_specs: dict[str, dict[str, Any]] = {}  # cell name -> archived spec (harness rerun)
         self.run_id = f"{os.getpid()}-{int(time.time())}"
-        self._running: list[Any] = []
 
     def prepare(self, cells: list[Cell], job: Job) -> dict[str, HarnessError]:
         from rich.console import Console
@@ -145,7 +129,7 @@ class DockerBackend(Backend):
 
         wanted = [self.plans[c.image.name] for c in cells if c.image is not None and c.image.name in self.plans]
         unique = list({p.cell.name: p for p in wanted}.values())
-        results = imagebuild.ensure_images(self.client, unique, progress)
+        results = imagebuild.ensure_images(self.engine, unique, progress)
         failures: dict[str, HarnessError] = {}
         for c in cells:
             r = results.get(c.image.name) if c.image is not None else None
@@ -155,144 +139,57 @@ class DockerBackend(Backend):
                 self.images[c.name] = self.describe(c, r)
         return failures
 
-    def describe(self, cell: Cell, built: Any) -> dict[str, Any]:
+    def describe(self, cell: Cell, built: Any) -> ImageInfo:
         """The image facts a record carries (what ran, not what was asked for)."""
         plan = self.plans[cell.image.name]
-        img = self.client.images.get(built.id)
-        return {
-            "cell": cell.image.name, "tag": built.tag, "id": img.id, "repo_digests": img.attrs.get("RepoDigests") or [],
-            "input_hash": plan.input_hash, "torch": cell.image.torch, "variant": cell.image.variant,
-            "cuda": cell.image.cuda, "python": cell.image.python, "base_image": cell.image.base_image,
-            "source": plan.buildargs.get("INSTALL_SOURCE"), "size_bytes": img.attrs.get("Size"),
-            "built_seconds": built.seconds if built.built else None,
-        }
+        img = self.engine.image(built.id)
+        if img is None:
+            raise BackendError(f"image {built.tag} of cell {cell.image.name} vanished from the engine",
+                               hint=f"build it again with `harness images build --cells {cell.image.name}`")
+        return ImageInfo(
+            id=img.id, tag=built.tag, cell=cell.image.name, repo_digests=list(img.repo_digests),
+            input_hash=plan.input_hash, torch=cell.image.torch, variant=cell.image.variant, cuda=cell.image.cuda,
+            python=cell.image.python, base_image=cell.image.base_image, source=plan.buildargs.get("INSTALL_SOURCE"),
+            size_bytes=img.size, built_seconds=built.seconds if built.built else None,
+        )
 
-    def use_image(self, cell_name: str, info: dict[str, Any]) -> None:
+    def use_image(self, cell_name: str, info: ImageInfo, spec: dict[str, Any] | None = None) -> None:
         """Run ``cell_name`` in an image that is already in the engine (e.g. loaded from a snapshot).
 
-        ``info`` needs at least ``id`` and ``tag``; it is stored in the record as is.
+        ``spec``: the run spec exactly as that image's worker read it before (an archived
+        run's), handed to it unchanged so an older worker never sees today's spec.
         """
-        self.images[cell_name] = dict(info)
+        self.images[cell_name] = info
+        if spec is not None:
+            self.fixed_specs[cell_name] = dict(spec)
 
-    def run(self, cell: Cell, job: Job, on_event: EventFn | None = None) -> dict[str, Any]:
-        import docker.errors
+    def spec_document(self, cell: Cell, job: Job) -> dict[str, Any]:
+        if cell.name in self.fixed_specs:
+            return self.fixed_specs[cell.name]
+        return container_run_spec(cell, job, self.images[cell.name]).to_dict()
 
-        out = job.cell_dir(cell)
+    def make_cell_dir(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        uid = os.getuid() if hasattr(os, "getuid") else 0
-        if uid == 0:
+        if _uid() == 0:
             os.chmod(out, 0o777)  # the image's non-root user writes here
-        stale = out / "record.json"
-        if stale.exists():
-            stale.unlink()
-        info = self.images[cell.name]
-        atomic_write_text(out / "spec.json", container_run_spec(cell, job, info).to_json())
-        os.chmod(out / "spec.json", 0o644)
-        tail: deque[str] = deque(maxlen=40)
-        t0 = time.perf_counter()
-        rc: int | None = None
-        reason: str | None = None
-        container = None
-        with open(out / "worker.log", "w", encoding="utf-8") as log:
-            try:
-                kwargs = container_spec(cell, job, info["id"], gpus=self.gpus, memory=self.memory,
-                                        host_uid=uid or None, run_id=self.run_id)
-                container = self.client.containers.create(**kwargs)
-                self._running.append(container)
-                container.start()
-                buf = b""
-                for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=True):
-                    buf += chunk
-                    while b"\n" in buf:
-                        line, buf = buf.split(b"\n", 1)
-                        relay(line.decode("utf-8", "replace") + "\n", on_event, log, tail)
-                if buf:
-                    relay(buf.decode("utf-8", "replace") + "\n", on_event, log, tail)
-                rc = int(container.wait().get("StatusCode", -1))
-                container.reload()
-                oom = bool(container.attrs.get("State", {}).get("OOMKilled"))
-                if rc != 0 and (oom or rc == 137):
-                    reason = exit_reason(rc, oom, self.memory)
-            except docker.errors.APIError as exc:
-                text = str(exc.explanation or exc)
-                if "could not select device driver" in text:
-                    reason = (f"cell {cell.name} asks for a GPU but this Docker engine has no NVIDIA runtime ({text}); "
-                              "install nvidia-container-toolkit, or run with --gpus none")
-                elif "No such image" in text:
-                    reason = f"image {info['tag']} vanished from the engine: {text}"
-                else:
-                    reason = f"Docker engine refused to run {info['tag']}: {text}"
-            except docker.errors.DockerException as exc:
-                reason = f"Docker engine failed while running {info['tag']}: {exc}"
-            finally:
-                self._remove(container)
-        wall = time.perf_counter() - t0
-        return finish_record(cell, job, rc=rc, log_tail="".join(tail), wall_s=wall, reason=reason,
-                             extra={"backend": self.name, "image": info,
-                                    "host_paths": {"bundle": job.bundle_dir, "data": job.data_path}})
 
-    def _remove(self, container: Any) -> None:
-        if container is None:
-            return
-        try:
-            container.remove(force=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-        if container in self._running:
-            self._running.remove(container)
+    def launch(self, cell: Cell, job: Job, spec_path: Path, on_line: LineFn) -> Launch:
+        info = self.images[cell.name]
+        os.chmod(spec_path, 0o644)
+        uid = _uid()
+        request = container_spec(cell, job, info.id, gpus=self.gpus, memory=self.memory,
+                                 host_uid=uid or None, run_id=self.run_id, tag=info.tag)
+        ended = self.engine.run(request, lambda line: on_line(line + "\n"))
+        rc, reason = ended.status, ended.error
+        if reason is None and rc is not None and rc != 0 and (ended.oom_killed or rc == 137):
+            reason = exit_reason(rc, ended.oom_killed, self.memory)
+        return Launch(rc, reason=reason, image=info,
+                      extra={"host_paths": {"bundle": job.bundle_dir, "data": job.data_path}})
 
     def close(self) -> None:
         """Stop and remove every container this backend started that is still there (Ctrl-C)."""
-        for container in list(self._running):
-            try:
-                container.stop(timeout=5)
-            except Exception:  # noqa: BLE001
-                pass
-            self._remove(container)
+        self.engine.stop_all()
 
 
-# --------------------------------------------------------------------------- planning (CLI step 2)
-
-
-def plan_cells(args: argparse.Namespace, names: list[str] | None) -> Plan:
-    """Resolve matrix cells for this host: image cells -> run cells, skips with reasons, build plans."""
-    from ..cli import images as cli_images
-    from ..images import build as imagebuild
-    from ..images import matrix
-
-    args.cells = ",".join(names) if names else None
-    image_cells = cli_images.load_cells(args)
-    wheelhouses = cli_images.wheelhouse_dirs(cli_images.wheelhouse_values(args), image_cells)
-    host = matrix.detect_host()
-    cells: list[Cell] = []
-    skipped: list[Cell] = []
-    plans: dict[str, Any] = {}
-    plan_errors: dict[str, HarnessError] = {}
-    repeats = max(1, int(getattr(args, "repeats", 1) or 1))
-    modes = [m.strip() for m in (getattr(args, "determinism", None) or "strict").split(",") if m.strip()]
-    for m in modes:
-        if m not in determinism.MODES:
-            raise InputError("--determinism", f"{m!r} is not one of {', '.join(determinism.MODES)}")
-    threads = getattr(args, "threads", None)
-    if isinstance(threads, str):
-        threads = None if threads in ("all", "default") else int(threads)
-    for ic in image_cells:
-        skip = matrix.host_skip_reason(ic, host)
-        try:
-            plans[ic.name] = imagebuild.plan_build(ic, matrix.REPO_ROOT, wheelhouses.get(ic.name))
-        except HarnessError as exc:
-            plan_errors[ic.name] = exc
-        device = matrix.effective_device(ic, host)
-        if getattr(args, "gpus", "all") == "none":
-            device = "cpu"
-        for mode in modes:
-            for r in range(repeats):
-                name = ic.name + (f"-{mode}" if len(modes) > 1 else "") + (f"-r{r + 1}" if repeats > 1 else "")
-                cell = Cell(name=name, device=device, determinism=mode, threads=threads, tf32=False, repeat=r,
-                            image=ic, skip_reason=skip,
-                            labels={"image": ic.name, "torch": ic.torch, "variant": ic.variant,
-                                    "determinism": mode, "repeat": r + 1})
-                (skipped if skip else cells).append(cell)
-    backend = DockerBackend(docker_client(), plans, gpus=getattr(args, "gpus", "all"), memory=getattr(args, "memory", None))
-    failures = {c.name: plan_errors[c.image.name] for c in cells if c.image.name in plan_errors}
-    return Plan(backend=backend, cells=cells, skipped=skipped, failures=failures)
+def _uid() -> int:
+    return os.getuid() if hasattr(os, "getuid") else 0

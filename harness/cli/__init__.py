@@ -14,8 +14,8 @@ import traceback
 from typing import Any
 
 from .. import __version__
-from ..errors import EXIT_DRIFTED, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, HarnessError, Interrupted
-from .args import EXIT_CODES_HELP, add_common, add_docker, image_options, report_options, tolerances
+from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, HarnessError, Interrupted
+from .common import EXIT_CODES_HELP, add_common, add_docker, image_options, report_options, tolerances, verdict_exit
 from ..options import Axes, RunOptions, parse_cells, parse_devices, parse_modes, parse_repeats, parse_tf32, parse_threads
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,17 +118,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     merged = merge(load_many(args.paths))
     return verdict_exit(render(merged.records, merged.missing, tolerances(args), None, report_options(args)))
-
-
-def verdict_exit(comparison: Any) -> int:
-    """The exit code of a verdict: the one table of it."""
-    from ..judge import Verdict
-
-    return {
-        Verdict.REPRODUCED: EXIT_OK, Verdict.UNRECORDED: EXIT_OK,
-        Verdict.DRIFTED: EXIT_DRIFTED,
-        Verdict.FAILED: EXIT_RUN_FAILED, Verdict.INCOMPLETE: EXIT_RUN_FAILED, Verdict.SKIPPED: EXIT_RUN_FAILED,
-    }[comparison.overall]
 
 
 # --------------------------------------------------------------------------- entry point

@@ -8,92 +8,26 @@ maps errors to exit codes.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
+from ..docker_engine import Engine
 from ..images import compose as compose_mod
 from ..images import build as imagebuild
 from ..images import matrix
 from ..errors import EXIT_OK, EXIT_RUN_FAILED, BackendError, HarnessError, InputError
 from ..images.matrix import ImageCell
+from ..options import parse_cells
+from ..plan import load_image_cells, wheelhouse_dirs
+from .common import image_options
 
 REPO_ROOT = matrix.REPO_ROOT
 COMPOSE_FILE = REPO_ROOT / "compose.yaml"
-# Builds stream output, but a layer commit of a multi-GB venv can be silent for minutes.
-DOCKER_TIMEOUT_S = 3600
 
 
-def docker_client() -> Any:
-    """A connected Docker SDK client, or a BackendError saying how to start the engine."""
-    import docker
-
-    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-    client, problem = None, None
-    # A failed connect leaves the SDK's socket unclosed; silence and collect its ResourceWarning.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        try:
-            client = docker.from_env(timeout=DOCKER_TIMEOUT_S)
-            client.ping()
-        except docker.errors.DockerException as exc:
-            problem = str(exc).splitlines()[0][:200]
-            if client is not None:
-                client.close()
-        gc.collect()
-    if problem is not None:
-        raise BackendError(
-            f"Docker engine not reachable at {where} ({problem})",
-            hint="start dockerd (e.g. `setsid dockerd >/var/log/dockerd.log 2>&1 &`) or set DOCKER_HOST",
-        ) from None
-    return client
-
-
-# ----------------------------------------------------------------------------- arguments (pure)
-
-
-def split_cells(value: str | None) -> list[str] | None:
-    """``"a,b"`` -> ``["a", "b"]``; None/empty -> None (all cells)."""
-    if not value:
-        return None
-    return [v.strip() for v in value.split(",") if v.strip()] or None
-
-
-def base_image_overrides(values: list[str] | None) -> dict[str, str]:
-    """``--base-image IMAGE`` (every cell) and ``--base-image CELL=IMAGE`` into a mapping."""
-    out: dict[str, str] = {}
-    for v in values or []:
-        cell, sep, image = v.partition("=")
-        if sep and not (cell and image):
-            raise InputError("--base-image", f"{v!r} is neither IMAGE nor CELL=IMAGE")
-        out[cell if sep else "*"] = image if sep else v
-    return out
-
-
-def wheelhouse_dirs(values: list[str] | None, cells: list[ImageCell]) -> dict[str, Path]:
-    """Per-cell wheelhouses from ``--wheelhouse ROOT`` (subdir per cell) and ``CELL=DIR``."""
-    known = {c.name for c in cells}
-    out: dict[str, Path] = {}
-    explicit: dict[str, Path] = {}
-    for v in values or []:
-        cell, sep, path = v.partition("=")
-        if sep and cell in known:
-            explicit[cell] = Path(path)
-        elif sep and not Path(v).is_dir():
-            raise InputError("--wheelhouse", f"{cell!r} is not a selected cell", hint=f"known: {', '.join(sorted(known))}")
-        else:
-            root = Path(v)
-            if not root.is_dir():
-                raise InputError("--wheelhouse", f"{v} is not a directory",
-                                 hint="pass a directory with one subdirectory per cell, or CELL=DIR")
-            for c in cells:
-                if (root / c.name).is_dir():
-                    out[c.name] = root / c.name
-    out.update(explicit)
-    return out
+# ----------------------------------------------------------------------------- arguments
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -110,18 +44,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def load_cells(args: argparse.Namespace) -> list[ImageCell]:
     """The selected, validated cells with base images substituted (site config, then flags)."""
-    cells = matrix.select(matrix.load_matrix(args.matrix, args.compat), split_cells(args.cells))
-    if getattr(args, "site_config", None):
-        cells = matrix.apply_base_images(cells, matrix.load_site_config(args.site_config)["base_images"])
-    return matrix.apply_base_images(cells, base_image_overrides(getattr(args, "base_image", None)))
+    return load_image_cells(image_options(args), parse_cells(args.cells))
 
 
-def wheelhouse_values(args: argparse.Namespace) -> list[str]:
-    """``--wheelhouse`` values, or ``$HARNESS_WHEELHOUSE`` when none were given."""
-    values = list(getattr(args, "wheelhouse", None) or [])
-    if not values and os.environ.get("HARNESS_WHEELHOUSE"):
-        values = [os.environ["HARNESS_WHEELHOUSE"]]
-    return values
+def wheelhouses(args: argparse.Namespace, cells: list[ImageCell]) -> dict[str, Path]:
+    """Per-cell wheelhouse directories from ``--wheelhouse`` (or ``$HARNESS_WHEELHOUSE``)."""
+    return wheelhouse_dirs(image_options(args).wheelhouses, cells)
 
 
 def _console(stderr: bool = False) -> Any:
@@ -138,12 +66,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     cells = load_cells(args)
-    wh = wheelhouse_dirs(wheelhouse_values(args), cells)
+    wh = wheelhouses(args, cells)
     host = matrix.detect_host()
+    engine: Engine | None
     try:
-        client = docker_client()
+        engine = Engine.connect()
     except BackendError as exc:
-        client, engine_note = None, exc.one_line()
+        engine, engine_note = None, exc.one_line()
     else:
         engine_note = ""
     table = Table(title="harness images")
@@ -152,12 +81,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     for col in ("base image", "image", "on this host"):
         table.add_column(col, overflow="fold")
     for c in cells:
-        state = _image_state(client, c, wh.get(c.name))
+        state = _image_state(engine, c, wh.get(c.name))
         skip = matrix.host_skip_reason(c, host)
         where = f"skip: {skip}" if skip else f"runs ({matrix.effective_device(c, host)})"
         source = "wheelhouse" if c.name in wh else c.source
         base = c.base_image
-        if client is not None and not imagebuild.image_exists(client, base):
+        if engine is not None and not engine.image_exists(base):
             base += " [yellow](not in engine)[/yellow]"
         table.add_row(c.name, c.torch, c.variant, c.python, source, base, state, where)
     out = _console()
@@ -169,18 +98,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _image_state(client: Any, cell: ImageCell, wheelhouse: Path | None) -> str:
-    if client is None:
+def _image_state(engine: Engine | None, cell: ImageCell, wheelhouse: Path | None) -> str:
+    if engine is None:
         return "? (no engine)"
     try:
         plan = imagebuild.plan_build(cell, REPO_ROOT, wheelhouse)
     except HarnessError:
         # Without its wheelhouse the content tag is unknown; say what the alias shows.
         alias = f"{imagebuild.REPOSITORY}:{cell.name}"
-        return "alias only (no wheelhouse to check)" if imagebuild.image_exists(client, alias) else "missing"
-    if imagebuild.image_exists(client, plan.tag):
+        return "alias only (no wheelhouse to check)" if engine.image_exists(alias) else "missing"
+    if engine.image_exists(plan.tag):
         return "built"
-    return "missing" if not imagebuild.image_exists(client, plan.alias) else "stale"
+    return "missing" if not engine.image_exists(plan.alias) else "stale"
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -189,10 +118,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     cells = load_cells(args)
-    wh = wheelhouse_dirs(wheelhouse_values(args), cells)
+    wh = wheelhouses(args, cells)
     # Every plan first: bad input (no wheelhouse, wrong torch in it) stops before any build.
     plans = [imagebuild.plan_build(c, REPO_ROOT, wh.get(c.name)) for c in cells]
-    client = docker_client()
+    engine = Engine.connect()
     err = _console(stderr=True)
     status = err.status("")
 
@@ -211,7 +140,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             err.print(f"{cell}: {mark} {text if event != 'failed' else ''}")
 
     try:
-        results = imagebuild.ensure_images(client, plans, progress)
+        results = imagebuild.ensure_images(engine, plans, progress)
     finally:
         status.stop()
     table = Table(title="image build")
@@ -271,7 +200,7 @@ def stale_tags(image_tags: dict[str, list[str]], current: set[str], cells: set[s
 def cmd_prune(args: argparse.Namespace) -> int:
     """Remove outdated content-addressed images of the selected cells (each code change leaves one)."""
     cells = load_cells(args)
-    wh = wheelhouse_dirs(wheelhouse_values(args), cells)
+    wh = wheelhouses(args, cells)
     current = set()
     for c in cells:
         try:
@@ -279,13 +208,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         except HarnessError:
             continue  # without its wheelhouse the current tag is unknown: keep that cell's images
     known = {c.name for c in cells if any(t.startswith(f"{imagebuild.REPOSITORY}:{c.name}-") for t in current)}
-    client = docker_client()
-    images = {img.id: list(img.tags) for img in client.images.list(name=imagebuild.REPOSITORY)}
-    stale = stale_tags(images, current, known)
+    engine = Engine.connect()
+    stale = stale_tags(engine.images(imagebuild.REPOSITORY), current, known)
     out = _console()
     for tag in stale:
         if not args.dry_run:
-            client.images.remove(tag, noprune=False)
+            engine.remove_image(tag)
         out.print(f"{'would remove' if args.dry_run else 'removed'} {tag}")
     out.print(f"{len(stale)} outdated image tag(s); kept {len(current)} current")
     return EXIT_OK
@@ -293,7 +221,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_wheelhouse(args: argparse.Namespace) -> int:
     """pip-download each selected cell's wheels into DEST/<cell>."""
-    cells = matrix.select(matrix.load_matrix(args.matrix, args.compat), split_cells(args.cells))
+    cells = matrix.select(matrix.load_matrix(args.matrix, args.compat), list(parse_cells(args.cells) or []) or None)
     for c in cells:
         dest = imagebuild.make_wheelhouse(c, args.dest / c.name, args.python,
                                           c.index_url if args.torch_index else None)

@@ -14,6 +14,7 @@ Handlers return an exit code and raise :class:`~harness.errors.HarnessError`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import re
@@ -26,6 +27,9 @@ from typing import Any
 
 from .. import snapshot as snap
 from ..errors import EXIT_OK, EXIT_RUN_FAILED, InputError, RunFailed, UsageError
+from ..record import ResultRecord
+from ..report import console as _console
+from .common import image_options, report_options, tolerances, verdict_exit
 
 ACTIONS = ("verify", "rebuild")
 
@@ -35,7 +39,7 @@ ACTIONS = ("verify", "rebuild")
 
 def register(subparsers: Any) -> None:
     """Add ``snapshot`` and ``rerun`` to the main CLI's subparsers."""
-    from .args import add_docker
+    from .common import add_docker
 
     p = subparsers.add_parser(
         "snapshot", help="archive a run's image, recipe, bundle, data and records in one file (or verify/rebuild one)",
@@ -89,44 +93,41 @@ def _say(text: str) -> None:
 # ----------------------------------------------------------------------------- snapshot
 
 
-def _archived_run(args: argparse.Namespace, plan: Any, bundle: Any, tol: Any) -> dict[str, Any]:
+def _archived_run(args: argparse.Namespace, plan: Any, backend: Any, bundle: Any, tol: Any) -> ResultRecord:
     """The record to archive: from --results DIR, or from running the cell now."""
-    from .. import cli
-    from ..backends.base import Job
-    from ..record import load_records
+    from .. import record, runner
+    from ..plan import Job
 
     cell = plan.cells[0]
     if args.results:
-        path = Path(args.results) / args.cell / "record.json"
+        path = Path(args.results) / args.cell / record.RECORD_FILE
         if not path.is_file():
             raise InputError(str(path), "not found",
                              hint=f"pass the results directory of a run of cell {args.cell}, or drop --results to run now")
-        (rec,) = load_records([path])
-        if rec.get("status") != "ok":
-            raise InputError(str(path), f"records a failed run ({(rec.get('error') or {}).get('message', 'error')})",
+        rec = record.read(path)
+        if not rec.ok:
+            raise InputError(str(path), f"records a {rec.status.value} run ({rec.error.message if rec.error else ''})",
                              hint="archive a run that succeeded")
-        build = plan.backend.plans[args.cell]
-        if not snap.image_exists(plan.backend.client, build.tag):
+        build = plan.builds[args.cell]
+        found = backend.engine.image(build.tag)
+        if found is None:
             raise InputError(f"cell {args.cell}", f"its image {build.tag} is not in the engine",
                              hint=f"build it with `harness images build --cells {args.cell}`, or drop --results")
-        current = plan.backend.client.images.get(build.tag).id
-        ran = (rec.get("image") or {}).get("id")
-        if ran != current:
-            raise InputError(str(path), f"was run in image {ran}, but cell {args.cell}'s image {build.tag} is {current}",
+        ran = rec.image.id if rec.image else None
+        if ran != found.id:
+            raise InputError(str(path), f"was run in image {ran}, but cell {args.cell}'s image {build.tag} is {found.id}",
                              hint="snapshot a run made with this image, or drop --results to run the cell now")
         return rec
-    out = cli.results_dir(args, bundle)
-    out.mkdir(parents=True, exist_ok=True)
-    job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, results_dir=str(out))
-    records = cli.run_cells(plan, job, progress=not args.no_progress)
-    cli.render(args, records, out, tol)
-    rec = next(r for r in records if r.get("cell") == cell.name)
-    if rec.get("status") != "ok":
-        raise RunFailed(f"cell {args.cell} failed, nothing was archived: {(rec.get('error') or {}).get('message')}")
+    out = runner.results_dir(args.out, bundle.root)
+    job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, results_dir=str(out), run_id=runner.new_run_id())
+    runner.execute_plan(plan, backend, job, report_options(args), tol, progress_enabled=not args.no_progress)
+    rec = record.read(job.cell_dir(cell) / record.RECORD_FILE)
+    if not rec.ok:
+        raise RunFailed(f"cell {args.cell} {rec.status.value}, nothing was archived: {rec.error.message if rec.error else ''}")
     return rec
 
 
-def _recipe_matches(client: Any, build: Any, image: Any, sources_tar: bytes) -> bool:
+def _recipe_matches(build: Any, image: Any, sources_tar: bytes) -> bool:
     """Whether this checkout's Dockerfile, build args, wheels and lock, with the harness source
     taken from the image itself, hash to the image's recorded input hash."""
     from ..images import build as imagebuild
@@ -138,8 +139,6 @@ def _recipe_matches(client: Any, build: Any, image: Any, sources_tar: bytes) -> 
 
 def cmd_create(args: argparse.Namespace) -> int:
     """Steps: check input -> resolve the cell -> the run (now or from --results) -> gather -> write."""
-    from .. import cli
-
     if not args.cell:
         raise UsageError("harness snapshot needs --cell CELL (the matrix cell to archive)",
                          hint="e.g. --cell cpu-torch2.13; `harness images list` shows the cells")
@@ -148,61 +147,69 @@ def cmd_create(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.is_dir():
         raise InputError(str(output), "is a directory", hint="pass a file name, e.g. run.harness.tar")
-    args.bundle, args.trainer, args.trainer_path = args.target, None, None
-    args.repeats = 1
-    tol = cli.load_tolerances(args)
-    bundle, pre = cli.load_and_check(args)
+    from .. import runner
+    from ..options import RunOptions
+    from ..plan import make_plan
+
+    tol = tolerances(args)
+    opts = RunOptions(bundle=args.target, backend="docker", cells=(args.cell,), images=image_options(args),
+                      data=args.data, out=args.out, progress=not args.no_progress)
+    bundle, _ = runner.load_and_check(opts)
     if bundle.trainer and bundle.trainer.code_dir and not Path(bundle.trainer.code_dir).resolve().is_relative_to(Path(bundle.root)):
         raise InputError(str(bundle.root), f"its trainer code {bundle.trainer.code_dir} lies outside the bundle and would not be archived",
                          hint="move the trainer's code_dir into the optuna_best directory")
-    plan = cli.plan_docker(args, [args.cell])
-    if plan.skipped:
-        raise InputError(f"cell {args.cell}", f"cannot run on this host: {plan.skipped[0].skip_reason}")
-    if not plan.cells:
-        raise UsageError(f"cell {args.cell} resolves to nothing to run")
-    if args.cell in plan.failures or plan.cells[0].name in plan.failures:
-        raise plan.failures.get(args.cell) or plan.failures[plan.cells[0].name]
-    build = plan.backend.plans[args.cell]
-    rec = _archived_run(args, plan, bundle, tol)
+    plan = make_plan(opts)
+    (cell,) = plan.cells
+    if cell.skip_reason:
+        raise InputError(f"cell {args.cell}", f"cannot run on this host: {cell.skip_reason}")
+    if cell.name in plan.blocked:
+        raise plan.blocked[cell.name]
+    build = plan.builds[args.cell]
+    backend = runner.make_backend(plan)
+    rec = _archived_run(args, plan, backend, bundle, tol)
     t0 = time.perf_counter()
-    client = plan.backend.client
-    image_id = rec["image"]["id"]
-    image = client.images.get(image_id)
-    tag = rec["image"].get("tag") if rec["image"].get("tag") in image.tags else (image.tags[0] if image.tags else None)
+    engine = backend.engine
+    image_id = rec.image.id if rec.image else ""
+    image = engine.image(image_id)
+    if image is None:
+        raise InputError(f"cell {args.cell}", f"the image it ran in ({image_id[:19]}) is no longer in the engine",
+                         hint="run the cell again (drop --results) and snapshot that run")
+    tag = rec.image.tag if rec.image and rec.image.tag in image.tags else (image.tags[0] if image.tags else None)
     data_path = Path(bundle.data.resolved)
     data_sha = snap.sha256_file(data_path)
-    if rec.get("data_sha256") and rec["data_sha256"] != data_sha:
-        raise InputError(str(data_path), f"hashes to {data_sha[:12]}…, but the archived run trained on {rec['data_sha256'][:12]}…",
+    if rec.data_sha256 and rec.data_sha256 != data_sha:
+        raise InputError(str(data_path), f"hashes to {data_sha[:12]}…, but the archived run trained on {rec.data_sha256[:12]}…",
                          hint="point --data at the file that run used")
-    sources_tar = snap.without_bytecode(snap.image_files(client, image_id, snap.IMAGE_SOURCES_PATH))
-    recipe_ok = _recipe_matches(client, build, image, sources_tar)
+    sources_tar = snap.without_bytecode(engine.files(image_id, snap.IMAGE_SOURCES_PATH))
+    recipe_ok = _recipe_matches(build, image, sources_tar)
     if not recipe_ok:
-        cli._console(stderr=True).print(
+        _console(stderr=True).print(
             f"[yellow]! the Dockerfile/lock/build args of this checkout do not hash to image {tag}'s input hash; "
             "`snapshot rebuild` of this archive may differ[/yellow]")
     host = snap.host_facts()
     environment = {
-        "env": rec.get("env"), "determinism": rec.get("determinism"), "image": rec.get("image"),
-        "image_config": {k: (image.attrs.get("Config") or {}).get(k) for k in ("Env", "Entrypoint", "User", "WorkingDir", "Labels")},
-        "spec": rec.get("spec"), "host": host,
+        "env": rec.env.to_dict(), "determinism": rec.determinism, "image": rec.to_dict()["image"],
+        "image_config": image.config,
+        "spec": rec.spec, "host": host,
     }
     manifest = {
         "harness_version": snap.__version__, "created": snap.now_utc(), "cell": args.cell,
         "cell_spec": asdict(build.cell),
-        "image": {"id": image_id, "tag": tag, "size": image.attrs.get("Size"),
-                  "repo_digests": image.attrs.get("RepoDigests") or [],
+        "image": {"id": image_id, "tag": tag, "size": image.size,
+                  "repo_digests": list(image.repo_digests),
                   "input_hash": (image.labels or {}).get("org.harness.input-hash")},
         "build": {"recipe_matches_image": recipe_ok, "input_hash": build.input_hash},
         "bundle": {"name": Path(bundle.root).name},
         "data": {"file": data_path.name, "path": str(data_path), "config_path": bundle.data.path,
                  "sha256": data_sha, "size": data_path.stat().st_size, "included": not args.no_data},
-        "record": {"cell": rec.get("cell"), "weights_sha256": rec.get("weights_sha256"), "status": rec.get("status")},
+        "record": {"cell": rec.cell, "weights_sha256": rec.weights_sha256, "status": rec.status.value,
+                   "schema": rec.schema},
         "host": host,
     }
-    _say(f"writing {output} (image {tag}, {snap.human(image.attrs.get('Size'))})")
+    _say(f"writing {output} (image {tag}, {snap.human(image.size)})")
     try:
         with snap.SnapshotWriter(output) as w:
-            w.add_bytes(snap.RECORD, json.dumps(rec, indent=2, sort_keys=True).encode())
+            w.add_bytes(snap.RECORD, rec.to_json().encode())
             w.add_bytes(snap.ENVIRONMENT, json.dumps(environment, indent=2, sort_keys=True).encode())
             w.add_bytes(snap.DOCKERFILE, build.dockerfile.encode())
             w.add_bytes(snap.LOCK, build.lock.encode())
@@ -211,12 +218,12 @@ def cmd_create(args: argparse.Namespace) -> int:
             w.add_tree(snap.BUNDLE, bundle.root, Path(bundle.root).name)
             if not args.no_data:
                 w.add_file(snap.DATA, data_path)
-            w.add_chunks(snap.IMAGE, snap.save_chunks(client, image_id, tag))
+            w.add_chunks(snap.IMAGE, engine.save(image_id, tag))
             w.finish(manifest)
     except Exception as exc:  # the writer removed its partial file; say what failed in one line
         raise snap.snapshot_error(exc) from exc
     size = output.stat().st_size
-    cli._console().print(f"snapshot {output}: {snap.human(size)}, {len(w.members) + 1} members, cell {args.cell}, "
+    _console().print(f"snapshot {output}: {snap.human(size)}, {len(w.members) + 1} members, cell {args.cell}, "
                          f"image {image_id[:19]} ({tag}), written in {time.perf_counter() - t0:.1f}s")
     return EXIT_OK
 
@@ -271,55 +278,61 @@ def _data_for(args: argparse.Namespace, v: snap.Verified, tmp: Path) -> Path:
 
 def cmd_rerun(args: argparse.Namespace) -> int:
     """Steps: verify -> load the image -> extract bundle + data -> rerun offline -> compare -> render."""
-    from .. import cli
-    from ..backends.base import Cell, Job, Plan
-    from ..backends.docker import DockerBackend, docker_client
+    from .. import record, runner
+    from ..backends.docker import DockerBackend
     from ..bundle import load_bundle
+    from ..docker_engine import Engine
+    from ..judge import Verdict
+    from ..plan import Cell, Job, Plan
+    from ..record import ImageInfo, ResultRecord
 
-    tol = cli.load_tolerances(args)
+    tol = tolerances(args)
     v = snap.verify(args.archive)
     m = v.manifest
     _say(f"{args.archive}: {len(v.members) + 1} members verified in {v.seconds:.1f}s")
+    # The archived record is read first: a snapshot of another record schema is refused before any load.
+    archived = ResultRecord.from_json(json.loads(snap.read_member(v.path, snap.RECORD)), f"{args.archive}: {snap.RECORD}")
     tmp = Path(tempfile.mkdtemp(prefix="harness-rerun-"))
     try:
         data_path = _data_for(args, v, tmp)
-        client = docker_client()
-        loaded = snap.load_image(client, v.path, m, _say)
+        engine = Engine.connect()
+        loaded = snap.load_image(engine, v.path, m, _say)
         if loaded["loaded"]:
             _say(f"image {m['image']['id'][:19]} loaded in {loaded['seconds']:.1f}s")
         bundle_dir = snap.extract_tree(v.path, snap.BUNDLE, tmp / "bundle") / m["bundle"]["name"]
         load_bundle(bundle_dir, data_override=str(data_path))  # the archived bundle still validates here
-        archived = json.loads(snap.read_member(v.path, snap.RECORD))
         cell_name = m["cell"]
-        archived["cell"] = f"{cell_name}@archived"
-        spec = archived.get("spec") or {}
+        archived.cell = f"{cell_name}@archived"
+        spec = archived.spec or {}
         cell = Cell(name=f"{cell_name}@rerun", device=spec.get("device") or "cpu",
                     determinism=spec.get("determinism") or "strict", threads=spec.get("threads"),
-                    tf32=bool(spec.get("tf32")), labels=dict(archived.get("labels") or {}))
-        backend = DockerBackend(client, {}, gpus=args.gpus)
-        backend.use_image(cell.name, dict(archived.get("image") or {}, id=m["image"]["id"],
-                                          tag=m["image"].get("tag") or m["image"]["id"], snapshot=str(v.path)))
+                    tf32=bool(spec.get("tf32")), labels=dict(archived.labels))
+        backend = DockerBackend(engine, {}, gpus=args.gpus)
+        image = archived.image or ImageInfo(id=m["image"]["id"])
+        backend.use_image(cell.name, dataclasses.replace(image, id=m["image"]["id"],
+                                                         tag=m["image"].get("tag") or m["image"]["id"], snapshot=str(v.path)),
+                          spec=dict(spec, cell=cell.name))
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = Path(args.out).resolve() if args.out else (Path.cwd() / "harness-results" / f"rerun-{cell_name}-{stamp}").resolve()
-        out.mkdir(parents=True, exist_ok=True)
-        from ..record import write_record
-
-        write_record(out / archived["cell"] / "record.json", archived)
-        job = Job(bundle_dir=str(bundle_dir), data_path=str(data_path), results_dir=str(out), trainer=spec.get("trainer"))
-        records = cli.run_cells(Plan(backend, [cell]), job, progress=not args.no_progress)
-        rc = cli.render(args, [archived, *records], out, tol)
-        rerun = records[0]
-        console = cli._console()
-        if rerun.get("status") == "ok":
-            same_w = rerun.get("weights_sha256") == archived.get("weights_sha256")
+        out = runner.results_dir(args.out, f"rerun-{cell_name}-{stamp}")
+        if not args.out:
+            out = (Path.cwd() / "harness-results" / f"rerun-{cell_name}-{stamp}").resolve()
+        record.write(out / archived.cell / record.RECORD_FILE, archived)
+        job = Job(bundle_dir=str(bundle_dir), data_path=str(data_path), results_dir=str(out), trainer=spec.get("trainer"),
+                  run_id=runner.new_run_id())
+        comparison = runner.execute_plan(Plan("docker", [cell]), backend, job, report_options(args), tol,
+                                         progress_enabled=not args.no_progress, extra_records=[archived])
+        rerun = record.read(job.cell_dir(cell) / record.RECORD_FILE)
+        console = _console()
+        if rerun.ok:
+            same_w = rerun.weights_sha256 == archived.weights_sha256
             console.print(f"weights: {'bitwise identical to' if same_w else 'DIFFER from'} the archived run's "
-                          f"({str(rerun.get('weights_sha256'))[:16]}…)")
-            now = dict(snap.host_facts(), cpu=(rerun.get("env") or {}).get("cpu"))
-            then = dict(m.get("host") or {}, cpu=(archived.get("env") or {}).get("cpu"))
+                          f"({str(rerun.weights_sha256)[:16]}…)")
+            now = dict(snap.host_facts(), cpu=rerun.env.cpu)
+            then = dict(m.get("host") or {}, cpu=archived.env.cpu)
             diffs = snap.host_differences(then, now)
             console.print("host: differs from the archived run's: " + "; ".join(diffs) if diffs
                           else f"host: same as the archived run's ({now.get('hostname')}, {now.get('cpu')})")
-        return rc
+        return verdict_exit(comparison)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -341,14 +354,14 @@ def lock_entries(lock: str) -> list[tuple[str, str, set[str]]]:
 
 
 def _wheelhouse_for(args: argparse.Namespace, cell: Any) -> Path:
-    from . import images as cli_images
+    from ..plan import wheelhouse_dirs
 
-    values = cli_images.wheelhouse_values(args)
+    values = image_options(args).wheelhouses
     if not values:
         raise UsageError("harness snapshot rebuild needs --wheelhouse DIR (the wheels the lock pins)")
     if len(values) == 1 and "=" not in values[0] and any(Path(values[0]).glob("*.whl")):
         return Path(values[0])
-    dirs = cli_images.wheelhouse_dirs(values, [cell])
+    dirs = wheelhouse_dirs(values, [cell])
     if cell.name not in dirs:
         raise InputError("--wheelhouse", f"holds no wheels for cell {cell.name}",
                          hint=f"pass a directory of wheels, DIR with a {cell.name}/ subdirectory, or {cell.name}=DIR")
@@ -357,10 +370,9 @@ def _wheelhouse_for(args: argparse.Namespace, cell: Any) -> Path:
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
     """Rebuild the archived image offline from its recipe and compare the installed packages."""
-    from .. import cli
-    from . import images as cli_images
+    from ..docker_engine import Engine
+    from ..errors import BaseImageMissing
     from ..images import build as imagebuild
-    from ..backends.docker import docker_client
     from ..images.matrix import ImageCell
 
     t0 = time.perf_counter()
@@ -372,7 +384,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     dockerfile = snap.read_member(v.path, snap.DOCKERFILE)
     lock = snap.read_member(v.path, snap.LOCK).decode()
     buildargs = json.loads(snap.read_member(v.path, snap.BUILDARGS))
-    overrides = cli_images.base_image_overrides(args.base_image)
+    overrides = image_options(args).base_images
     base = overrides.get(cell.name) or overrides.get("*")
     if base:
         buildargs["BASE_IMAGE"] = base
@@ -382,30 +394,26 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         if not hashes & have:
             raise InputError("--wheelhouse", f"lacks {name}=={version} (sha256 {sorted(hashes)[0][:12]}…) pinned by the archived lock",
                              hint="pass the wheelhouse the image was built from")
-    client = docker_client()
-    if not imagebuild.image_exists(client, buildargs["BASE_IMAGE"]):
-        raise imagebuild.BaseImageMissing(cell.name, buildargs["BASE_IMAGE"])
-    console = cli._console()
-    ctx = Path(tempfile.mkdtemp(prefix="harness-rebuild-"))
-    tag = f"harness-rebuild:{cell.name}-{int(time.time())}"
+    engine = Engine.connect()
+    if not engine.image_exists(buildargs["BASE_IMAGE"]):
+        raise BaseImageMissing(cell.name, buildargs["BASE_IMAGE"])
+    console = _console()
+    tmp = Path(tempfile.mkdtemp(prefix="harness-rebuild-"))
     new_id: str | None = None
+    plan = None
     try:
-        src = snap.extract_tree(v.path, snap.SOURCES, ctx)  # -> ctx/harness/...
-        sources = {p.relative_to(src).as_posix(): p.read_bytes() for p in sorted((src / "harness").rglob("*")) if p.is_file()}
-        digest = imagebuild.input_hash(dockerfile, buildargs, wheels, sources, lock)
-        (ctx / "Dockerfile").write_bytes(dockerfile)
-        (ctx / "requirements.lock").write_text(lock)
-        (ctx / "wheelhouse").mkdir()
-        (ctx / "wheelhouse" / ".keep").write_text("")
-        for w in wheels:
-            imagebuild._link_or_copy(w.path, ctx / "wheelhouse" / w.filename)
-        loaded = snap.load_image(client, v.path, m, _say)
+        src = snap.extract_tree(v.path, snap.SOURCES, tmp / "src")  # -> src/harness/...
+        sources = {p.relative_to(src).as_posix(): p for p in sorted((src / "harness").rglob("*")) if p.is_file()}
+        plan = imagebuild.recipe_plan(cell, f"harness-rebuild:{cell.name}-{int(time.time())}", dockerfile, buildargs,
+                                      lock, wheels, sources)
+        loaded = snap.load_image(engine, v.path, m, _say)
         archived_id = m["image"]["id"]
         _say(f"rebuilding {cell.name} from the archived recipe, without cache (base {buildargs['BASE_IMAGE']})")
-        new_id = snap.build_image(client, ctx, tag, buildargs)
-        old_pk = snap.image_packages(client, archived_id)
-        new_pk = snap.image_packages(client, new_id)
+        new_id = imagebuild.build_plan_image(engine, plan, nocache=True)
+        old_pk = snap.image_packages(engine, archived_id)
+        new_pk = snap.image_packages(engine, new_id)
         diffs = snap.package_differences(old_pk, new_pk)
+        digest = plan.input_hash
         same_inputs = digest == m["image"].get("input_hash")
         console.print(f"archived image {archived_id[:19]}{' (loaded from the snapshot)' if loaded['loaded'] else ''}, "
                       f"rebuilt {new_id[:19]}: "
@@ -422,9 +430,9 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
                       f"({time.perf_counter() - t0:.1f}s)")
         return EXIT_OK
     finally:
-        shutil.rmtree(ctx, ignore_errors=True)
-        if new_id is not None and not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if new_id is not None and plan is not None and not args.keep:
             try:
-                client.images.remove(tag, force=True)
+                engine.remove_image(plan.tag, force=True)
             except Exception:  # noqa: BLE001 - best effort
                 pass

@@ -3,8 +3,10 @@
 Pure part: :func:`plan_build` turns a cell (+ its wheelhouse) into a :class:`BuildPlan`:
 build args, the pip lock, the files of the build context and the tag
 ``harness:<cell>-<12 hex>`` hashed over everything that goes into the image.
-Effects part: :func:`build` / :func:`ensure_images` talk to the Docker SDK (classic
-builder), and :func:`make_wheelhouse` runs ``pip download`` on the host.
+Effects part: :func:`build` / :func:`ensure_images` build through a
+:class:`~harness.docker_engine.Engine` (classic builder), and :func:`make_wheelhouse`
+runs ``pip download`` on the host. :func:`write_context` lays out the build context;
+``snapshot rebuild`` goes through the same :func:`recipe_plan` and :func:`build_plan_image`.
 
 Every built image is also tagged with the stable alias ``harness:<cell>``, which is
 what compose.yaml refers to.
@@ -21,66 +23,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
-from ..errors import BackendError, HarnessError, InputError, RunFailed
+from ..errors import BackendError, BaseImageMissing, BuildFailed, HarnessError, InputError, RunFailed
 from .matrix import ImageCell
+
+if TYPE_CHECKING:
+    from ..docker_engine import Engine
+
+__all__ = ["BaseImageMissing", "BuildFailed"]  # re-exported: raised by builds, defined with the error family
 
 REPOSITORY = "harness"
 DOCKERFILE = "Dockerfile.cuda"
 DIGEST_CACHE = ".harness-wheel-digests.json"
 # What the worker imports inside the image, besides the harness source.
 IMAGE_PACKAGES = ("numpy", "pyyaml", "joblib", "scikit-learn")
-LOG_TAIL = 20
 LABEL_CELL = "org.harness.cell"
 LABEL_HASH = "org.harness.input-hash"
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_STEP = re.compile(r"^Step (\d+/\d+) : (\S+)")
-_NONZERO = re.compile(r"returned a non-zero code: (\d+)")
-
-
-def _failure_reason(error: str, last_step: str | None) -> str:
-    """A short reason from the builder's error (which repeats the whole RUN script)."""
-    m = _NONZERO.search(error)
-    if m:
-        return f"{last_step or 'a RUN step'} exited with code {m.group(1)}"
-    return error.strip().splitlines()[-1][:300] if error.strip() else "unknown builder error"
-
-
-class BuildFailed(RunFailed):
-    """An image build failed; carries the cell, the tag and the last lines of its log."""
-
-    kind = "build"
-
-    def __init__(self, cell: str, tag: str, reason: str, log_tail: Iterable[str] = ()) -> None:
-        self.cell = cell
-        self.tag = tag
-        self.log_tail = [line[:240] for line in log_tail if line.strip()][-LOG_TAIL:]
-        tail = " | ".join(line.strip() for line in self.log_tail)
-        super().__init__(
-            f"image build for cell {cell} ({tag}) failed: {reason}",
-            hint=f"log tail: {tail}" if tail else "rerun `harness images build --cells " + cell + "` to see the log",
-        )
-
-
-class BaseImageMissing(InputError):
-    """The cell's base image is not in the local engine, and the harness never pulls."""
-
-    def __init__(self, cell: str, image: str) -> None:
-        self.cell = cell
-        self.image = image
-        super().__init__(
-            f"cell {cell}",
-            f"base image {image} is not in the local Docker engine (the harness never pulls)",
-            hint=(
-                f"`docker pull {image}` or `docker load` it yourself, make one with "
-                f"`tar -C ROOTFS -c . | docker import - NAME`, or pick another with "
-                f"--base-image {cell}=IMAGE"
-            ),
-        )
 
 
 @dataclass(frozen=True)
@@ -301,14 +262,23 @@ def plan_build(cell: ImageCell, repo_root: str | Path, wheelhouse_dir: str | Pat
         dockerfile = (root / DOCKERFILE).read_bytes()
     except OSError:
         raise InputError(str(root / DOCKERFILE), "not found", hint="run from a harness checkout") from None
-    args = build_args(cell, source)
-    lock = lock_text(cell, wheels)
-    sources = harness_sources(root)
-    digest = input_hash(dockerfile, args, wheels, {k: p.read_bytes() for k, p in sources.items()}, lock)
-    files = ("Dockerfile", "requirements.lock",
-             *(f"wheelhouse/{w.filename}" for w in wheels), *sorted(sources))
+    return recipe_plan(cell, None, dockerfile, build_args(cell, source), lock_text(cell, wheels), wheels,
+                       harness_sources(root))
+
+
+def recipe_plan(cell: ImageCell, tag: str | None, dockerfile: bytes, buildargs: dict[str, str], lock: str,
+                wheels: Iterable[Wheel], sources: Mapping[str, Path]) -> BuildPlan:
+    """The plan for a recipe: Dockerfile, build args, lock, wheels and harness sources (context path -> file).
+
+    :func:`plan_build` makes one from this checkout; ``snapshot rebuild`` from an archive.
+    ``tag`` defaults to the content tag ``harness:<cell>-<hash12>``.
+    """
+    wheels = tuple(sorted(wheels, key=lambda w: w.filename))
+    sources = dict(sorted(sources.items()))
+    digest = input_hash(dockerfile, buildargs, wheels, {k: p.read_bytes() for k, p in sources.items()}, lock)
+    files = ("Dockerfile", "requirements.lock", *(f"wheelhouse/{w.filename}" for w in wheels), *sources)
     return BuildPlan(
-        cell=cell, tag=f"{REPOSITORY}:{cell.name}-{digest[:12]}", buildargs=args,
+        cell=cell, tag=tag or f"{REPOSITORY}:{cell.name}-{digest[:12]}", buildargs=dict(buildargs),
         dockerfile=dockerfile.decode(), context_files=files, lock=lock, input_hash=digest,
         wheels=wheels, sources=sources,
     )
@@ -327,7 +297,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def write_context(plan: BuildPlan, dest: Path) -> None:
     """Lay out the build context in ``dest``: Dockerfile, lock, wheelhouse/, harness/."""
-    (dest / "Dockerfile").write_text(plan.dockerfile)
+    (dest / "Dockerfile").write_bytes(plan.dockerfile.encode())
     (dest / "requirements.lock").write_text(plan.lock)
     (dest / "wheelhouse").mkdir()
     # COPY of an empty directory is fine, but keep one file so every tar tool keeps the dir.
@@ -338,84 +308,41 @@ def write_context(plan: BuildPlan, dest: Path) -> None:
         _link_or_copy(path, dest / rel)
 
 
-def image_exists(client: Any, tag: str) -> bool:
-    """Whether the engine holds an image with this tag."""
-    import docker.errors
+def build_plan_image(engine: Engine, plan: BuildPlan, *, nocache: bool = False,
+                     on_log: Callable[[str], None] | None = None) -> str:
+    """Write the plan's context to a temporary directory and build it as ``plan.tag``; the image id.
 
-    try:
-        client.images.get(tag)
-        return True
-    except docker.errors.ImageNotFound:
-        return False
-    except docker.errors.APIError as exc:
-        raise BackendError(f"Docker engine failed to look up {tag}: {exc}") from exc
-
-
-def _alias(client: Any, plan: BuildPlan) -> str:
-    image = client.images.get(plan.tag)
-    client.api.tag(image.id, REPOSITORY, plan.cell.name, force=True)
-    return image.id
-
-
-def build(client: Any, plan: BuildPlan, on_log: Callable[[str], None] | None = None) -> BuiltImage:
-    """Build the plan's image unless its tag exists; always (re)point ``harness:<cell>`` at it."""
-    import docker.errors
-
-    start = time.monotonic()
-    name = plan.cell.name
-    if image_exists(client, plan.tag):
-        return BuiltImage(plan.tag, _alias(client, plan), name, time.monotonic() - start, built=False)
-    if not image_exists(client, plan.cell.base_image):
-        raise BaseImageMissing(name, plan.cell.base_image)
-    log: deque[str] = deque(maxlen=200)
-    last_step: list[str] = []
-
-    def emit(line: str) -> None:
-        line = _ANSI.sub("", line)
-        m = _STEP.match(line)
-        if m:
-            last_step[:] = [f"step {m.group(1)} ({m.group(2)})"]
-        log.append(line)
-        if on_log:
-            on_log(line)
-
-    ctx = Path(tempfile.mkdtemp(prefix=f"harness-build-{name}-"))
+    No check of the tag or the base image first: see :func:`build` for that.
+    """
+    ctx = Path(tempfile.mkdtemp(prefix=f"harness-build-{plan.cell.name}-"))
     try:
         write_context(plan, ctx)
-        stream = client.api.build(
-            path=str(ctx), dockerfile="Dockerfile", tag=plan.tag, buildargs=plan.buildargs,
-            labels=plan.labels, decode=True, rm=True, forcerm=True, pull=False,
-        )
-        failure: str | None = None
-        # Read the stream to its end even after an error, so the SDK releases the socket.
-        for chunk in stream:
-            if "error" in chunk and failure is None:
-                error = str(chunk["error"])
-                failure = _failure_reason(error, last_step[0] if last_step else None)
-                if not _NONZERO.search(error):
-                    emit(error.rstrip())
-                continue
-            text = chunk.get("stream") or chunk.get("status")
-            if text:
-                for line in str(text).rstrip("\n").splitlines():
-                    emit(line)
-        if failure is not None:
-            raise BuildFailed(name, plan.tag, failure, log)
-    except docker.errors.APIError as exc:
-        raise BuildFailed(name, plan.tag, str(exc.explanation or exc), log) from exc
-    except docker.errors.DockerException as exc:
-        raise BackendError(f"Docker engine failed while building {plan.tag}: {exc}") from exc
+        return engine.build(ctx, plan.tag, plan.buildargs, plan.labels, nocache=nocache, on_log=on_log,
+                            cell=plan.cell.name)
     finally:
         shutil.rmtree(ctx, ignore_errors=True)
-    if not image_exists(client, plan.tag):
-        raise BuildFailed(name, plan.tag, "the build ended without producing the image", log)
-    return BuiltImage(plan.tag, _alias(client, plan), name, time.monotonic() - start, built=True)
+
+
+def build(engine: Engine, plan: BuildPlan, on_log: Callable[[str], None] | None = None) -> BuiltImage:
+    """Build the plan's image unless its tag exists; always (re)point ``harness:<cell>`` at it."""
+    start = time.monotonic()
+    name = plan.cell.name
+    built = False
+    found = engine.image(plan.tag)
+    image_id = found.id if found is not None else None
+    if image_id is None:
+        if not engine.image_exists(plan.cell.base_image):
+            raise BaseImageMissing(name, plan.cell.base_image)
+        image_id = build_plan_image(engine, plan, on_log=on_log)
+        built = True
+    engine.tag(image_id, REPOSITORY, name)
+    return BuiltImage(plan.tag, image_id, name, time.monotonic() - start, built=built)
 
 
 Progress = Callable[[str, str, str], None]  # (cell, event, text); event: start|log|cached|built|failed
 
 
-def ensure_images(client: Any, plans: Iterable[BuildPlan], progress: Progress | None = None
+def ensure_images(engine: Engine, plans: Iterable[BuildPlan], progress: Progress | None = None
                   ) -> dict[str, BuiltImage | HarnessError]:
     """Build every missing image; a failure is recorded for its cell and the rest go on."""
     results: dict[str, BuiltImage | HarnessError] = {}
@@ -424,7 +351,7 @@ def ensure_images(client: Any, plans: Iterable[BuildPlan], progress: Progress | 
         name = plan.cell.name
         say(name, "start", plan.tag)
         try:
-            img = build(client, plan, on_log=lambda line, n=name: say(n, "log", line))
+            img = build(engine, plan, on_log=lambda line, n=name: say(n, "log", line))
         except HarnessError as exc:
             results[name] = exc
             say(name, "failed", exc.one_line())

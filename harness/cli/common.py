@@ -1,4 +1,7 @@
-"""The argparse flags several commands share (kept apart so no command module imports another)."""
+"""What several commands share: their flags, the typed options made of them, and the exit code of a verdict.
+
+Kept apart so that no command module imports another.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import EXIT_DRIFTED, EXIT_OK, EXIT_RUN_FAILED
 from ..options import ImageOptions, ReportOptions, base_image_overrides
 
 EXIT_CODES_HELP = """exit codes:
@@ -82,3 +86,14 @@ def image_options(args: argparse.Namespace) -> ImageOptions:
         wheelhouses=ImageOptions.wheelhouse_values(getattr(args, "wheelhouse", None)),
         gpus=getattr(args, "gpus", None) or "all", memory=getattr(args, "memory", None),
     )
+
+
+def verdict_exit(comparison: Any) -> int:
+    """The exit code of a run's verdict: the one table of it."""
+    from ..judge import Verdict
+
+    return {
+        Verdict.REPRODUCED: EXIT_OK, Verdict.UNRECORDED: EXIT_OK,
+        Verdict.DRIFTED: EXIT_DRIFTED,
+        Verdict.FAILED: EXIT_RUN_FAILED, Verdict.INCOMPLETE: EXIT_RUN_FAILED, Verdict.SKIPPED: EXIT_RUN_FAILED,
+    }[comparison.overall]

@@ -1,0 +1,453 @@
+"""The one module that talks to the Docker engine.
+
+Everything the harness asks of Docker goes through :class:`Engine`: the
+connection, image facts, the one build routine, save/load, reading files and
+package lists out of an image, and running a cell's container. Nothing else
+under ``harness/`` imports the Docker SDK, so the rest of the package (and its
+unit tests, through ``tests/fake_engine.py``) deals in plain data:
+
+* :class:`ImageFacts`      what the engine says about an image,
+* :class:`ContainerRequest` what a container gets (built by a pure function in
+  :mod:`harness.backends.docker`),
+* :class:`ContainerExit`    how it ended.
+
+SDK exceptions become the harness error family here (:class:`BackendError`,
+:class:`BuildFailed`), each one line naming the image or tag and the way out.
+The SDK itself is imported lazily, so ``import harness`` stays quick.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import shutil
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from .errors import BackendError, BuildFailed
+
+# Builds stream output, but a layer commit of a multi-GB venv can be silent for minutes.
+DOCKER_TIMEOUT_S = 3600
+CHUNK = 1 << 20
+START_HINT = "start dockerd (e.g. `setsid dockerd >/var/log/dockerd.log 2>&1 &`) or set DOCKER_HOST"
+NO_NVIDIA_HINT = "install nvidia-container-toolkit, or run with --gpus none"
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_STEP = re.compile(r"^Step (\d+/\d+) : (\S+)")
+_NONZERO = re.compile(r"returned a non-zero code: (\d+)")
+
+
+def _sdk() -> Any:
+    import docker
+    import docker.errors
+    import docker.types
+
+    return docker
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(getattr(exc, "explanation", None) or exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+# ----------------------------------------------------------------------------- plain data
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the engine says about one image."""
+
+    id: str
+    tags: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    size: int | None = None
+    repo_digests: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    entrypoint: tuple[str, ...] | None = None
+    user: str = ""
+    workdir: str = ""
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The image config's run settings, under Docker's own key names."""
+        return {"Env": list(self.env), "Entrypoint": list(self.entrypoint) if self.entrypoint is not None else None,
+                "User": self.user, "WorkingDir": self.workdir, "Labels": dict(self.labels)}
+
+
+Mount = tuple[str, str, bool]  # (host source, container target, read_only)
+
+
+@dataclass(frozen=True)
+class ContainerRequest:
+    """Everything a container gets, as plain data (no SDK types)."""
+
+    image: str  # id or tag
+    command: tuple[str, ...] = ()
+    mounts: tuple[Mount, ...] = ()
+    environment: dict[str, str] = field(default_factory=dict)
+    user: str | None = None  # "uid:gid"; None: the image's user
+    gpus: str = "none"  # "all" | "none" | "0,1"
+    memory: str | None = None  # e.g. "8g"
+    labels: dict[str, str] = field(default_factory=dict)
+    network: str = "none"
+    read_only: bool = True  # read-only root filesystem
+    tmpfs: dict[str, str] = field(default_factory=dict)
+    shm_size: str | None = None
+    cell: str = ""  # for messages: whose container this is
+    tag: str | None = None  # for messages: the image's tag when ``image`` is an id
+
+
+@dataclass(frozen=True)
+class ContainerExit:
+    """How a container ended: its exit status (None: it never ran), OOM, or why the engine refused it."""
+
+    status: int | None
+    oom_killed: bool = False
+    error: str | None = None
+
+
+def failure_reason(error: str, last_step: str | None) -> str:
+    """A short reason from the builder's error (which repeats the whole RUN script)."""
+    m = _NONZERO.search(error)
+    if m:
+        return f"{last_step or 'a RUN step'} exited with code {m.group(1)}"
+    return error.strip().splitlines()[-1][:300] if error.strip() else "unknown builder error"
+
+
+def device_requests(gpus: str) -> list[Any]:
+    """SDK device requests for a ``gpus`` spec (``all``, ``none``, ``0,1``)."""
+    docker = _sdk()
+    if gpus == "none":
+        return []
+    if gpus == "all":
+        return [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    return [docker.types.DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
+
+
+def create_kwargs(req: ContainerRequest) -> dict[str, Any]:
+    """``client.containers.create`` keyword arguments for a request."""
+    docker = _sdk()
+    kwargs: dict[str, Any] = {
+        "image": req.image,
+        "command": list(req.command),
+        "mounts": [docker.types.Mount(target, source, type="bind", read_only=ro) for source, target, ro in req.mounts],
+        "environment": dict(req.environment),
+        "network_mode": req.network,
+        "read_only": req.read_only,
+        "labels": dict(req.labels),
+        "detach": True,
+    }
+    if req.tmpfs:
+        kwargs["tmpfs"] = dict(req.tmpfs)
+    if req.shm_size:
+        kwargs["shm_size"] = req.shm_size
+    if req.user:
+        kwargs["user"] = req.user
+    if req.gpus != "none":
+        kwargs["device_requests"] = device_requests(req.gpus)
+    if req.memory:
+        kwargs["mem_limit"] = req.memory
+    return kwargs
+
+
+def refusal(request: ContainerRequest, text: str) -> str:
+    """One line for an engine that refused to create or start a container, with the way out."""
+    what = request.tag or request.image
+    if "could not select device driver" in text:
+        who = f"cell {request.cell}" if request.cell else f"a container of {what}"
+        return f"{who} asks for a GPU but this Docker engine has no NVIDIA runtime ({text}); {NO_NVIDIA_HINT}"
+    if "No such image" in text:
+        return f"image {what} vanished from the engine: {text}"
+    return f"Docker engine refused to run {what}: {text}"
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+class Engine:
+    """A connected Docker engine; every SDK call of the harness goes through one of these."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._running: list[Any] = []  # containers started by run() and not yet removed
+
+    @classmethod
+    def connect(cls) -> "Engine":
+        """Connect to ``$DOCKER_HOST`` (or the local socket), or raise a one-line BackendError."""
+        docker = _sdk()
+        where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        client, problem = None, None
+        # A failed connect leaves the SDK's socket unclosed; silence and collect its ResourceWarning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            try:
+                client = docker.from_env(timeout=DOCKER_TIMEOUT_S)
+                client.ping()
+            except docker.errors.DockerException as exc:
+                problem = str(exc).splitlines()[0][:200]
+                if client is not None:
+                    client.close()
+            gc.collect()
+        if problem is not None:
+            raise BackendError(f"Docker engine not reachable at {where} ({problem})", hint=START_HINT) from None
+        return cls(client)
+
+    def close(self) -> None:
+        """Stop and remove every container still running, then drop the connection."""
+        self.stop_all()
+        try:
+            self.client.close()
+        except Exception:  # noqa: BLE001 - closing twice is fine
+            pass
+
+    # ------------------------------------------------------------------ images
+
+    def image(self, ref: str) -> ImageFacts | None:
+        """Facts of the image ``ref`` (id or tag), or None when the engine has no such image."""
+        docker = _sdk()
+        try:
+            img = self.client.images.get(ref)
+        except docker.errors.ImageNotFound:
+            return None
+        except docker.errors.APIError as exc:
+            raise BackendError(f"Docker engine failed to look up {ref}: {_first_line(exc)}") from exc
+        attrs = img.attrs or {}
+        config = attrs.get("Config") or {}
+        entry = config.get("Entrypoint")
+        return ImageFacts(
+            id=img.id, tags=tuple(img.tags or ()), labels=dict(config.get("Labels") or {}),
+            size=attrs.get("Size"), repo_digests=tuple(attrs.get("RepoDigests") or ()),
+            env=tuple(config.get("Env") or ()), entrypoint=tuple(entry) if entry is not None else None,
+            user=config.get("User") or "", workdir=config.get("WorkingDir") or "",
+        )
+
+    def image_exists(self, ref: str) -> bool:
+        """Whether the engine holds an image with this id or tag."""
+        docker = _sdk()
+        try:
+            self.client.images.get(ref)
+            return True
+        except docker.errors.ImageNotFound:
+            return False
+        except docker.errors.APIError as exc:
+            raise BackendError(f"Docker engine failed to look up {ref}: {_first_line(exc)}") from exc
+
+    def image_id(self, ref: str) -> str:
+        """The id of ``ref``; a BackendError when it is not there."""
+        facts = self.image(ref)
+        if facts is None:
+            raise BackendError(f"image {ref} is not in the Docker engine")
+        return facts.id
+
+    def tag(self, image_id: str, repository: str, tag: str) -> None:
+        """Point ``repository:tag`` at ``image_id`` (moving it if it pointed elsewhere)."""
+        docker = _sdk()
+        try:
+            self.client.api.tag(image_id, repository, tag, force=True)
+        except docker.errors.DockerException as exc:
+            raise BackendError(f"Docker engine failed to tag {image_id[:19]} as {repository}:{tag}: "
+                               f"{_first_line(exc)}") from exc
+
+    def images(self, repository: str | None = None) -> dict[str, list[str]]:
+        """``{image id: [tags]}`` of one repository, or of every image (intermediates too) when None."""
+        docker = _sdk()
+        try:
+            found = (self.client.images.list(name=repository) if repository
+                     else self.client.images.list(all=True))
+        except docker.errors.DockerException as exc:
+            raise BackendError(f"Docker engine failed to list images: {_first_line(exc)}") from exc
+        return {img.id: list(img.tags or ()) for img in found}
+
+    def remove_image(self, ref: str, *, force: bool = False) -> bool:
+        """Remove an image or one of its tags; False when it was not there."""
+        docker = _sdk()
+        try:
+            self.client.images.remove(ref, force=force, noprune=False)
+            return True
+        except docker.errors.ImageNotFound:
+            return False
+        except docker.errors.DockerException as exc:
+            raise BackendError(f"Docker engine failed to remove image {ref}: {_first_line(exc)}",
+                               hint="a container may still use it (`docker ps -a`)") from exc
+
+    def build(self, context: str | Path, tag: str, buildargs: dict[str, str], labels: dict[str, str] | None = None,
+              *, nocache: bool = False, on_log: Callable[[str], None] | None = None, cell: str | None = None) -> str:
+        """Build ``context``'s Dockerfile as ``tag`` (classic builder, never pulls); returns the image id.
+
+        The build stream is read to its end; a failure raises :class:`BuildFailed`
+        with a short reason (the failing step and its exit code) and the log tail.
+        """
+        docker = _sdk()
+        log: deque[str] = deque(maxlen=200)
+        last_step: list[str] = []
+
+        def emit(line: str) -> None:
+            line = _ANSI.sub("", line)
+            m = _STEP.match(line)
+            if m:
+                last_step[:] = [f"step {m.group(1)} ({m.group(2)})"]
+            log.append(line)
+            if on_log:
+                on_log(line)
+
+        try:
+            stream = self.client.api.build(
+                path=str(context), dockerfile="Dockerfile", tag=tag, buildargs=dict(buildargs),
+                labels=dict(labels or {}), decode=True, rm=True, forcerm=True, pull=False, nocache=nocache,
+            )
+            failure: str | None = None
+            # Read the stream to its end even after an error, so the SDK releases the socket.
+            for chunk in stream:
+                if "error" in chunk and failure is None:
+                    error = str(chunk["error"])
+                    failure = failure_reason(error, last_step[0] if last_step else None)
+                    if not _NONZERO.search(error):
+                        emit(error.rstrip())
+                    continue
+                text = chunk.get("stream") or chunk.get("status")
+                if text:
+                    for line in str(text).rstrip("\n").splitlines():
+                        emit(line)
+            if failure is not None:
+                raise BuildFailed(cell, tag, failure, log)
+        except docker.errors.APIError as exc:
+            raise BuildFailed(cell, tag, str(exc.explanation or exc), log) from exc
+        except docker.errors.DockerException as exc:
+            raise BackendError(f"Docker engine failed while building {tag}: {exc}") from exc
+        facts = self.image(tag)
+        if facts is None:
+            raise BuildFailed(cell, tag, "the build ended without producing the image", log)
+        return facts.id
+
+    def save(self, image_id: str, tag: str | None) -> Iterator[bytes]:
+        """``docker save`` of one image, streamed; tagged with ``tag`` only (not every alias)."""
+        docker = _sdk()
+        try:
+            image = self.client.images.get(image_id)
+            yield from image.save(chunk_size=CHUNK, named=tag if tag else False)
+        except docker.errors.DockerException as exc:
+            raise BackendError(f"Docker engine failed to save image {tag or image_id}: {exc}") from exc
+
+    def load(self, chunks: Iterable[bytes]) -> Iterator[str]:
+        """``docker load`` of a saved image; yields each image ref the engine reports loaded.
+
+        A generator, so a caller that has to clean up after a failure knows what was
+        loaded before it. An error the engine reports is raised as a BackendError once
+        the stream is read; errors of ``chunks`` itself reach the caller as they are.
+        """
+        docker = _sdk()
+        problem: str | None = None
+        try:
+            for msg in self.client.api.load_image(chunks):
+                if not isinstance(msg, dict):
+                    continue
+                if msg.get("error") and problem is None:
+                    problem = str(msg["error"])
+                text = str(msg.get("stream") or "")
+                for prefix in ("Loaded image ID: ", "Loaded image: "):
+                    if text.startswith(prefix):
+                        yield text[len(prefix):].strip()
+        except docker.errors.DockerException as exc:
+            raise BackendError(_first_line(exc)) from exc
+        if problem is not None:
+            raise BackendError(problem.splitlines()[0][:300] if problem.strip() else "the engine refused the image")
+
+    def files(self, image_id: str, path: str) -> bytes:
+        """A tar of ``path`` inside an image, read from a created (never started) container."""
+        docker = _sdk()
+        container = None
+        try:
+            container = self.client.containers.create(image_id, command=["true"], network_mode="none")
+            stream, _ = container.get_archive(path)
+            return b"".join(stream)
+        except docker.errors.DockerException as exc:
+            raise BackendError(f"Docker engine failed to read {path} from image {image_id[:19]}: {exc}") from exc
+        finally:
+            _remove_container(container)
+
+    def run_command(self, image_id: str, argv: list[str]) -> str:
+        """Run ``argv`` as the entrypoint of a throwaway container without network; its stdout."""
+        docker = _sdk()
+        try:
+            out = self.client.containers.run(image_id, entrypoint=list(argv), network_mode="none",
+                                             remove=True, stdout=True, stderr=False)
+        except docker.errors.DockerException as exc:
+            raise BackendError(f"running {argv[0]} in image {image_id[:19]} failed: {_first_line(exc, 200)}") from exc
+        return out.decode("utf-8", "replace") if isinstance(out, bytes) else str(out)
+
+    def free_bytes(self) -> tuple[str | None, int | None]:
+        """The engine's DockerRootDir and its free bytes, when this process can see it."""
+        try:
+            root = self.client.info().get("DockerRootDir")
+        except Exception:  # noqa: BLE001 - a remote engine need not say
+            return None, None
+        if not root:
+            return None, None
+        try:
+            return root, shutil.disk_usage(root).free
+        except OSError:
+            return root, None
+
+    # ------------------------------------------------------------------ containers
+
+    def run(self, request: ContainerRequest, on_line: Callable[[str], None] | None = None) -> ContainerExit:
+        """Run a container to its end, passing each output line (without newline) to ``on_line``.
+
+        The container is removed afterwards whatever happened; while it runs,
+        :meth:`stop_all` (Ctrl-C) stops and removes it. An engine refusal is
+        returned as ``error``, in one line that says the way out.
+        """
+        docker = _sdk()
+        what = request.tag or request.image
+        container = None
+        try:
+            container = self.client.containers.create(**create_kwargs(request))
+            self._running.append(container)
+            container.start()
+            buf = b""
+            for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=True):
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if on_line:
+                        on_line(line.decode("utf-8", "replace"))
+            if buf and on_line:
+                on_line(buf.decode("utf-8", "replace"))
+            status = int(container.wait().get("StatusCode", -1))
+            container.reload()
+            oom = bool((container.attrs.get("State") or {}).get("OOMKilled"))
+            return ContainerExit(status, oom_killed=oom)
+        except docker.errors.APIError as exc:
+            return ContainerExit(None, error=refusal(request, str(exc.explanation or exc)))
+        except docker.errors.DockerException as exc:
+            return ContainerExit(None, error=f"Docker engine failed while running {what}: {exc}")
+        finally:
+            self._forget(container)
+
+    def stop_all(self) -> None:
+        """Stop and remove every container :meth:`run` started that is still there (Ctrl-C)."""
+        for container in list(self._running):
+            try:
+                container.stop(timeout=5)
+            except Exception:  # noqa: BLE001 - already stopped or gone
+                pass
+            self._forget(container)
+
+    def _forget(self, container: Any) -> None:
+        _remove_container(container)
+        if container is not None and container in self._running:
+            self._running.remove(container)
+
+
+def _remove_container(container: Any) -> None:
+    if container is None:
+        return
+    try:
+        container.remove(force=True)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
