@@ -108,6 +108,19 @@ def test_single_pinned_image_rerun(matrix_run, wheelhouse_root, base_image) -> N
     assert "reproduced" in p.stdout
 
 
+def test_threads_axis_works_in_containers(matrix_run, wheelhouse_root, base_image) -> None:
+    # `--threads 1,all` crashed the docker backend with "internal error" (int("all")).
+    out = matrix_run["root"] / "threads"
+    p = harness("matrix", str(matrix_run["bundle"]), "--cells", "cpu-torch2.13", "--threads", "1,all", "--out", str(out),
+                *docker_args(wheelhouse_root, base_image))
+    assert p.returncode == 0, p.stdout + p.stderr
+    recs = {r.cell: r for r in record.load(out).records}
+    assert list(recs) == ["cpu-torch2.13-t1", "cpu-torch2.13-tdef"]
+    assert recs["cpu-torch2.13-t1"].env.threads == 1 and recs["cpu-torch2.13-t1"].spec["threads"] == 1
+    assert recs["cpu-torch2.13-tdef"].spec["threads"] is None and recs["cpu-torch2.13-tdef"].env.threads >= 1
+    assert recs["cpu-torch2.13-t1"].weights_sha256 == recs["cpu-torch2.13-tdef"].weights_sha256
+
+
 def test_oom_killed_container_is_a_row_and_the_others_stay(matrix_run, wheelhouse_root, base_image) -> None:
     out = matrix_run["root"] / "oom"
     p = harness("matrix", str(matrix_run["bundle"]), "--cells", "cpu-torch2.13", "--repeats", "1",
