@@ -84,14 +84,14 @@ def main() -> None:
         with contextlib.redirect_stdout(io.StringIO()):  # the worker's progress events
             rec = run(RunSpec(cell=f"trial-{trial.number}", bundle_dir=str(tdir / "bundle"), out_dir=str(tdir / "out"),
                               determinism="strict", backend="optuna"))
-        m = rec["metrics"]["retrained"]
+        m = rec.retrained
         trial.set_user_attr("r2", m["val"]["r2"])
         trial.set_user_attr("mse", m["val"]["mse"])
         trial.set_user_attr("mae", m["val"]["mae"])
         trial.set_user_attr("test_r2", m["test"]["r2"])
         trial.set_user_attr("best_epoch", m["best_epoch"])
-        trial.set_user_attr("weights_sha256", rec["weights_sha256"])
-        runs[trial.number] = {"config": cfg, "dir": tdir, "env": rec["env"], "determinism": rec["determinism"]}
+        trial.set_user_attr("weights_sha256", rec.weights_sha256)
+        runs[trial.number] = {"config": cfg, "dir": tdir, "env": rec.env.to_dict(), "determinism": rec.determinism}
         return m["val_loss"]
 
     study = optuna.create_study(direction="minimize", study_name="harness-example",

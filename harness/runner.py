@@ -119,10 +119,10 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any) -> Outcome:
             current, t_cell = cell, time.perf_counter()
             progress.start(cell.name)
             if cell.name in blocked:
-                # A cell that cannot start (its image, its wheelhouse) fails alone.
+                # A cell that cannot start (its image, its wheelhouse, its base image) fails alone.
                 exc = blocked[cell.name]
-                rec = ResultRecord.without_metrics(cell.name, Status.FAILED, getattr(exc, "kind", "image"),
-                                                   exc.one_line(), backend=backend.name, started_at=now_utc(),
+                rec = ResultRecord.without_metrics(cell.name, Status.FAILED, "image", exc.one_line(),
+                                                   backend=backend.name, started_at=now_utc(),
                                                    log_tail="\n".join(getattr(exc, "log_tail", []) or []) or None)
                 keep(cell, rec)
             else:
@@ -130,8 +130,9 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any) -> Outcome:
                 records[cell.name] = rec
             current = None
             progress.done(rec)
-            if not rec.ok and rec.error is not None and rec.error.kind in ("input", "usage"):
-                # The same bad input fails every cell: stop, keep what ran, exit 2.
+            if cell.name not in blocked and not rec.ok and rec.error is not None and rec.error.kind in ("input", "usage"):
+                # The worker found bad input (the bundle, its data): every cell would fail the same
+                # way, so stop, keep what ran, exit 2.
                 raise InputError("", rec.error.message)
     except KeyboardInterrupt:
         backend.close()

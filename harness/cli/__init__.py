@@ -78,7 +78,7 @@ def run_options(args: argparse.Namespace, *, single: bool) -> RunOptions:
     """``harness run`` / ``harness matrix`` arguments as :class:`RunOptions` (one parser per axis)."""
     backend = "docker" if (single and args.image) else ("local" if single else args.backend)
     devices = None
-    if single and args.device:
+    if single and args.device and not (args.image and args.device == "auto"):
         devices = parse_devices(args.device, "--device")
     elif not single and args.devices:
         devices = parse_devices(args.devices)
