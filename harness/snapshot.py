@@ -18,12 +18,29 @@ be read without decompressing the others. Members, in order::
     bundle.tar.gz             the optuna_best directory
     data.gz                   the data file (absent with --no-data; its sha256 is in the manifest)
     image.tar.gz              ``docker save`` of the image, tagged with its content tag only
+    manifest.sig              optional, last, *not* compressed and not listed in the manifest:
+                              an OpenSSH signature (``ssh-keygen -Y sign``, namespace
+                              ``harness-snapshot``, armored text) of the manifest's canonical
+                              JSON (see :func:`signed_message`)
 
 The manifest lists every other member with ``size``/``sha256`` of the *stored* (compressed)
 bytes and ``raw_size``/``raw_sha256`` of the decompressed bytes, and carries
 ``manifest_sha256``: the sha256 of its own canonical JSON without that key, so that a
 damaged manifest is reported as the manifest, not as the member whose digest it garbled.
 Any tar tool can list the archive; ``gzip -d`` reads any member.
+
+Reading is hostile-input safe: the manifest is checked for shape (types, required keys) and
+every name it gives that becomes a path (``cell``, ``bundle.name``, ``data.file``, member
+names) must be a plain name that stays inside the extraction directory; the tar members
+inside ``bundle.tar.gz`` and ``build/harness-src.tar.gz`` are unpacked with tarfile's
+``data`` filter after a check that refuses absolute names, ``..``, devices and links that
+leave the directory. Every refusal is one :class:`~harness.errors.InputError` (exit 2).
+
+Signatures: the signed message is the manifest's canonical JSON (sorted keys, no
+whitespace, ASCII, ``manifest_sha256`` included). The manifest lists every member's
+sha256, so the signature covers every byte of the archive. A signature member is
+optional (unsigned archives stay valid) and nothing may follow it. Harness versions
+before signing refuse a signed archive (``manifest.sig`` is an extra member to them).
 
 Pure parts (writing and verifying the container) need no Docker; the image
 effects at the end (load, package list) go through a :class:`~harness.docker_engine.Engine`.
@@ -36,6 +53,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 import time
@@ -68,6 +86,11 @@ BUNDLE = "bundle.tar.gz"
 DATA = "data.gz"
 IMAGE = "image.tar.gz"
 IMAGE_SOURCES_PATH = "/opt/harness/harness"  # where Dockerfile.cuda copies the package
+SIGNATURE = "manifest.sig"
+SIGNATURE_MAX = 64 * 1024
+CELL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,100}$")  # harness.images.matrix's cell names (a directory name here)
+ALTERED = "the archive was altered or was not written by harness; do not use it"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 # =============================================================================== the container (pure)
@@ -75,6 +98,11 @@ IMAGE_SOURCES_PATH = "/opt/harness/harness"  # where Dockerfile.cuda copies the 
 
 def _canonical(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def signed_message(manifest: dict[str, Any]) -> bytes:
+    """What a snapshot's signature signs: the manifest's canonical JSON, its digest included."""
+    return _canonical(manifest)
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
@@ -219,13 +247,23 @@ class SnapshotWriter:
             spool.seek(0)
             return self.add_chunks(name, iter(lambda: spool.read(CHUNK), b""))
 
-    def finish(self, manifest: dict[str, Any]) -> Path:
-        """Write the manifest into its slot, close the tar, and move the file into place."""
+    def finish(self, manifest: dict[str, Any], sign: Callable[[bytes], bytes] | None = None) -> Path:
+        """Write the manifest into its slot, close the tar, and move the file into place.
+
+        ``sign`` (e.g. ``lambda msg: signing.sign(msg, key)``) gets :func:`signed_message` of
+        the final manifest and returns the armored signature stored as :data:`SIGNATURE`.
+        """
         body = dict(manifest, schema=SCHEMA, members=list(self.members))
         body["manifest_sha256"] = manifest_digest(body)
         text = json.dumps(body, indent=1, sort_keys=True).encode() + b"\n"
         if len(text) > MANIFEST_SLOT:
             raise RunFailed(f"snapshot manifest is {len(text)} bytes, more than its {MANIFEST_SLOT}-byte slot")
+        if sign is not None:
+            sig = sign(signed_message(body))
+            if not sig or len(sig) > SIGNATURE_MAX:
+                raise RunFailed(f"the signature is {len(sig)} bytes; at most {SIGNATURE_MAX} fit in {SIGNATURE}")
+            self.fh.write(_header(SIGNATURE, len(sig), self.mtime))
+            self.fh.write(sig + b"\0" * (-len(sig) % tarfile.BLOCKSIZE))
         self.fh.write(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
         self.fh.seek(tarfile.BLOCKSIZE)
         self.fh.write(text + b" " * (MANIFEST_SLOT - len(text)))
@@ -261,6 +299,7 @@ class Verified:
     manifest: dict[str, Any]
     members: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    signature: bytes | None = None  # the armored SSH signature, when the archive carries one (unchecked)
 
     @property
     def total_size(self) -> int:
@@ -277,31 +316,134 @@ def _open_tar(path: Path) -> tarfile.TarFile:
         raise InputError(str(path), "is not a file", hint="pass a .harness.tar file written by `harness snapshot`")
     try:
         return tarfile.open(path, mode="r:")
-    except (tarfile.TarError, OSError) as exc:
-        raise InputError(str(path), f"is not a harness snapshot (not a tar archive: {exc})") from None
+    except (tarfile.TarError, OSError, ValueError, UnicodeError, EOFError) as exc:
+        raise InputError(str(path), f"is not a harness snapshot (not a tar archive: {_short(exc)})") from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return text or type(exc).__name__
+
+
+# ------------------------------------------------------------------------------ the manifest's shape
+
+
+def _bad(where: str, key: str, problem: str) -> InputError:
+    return InputError(where, f"{MANIFEST}: key {key} {problem}", hint=ALTERED)
+
+
+def plain_name(value: Any, where: str, key: str) -> str:
+    """A name that becomes one path component: no ``/``, not ``.``/``..``, no NUL, not empty."""
+    if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value \
+            or "\0" in value or len(value) > 255:
+        raise _bad(where, key, f"is not a plain file name ({value!r})")
+    return value
+
+
+def member_name(value: Any, where: str, key: str) -> str:
+    """A member name of the outer tar: relative, each component plain, at most 100 characters."""
+    if not isinstance(value, str) or not value or len(value) > 100 or value in (MANIFEST, SIGNATURE):
+        raise _bad(where, key, f"is not a member name ({value!r})")
+    for part in value.split("/"):
+        if not part or part in (".", "..") or "\0" in part or "\\" in part:
+            raise _bad(where, key, f"is not a member name inside the archive ({value!r})")
+    return value
+
+
+def _typed(obj: dict[str, Any], key: str, types: tuple[type, ...], where: str, path: str, *, required: bool) -> Any:
+    if key not in obj:
+        if required:
+            raise _bad(where, path, "is missing")
+        return None
+    value = obj[key]
+    if type(value) not in types:  # bool is not an int here
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        raise _bad(where, path, f"is {type(value).__name__ if value is not None else 'null'}, expected {names}")
+    return value
+
+
+def _hex64(obj: dict[str, Any], key: str, where: str, path: str, *, required: bool = True) -> None:
+    value = _typed(obj, key, (str,), where, path, required=required)
+    if value is not None and not _HEX64.match(value):
+        raise _bad(where, path, f"is not a sha256 ({value[:80]!r})")
+
+
+def _check_shape(m: dict[str, Any], where: str) -> None:
+    """Everything a reader of the manifest relies on, checked once; the first problem is an InputError."""
+    members = _typed(m, "members", (list,), where, "members", required=True)
+    names: set[str] = set()
+    for i, e in enumerate(members):
+        at = f"members[{i}]"
+        if not isinstance(e, dict):
+            raise _bad(where, at, "is not an object")
+        name = member_name(_typed(e, "name", (str,), where, f"{at}.name", required=True), where, f"{at}.name")
+        if name in names:
+            raise _bad(where, f"{at}.name", f"lists member {name} twice")
+        names.add(name)
+        for key, required in (("size", True), ("raw_size", False)):
+            n = _typed(e, key, (int,), where, f"{at}.{key}", required=required)
+            if n is not None and n < 0:
+                raise _bad(where, f"{at}.{key}", f"is negative ({n})")
+        _hex64(e, "sha256", where, f"{at}.sha256")
+        _hex64(e, "raw_sha256", where, f"{at}.raw_sha256", required=False)
+        if ("raw_size" in e) != ("raw_sha256" in e):
+            raise _bad(where, at, "has only one of raw_size and raw_sha256")
+        _typed(e, "compression", (str,), where, f"{at}.compression", required=False)
+    cell = _typed(m, "cell", (str,), where, "cell", required=True)
+    if not CELL_NAME.match(cell):
+        raise _bad(where, "cell", f"is not a matrix cell name ({cell[:120]!r})")
+    image = _typed(m, "image", (dict,), where, "image", required=True)
+    if not _typed(image, "id", (str,), where, "image.id", required=True):
+        raise _bad(where, "image.id", "is empty")
+    for key in ("tag", "input_hash"):
+        _typed(image, key, (str, type(None)), where, f"image.{key}", required=False)
+    bundle = _typed(m, "bundle", (dict,), where, "bundle", required=True)
+    plain_name(_typed(bundle, "name", (str,), where, "bundle.name", required=True), where, "bundle.name")
+    data = _typed(m, "data", (dict,), where, "data", required=True)
+    plain_name(_typed(data, "file", (str,), where, "data.file", required=True), where, "data.file")
+    _typed(data, "included", (bool,), where, "data.included", required=True)
+    _hex64(data, "sha256", where, "data.sha256")
+    _typed(data, "path", (str, type(None)), where, "data.path", required=False)
+    for key in ("cell_spec", "host", "build", "record"):
+        _typed(m, key, (dict,), where, key, required=False)
+    for key in ("created", "harness_version"):
+        _typed(m, key, (str, type(None)), where, key, required=False)
 
 
 def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
-    """Check a manifest's schema and its own checksum; the first problem is an InputError."""
+    """Check a manifest's schema, its own checksum and its shape; the first problem is an InputError."""
     try:
         manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise InputError(where, f"{MANIFEST} is damaged (not valid JSON)", hint="the archive cannot be trusted") from None
     if not isinstance(manifest, dict):
-        raise InputError(where, f"{MANIFEST} is not a snapshot manifest")
+        raise InputError(where, f"{MANIFEST} is not a snapshot manifest (a JSON {type(manifest).__name__}, not an object)")
     schema = manifest.get("schema")
     if schema != SCHEMA:
         if isinstance(schema, str) and schema.startswith(SCHEMA_PREFIX):
             raise InputError(where, f"has schema {schema}, this harness reads {SCHEMA}",
                              hint="upgrade harness to read it")
-        raise InputError(where, f"is not a harness snapshot (manifest schema {schema!r})")
-    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise InputError(where, f"is not a harness snapshot ({MANIFEST} schema {str(schema)[:80]!r})")
+    try:
+        digest = manifest_digest(manifest)
+    except (ValueError, RecursionError):
+        digest = None
+    if manifest.get("manifest_sha256") != digest:
         raise InputError(where, f"{MANIFEST} is damaged (its checksum does not match its content)",
                          hint="the archive cannot be trusted")
-    members = manifest.get("members")
-    if not isinstance(members, list) or not all(isinstance(m, dict) and {"name", "size", "sha256"} <= set(m) for m in members):
-        raise InputError(where, f"{MANIFEST} has no valid member list")
+    _check_shape(manifest, where)
     return manifest
+
+
+# ------------------------------------------------------------------------------ verify
+
+
+_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a character device",
+          tarfile.BLKTYPE: "a block device", tarfile.DIRTYPE: "a directory", tarfile.FIFOTYPE: "a FIFO"}
+
+
+def _kind(info: tarfile.TarInfo) -> str:
+    return _KINDS.get(info.type, f"of tar type {info.type!r}")
 
 
 def _check_member(tf: tarfile.TarFile, info: tarfile.TarInfo, want: dict[str, Any], where: str) -> None:
@@ -310,7 +452,8 @@ def _check_member(tf: tarfile.TarFile, info: tarfile.TarInfo, want: dict[str, An
         raise InputError(where, f"member {name} is {info.size} bytes, the manifest says {want['size']}",
                          hint="the archive is damaged")
     src = tf.extractfile(info)
-    assert src is not None
+    if src is None:
+        raise InputError(where, f"member {name} cannot be read", hint="the archive is damaged")
     sha, size = hashlib.sha256(), 0
     raw_sha, raw_size = hashlib.sha256(), 0
     dec = zlib.decompressobj(_GZIP_WBITS)
@@ -329,7 +472,7 @@ def _check_member(tf: tarfile.TarFile, info: tarfile.TarInfo, want: dict[str, An
                     raw_size += len(out)
                 except zlib.error as exc:
                     undecompressable = str(exc)
-    except (tarfile.ReadError, OSError, EOFError):
+    except (tarfile.TarError, OSError, EOFError):
         raise InputError(where, f"member {name} is truncated ({size} of {want['size']} bytes)",
                          hint="the archive was cut short; copy it again") from None
     if size != want["size"]:
@@ -348,64 +491,127 @@ def _check_member(tf: tarfile.TarFile, info: tarfile.TarInfo, want: dict[str, An
 
 
 def verify(path: str | Path) -> Verified:
-    """Check every member against the manifest; raise an InputError naming the first that differs."""
+    """Check every member against the manifest; raise an InputError naming the first that differs.
+
+    A signature member is read (not checked: see :func:`check_signature`).
+    """
     t0 = time.perf_counter()
     p = Path(path)
     where = str(p)
     with _open_tar(p) as tf:
-        first = tf.next()
-        if first is None or first.name != MANIFEST:
-            raise InputError(where, "is not a harness snapshot "
-                                    f"({'empty archive' if first is None else 'its first member is ' + first.name + ', not ' + MANIFEST})")
-        fobj = tf.extractfile(first)
-        assert fobj is not None
         try:
-            raw = fobj.read()
-        except (tarfile.ReadError, OSError, EOFError):
-            raise InputError(where, f"{MANIFEST} is truncated", hint="the archive was cut short; copy it again") from None
-        manifest = parse_manifest(raw, where)
-        wanted = {m["name"]: m for m in manifest["members"]}
-        seen: set[str] = set()
-        while True:
-            try:
-                info = tf.next()
-            except (tarfile.TarError, OSError) as exc:
-                missing = [m["name"] for m in manifest["members"] if m["name"] not in seen]
-                raise InputError(where, f"member {missing[0] if missing else '?'} cannot be read ({exc})",
-                                 hint="the archive is damaged") from None
-            if info is None:
-                break
-            if info.name not in wanted:
-                raise InputError(where, f"member {info.name} is not in the manifest (extra member)",
-                                 hint="the archive was altered")
-            if info.name in seen:
-                raise InputError(where, f"member {info.name} appears twice", hint="the archive was altered")
-            _check_member(tf, info, wanted[info.name], where)
-            seen.add(info.name)
-        for m in manifest["members"]:
-            if m["name"] not in seen:
-                raise InputError(where, f"member {m['name']} is missing",
-                                 hint="the archive is truncated or its tar header is damaged; copy it again")
-    return Verified(p, manifest, list(manifest["members"]), time.perf_counter() - t0)
+            manifest, signature = _verify_members(tf, where)
+        except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeError, zlib.error, RecursionError) as exc:
+            raise InputError(where, f"cannot be read as a snapshot ({_short(exc)})", hint="the archive is damaged") from None
+    return Verified(p, manifest, list(manifest["members"]), time.perf_counter() - t0, signature)
+
+
+def _verify_members(tf: tarfile.TarFile, where: str) -> tuple[dict[str, Any], bytes | None]:
+    first = tf.next()
+    if first is None or first.name != MANIFEST:
+        raise InputError(where, "is not a harness snapshot "
+                                f"({'empty archive' if first is None else 'its first member is ' + repr(first.name)[1:-1] + ', not ' + MANIFEST})")
+    if not first.isreg() or first.size > MANIFEST_SLOT:
+        raise InputError(where, f"{MANIFEST} is {_kind(first) if not first.isreg() else f'{first.size} bytes'}, "
+                                f"not a manifest of at most {MANIFEST_SLOT} bytes", hint=ALTERED)
+    fobj = tf.extractfile(first)
+    assert fobj is not None
+    try:
+        raw = fobj.read()
+    except (tarfile.ReadError, OSError, EOFError):
+        raise InputError(where, f"{MANIFEST} is truncated", hint="the archive was cut short; copy it again") from None
+    if len(raw) != first.size:
+        raise InputError(where, f"{MANIFEST} is truncated", hint="the archive was cut short; copy it again")
+    manifest = parse_manifest(raw, where)
+    wanted = {m["name"]: m for m in manifest["members"]}
+    seen: set[str] = set()
+    signature: bytes | None = None
+    while True:
+        try:
+            info = tf.next()
+        except (tarfile.TarError, OSError) as exc:
+            missing = [m["name"] for m in manifest["members"] if m["name"] not in seen]
+            raise InputError(where, f"member {missing[0] if missing else '?'} cannot be read ({_short(exc)})",
+                             hint="the archive is damaged") from None
+        if info is None:
+            break
+        shown = repr(info.name)[1:-1]
+        if signature is not None:
+            raise InputError(where, f"member {shown} follows {SIGNATURE}, which must be last", hint=ALTERED)
+        if info.name == SIGNATURE:
+            signature = _read_signature(tf, info, where)
+            continue
+        if info.name not in wanted:
+            raise InputError(where, f"member {shown} is not in the manifest (extra member)",
+                             hint="the archive was altered")
+        if info.name in seen:
+            raise InputError(where, f"member {shown} appears twice", hint="the archive was altered")
+        if not info.isreg():
+            raise InputError(where, f"member {shown} is {_kind(info)}, not a file", hint=ALTERED)
+        _check_member(tf, info, wanted[info.name], where)
+        seen.add(info.name)
+    for m in manifest["members"]:
+        if m["name"] not in seen:
+            raise InputError(where, f"member {m['name']} is missing",
+                             hint="the archive is truncated or its tar header is damaged; copy it again")
+    return manifest, signature
+
+
+def _read_signature(tf: tarfile.TarFile, info: tarfile.TarInfo, where: str) -> bytes:
+    if not info.isreg() or not 0 < info.size <= SIGNATURE_MAX:
+        raise InputError(where, f"member {SIGNATURE} is {_kind(info) if not info.isreg() else f'{info.size} bytes'}, "
+                                f"not a signature of at most {SIGNATURE_MAX} bytes", hint=ALTERED)
+    src = tf.extractfile(info)
+    assert src is not None
+    try:
+        data = src.read()
+    except (tarfile.TarError, OSError, EOFError):
+        data = b""
+    if len(data) != info.size:
+        raise InputError(where, f"member {SIGNATURE} is truncated", hint="the archive was cut short; copy it again")
+    return data
+
+
+def check_signature(v: Verified, allowed_signers: str | Path, identity: str | None = None) -> tuple[str, str]:
+    """Check the archive's signature with ``ssh-keygen -Y verify``; returns ``(principal, detail)``.
+
+    A missing or bad signature is an InputError (exit 2).
+    """
+    from . import signing
+
+    where = str(v.path)
+    if v.signature is None:
+        raise InputError(where, f"is not signed (it has no {SIGNATURE}), but --allowed-signers asks for a signature",
+                         hint="ask its maker for a signed snapshot (`harness snapshot ... --sign KEY`), "
+                              "or drop --allowed-signers to check integrity only")
+    return signing.verify(signed_message(v.manifest), v.signature, allowed_signers, identity, where, SIGNATURE)
+
+
+# ------------------------------------------------------------------------------ reading members (after verify)
 
 
 def member_chunks(path: str | Path, name: str) -> Iterator[bytes]:
     """The decompressed bytes of one member, chunk by chunk (verify the archive first)."""
-    with tarfile.open(path, mode="r:") as tf:
-        try:
-            info = tf.getmember(name)
-        except KeyError:
-            raise InputError(str(path), f"member {name} is missing") from None
-        src = tf.extractfile(info)
-        assert src is not None
-        dec = zlib.decompressobj(_GZIP_WBITS)
-        for chunk in iter(lambda: src.read(CHUNK), b""):
-            out = dec.decompress(chunk)
-            if out:
-                yield out
-        tail = dec.flush()
-        if tail:
-            yield tail
+    where = str(path)
+    try:
+        with tarfile.open(path, mode="r:") as tf:
+            try:
+                info = tf.getmember(name)
+            except KeyError:
+                raise InputError(where, f"member {name} is missing") from None
+            src = tf.extractfile(info) if info.isreg() else None
+            if src is None:
+                raise InputError(where, f"member {name} is {_kind(info)}, not a file", hint=ALTERED)
+            dec = zlib.decompressobj(_GZIP_WBITS)
+            for chunk in iter(lambda: src.read(CHUNK), b""):
+                out = dec.decompress(chunk)
+                if out:
+                    yield out
+            tail = dec.flush()
+            if tail:
+                yield tail
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise InputError(where, f"member {name} cannot be read ({_short(exc)})", hint="the archive is damaged") from None
 
 
 def read_member(path: str | Path, name: str) -> bytes:
@@ -413,9 +619,27 @@ def read_member(path: str | Path, name: str) -> bytes:
     return b"".join(member_chunks(path, name))
 
 
-def extract_file(path: str | Path, name: str, dest: str | Path) -> Path:
-    """Decompress one member to ``dest``."""
+def read_json_member(path: str | Path, name: str) -> Any:
+    """A JSON member, parsed; not JSON is an InputError naming the member."""
+    try:
+        return json.loads(read_member(path, name).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise InputError(str(path), f"member {name} is not valid JSON", hint=ALTERED) from None
+
+
+def inside(path: str | Path, root: str | Path, where: str, what: str) -> Path:
+    """``path`` resolved, refused unless it lies under ``root`` (resolved)."""
+    p, r = Path(path).resolve(), Path(root).resolve()
+    if p != r and not p.is_relative_to(r):
+        raise InputError(where, f"{what} resolves to {p}, outside {r}", hint=ALTERED)
+    return p
+
+
+def extract_file(path: str | Path, name: str, dest: str | Path, root: str | Path | None = None) -> Path:
+    """Decompress one member to ``dest`` (which must lie inside ``root`` when given)."""
     dest = Path(dest)
+    if root is not None:
+        inside(dest, root, str(path), f"member {name}'s destination")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest, "wb") as out:
         for chunk in member_chunks(path, name):
@@ -423,17 +647,74 @@ def extract_file(path: str | Path, name: str, dest: str | Path) -> Path:
     return dest
 
 
+def _check_entry(info: tarfile.TarInfo, root: str, where: str, member: str) -> None:
+    """Refuse a nested tar entry that is not a plain path inside ``root`` (before tarfile's own filter)."""
+    name = info.name
+    shown = repr(name)[1:-1]
+
+    def refuse(why: str) -> InputError:
+        return InputError(where, f"member {member} holds entry {shown} {why}", hint=ALTERED)
+
+    if not name or "\0" in name:
+        raise refuse("with an empty or NUL name")
+    if name.startswith("/") or os.path.isabs(name):
+        raise refuse("with an absolute name")
+    if ".." in name.split("/"):
+        raise refuse("that climbs out with ..")
+    if not (info.isreg() or info.isdir() or info.issym() or info.islnk()):
+        raise refuse(f"that is {_kind(info)}")
+    if info.issym() or info.islnk():
+        link = info.linkname
+        if not link or "\0" in link or os.path.isabs(link):
+            raise refuse(f"linking to {link!r}, outside its directory")
+        base = os.path.dirname(name) if info.issym() else ""
+        target = os.path.normpath(os.path.join(root, base, link))
+        if target != root and not target.startswith(root + os.sep):
+            raise refuse(f"linking to {link!r}, outside its directory")
+
+
 def extract_tree(path: str | Path, name: str, dest: str | Path) -> Path:
-    """Unpack a tar member (bundle, sources) into ``dest`` with the safe ``data`` filter."""
+    """Unpack a tar member (bundle, sources) into ``dest``: every entry checked to stay inside,
+    then tarfile's ``data`` filter, then every extracted path resolved under ``dest``."""
+    where = str(path)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    root = str(dest.resolve())
     with tempfile.TemporaryFile() as spool:
         for chunk in member_chunks(path, name):
             spool.write(chunk)
         spool.seek(0)
-        with tarfile.open(fileobj=spool, mode="r:") as tf:
-            tf.extractall(dest, filter="data")
+        try:
+            with tarfile.open(fileobj=spool, mode="r:") as tf:
+                entries = tf.getmembers()
+                for info in entries:
+                    _check_entry(info, root, where, name)
+                tf.extractall(dest, members=entries, filter="data")
+        except tarfile.FilterError as exc:
+            bad = exc.tarinfo.name if getattr(exc, "tarinfo", None) is not None else "?"
+            raise InputError(where, f"member {name} holds entry {bad!r} that tarfile's data filter refuses ({_short(exc)})",
+                             hint=ALTERED) from None
+        except (tarfile.TarError, EOFError, ValueError, UnicodeError) as exc:
+            raise InputError(where, f"member {name} is not a readable tar ({_short(exc)})", hint=ALTERED) from None
+    for top, dirs, files in os.walk(dest):
+        for entry in dirs + files:
+            p = os.path.join(top, entry)
+            real = os.path.realpath(p)
+            if real != root and not real.startswith(root + os.sep):
+                raise InputError(where, f"member {name} holds {os.path.relpath(p, dest)}, which resolves outside "
+                                        f"its directory", hint=ALTERED)
     return dest
+
+
+def extract_bundle(path: str | Path, manifest: dict[str, Any], dest: str | Path) -> Path:
+    """Unpack the archived optuna_best directory under ``dest``; returns its (real) directory."""
+    where = str(path)
+    name = plain_name(manifest["bundle"]["name"], where, "bundle.name")
+    root = extract_tree(path, BUNDLE, dest)
+    bundle = root / name
+    if bundle.is_symlink() or not bundle.is_dir():
+        raise InputError(where, f"member {BUNDLE} holds no directory {name} (the manifest's bundle.name)", hint=ALTERED)
+    return inside(bundle, root, where, f"member {BUNDLE}'s {name}")
 
 
 def tar_bytes_files(data: bytes) -> dict[str, bytes]:

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -238,3 +239,78 @@ def test_no_data_snapshot_reruns_with_the_checked_data(snapped, wheelhouse_root,
     assert p.returncode == 0, p.stdout + p.stderr
     rerun = json.loads((tmp_path / "o3" / f"{CELL}@rerun" / "record.json").read_text())
     assert rerun["weights_sha256"] == snapped["record"]["weights_sha256"]
+
+
+# ----------------------------------------------------------------------------- hostile snapshots
+
+
+def _reseal(src: Path, dst: Path, edit) -> Path:
+    """A forger's copy: the manifest edited and its own digest recomputed (self-consistent)."""
+    shutil.copyfile(src, dst)
+    with tarfile.open(dst, "r:") as tf:
+        info = tf.next()
+        off, size = info.offset_data, info.size
+        manifest = json.loads(tf.extractfile(info).read())
+    edit(manifest)
+    manifest["manifest_sha256"] = snap.manifest_digest(manifest)
+    text = json.dumps(manifest).encode()
+    with open(dst, "r+b") as f:
+        f.seek(off)
+        f.write(text + b" " * (size - len(text)))
+    return dst
+
+
+def _containers(docker_client) -> set[str]:
+    return {c.id for c in docker_client.containers.list(all=True)}
+
+
+def test_rerun_refuses_a_data_file_that_leaves_its_directory(snapped, docker_client) -> None:
+    root = snapped["root"]
+    # rerun unpacks into $TMPDIR/harness-rerun-*/data: "../../escaped" pointed at $TMPDIR/escaped
+    escaped = Path(tempfile.gettempdir()) / "escaped"
+    escaped.unlink(missing_ok=True)
+    bad = _reseal(snapped["archive"], root / "escape-data.harness.tar", lambda m: m["data"].update(file="../../escaped"))
+    before = _containers(docker_client)
+    p = harness("rerun", str(bad), "--out", str(root / "escape-data.out"), "--no-progress")
+    assert p.returncode == 2, p.stdout + p.stderr
+    line = error_line(p)
+    assert "manifest.json" in line and "data.file" in line and "../../escaped" in line, line
+    assert not escaped.exists()
+    assert not (root / "escape-data.out").exists() and _containers(docker_client) == before
+
+
+def test_rerun_refuses_a_bundle_name_that_is_a_host_directory(snapped, docker_client, tmp_path: Path) -> None:
+    host = tmp_path / "host-bundle"
+    host.mkdir()
+    (host / "target_scaler.joblib").write_bytes(b"a pickle that must never be loaded")
+    bad = _reseal(snapped["archive"], tmp_path / "escape-bundle.harness.tar", lambda m: m["bundle"].update(name=str(host)))
+    before = _containers(docker_client)
+    p = harness("rerun", str(bad), "--out", str(tmp_path / "o"), "--no-progress")
+    assert p.returncode == 2, p.stdout + p.stderr
+    line = error_line(p)
+    assert "manifest.json" in line and "bundle.name" in line and str(host) in line, line
+    assert not (tmp_path / "o").exists() and _containers(docker_client) == before
+
+
+def test_signed_snapshot_verifies_and_a_forged_one_does_not(snapped, wheelhouse_root, base_image, tmp_path: Path) -> None:
+    if shutil.which("ssh-keygen") is None:
+        pytest.fail("ssh-keygen (openssh-client) is needed for snapshot signatures")
+    key = tmp_path / "key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ci@harness", "-f", str(key)], check=True)
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(f"ci@harness {(tmp_path / 'key.pub').read_text()}")
+    archive = tmp_path / "signed.harness.tar"
+    p = harness("snapshot", str(snapped["root"] / "examples" / "optuna_best"), "--cell", CELL, "-o", str(archive),
+                "--results", str(snapped["root"] / "out"), "--sign", str(key), "--wheelhouse", str(wheelhouse_root),
+                "--base-image", base_image, "--no-progress")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "signed with" in p.stdout
+    p = harness("snapshot", "verify", str(archive), "--allowed-signers", str(allowed))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "signature: good, signed by ci@harness" in p.stdout
+    forged = _reseal(archive, tmp_path / "forged.harness.tar", lambda m: m["record"].update(weights_sha256="0" * 64))
+    assert harness("snapshot", "verify", str(forged)).returncode == 0  # self-consistent without the key check
+    p = harness("rerun", str(forged), "--allowed-signers", str(allowed), "--out", str(tmp_path / "o"), "--no-progress")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "manifest.sig does not verify" in error_line(p)
+    assert not (tmp_path / "o").exists()

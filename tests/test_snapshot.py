@@ -16,6 +16,10 @@ from harness.cli.snapshot import lock_entries
 from harness.errors import InputError
 
 
+BUNDLE_AND_DATA = {"bundle": {"name": "optuna_best"},
+                   "data": {"file": "data.bin", "sha256": "0" * 64, "included": True}}
+
+
 def write_archive(path: Path, tmp: Path, manifest_extra: dict | None = None) -> Path:
     tree = tmp / "tree" / "optuna_best"
     tree.mkdir(parents=True, exist_ok=True)
@@ -27,7 +31,8 @@ def write_archive(path: Path, tmp: Path, manifest_extra: dict | None = None) -> 
         w.add_tree(snap.BUNDLE, tree, "optuna_best")
         w.add_file(snap.DATA, data)
         w.add_chunks(snap.IMAGE, (bytes([i % 251]) * 70_000 for i in range(40)))
-        w.finish({"cell": "c", "image": {"id": "sha256:" + "0" * 64, "tag": "t"}, **(manifest_extra or {})})
+        w.finish({"cell": "c", "image": {"id": "sha256:" + "0" * 64, "tag": "t"}, **BUNDLE_AND_DATA,
+                  **(manifest_extra or {})})
     return path
 
 
@@ -130,7 +135,7 @@ def test_extra_member_is_refused(archive: Path) -> None:
 def one_member_archive(path: Path) -> Path:
     with snap.SnapshotWriter(path) as w:
         w.add_bytes(snap.RECORD, b"{}")
-        w.finish({"cell": "c"})
+        w.finish({"cell": "c", "image": {"id": "sha256:" + "0" * 64}, **BUNDLE_AND_DATA})
     return path
 
 

@@ -2,10 +2,10 @@
 
 Wired into the main CLI by ``harness.cli`` through :func:`register`::
 
-    harness snapshot OPTUNA_BEST --cell CELL -o FILE [--results DIR] [--no-data]
-    harness snapshot verify FILE
-    harness snapshot rebuild FILE --wheelhouse DIR [--base-image IMAGE]
-    harness rerun FILE [--out DIR] [--json F] [--markdown F] [--tol ...] [--data FILE]
+    harness snapshot OPTUNA_BEST --cell CELL -o FILE [--results DIR] [--no-data] [--sign KEY]
+    harness snapshot verify FILE [--allowed-signers FILE [--identity PRINCIPAL]]
+    harness snapshot rebuild FILE --wheelhouse DIR [--base-image IMAGE] [--allowed-signers FILE]
+    harness rerun FILE [--out DIR] [--json F] [--markdown F] [--tol ...] [--data FILE] [--allowed-signers FILE]
 
 Each command reads as its steps; the container format lives in :mod:`harness.snapshot`.
 Handlers return an exit code and raise :class:`~harness.errors.HarnessError`.
@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .. import signing
 from .. import snapshot as snap
 from ..errors import EXIT_OK, EXIT_RUN_FAILED, InputError, RunFailed, UsageError
 from ..record import ResultRecord
@@ -56,6 +57,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", help="results directory of the run made now (default: harness-results/<bundle>-<time>)")
     p.add_argument("--keep", action="store_true", help="rebuild: keep the rebuilt image in the engine")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--sign", metavar="KEY", help="sign the manifest with this SSH key (ssh-keygen -Y sign, "
+                                                 f"namespace {signing.NAMESPACE})")
+    _signature_options(p)
     add_docker(p)
     p.set_defaults(func=cmd_snapshot)
 
@@ -69,10 +73,41 @@ def register(subparsers: Any) -> None:
     r.add_argument("--tolerances", metavar="FILE")
     r.add_argument("--gpus", default="all", help="GPUs to request when the archived run used CUDA: all, none, or ids")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _signature_options(r)
     r.set_defaults(func=cmd_rerun)
 
 
+def _signature_options(p: Any) -> None:
+    p.add_argument("--allowed-signers", metavar="FILE",
+                   help="verify/rebuild/rerun: require a signature by a key in this OpenSSH allowed_signers file")
+    p.add_argument("--identity", metavar="PRINCIPAL",
+                   help="with --allowed-signers: require this principal (default: the one the file lists for the signing key)")
+
+
+def _check_signature_flags(args: argparse.Namespace, writing: bool) -> None:
+    if writing and getattr(args, "allowed_signers", None):
+        raise UsageError("--allowed-signers is for verify, rebuild and rerun; sign a new snapshot with --sign KEY")
+    if not writing and getattr(args, "sign", None):
+        raise UsageError("--sign is for writing a snapshot (harness snapshot OPTUNA_BEST --cell C -o F --sign KEY)")
+    if args.identity and not args.allowed_signers:
+        raise UsageError("--identity needs --allowed-signers FILE (the keys trusted to sign)")
+    if args.allowed_signers and not Path(args.allowed_signers).is_file():
+        raise InputError(args.allowed_signers, "not found", hint="pass an OpenSSH allowed_signers file")
+
+
+def _signature(args: argparse.Namespace, v: snap.Verified) -> str:
+    """Check the signature when --allowed-signers asks for it; the line that says what was found."""
+    if args.allowed_signers:
+        principal, good = snap.check_signature(v, args.allowed_signers, args.identity)
+        key = good.split(" with ", 1)[1] if " with " in good else ""
+        return f"signature: good, signed by {principal}" + (f" with {key}" if key else "")
+    if v.signature is None:
+        return "signature: unsigned"
+    return "signature: present, not checked (pass --allowed-signers FILE)"
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    _check_signature_flags(args, writing=not (args.target in ACTIONS and args.archive))
     if args.target in ACTIONS and args.archive:
         return {"verify": cmd_verify, "rebuild": cmd_rebuild}[args.target](args)
     if args.target in ACTIONS and not Path(args.target).is_dir():
@@ -147,6 +182,10 @@ def cmd_create(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.is_dir():
         raise InputError(str(output), "is a directory", hint="pass a file name, e.g. run.harness.tar")
+    if args.sign:  # before the run: a missing key or tool is found in a second, not after the training
+        if not Path(args.sign).is_file():
+            raise InputError(args.sign, "not found", hint="pass an SSH private key, e.g. ~/.ssh/id_ed25519")
+        signing.require_tool()
     from .. import runner
     from ..options import RunOptions
     from ..plan import make_plan
@@ -219,12 +258,13 @@ def cmd_create(args: argparse.Namespace) -> int:
             if not args.no_data:
                 w.add_file(snap.DATA, data_path)
             w.add_chunks(snap.IMAGE, engine.save(image_id, tag))
-            w.finish(manifest)
+            w.finish(manifest, sign=(lambda message: signing.sign(message, args.sign)) if args.sign else None)
     except Exception as exc:  # the writer removed its partial file; say what failed in one line
         raise snap.snapshot_error(exc) from exc
     size = output.stat().st_size
     _console().print(f"snapshot {output}: {snap.human(size)}, {len(w.members) + 1} members, cell {args.cell}, "
-                         f"image {image_id[:19]} ({tag}), written in {time.perf_counter() - t0:.1f}s")
+                     f"image {image_id[:19]} ({tag}), written in {time.perf_counter() - t0:.1f}s"
+                     + (f", signed with {args.sign}" if args.sign else ", unsigned"))
     return EXIT_OK
 
 
@@ -238,6 +278,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from ..report import console as _console
 
     v = snap.verify(args.archive)
+    signature = _signature(args, v)
     m = v.manifest
     out = _console()
     table = Table(box=box.SIMPLE_HEAD, title=f"{args.archive}: OK", title_justify="left")
@@ -251,6 +292,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     out.print(f"cell {m.get('cell')}, image {m['image']['id']} ({m['image'].get('tag')})")
     out.print(f"created {m.get('created')} by harness {m.get('harness_version')}; data "
               + ("included" if data.get("included") else f"not included (sha256 {str(data.get('sha256'))[:12]}…)"))
+    out.print(signature)
     return EXIT_OK
 
 
@@ -262,7 +304,8 @@ def _data_for(args: argparse.Namespace, v: snap.Verified, tmp: Path) -> Path:
     if data.get("included"):
         if args.data:
             raise UsageError("--data is only for snapshots made with --no-data; this one holds its data file")
-        return snap.extract_file(v.path, snap.DATA, tmp / "data" / data["file"])
+        name = snap.plain_name(data["file"], str(v.path), "data.file")
+        return snap.extract_file(v.path, snap.DATA, tmp / "data" / name, root=tmp / "data")
     if not args.data:
         raise UsageError(f"this snapshot holds no data file (made with --no-data); pass --data FILE "
                          f"(the original was {data.get('path')}, sha256 {data.get('sha256')})")
@@ -287,11 +330,13 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     from ..record import ImageInfo, ResultRecord
 
     tol = tolerances(args)
+    _check_signature_flags(args, writing=False)
     v = snap.verify(args.archive)
+    signature = _signature(args, v)  # a bad signature stops here, before anything is loaded or run
     m = v.manifest
-    _say(f"{args.archive}: {len(v.members) + 1} members verified in {v.seconds:.1f}s")
+    _say(f"{args.archive}: {len(v.members) + 1} members verified in {v.seconds:.1f}s; {signature}")
     # The archived record is read first: a snapshot of another record schema is refused before any load.
-    archived = ResultRecord.from_json(json.loads(snap.read_member(v.path, snap.RECORD)), f"{args.archive}: {snap.RECORD}")
+    archived = ResultRecord.from_json(snap.read_json_member(v.path, snap.RECORD), f"{args.archive}: {snap.RECORD}")
     tmp = Path(tempfile.mkdtemp(prefix="harness-rerun-"))
     try:
         data_path = _data_for(args, v, tmp)
@@ -299,7 +344,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         loaded = snap.load_image(engine, v.path, m, _say)
         if loaded["loaded"]:
             _say(f"image {m['image']['id'][:19]} loaded in {loaded['seconds']:.1f}s")
-        bundle_dir = snap.extract_tree(v.path, snap.BUNDLE, tmp / "bundle") / m["bundle"]["name"]
+        bundle_dir = snap.extract_bundle(v.path, m, tmp / "bundle")
         load_bundle(bundle_dir, data_override=str(data_path))  # the archived bundle still validates here
         cell_name = m["cell"]
         archived.cell = f"{cell_name}@archived"
@@ -368,22 +413,48 @@ def _wheelhouse_for(args: argparse.Namespace, cell: Any) -> Path:
     return dirs[cell.name]
 
 
+def _archived_cell(v: snap.Verified) -> Any:
+    """The manifest's ``cell_spec`` as a matrix cell; anything else is one InputError."""
+    from ..images.matrix import ImageCell
+
+    spec = v.manifest.get("cell_spec")
+    if not isinstance(spec, dict):
+        raise InputError(str(v.path), f"{snap.MANIFEST}: key cell_spec is missing", hint="a rebuild needs the archived cell")
+    spec = dict(spec)
+    arch = spec.get("arch") or ()
+    spec["arch"] = tuple(arch) if isinstance(arch, (list, tuple)) else arch
+    try:
+        cell = ImageCell(**spec)
+    except (TypeError, ValueError) as exc:
+        raise InputError(str(v.path), f"{snap.MANIFEST}: key cell_spec is not a matrix cell ({snap._short(exc)})",
+                         hint=snap.ALTERED) from None
+    if not isinstance(cell.name, str) or not snap.CELL_NAME.match(cell.name):
+        raise InputError(str(v.path), f"{snap.MANIFEST}: key cell_spec.name is not a matrix cell name ({cell.name!r})",
+                         hint=snap.ALTERED)
+    return cell
+
+
 def cmd_rebuild(args: argparse.Namespace) -> int:
     """Rebuild the archived image offline from its recipe and compare the installed packages."""
     from ..docker_engine import Engine
     from ..errors import BaseImageMissing
     from ..images import build as imagebuild
-    from ..images.matrix import ImageCell
 
     t0 = time.perf_counter()
     v = snap.verify(args.archive)
+    _say(_signature(args, v))
     m = v.manifest
-    spec = dict(m["cell_spec"])
-    spec["arch"] = tuple(spec.get("arch") or ())
-    cell = ImageCell(**spec)
+    cell = _archived_cell(v)
     dockerfile = snap.read_member(v.path, snap.DOCKERFILE)
-    lock = snap.read_member(v.path, snap.LOCK).decode()
-    buildargs = json.loads(snap.read_member(v.path, snap.BUILDARGS))
+    try:
+        lock = snap.read_member(v.path, snap.LOCK).decode()
+    except UnicodeDecodeError:
+        raise InputError(args.archive, f"member {snap.LOCK} is not text", hint=snap.ALTERED) from None
+    buildargs = snap.read_json_member(v.path, snap.BUILDARGS)
+    if not isinstance(buildargs, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in buildargs.items()) \
+            or "BASE_IMAGE" not in buildargs:
+        raise InputError(args.archive, f"member {snap.BUILDARGS} is not an object of strings with BASE_IMAGE",
+                         hint=snap.ALTERED)
     overrides = image_options(args).base_images
     base = overrides.get(cell.name) or overrides.get("*")
     if base:
