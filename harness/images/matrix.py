@@ -241,14 +241,12 @@ def _compat_floor_of(cuda: str | None, cinfo: dict[str, Any]) -> str | None:
 
 
 def _read_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InputError(str(path), "file not found", hint="pass an existing file (--matrix)") from None
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        at = f" at line {line + 1}" if line is not None else ""
-        raise InputError(str(path), f"not valid YAML{at}", hint="fix the syntax") from None
+    """Safe-load a matrix, compat or site file: aliases refused, size and depth bounded (as bundle files)."""
+    from ..bundle import load_yaml
+
+    if not path.exists():
+        raise InputError(str(path), "file not found", hint="pass an existing file (--matrix)")
+    return load_yaml(path, str(path))
 
 
 def load_matrix(matrix_path: str | Path | None = None, compat_path: str | Path | None = None) -> list[ImageCell]:
