@@ -82,7 +82,7 @@ def _take(cls: type, data: Mapping[str, Any], where: str, *, extra_field: str | 
 
 
 def _jsonable(value: Any) -> Any:
-    """Plain JSON data: enums by value, dataclasses as dicts; NaN and infinities stay floats."""
+    """Plain JSON data: enums by value, dataclasses as dicts (non-finite floats kept; see :func:`strict`)."""
     if isinstance(value, enum.Enum):
         return value.value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -91,13 +91,25 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
+    return value
+
+
+def strict(value: Any, path: str = "", found: list[str] | None = None) -> Any:
+    """``value`` with every NaN or infinity replaced by None; their dotted paths are appended to ``found``."""
     if isinstance(value, float) and not math.isfinite(value):
-        return value
+        if found is not None:
+            found.append(path)
+        return None
+    if isinstance(value, dict):
+        return {k: strict(v, f"{path}.{k}" if path else str(k), found) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strict(v, f"{path}.{i}" if path else str(i), found) for i, v in enumerate(value)]
     return value
 
 
 def dumps(data: Any) -> str:
-    return json.dumps(_jsonable(data), indent=2, sort_keys=True, allow_nan=True) + "\n"
+    """Strict JSON: non-finite floats become null (records also list where, in ``nonfinite``)."""
+    return json.dumps(strict(_jsonable(data)), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -282,6 +294,7 @@ class ResultRecord:
     wall_s: float | None = None  # the worker's own wall time
     train_s: float | None = None
     launcher_wall_s: float | None = None  # as the launcher saw it (start-up included)
+    nonfinite: list[str] = field(default_factory=list)  # dotted paths of values that were NaN/inf (written as null)
     schema: str = SCHEMA
 
     # ---- construction
@@ -296,8 +309,12 @@ class ResultRecord:
     # ---- (de)serialisation
 
     def to_dict(self) -> dict[str, Any]:
+        """Strict JSON data: NaN and infinities are None, and ``nonfinite`` names where they were."""
         d = _jsonable(self)
         d["env"] = _jsonable(self.env.to_dict())
+        found: list[str] = []
+        d = strict(d, "", found)
+        d["nonfinite"] = sorted(set(d.get("nonfinite") or []) | set(found))
         return d
 
     def to_json(self) -> str:

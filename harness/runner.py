@@ -158,7 +158,7 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
     """Judge, print, and write the reports (``report.json`` in the results directory, --json, --markdown)."""
     from .report import console, json_report, markdown, print_report
 
-    comparison = compare(records, tol, missing)
+    comparison = compare(records, tol, missing, allow_data_change=report_opts.allow_data_change)
     print_report(console(), records, comparison)
     report = record.dumps(json_report(records, comparison))
     if results is not None:
