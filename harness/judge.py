@@ -372,4 +372,4 @@ def merge(sets: Iterable[RecordSet]) -> RecordSet:
                 seen[name] = 0
             out.append(rec)
         missing.extend(rs.missing)
-    return RecordSet(out, missing, ", ".join(rs.source for rs in sets))
+    return RecordSet(out, missing, ", ".join(rs.source for rs in sets), [w for rs in sets for w in rs.warnings])

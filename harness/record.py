@@ -402,8 +402,8 @@ def read(path: str | Path) -> ResultRecord:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(str(p), "not found") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(str(p), f"cannot be read as JSON ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise InputError(str(p), f"cannot be read as JSON ({exc.__class__.__name__}: {exc})") from None
     return ResultRecord.from_json(data, str(p))
 
 
@@ -417,8 +417,8 @@ def read_manifest(results_dir: str | Path) -> RunManifest | None:
         return None
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(str(p), f"cannot be read as JSON ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise InputError(str(p), f"cannot be read as JSON ({exc.__class__.__name__}: {exc})") from None
     return RunManifest.from_json(data, str(p))
 
 
@@ -429,6 +429,7 @@ class RecordSet:
     records: list[ResultRecord]
     missing: list[str] = field(default_factory=list)
     source: str = ""
+    warnings: list[str] = field(default_factory=list)  # e.g. records of another run that were left out
 
 
 def _ordered(records: list[ResultRecord], manifest: RunManifest | None) -> tuple[list[ResultRecord], list[str]]:
@@ -453,14 +454,25 @@ def load(path: str | Path) -> RecordSet:
         manifest = read_manifest(p)
         if not files and manifest is None:
             raise InputError(str(p), "holds no record.json files", hint="point at a results directory written by harness")
-        records, missing = _ordered([read(f) for f in files], manifest)
-        return RecordSet(records, missing, str(p))
+        found = [read(f) for f in files]
+        warnings: list[str] = []
+        if manifest is not None:
+            # Only the records of the run that run.json describes: another run's (a --resume
+            # into this directory, or an older harness) are not this run's results.
+            other = [r for r in found if r.run_id is not None and r.run_id != manifest.run_id]
+            if other:
+                found = [r for r in found if r not in other]
+                runs = ", ".join(sorted({str(r.run_id) for r in other}))
+                warnings.append(f"{p}: ignored {len(other)} record(s) of another run ({runs}), not run "
+                                f"{manifest.run_id} of run.json: {', '.join(r.cell for r in other)}")
+        records, missing = _ordered(found, manifest)
+        return RecordSet(records, missing, str(p), warnings)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(str(p), "not found") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(str(p), f"cannot be read as JSON ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise InputError(str(p), f"cannot be read as JSON ({exc.__class__.__name__}: {exc})") from None
     if isinstance(data, dict) and isinstance(data.get("records"), list):
         _refuse_schema(data, REPORT_SCHEMA, str(p), "harness report")
         records = [ResultRecord.from_json(r, f"{p}: records[{i}]") for i, r in enumerate(data["records"])]

@@ -119,6 +119,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..runner import render
 
     merged = merge(load_many(args.paths))
+    for w in merged.warnings:
+        print(f"harness: warning: {w}", file=sys.stderr)
     return verdict_exit(render(merged.records, merged.missing, tolerances(args), None, report_options(args)))
 
 
