@@ -217,8 +217,9 @@ def parse_yaml_text(text: str, label: str) -> Any:
     if len(text.encode("utf-8", "surrogatepass")) > MAX_YAML_BYTES:
         raise InputError(label, f"is over 1 MB ({len(text.encode('utf-8', 'surrogatepass'))} bytes)",
                          hint="bundle and setting files are small; trim it")
-    loader = BoundedLoader(text)
+    loader = None
     try:
+        loader = BoundedLoader(text)  # the reader refuses control characters here already
         return loader.get_single_data()
     except _Refused as exc:
         hint = ("aliases are refused in bundle files, write the value out" if "alias" in exc.message
@@ -232,7 +233,8 @@ def parse_yaml_text(text: str, label: str) -> Any:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise InputError(label, f"is not valid YAML{where}: {problem}", hint="fix the syntax") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load_yaml(path: Path, label: str | None = None) -> Any:

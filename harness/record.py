@@ -74,11 +74,46 @@ def _take(cls: type, data: Mapping[str, Any], where: str, *, extra_field: str | 
         raise InputError(where, f"has unknown key(s) {', '.join(sorted(unknown))} for {cls.__name__}",
                          hint="it was written by another harness version")
     out = {k: v for k, v in data.items() if k in names and k != extra_field}
+    types = {f.name: str(f.type) for f in fields(cls)}
+    required = [f.name for f in fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and f.name not in out]
+    if required:
+        raise InputError(where, f"{cls.__name__} lacks {', '.join(repr(n) for n in required)}",
+                         hint="it was written by another harness version, or edited")
+    for k, v in out.items():
+        _check_type(k, v, types[k], where)
     if extra_field is not None:
-        extra = dict(data.get(extra_field) or {})
+        extra_in = data.get(extra_field) or {}
+        if not isinstance(extra_in, Mapping):
+            raise InputError(where, f"{extra_field} must be an object, got {type(extra_in).__name__}")
+        extra = dict(extra_in)
         extra.update({k: data[k] for k in unknown})
         out[extra_field] = extra
     return out
+
+
+_SIMPLE_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def _check_type(key: str, value: Any, annotation: str, where: str) -> None:
+    """Refuse a value whose JSON type does not fit the field's annotation (one line, exit 2)."""
+    optional = annotation.endswith(" | None")
+    base = annotation[: -len(" | None")] if optional else annotation
+    if value is None:
+        if optional or base not in _SIMPLE_TYPES and not base.startswith(("dict", "list")):
+            return
+        raise InputError(where, f"{key} must not be null")
+    if base.startswith("dict"):
+        ok = isinstance(value, Mapping)
+    elif base.startswith("list"):
+        ok = isinstance(value, list)
+    elif base in _SIMPLE_TYPES:
+        ok = isinstance(value, _SIMPLE_TYPES[base]) and (base == "bool" or not isinstance(value, bool))
+    else:
+        return  # nested documents (ErrorInfo, Env, ImageInfo, Status) are checked by their own readers
+    if not ok:
+        raise InputError(where, f"{key} must be {'an object' if base.startswith('dict') else 'a list' if base.startswith('list') else 'a ' + base}"
+                                f"{' or null' if optional else ''}, got {type(value).__name__}")
 
 
 def _jsonable(value: Any) -> Any:
@@ -349,11 +384,13 @@ class ResultRecord:
 
     @property
     def retrained(self) -> dict[str, Any]:
-        return (self.metrics or {}).get("retrained") or {}
+        value = (self.metrics or {}).get("retrained")
+        return value if isinstance(value, Mapping) else {}
 
     @property
     def archived(self) -> dict[str, Any] | None:
-        return (self.metrics or {}).get("archived")
+        value = (self.metrics or {}).get("archived")
+        return value if isinstance(value, Mapping) else None
 
 
 # --------------------------------------------------------------------------- what one invocation planned

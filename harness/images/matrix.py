@@ -100,6 +100,8 @@ def parse_compat(data: Any, where: str = "images/compat.yaml") -> Compat:
             raise InputError(where, f"torch.{ver}: needs a `python` list")
         for var, vinfo in info["variants"].items():
             vinfo = vinfo or {}
+            if not isinstance(vinfo, dict):
+                raise InputError(where, f"torch.{ver}.variants.{var}: must be a mapping like {{cuda: \"12.4\", arch: [...]}}")
             if var != "cpu" and str(vinfo.get("cuda")) not in cuda:
                 raise InputError(where, f"torch.{ver}.variants.{var}: cuda {vinfo.get('cuda')!r} is not under `cuda:`")
     return Compat(cuda={str(k): v for k, v in cuda.items()}, torch={str(k): v for k, v in torch.items()})
@@ -202,13 +204,15 @@ def resolve_cell(name: str, spec: dict[str, Any], compat: Compat, defaults: dict
     )
     if not base:
         raise InputError(here, "no base_image and compat.yaml has none for this CUDA", hint="set base_image")
+    if not isinstance(base, str):
+        raise InputError(here, f"base_image must be an image name, got {type(base).__name__}", hint="e.g. python:{python}-slim")
     return ImageCell(
         name=name,
         torch=full["torch"],
         variant=variant,
         cuda=cuda,
         python=full["python"],
-        base_image=str(base).format(python=full["python"]),
+        base_image=base.replace("{python}", full["python"]),  # the one placeholder; no str.format on file text
         source=full["source"],
         index_url=f"{TORCH_INDEX}/{variant}",
         min_driver=str(cinfo["min_driver"]) if cuda else None,
