@@ -178,22 +178,78 @@ class _Reader:
         raise AssertionError(kind)
 
 
-def load_yaml(path: Path, label: str | None = None) -> Any:
-    """``yaml.safe_load`` a file, turning every failure into an InputError."""
-    label = label or path.name
+MAX_YAML_BYTES = 1 << 20  # bundle, tolerance, matrix and site files are small; anything bigger is refused
+MAX_YAML_DEPTH = 32
+
+
+class _Refused(Exception):
+    def __init__(self, line: int, message: str) -> None:
+        self.line = line
+        self.message = message
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases and nesting deeper than :data:`MAX_YAML_DEPTH`.
+
+    Aliases are what make a 1 KB file expand into gigabytes (billion laughs); no
+    bundle file needs them. The depth is checked while composing, so a deeply
+    nested file is refused before Python's recursion limit is reached.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(event.start_mark.line + 1, f"uses a YAML alias (*{event.anchor})")
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                event = self.peek_event()
+                raise _Refused(event.start_mark.line + 1, f"is nested deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def parse_yaml_text(text: str, label: str) -> Any:
+    """Safe-load YAML text with aliases refused and size and depth bounded; every failure is an InputError."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_YAML_BYTES:
+        raise InputError(label, f"is over 1 MB ({len(text.encode('utf-8', 'surrogatepass'))} bytes)",
+                         hint="bundle and setting files are small; trim it")
+    loader = None
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(str(path), "not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(str(path), f"cannot be read ({exc.__class__.__name__}: {exc})") from None
-    try:
-        return yaml.safe_load(text)
+        loader = BoundedLoader(text)  # the reader refuses control characters here already
+        return loader.get_single_data()
+    except _Refused as exc:
+        hint = ("aliases are refused in bundle files, write the value out" if "alias" in exc.message
+                else "flatten it")
+        raise InputError(label, f"line {exc.line} {exc.message}", hint=hint) from None
+    except RecursionError:
+        raise InputError(label, f"is nested deeper than {MAX_YAML_DEPTH} levels", hint="flatten it") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise InputError(label, f"is not valid YAML{where}: {problem}", hint="fix the syntax") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def load_yaml(path: Path, label: str | None = None) -> Any:
+    """Read a YAML file with :func:`parse_yaml_text`, turning every failure into an InputError."""
+    label = label or path.name
+    try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise InputError(label, f"is over 1 MB ({size} bytes)", hint="bundle and setting files are small; trim it")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(str(path), "not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(str(path), f"cannot be read ({exc.__class__.__name__}: {exc})") from None
+    return parse_yaml_text(text, label)
 
 
 # --------------------------------------------------------------------------- config.yaml

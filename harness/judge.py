@@ -32,6 +32,7 @@ class Verdict(str, enum.Enum):
     FAILED = "failed"  # did not produce metrics: build, container, trainer ...
     SKIPPED = "skipped"  # this host cannot run it; does not fail the run
     INCOMPLETE = "incomplete"  # interrupted, or planned and never recorded; never "reproduced"
+    NOT_COMPARABLE = "not comparable"  # trained on other data than the trial (digest mismatch)
 
     def __str__(self) -> str:
         return self.value
@@ -126,14 +127,24 @@ def flatten_split(metrics: Mapping[str, Any] | None, split: str = "val") -> dict
     if not metrics:
         return {}
     out: dict[str, float] = {}
-    if metrics.get("val_loss") is not None:
+    if _number(metrics.get("val_loss")):
         out["val_loss"] = float(metrics["val_loss"])
     per = metrics.get(split) or {}
+    if not isinstance(per, Mapping):
+        return out
     for fam in ("r2", "mse", "mae"):
-        for target, v in (per.get(fam) or {}).items():
-            if v is not None:
+        values = per.get(fam) or {}
+        if not isinstance(values, Mapping):
+            continue
+        for target, v in values.items():
+            if _number(v):
                 out[f"{fam}/{target}"] = float(v)
     return out
+
+
+def _number(v: Any) -> bool:
+    """A metric value that can be judged: a number that is not bool (None, text ... are missing)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def flatten_recorded(recorded: Mapping[str, Any] | None) -> dict[str, float]:
@@ -141,11 +152,15 @@ def flatten_recorded(recorded: Mapping[str, Any] | None) -> dict[str, float]:
     if not recorded:
         return {}
     out: dict[str, float] = {}
-    if recorded.get("value") is not None:
+    if _number(recorded.get("value")):
         out["val_loss"] = float(recorded["value"])
     for fam in ("r2", "mse", "mae"):
-        for target, v in (recorded.get(fam) or {}).items():
-            out[f"{fam}/{target}"] = float(v)
+        values = recorded.get(fam) or {}
+        if not isinstance(values, Mapping):
+            continue
+        for target, v in values.items():
+            if _number(v):  # a recorded null (written for NaN) is nothing to compare with
+                out[f"{fam}/{target}"] = float(v)
     return out
 
 
@@ -166,8 +181,8 @@ def diff(old: Mapping[str, float], new: Mapping[str, float], tol: Tolerances | N
     out: dict[str, MetricDiff] = {}
     for key, o in old.items():
         n = new.get(key)
-        if n is None:
-            out[key] = MetricDiff(o, None, None, None, False)
+        if n is None or not math.isfinite(n):  # missing, or NaN/inf: never within tolerance
+            out[key] = MetricDiff(o, n, None, None, False)
             continue
         d = n - o
         rel = (d / abs(o)) if o != 0.0 and math.isfinite(o) else None
@@ -247,6 +262,15 @@ def _not_run(rec: ResultRecord) -> CellJudgement:
     return CellJudgement(rec.cell, rec.status, verdict, message)
 
 
+def _not_comparable(judged: CellJudgement, rec: ResultRecord) -> CellJudgement:
+    """The cell trained on other data than the trial: its metrics say nothing about reproduction."""
+    wants = ", ".join(f"{source} {want[:12]}..." for source, want in sorted(rec.expected_data_sha256.items())
+                      if want != rec.data_sha256)
+    reason = (f"trained on other data than the trial: the data hashes to {(rec.data_sha256 or '')[:12]}..., "
+              f"the bundle records {wants}; pass --allow-data-change to judge it anyway")
+    return dataclasses.replace(judged, verdict=Verdict.NOT_COMPARABLE, reason=reason)
+
+
 def _judge_ok(rec: ResultRecord, first: ResultRecord | None, tol: Tolerances) -> CellJudgement:
     flat = flatten_split(rec.retrained, "val")
     recorded = rec.recorded
@@ -293,6 +317,10 @@ def _overall(cells: list[CellJudgement], missing: list[str]) -> tuple[Verdict, s
     incomplete = verdicts.count(Verdict.INCOMPLETE) + len(missing)
     if incomplete:
         return Verdict.INCOMPLETE, f"{incomplete} cell(s) interrupted or never recorded{skipped}"
+    if Verdict.NOT_COMPARABLE in verdicts:
+        return Verdict.NOT_COMPARABLE, (f"{verdicts.count(Verdict.NOT_COMPARABLE)} cell(s) trained on other data than "
+                                        f"the trial (data digest mismatch); pass --allow-data-change to judge "
+                                        f"them anyway{skipped}")
     if not ran:
         return Verdict.INCOMPLETE, (f"no cell ran: all {n_skip} were skipped on this host" if n_skip else "no cell ran")
     if Verdict.DRIFTED in verdicts:
@@ -302,15 +330,23 @@ def _overall(cells: list[CellJudgement], missing: list[str]) -> tuple[Verdict, s
     return Verdict.UNRECORDED, f"{len(ran)} cell(s) ran, nothing recorded to judge against{skipped}"
 
 
-def compare(records: list[ResultRecord], tol: Tolerances | None = None, missing: Iterable[str] = ()) -> Comparison:
+def compare(records: list[ResultRecord], tol: Tolerances | None = None, missing: Iterable[str] = (),
+            allow_data_change: bool = False) -> Comparison:
     """Judge every record against the recorded trial and against the first cell that ran.
 
     Skipped cells are ``skipped`` and do not fail the run; interrupted cells and
-    ``missing`` ones (planned, never recorded) make the run ``incomplete``.
+    ``missing`` ones (planned, never recorded) make the run ``incomplete``. A cell
+    whose data does not match the digest the bundle records is ``not comparable``
+    unless ``allow_data_change`` (then it is judged, and the mismatch is a warning).
     """
     tol = tol or Tolerances()
     first = next((r for r in records if r.ok), None)
-    cells = [(_judge_ok(r, first, tol) if r.ok else _not_run(r)) for r in records]
+    cells = []
+    for r in records:
+        judged = _judge_ok(r, first, tol) if r.ok else _not_run(r)
+        if r.ok and not allow_data_change and data_mismatches(r):
+            judged = _not_comparable(judged, r)
+        cells.append(judged)
     missing = [m for m in missing if m not in {r.cell for r in records}]
     overall, reason = _overall(cells, missing)
     warnings: dict[str, None] = {}
@@ -336,4 +372,4 @@ def merge(sets: Iterable[RecordSet]) -> RecordSet:
                 seen[name] = 0
             out.append(rec)
         missing.extend(rs.missing)
-    return RecordSet(out, missing, ", ".join(rs.source for rs in sets))
+    return RecordSet(out, missing, ", ".join(rs.source for rs in sets), [w for rs in sets for w in rs.warnings])

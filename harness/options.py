@@ -160,6 +160,7 @@ class RunOptions:
     out: str | None = None
     trace: bool = False
     progress: bool = True
+    resume: bool = False  # reuse a results directory that holds another run's records
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -173,3 +174,4 @@ class ReportOptions:
     json_out: str | None = None
     markdown: str | None = None
     tolerances: Any = None  # harness.judge.Tolerances
+    allow_data_change: bool = False  # judge cells whose data digest differs from the trial's (else "not comparable")

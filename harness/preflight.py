@@ -1,7 +1,9 @@
 """Everything that can be checked before any cell trains, in the CLI process.
 
 Nothing here executes content from the bundle: YAML is safe-loaded, the data
-is loaded with ``allow_pickle=False`` and weights with ``weights_only=True``.
+is never loaded here: its shapes are read from the ``.npy`` headers inside the
+``.npz`` (the worker loads the arrays, with ``allow_pickle=False``), and weights
+are loaded with ``weights_only=True``.
 The scaler (a pickle) is left to the worker, which loads it before training.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .bundle import Bundle
-from .worker.data import prepare, sha256_file
+from .worker.data import read_layout, sha256_file
 from .errors import InputError
 
 
@@ -38,7 +40,7 @@ class Preflight:
 
 
 def check(bundle: Bundle) -> Preflight:
-    data = prepare(bundle.data)
+    data = read_layout(bundle.data)
     digest = sha256_file(bundle.data.resolved)
     warnings = data_mismatches(bundle, digest)
     if bundle.recorded is None:

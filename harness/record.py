@@ -74,15 +74,50 @@ def _take(cls: type, data: Mapping[str, Any], where: str, *, extra_field: str | 
         raise InputError(where, f"has unknown key(s) {', '.join(sorted(unknown))} for {cls.__name__}",
                          hint="it was written by another harness version")
     out = {k: v for k, v in data.items() if k in names and k != extra_field}
+    types = {f.name: str(f.type) for f in fields(cls)}
+    required = [f.name for f in fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and f.name not in out]
+    if required:
+        raise InputError(where, f"{cls.__name__} lacks {', '.join(repr(n) for n in required)}",
+                         hint="it was written by another harness version, or edited")
+    for k, v in out.items():
+        _check_type(k, v, types[k], where)
     if extra_field is not None:
-        extra = dict(data.get(extra_field) or {})
+        extra_in = data.get(extra_field) or {}
+        if not isinstance(extra_in, Mapping):
+            raise InputError(where, f"{extra_field} must be an object, got {type(extra_in).__name__}")
+        extra = dict(extra_in)
         extra.update({k: data[k] for k in unknown})
         out[extra_field] = extra
     return out
 
 
+_SIMPLE_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def _check_type(key: str, value: Any, annotation: str, where: str) -> None:
+    """Refuse a value whose JSON type does not fit the field's annotation (one line, exit 2)."""
+    optional = annotation.endswith(" | None")
+    base = annotation[: -len(" | None")] if optional else annotation
+    if value is None:
+        if optional or base not in _SIMPLE_TYPES and not base.startswith(("dict", "list")):
+            return
+        raise InputError(where, f"{key} must not be null")
+    if base.startswith("dict"):
+        ok = isinstance(value, Mapping)
+    elif base.startswith("list"):
+        ok = isinstance(value, list)
+    elif base in _SIMPLE_TYPES:
+        ok = isinstance(value, _SIMPLE_TYPES[base]) and (base == "bool" or not isinstance(value, bool))
+    else:
+        return  # nested documents (ErrorInfo, Env, ImageInfo, Status) are checked by their own readers
+    if not ok:
+        raise InputError(where, f"{key} must be {'an object' if base.startswith('dict') else 'a list' if base.startswith('list') else 'a ' + base}"
+                                f"{' or null' if optional else ''}, got {type(value).__name__}")
+
+
 def _jsonable(value: Any) -> Any:
-    """Plain JSON data: enums by value, dataclasses as dicts; NaN and infinities stay floats."""
+    """Plain JSON data: enums by value, dataclasses as dicts (non-finite floats kept; see :func:`strict`)."""
     if isinstance(value, enum.Enum):
         return value.value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -91,13 +126,25 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
+    return value
+
+
+def strict(value: Any, path: str = "", found: list[str] | None = None) -> Any:
+    """``value`` with every NaN or infinity replaced by None; their dotted paths are appended to ``found``."""
     if isinstance(value, float) and not math.isfinite(value):
-        return value
+        if found is not None:
+            found.append(path)
+        return None
+    if isinstance(value, dict):
+        return {k: strict(v, f"{path}.{k}" if path else str(k), found) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strict(v, f"{path}.{i}" if path else str(i), found) for i, v in enumerate(value)]
     return value
 
 
 def dumps(data: Any) -> str:
-    return json.dumps(_jsonable(data), indent=2, sort_keys=True, allow_nan=True) + "\n"
+    """Strict JSON: non-finite floats become null (records also list where, in ``nonfinite``)."""
+    return json.dumps(strict(_jsonable(data)), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -282,6 +329,7 @@ class ResultRecord:
     wall_s: float | None = None  # the worker's own wall time
     train_s: float | None = None
     launcher_wall_s: float | None = None  # as the launcher saw it (start-up included)
+    nonfinite: list[str] = field(default_factory=list)  # dotted paths of values that were NaN/inf (written as null)
     schema: str = SCHEMA
 
     # ---- construction
@@ -296,8 +344,12 @@ class ResultRecord:
     # ---- (de)serialisation
 
     def to_dict(self) -> dict[str, Any]:
+        """Strict JSON data: NaN and infinities are None, and ``nonfinite`` names where they were."""
         d = _jsonable(self)
         d["env"] = _jsonable(self.env.to_dict())
+        found: list[str] = []
+        d = strict(d, "", found)
+        d["nonfinite"] = sorted(set(d.get("nonfinite") or []) | set(found))
         return d
 
     def to_json(self) -> str:
@@ -332,11 +384,13 @@ class ResultRecord:
 
     @property
     def retrained(self) -> dict[str, Any]:
-        return (self.metrics or {}).get("retrained") or {}
+        value = (self.metrics or {}).get("retrained")
+        return value if isinstance(value, Mapping) else {}
 
     @property
     def archived(self) -> dict[str, Any] | None:
-        return (self.metrics or {}).get("archived")
+        value = (self.metrics or {}).get("archived")
+        return value if isinstance(value, Mapping) else None
 
 
 # --------------------------------------------------------------------------- what one invocation planned
@@ -385,8 +439,8 @@ def read(path: str | Path) -> ResultRecord:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(str(p), "not found") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(str(p), f"cannot be read as JSON ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise InputError(str(p), f"cannot be read as JSON ({exc.__class__.__name__}: {exc})") from None
     return ResultRecord.from_json(data, str(p))
 
 
@@ -400,8 +454,8 @@ def read_manifest(results_dir: str | Path) -> RunManifest | None:
         return None
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(str(p), f"cannot be read as JSON ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise InputError(str(p), f"cannot be read as JSON ({exc.__class__.__name__}: {exc})") from None
     return RunManifest.from_json(data, str(p))
 
 
@@ -412,6 +466,7 @@ class RecordSet:
     records: list[ResultRecord]
     missing: list[str] = field(default_factory=list)
     source: str = ""
+    warnings: list[str] = field(default_factory=list)  # e.g. records of another run that were left out
 
 
 def _ordered(records: list[ResultRecord], manifest: RunManifest | None) -> tuple[list[ResultRecord], list[str]]:
@@ -436,14 +491,25 @@ def load(path: str | Path) -> RecordSet:
         manifest = read_manifest(p)
         if not files and manifest is None:
             raise InputError(str(p), "holds no record.json files", hint="point at a results directory written by harness")
-        records, missing = _ordered([read(f) for f in files], manifest)
-        return RecordSet(records, missing, str(p))
+        found = [read(f) for f in files]
+        warnings: list[str] = []
+        if manifest is not None:
+            # Only the records of the run that run.json describes: another run's (a --resume
+            # into this directory, or an older harness) are not this run's results.
+            other = [r for r in found if r.run_id is not None and r.run_id != manifest.run_id]
+            if other:
+                found = [r for r in found if r not in other]
+                runs = ", ".join(sorted({str(r.run_id) for r in other}))
+                warnings.append(f"{p}: ignored {len(other)} record(s) of another run ({runs}), not run "
+                                f"{manifest.run_id} of run.json: {', '.join(r.cell for r in other)}")
+        records, missing = _ordered(found, manifest)
+        return RecordSet(records, missing, str(p), warnings)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(str(p), "not found") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(str(p), f"cannot be read as JSON ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise InputError(str(p), f"cannot be read as JSON ({exc.__class__.__name__}: {exc})") from None
     if isinstance(data, dict) and isinstance(data.get("records"), list):
         _refuse_schema(data, REPORT_SCHEMA, str(p), "harness report")
         records = [ResultRecord.from_json(r, f"{p}: records[{i}]") for i, r in enumerate(data["records"])]

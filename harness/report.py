@@ -21,7 +21,8 @@ from .judge import Comparison, MetricDiff, Verdict, max_abs
 from .record import REPORT_SCHEMA, ResultRecord, Status, _jsonable
 
 VERDICT_STYLE = {Verdict.REPRODUCED: "bold green", Verdict.DRIFTED: "bold yellow", Verdict.FAILED: "bold red",
-                 Verdict.UNRECORDED: "cyan", Verdict.SKIPPED: "dim", Verdict.INCOMPLETE: "bold magenta"}
+                 Verdict.UNRECORDED: "cyan", Verdict.SKIPPED: "dim", Verdict.INCOMPLETE: "bold magenta",
+                 Verdict.NOT_COMPARABLE: "bold red"}
 
 
 def console(stderr: bool = False) -> Console:
@@ -226,6 +227,8 @@ def renderable(records: list[ResultRecord], comparison: Comparison, *, per_targe
             parts.append(Text(f"- {r['cell']} skipped: {r['reason']}", style="dim"))
         elif r["verdict"] == Verdict.INCOMPLETE.value:
             parts.append(Text(f"… {r['cell']} incomplete: {r['reason']}", style="magenta"))
+        elif r["verdict"] == Verdict.NOT_COMPARABLE.value:
+            parts.append(Text(f"✗ {r['cell']} not comparable: {r['reason']}", style="red"))
     for w in warnings(records, comparison):
         parts.append(Text(f"! {w}", style="bold red"))
     parts.append(summary_line(comparison))
@@ -253,7 +256,8 @@ def markdown(records: list[ResultRecord], comparison: Comparison) -> str:
     for r in data:
         lines.append("| " + " | ".join(_md_escape(r[k]) for k, _ in cols) + " |")
     notes = [f"- `{r['cell']}` {r['verdict']}: {_md_escape(r['reason'])}" for r in data
-             if r["verdict"] in (Verdict.FAILED.value, Verdict.SKIPPED.value, Verdict.INCOMPLETE.value)]
+             if r["verdict"] in (Verdict.FAILED.value, Verdict.SKIPPED.value, Verdict.INCOMPLETE.value,
+                                 Verdict.NOT_COMPARABLE.value)]
     notes += [f"- {_md_escape(w)}" for w in warnings(records, comparison)]
     if notes:
         lines += ["", *notes]

@@ -14,6 +14,7 @@ never started are named (they stay listed in ``run.json``).
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import os
 import time
 from dataclasses import dataclass
@@ -57,6 +58,91 @@ def results_dir(out: str | None, bundle_root: str, prefix: str = "") -> Path:
     return (Path.cwd() / "harness-results" / f"{prefix}{Path(bundle_root).name}-{stamp}").resolve()
 
 
+_WHY_NOT_WRITABLE = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                     errno.EPERM: "permission denied", errno.ENOSPC: "no space left on device",
+                     errno.EDQUOT: "disk quota exceeded"}
+
+
+def check_writable(out: Path) -> None:
+    """Create ``out`` and write and remove a probe file in it, before anything trains (exit 2 if that fails)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".harness-probe-{os.getpid()}"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"probe\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        why = _WHY_NOT_WRITABLE.get(exc.errno or 0) or (exc.strerror or str(exc)).lower()
+        raise InputError(str(out), f"not writable ({why})", hint="pass --out DIR on a writable disk") from None
+
+
+LOCK_FILE = ".harness.lock"
+
+
+class ResultsLock:
+    """An exclusive ``flock`` on ``OUT/.harness.lock`` for the whole run: one run per results directory.
+
+    Two runs writing one directory used to report each other's records. The lock is
+    not blocking: a second run is refused at once, naming the pid that holds it.
+    The kernel drops it when the process ends, however it ends.
+    """
+
+    def __init__(self, out: Path) -> None:
+        import fcntl
+
+        self.path = out / LOCK_FILE
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise InputError(str(out), f"cannot be locked ({exc.strerror})", hint="pass --out DIR on a local disk") from None
+            raise InputError(str(out), f"is in use by another harness run (pid {self._holder()})",
+                             hint="wait for it to finish, or pass another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd: int | None = fd
+
+    def _holder(self) -> str:
+        for _ in range(20):  # the holder writes its pid right after it locks
+            try:
+                pid = self.path.read_text().strip()
+            except OSError:
+                pid = ""
+            if pid:
+                return pid
+            time.sleep(0.05)
+        return "unknown"
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
+
+
+def refuse_another_runs_records(out: Path, resume: bool) -> None:
+    """A results directory holding another run's records is refused unless ``--resume`` (exit 2)."""
+    if resume:
+        return
+    held = [p.parent.name for p in sorted(out.glob(f"*/{record.RECORD_FILE}"))]
+    if not held and not (out / record.RUN_FILE).exists():
+        return
+    try:
+        manifest = record.read_manifest(out)
+    except HarnessError:
+        manifest = None
+    run = f" (run {manifest.run_id})" if manifest is not None else ""
+    cells = f": {', '.join(held[:5])}{' ...' if len(held) > 5 else ''}" if held else ""
+    raise InputError(str(out), f"already holds the records of another run{run}{cells}",
+                     hint="pass --resume to reuse it (this run's cells are rerun and their records replaced), "
+                          "or pass another --out")
+
+
 def make_backend(plan: Plan) -> Any:
     """The backend a plan runs on."""
     if plan.backend == "local":
@@ -95,13 +181,21 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any) -> Outcome:
     ``interrupted`` record for the running cell and raises :class:`Interrupted`
     with the outcome so far attached (``exc.outcome``).
     """
+    from .worker.retrain import disk_failure
+
     records: dict[str, ResultRecord] = {}
 
     def keep(cell: Cell, rec: ResultRecord) -> None:
         rec.run_id = job.run_id
         rec.labels = {**cell.labels, **rec.labels}
-        record.write(job.cell_dir(cell) / record.RECORD_FILE, rec)
         records[cell.name] = rec
+        try:
+            record.write(job.cell_dir(cell) / record.RECORD_FILE, rec)
+        except OSError as exc:
+            disk = disk_failure(exc)
+            if disk is None:
+                raise
+            rec.warnings.append(f"record.json could not be written: {disk}")
 
     for c in plan.skipped:
         keep(c, ResultRecord.without_metrics(c.name, Status.SKIPPED, "skipped", c.skip_reason or "skipped",
@@ -126,8 +220,17 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any) -> Outcome:
                                                    log_tail="\n".join(getattr(exc, "log_tail", []) or []) or None)
                 keep(cell, rec)
             else:
-                rec = backend.run(cell, job, progress.event)
-                records[cell.name] = rec
+                try:
+                    rec = backend.run(cell, job, progress.event)
+                    records[cell.name] = rec
+                except OSError as exc:
+                    disk = disk_failure(exc)
+                    if disk is None:
+                        raise
+                    # The disk filled up (or went read-only) under the cell: its row says so.
+                    rec = ResultRecord.without_metrics(cell.name, Status.FAILED, "disk", disk,
+                                                       backend=backend.name, started_at=now_utc())
+                    keep(cell, rec)
             current = None
             progress.done(rec)
             if cell.name not in blocked and not rec.ok and rec.error is not None and rec.error.kind in ("input", "usage"):
@@ -159,11 +262,19 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
     """Judge, print, and write the reports (``report.json`` in the results directory, --json, --markdown)."""
     from .report import console, json_report, markdown, print_report
 
-    comparison = compare(records, tol, missing)
+    comparison = compare(records, tol, missing, allow_data_change=report_opts.allow_data_change)
     print_report(console(), records, comparison)
     report = record.dumps(json_report(records, comparison))
     if results is not None:
-        record.atomic_write_text(results / "report.json", report)
+        try:
+            record.atomic_write_text(results / "report.json", report)
+        except OSError as exc:
+            from .worker.retrain import disk_failure
+
+            disk = disk_failure(exc)
+            if disk is None:
+                raise
+            console(stderr=True).print(f"[bold red]! report.json could not be written: {disk}[/bold red]")
     if report_opts.json_out:
         record.atomic_write_text(report_opts.json_out, report)
     if report_opts.markdown:
@@ -211,6 +322,17 @@ def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances) -> Co
         err.print(f"[bold red]! {w}[/bold red]" if "MISMATCH" in w else f"[yellow]! {w}[/yellow]")
     plan = make_plan(opts)
     out = results_dir(opts.out, bundle.root)
+    check_writable(out)
+    lock = ResultsLock(out)
+    try:
+        refuse_another_runs_records(out, opts.resume)
+        return _execute_locked(opts, bundle, plan, out, report_opts, tol)
+    finally:
+        lock.release()
+
+
+def _execute_locked(opts: RunOptions, bundle: Any, plan: Plan, out: Path, report_opts: ReportOptions,
+                    tol: Tolerances) -> Comparison:
     job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, results_dir=str(out),
               trainer=bundle.trainer.entrypoint if bundle.trainer else None,
               trainer_path=bundle.trainer.code_dir if bundle.trainer else None, trace=opts.trace,

@@ -112,6 +112,7 @@ def test_data_mismatch_is_loud(example: Path, tmp_path: Path) -> None:
     (rec,) = records(tmp_path / "o")
     assert rec.expected_data_sha256["config.yaml data.sha256"] == "0" * 64 != rec.data_sha256
     assert "DATA MISMATCH" in p.stdout  # judged from the record, not written into it
+    assert p.returncode == 1 and "not comparable" in p.stdout  # other data: the verdict says so
 
 
 # --------------------------------------------------------------------------- bad input: one line, exit 2

@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, HarnessError, Interrupted
-from .common import EXIT_CODES_HELP, add_common, add_docker, image_options, report_options, tolerances, verdict_exit
+from .common import EXIT_CODES_HELP, add_allow_data_change, add_common, add_docker, image_options, report_options, tolerances, verdict_exit
 from ..options import Axes, RunOptions, parse_cells, parse_devices, parse_modes, parse_repeats, parse_tf32, parse_threads
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--markdown", metavar="FILE")
     p_cmp.add_argument("--tol", action="append", default=[])
     p_cmp.add_argument("--tolerances", metavar="FILE")
+    add_allow_data_change(p_cmp)
     p_cmp.set_defaults(func=cmd_compare)
 
     try:
@@ -93,7 +94,8 @@ def run_options(args: argparse.Namespace, *, single: bool) -> RunOptions:
     cells = parse_cells(args.image) if single else parse_cells(args.cells)
     return RunOptions(bundle=args.bundle, backend=backend, single=single, cells=cells, axes=axes,
                       images=image_options(args), data=args.data, trainer=args.trainer,
-                      trainer_path=args.trainer_path, out=args.out, trace=args.trace, progress=not args.no_progress)
+                      trainer_path=args.trainer_path, out=args.out, trace=args.trace, progress=not args.no_progress,
+                      resume=args.resume)
 
 
 # --------------------------------------------------------------------------- commands
@@ -117,6 +119,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..runner import render
 
     merged = merge(load_many(args.paths))
+    for w in merged.warnings:
+        print(f"harness: warning: {w}", file=sys.stderr)
     return verdict_exit(render(merged.records, merged.missing, tolerances(args), None, report_options(args)))
 
 

@@ -16,8 +16,9 @@ from ..options import ImageOptions, ReportOptions, base_image_overrides
 EXIT_CODES_HELP = """exit codes:
   0    every cell that ran reproduced (skipped cells are listed, not counted against it),
        or nothing was recorded to judge against
-  1    a cell, an image build or a container failed, or the run is incomplete
-       (interrupted, or planned cells left no record)
+  1    a cell, an image build or a container failed, the run is incomplete
+       (interrupted, or planned cells left no record), or a cell is not comparable
+       (its data does not match the digest the bundle records; see --allow-data-change)
   2    bad input or usage: one line names the file, key and fix
   3    everything ran, and at least one metric is outside its tolerance
   130  interrupted (Ctrl-C): finished records, an interrupted record and report.json stay"""
@@ -41,6 +42,16 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--repeats", default=1, help="run each cell N times")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    add_allow_data_change(p)
+    p.add_argument("--resume", action="store_true",
+                   help="reuse an --out directory that holds another run's records: this run's cells are rerun "
+                        "and their records replaced (other cells' records stay, but are not judged)")
+
+
+def add_allow_data_change(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="judge cells whose data does not match the digest the bundle records "
+                        "(default: such cells are 'not comparable', exit 1)")
 
 
 def add_docker(p: argparse.ArgumentParser) -> None:
@@ -74,7 +85,8 @@ def tolerances(args: argparse.Namespace) -> Any:
 
 
 def report_options(args: argparse.Namespace) -> ReportOptions:
-    return ReportOptions(json_out=getattr(args, "json_out", None), markdown=getattr(args, "markdown", None))
+    return ReportOptions(json_out=getattr(args, "json_out", None), markdown=getattr(args, "markdown", None),
+                         allow_data_change=bool(getattr(args, "allow_data_change", False)))
 
 
 def image_options(args: argparse.Namespace) -> ImageOptions:
@@ -96,4 +108,5 @@ def verdict_exit(comparison: Any) -> int:
         Verdict.REPRODUCED: EXIT_OK, Verdict.UNRECORDED: EXIT_OK,
         Verdict.DRIFTED: EXIT_DRIFTED,
         Verdict.FAILED: EXIT_RUN_FAILED, Verdict.INCOMPLETE: EXIT_RUN_FAILED, Verdict.SKIPPED: EXIT_RUN_FAILED,
+        Verdict.NOT_COMPARABLE: EXIT_RUN_FAILED,  # trained on other data; --allow-data-change judges it anyway
     }[comparison.overall]

@@ -100,6 +100,8 @@ def parse_compat(data: Any, where: str = "images/compat.yaml") -> Compat:
             raise InputError(where, f"torch.{ver}: needs a `python` list")
         for var, vinfo in info["variants"].items():
             vinfo = vinfo or {}
+            if not isinstance(vinfo, dict):
+                raise InputError(where, f"torch.{ver}.variants.{var}: must be a mapping like {{cuda: \"12.4\", arch: [...]}}")
             if var != "cpu" and str(vinfo.get("cuda")) not in cuda:
                 raise InputError(where, f"torch.{ver}.variants.{var}: cuda {vinfo.get('cuda')!r} is not under `cuda:`")
     return Compat(cuda={str(k): v for k, v in cuda.items()}, torch={str(k): v for k, v in torch.items()})
@@ -202,13 +204,15 @@ def resolve_cell(name: str, spec: dict[str, Any], compat: Compat, defaults: dict
     )
     if not base:
         raise InputError(here, "no base_image and compat.yaml has none for this CUDA", hint="set base_image")
+    if not isinstance(base, str):
+        raise InputError(here, f"base_image must be an image name, got {type(base).__name__}", hint="e.g. python:{python}-slim")
     return ImageCell(
         name=name,
         torch=full["torch"],
         variant=variant,
         cuda=cuda,
         python=full["python"],
-        base_image=str(base).format(python=full["python"]),
+        base_image=base.replace("{python}", full["python"]),  # the one placeholder; no str.format on file text
         source=full["source"],
         index_url=f"{TORCH_INDEX}/{variant}",
         min_driver=str(cinfo["min_driver"]) if cuda else None,
@@ -241,14 +245,12 @@ def _compat_floor_of(cuda: str | None, cinfo: dict[str, Any]) -> str | None:
 
 
 def _read_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InputError(str(path), "file not found", hint="pass an existing file (--matrix)") from None
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        at = f" at line {line + 1}" if line is not None else ""
-        raise InputError(str(path), f"not valid YAML{at}", hint="fix the syntax") from None
+    """Safe-load a matrix, compat or site file: aliases refused, size and depth bounded (as bundle files)."""
+    from ..bundle import load_yaml
+
+    if not path.exists():
+        raise InputError(str(path), "file not found", hint="pass an existing file (--matrix)")
+    return load_yaml(path, str(path))
 
 
 def load_matrix(matrix_path: str | Path | None = None, compat_path: str | Path | None = None) -> list[ImageCell]:

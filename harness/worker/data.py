@@ -84,28 +84,39 @@ def load_raw(path: str | Path) -> dict[str, np.ndarray]:
                          hint="write it with np.savez(path, X=X, y=y, target_names=names)") from None
 
 
-def prepare(spec: DataSpec, arrays: dict[str, np.ndarray] | None = None) -> Dataset:
-    """Load (unless given) and preprocess: channel exclusion, then downsampling by striding."""
-    where = spec.resolved
-    arrays = arrays if arrays is not None else load_raw(spec.resolved)
-    for key in ("X", "y"):
-        if key not in arrays:
-            raise InputError(where, f"has no array {key!r} (has {sorted(arrays)})", hint="save X (samples x channels x time) and y (samples x targets)")
-    X, y = arrays["X"], arrays["y"]
-    if X.ndim != 3:
-        raise InputError(where, f"X must be 3-D (samples x channels x time), got shape {X.shape}", hint="reshape to (n, channels, time); use channels=1 for a single series")
-    if y.ndim == 1:
-        y = y[:, None]
-    if y.ndim != 2:
-        raise InputError(where, f"y must be 2-D (samples x targets), got shape {y.shape}")
-    if X.shape[0] != y.shape[0]:
-        raise InputError(where, f"X has {X.shape[0]} samples but y has {y.shape[0]}", hint="X and y must have one row per sample")
-    if not (np.issubdtype(X.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
-        raise InputError(where, f"X and y must be numeric, got {X.dtype} and {y.dtype}")
-    n, channels, time = X.shape
-    target_names = _names(arrays.get("target_names"), y.shape[1], "target_", "target_names", where)
-    channel_names = _names(arrays.get("channel_names"), channels, "ch", "channel_names", where)
+@dataclass(frozen=True)
+class Layout:
+    """What the shapes of a dataset say, checked against the config (no array data needed)."""
 
+    raw_shape: tuple[int, ...]
+    n_targets: int
+    keep: list[int]  # kept channels
+    n_features: int
+    target_names: list[str]
+    channel_names: list[str]  # of the kept channels
+
+
+def check_layout(spec: DataSpec, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype],
+                 names: dict[str, np.ndarray | None]) -> Layout:
+    """Every check of the dataset that shapes and dtypes answer: shared by the pre-check and the worker."""
+    where = spec.resolved
+    for key in ("X", "y"):
+        if key not in shapes:
+            raise InputError(where, f"has no array {key!r} (has {sorted(shapes)})", hint="save X (samples x channels x time) and y (samples x targets)")
+    xs, ys = tuple(shapes["X"]), tuple(shapes["y"])
+    if len(xs) != 3:
+        raise InputError(where, f"X must be 3-D (samples x channels x time), got shape {xs}", hint="reshape to (n, channels, time); use channels=1 for a single series")
+    if len(ys) == 1:
+        ys = (ys[0], 1)
+    if len(ys) != 2:
+        raise InputError(where, f"y must be 2-D (samples x targets), got shape {ys}")
+    if xs[0] != ys[0]:
+        raise InputError(where, f"X has {xs[0]} samples but y has {ys[0]}", hint="X and y must have one row per sample")
+    if not (np.issubdtype(dtypes["X"], np.number) and np.issubdtype(dtypes["y"], np.number)):
+        raise InputError(where, f"X and y must be numeric, got {dtypes['X']} and {dtypes['y']}")
+    n, channels, time = xs
+    target_names = _names(names.get("target_names"), ys[1], "target_", "target_names", where)
+    channel_names = _names(names.get("channel_names"), channels, "ch", "channel_names", where)
     excl = sorted(set(spec.exclude_channels))
     bad = [c for c in excl if not 0 <= c < channels]
     if bad:
@@ -117,18 +128,86 @@ def prepare(spec: DataSpec, arrays: dict[str, np.ndarray] | None = None) -> Data
     if spec.downsample > time:
         raise InputError("config.yaml", f"data.downsample is {spec.downsample} but the series have only {time} time steps",
                          hint=f"use a factor between 1 and {time}")
-    Xp = X[:, keep, :: spec.downsample]
-    if not (np.isfinite(Xp).all() and np.isfinite(y).all()):
-        raise InputError(where, "contains NaN or infinite values", hint="clean the data before training")
     sizes = split_sizes(n, spec.split)
     if min(sizes[:2]) < 1:
         raise InputError(where, f"{n} samples give split sizes {sizes} (train, val, test)", hint="add samples or change data.split")
+    return Layout(raw_shape=tuple(int(v) for v in xs), n_targets=int(ys[1]), keep=keep,
+                  n_features=len(keep) * len(range(0, time, spec.downsample)), target_names=target_names,
+                  channel_names=[channel_names[c] for c in keep])
+
+
+MAX_NAMES = 100_000  # name arrays longer than this are not read by the pre-check (the worker reads them)
+
+
+def read_layout(spec: DataSpec) -> Layout:
+    """Check a dataset from its ``.npy`` headers inside the ``.npz``, without loading X or y.
+
+    The pre-check runs in the CLI process: a multi-GB dataset must not be loaded
+    there just to learn its shapes. Only the small name arrays are read.
+    """
+    p = Path(spec.resolved)
+    where = str(p)
+    if not p.exists():
+        raise InputError(where, "data file not found",
+                         hint="fix data.path in config.yaml (relative paths are resolved from the optuna_best directory) or pass --data")
+    if not p.is_file():
+        raise InputError(where, "data path is not a file", hint="point data.path at the .npz file")
+    hint = "write it with np.savez(path, X=X, y=y, target_names=names)"
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, np.dtype] = {}
+    names: dict[str, np.ndarray | None] = {}
+    try:
+        if not zipfile.is_zipfile(p):
+            with open(p, "rb") as fh:
+                if fh.read(6) == b"\x93NUMPY":
+                    raise InputError(where, "is a single .npy array, not an .npz with X and y", hint="save with np.savez(path, X=X, y=y, target_names=names)")
+            raise InputError(where, "cannot be read as an .npz dataset (not a zip file)", hint=hint)
+        with zipfile.ZipFile(p) as zf:
+            for member in zf.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                key = member[:-4]
+                with zf.open(member) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    if version == (1, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+                    else:
+                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+                    if dtype.hasobject:
+                        raise InputError(where, f"array {key!r} holds Python objects (pickles), which are refused", hint=hint)
+                    shapes[key], dtypes[key] = tuple(shape), dtype
+                    if key in ("target_names", "channel_names"):
+                        if int(np.prod(shape, dtype=np.int64)) > MAX_NAMES:
+                            raise InputError(where, f"{key} has more than {MAX_NAMES} entries")
+                        fh2 = zf.open(member)
+                        with fh2:
+                            names[key] = np.lib.format.read_array(fh2, allow_pickle=False)
+    except InputError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
+        raise InputError(where, f"cannot be read as an .npz dataset ({exc.__class__.__name__}: {exc})", hint=hint) from None
+    return check_layout(spec, shapes, dtypes, names)
+
+
+def prepare(spec: DataSpec, arrays: dict[str, np.ndarray] | None = None) -> Dataset:
+    """Load (unless given) and preprocess: channel exclusion, then downsampling by striding."""
+    where = spec.resolved
+    arrays = arrays if arrays is not None else load_raw(spec.resolved)
+    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+    dtypes = {k: v.dtype for k, v in arrays.items()}
+    layout = check_layout(spec, shapes, dtypes, {k: arrays.get(k) for k in ("target_names", "channel_names")})
+    X, y = arrays["X"], arrays["y"]
+    if y.ndim == 1:
+        y = y[:, None]
+    Xp = X[:, layout.keep, :: spec.downsample]
+    if not (np.isfinite(Xp).all() and np.isfinite(y).all()):
+        raise InputError(where, "contains NaN or infinite values", hint="clean the data before training")
     return Dataset(
         X=np.ascontiguousarray(Xp, dtype=np.float32),
         y=np.ascontiguousarray(y, dtype=np.float32),
-        target_names=target_names,
-        channel_names=[channel_names[c] for c in keep],
-        raw_shape=tuple(int(s) for s in X.shape),
+        target_names=layout.target_names,
+        channel_names=layout.channel_names,
+        raw_shape=layout.raw_shape,
     )
 
 

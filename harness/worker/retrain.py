@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import errno
 import json
 import os
 import sys
@@ -40,6 +41,48 @@ def emit(event: str, **data: Any) -> None:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- files
+
+
+def save_weights(state: Any, path: Path) -> None:
+    """``torch.save`` atomically: a temp file in the same directory, fsynced, then renamed.
+
+    A full disk or a kill mid-write leaves the previous file (or none), never a truncated one.
+    """
+    import tempfile
+
+    import torch
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system"}
+
+
+def disk_failure(exc: OSError) -> str | None:
+    """The one line for a write that failed because of the disk, or None for any other OSError."""
+    what = DISK_ERRNOS.get(exc.errno or 0)
+    if what is None:
+        return None
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return f"{what}{where}; free space or pass --out DIR on another disk, then rerun the cell"
 
 
 # --------------------------------------------------------------------------- scaler
@@ -180,8 +223,8 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
     rec.history = result.history
     wdir = out / "weights"
     wdir.mkdir(parents=True, exist_ok=True)
-    torch.save(result.best_state, wdir / "best.pt")
-    torch.save(result.last_state, wdir / "last.pt")
+    save_weights(result.best_state, wdir / "best.pt")
+    save_weights(result.last_state, wdir / "last.pt")
     rec.weights_sha256 = model_mod.state_sha256(result.best_state)
     rec.last_weights_sha256 = model_mod.state_sha256(result.last_state)
 
@@ -238,7 +281,7 @@ def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultR
     if state is not None:
         state = {k: v.detach().cpu() for k, v in state.items()}
         (out / "weights").mkdir(parents=True, exist_ok=True)
-        torch.save(state, out / "weights" / "best.pt")
+        save_weights(state, out / "weights" / "best.pt")
         rec.weights_sha256 = state_sha256(state)
     rec.trainer = {"entrypoint": bundle.trainer.entrypoint, "code_dir": bundle.trainer.code_dir}
     rec.extra = result.get("extra") or {}
@@ -374,10 +417,16 @@ def main(argv: list[str] | None = None) -> int:
                                            exit_status=exc.exit_code, traceback=getattr(exc, "user_traceback", None))
         code = exc.exit_code
     except Exception as exc:  # noqa: BLE001 - anything else is a failed run, with its traceback kept
-        rec = ResultRecord.without_metrics(spec.cell, Status.FAILED, "run", f"{exc.__class__.__name__}: {exc}",
-                                           spec=spec.to_dict(), harness_version=__version__,
-                                           wall_s=time.perf_counter() - t0, exit_status=RunFailed.exit_code,
-                                           traceback=traceback.format_exc())
+        disk = disk_failure(exc) if isinstance(exc, OSError) else None
+        if disk is not None:  # a full (or read-only) disk: one line, no traceback to read
+            rec = ResultRecord.without_metrics(spec.cell, Status.FAILED, "disk", disk, spec=spec.to_dict(),
+                                               harness_version=__version__, wall_s=time.perf_counter() - t0,
+                                               exit_status=RunFailed.exit_code)
+        else:
+            rec = ResultRecord.without_metrics(spec.cell, Status.FAILED, "run", f"{exc.__class__.__name__}: {exc}",
+                                               spec=spec.to_dict(), harness_version=__version__,
+                                               wall_s=time.perf_counter() - t0, exit_status=RunFailed.exit_code,
+                                               traceback=traceback.format_exc())
         code = RunFailed.exit_code
     write(spec.record_path, rec)
     emit("done", cell=spec.cell, status=rec.status.value)

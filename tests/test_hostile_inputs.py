@@ -1,0 +1,371 @@
+"""Inputs and conditions that used to hurt: alias bombs, NaN metrics, full or read-only
+disks, shared results directories, data that is not the trial's, huge datasets."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from harness import record
+from harness.bundle import load_bundle, load_yaml
+from harness.errors import InputError
+from harness.judge import Verdict, compare
+from harness.record import ResultRecord, Status
+
+from .conftest import REPO, write_dataset
+from .records import record as ok_record
+
+BILLION_LAUGHS = "\n".join(
+    ["number: 1", "value: 0.5", "params:", '  a: &a ["x","x","x","x","x","x","x","x","x"]']
+    + [f"  {c}: &{c} [{','.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+) + "\n"
+
+
+def harness(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, COLUMNS="220", PYTHONPATH=str(REPO))
+    env.pop("HARNESS_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- YAML aliases and sizes
+
+
+def test_yaml_alias_is_refused_with_file_and_line(tmp_path: Path) -> None:
+    p = tmp_path / "config.yaml"
+    p.write_text("a: &a [1, 2]\nb: 3\nc: *a\n")
+    with pytest.raises(InputError) as ei:
+        load_yaml(p, "config.yaml")
+    msg = ei.value.one_line()
+    assert msg.startswith("config.yaml: line 3 uses a YAML alias (*a)"), msg
+    assert "write the value out" in msg
+
+
+def test_billion_laughs_trial_info_is_refused_fast(make_bundle, tmp_path: Path) -> None:
+    root = make_bundle()
+    (root / "trial_info.yaml").write_text(BILLION_LAUGHS)
+    assert len(BILLION_LAUGHS) < 2000
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match=r"trial_info.yaml: line \d+ uses a YAML alias"):
+        load_bundle(root)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_billion_laughs_cli_exits_2_and_writes_nothing_big(make_bundle, tmp_path: Path) -> None:
+    root = make_bundle()
+    (root / "trial_info.yaml").write_text(BILLION_LAUGHS)
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    p = harness("run", str(root), "--out", str(out), "--device", "cpu", "--no-progress")
+    assert p.returncode == 2, p.stderr
+    assert "uses a YAML alias" in p.stderr and "internal error" not in p.stderr
+    assert time.perf_counter() - t0 < 30  # interpreter start-up included; the load itself is instant
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0
+    assert total < 100_000
+
+
+def test_matrix_yaml_alias_is_refused(tmp_path: Path) -> None:
+    from harness.images.matrix import load_site_config
+
+    p = tmp_path / "site.yaml"
+    p.write_text('base_images:\n  "*": &img local/x:1\n  cpu: *img\n')
+    with pytest.raises(InputError, match=r"line 3 uses a YAML alias \(\*img\)"):
+        load_site_config(p)
+
+
+def test_oversized_and_deep_yaml_are_refused(tmp_path: Path) -> None:
+    big = tmp_path / "trial_info.yaml"
+    big.write_text("params:\n" + "".join(f"  k{i}: {'x' * 100}\n" for i in range(12_000)))
+    with pytest.raises(InputError, match="over 1 MB"):
+        load_yaml(big, "trial_info.yaml")
+    deep = tmp_path / "config.yaml"
+    deep.write_text("a: " + "[" * 40 + "]" * 40 + "\n")
+    with pytest.raises(InputError, match="nested deeper than 32"):
+        load_yaml(deep, "config.yaml")
+    deeper = tmp_path / "c2.yaml"
+    deeper.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InputError, match="nested deeper than 32"):
+        load_yaml(deeper, "c2.yaml")
+
+
+# --------------------------------------------------------------------------- strict JSON records
+
+
+def _strict(text: str) -> object:
+    def refuse(token: str) -> object:
+        raise AssertionError(f"bare {token} in a record")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nan_metric_is_written_as_null_with_a_flag_and_is_not_reproduced(tmp_path: Path) -> None:
+    rec = ok_record("a")
+    rec.metrics["retrained"]["val"]["r2"]["a"] = float("nan")
+    rec.metrics["retrained"]["val_loss"] = float("inf")
+    text = rec.to_json()
+    data = _strict(text)
+    assert data["metrics"]["retrained"]["val"]["r2"]["a"] is None
+    assert sorted(data["nonfinite"]) == ["metrics.retrained.val.r2.a", "metrics.retrained.val_loss"]
+    path = tmp_path / "a" / "record.json"
+    record.write(path, rec)
+    back = record.read(path)
+    assert back.metrics["retrained"]["val"]["r2"]["a"] is None
+    cmp = compare([back])
+    assert cmp.cells[0].verdict is not Verdict.REPRODUCED
+    assert cmp.overall is not Verdict.REPRODUCED
+    # and the judge says the same of the record still in memory
+    assert compare([rec]).cells[0].verdict is not Verdict.REPRODUCED
+
+
+def test_report_json_is_strict(tmp_path: Path) -> None:
+    rec = ok_record("a")
+    rec.metrics["retrained"]["val"]["mse"]["a"] = float("-inf")
+    from harness.report import json_report
+
+    _strict(record.dumps(json_report([rec], compare([rec]))))
+
+
+# --------------------------------------------------------------------------- data that is not the trial's
+
+
+def test_data_mismatch_is_not_comparable_unless_allowed() -> None:
+    rec = ok_record("a")
+    rec.data_sha256 = "b" * 64
+    rec.expected_data_sha256 = {"config.yaml data.sha256": "a" * 64}
+    cmp = compare([rec])
+    assert cmp.cells[0].verdict is Verdict.NOT_COMPARABLE
+    assert "aaaaaaaaaaaa" in cmp.cells[0].reason and "bbbbbbbbbbbb" in cmp.cells[0].reason
+    assert cmp.overall is Verdict.NOT_COMPARABLE and "--allow-data-change" in cmp.reason
+    allowed = compare([rec], allow_data_change=True)
+    assert allowed.cells[0].verdict is Verdict.REPRODUCED
+    assert any("DATA MISMATCH" in w for w in allowed.warnings)
+
+
+def test_cli_wrong_data_digest_is_not_comparable(make_bundle, tmp_path: Path) -> None:
+    root = make_bundle(trial_info={"number": 1, "value": 0.5}, data__sha256="0" * 64)
+    p = harness("run", str(root), "--out", str(tmp_path / "o1"), "--device", "cpu", "--no-progress")
+    assert p.returncode == 1, p.stderr
+    assert "not comparable" in p.stdout and "000000000000" in p.stdout + p.stderr
+    assert "--allow-data-change" in p.stdout + p.stderr
+    p2 = harness("run", str(root), "--out", str(tmp_path / "o2"), "--device", "cpu", "--no-progress",
+                 "--allow-data-change")
+    assert p2.returncode in (0, 3), p2.stderr
+    assert "not comparable" not in p2.stdout and "DATA MISMATCH" in p2.stdout + p2.stderr
+    p3 = harness("compare", str(tmp_path / "o1"), "--allow-data-change")
+    assert p3.returncode in (0, 3), p3.stderr
+    assert harness("compare", str(tmp_path / "o1")).returncode == 1
+
+
+# --------------------------------------------------------------------------- the pre-check reads headers only
+
+
+def test_preflight_reads_npz_headers_not_arrays(make_bundle, monkeypatch) -> None:
+    from harness import preflight
+
+    root = make_bundle()
+    bundle = load_bundle(root)
+
+    def no_load(*a, **k):
+        raise AssertionError("preflight loaded the arrays")
+
+    monkeypatch.setattr(np, "load", no_load)
+    pre = preflight.check(bundle)
+    assert pre.shape == (60, 3, 16) and pre.targets == ["t0", "t1"]
+    assert pre.n_features == 2 * 8
+
+
+def test_preflight_header_checks_match_the_worker(tmp_path: Path, make_bundle) -> None:
+    from harness import preflight
+
+    root = make_bundle(data__exclude_channels=[5])
+    with pytest.raises(InputError, match="out of range"):
+        preflight.check(load_bundle(root))
+    root2 = make_bundle("b2")
+    np.savez(root2 / "signals.npz", X=np.zeros((10, 4)), y=np.zeros(10))
+    with pytest.raises(InputError, match="3-D"):
+        preflight.check(load_bundle(root2))
+    root3 = make_bundle("b3")
+    np.savez_compressed(root3 / "signals.npz", X=np.zeros((10, 3, 16), np.float32), y=np.zeros((9, 2)))
+    with pytest.raises(InputError, match="10 samples but y has 9"):
+        preflight.check(load_bundle(root3))
+
+
+def test_preflight_of_a_large_dataset_stays_small(make_bundle) -> None:
+    import tracemalloc
+
+    from harness import preflight
+
+    root = make_bundle()
+    path = root / "signals.npz"
+    import zipfile
+
+    n, c, t = 4000, 8, 1000  # 128 MB of float32
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("X.npy", "w", force_zip64=True) as fh:
+            np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (n, c, t)})
+            block = np.zeros((100, c, t), np.float32).tobytes()
+            for _ in range(n // 100):
+                fh.write(block)
+        with zf.open("y.npy", "w") as fh:
+            np.lib.format.write_array(fh, np.zeros((n, 2), np.float32))
+    tracemalloc.start()
+    try:
+        pre = preflight.check(load_bundle(root))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert pre.shape == (n, c, t)
+    assert peak < 20_000_000
+
+
+# --------------------------------------------------------------------------- disks: read-only, full
+
+
+def test_read_only_out_is_refused_before_training(make_bundle) -> None:
+    root = make_bundle()
+    p = harness("run", str(root), "--out", "/proc/harness-test/out", "--device", "cpu", "--no-progress")
+    assert p.returncode == 2, p.stderr
+    assert "/proc/harness-test/out: not writable" in p.stderr and "pass --out DIR on a writable disk" in p.stderr
+    assert "internal error" not in p.stderr
+
+
+def test_check_writable_maps_errnos(tmp_path: Path, monkeypatch) -> None:
+    from harness import runner
+
+    def rofs(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(runner.os, "open", rofs)
+    with pytest.raises(InputError, match=r"not writable \(read-only file system\); pass --out DIR on a writable disk"):
+        runner.check_writable(tmp_path / "x")
+
+
+def test_disk_full_in_the_worker_is_a_disk_record(make_bundle, tmp_path: Path, monkeypatch) -> None:
+    from harness.worker import retrain
+
+    root = make_bundle()
+    out = tmp_path / "cell"
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    from harness.worker import determinism
+
+    monkeypatch.setattr(retrain, "save_weights", full)
+    monkeypatch.setattr(determinism, "missing_launch_env", lambda mode: [])  # started in-process, not by harness
+    code = retrain.main(["--bundle", str(root), "--out", str(out), "--device", "cpu", "--determinism", "default"])
+    assert code == 1
+    rec = record.read(out / "record.json")
+    assert rec.status is Status.FAILED and rec.error.kind == "disk"
+    assert "no space left" in rec.error.message.lower()
+
+
+def test_disk_full_in_the_runner_is_a_disk_record(tmp_path: Path, monkeypatch) -> None:
+    from harness import runner
+    from harness.plan import Cell, Job, Plan
+
+    class Full:
+        name = "local"
+
+        def prepare(self, cells, job):
+            return {}
+
+        def run(self, cell, job, on_event):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    class Progress:
+        def note(self, *a): pass
+        def start(self, *a): pass
+        def event(self, *a): pass
+        def done(self, *a): pass
+
+    cell = Cell(name="c1", device="cpu", determinism="strict", threads=1)
+    job = Job(bundle_dir="b", data_path="d", results_dir=str(tmp_path), run_id="r1")
+    outcome = runner.run_cells(Plan(backend="local", cells=[cell]), Full(), job, Progress())
+    (rec,) = outcome.records
+    assert rec.status is Status.FAILED and rec.error.kind == "disk"
+
+
+def test_weights_are_written_atomically(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    from harness.worker import retrain
+
+    target = tmp_path / "last.pt"
+    target.write_bytes(b"old, complete")
+
+    def broken(obj, fh, *a, **k):
+        fh.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError):
+        retrain.save_weights({"w": torch.zeros(2)}, target)
+    assert target.read_bytes() == b"old, complete"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+# --------------------------------------------------------------------------- one results directory, one run
+
+
+def _matrix_args(bundle: Path, out: Path) -> list[str]:
+    return ["matrix", str(bundle), "--backend", "local", "--out", str(out), "--devices", "cpu",
+            "--determinism", "strict", "--threads", "1", "--no-progress"]
+
+
+def test_two_runs_into_one_out(make_bundle, tmp_path: Path) -> None:
+    a, b = make_bundle("a"), make_bundle("b", training__seed=11)
+    out = tmp_path / "shared"
+    env = dict(os.environ, COLUMNS="220", PYTHONPATH=str(REPO))
+    env.pop("HARNESS_DEBUG", None)
+    procs = [subprocess.Popen([sys.executable, "-m", "harness", *_matrix_args(x, out)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for x in (a, b)]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    codes = sorted(r[0] for r in results)
+    assert codes == [0, 2], results
+    loser = next(r for r in results if r[0] == 2)
+    assert "is in use by another harness run (pid " in loser[2]
+    winner = next(r for r in results if r[0] == 0)
+    manifest = record.read_manifest(out)
+    recs = record.load(out).records
+    assert {r.run_id for r in recs} == {manifest.run_id}
+    assert {r.bundle["path"] for r in recs} == {manifest.bundle}
+    assert "internal error" not in winner[2]
+
+    again = harness(*_matrix_args(a, out))
+    assert again.returncode == 2 and "--resume" in again.stderr, again.stderr
+    resumed = harness(*_matrix_args(b, out), "--resume", "--json", str(tmp_path / "r.json"))
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    run_id = record.read_manifest(out).run_id
+    assert {r["run_id"] for r in report["records"]} == {run_id}
+
+
+def test_compare_ignores_records_of_other_runs(tmp_path: Path) -> None:
+    from harness.record import RunManifest
+
+    out = tmp_path / "out"
+    for name, run_id in (("a", "run-1"), ("b", "run-2")):
+        rec = ok_record(name)
+        rec.run_id = run_id
+        record.write(out / name / "record.json", rec)
+    record.write_manifest(out, RunManifest(run_id="run-1", cells=["a"], backend="local", bundle="x",
+                                           started_at="now"))
+    rs = record.load(out)
+    assert [r.cell for r in rs.records] == ["a"]
+    assert rs.warnings and "b" in rs.warnings[0] and "run-2" in rs.warnings[0]
+    p = harness("compare", str(out))
+    assert "ignored" in p.stderr and "run-2" in p.stderr, p.stderr
