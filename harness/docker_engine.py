@@ -22,6 +22,7 @@ import gc
 import os
 import re
 import shutil
+import threading
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -97,6 +98,10 @@ class ContainerRequest:
     read_only: bool = True  # read-only root filesystem
     tmpfs: dict[str, str] = field(default_factory=dict)
     shm_size: str | None = None
+    cap_drop: tuple[str, ...] = ("ALL",)  # Linux capabilities taken away
+    security_opt: tuple[str, ...] = ("no-new-privileges",)  # setuid binaries gain nothing
+    pids_limit: int | None = 4096  # a fork bomb stops here
+    timeout_s: float | None = None  # killed when it runs longer
     cell: str = ""  # for messages: whose container this is
     tag: str | None = None  # for messages: the image's tag when ``image`` is an id
 
@@ -108,6 +113,16 @@ class ContainerExit:
     status: int | None
     oom_killed: bool = False
     error: str | None = None
+    timed_out: bool = False  # killed at the request's timeout
+
+
+@dataclass(frozen=True)
+class ContainerFacts:
+    """What the engine says about one container (for finding those a dead run left)."""
+
+    id: str
+    status: str  # created | running | exited | ...
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 def failure_reason(error: str, last_step: str | None) -> str:
@@ -152,6 +167,12 @@ def create_kwargs(req: ContainerRequest) -> dict[str, Any]:
         kwargs["device_requests"] = device_requests(req.gpus)
     if req.memory:
         kwargs["mem_limit"] = req.memory
+    if req.cap_drop:
+        kwargs["cap_drop"] = list(req.cap_drop)
+    if req.security_opt:
+        kwargs["security_opt"] = list(req.security_opt)
+    if req.pids_limit:
+        kwargs["pids_limit"] = req.pids_limit
     return kwargs
 
 
@@ -405,10 +426,24 @@ class Engine:
         docker = _sdk()
         what = request.tag or request.image
         container = None
+        timer = None
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            try:
+                container.kill()  # the log stream below ends with it
+            except Exception:  # noqa: BLE001 - it ended by itself meanwhile
+                pass
+
         try:
             container = self.client.containers.create(**create_kwargs(request))
             self._running.append(container)
             container.start()
+            if request.timeout_s:
+                timer = threading.Timer(request.timeout_s, expire)
+                timer.daemon = True
+                timer.start()
             buf = b""
             for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=True):
                 buf += chunk
@@ -421,13 +456,37 @@ class Engine:
             status = int(container.wait().get("StatusCode", -1))
             container.reload()
             oom = bool((container.attrs.get("State") or {}).get("OOMKilled"))
-            return ContainerExit(status, oom_killed=oom)
+            return ContainerExit(status, oom_killed=oom, timed_out=expired.is_set())
         except docker.errors.APIError as exc:
-            return ContainerExit(None, error=refusal(request, str(exc.explanation or exc)))
+            return ContainerExit(None, error=refusal(request, str(exc.explanation or exc)), timed_out=expired.is_set())
         except docker.errors.DockerException as exc:
-            return ContainerExit(None, error=f"Docker engine failed while running {what}: {exc}")
+            return ContainerExit(None, error=f"Docker engine failed while running {what}: {exc}",
+                                 timed_out=expired.is_set())
         finally:
+            if timer is not None:
+                timer.cancel()
             self._forget(container)
+
+    def containers(self, label: str) -> list[ContainerFacts]:
+        """Every container (running or not) carrying ``label`` (``key`` or ``key=value``)."""
+        docker = _sdk()
+        try:
+            found = self.client.containers.list(all=True, filters={"label": label})
+        except docker.errors.DockerException as exc:
+            raise BackendError(f"Docker engine failed to list containers: {_first_line(exc)}") from exc
+        return [ContainerFacts(id=c.id, status=str(c.status or ""), labels=dict(c.labels or {})) for c in found]
+
+    def remove_container(self, container_id: str) -> bool:
+        """Stop and remove one container; False when it was already gone."""
+        docker = _sdk()
+        try:
+            self.client.containers.get(container_id).remove(force=True)
+            return True
+        except docker.errors.NotFound:
+            return False
+        except docker.errors.DockerException as exc:
+            raise BackendError(f"Docker engine failed to remove container {container_id[:12]}: "
+                               f"{_first_line(exc)}") from exc
 
     def stop_all(self) -> None:
         """Stop and remove every container :meth:`run` started that is still there (Ctrl-C)."""

@@ -18,6 +18,7 @@ EXIT_RUN_FAILED = 1  # a run (cell, build, container) failed, or the run is inco
 EXIT_USAGE = 2  # bad input or usage; nothing was trained
 EXIT_DRIFTED = 3  # everything ran, at least one metric is outside tolerance
 EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15): handled like Ctrl-C, told apart for supervisors
 
 
 class HarnessError(Exception):

@@ -258,7 +258,8 @@ def _both(a: Any, b: Any) -> bool | None:
 
 def _not_run(rec: ResultRecord) -> CellJudgement:
     message = rec.error.message if rec.error else rec.status.value
-    verdict = {Status.SKIPPED: Verdict.SKIPPED, Status.INTERRUPTED: Verdict.INCOMPLETE}.get(rec.status, Verdict.FAILED)
+    verdict = {Status.SKIPPED: Verdict.SKIPPED, Status.INTERRUPTED: Verdict.INCOMPLETE,
+               Status.TIMEOUT: Verdict.FAILED}.get(rec.status, Verdict.FAILED)  # a timeout fails: it hung
     return CellJudgement(rec.cell, rec.status, verdict, message)
 
 

@@ -18,6 +18,8 @@ from .errors import InputError, UsageError
 MODES = ("strict", "warn", "default")  # determinism modes; the worker reads this list too
 BACKENDS = ("docker", "local")
 THREADS_ALL = ("all", "default", "auto")
+DEFAULT_TIMEOUT_S = 6 * 3600.0  # per cell; generous, so only a hung trainer meets it
+_UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
 # --------------------------------------------------------------------------- axis parsers (pure)
@@ -98,6 +100,19 @@ def parse_repeats(value: Any, flag: str = "--repeats") -> int:
     return n
 
 
+def parse_timeout(value: Any, flag: str = "--timeout") -> float:
+    """Seconds per cell: ``90``, ``90s``, ``30m`` or ``2h``; more than zero."""
+    text = str(value).strip().lower()
+    scale = _UNITS.get(text[-1:], None) if text else None
+    try:
+        seconds = float(text[:-1] if scale else text) * (scale or 1)
+    except ValueError:
+        raise UsageError(f"{flag} {value!r} is not a number of seconds", hint=f"e.g. {flag} 3600 or {flag} 6h") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise UsageError(f"{flag} must be more than 0 seconds, got {value!r}", hint=f"e.g. {flag} 6h")
+    return seconds
+
+
 def base_image_overrides(values: Sequence[str] | None) -> dict[str, str]:
     """``--base-image IMAGE`` (every cell) and ``--base-image CELL=IMAGE`` into a mapping."""
     out: dict[str, str] = {}
@@ -161,6 +176,7 @@ class RunOptions:
     trace: bool = False
     progress: bool = True
     resume: bool = False  # reuse a results directory that holds another run's records
+    timeout: float = DEFAULT_TIMEOUT_S  # seconds per cell
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -49,6 +49,7 @@ class Job:
     trainer_path: str | None = None
     trace: bool = False
     run_id: str = ""
+    timeout_s: float | None = None  # a cell running longer is killed and recorded as ``timeout``
 
     def cell_dir(self, cell: Cell) -> Path:
         return Path(self.results_dir) / cell.name

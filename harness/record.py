@@ -45,6 +45,7 @@ class Status(str, enum.Enum):
     FAILED = "failed"  # it ran (or tried to) and broke: a build, a container, the trainer
     SKIPPED = "skipped"  # this host cannot run it (no GPU fit, driver too old); never started
     INTERRUPTED = "interrupted"  # Ctrl-C (or the launcher died) while it ran
+    TIMEOUT = "timeout"  # it ran past --timeout and was killed
 
     def __str__(self) -> str:
         return self.value
@@ -157,8 +158,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; records are meant to be read by others
-        os.replace(tmp, path)
+            # mkstemp makes 0600; records are meant to be read by others. fchmod, not chmod:
+            # in a directory a container can write, the name may be a link by now.
+            os.fchmod(fh.fileno(), 0o644)
+        os.replace(tmp, path)  # replaces a link at ``path`` itself; never writes through it
     except BaseException:
         try:
             os.unlink(tmp)
@@ -330,6 +333,7 @@ class ResultRecord:
     train_s: float | None = None
     launcher_wall_s: float | None = None  # as the launcher saw it (start-up included)
     nonfinite: list[str] = field(default_factory=list)  # dotted paths of values that were NaN/inf (written as null)
+    timeout_s: float | None = None  # the launcher's --timeout for this cell
     schema: str = SCHEMA
 
     # ---- construction

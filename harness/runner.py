@@ -157,13 +157,9 @@ def make_backend(plan: Plan) -> Any:
 
 
 def _log_tail(path: Path, chars: int = 2000) -> str | None:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - chars))
-            return fh.read().decode("utf-8", "replace") or None
-    except OSError:
-        return None
+    from .backends.base import log_tail_no_follow  # a cell may have left a link there
+
+    return log_tail_no_follow(path, chars)
 
 
 @dataclass
@@ -237,13 +233,14 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any) -> Outcome:
                 # The worker found bad input (the bundle, its data): every cell would fail the same
                 # way, so stop, keep what ran, exit 2.
                 raise InputError("", rec.error.message)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         backend.close()
         if current is not None:
             out = job.cell_dir(current)
+            how = "terminated (SIGTERM)" if type(stop).__name__ == "Terminated" else "interrupted (Ctrl-C)"
             keep(current, ResultRecord.without_metrics(
                 current.name, Status.INTERRUPTED, "interrupted",
-                f"interrupted (Ctrl-C) after {time.perf_counter() - t_cell:.1f}s; the run was stopped",
+                f"{how} after {time.perf_counter() - t_cell:.1f}s; the run was stopped",
                 backend=backend.name, started_at=now_utc(), log_tail=_log_tail(out / "worker.log")))
         outcome = Outcome([records[c.name] for c in plan.cells if c.name in records],
                           [c.name for c in plan.cells if c.name not in records])
@@ -336,6 +333,6 @@ def _execute_locked(opts: RunOptions, bundle: Any, plan: Plan, out: Path, report
     job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, results_dir=str(out),
               trainer=bundle.trainer.entrypoint if bundle.trainer else None,
               trainer_path=bundle.trainer.code_dir if bundle.trainer else None, trace=opts.trace,
-              run_id=new_run_id())
+              run_id=new_run_id(), timeout_s=opts.timeout)
     backend = make_backend(plan)
     return execute_plan(plan, backend, job, report_opts, tol, progress_enabled=opts.progress)

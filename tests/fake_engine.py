@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from harness.docker_engine import ContainerExit, ContainerRequest, ImageFacts, refusal
+from harness.docker_engine import ContainerExit, ContainerFacts, ContainerRequest, ImageFacts, refusal
 from harness.errors import BackendError, BuildFailed
 
 NO_NVIDIA = 'could not select device driver "" with capabilities: [[gpu]]'
@@ -88,6 +88,7 @@ class FakeEngine:
         self.running: dict[str, FakeContainer] = {}
         self.removed_containers: list[str] = []
         self.stopped_containers: list[str] = []
+        self.leftover: dict[str, ContainerFacts] = {}  # containers of earlier runs (containers() lists them)
         self.closed = False
         self._seq = 0
         self._lock = threading.Lock()
@@ -235,12 +236,36 @@ class FakeEngine:
                 out = next(Path(src) for src, target, _ in request.mounts if target == OUT)
                 outcome.worker(out, request)
             if outcome.block:
-                if not container.stopped.wait(timeout=30):
+                limit = request.timeout_s if request.timeout_s and request.timeout_s < 30 else None
+                if not container.stopped.wait(timeout=limit or 30):
+                    if limit:
+                        return ContainerExit(137, timed_out=True)  # killed at its timeout
                     raise AssertionError("the blocked container was never stopped")
                 return ContainerExit(137)
             return ContainerExit(outcome.status, oom_killed=outcome.oom_killed)
         finally:
             self._remove(container)
+
+    def containers(self, label: str) -> list[ContainerFacts]:
+        self.calls.append(("containers", label))
+        key, _, value = label.partition("=")
+        with self._lock:
+            running = [ContainerFacts(c.id, "running", dict(c.request.labels)) for c in self.running.values()]
+        return [f for f in [*self.leftover.values(), *running]
+                if key in f.labels and (not value or f.labels[key] == value)]
+
+    def remove_container(self, container_id: str) -> bool:
+        self.calls.append(("remove_container", container_id))
+        if self.leftover.pop(container_id, None) is not None:
+            self.removed_containers.append(container_id)
+            return True
+        with self._lock:
+            container = self.running.get(container_id)
+        if container is None:
+            return False
+        container.stopped.set()
+        self._remove(container)
+        return True
 
     def stop_all(self) -> None:
         self.calls.append(("stop_all", None))

@@ -8,7 +8,7 @@ import pytest
 
 from harness.plan import Cell, Job
 from harness.record import ImageInfo
-from harness.backends.docker import container_run_spec, container_spec, exit_reason, gpu_spec
+from harness.backends.docker import container_run_spec, container_spec, exit_reason, gpu_spec, host_memory_limit
 from harness.docker_engine import ContainerRequest, create_kwargs
 from harness.errors import InputError
 
@@ -33,13 +33,13 @@ def test_strict_cpu_cell(tmp_path: Path) -> None:
     env = spec.environment
     assert env["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and env["PYTHONHASHSEED"] == "0"
     assert env["OMP_NUM_THREADS"] == "2"
-    assert spec.gpus == "none" and spec.user is None and spec.memory is None
+    assert spec.gpus == "none" and spec.user is None and spec.memory == host_memory_limit()
     assert spec.labels["org.harness.run"] == "r1" and spec.labels["org.harness.cell"] == "c"
-    assert spec.tmpfs == {"/tmp": "rw,exec,size=2g"} and spec.shm_size == "1g"
+    assert spec.tmpfs == {"/tmp": "rw,noexec,nosuid,nodev,size=2g"} and spec.shm_size == "1g"
     # what the SDK gets
     kw = create_kwargs(spec)
     assert kw["network_mode"] == "none" and kw["read_only"] is True and kw["detach"] is True
-    assert "device_requests" not in kw and "user" not in kw and "mem_limit" not in kw
+    assert "device_requests" not in kw and "user" not in kw and kw.get("mem_limit") == spec.memory
     assert {m["Target"]: (m["Source"], m["ReadOnly"], m["Type"]) for m in kw["mounts"]}["/harness/out"] == (
         str(tmp_path / "r" / "c"), False, "bind")
 

@@ -246,3 +246,79 @@ def test_gpu_request_without_nvidia_runtime_is_a_clear_row(matrix_run, docker_cl
     assert rec.status is Status.FAILED
     assert "no NVIDIA runtime" in rec.error.message and "--gpus none" in rec.error.message
     assert docker_client.containers.list(all=True, filters={"label": "org.harness.cell=gpu-cell"}) == []
+
+
+TRAINERS = Path(__file__).parent / "trainers"
+
+
+def _hanging_cell(matrix_run, wheelhouse_root, base_image, out: Path, *extra: str) -> subprocess.Popen[str]:
+    """`harness matrix` of one cell whose trainer prints a line and hangs (tests/trainers/hang.py)."""
+    e = dict(os.environ, COLUMNS="200")
+    return subprocess.Popen([sys.executable, "-m", "harness", "matrix", str(matrix_run["bundle"]), "--cells", "cpu-torch2.13",
+                             "--trainer", "hang:train", "--trainer-path", str(TRAINERS), "--out", str(out), *extra,
+                             *docker_args(wheelhouse_root, base_image)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+
+
+def _wait_for_container(docker_client, proc: subprocess.Popen[str], label: str, seconds: int = 300):
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None:
+        running = docker_client.containers.list(filters={"label": label})
+        if running:
+            return running[0]
+        time.sleep(0.5)
+    _, err = proc.communicate(timeout=60) if proc.poll() is not None else ("", "")
+    raise AssertionError(f"no container started: {err[-2000:]}")
+
+
+def test_a_running_cell_is_locked_down_and_times_out(matrix_run, docker_client, wheelhouse_root, base_image) -> None:
+    """`docker inspect` of a running cell: no capabilities, no-new-privileges, PID and memory limits,
+    noexec /tmp; then --timeout kills it and the cell is a `timeout` row with the line it printed."""
+    out = matrix_run["root"] / "timeout"
+    t0 = time.time()
+    proc = _hanging_cell(matrix_run, wheelhouse_root, base_image, out, "--timeout", "40")
+    try:
+        container = _wait_for_container(docker_client, proc, "org.harness.cell=cpu-torch2.13")
+        host = container.attrs["HostConfig"]
+        assert host["CapDrop"] == ["ALL"], host["CapDrop"]
+        assert "no-new-privileges" in (host["SecurityOpt"] or []), host["SecurityOpt"]
+        assert host["PidsLimit"] == 4096 and host["Memory"] > 0
+        assert "noexec" in host["Tmpfs"]["/tmp"] and host["ReadonlyRootfs"] is True
+        labels = container.labels
+        assert labels["org.harness.pid"] == str(proc.pid) and labels["org.harness.host"] and labels["org.harness.run"]
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    assert time.time() - t0 < 300
+    rec = record.read(out / "cpu-torch2.13" / "record.json")
+    assert rec.status is Status.TIMEOUT and rec.error.kind == "timeout" and rec.timeout_s == 40
+    assert "about to hang" in (rec.error.log_tail or ""), rec.error
+    assert docker_client.containers.list(all=True, filters={"label": "org.harness.cell=cpu-torch2.13"}) == []
+
+
+def test_sigterm_removes_the_container_and_exits_143(matrix_run, docker_client, wheelhouse_root, base_image) -> None:
+    out = matrix_run["root"] / "sigterm"
+    proc = _hanging_cell(matrix_run, wheelhouse_root, base_image, out)
+    try:
+        _wait_for_container(docker_client, proc, "org.harness.cell=cpu-torch2.13")
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert docker_client.containers.list(all=True, filters={"label": "org.harness.cell=cpu-torch2.13"}) == []
+    rec = record.read(out / "cpu-torch2.13" / "record.json")
+    assert rec.status is Status.INTERRUPTED and "SIGTERM" in rec.error.message
+    assert (out / "report.json").exists()
+
+
+def test_the_image_has_no_setuid_files(matrix_run, docker_client) -> None:
+    # as root, so that no directory is unreadable to find
+    found = docker_client.containers.run("harness:cpu-torch2.13", entrypoint=["find", "/", "-xdev", "-perm", "/6000",
+                                                                              "-type", "f"],
+                                         user="0", network_mode="none", remove=True, stdout=True, stderr=True)
+    assert found.decode().strip() == ""

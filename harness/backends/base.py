@@ -11,7 +11,11 @@ host's, the spec the worker sees (:meth:`Backend.spec`).
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+import stat
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -36,6 +40,7 @@ class Launch:
 
     exit_status: int | None  # None: it never started, or the launcher could not tell
     reason: str | None = None  # a better reason than the exit status, when the launcher has one
+    timed_out: bool = False  # the launcher killed it at the job's timeout
     image: ImageInfo | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # fields for the record (host_paths ...)
 
@@ -65,6 +70,102 @@ def failure_reason(exit_status: int | None, log_tail: str) -> str:
     return reason + (f"; last output: {last[0][:300]}" if last else "")
 
 
+# --------------------------------------------------------------------------- files in a cell's directory
+#
+# A cell's directory is writable by what runs in the cell (a container runs untrusted
+# pickles), so the host never follows a link there: it starts every run from a fresh
+# directory, creates its files exclusively with O_NOFOLLOW, writes spec.json and
+# record.json through a temporary file and os.replace (which replaces a link rather
+# than writing through it), and reads a record only when it is a regular file.
+
+RECORD_MAX_BYTES = 64 << 20
+
+
+def fresh_dir(out: Path) -> None:
+    """Make ``out`` an empty directory, removing whatever a previous run's worker left there."""
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                shutil.rmtree(out)  # fd-based on Linux: does not follow links inside
+            except OSError:
+                # e.g. a directory the worker made unreadable: move the lot out of the way
+                os.rename(out, out.with_name(f".{out.name}.stale-{time.time_ns()}"))
+        else:
+            out.unlink()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.mkdir(mode=0o755)
+    os.chmod(out, 0o755)  # whatever the umask says: writable by its owner alone
+
+
+def create_no_follow(path: Path) -> TextIO:
+    """Open a new file for writing; a link (or anything) already at ``path`` is replaced, never followed."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    return os.fdopen(fd, "w", encoding="utf-8", buffering=1)  # line-buffered: the log is current while it runs
+
+
+def read_no_follow(path: Path, limit: int = RECORD_MAX_BYTES) -> str | None:
+    """The text of a regular file at ``path``; None when nothing is there; a HarnessError when
+    something else is (a link, a FIFO, a directory) or it is larger than ``limit``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise HarnessError(f"{path.name} is a symbolic link, not a regular file; not followed") from None
+        raise HarnessError(f"{path.name} cannot be opened ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise HarnessError(f"{path.name} is not a regular file")
+        if st.st_size > limit:
+            raise HarnessError(f"{path.name} is {st.st_size} bytes, more than a record can be")
+        return fh.read(limit + 1).decode("utf-8", "replace")
+
+
+def read_record_no_follow(path: Path) -> ResultRecord | None:
+    """The worker's record at ``path`` (None when it left none), read without following a link."""
+    text = read_no_follow(path)
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise HarnessError(f"{path.name} is not JSON ({exc})") from None
+    return ResultRecord.from_json(data, str(path))
+
+
+def log_tail_no_follow(path: Path, chars: int = 2000) -> str | None:
+    """The end of a worker log, without following a link a worker may have put in its place."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            return None
+        fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, fh.tell() - chars))
+        return fh.read().decode("utf-8", "replace") or None
+
+
+def timeout_reason(timeout_s: float | None) -> str:
+    return f"timed out after {timeout_s:g}s (--timeout {timeout_s:g}); the worker was killed"
+
+
 class Backend(ABC):
     name = "abstract"
 
@@ -86,8 +187,8 @@ class Backend(ABC):
         return self.spec(cell, job).to_dict()
 
     def make_cell_dir(self, out: Path) -> None:
-        """Create the directory the worker writes into."""
-        out.mkdir(parents=True, exist_ok=True)
+        """Create the directory the worker writes into, empty: nothing a previous run left stays."""
+        fresh_dir(out)
 
     @abstractmethod
     def launch(self, cell: Cell, job: Job, spec_path: Path, on_line: LineFn) -> Launch:
@@ -99,13 +200,12 @@ class Backend(ABC):
     def run(self, cell: Cell, job: Job, on_event: EventFn | None = None) -> ResultRecord:
         """Run one cell to completion and return its record (also on disk)."""
         out = job.cell_dir(cell)
-        self.make_cell_dir(out)
-        (out / record.RECORD_FILE).unlink(missing_ok=True)  # never read a previous run's record
+        self.make_cell_dir(out)  # fresh: never read a previous run's record, never follow its links
         spec_path = out / "spec.json"
         record.atomic_write_text(spec_path, record.dumps(self.spec_document(cell, job)))
         tail: deque[str] = deque(maxlen=TAIL_LINES)
         t0 = time.perf_counter()
-        with open(out / "worker.log", "w", encoding="utf-8") as log:
+        with create_no_follow(out / "worker.log") as log:
             launched = self.launch(cell, job, spec_path, lambda line: relay(line, on_event, log, tail))
         return self.finish(cell, job, launched, "".join(tail), time.perf_counter() - t0)
 
@@ -114,9 +214,14 @@ class Backend(ABC):
         path = job.cell_dir(cell) / record.RECORD_FILE
         rec: ResultRecord | None = None
         problem = None
-        if path.is_file():
+        if launched.timed_out:
+            rec = ResultRecord.without_metrics(
+                cell.name, Status.TIMEOUT, "timeout", timeout_reason(job.timeout_s),
+                exit_status=launched.exit_status, log_tail=log_tail[-record.LOG_TAIL_CHARS:] or None,
+                image=launched.image.tag if launched.image else None)
+        else:
             try:
-                rec = record.read(path)
+                rec = read_record_no_follow(path)
             except HarnessError as exc:
                 problem = f"the worker's record is unusable: {exc.one_line()}"
         if rec is None:
@@ -135,5 +240,6 @@ class Backend(ABC):
         for key, value in launched.extra.items():
             setattr(rec, key, value)
         rec.launcher_wall_s = wall_s
+        rec.timeout_s = job.timeout_s
         record.write(path, rec)
         return rec

@@ -10,23 +10,29 @@ record carries what was measured inside the container plus the image's id.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
-from ..docker_engine import ContainerRequest, Engine
+from ..docker_engine import ContainerFacts, ContainerRequest, Engine
 from ..errors import BackendError, HarnessError, InputError
 from ..plan import Cell, Job
 from ..record import ImageInfo, RunSpec
 from ..worker import determinism
-from .base import Backend, Launch, LineFn
+from .base import Backend, Launch, LineFn, fresh_dir
 
 BUNDLE = "/harness/bundle"
 DATA_DIR = "/harness/data"
 OUT = "/harness/out"
 TRAINER = "/harness/trainer"
 LABEL_RUN = "org.harness.run"
+LABEL_PID = "org.harness.pid"  # the CLI that started the container: a dead one leaves an orphan
+LABEL_HOST = "org.harness.host"
 IMAGE_UID = 10001  # the image's non-root user (Dockerfile.cuda)
+PIDS_LIMIT = 4096
+MEMORY_SHARE = 0.9  # of the host's memory, when --memory is not given
+TMPFS = "rw,noexec,nosuid,nodev,size=2g"  # the worker compiles nothing, so nothing runs from /tmp
 
 
 # --------------------------------------------------------------------------- pure: what a container gets
@@ -43,9 +49,82 @@ def gpu_spec(gpus: str | None) -> str:
     return ",".join(ids)
 
 
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def default_memory_limit(meminfo: str) -> str | None:
+    """90% of ``MemTotal`` from /proc/meminfo text, in bytes (``"123b"``); None when it says none (pure)."""
+    for line in meminfo.splitlines():
+        key, _, rest = line.partition(":")
+        if key.strip() == "MemTotal":
+            parts = rest.split()
+            try:
+                kib = int(parts[0])
+            except (IndexError, ValueError):
+                return None
+            return f"{int(kib * 1024 * 9 // 10)}b"
+    return None
+
+
+def host_memory_limit() -> str | None:
+    """The default memory limit of a container on this host (None where /proc/meminfo is missing)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii", errors="replace") as fh:
+            return default_memory_limit(fh.read())
+    except OSError:
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    except OSError:
+        return False
+    return True
+
+
+def dead_containers(found: Iterable[ContainerFacts], host: str,
+                    alive: Callable[[int], bool] = pid_alive) -> list[ContainerFacts]:
+    """The harness containers whose run is over (pure but for ``alive``).
+
+    Started from this host: the CLI's pid is gone. Started elsewhere (or before
+    containers carried a pid): the container is no longer running.
+    """
+    dead = []
+    for f in found:
+        if LABEL_RUN not in f.labels:
+            continue
+        pid_text = f.labels.get(LABEL_PID, "")
+        if f.labels.get(LABEL_HOST) == host and pid_text.isdigit():
+            if not alive(int(pid_text)):
+                dead.append(f)
+        elif f.status != "running":
+            dead.append(f)
+    return dead
+
+
+def remove_dead_containers(engine: Engine, *, dry_run: bool = False) -> list[ContainerFacts]:
+    """Remove the containers runs that are no longer alive left behind (SIGKILL, a crash); what was removed."""
+    dead = dead_containers(engine.containers(LABEL_RUN), hostname())
+    if not dry_run:
+        for f in dead:
+            engine.remove_container(f.id)
+    return dead
+
+
 def container_spec(cell: Cell, job: Job, image: str, *, gpus: str = "all", memory: str | None = None,
                    host_uid: int | None = None, run_id: str = "", tag: str | None = None) -> ContainerRequest:
-    """What the cell's container gets (plain data, testable without Docker)."""
+    """What the cell's container gets (plain data, testable without Docker).
+
+    Whatever a trainer or a pickle does in there: no network, no capabilities, no
+    privilege gain through setuid files, a read-only root, a PID and a memory limit
+    (``memory``, else 90% of the host's), and a time limit (``job.timeout_s``).
+    """
     data_name = Path(job.data_path).name
     mounts = [
         (job.bundle_dir, BUNDLE, True),
@@ -68,12 +147,17 @@ def container_spec(cell: Cell, job: Job, image: str, *, gpus: str = "all", memor
         # a non-root caller owns what the container writes
         user=f"{host_uid}:{os.getgid()}" if host_uid else None,
         gpus=gpu_spec(gpus) if cell.device.startswith("cuda") else "none",
-        memory=memory or None,
-        labels={LABEL_RUN: run_id, "org.harness.cell": cell.name},
+        memory=memory or host_memory_limit(),
+        labels={LABEL_RUN: run_id, "org.harness.cell": cell.name, LABEL_PID: str(os.getpid()),
+                LABEL_HOST: hostname()},
         network="none",
         read_only=True,
-        tmpfs={"/tmp": "rw,exec,size=2g"},
+        tmpfs={"/tmp": TMPFS},
         shm_size="1g",
+        cap_drop=("ALL",),
+        security_opt=("no-new-privileges",),
+        pids_limit=PIDS_LIMIT,
+        timeout_s=job.timeout_s,
         cell=cell.name,
         tag=tag,
     )
@@ -127,6 +211,12 @@ class DockerBackend(Backend):
             elif event == "failed":
                 err.print(f"[red]image {cell}: {text}[/red]")
 
+        try:
+            for f in remove_dead_containers(self.engine):
+                err.print(f"[dim]removed container {f.id[:12]} of a run that is gone "
+                          f"({f.labels.get('org.harness.cell', '?')}, run {f.labels.get(LABEL_RUN, '?')})[/dim]")
+        except HarnessError as exc:
+            err.print(f"[yellow]! could not look for containers of dead runs: {exc.one_line()}[/yellow]")
         wanted = [self.plans[c.image.name] for c in cells if c.image is not None and c.image.name in self.plans]
         unique = list({p.cell.name: p for p in wanted}.values())
         results = imagebuild.ensure_images(self.engine, unique, progress)
@@ -169,21 +259,20 @@ class DockerBackend(Backend):
         return container_run_spec(cell, job, self.images[cell.name]).to_dict()
 
     def make_cell_dir(self, out: Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
+        fresh_dir(out)
         if _uid() == 0:
-            os.chmod(out, 0o777)  # the image's non-root user writes here
+            os.chown(out, IMAGE_UID, IMAGE_UID)  # the image's non-root user writes here, nobody else
 
     def launch(self, cell: Cell, job: Job, spec_path: Path, on_line: LineFn) -> Launch:
         info = self.images[cell.name]
-        os.chmod(spec_path, 0o644)
         uid = _uid()
         request = container_spec(cell, job, info.id, gpus=self.gpus, memory=self.memory,
                                  host_uid=uid or None, run_id=self.run_id, tag=info.tag)
         ended = self.engine.run(request, lambda line: on_line(line + "\n"))
         rc, reason = ended.status, ended.error
         if reason is None and rc is not None and rc != 0 and (ended.oom_killed or rc == 137):
-            reason = exit_reason(rc, ended.oom_killed, self.memory)
-        return Launch(rc, reason=reason, image=info,
+            reason = exit_reason(rc, ended.oom_killed, request.memory)
+        return Launch(rc, reason=reason, image=info, timed_out=ended.timed_out,
                       extra={"host_paths": {"bundle": job.bundle_dir, "data": job.data_path}})
 
     def close(self) -> None:

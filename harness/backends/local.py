@@ -9,8 +9,10 @@ inside a running interpreter is too late), and so that one cell's torch state
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from ..plan import Cell, Job
@@ -47,19 +49,34 @@ class LocalBackend(Backend):
 
     def launch(self, cell: Cell, job: Job, spec_path: Path, on_line: LineFn) -> Launch:
         try:
+            # Its own session, so that stopping it (timeout, Ctrl-C, SIGTERM) also stops what it started
+            # (DataLoader workers) and none of them keeps the output pipe open.
             self._proc = subprocess.Popen(
                 [self.python, "-m", "harness.worker", "--spec", str(spec_path)],
                 env=child_env(cell), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                stdin=subprocess.DEVNULL, bufsize=1,
+                stdin=subprocess.DEVNULL, bufsize=1, start_new_session=True,
             )
         except OSError as exc:
             return Launch(None, reason=f"cannot start {self.python}: {exc}")
+        proc = self._proc
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            _kill_group(proc, signal.SIGKILL)
+
+        timer = threading.Timer(job.timeout_s, expire) if job.timeout_s else None
         try:
-            assert self._proc.stdout is not None
-            for line in self._proc.stdout:
+            if timer is not None:
+                timer.daemon = True
+                timer.start()
+            assert proc.stdout is not None
+            for line in proc.stdout:
                 on_line(line)
-            return Launch(self._proc.wait())
+            return Launch(proc.wait(), timed_out=expired.is_set())
         finally:
+            if timer is not None:
+                timer.cancel()
             self.close()
 
     def close(self) -> None:
@@ -67,11 +84,25 @@ class LocalBackend(Backend):
         if proc is None:
             return
         if proc.poll() is None:
-            proc.terminate()
+            _kill_group(proc, signal.SIGTERM)
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _kill_group(proc, signal.SIGKILL)
                 proc.wait()
+        _kill_group(proc, signal.SIGKILL)  # what the worker started and left behind
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def _kill_group(proc: subprocess.Popen[str], sig: int) -> None:
+    """Signal the worker's process group (its session); nothing when it is gone."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    except OSError:
+        try:
+            proc.send_signal(sig)
+        except OSError:
+            pass

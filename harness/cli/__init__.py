@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import traceback
 from typing import Any
 
 from .. import __version__
-from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, HarnessError, Interrupted
-from .common import EXIT_CODES_HELP, add_allow_data_change, add_common, add_docker, image_options, report_options, tolerances, verdict_exit
-from ..options import Axes, RunOptions, parse_cells, parse_devices, parse_modes, parse_repeats, parse_tf32, parse_threads
+from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, HarnessError, Interrupted
+from ..options import (DEFAULT_TIMEOUT_S, Axes, RunOptions, parse_cells, parse_devices, parse_modes, parse_repeats,
+                       parse_tf32, parse_threads, parse_timeout)
+from .common import (EXIT_CODES_HELP, add_allow_data_change, add_common, add_docker, image_options, report_options,
+                     tolerances, verdict_exit)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="Rerun an optuna_best retrain and judge whether it reproduces.",
@@ -95,7 +99,8 @@ def run_options(args: argparse.Namespace, *, single: bool) -> RunOptions:
     return RunOptions(bundle=args.bundle, backend=backend, single=single, cells=cells, axes=axes,
                       images=image_options(args), data=args.data, trainer=args.trainer,
                       trainer_path=args.trainer_path, out=args.out, trace=args.trace, progress=not args.no_progress,
-                      resume=args.resume)
+                      resume=args.resume,
+                      timeout=parse_timeout(args.timeout) if args.timeout is not None else DEFAULT_TIMEOUT_S)
 
 
 # --------------------------------------------------------------------------- commands
@@ -127,6 +132,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- entry point
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it takes Ctrl-C's way out (records, cleanup, report)."""
+
+
+class _SigtermAsInterrupt:
+    """While active, the first SIGTERM raises :class:`Terminated`; later ones are ignored so cleanup finishes."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self.previous: Any = None
+
+    def __enter__(self) -> "_SigtermAsInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received:
+            return
+        self.received = True
+        raise Terminated()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, dispatch, and map every outcome to an exit code (the only place that does)."""
     parser = build_parser()
@@ -138,11 +170,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     debug = args.debug or os.environ.get("HARNESS_DEBUG") == "1"
+    with _SigtermAsInterrupt() as term:
+        try:
+            return _dispatch(args, debug)
+        except KeyboardInterrupt:  # a SIGTERM that came while an error was being reported
+            return EXIT_TERMINATED if term.received else EXIT_INTERRUPTED
+
+
+def _dispatch(args: argparse.Namespace, debug: bool) -> int:
     try:
         return int(args.func(args))
     except Interrupted as exc:
-        print(f"harness: {exc.one_line()}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        terminated = isinstance(exc.__context__, Terminated)
+        print(f"harness: {'terminated (SIGTERM); ' if terminated else ''}{exc.one_line()}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    except Terminated:
+        print("harness: terminated (SIGTERM); records already written are kept", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("harness: interrupted; records already written are kept", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -21,7 +21,8 @@ EXIT_CODES_HELP = """exit codes:
        (its data does not match the digest the bundle records; see --allow-data-change)
   2    bad input or usage: one line names the file, key and fix
   3    everything ran, and at least one metric is outside its tolerance
-  130  interrupted (Ctrl-C): finished records, an interrupted record and report.json stay"""
+  130  interrupted (Ctrl-C): finished records, an interrupted record and report.json stay
+  143  terminated (SIGTERM): as for Ctrl-C; running containers and workers are removed"""
 
 
 # --------------------------------------------------------------------------- options shared by run and matrix
@@ -41,6 +42,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", action="store_true", help="write every training step's loss to trace.jsonl")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--repeats", default=1, help="run each cell N times")
+    p.add_argument("--timeout", default=None, metavar="SECONDS",
+                   help="kill a cell that runs longer (90, 30m, 2h; default 6h); it is recorded as timeout")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     add_allow_data_change(p)
     p.add_argument("--resume", action="store_true",

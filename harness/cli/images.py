@@ -198,7 +198,8 @@ def stale_tags(image_tags: dict[str, list[str]], current: set[str], cells: set[s
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Remove outdated content-addressed images of the selected cells (each code change leaves one)."""
+    """Remove containers of dead runs, and outdated content-addressed images of the selected cells
+    (each code change leaves one)."""
     cells = load_cells(args)
     wh = wheelhouses(args, cells)
     current = set()
@@ -209,8 +210,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
             continue  # without its wheelhouse the current tag is unknown: keep that cell's images
     known = {c.name for c in cells if any(t.startswith(f"{imagebuild.REPOSITORY}:{c.name}-") for t in current)}
     engine = Engine.connect()
-    stale = stale_tags(engine.images(imagebuild.REPOSITORY), current, known)
     out = _console()
+    from ..backends.docker import LABEL_RUN, remove_dead_containers
+
+    # Containers a killed run left behind (SIGKILL, a crash) first: they may hold the images.
+    for f in remove_dead_containers(engine, dry_run=args.dry_run):
+        out.print(f"{'would remove' if args.dry_run else 'removed'} container {f.id[:12]} "
+                  f"({f.labels.get('org.harness.cell', '?')}, run {f.labels.get(LABEL_RUN, '?')}: its run is gone)")
+    stale = stale_tags(engine.images(imagebuild.REPOSITORY), current, known)
     for tag in stale:
         if not args.dry_run:
             engine.remove_image(tag)
@@ -250,7 +257,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="exit 1 when the file differs from what would be written")
     p.set_defaults(func=cmd_compose)
 
-    p = sub.add_parser("prune", help="remove harness images that no selected cell's current inputs produce")
+    p = sub.add_parser("prune", help="remove containers of dead runs, and harness images that no selected cell's current inputs produce")
     _common(p)
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     p.set_defaults(func=cmd_prune)

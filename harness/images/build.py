@@ -14,9 +14,12 @@ what compose.yaml refers to.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import stat
 import re
 import shutil
 import subprocess
@@ -25,7 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 
 from ..errors import BackendError, BaseImageMissing, BuildFailed, HarnessError, InputError, RunFailed
 from .matrix import ImageCell
@@ -323,19 +326,58 @@ def build_plan_image(engine: Engine, plan: BuildPlan, *, nocache: bool = False,
         shutil.rmtree(ctx, ignore_errors=True)
 
 
+def lock_dir() -> Path:
+    """Where build locks live: ``$HARNESS_LOCK_DIR``, else a private directory of this user's.
+
+    ``$XDG_RUNTIME_DIR/harness-build-locks`` or ``<tmp>/harness-build-locks-<uid>``, made 0700
+    and refused when it is a link or someone else's (a shared /tmp must not steer the lock file).
+    """
+    explicit = os.environ.get("HARNESS_LOCK_DIR")
+    if explicit:
+        path = Path(explicit)
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        path = Path(os.environ["XDG_RUNTIME_DIR"]) / "harness-build-locks"
+    else:
+        path = Path(tempfile.gettempdir()) / f"harness-build-locks-{os.getuid()}"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or (not explicit and st.st_uid != os.getuid()):
+        raise BackendError(f"build lock directory {path} is not a directory of this user",
+                           hint="remove it, or set HARNESS_LOCK_DIR to a private directory")
+    return path
+
+
+@contextlib.contextmanager
+def build_lock(tag: str) -> Iterator[None]:
+    """Hold the per-tag build lock: a second build of one tag (another thread or process) waits for the first."""
+    name = hashlib.sha256(tag.encode()).hexdigest()[:32] + ".lock"
+    fd = os.open(lock_dir() / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def build(engine: Engine, plan: BuildPlan, on_log: Callable[[str], None] | None = None) -> BuiltImage:
-    """Build the plan's image unless its tag exists; always (re)point ``harness:<cell>`` at it."""
+    """Build the plan's image unless its tag exists; always (re)point ``harness:<cell>`` at it.
+
+    Under the tag's build lock, and the tag is looked up after taking it: two runs
+    that need one new image build it once (the second finds it), instead of both
+    building and leaving an untagged image and builder stages behind.
+    """
     start = time.monotonic()
     name = plan.cell.name
     built = False
-    found = engine.image(plan.tag)
-    image_id = found.id if found is not None else None
-    if image_id is None:
-        if not engine.image_exists(plan.cell.base_image):
-            raise BaseImageMissing(name, plan.cell.base_image)
-        image_id = build_plan_image(engine, plan, on_log=on_log)
-        built = True
-    engine.tag(image_id, REPOSITORY, name)
+    with build_lock(plan.tag):
+        found = engine.image(plan.tag)
+        image_id = found.id if found is not None else None
+        if image_id is None:
+            if not engine.image_exists(plan.cell.base_image):
+                raise BaseImageMissing(name, plan.cell.base_image)
+            image_id = build_plan_image(engine, plan, on_log=on_log)
+            built = True
+        engine.tag(image_id, REPOSITORY, name)
     return BuiltImage(plan.tag, image_id, name, time.monotonic() - start, built=built)
 
 
