@@ -12,6 +12,19 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def default_signals() -> None:
+    """``preexec_fn`` for a CLI the test will signal: SIGINT/SIGTERM at their defaults.
+
+    A process started in the background by a shell without job control inherits SIGINT
+    as *ignored*, and Python then installs no KeyboardInterrupt handler: the test's
+    Ctrl-C would be lost. A user at a terminal has the default, so the test restores it.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 EXAMPLE = REPO / "examples" / "optuna_best"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

@@ -16,7 +16,7 @@ import yaml
 from harness import record
 from harness.record import ResultRecord, Status
 
-from .conftest import DELETE, REPO, tiny_config
+from .conftest import DELETE, REPO, tiny_config, default_signals
 
 TRAINERS = Path(__file__).parent / "trainers"
 
@@ -326,7 +326,7 @@ def test_interrupt_leaves_an_interrupted_record_and_compare_says_incomplete(exam
 
     out = tmp_path / "m"
     env = dict(os.environ, COLUMNS="220")
-    proc = subprocess.Popen([sys.executable, "-m", "harness", "matrix", str(example), "--backend", "local",
+    proc = subprocess.Popen(preexec_fn=default_signals, args=[sys.executable, "-m", "harness", "matrix", str(example), "--backend", "local",
                              "--devices", "cpu", "--determinism", "strict,default", "--threads", "1", "--repeats", "2",
                              "--out", str(out), "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)

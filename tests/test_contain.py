@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import default_signals
+
 from harness import record as records
 from harness.backends import docker as dockerbackend
 from harness.backends.docker import DockerBackend, container_spec
@@ -155,7 +157,7 @@ def test_sigterm_writes_an_interrupted_record_and_exits_143(make_bundle, tmp_pat
     root = make_bundle("plain")
     out = tmp_path / "o"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen([sys.executable, "-m", "harness", "run", str(root), "--trainer", "hang:train",
+    proc = subprocess.Popen(preexec_fn=default_signals, args=[sys.executable, "-m", "harness", "run", str(root), "--trainer", "hang:train",
                              "--trainer-path", str(TRAINERS), "--out", str(out), "--device", "cpu", "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -169,6 +171,7 @@ def test_sigterm_writes_an_interrupted_record_and_exits_143(make_bundle, tmp_pat
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.communicate()  # reap it and close its pipes
     assert proc.returncode == 143, err
     rec = records.read(out / "run" / "record.json")
     assert rec.status is Status.INTERRUPTED and "about to hang" in rec.error.log_tail

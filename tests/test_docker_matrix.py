@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import default_signals
+
 from harness import record
 from harness.record import ImageInfo, Status
 
@@ -174,7 +176,7 @@ def test_ctrl_c_removes_the_containers(matrix_run, docker_client, wheelhouse_roo
     cfg["training"]["epochs"] = 5000
     (long / "config.yaml").write_text(yaml.safe_dump(cfg))
     e = dict(os.environ, COLUMNS="200")
-    proc = subprocess.Popen([sys.executable, "-m", "harness", "matrix", str(long), "--cells", "cpu-torch2.13",
+    proc = subprocess.Popen(preexec_fn=default_signals, args=[sys.executable, "-m", "harness", "matrix", str(long), "--cells", "cpu-torch2.13",
                              "--determinism", "strict,default", "--out", str(out), *docker_args(wheelhouse_root, base_image)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
     try:
@@ -191,6 +193,7 @@ def test_ctrl_c_removes_the_containers(matrix_run, docker_client, wheelhouse_roo
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.communicate()  # reap it and close its pipes
     assert proc.returncode == 130, err
     left = docker_client.containers.list(all=True, filters={"label": "org.harness.cell=cpu-torch2.13-strict"})
     assert left == [], [c.name for c in left]
@@ -254,7 +257,7 @@ TRAINERS = Path(__file__).parent / "trainers"
 def _hanging_cell(matrix_run, wheelhouse_root, base_image, out: Path, *extra: str) -> subprocess.Popen[str]:
     """`harness matrix` of one cell whose trainer prints a line and hangs (tests/trainers/hang.py)."""
     e = dict(os.environ, COLUMNS="200")
-    return subprocess.Popen([sys.executable, "-m", "harness", "matrix", str(matrix_run["bundle"]), "--cells", "cpu-torch2.13",
+    return subprocess.Popen(preexec_fn=default_signals, args=[sys.executable, "-m", "harness", "matrix", str(matrix_run["bundle"]), "--cells", "cpu-torch2.13",
                              "--trainer", "hang:train", "--trainer-path", str(TRAINERS), "--out", str(out), *extra,
                              *docker_args(wheelhouse_root, base_image)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
@@ -290,6 +293,7 @@ def test_a_running_cell_is_locked_down_and_times_out(matrix_run, docker_client, 
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.communicate()  # reap it and close its pipes
     assert proc.returncode == 1, err
     assert time.time() - t0 < 300
     rec = record.read(out / "cpu-torch2.13" / "record.json")
@@ -309,6 +313,7 @@ def test_sigterm_removes_the_container_and_exits_143(matrix_run, docker_client, 
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.communicate()  # reap it and close its pipes
     assert proc.returncode == 143, err
     assert docker_client.containers.list(all=True, filters={"label": "org.harness.cell=cpu-torch2.13"}) == []
     rec = record.read(out / "cpu-torch2.13" / "record.json")
