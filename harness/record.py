@@ -25,7 +25,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
 from .errors import InputError
 
@@ -148,17 +148,21 @@ def dumps(data: Any) -> str:
     return json.dumps(strict(_jsonable(data)), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` so that readers see the old file or the new one, never half."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file so that readers see the old one or the new one, never half.
+
+    ``write`` fills a temp file in the same directory, which is fsynced and renamed
+    over ``path``: a full disk or a kill mid-write leaves the previous file (or none).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-            # mkstemp makes 0600; records are meant to be read by others. fchmod, not chmod:
+            # mkstemp makes 0600; results are meant to be read by others. fchmod, not chmod:
             # in a directory a container can write, the name may be a link by now.
             os.fchmod(fh.fileno(), 0o644)
         os.replace(tmp, path)  # replaces a link at ``path`` itself; never writes through it
@@ -168,6 +172,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         except OSError:
             pass
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """:func:`atomic_write` of UTF-8 text."""
+    data = text.encode("utf-8")
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 # --------------------------------------------------------------------------- the run spec

@@ -63,15 +63,19 @@ def _names(arr: np.ndarray | None, n: int, prefix: str, key: str, where: str) ->
     return names
 
 
+def _require_file(p: Path) -> None:
+    if not p.exists():
+        raise InputError(str(p), "data file not found",
+                         hint="fix data.path in config.yaml (relative paths are resolved from the optuna_best directory) or pass --data")
+    if not p.is_file():
+        raise InputError(str(p), "data path is not a file", hint="point data.path at the .npz file")
+
+
 def load_raw(path: str | Path) -> dict[str, np.ndarray]:
     """Load the arrays of a dataset file, with no pickled objects allowed."""
     p = Path(path)
     where = str(p)
-    if not p.exists():
-        raise InputError(where, "data file not found",
-                         hint="fix data.path in config.yaml (relative paths are resolved from the optuna_best directory) or pass --data")
-    if not p.is_file():
-        raise InputError(where, "data path is not a file", hint="point data.path at the .npz file")
+    _require_file(p)
     try:
         with np.load(p, allow_pickle=False) as npz:
             if not isinstance(npz, np.lib.npyio.NpzFile):
@@ -147,11 +151,7 @@ def read_layout(spec: DataSpec) -> Layout:
     """
     p = Path(spec.resolved)
     where = str(p)
-    if not p.exists():
-        raise InputError(where, "data file not found",
-                         hint="fix data.path in config.yaml (relative paths are resolved from the optuna_best directory) or pass --data")
-    if not p.is_file():
-        raise InputError(where, "data path is not a file", hint="point data.path at the .npz file")
+    _require_file(p)
     hint = "write it with np.savez(path, X=X, y=y, target_names=names)"
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, np.dtype] = {}

@@ -30,7 +30,7 @@ from typing import Any
 from .. import __version__
 from . import EVENT_PREFIX
 from ..errors import EXIT_OK, HarnessError, InputError, RunFailed
-from ..record import Env, ResultRecord, RunSpec, Status, write
+from ..record import Env, ResultRecord, RunSpec, Status, atomic_write, write
 
 
 
@@ -47,29 +47,10 @@ def _now() -> str:
 
 
 def save_weights(state: Any, path: Path) -> None:
-    """``torch.save`` atomically: a temp file in the same directory, fsynced, then renamed.
-
-    A full disk or a kill mid-write leaves the previous file (or none), never a truncated one.
-    """
-    import tempfile
-
+    """``torch.save`` atomically (:func:`harness.record.atomic_write`): never a truncated file."""
     import torch
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda fh: torch.save(state, fh))
 
 
 DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
