@@ -327,3 +327,40 @@ def test_the_image_has_no_setuid_files(matrix_run, docker_client) -> None:
                                                                               "-type", "f"],
                                          user="0", network_mode="none", remove=True, stdout=True, stderr=True)
     assert found.decode().strip() == ""
+
+
+class _PlantLink:
+    """Unpickled inside the container (the worker loads target_scaler.joblib there): it swaps the
+    cell's worker.log, which the host writes, for a link to a host file."""
+
+    def __init__(self, victim: str) -> None:
+        self.victim = victim
+
+    def __reduce__(self):
+        code = ("import os; os.unlink('/harness/out/worker.log'); "
+                f"os.symlink({self.victim!r}, '/harness/out/worker.log')")
+        return (exec, (code,))
+
+
+def test_a_link_planted_by_a_container_is_not_followed_by_the_host(matrix_run, wheelhouse_root, base_image,
+                                                                   tmp_path: Path) -> None:
+    import shutil
+
+    import joblib
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    hostile = matrix_run["root"] / "examples" / "hostile_best"
+    shutil.copytree(matrix_run["bundle"], hostile)
+    joblib.dump(_PlantLink(str(victim)), hostile / "target_scaler.joblib")
+    out = matrix_run["root"] / "planted"
+    args = ["--cells", "cpu-torch2.13", "--out", str(out), *docker_args(wheelhouse_root, base_image)]
+    first = harness("matrix", str(hostile), *args)
+    assert first.returncode == 2, first.stdout + first.stderr  # the "scaler" is no scaler: bad input
+    log = out / "cpu-torch2.13" / "worker.log"
+    assert log.is_symlink() and os.readlink(log) == str(victim)  # the container did plant it
+    second = harness("matrix", str(hostile), *args, "--resume")
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert victim.read_text() == "precious\n"  # the host never wrote through the link
+    st = os.stat(out / "cpu-torch2.13")
+    assert not (st.st_mode & 0o002)  # the cell directory is not world-writable
