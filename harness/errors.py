@@ -109,6 +109,9 @@ class BaseImageMissing(InputError):
                 f"--base-image {cell}=IMAGE"
             ),
         )
+        # This host cannot build the cell, which is not the cell failing: the runner records it as skipped.
+        self.skip_reason = (f"base image {image} is not in the engine: `docker pull {image}`, "
+                            f"or --base-image {cell}=IMAGE")
 
 
 class Interrupted(HarnessError):

@@ -64,6 +64,9 @@ class Plan:
     builds: dict[str, Any] = field(default_factory=dict)  # image cell name -> images.build.BuildPlan
     blocked: dict[str, HarnessError] = field(default_factory=dict)  # cell name -> why it cannot start
     options: ImageOptions | None = None
+    # image cell name -> its ``harness:<cell>`` alias, for wheelhouse cells given no wheelhouse: the
+    # runner uses the image already built under that alias (unchecked), or skips the cell without one
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def runnable(self) -> list[Cell]:
@@ -236,7 +239,9 @@ def _image_plan(opts: RunOptions) -> Plan:
     cells = image_run_cells(image_cells, ax.modes or IMAGE_DEFAULT_MODES, ax.threads or (None,), ax.tf32, ax.repeats,
                             devices, skips, warnings)
     blocked = {c.name: build_errors[c.image.name] for c in cells if c.skip_reason is None and c.image.name in build_errors}
-    return Plan("docker", cells, builds=builds, blocked=blocked, options=opts.images)
+    aliases = {ic.name: f"{imagebuild.REPOSITORY}:{ic.name}" for ic in image_cells
+               if ic.source == "wheelhouse" and ic.name not in wheelhouses and ic.name in build_errors}
+    return Plan("docker", cells, builds=builds, blocked=blocked, options=opts.images, aliases=aliases)
 
 
 def make_plan(opts: RunOptions) -> Plan:

@@ -292,6 +292,7 @@ class ImageInfo:
     size_bytes: int | None = None
     built_seconds: float | None = None
     snapshot: str | None = None  # the archive it was loaded from (harness rerun)
+    note: str | None = None  # e.g. an existing image used without checking it against its inputs
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> "ImageInfo":

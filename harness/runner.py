@@ -153,7 +153,8 @@ def make_backend(plan: Plan) -> Any:
     from .docker_engine import Engine
 
     im = plan.options
-    return DockerBackend(Engine.connect(), plan.builds, gpus=im.gpus if im else "all", memory=im.memory if im else None)
+    return DockerBackend(Engine.connect(), plan.builds, gpus=im.gpus if im else "all", memory=im.memory if im else None,
+                         aliases=plan.aliases)
 
 
 def _log_tail(path: Path, chars: int = 2000) -> str | None:
@@ -203,12 +204,23 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any) -> Outcome:
     current: Cell | None = None
     t_cell = time.perf_counter()
     try:
-        blocked = dict(plan.blocked)
+        # A wheelhouse cell given no wheelhouse is not blocked when its image is already built: the
+        # backend uses harness:<cell> as found (or skips the cell when there is none).
+        blocked = {name: exc for name, exc in plan.blocked.items()
+                   if not any(c.name == name and c.image is not None and c.image.name in plan.aliases
+                              for c in runnable)}
         blocked.update(backend.prepare([c for c in runnable if c.name not in blocked], job))
         for cell in runnable:
             current, t_cell = cell, time.perf_counter()
             progress.start(cell.name)
-            if cell.name in blocked:
+            if cell.name in blocked and getattr(blocked[cell.name], "skip_reason", None):
+                # This host cannot build the cell (no base image, no wheelhouse and no built image):
+                # skipped, with the command that makes it buildable; a build that failed stays failed.
+                rec = ResultRecord.without_metrics(cell.name, Status.SKIPPED, "skipped",
+                                                   blocked[cell.name].skip_reason,  # type: ignore[attr-defined]
+                                                   backend=backend.name, started_at=now_utc())
+                keep(cell, rec)
+            elif cell.name in blocked:
                 # A cell that cannot start (its image, its wheelhouse, its base image) fails alone.
                 exc = blocked[cell.name]
                 rec = ResultRecord.without_metrics(cell.name, Status.FAILED, "image", exc.one_line(),
@@ -260,7 +272,10 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
     from .report import console, json_report, markdown, print_report
 
     comparison = compare(records, tol, missing, allow_data_change=report_opts.allow_data_change)
-    print_report(console(), records, comparison)
+    if records and not missing and all(r.status is Status.SKIPPED for r in records):
+        print_nothing_ran(console(), records)
+    else:
+        print_report(console(), records, comparison)
     report = record.dumps(json_report(records, comparison))
     if results is not None:
         try:
@@ -279,6 +294,20 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
     if results is not None:
         console(stderr=True).print(f"[dim]records: {results}[/dim]")
     return comparison
+
+
+def print_nothing_ran(out: Any, records: list[ResultRecord]) -> None:
+    """No cell could run here: one short message of what to do, not a table of skips."""
+    by_reason: dict[str, list[str]] = {}
+    for r in records:
+        by_reason.setdefault(r.error.message if r.error else "skipped", []).append(r.cell)
+    out.print(f"[bold]No cell could run on this host ({len(records)} skipped).[/bold] To run some:", soft_wrap=True)
+    for reason, cells in list(by_reason.items())[:6]:
+        out.print(f"  {', '.join(cells)}: {reason}", soft_wrap=True, markup=False, highlight=False)
+    if len(by_reason) > 6:
+        out.print(f"  ... and {len(by_reason) - 6} more reason(s) in the records", soft_wrap=True)
+    out.print("  or retrain with this machine's own torch: add `--backend local`", soft_wrap=True,
+              markup=False, highlight=False)
 
 
 def start(plan: Plan, job: Job, bundle_root: str) -> None:

@@ -184,12 +184,17 @@ def exit_reason(status: int, oom: bool, memory: str | None) -> str:
 # --------------------------------------------------------------------------- effects
 
 
+LABEL_INPUT_HASH = "org.harness.input-hash"  # images.build.LABEL_HASH
+
+
 class DockerBackend(Backend):
     name = "docker"
 
-    def __init__(self, engine: Engine, plans: dict[str, Any], *, gpus: str = "all", memory: str | None = None) -> None:
+    def __init__(self, engine: Engine, plans: dict[str, Any], *, gpus: str = "all", memory: str | None = None,
+                 aliases: dict[str, str] | None = None) -> None:
         self.engine = engine
         self.plans = plans  # cell name -> images.build.BuildPlan
+        self.aliases = dict(aliases or {})  # image cell name -> harness:<cell>, used as found (no wheelhouse given)
         self.gpus = gpus
         self.memory = memory
         self.images: dict[str, ImageInfo] = {}  # cell name -> the image it runs in, from prepare() or use_image()
@@ -222,12 +227,47 @@ class DockerBackend(Backend):
         results = imagebuild.ensure_images(self.engine, unique, progress)
         failures: dict[str, HarnessError] = {}
         for c in cells:
+            if c.image is not None and c.image.name not in self.plans and c.image.name in self.aliases:
+                found = self.use_alias(c, err)
+                if isinstance(found, HarnessError):
+                    failures[c.name] = found
+                continue
             r = results.get(c.image.name) if c.image is not None else None
             if isinstance(r, HarnessError):
                 failures[c.name] = r
             elif r is not None:
                 self.images[c.name] = self.describe(c, r)
         return failures
+
+    def use_alias(self, cell: Cell, err: Any) -> ImageInfo | HarnessError:
+        """The image already built under ``harness:<cell>``, for a wheelhouse cell given no wheelhouse.
+
+        Without the wheelhouse its inputs cannot be hashed, so the image is used as found and
+        the record says so; with no such image the cell is skipped, naming the command that
+        makes it buildable.
+        """
+        from ..errors import InputError
+
+        ic = cell.image
+        alias = self.aliases[ic.name]
+        img = self.engine.image(alias)
+        if img is None:
+            exc = InputError(f"cell {ic.name}", f"builds from a wheelhouse, none was given and {alias} is not built",
+                             hint=f"pass --wheelhouse {ic.name}=DIR")
+            exc.skip_reason = (f"no wheelhouse given and no built image {alias}: "  # type: ignore[attr-defined]
+                               f"`harness images wheelhouse --cells {ic.name} --dest DIR`, "
+                               f"then --wheelhouse {ic.name}=DIR")
+            return exc
+        note = "not checked against its inputs: no wheelhouse given"
+        if ic.name not in getattr(self, "_alias_noted", set()):
+            self._alias_noted = getattr(self, "_alias_noted", set()) | {ic.name}
+            err.print(f"[yellow]{ic.name}: using the built image {alias} ({note})[/yellow]", soft_wrap=True)
+        info = ImageInfo(
+            id=img.id, tag=alias, cell=ic.name, repo_digests=list(img.repo_digests),
+            input_hash=img.labels.get(LABEL_INPUT_HASH), torch=ic.torch, variant=ic.variant, cuda=ic.cuda,
+            python=ic.python, base_image=ic.base_image, source="wheelhouse", size_bytes=img.size, note=note)
+        self.images[cell.name] = info
+        return info
 
     def describe(self, cell: Cell, built: Any) -> ImageInfo:
         """The image facts a record carries (what ran, not what was asked for)."""
