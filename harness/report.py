@@ -53,6 +53,15 @@ def fdelta(v: Any) -> str:
     return f"{v:+.2e}"
 
 
+def fmag(v: Any) -> str:
+    """A magnitude (a max |Δ|): exact zero is 0, everything else unsigned with 2 digits."""
+    if v is None:
+        return "—"
+    if v == 0:
+        return "0"
+    return f"{abs(v):.2e}"
+
+
 def _mean(d: Mapping[str, Any] | None) -> float | None:
     vals = [float(v) for v in (d or {}).values() if v is not None]
     return fmean(vals) if vals else None
@@ -123,12 +132,12 @@ def rows(records: list[ResultRecord], comparison: Comparison) -> list[dict[str, 
             "val_loss": fnum(retrained.get("val_loss")),
             "d_rec_loss": fdelta(_diff(vs_rec, "val_loss")),
             "r2": fnum(_mean(val.get("r2")), 5),
-            "d_rec_r2": fdelta(max_abs(vs_rec, "r2")),
+            "d_rec_r2": fmag(max_abs(vs_rec, "r2")),
             "mse": fnum(_mean(val.get("mse")), 5),
             "mae": fnum(_mean(val.get("mae")), 5),
-            "d_first": "baseline" if rec.cell == first else fdelta(max_abs(j.vs_first) if j else None),
+            "d_first": "baseline" if rec.cell == first else fmag(max_abs(j.vs_first) if j else None),
             "weights": _weights(j, rec.cell == first),
-            "d_archived": fdelta(max_abs(j.archived_inference) if j else None),
+            "d_archived": fmag(max_abs(j.archived_inference) if j else None),
             "wall": f"{wall:.1f}s" if isinstance(wall, (int, float)) and rec.ok else "—",
             "verdict": (j.verdict if j else Verdict.INCOMPLETE).value,
             "reason": j.reason if j else "",
@@ -149,20 +158,28 @@ RESULT_COLUMNS = [("cell", "cell"), ("val_loss", "val loss"), ("d_rec_loss", "Δ
                   ("weights", "weights"), ("d_archived", "archived Δ"), ("wall", "wall"), ("verdict", "verdict")]
 
 
+FREE_TEXT = ("where", "device", "determinism")  # may be shortened with an ellipsis; names and numbers never are
+RESULTS_TITLE = "Results (validation split, original units; Δ rec = vs trial_info.yaml, Δ first = vs first cell)"
+PER_TARGET_TITLE = "Per target (validation): value and Δ vs recorded"
+PER_TARGET_COLUMNS = ("R²", "ΔR² rec", "MSE", "ΔMSE rec", "MAE", "ΔMAE rec", "test R²")
+
+
 def environment_table(data: list[dict[str, str]]) -> Table:
     t = Table(title="Environment (measured inside each run)", box=box.SIMPLE_HEAD, title_justify="left")
-    for _, head in ENV_COLUMNS:
-        t.add_column(head, overflow="fold")
+    for key, head in ENV_COLUMNS:
+        if key in FREE_TEXT:
+            t.add_column(head, overflow="ellipsis")
+        else:
+            t.add_column(head, no_wrap=True)
     for r in data:
         t.add_row(*(r[k] for k, _ in ENV_COLUMNS))
     return t
 
 
 def results_table(data: list[dict[str, str]]) -> Table:
-    t = Table(title="Results (validation split, original units; Δ rec = vs trial_info.yaml, Δ first = vs first cell)",
-              box=box.SIMPLE_HEAD, title_justify="left")
+    t = Table(title=RESULTS_TITLE, box=box.SIMPLE_HEAD, title_justify="left")
     for key, head in RESULT_COLUMNS:
-        t.add_column(head, justify="left" if key in ("cell", "weights", "verdict") else "right", overflow="fold")
+        t.add_column(head, justify="left" if key in ("cell", "weights", "verdict") else "right", no_wrap=True)
     for r in data:
         cells: list[Any] = [r[k] for k, _ in RESULT_COLUMNS]
         cells[-1] = Text(r["verdict"], style=VERDICT_STYLE.get(Verdict(r["verdict"]), ""))
@@ -170,11 +187,9 @@ def results_table(data: list[dict[str, str]]) -> Table:
     return t
 
 
-def per_target_table(records: list[ResultRecord], comparison: Comparison) -> Table | None:
-    """Per target detail of the cells that ran; None when no cell has per-target metrics."""
-    t = Table(title="Per target (validation): value and Δ vs recorded", box=box.SIMPLE_HEAD, title_justify="left")
-    for head in ("cell", "target", "R²", "ΔR² rec", "MSE", "ΔMSE rec", "MAE", "ΔMAE rec", "test R²"):
-        t.add_column(head, justify="left" if head in ("cell", "target") else "right")
+def per_target_rows(records: list[ResultRecord], comparison: Comparison) -> list[tuple[str, ...]]:
+    """(cell, target, *PER_TARGET_COLUMNS) display strings for every target of the cells that ran."""
+    out: list[tuple[str, ...]] = []
     for rec in records:
         retrained = rec.retrained
         val = retrained.get("val") or {}
@@ -184,11 +199,65 @@ def per_target_table(records: list[ResultRecord], comparison: Comparison) -> Tab
         for target in (val.get("r2") or {}):
             def d(fam: str) -> str:
                 return fdelta(_diff(vs_rec, f"{fam}/{target}"))
-            t.add_row(rec.cell, target, fnum(val["r2"].get(target), 5), d("r2"),
-                      fnum((val.get("mse") or {}).get(target), 5), d("mse"),
-                      fnum((val.get("mae") or {}).get(target), 5), d("mae"),
-                      fnum((test.get("r2") or {}).get(target), 5))
+            out.append((rec.cell, target, fnum(val["r2"].get(target), 5), d("r2"),
+                        fnum((val.get("mse") or {}).get(target), 5), d("mse"),
+                        fnum((val.get("mae") or {}).get(target), 5), d("mae"),
+                        fnum((test.get("r2") or {}).get(target), 5)))
+    return out
+
+
+def per_target_table(records: list[ResultRecord], comparison: Comparison) -> Table | None:
+    """Per target detail of the cells that ran; None when no cell has per-target metrics."""
+    t = Table(title=PER_TARGET_TITLE, box=box.SIMPLE_HEAD, title_justify="left")
+    for head in ("cell", "target", *PER_TARGET_COLUMNS):
+        t.add_column(head, justify="left" if head in ("cell", "target") else "right", no_wrap=True)
+    for row in per_target_rows(records, comparison):
+        t.add_row(*row)
     return t if t.row_count else None
+
+
+def _stacked(title: str, blocks: list[tuple[str, list[tuple[str, Any]]]]) -> Group:
+    """The narrow layout of a table: its title, then per row its name and one ``key: value`` line per column.
+
+    Used when a table is wider than the terminal, so that no name or number is cut or wrapped.
+    """
+    parts: list[Any] = [Text(title, style="italic", overflow="fold")]
+    for name, items in blocks:
+        parts.append(Text(name, style="bold", no_wrap=True, overflow="ignore"))
+        for key, value in items:
+            line = Text(f"  {key}: ", no_wrap=True, overflow="ignore")
+            line.append(value if isinstance(value, Text) else Text(str(value)))
+            parts.append(line)
+    parts.append(Text(""))
+    return Group(*parts)
+
+
+def _environment_stacked(data: list[dict[str, str]]) -> Group:
+    return _stacked("Environment (measured inside each run)",
+                    [(r["cell"], [(head, r[k]) for k, head in ENV_COLUMNS[1:]]) for r in data])
+
+
+def _results_stacked(data: list[dict[str, str]]) -> Group:
+    blocks = []
+    for r in data:
+        items: list[tuple[str, Any]] = [(head, r[k]) for k, head in RESULT_COLUMNS[1:-1]]
+        items.append(("verdict", Text(r["verdict"], style=VERDICT_STYLE.get(Verdict(r["verdict"]), ""))))
+        blocks.append((r["cell"], items))
+    return _stacked(RESULTS_TITLE, blocks)
+
+
+def _per_target_stacked(records: list[ResultRecord], comparison: Comparison) -> Group | None:
+    rows_ = per_target_rows(records, comparison)
+    if not rows_:
+        return None
+    return _stacked(PER_TARGET_TITLE, [(f"{r[0]}  target {r[1]}", list(zip(PER_TARGET_COLUMNS, r[2:]))) for r in rows_])
+
+
+def _fits(out: Console | None, table: Table) -> bool:
+    """Whether ``table`` fits ``out`` at its natural width (always, without a console to measure)."""
+    if out is None:
+        return True
+    return out.measure(table, options=out.options.update_width(10_000)).maximum <= out.width
 
 
 def warnings(records: Iterable[ResultRecord], comparison: Comparison | None = None) -> list[str]:
@@ -213,13 +282,23 @@ def summary_line(comparison: Comparison) -> Text:
                          f"  ({detail}; {n} cells) — {comparison.reason}")
 
 
-def renderable(records: list[ResultRecord], comparison: Comparison, *, per_target: bool = True) -> Group:
+def renderable(records: list[ResultRecord], comparison: Comparison, *, per_target: bool = True,
+               out: Console | None = None) -> Group:
+    """The report; each table narrower than ``out`` is printed as is, a wider one stacked (one block per row)."""
     data = rows(records, comparison)
-    parts: list[Any] = [environment_table(data), results_table(data)]
+    env, res = environment_table(data), results_table(data)
+    parts: list[Any] = [env if _fits(out, env) else _environment_stacked(data),
+                        res if _fits(out, res) else _results_stacked(data)]
     if per_target:
         table = per_target_table(records, comparison)
         if table is not None:
-            parts.append(table)
+            parts.append(table if _fits(out, table) else _per_target_stacked(records, comparison))
+    return Group(*parts, *notes(data, records, comparison))
+
+
+def notes(data: list[dict[str, str]], records: list[ResultRecord], comparison: Comparison) -> list[Text]:
+    """The lines under the tables: why a cell failed or was skipped, warnings, the overall verdict."""
+    parts: list[Text] = []
     for r in data:
         if r["verdict"] == Verdict.FAILED.value:
             parts.append(Text(f"✗ {r['cell']}: {r['reason']}", style="red"))
@@ -232,11 +311,17 @@ def renderable(records: list[ResultRecord], comparison: Comparison, *, per_targe
     for w in warnings(records, comparison):
         parts.append(Text(f"! {w}", style="bold red"))
     parts.append(summary_line(comparison))
-    return Group(*parts)
+    return parts
 
 
 def print_report(out: Console, records: list[ResultRecord], comparison: Comparison) -> None:
-    out.print(renderable(records, comparison))
+    """The tables, then the note lines unwrapped: a reason often ends in a command to copy whole."""
+    group = renderable(records, comparison, out=out)
+    n = len(notes(rows(records, comparison), records, comparison))
+    tables, lines = group.renderables[:-n], group.renderables[-n:]
+    out.print(Group(*tables))
+    for line in lines:
+        out.print(line, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- Markdown and JSON

@@ -1,0 +1,90 @@
+"""The report read at 80, 100 and 200 columns: no cell name or number is cut or wrapped."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from rich.console import Console
+
+from harness.judge import compare
+from harness.record import ResultRecord
+from harness.report import fnum, print_report
+
+from .records import record, with_env
+
+CELLS = ["cpu-strict-t1", "cpu-strict-tdef", "cpu-default-t1", "cpu-default-tdef", "cu130-torch2.14-strict-tf32"]
+
+
+def records() -> list[ResultRecord]:
+    out = []
+    for i, name in enumerate(CELLS):
+        rec = with_env(record(name, r2=0.9 - 0.0123456 * i, sha="w1" if i == 0 else f"w{i}"), "2.13.0+cpu", None)
+        rec.retrained["val"]["r2"]["b"] = 0.498765 + i
+        rec.retrained["val"]["mse"]["b"] = 498.123
+        rec.retrained["val_loss"] = 0.123456789 + i
+        out.append(rec)
+    return out
+
+
+def render(width: int) -> str:
+    console = Console(width=width, record=True, color_system=None, force_terminal=False)
+    recs = records()
+    print_report(console, recs, compare(recs))
+    return console.export_text()
+
+
+def numbers(recs: list[ResultRecord]) -> set[str]:
+    out = set()
+    for rec in recs:
+        out.add(fnum(rec.retrained["val_loss"]))
+        for fam in ("r2", "mse", "mae"):
+            for v in rec.retrained["val"][fam].values():
+                out.add(fnum(v, 5))
+    return out
+
+
+@pytest.mark.parametrize("width", [80, 100, 200])
+def test_cell_names_and_numbers_are_whole(width: int) -> None:
+    text = render(width)
+    lines = text.splitlines()
+    assert all(len(ln.rstrip()) <= width for ln in lines)
+    tokens = {t for ln in lines for t in re.split(r"[\s│|]+", ln) if t}
+    for name in CELLS:
+        assert name in tokens, f"{name} not whole at {width} columns:\n{text}"
+    for n in numbers(records()):
+        assert n in tokens, f"{n} not whole at {width} columns:\n{text}"
+    for word in ("reproduced", "drifted", "verdict"):
+        assert not any(ln.strip().endswith(word[:4]) for ln in lines if word not in ln)
+    # t1 and tdef rows of the per-target detail stay distinguishable
+    assert sum("cpu-strict-tdef" in ln for ln in lines) >= 2
+
+
+def test_wide_layout_is_the_tables_narrow_is_stacked() -> None:
+    assert "max|ΔR²| rec" in render(200)
+    narrow = render(80)
+    assert "Results" in narrow and "verdict:" in narrow
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_max_abs_columns_have_no_sign(width: int) -> None:
+    recs = [with_env(record("a"), "2.13.0", None), with_env(record("b", r2=0.85, sha="w2"), "2.13.0", None)]
+    console = Console(width=width, record=True, color_system=None, force_terminal=False)
+    print_report(console, recs, compare(recs))
+    text = console.export_text()
+    results = text[text.index("Results"):text.index("Per target") if "Per target" in text else None]
+    assert "+5.00e-02" not in results and "-5.00e-02" not in results and "5.00e-02" in results
+
+
+def test_a_command_in_a_skip_reason_is_not_wrapped() -> None:
+    from harness.record import Status
+
+    cmd = "`docker pull nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04`"
+    skipped = record("cu124-torch2.5", status=Status.SKIPPED,
+                     message=f"base image nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 is not in the engine: {cmd}, "
+                             "or --base-image cu124-torch2.5=IMAGE")
+    recs = [with_env(record("cpu"), "2.13.0", None), skipped]
+    console = Console(width=80, record=True, color_system=None, force_terminal=False)
+    print_report(console, recs, compare(recs))
+    text = console.export_text()
+    assert any(cmd in ln and "--base-image cu124-torch2.5=IMAGE" in ln for ln in text.splitlines()), text
