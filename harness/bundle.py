@@ -333,6 +333,44 @@ def parse_config(cfg: Any, root: Path, data_override: str | None = None) -> tupl
     return data, model, training, trainer
 
 
+# --------------------------------------------------------------------------- keys the reference trainer reads
+
+# The keys parse_config reads for the reference trainer, per section (data.split by its ratios).
+REFERENCE_KEYS: dict[str, tuple[str, ...]] = {
+    "data": ("path", "sha256", "exclude_channels", "downsample", "split"),
+    "data.split": ("train", "val", "test"),
+    "model": ("name", "hidden", "num_layers", "dropout_rate", "use_residual", "activation"),
+    "training": ("seed", "batch_size", "epochs", "learning_rate", "weight_decay", "optimizer", "scale_targets"),
+}
+
+
+def unknown_config_keys(cfg: Any) -> list[str]:
+    """One message per key of ``data``/``model``/``training`` the reference trainer does not read.
+
+    A misspelt key (``model.hiden``) used to be ignored silently: the run trained with the
+    default and could report ``reproduced``. A config naming its own ``trainer`` is left
+    alone: its keys are that trainer's.
+    """
+    if not isinstance(cfg, Mapping) or cfg.get("trainer") is not None:
+        return []
+    import difflib
+
+    out = []
+    for section, known in REFERENCE_KEYS.items():
+        node: Any = cfg
+        for part in section.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if not isinstance(node, Mapping):
+            continue
+        for key in node:
+            if key in known:
+                continue
+            close = difflib.get_close_matches(str(key), known, n=1)
+            guess = f" (did you mean {section}.{close[0]}?)" if close else ""
+            out.append(f"{CONFIG}: {section}.{key} is not a key the reference trainer reads{guess}; it was ignored")
+    return out
+
+
 # --------------------------------------------------------------------------- trial_info.yaml
 
 

@@ -177,6 +177,7 @@ class RunOptions:
     progress: bool = True
     resume: bool = False  # reuse a results directory that holds another run's records
     timeout: float = DEFAULT_TIMEOUT_S  # seconds per cell
+    strict_config: bool = False  # refuse keys the reference trainer does not read (exit 2)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -43,6 +43,10 @@ def check(bundle: Bundle) -> Preflight:
     data = read_layout(bundle.data)
     digest = sha256_file(bundle.data.resolved)
     warnings = data_mismatches(bundle, digest)
+    if bundle.trainer is None:
+        from .bundle import unknown_config_keys
+
+        warnings += unknown_config_keys(bundle.config)
     if bundle.recorded is None:
         warnings.append("no trial_info.yaml: the runs go ahead, but there is nothing recorded to compare with")
     if bundle.scaler_path is not None:

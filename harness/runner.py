@@ -47,6 +47,13 @@ def load_and_check(opts: RunOptions) -> tuple[Any, Any]:
 
     bundle = load_bundle(opts.bundle, data_override=opts.data, trainer_override=opts.trainer,
                          trainer_path=opts.trainer_path)
+    if opts.strict_config and bundle.trainer is None:
+        from .bundle import CONFIG, unknown_config_keys
+
+        unknown = unknown_config_keys(bundle.config)
+        if unknown:
+            raise InputError(CONFIG, "; ".join(m.removeprefix(f"{CONFIG}: ") for m in unknown),
+                             hint="fix or remove the key(s), or drop --strict-config to run with a warning")
     return bundle, preflight.check(bundle)
 
 
@@ -345,7 +352,8 @@ def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances) -> Co
     bundle, pre = load_and_check(opts)
     err = console(stderr=True)
     for w in pre.warnings:
-        err.print(f"[bold red]! {w}[/bold red]" if "MISMATCH" in w else f"[yellow]! {w}[/yellow]")
+        loud = "MISMATCH" in w or "not a key the reference trainer reads" in w
+        err.print(f"[bold red]! {w}[/bold red]" if loud else f"[yellow]! {w}[/yellow]", soft_wrap=True)
     plan = make_plan(opts)
     out = results_dir(opts.out, bundle.root)
     check_writable(out)

@@ -46,6 +46,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="kill a cell that runs longer (90, 30m, 2h; default 6h); it is recorded as timeout")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     add_allow_data_change(p)
+    p.add_argument("--strict-config", action="store_true",
+                   help="refuse (exit 2) a config.yaml key of data/model/training that the reference trainer does not "
+                        "read, e.g. a misspelt model.hiden (default: a warning, and the key is ignored)")
     p.add_argument("--resume", action="store_true",
                    help="reuse an --out directory that holds another run's records: this run's cells are rerun "
                         "and their records replaced (other cells' records stay, but are not judged)")
