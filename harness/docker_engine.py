@@ -35,6 +35,14 @@ from .errors import BackendError, BuildFailed
 DOCKER_TIMEOUT_S = 3600
 CHUNK = 1 << 20
 START_HINT = "start dockerd (e.g. `setsid dockerd >/var/log/dockerd.log 2>&1 &`) or set DOCKER_HOST"
+UNREACHABLE_HINT = START_HINT + ", or retrain without containers with --backend local"
+
+
+def unreachable(where: str, problem: str) -> BackendError:
+    """The one-line error of an engine that does not answer; the hint names the way round it."""
+    return BackendError(f"Docker engine not reachable at {where} ({problem})", hint=UNREACHABLE_HINT)
+
+
 NO_NVIDIA_HINT = "install nvidia-container-toolkit, or run with --gpus none"
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -215,7 +223,7 @@ class Engine:
                     client.close()
             gc.collect()
         if problem is not None:
-            raise BackendError(f"Docker engine not reachable at {where} ({problem})", hint=START_HINT) from None
+            raise unreachable(where, problem) from None
         return cls(client)
 
     def close(self) -> None:

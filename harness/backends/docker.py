@@ -214,7 +214,9 @@ class DockerBackend(Backend):
             elif event in ("built", "cached"):
                 err.print(f"[dim]image {cell}: {'built' if event == 'built' else 'up to date'} ({text})[/dim]")
             elif event == "failed":
-                err.print(f"[red]image {cell}: {text}[/red]")
+                err.print(f"[red]image {cell}: {text}[/red]", soft_wrap=True)
+            elif event == "skipped":
+                err.print(f"[yellow]image {cell}: cannot be built here, skipped: {text}[/yellow]", soft_wrap=True)
 
         try:
             for f in remove_dead_containers(self.engine):

@@ -54,10 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_cmp = sub.add_parser("compare", help="re-render the comparison of result records (merge results from several machines)")
     p_cmp.add_argument("paths", nargs="+", help="results directories, record.json files or --json reports")
-    p_cmp.add_argument("--json", dest="json_out", metavar="FILE")
-    p_cmp.add_argument("--markdown", metavar="FILE")
-    p_cmp.add_argument("--tol", action="append", default=[])
-    p_cmp.add_argument("--tolerances", metavar="FILE")
+    p_cmp.add_argument("--json", dest="json_out", metavar="FILE", help="write the records plus the comparison as JSON")
+    p_cmp.add_argument("--markdown", metavar="FILE", help="write a Markdown table (for a pull-request comment)")
+    p_cmp.add_argument("--tol", action="append", default=[], metavar="METRIC=abs:X[,rel:Y]",
+                       help="tolerance for val_loss, r2, mse or mae (repeatable), e.g. --tol r2=abs:1e-4")
+    p_cmp.add_argument("--tolerances", metavar="FILE", help="YAML file of tolerances: {r2: {abs: 1e-4}, mse: {rel: 0.01}}")
     add_allow_data_change(p_cmp)
     p_cmp.set_defaults(func=cmd_compare)
 

@@ -251,8 +251,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("compose", help="write compose.yaml from the matrix")
-    p.add_argument("--matrix", type=Path, default=None)
-    p.add_argument("--compat", type=Path, default=None)
+    p.add_argument("--matrix", type=Path, default=None, help="matrix file (default images/matrix.yaml)")
+    p.add_argument("--compat", type=Path, default=None, help="compat file (default images/compat.yaml)")
     p.add_argument("--output", type=Path, default=COMPOSE_FILE, help="default: compose.yaml at the repo root")
     p.add_argument("--check", action="store_true", help="exit 1 when the file differs from what would be written")
     p.set_defaults(func=cmd_compose)
@@ -263,8 +263,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("wheelhouse", help="pip-download the wheels of cells for offline builds")
-    p.add_argument("--matrix", type=Path, default=None)
-    p.add_argument("--compat", type=Path, default=None)
+    p.add_argument("--matrix", type=Path, default=None, help="matrix file (default images/matrix.yaml)")
+    p.add_argument("--compat", type=Path, default=None, help="compat file (default images/compat.yaml)")
     p.add_argument("--cells", required=True, help="comma-separated cell names")
     p.add_argument("--dest", type=Path, required=True, help="root directory; each cell gets DEST/<cell>")
     p.add_argument("--python", default=sys.executable, help="python whose pip downloads (default: this one)")

@@ -69,8 +69,9 @@ def register(subparsers: Any) -> None:
     r.add_argument("--out", help="results directory (default: harness-results/rerun-<cell>-<time>)")
     r.add_argument("--json", dest="json_out", metavar="FILE", help="write both records plus the comparison as JSON")
     r.add_argument("--markdown", metavar="FILE", help="write a Markdown table")
-    r.add_argument("--tol", action="append", default=[], metavar="METRIC=abs:X[,rel:Y]")
-    r.add_argument("--tolerances", metavar="FILE")
+    r.add_argument("--tol", action="append", default=[], metavar="METRIC=abs:X[,rel:Y]",
+                   help="tolerance for val_loss, r2, mse or mae (repeatable), e.g. --tol r2=abs:1e-4")
+    r.add_argument("--tolerances", metavar="FILE", help="YAML file of tolerances: {r2: {abs: 1e-4}, mse: {rel: 0.01}}")
     r.add_argument("--gpus", default="all", help="GPUs to request when the archived run used CUDA: all, none, or ids")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     _signature_options(r)

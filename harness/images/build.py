@@ -381,7 +381,7 @@ def build(engine: Engine, plan: BuildPlan, on_log: Callable[[str], None] | None 
     return BuiltImage(plan.tag, image_id, name, time.monotonic() - start, built=built)
 
 
-Progress = Callable[[str, str, str], None]  # (cell, event, text); event: start|log|cached|built|failed
+Progress = Callable[[str, str, str], None]  # (cell, event, text); event: start|log|cached|built|failed|skipped
 
 
 def ensure_images(engine: Engine, plans: Iterable[BuildPlan], progress: Progress | None = None
@@ -396,7 +396,8 @@ def ensure_images(engine: Engine, plans: Iterable[BuildPlan], progress: Progress
             img = build(engine, plan, on_log=lambda line, n=name: say(n, "log", line))
         except HarnessError as exc:
             results[name] = exc
-            say(name, "failed", exc.one_line())
+            skip = getattr(exc, "skip_reason", None)  # this host cannot build it (no base image): not a failure
+            say(name, "skipped" if skip else "failed", skip or exc.one_line())
             continue
         except Exception as exc:  # an SDK/transport error must not stop the other cells
             err = BackendError(f"building {plan.tag}: {type(exc).__name__}: {exc}")
