@@ -96,6 +96,27 @@ def _env_summary(rec: ResultRecord) -> dict[str, str]:
     }
 
 
+TRIAL_ROW = "trial (recorded)"
+
+
+def trial_env_row(env: Mapping[str, Any] | None) -> dict[str, str] | None:
+    """The Environment row of what trial_info.yaml recorded of the trial's own environment, if anything."""
+    if not env:
+        return None
+
+    def v(*keys: str) -> str:
+        for k in keys:
+            if env.get(k) not in (None, ""):
+                return str(env[k])
+        return "—"
+
+    host = v("hostname", "host")
+    return {"cell": TRIAL_ROW, "where": "trial_info.yaml" + (f" ({host})" if host != "—" else ""),
+            "python": v("python"), "torch": v("torch"), "cuda": v("cuda"), "cudnn": v("cudnn"),
+            "device": v("device", "gpu"), "driver": v("driver"), "threads": v("threads"),
+            "determinism": v("determinism")}
+
+
 def _weights(j: Any, is_first: bool) -> str:
     """Bitwise identity of the retrained best weights with the trial's and the first cell's."""
     if j is None:
@@ -283,11 +304,17 @@ def summary_line(comparison: Comparison) -> Text:
 
 
 def renderable(records: list[ResultRecord], comparison: Comparison, *, per_target: bool = True,
-               out: Console | None = None) -> Group:
-    """The report; each table narrower than ``out`` is printed as is, a wider one stacked (one block per row)."""
+               out: Console | None = None, trial_environment: Mapping[str, Any] | None = None) -> Group:
+    """The report; each table narrower than ``out`` is printed as is, a wider one stacked (one block per row).
+
+    ``trial_environment``: what trial_info.yaml recorded of the trial's environment, shown as a
+    ``trial (recorded)`` row above the cells of the Environment table.
+    """
     data = rows(records, comparison)
-    env, res = environment_table(data), results_table(data)
-    parts: list[Any] = [env if _fits(out, env) else _environment_stacked(data),
+    trial = trial_env_row(trial_environment)
+    env_data = ([trial] if trial else []) + data
+    env, res = environment_table(env_data), results_table(data)
+    parts: list[Any] = [env if _fits(out, env) else _environment_stacked(env_data),
                         res if _fits(out, res) else _results_stacked(data)]
     if per_target:
         table = per_target_table(records, comparison)
@@ -314,9 +341,10 @@ def notes(data: list[dict[str, str]], records: list[ResultRecord], comparison: C
     return parts
 
 
-def print_report(out: Console, records: list[ResultRecord], comparison: Comparison) -> None:
+def print_report(out: Console, records: list[ResultRecord], comparison: Comparison, *,
+                 trial_environment: Mapping[str, Any] | None = None) -> None:
     """The tables, then the note lines unwrapped: a reason often ends in a command to copy whole."""
-    group = renderable(records, comparison, out=out)
+    group = renderable(records, comparison, out=out, trial_environment=trial_environment)
     n = len(notes(rows(records, comparison), records, comparison))
     tables, lines = group.renderables[:-n], group.renderables[-n:]
     out.print(Group(*tables))
@@ -331,15 +359,34 @@ def _md_escape(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
-def markdown(records: list[ResultRecord], comparison: Comparison) -> str:
-    """A compact report fit for a pull-request comment."""
+def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str | None = None,
+             trial_environment: Mapping[str, Any] | None = None) -> str:
+    """A compact report fit for a pull-request comment: verdict, environments, results, per-target detail."""
     data = rows(records, comparison)
-    lines = [f"### harness: **{comparison.overall.value}** — {_md_escape(comparison.reason)}", ""]
+    of = f" `{_md_escape(bundle)}`" if bundle else ""
+    lines = [f"### harness{of}: **{comparison.overall.value}** — {_md_escape(comparison.reason)}", ""]
+
+    def table(cols: list[tuple[str, str]], body: list[dict[str, str]]) -> None:
+        lines.append("| " + " | ".join(_md_escape(h) for _, h in cols) + " |")
+        lines.append("|" + "|".join("---" for _ in cols) + "|")
+        for r in body:
+            lines.append("| " + " | ".join(_md_escape(r[k]) for k, _ in cols) + " |")
+
+    trial = trial_env_row(trial_environment)
+    if trial:
+        env_cols = [("cell", "cell"), ("where", "backend/image"), ("python", "python"), ("torch", "torch"),
+                    ("cuda", "cuda"), ("device", "device"), ("threads", "thr")]
+        lines += ["Environment (the trial as recorded, then each cell as measured)", ""]
+        table(env_cols, [trial, *data])
+        lines.append("")
+    lines += [RESULTS_TITLE, ""]
     cols = [("cell", "cell"), ("torch", "torch"), ("cuda", "cuda"), ("device", "device"), ("determinism", "determinism")] + RESULT_COLUMNS[1:]
-    lines.append("| " + " | ".join(_md_escape(h) for _, h in cols) + " |")
-    lines.append("|" + "|".join("---" for _ in cols) + "|")
-    for r in data:
-        lines.append("| " + " | ".join(_md_escape(r[k]) for k, _ in cols) + " |")
+    table(cols, data)
+    targets = per_target_rows(records, comparison)
+    if targets:
+        heads = ["cell", "target", *PER_TARGET_COLUMNS]
+        lines += ["", PER_TARGET_TITLE, ""]
+        table([(h, h) for h in heads], [dict(zip(heads, row)) for row in targets])
     notes = [f"- `{r['cell']}` {r['verdict']}: {_md_escape(r['reason'])}" for r in data
              if r["verdict"] in (Verdict.FAILED.value, Verdict.SKIPPED.value, Verdict.INCOMPLETE.value,
                                  Verdict.NOT_COMPARABLE.value)]

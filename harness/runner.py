@@ -273,16 +273,30 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any) -> Outcome:
                    [c.name for c in plan.cells if c.name not in records])
 
 
+def recorded_environment(bundle_dir: str | None) -> dict[str, Any] | None:
+    """What the bundle's trial_info.yaml recorded of the trial's environment (None when nothing, or unreadable)."""
+    if not bundle_dir:
+        return None
+    from .bundle import TRIAL_INFO, load_yaml, parse_trial_info
+
+    path = Path(bundle_dir) / TRIAL_INFO
+    try:
+        return parse_trial_info(load_yaml(path, TRIAL_INFO)).environment or None if path.is_file() else None
+    except (HarnessError, OSError):
+        return None  # the run already said what is wrong with it
+
+
 def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, results: Path | None,
-           report_opts: ReportOptions) -> Comparison:
+           report_opts: ReportOptions, bundle_dir: str | None = None) -> Comparison:
     """Judge, print, and write the reports (``report.json`` in the results directory, --json, --markdown)."""
     from .report import console, json_report, markdown, print_report
 
     comparison = compare(records, tol, missing, allow_data_change=report_opts.allow_data_change)
+    trial_env = recorded_environment(bundle_dir)
     if records and not missing and all(r.status is Status.SKIPPED for r in records):
         print_nothing_ran(console(), records)
     else:
-        print_report(console(), records, comparison)
+        print_report(console(), records, comparison, trial_environment=trial_env)
     report = record.dumps(json_report(records, comparison))
     if results is not None:
         try:
@@ -297,7 +311,8 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
     if report_opts.json_out:
         record.atomic_write_text(report_opts.json_out, report)
     if report_opts.markdown:
-        record.atomic_write_text(report_opts.markdown, markdown(records, comparison))
+        record.atomic_write_text(report_opts.markdown, markdown(
+            records, comparison, bundle=Path(bundle_dir).name if bundle_dir else None, trial_environment=trial_env))
     if results is not None:
         console(stderr=True).print(f"[dim]records: {results}[/dim]")
     return comparison
@@ -338,11 +353,12 @@ def execute_plan(plan: Plan, backend: Any, job: Job, report_opts: ReportOptions,
     except Interrupted as exc:
         got: Outcome = exc.outcome  # type: ignore[attr-defined]
         try:
-            render(before + got.records, got.missing, tol, Path(job.results_dir), report_opts)
+            render(before + got.records, got.missing, tol, Path(job.results_dir), report_opts, bundle_dir=job.bundle_dir)
         except HarnessError:
             pass  # the interrupt is what the user needs to hear about
         raise
-    return render(before + outcome.records, outcome.missing, tol, Path(job.results_dir), report_opts)
+    return render(before + outcome.records, outcome.missing, tol, Path(job.results_dir), report_opts,
+                  bundle_dir=job.bundle_dir)
 
 
 def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances) -> Comparison:

@@ -56,7 +56,9 @@ def test_per_target_table_is_not_printed_empty() -> None:
 
 def test_markdown_is_a_valid_table() -> None:
     md = markdown([with_env(record("a"), "2.13.0", None)], compare([record("a")]))
-    rows = [ln for ln in md.splitlines() if ln.startswith("|")]
-    widths = {ln.replace("\\|", "").count("|") for ln in rows}
-    assert len(widths) == 1, md  # every row has the same number of columns
+    tables = [block.splitlines() for block in md.split("\n\n") if block.startswith("|")]
+    assert len(tables) == 2, md  # results, then per target
+    for rows in tables:
+        widths = {ln.replace("\\|", "").count("|") for ln in rows}
+        assert len(widths) == 1, md  # every row of a table has the same number of columns
     assert "**reproduced**" in md

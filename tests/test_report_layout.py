@@ -88,3 +88,39 @@ def test_a_command_in_a_skip_reason_is_not_wrapped() -> None:
     print_report(console, recs, compare(recs))
     text = console.export_text()
     assert any(cmd in ln and "--base-image cu124-torch2.5=IMAGE" in ln for ln in text.splitlines()), text
+
+
+TRIAL_ENV = {"python": "3.11.7", "torch": "2.12.0+cpu", "cuda": None, "device": "AMD EPYC", "threads": 2,
+             "hostname": "trainbox"}
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_the_trials_recorded_environment_is_a_row_beside_the_cells(width: int) -> None:
+    recs = [with_env(record("cpu-torch2.13"), "2.13.0+cpu", None)]
+    console = Console(width=width, record=True, color_system=None, force_terminal=False)
+    print_report(console, recs, compare(recs), trial_environment=TRIAL_ENV)
+    text = console.export_text()
+    env = text[:text.index("Results")]
+    assert "trial (recorded)" in env and "2.12.0+cpu" in env and "trainbox" in env and "2.13.0+cpu" in env
+
+
+def test_markdown_carries_caption_bundle_per_target_and_the_trial_environment() -> None:
+    from harness.report import markdown
+
+    recs = [with_env(record("cpu-torch2.13"), "2.13.0+cpu", None)]
+    md = markdown(recs, compare(recs), bundle="optuna_best", trial_environment=TRIAL_ENV)
+    assert "optuna_best" in md and "validation split, original units" in md
+    assert "trial (recorded)" in md and "2.12.0+cpu" in md
+    per_target = [ln for ln in md.splitlines() if ln.startswith("| cpu-torch2.13 | a |")]
+    assert per_target, md
+
+
+def test_render_reads_the_trials_environment_from_the_bundle(make_bundle, tmp_path, capsys) -> None:
+    from harness.judge import Tolerances
+    from harness.options import ReportOptions
+    from harness.runner import render as run_render
+
+    root = make_bundle(trial_info={"number": 0, "value": 0.1, "environment": TRIAL_ENV})
+    recs = [with_env(record("cpu-torch2.13"), "2.13.0+cpu", None)]
+    run_render(recs, [], Tolerances(), None, ReportOptions(), bundle_dir=str(root))
+    assert "trial (recorded)" in capsys.readouterr().out
