@@ -294,7 +294,7 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
     comparison = compare(records, tol, missing, allow_data_change=report_opts.allow_data_change)
     trial_env = recorded_environment(bundle_dir)
     if records and not missing and all(r.status is Status.SKIPPED for r in records):
-        print_nothing_ran(console(), records)
+        print_nothing_ran(console(), records, bundle_dir)
     else:
         print_report(console(), records, comparison, trial_environment=trial_env)
     report = record.dumps(json_report(records, comparison))
@@ -318,18 +318,25 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
     return comparison
 
 
-def print_nothing_ran(out: Any, records: list[ResultRecord]) -> None:
-    """No cell could run here: one short message of what to do, not a table of skips."""
-    by_reason: dict[str, list[str]] = {}
+def print_nothing_ran(out: Any, records: list[ResultRecord], bundle_dir: str | None = None) -> None:
+    """No cell could run here: one short message of what to do, not a table of skips.
+
+    Reasons alike (the same first words: "base image ...", "no wheelhouse ...") are said
+    once, with their count and one cell's full reason as the example.
+    """
+    groups: dict[str, list[ResultRecord]] = {}
     for r in records:
-        by_reason.setdefault(r.error.message if r.error else "skipped", []).append(r.cell)
-    out.print(f"[bold]No cell could run on this host ({len(records)} skipped).[/bold] To run some:", soft_wrap=True)
-    for reason, cells in list(by_reason.items())[:6]:
-        out.print(f"  {', '.join(cells)}: {reason}", soft_wrap=True, markup=False, highlight=False)
-    if len(by_reason) > 6:
-        out.print(f"  ... and {len(by_reason) - 6} more reason(s) in the records", soft_wrap=True)
-    out.print("  or retrain with this machine's own torch: add `--backend local`", soft_wrap=True,
-              markup=False, highlight=False)
+        reason = r.error.message if r.error else "skipped"
+        groups.setdefault(" ".join(reason.split()[:2]), []).append(r)
+    out.print(f"[bold]No cell could run on this host[/bold] ({len(records)} skipped). To run some:", soft_wrap=True)
+    for same in groups.values():
+        first = same[0]
+        more = f" (and {len(same) - 1} more cell(s) alike)" if len(same) > 1 else ""
+        out.print(f"  {first.cell}: {first.error.message if first.error else 'skipped'}{more}",
+                  soft_wrap=True, markup=False, highlight=False)
+    bundle = bundle_dir or "BUNDLE"
+    out.print(f"  or retrain with this machine's own torch: `harness matrix {bundle} --backend local`",
+              soft_wrap=True, markup=False, highlight=False)
 
 
 def start(plan: Plan, job: Job, bundle_root: str) -> None:
