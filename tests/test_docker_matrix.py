@@ -134,18 +134,18 @@ def test_oom_killed_container_is_a_row_and_the_others_stay(matrix_run, wheelhous
     assert "✗ cpu-torch2.13" in p.stdout
 
 
-def test_bad_cells_fail_alone(matrix_run, wheelhouse_root, base_image) -> None:
+def test_an_unbuildable_cell_is_skipped_alone(matrix_run, wheelhouse_root, base_image) -> None:
     out = matrix_run["root"] / "mixed"
-    # cu124-torch2.5 needs a registry base image and the network: here it fails to build, with its reason;
-    # the offline cell still runs.
+    # cu124-torch2.5's base image is not in the engine and the harness never pulls: it is skipped with
+    # the command that makes it buildable (not failed); the offline cell still runs and the run passes.
     p = harness("matrix", str(matrix_run["bundle"]), "--cells", "cpu-torch2.13,cu124-torch2.5", "--out", str(out),
                 "--wheelhouse", str(wheelhouse_root), "--base-image", f"cpu-torch2.13={base_image}",
                 "--base-image", "cu124-torch2.5=no/such-base:1", "--no-progress")
-    assert p.returncode == 1, p.stdout + p.stderr
+    assert p.returncode == 0, p.stdout + p.stderr
     ok = record.read(out / "cpu-torch2.13" / "record.json")
     bad = record.read(out / "cu124-torch2.5" / "record.json")
     assert ok.status is Status.OK
-    assert bad.status is Status.FAILED and "no/such-base:1" in bad.error.message
+    assert bad.status is Status.SKIPPED and "`docker pull no/such-base:1`" in bad.error.message
 
 
 def test_unknown_cell_is_bad_input(matrix_run) -> None:
