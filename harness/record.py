@@ -364,7 +364,8 @@ class ResultRecord:
         d["env"] = _jsonable(self.env.to_dict())
         found: list[str] = []
         d = strict(d, "", found)
-        d["nonfinite"] = sorted(set(d.get("nonfinite") or []) | set(found))
+        kept = d.get("nonfinite") if isinstance(d.get("nonfinite"), list) else []
+        d["nonfinite"] = sorted({x for x in kept if isinstance(x, str)} | set(found))  # a read record may hold anything
         return d
 
     def to_json(self) -> str:
