@@ -46,7 +46,7 @@ class Job:
     data_path: str
     results_dir: str
     trainer: str | None = None
-    trainer_path: str | None = None
+    trainer_path: list[str] | None = None  # the trainer's folders, in sys.path order
     trace: bool = False
     run_id: str = ""
     timeout_s: float | None = None  # a cell running longer is killed and recorded as ``timeout``

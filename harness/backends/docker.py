@@ -131,8 +131,8 @@ def container_spec(cell: Cell, job: Job, image: str, *, gpus: str = "all", memor
         (job.data_path, f"{DATA_DIR}/{data_name}", True),
         (str(job.cell_dir(cell)), OUT, False),
     ]
-    if job.trainer_path:
-        mounts.append((job.trainer_path, TRAINER, True))
+    for i, path in enumerate(job.trainer_path or ()):
+        mounts.append((path, f"{TRAINER}/{i}", True))
     env = {"PYTHONUNBUFFERED": "1", "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1",
            **determinism.launch_env(cell.determinism, cell.threads)}
     if cell.determinism == "default":
@@ -168,7 +168,7 @@ def container_run_spec(cell: Cell, job: Job, image: ImageInfo) -> RunSpec:
     return RunSpec(
         cell=cell.name, bundle_dir=BUNDLE, out_dir=OUT, data_path=f"{DATA_DIR}/{Path(job.data_path).name}",
         device=cell.device, determinism=cell.determinism, threads=cell.threads, tf32=cell.tf32, repeat=cell.repeat,
-        trainer=job.trainer, trainer_path=TRAINER if job.trainer_path else None, trace=job.trace,
+        trainer=job.trainer, trainer_path=[f"{TRAINER}/{i}" for i in range(len(job.trainer_path))] if job.trainer_path else None, trace=job.trace,
         backend="docker", image={"id": image.id, "tag": image.tag}, labels=cell.labels,
     )
 
