@@ -33,8 +33,8 @@ ACTIVATIONS = ("relu", "gelu", "tanh")
 
 @dataclass(frozen=True)
 class DataSpec:
-    path: str  # as written in config.yaml (or given with --data)
-    resolved: str  # absolute path
+    path: str | None  # as written in config.yaml (or given with --data); None: a custom trainer finds its own
+    resolved: str | None  # absolute path, or None
     sha256: str | None  # expected digest, when the config records one
     exclude_channels: tuple[int, ...] = ()
     downsample: int = 1
@@ -280,20 +280,25 @@ def parse_config(cfg: Any, root: Path, data_override: str | None = None,
     trainer = _parse_trainer_section(r)
     r.get("training", "mapping", example="training: {seed: 42, batch_size: 32, epochs: 20, learning_rate: 0.001}")
     seed = r.get("training.seed", "int", why="to seed every RNG and the split", example="training: {seed: 42}")
-    r.get("data", "mapping", example="data: {path: data/signals.npz}")
+    custom = trainer is not None or custom_trainer
+    # a custom trainer may find its data itself: then data.path is optional (nothing is hashed)
+    r.get("data", "mapping", default={} if custom else _MISSING, example="data: {path: data/signals.npz}")
     if data_override is not None:
-        data_path = data_override
-        resolved = Path(data_override).expanduser().resolve()
+        data_path: str | None = data_override
+        resolved: Path | None = Path(data_override).expanduser().resolve()
     else:
-        data_path = r.get("data.path", "str", why="to find the dataset", example="data: {path: data/signals.npz}")
-        p = Path(data_path).expanduser()
-        resolved = (p if p.is_absolute() else root / p).resolve()
+        data_path = r.get("data.path", "str", why="to find the dataset", example="data: {path: data/signals.npz}",
+                          default=None if custom else _MISSING)
+        p = Path(data_path).expanduser() if data_path is not None else None
+        resolved = None if p is None else (p if p.is_absolute() else root / p).resolve()
     sha = r.get("data.sha256", "str", default=None)
-    if trainer is not None or custom_trainer:
+    if custom:
         epochs = _lookup(cfg, "training.epochs")
         epochs = epochs if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0 else 0
-        data = DataSpec(path=str(data_path), resolved=str(resolved), sha256=sha.lower() if sha else None)
+        data = DataSpec(path=None if data_path is None else str(data_path),
+                        resolved=None if resolved is None else str(resolved), sha256=sha.lower() if sha else None)
         return data, ModelSpec(), TrainingSpec(seed=seed, epochs=epochs), trainer
+    assert data_path is not None and resolved is not None
     data, model, training = parse_reference_config(r, seed, str(data_path), str(resolved), sha)
     return data, model, training, None
 

@@ -32,7 +32,7 @@ def data_mismatches(bundle: Bundle, digest: str) -> list[str]:
 
 @dataclass
 class Preflight:
-    data_sha256: str
+    data_sha256: str | None  # None: a custom trainer without data.path finds its own data
     shape: tuple[int, ...] | None  # None with a custom trainer: its data is its own, only hashed
     n_features: int | None
     targets: list[str] | None
@@ -43,10 +43,12 @@ def check(bundle: Bundle) -> Preflight:
     data = None
     if bundle.trainer is None:
         data = read_layout(bundle.data)  # the reference trainer's .npz, checked from its headers
-    else:
+    elif bundle.data.resolved is not None:
         require_exists(bundle.data.resolved)
-    digest = sha256_path(bundle.data.resolved)
-    warnings = data_mismatches(bundle, digest)
+    digest = sha256_path(bundle.data.resolved) if bundle.data.resolved is not None else None
+    warnings = data_mismatches(bundle, digest) if digest is not None else []
+    if digest is None:
+        warnings.append("config.yaml has no data.path: the trainer finds its own data, which is not hashed or checked")
     if bundle.recorded is None:
         warnings.append("no trial_info.yaml: the runs go ahead, but there is nothing recorded to compare with")
     if bundle.scaler_path is not None:

@@ -258,3 +258,29 @@ def test_report_shows_weights_vs_archived() -> None:
     (cell,) = judge.compare([rec]).cells
     text = _weights(cell, True)
     assert "≠archived net.0.weight Δ0.25" in text and "≠trial" not in text and "=trial(own sha)" in text
+
+
+def test_custom_trainer_may_find_its_own_data(tmp_path: Path) -> None:
+    from harness.preflight import check
+
+    cfg = {"training": {"seed": 1}, "dataset": {"csv": "somewhere.csv"}}
+    data, _m, training, _t = parse_config(cfg, ROOT, custom_trainer=True)
+    assert data.path is None and data.resolved is None and training.seed == 1
+    root = tmp_path / "b"
+    root.mkdir()
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    pre = check(load_bundle(root, trainer_override="m:f"))
+    assert pre.data_sha256 is None and any("no data.path" in w for w in pre.warnings)
+    with pytest.raises(InputError, match="data is missing"):
+        parse_config(cfg, ROOT)  # the reference trainer still needs it
+
+
+def test_no_data_mount_without_data(tmp_path: Path) -> None:
+    from harness.backends.docker import container_run_spec, container_spec
+    from harness.plan import Cell, Job
+    from harness.record import ImageInfo
+
+    job = Job(bundle_dir=str(tmp_path), data_path=None, results_dir=str(tmp_path / "r"), trainer="m:f")
+    req = container_spec(Cell("c"), job, "img")
+    assert [target for _src, target, _ro in req.mounts if "/data" in target] == []
+    assert container_run_spec(Cell("c"), job, ImageInfo(id="x", tag="t")).data_path is None

@@ -345,11 +345,15 @@ def run(spec: RunSpec) -> ResultRecord:
         bundle={"path": bundle.root, "trial": bundle.recorded.number if bundle.recorded else None},
         env=Env.from_json(envinfo.measure(spec.device), "env"),
     )
-    rec.data_sha256 = sha256_path(bundle.data.resolved)  # bytes, whatever the format
+    if bundle.data.resolved is not None:
+        rec.data_sha256 = sha256_path(bundle.data.resolved)  # bytes, whatever the format
+        rec.data = {"path": bundle.data.path, "file": Path(bundle.data.resolved).name}
+    else:
+        rec.warnings.append("config.yaml has no data.path: the trainer found its own data, which was not hashed")
     rec.expected_data_sha256 = expected_data_digests(bundle)
-    rec.data = {"path": bundle.data.path, "file": Path(bundle.data.resolved).name}
     if bundle.trainer is not None:  # its data is its own: hashed, never opened here
-        require_exists(bundle.data.resolved)
+        if bundle.data.resolved is not None:
+            require_exists(bundle.data.resolved)
         _custom_run(spec, bundle, device, out, rec)
     else:
         rec.data.update({"exclude_channels": list(bundle.data.exclude_channels), "downsample": bundle.data.downsample,
