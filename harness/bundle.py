@@ -33,8 +33,8 @@ ACTIVATIONS = ("relu", "gelu", "tanh")
 
 @dataclass(frozen=True)
 class DataSpec:
-    path: str  # as written in config.yaml (or given with --data)
-    resolved: str  # absolute path
+    path: str | None  # as written in config.yaml (or given with --data); None: a custom trainer finds its own
+    resolved: str | None  # absolute path, or None
     sha256: str | None  # expected digest, when the config records one
     exclude_channels: tuple[int, ...] = ()
     downsample: int = 1
@@ -54,9 +54,9 @@ class ModelSpec:
 @dataclass(frozen=True)
 class TrainingSpec:
     seed: int
-    batch_size: int
-    epochs: int
-    learning_rate: float
+    batch_size: int = 0  # 0: not read (a custom trainer's config is its own)
+    epochs: int = 0
+    learning_rate: float = 0.0
     weight_decay: float = 0.0
     optimizer: str = "adam"
     scale_targets: bool = True
@@ -67,7 +67,11 @@ class TrainerSpec:
     """A user's own trainer: ``module:function`` importable from ``code_dir``."""
 
     entrypoint: str
-    code_dir: str | None = None
+    code_dirs: tuple[str, ...] = ()  # each goes on sys.path, in order (--trainer-path is repeatable)
+
+    @property
+    def code_dir(self) -> str | None:
+        return self.code_dirs[0] if self.code_dirs else None
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,10 @@ class _Reader:
             if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
                 raise self.err(key, f"must be a list of integers, got {value!r}", fix)
             return tuple(value)
+        if kind == "list":
+            if not isinstance(value, list):
+                raise self.err(key, f"must be a list, got {_typename(value)}", fix)
+            return value
         if kind == "mapping":
             if not isinstance(value, Mapping):
                 raise self.err(key, f"must be a mapping, got {_typename(value)}", fix)
@@ -255,15 +263,90 @@ def load_yaml(path: Path, label: str | None = None) -> Any:
 # --------------------------------------------------------------------------- config.yaml
 
 
-def parse_config(cfg: Any, root: Path, data_override: str | None = None) -> tuple[DataSpec, ModelSpec, TrainingSpec, TrainerSpec | None]:
-    """Validate a parsed config.yaml. Pure apart from resolving paths."""
+def parse_config(cfg: Any, root: Path, data_override: str | None = None,
+                 custom_trainer: bool = False) -> tuple[DataSpec, ModelSpec, TrainingSpec, TrainerSpec | None]:
+    """Validate a parsed config.yaml. Pure apart from resolving paths.
+
+    With a custom trainer (a ``trainer`` section, or ``custom_trainer`` when one is
+    named with --trainer) only what the harness itself reads is validated:
+    ``training.seed``, ``data.path`` (and ``data.sha256``) and the trainer section;
+    every other key is the user's and is passed through untouched. The reference
+    trainer's keys are validated by :func:`parse_reference_config`.
+    """
     if not isinstance(cfg, Mapping):
         raise InputError(CONFIG, f"must be a mapping of sections (data, model, training), got {_typename(cfg)}",
                          hint="see README 'The optuna_best schema'")
     r = _Reader(cfg, CONFIG)
+    trainer = _parse_trainer_section(r)
     r.get("training", "mapping", example="training: {seed: 42, batch_size: 32, epochs: 20, learning_rate: 0.001}")
+    seed = r.get("training.seed", "int", why="to seed every RNG and the split", example="training: {seed: 42}")
+    custom = trainer is not None or custom_trainer
+    # a custom trainer may find its data itself: then data.path is optional (nothing is hashed)
+    r.get("data", "mapping", default={} if custom else _MISSING, example="data: {path: data/signals.npz}")
+    if data_override is not None:
+        data_path: str | None = data_override
+        resolved: Path | None = Path(data_override).expanduser().resolve()
+    else:
+        data_path = r.get("data.path", "str", why="to find the dataset", example="data: {path: data/signals.npz}",
+                          default=None if custom else _MISSING)
+        p = Path(data_path).expanduser() if data_path is not None else None
+        resolved = None if p is None else (p if p.is_absolute() else root / p).resolve()
+    sha = r.get("data.sha256", "str", default=None)
+    if custom:
+        epochs = _lookup(cfg, "training.epochs")
+        epochs = epochs if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0 else 0
+        data = DataSpec(path=None if data_path is None else str(data_path),
+                        resolved=None if resolved is None else str(resolved), sha256=sha.lower() if sha else None)
+        return data, ModelSpec(), TrainingSpec(seed=seed, epochs=epochs), trainer
+    assert data_path is not None and resolved is not None
+    data, model, training = parse_reference_config(r, seed, str(data_path), str(resolved), sha)
+    return data, model, training, None
+
+
+def _parse_trainer_section(r: _Reader) -> TrainerSpec | None:
+    tcfg = r.get("trainer", "mapping", default=None)
+    if tcfg is None:
+        return None
+    tr = _Reader(tcfg, CONFIG)
+    entry = tr.get("entrypoint", "str", example="trainer: {entrypoint: 'my_train:train', code_dir: code}")
+    raw = _lookup(tcfg, "code_dir")
+    if isinstance(raw, list):
+        if not raw or not all(isinstance(v, str) and v for v in raw):
+            raise r.err("trainer.code_dir", f"must be a folder or a list of folders, got {raw!r}")
+        return TrainerSpec(entrypoint=entry, code_dirs=tuple(raw))
+    code_dir = tr.get("code_dir", "str", default=None)
+    return TrainerSpec(entrypoint=entry, code_dirs=(code_dir,) if code_dir else ())
+
+
+def _split_ratios(r: _Reader) -> tuple[float, float, float]:
+    """``data.split`` as a mapping ``{train, val, test}`` or a list ``[train, val, test]``."""
+    split_raw = r.get("data.split", "mapping" if not isinstance(_lookup(r.data, "data.split"), list) else "list",
+                      default={"train": 0.7, "val": 0.15, "test": 0.15})
+    if isinstance(split_raw, list):
+        if len(split_raw) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in split_raw):
+            raise r.err("data.split", f"as a list must be three numbers [train, val, test], got {split_raw!r}",
+                        hint="write e.g. `split: [0.7, 0.15, 0.15]`")
+        train_r, val_r, test_r = (float(v) for v in split_raw)
+    else:
+        sr = _Reader(split_raw, CONFIG)
+        split = tuple(sr.get(k, "float", default=None) for k in ("train", "val", "test"))
+        if split[0] is None or split[1] is None:
+            raise r.err("data.split", "needs train and val ratios", hint="write e.g. `split: {train: 0.7, val: 0.15, test: 0.15}`")
+        train_r, val_r, test_r = split
+        if test_r is None:
+            test_r = round(1.0 - train_r - val_r, 12)
+    if min(train_r, val_r, test_r) < 0 or abs(train_r + val_r + test_r - 1.0) > 1e-6:
+        raise r.err("data.split", f"ratios must be >= 0 and sum to 1, got train={train_r}, val={val_r}, test={test_r}")
+    if train_r <= 0 or val_r <= 0:
+        raise r.err("data.split", "train and val ratios must be > 0 (best weights are chosen on val)")
+    return float(train_r), float(val_r), float(test_r)
+
+
+def parse_reference_config(r: _Reader, seed: int, data_path: str, resolved: str,
+                           sha: str | None) -> tuple[DataSpec, ModelSpec, TrainingSpec]:
+    """The reference trainer's keys (training, data preprocessing, model): only when no custom trainer is named."""
     training = TrainingSpec(
-        seed=r.get("training.seed", "int", why="to seed every RNG and the split", example="training: {seed: 42}"),
+        seed=seed,
         batch_size=r.get("training.batch_size", "posint", example="training: {batch_size: 32}"),
         epochs=r.get("training.epochs", "posint", example="training: {epochs: 20}"),
         learning_rate=r.get("training.learning_rate", "float", example="training: {learning_rate: 0.001}"),
@@ -276,34 +359,13 @@ def parse_config(cfg: Any, root: Path, data_override: str | None = None) -> tupl
     if training.optimizer not in OPTIMIZERS:
         raise r.err("training.optimizer", f"is {training.optimizer!r}, not one of {', '.join(OPTIMIZERS)}")
 
-    r.get("data", "mapping", example="data: {path: data/signals.npz}")
-    if data_override is not None:
-        data_path = data_override
-        resolved = Path(data_override).expanduser().resolve()
-    else:
-        data_path = r.get("data.path", "str", why="to find the dataset", example="data: {path: data/signals.npz}")
-        p = Path(data_path).expanduser()
-        resolved = (p if p.is_absolute() else root / p).resolve()
-    split_raw = r.get("data.split", "mapping", default={"train": 0.7, "val": 0.15, "test": 0.15})
-    sr = _Reader(split_raw, CONFIG)
-    split = tuple(sr.get(k, "float", default=None) for k in ("train", "val", "test"))
-    if split[0] is None or split[1] is None:
-        raise r.err("data.split", "needs train and val ratios", hint="write e.g. `split: {train: 0.7, val: 0.15, test: 0.15}`")
-    train_r, val_r, test_r = split
-    if test_r is None:
-        test_r = round(1.0 - train_r - val_r, 12)
-    if min(train_r, val_r, test_r) < 0 or abs(train_r + val_r + test_r - 1.0) > 1e-6:
-        raise r.err("data.split", f"ratios must be >= 0 and sum to 1, got train={train_r}, val={val_r}, test={test_r}")
-    if train_r <= 0 or val_r <= 0:
-        raise r.err("data.split", "train and val ratios must be > 0 (best weights are chosen on val)")
-    sha = r.get("data.sha256", "str", default=None)
     data = DataSpec(
-        path=str(data_path),
-        resolved=str(resolved),
+        path=data_path,
+        resolved=resolved,
         sha256=sha.lower() if sha else None,
         exclude_channels=r.get("data.exclude_channels", "intlist", default=()),
         downsample=r.get("data.downsample", "posint", default=1, example="data: {downsample: 2}"),
-        split=(float(train_r), float(val_r), float(test_r)),
+        split=_split_ratios(r),
     )
 
     r.get("model", "mapping", default={})
@@ -319,18 +381,10 @@ def parse_config(cfg: Any, root: Path, data_override: str | None = None) -> tupl
         raise r.err("model.dropout_rate", f"must be in [0, 1), got {model.dropout_rate}")
     if model.activation not in ACTIVATIONS:
         raise r.err("model.activation", f"is {model.activation!r}, not one of {', '.join(ACTIVATIONS)}")
-
-    trainer = None
-    tcfg = r.get("trainer", "mapping", default=None)
-    if tcfg is not None:
-        tr = _Reader(tcfg, CONFIG)
-        entry = tr.get("entrypoint", "str", example="trainer: {entrypoint: 'my_train:train', code_dir: code}")
-        code_dir = tr.get("code_dir", "str", default=None)
-        trainer = TrainerSpec(entrypoint=entry, code_dir=code_dir)
-    elif model.name != "mlp":
+    if model.name != "mlp":
         raise r.err("model.name", f"is {model.name!r}; the reference trainer builds 'mlp'",
                     hint="name your own trainer with `trainer: {entrypoint: module:function}` or --trainer")
-    return data, model, training, trainer
+    return data, model, training
 
 
 # --------------------------------------------------------------------------- keys the reference trainer reads
@@ -374,9 +428,15 @@ def unknown_config_keys(cfg: Any) -> list[str]:
 # --------------------------------------------------------------------------- trial_info.yaml
 
 
+AGGREGATE = "*"  # the target name under which a metric over all targets (one number) is stored
+
+
 def _float_map(value: Any, key: str) -> dict[str, float]:
+    """Per-target numbers, or one aggregate number stored as ``{"*": v}``."""
     if value is None:
         return {}
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {AGGREGATE: float(value)}
     if isinstance(value, Mapping):
         out = {}
         for k, v in value.items():
@@ -384,8 +444,8 @@ def _float_map(value: Any, key: str) -> dict[str, float]:
                 raise InputError(TRIAL_INFO, f"{key}.{k} must be a number, got {v!r}")
             out[str(k)] = float(v)
         return out
-    raise InputError(TRIAL_INFO, f"{key} must map target names to numbers, got {_typename(value)}",
-                     hint=f"write e.g. `{key}: {{target_a: 0.93}}`")
+    raise InputError(TRIAL_INFO, f"{key} must be a number or map target names to numbers, got {_typename(value)}",
+                     hint=f"write e.g. `{key}: 0.93` or `{key}: {{target_a: 0.93}}`")
 
 
 def parse_trial_info(info: Any) -> RecordedTrial:
@@ -430,9 +490,9 @@ def parse_trial_info(info: Any) -> RecordedTrial:
         number=number,
         value=float(value) if value is not None else None,
         params=dict(params),
-        r2=_float_map(pick("r2", "val_r2", "r2_per_target"), "r2"),
-        mse=_float_map(pick("mse", "val_mse"), "mse"),
-        mae=_float_map(pick("mae", "val_mae"), "mae"),
+        r2=_float_map(pick("r2", "val_r2", "r2_per_target", "R2", "val_R2", "r2_score", "val_r2_score"), "r2"),
+        mse=_float_map(pick("mse", "val_mse", "MSE", "val_MSE"), "mse"),
+        mae=_float_map(pick("mae", "val_mae", "MAE", "val_MAE"), "mae"),
         data_sha256=(str(pick("data_sha256")).lower() if pick("data_sha256") else None),
         weights_sha256=(str(pick("weights_sha256")) if pick("weights_sha256") else None),
         environment=dict(env) if isinstance(env, Mapping) else {},
@@ -450,7 +510,8 @@ def _find(dirpath: Path, names: tuple[str, ...]) -> str | None:
 
 
 def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = None,
-                trainer_override: str | None = None, trainer_path: str | None = None) -> Bundle:
+                trainer_override: str | None = None,
+                trainer_path: str | list[str] | tuple[str, ...] | None = None) -> Bundle:
     """Read and validate an optuna_best directory (no training, no code execution)."""
     root = Path(path).expanduser()
     if not root.exists():
@@ -462,24 +523,27 @@ def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = Non
     if not cfg_path.is_file():
         raise InputError(str(cfg_path), "not found", hint="an optuna_best/ directory needs config.yaml with data, model and training sections")
     cfg = load_yaml(cfg_path, CONFIG)
-    data, model, training, trainer = parse_config(cfg, root, data_override)
+    data, model, training, trainer = parse_config(cfg, root, data_override, custom_trainer=bool(trainer_override))
 
+    paths = tuple([trainer_path] if isinstance(trainer_path, str) else (trainer_path or ()))
     if trainer_override:
-        trainer = TrainerSpec(entrypoint=trainer_override, code_dir=trainer_path)
-    elif trainer is not None and trainer_path:
-        trainer = TrainerSpec(entrypoint=trainer.entrypoint, code_dir=trainer_path)
+        trainer = TrainerSpec(entrypoint=trainer_override, code_dirs=paths)
+    elif trainer is not None and paths:
+        trainer = TrainerSpec(entrypoint=trainer.entrypoint, code_dirs=paths)
     if trainer is not None:
         if ":" not in trainer.entrypoint or not all(trainer.entrypoint.split(":", 1)):
             raise InputError(CONFIG if not trainer_override else "--trainer",
                              f"trainer entrypoint {trainer.entrypoint!r} is not `module:function`",
                              hint="write e.g. `my_train:train`")
-        if trainer.code_dir is not None:
-            cd = Path(trainer.code_dir).expanduser()
-            cd = (cd if cd.is_absolute() else (Path.cwd() if trainer_path else root) / cd).resolve()
+        resolved_dirs = []
+        for code_dir in trainer.code_dirs:
+            cd = Path(code_dir).expanduser()
+            cd = (cd if cd.is_absolute() else (Path.cwd() if paths else root) / cd).resolve()
             if not cd.is_dir():
-                raise InputError(CONFIG if not trainer_path else "--trainer-path",
+                raise InputError(CONFIG if not paths else "--trainer-path",
                                  f"trainer code directory {cd} does not exist", hint="point it at the folder holding your module")
-            trainer = TrainerSpec(entrypoint=trainer.entrypoint, code_dir=str(cd))
+            resolved_dirs.append(str(cd))
+        trainer = TrainerSpec(entrypoint=trainer.entrypoint, code_dirs=tuple(resolved_dirs))
 
     recorded = None
     info_path = root / TRIAL_INFO

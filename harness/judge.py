@@ -164,6 +164,27 @@ def flatten_recorded(recorded: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
+AGGREGATE = "*"  # the target name of a metric over all targets (one number); see README
+
+
+def with_aggregates(flat: Mapping[str, float], wanted: Iterable[str]) -> dict[str, float]:
+    """``flat`` plus ``fam/*`` for each wanted aggregate it lacks but has per-target values of.
+
+    The aggregate is the mean over targets: scikit-learn's default
+    (``multioutput="uniform_average"``) for r2_score, mean_squared_error and
+    mean_absolute_error, which is how a single recorded number is usually computed.
+    """
+    out = dict(flat)
+    for key in wanted:
+        fam, _, target = key.partition("/")
+        if target != AGGREGATE or key in out or fam not in ("r2", "mse", "mae"):
+            continue
+        values = [v for k, v in flat.items() if k.startswith(fam + "/") and k != key]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
+
+
 @dataclass(frozen=True)
 class MetricDiff:
     """One metric of a cell against a reference: ``new - old`` and whether tolerance allows it."""
@@ -223,6 +244,9 @@ class CellJudgement:
     weights_identical_to_recorded: bool | None = None
     archived_inference: dict[str, MetricDiff] = field(default_factory=dict)  # archived weights evaluated here vs recorded
     out_of_tolerance: list[str] = field(default_factory=list)
+    unmatched_recorded: list[str] = field(default_factory=list)  # recorded metrics this run produced nothing to compare with
+    weights_vs_archived: dict[str, Any] | None = None  # the retrained best weights vs weights/best.pt, tensor by tensor
+    user_weights_identical_to_recorded: bool | None = None  # the trainer's own digest vs trial_info's, its convention
 
 
 @dataclass
@@ -275,7 +299,10 @@ def _not_comparable(judged: CellJudgement, rec: ResultRecord) -> CellJudgement:
 def _judge_ok(rec: ResultRecord, first: ResultRecord | None, tol: Tolerances) -> CellJudgement:
     flat = flatten_split(rec.retrained, "val")
     recorded = rec.recorded
-    vs_rec = diff(flatten_recorded(recorded), flat, tol) if recorded else {}
+    wanted = flatten_recorded(recorded)
+    produced = with_aggregates(flat, wanted)
+    unmatched = sorted(k for k in wanted if k not in produced)
+    vs_rec = diff({k: v for k, v in wanted.items() if k in produced}, produced, tol) if recorded else {}
     vs_first: dict[str, MetricDiff] = {}
     vs_first_ok: bool | None = None
     if first is not None and rec is not first:
@@ -286,7 +313,9 @@ def _judge_ok(rec: ResultRecord, first: ResultRecord | None, tol: Tolerances) ->
     elif rec is first:
         vs_first_ok = True
     archived = rec.archived
-    arch = diff(flatten_recorded(recorded), flatten_split(archived, "val"), tol) if (recorded and archived) else {}
+    user = rec.user_weights or {}
+    arch_flat = with_aggregates(flatten_split(archived, "val"), wanted) if archived else {}
+    arch = diff({k: v for k, v in wanted.items() if k in arch_flat}, arch_flat, tol) if (recorded and archived) else {}
     bad = [k for k, v in vs_rec.items() if not v.ok]
     if recorded and vs_rec:
         verdict = Verdict.DRIFTED if bad else Verdict.REPRODUCED
@@ -303,8 +332,11 @@ def _judge_ok(rec: ResultRecord, first: ResultRecord | None, tol: Tolerances) ->
         cell=rec.cell, status=rec.status, verdict=verdict, reason=reason, vs_recorded=vs_rec, vs_first=vs_first,
         vs_first_ok=vs_first_ok,
         weights_identical_to_first=_both(rec.weights_sha256, first.weights_sha256 if first else None),
-        weights_identical_to_recorded=_both(rec.weights_sha256, (recorded or {}).get("weights_sha256")),
-        archived_inference=arch, out_of_tolerance=bad,
+        # a trainer that returns its own digest tells us trial_info's digest is in its convention, not ours
+        weights_identical_to_recorded=(None if user.get("sha256") else
+                                       _both(rec.weights_sha256, (recorded or {}).get("weights_sha256"))),
+        archived_inference=arch, out_of_tolerance=bad, unmatched_recorded=unmatched,
+        weights_vs_archived=rec.weights_vs_archived, user_weights_identical_to_recorded=user.get("identical_to_recorded"),
     )
 
 
@@ -354,6 +386,10 @@ def compare(records: list[ResultRecord], tol: Tolerances | None = None, missing:
     for r in records:
         for w in data_mismatches(r):
             warnings.setdefault(f"{r.cell}: {w}", None)
+    for c in cells:
+        if c.unmatched_recorded:
+            warnings.setdefault(f"{c.cell}: trial_info.yaml records {', '.join(c.unmatched_recorded)}, which this run "
+                                "does not produce: not compared", None)
     return Comparison(overall=overall, reason=reason, first_cell=first.cell if first else None,
                       tolerances=tol.to_dict(), cells=cells, missing=missing, warnings=list(warnings))
 

@@ -171,7 +171,7 @@ class RunOptions:
     images: ImageOptions = field(default_factory=ImageOptions)
     data: str | None = None
     trainer: str | None = None
-    trainer_path: str | None = None
+    trainer_path: list[str] | None = None
     out: str | None = None
     trace: bool = False
     progress: bool = True

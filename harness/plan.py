@@ -43,10 +43,10 @@ class Job:
     """What every cell of one invocation shares (host paths)."""
 
     bundle_dir: str
-    data_path: str
+    data_path: str | None  # None: a custom trainer that finds its own data
     results_dir: str
     trainer: str | None = None
-    trainer_path: str | None = None
+    trainer_path: list[str] | None = None  # the trainer's folders, in sys.path order
     trace: bool = False
     run_id: str = ""
     timeout_s: float | None = None  # a cell running longer is killed and recorded as ``timeout``

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .bundle import Bundle
-from .worker.data import read_layout, sha256_file
+from .worker.data import read_layout, require_exists, sha256_path
 from .errors import InputError
 
 
@@ -32,17 +32,23 @@ def data_mismatches(bundle: Bundle, digest: str) -> list[str]:
 
 @dataclass
 class Preflight:
-    data_sha256: str
-    shape: tuple[int, ...]
-    n_features: int
-    targets: list[str]
+    data_sha256: str | None  # None: a custom trainer without data.path finds its own data
+    shape: tuple[int, ...] | None  # None with a custom trainer: its data is its own, only hashed
+    n_features: int | None
+    targets: list[str] | None
     warnings: list[str]
 
 
 def check(bundle: Bundle) -> Preflight:
-    data = read_layout(bundle.data)
-    digest = sha256_file(bundle.data.resolved)
-    warnings = data_mismatches(bundle, digest)
+    data = None
+    if bundle.trainer is None:
+        data = read_layout(bundle.data)  # the reference trainer's .npz, checked from its headers
+    elif bundle.data.resolved is not None:
+        require_exists(bundle.data.resolved)
+    digest = sha256_path(bundle.data.resolved) if bundle.data.resolved is not None else None
+    warnings = data_mismatches(bundle, digest) if digest is not None else []
+    if digest is None:
+        warnings.append("config.yaml has no data.path: the trainer finds its own data, which is not hashed or checked")
     if bundle.trainer is None:
         from .bundle import unknown_config_keys
 
@@ -53,12 +59,14 @@ def check(bundle: Bundle) -> Preflight:
         with open(bundle.scaler_path, "rb") as fh:
             if not fh.read(1):
                 raise InputError(bundle.scaler_path, "is empty", hint="re-export it with joblib.dump(scaler, path), or remove it to refit")
-    if bundle.trainer is None:
+    if data is not None:
         from .worker.model import build, load_checked
 
         net = build(data.n_features, data.n_targets, bundle.model)
         for path in (bundle.best_weights, bundle.last_weights):
             if path is not None:
                 load_checked(path, net)
+    if data is None:
+        return Preflight(data_sha256=digest, shape=None, n_features=None, targets=None, warnings=warnings)
     return Preflight(data_sha256=digest, shape=data.raw_shape, n_features=data.n_features,
                      targets=data.target_names, warnings=warnings)

@@ -1,7 +1,7 @@
 """The typed documents that cross process and machine boundaries.
 
 * :class:`RunSpec` -- what a backend hands the worker (one cell, one run),
-  schema ``harness.runspec/2``
+  schema ``harness.runspec/3``
 * :class:`ResultRecord` -- one JSON file per run, ``OUT/<cell>/record.json``,
   schema ``harness.result/2``
 
@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Mapping
 from .errors import InputError
 
 SCHEMA = "harness.result/2"
-SPEC_SCHEMA = "harness.runspec/2"
+SPEC_SCHEMA = "harness.runspec/3"
 RUN_SCHEMA = "harness.run/1"
 REPORT_SCHEMA = "harness.report/2"
 RECORD_FILE = "record.json"
@@ -197,7 +197,7 @@ class RunSpec:
     tf32: bool = False
     repeat: int = 0
     trainer: str | None = None
-    trainer_path: str | None = None
+    trainer_path: list[str] | None = None  # folders put on sys.path, in order
     trace: bool = False
     backend: str = "local"
     image: dict[str, Any] = field(default_factory=dict)  # the image the cell runs in (docker backend)
@@ -335,6 +335,12 @@ class ResultRecord:
     weights_sha256: str | None = None
     last_weights_sha256: str | None = None
     archived_weights_sha256: str | None = None
+    # the retrained best weights vs the bundle's weights/best.pt, tensor by tensor:
+    # {"identical": bool, "first_difference": name | None, "max_abs_diff": float | None}
+    weights_vs_archived: dict[str, Any] | None = None
+    # a trainer's own weights digest (its convention) vs trial_info's weights_sha256:
+    # {"sha256": str, "recorded": str | None, "identical_to_recorded": bool | None}
+    user_weights: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     trainer: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

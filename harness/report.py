@@ -122,8 +122,18 @@ def _weights(j: Any, is_first: bool) -> str:
     if j is None:
         return "—"
     parts = []
+    arch = getattr(j, "weights_vs_archived", None)
+    if arch:  # tensor by tensor against the bundle's weights/best.pt
+        if arch.get("identical"):
+            parts.append("=archived")
+        else:
+            delta = arch.get("max_abs_diff")
+            parts.append(f"≠archived {arch.get('first_difference')}" + (f" Δ{delta:.2g}" if delta is not None else ""))
     if j.weights_identical_to_recorded is not None:
         parts.append("=trial" if j.weights_identical_to_recorded else "≠trial")
+    user = getattr(j, "user_weights_identical_to_recorded", None)
+    if user is not None:  # the trainer's own digest vs trial_info's: its convention
+        parts.append("=trial(own sha)" if user else "≠trial(own sha)")
     if not is_first and j.weights_identical_to_first is not None:
         parts.append("=first" if j.weights_identical_to_first else "≠first")
     return " ".join(parts) or "—"

@@ -392,7 +392,8 @@ def _execute_locked(opts: RunOptions, bundle: Any, plan: Plan, out: Path, report
                     tol: Tolerances) -> Comparison:
     job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, results_dir=str(out),
               trainer=bundle.trainer.entrypoint if bundle.trainer else None,
-              trainer_path=bundle.trainer.code_dir if bundle.trainer else None, trace=opts.trace,
+              trainer_path=list(bundle.trainer.code_dirs) if bundle.trainer and bundle.trainer.code_dirs else None,
+              trace=opts.trace,
               run_id=new_run_id(), timeout_s=opts.timeout)
     backend = make_backend(plan)
     return execute_plan(plan, backend, job, report_opts, tol, progress_enabled=opts.progress)

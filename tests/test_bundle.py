@@ -92,7 +92,7 @@ def test_multi_objective_values() -> None:
         ([1, 2], "must be a mapping"),
         ({"number": "x"}, "number must be an integer"),
         ({"value": "low"}, "value (the validation loss) must be a number"),
-        ({"r2": [0.9]}, "r2 must map target names to numbers"),
+        ({"r2": [0.9]}, "r2 must be a number or map target names to numbers"),
         ({"r2": {"a": "high"}}, "r2.a must be a number"),
     ],
 )

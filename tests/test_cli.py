@@ -241,6 +241,27 @@ def test_unimportable_trainer_is_bad_input(make_bundle, tmp_path: Path) -> None:
     assert "cannot import 'no_such_module'" in p.stderr
 
 
+def test_trainer_path_is_repeatable(make_bundle, tmp_path: Path) -> None:
+    root = make_bundle("plain")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = harness("run", str(root), "--trainer", "seed_style:train", "--trainer-path", str(empty),
+                "--trainer-path", str(TRAINERS), "--out", str(tmp_path / "o"), "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    (rec,) = records(tmp_path / "o")
+    assert rec.trainer["code_dirs"] == [str(empty), str(TRAINERS.resolve())]
+    assert rec.spec["trainer_path"] == [str(empty), str(TRAINERS.resolve())]
+
+
+def test_trainer_path_at_the_package_itself_is_pointed_out(make_bundle, tmp_path: Path) -> None:
+    root = make_bundle("plain")
+    pkg = Path(__file__).parent / "userproj" / "userproj"
+    p = harness("run", str(root), "--trainer", "userproj.train:retrain", "--trainer-path", str(pkg),
+                "--out", str(tmp_path / "o"), "--device", "cpu")
+    assert p.returncode == 2
+    assert f"--trainer-path {pkg.parent}" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_failed_cell_keeps_the_others(make_bundle, tmp_path: Path) -> None:
     root = _custom_bundle(make_bundle, fail_when_single_threaded=True)
     out = tmp_path / "o"

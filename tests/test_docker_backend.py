@@ -15,7 +15,7 @@ from harness.errors import InputError
 
 def job(tmp_path: Path, trainer: bool = False) -> Job:
     return Job(bundle_dir=str(tmp_path / "b"), data_path=str(tmp_path / "d" / "signals.npz"), results_dir=str(tmp_path / "r"),
-               trainer="m:f" if trainer else None, trainer_path=str(tmp_path / "code") if trainer else None)
+               trainer="m:f" if trainer else None, trainer_path=[str(tmp_path / "code"), str(tmp_path / "lib")] if trainer else None)
 
 
 def mounts(spec: ContainerRequest) -> dict[str, tuple[str, bool]]:
@@ -70,9 +70,11 @@ def test_gpu_spec_forms() -> None:
 
 def test_trainer_code_is_mounted_read_only(tmp_path: Path) -> None:
     j = job(tmp_path, trainer=True)
-    assert mounts(container_spec(Cell("c"), j, "img"))["/harness/trainer"] == (str(tmp_path / "code"), True)
+    mounted = mounts(container_spec(Cell("c"), j, "img"))
+    assert mounted["/harness/trainer/0"] == (str(tmp_path / "code"), True)
+    assert mounted["/harness/trainer/1"] == (str(tmp_path / "lib"), True)
     rs = container_run_spec(Cell("c"), j, ImageInfo(id="sha256:x", tag="harness:c-1"))
-    assert rs.trainer == "m:f" and rs.trainer_path == "/harness/trainer"
+    assert rs.trainer == "m:f" and rs.trainer_path == ["/harness/trainer/0", "/harness/trainer/1"]
     assert rs.bundle_dir == "/harness/bundle" and rs.data_path == "/harness/data/signals.npz" and rs.backend == "docker"
 
 

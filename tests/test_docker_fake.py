@@ -311,7 +311,7 @@ def test_rerun_loads_the_absent_image_checks_its_id_and_compares(patched: FakeEn
     from harness.cli import main
 
     archived = with_env(compare_record(CPU), "2.13.0+cpu", None)
-    archived.spec = {"device": "cpu", "determinism": "strict", "schema": "harness.runspec/2", "cell": CPU}
+    archived.spec = {"device": "cpu", "determinism": "strict", "schema": "harness.runspec/3", "cell": CPU}
     archived.image = ImageInfo(id="sha256:old", tag="t")
     archive, _, image_id = make_archive(tmp_path, patched, packages=PACKAGES, bundle=make_bundle(), record=archived)
     patched.remove_image(image_id, force=True)

@@ -125,14 +125,12 @@ def container_spec(cell: Cell, job: Job, image: str, *, gpus: str = "all", memor
     privilege gain through setuid files, a read-only root, a PID and a memory limit
     (``memory``, else 90% of the host's), and a time limit (``job.timeout_s``).
     """
-    data_name = Path(job.data_path).name
-    mounts = [
-        (job.bundle_dir, BUNDLE, True),
-        (job.data_path, f"{DATA_DIR}/{data_name}", True),
-        (str(job.cell_dir(cell)), OUT, False),
-    ]
-    if job.trainer_path:
-        mounts.append((job.trainer_path, TRAINER, True))
+    mounts = [(job.bundle_dir, BUNDLE, True)]
+    if job.data_path is not None:
+        mounts.append((job.data_path, f"{DATA_DIR}/{Path(job.data_path).name}", True))
+    mounts.append((str(job.cell_dir(cell)), OUT, False))
+    for i, path in enumerate(job.trainer_path or ()):
+        mounts.append((path, f"{TRAINER}/{i}", True))
     env = {"PYTHONUNBUFFERED": "1", "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1",
            **determinism.launch_env(cell.determinism, cell.threads)}
     if cell.determinism == "default":
@@ -166,9 +164,9 @@ def container_spec(cell: Cell, job: Job, image: str, *, gpus: str = "all", memor
 def container_run_spec(cell: Cell, job: Job, image: ImageInfo) -> RunSpec:
     """The RunSpec as the worker inside the container sees it (container paths)."""
     return RunSpec(
-        cell=cell.name, bundle_dir=BUNDLE, out_dir=OUT, data_path=f"{DATA_DIR}/{Path(job.data_path).name}",
+        cell=cell.name, bundle_dir=BUNDLE, out_dir=OUT, data_path=f"{DATA_DIR}/{Path(job.data_path).name}" if job.data_path is not None else None,
         device=cell.device, determinism=cell.determinism, threads=cell.threads, tf32=cell.tf32, repeat=cell.repeat,
-        trainer=job.trainer, trainer_path=TRAINER if job.trainer_path else None, trace=job.trace,
+        trainer=job.trainer, trainer_path=[f"{TRAINER}/{i}" for i in range(len(job.trainer_path))] if job.trainer_path else None, trace=job.trace,
         backend="docker", image={"id": image.id, "tag": image.tag}, labels=cell.labels,
     )
 

@@ -32,7 +32,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="the optuna_best directory")
     p.add_argument("--data", help="dataset file (overrides config.yaml data.path)")
     p.add_argument("--trainer", help="your own trainer as module:function (overrides config.yaml trainer.entrypoint)")
-    p.add_argument("--trainer-path", help="directory holding the trainer's module")
+    p.add_argument("--trainer-path", action="append",
+                   help="directory holding the trainer's top-level package or module (repeatable; each goes on sys.path, in order)")
     p.add_argument("--out", help="results directory (default: harness-results/<bundle>-<time>)")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="write all records plus the comparison as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write a Markdown table (for a pull-request comment)")

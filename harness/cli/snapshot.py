@@ -195,9 +195,13 @@ def cmd_create(args: argparse.Namespace) -> int:
     opts = RunOptions(bundle=args.target, backend="docker", cells=(args.cell,), images=image_options(args),
                       data=args.data, out=args.out, progress=not args.no_progress)
     bundle, _ = runner.load_and_check(opts)
-    if bundle.trainer and bundle.trainer.code_dir and not Path(bundle.trainer.code_dir).resolve().is_relative_to(Path(bundle.root)):
-        raise InputError(str(bundle.root), f"its trainer code {bundle.trainer.code_dir} lies outside the bundle and would not be archived",
-                         hint="move the trainer's code_dir into the optuna_best directory")
+    if bundle.data.resolved is None:
+        raise InputError("config.yaml", "has no data.path, so there is no data to archive with the snapshot",
+                         hint="add data.path (your trainer may keep reading its own key)")
+    for code_dir in (bundle.trainer.code_dirs if bundle.trainer else ()):  # every folder, not only the first
+        if not Path(code_dir).resolve().is_relative_to(Path(bundle.root)):
+            raise InputError(str(bundle.root), f"its trainer code {code_dir} lies outside the bundle and would not be archived",
+                             hint="move the trainer's code_dir into the optuna_best directory")
     plan = make_plan(opts)
     (cell,) = plan.cells
     if cell.skip_reason:

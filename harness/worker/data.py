@@ -52,6 +52,60 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def sha256_path(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of the data as bytes, whatever its format.
+
+    A file: the sha256 of its bytes (as ``sha256sum`` prints it). A directory: a
+    sorted walk of its files, hashing each relative path (``/``-separated) and
+    its bytes, so renaming, adding or changing any file changes the digest.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        return sha256_file(p, chunk)
+    h = hashlib.sha256()
+    files = sorted((f for f in p.rglob("*") if f.is_file()), key=lambda f: f.relative_to(p).as_posix())
+    for f in files:
+        rel = f.relative_to(p).as_posix().encode()
+        h.update(len(rel).to_bytes(8, "big") + rel)
+        h.update(f.stat().st_size.to_bytes(8, "big"))
+        with open(f, "rb") as fh:
+            while True:
+                block = fh.read(chunk)
+                if not block:
+                    break
+                h.update(block)
+    return h.hexdigest()
+
+
+_KINDS = {".csv": "a CSV", ".tsv": "a TSV", ".txt": "a text", ".parquet": "a Parquet", ".json": "a JSON",
+          ".pkl": "a pickle", ".pickle": "a pickle", ".h5": "an HDF5", ".hdf5": "an HDF5", ".feather": "a Feather",
+          ".pt": "a torch", ".pth": "a torch", ".xlsx": "an Excel"}
+
+
+def require_npz(p: Path) -> None:
+    """The reference trainer reads one ``.npz``: say what ``p`` is otherwise, and how to go on."""
+    where = str(p)
+    _require_file(p)
+    if zipfile.is_zipfile(p):
+        return
+    with open(p, "rb") as fh:
+        head = fh.read(4096)
+    if head.startswith(b"\x93NUMPY"):
+        raise InputError(where, "is a single .npy array, not an .npz with X and y", hint="save with np.savez(path, X=X, y=y, target_names=names)")
+    if p.suffix.lower() == ".npz":  # named as one, but damaged
+        raise InputError(where, "cannot be read as an .npz dataset (not a zip file)",
+                         hint="write it with np.savez(path, X=X, y=y, target_names=names)")
+    kind = _KINDS.get(p.suffix.lower())
+    if kind is None:
+        try:
+            text = head.decode("utf-8")
+            kind = "a CSV" if "," in text else "a text"
+        except UnicodeDecodeError:
+            kind = "an unrecognised binary"
+    raise InputError(where, f"{p.name} is {kind} file, not an .npz; the reference trainer reads np.savez(path, X=X, y=y)",
+                     hint="convert it, or name your own trainer with --trainer")
+
+
 def _names(arr: np.ndarray | None, n: int, prefix: str, key: str, where: str) -> list[str]:
     if arr is None:
         return [f"{prefix}{i}" for i in range(n)]
@@ -61,6 +115,14 @@ def _names(arr: np.ndarray | None, n: int, prefix: str, key: str, where: str) ->
     if len(set(names)) != len(names):
         raise InputError(where, f"{key} has duplicate names {names}", hint="make every name unique")
     return names
+
+
+def require_exists(path: str | Path) -> None:
+    """A custom trainer's data: a file or a directory, in any format; only its existence is checked here."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(str(p), "data not found",
+                         hint="fix data.path in config.yaml (relative paths are resolved from the optuna_best directory) or pass --data")
 
 
 def _require_file(p: Path) -> None:
@@ -75,7 +137,7 @@ def load_raw(path: str | Path) -> dict[str, np.ndarray]:
     """Load the arrays of a dataset file, with no pickled objects allowed."""
     p = Path(path)
     where = str(p)
-    _require_file(p)
+    require_npz(p)
     try:
         with np.load(p, allow_pickle=False) as npz:
             if not isinstance(npz, np.lib.npyio.NpzFile):
@@ -151,7 +213,7 @@ def read_layout(spec: DataSpec) -> Layout:
     """
     p = Path(spec.resolved)
     where = str(p)
-    _require_file(p)
+    require_npz(p)
     hint = "write it with np.savez(path, X=X, y=y, target_names=names)"
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, np.dtype] = {}

@@ -207,19 +207,57 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
     save_weights(result.best_state, wdir / "best.pt")
     save_weights(result.last_state, wdir / "last.pt")
     rec.weights_sha256 = model_mod.state_sha256(result.best_state)
+    if bundle.best_weights:
+        rec.weights_vs_archived = compare_state(result.best_state, state)
     rec.last_weights_sha256 = model_mod.state_sha256(result.last_state)
 
 
-def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultRecord) -> None:
-    import numpy as np
+def compare_state(retrained: Any, archived: Any) -> dict[str, Any]:
+    """Two state dicts tensor by tensor: identical, the first differing name (sorted), the largest |difference|."""
     import torch
 
-    from .metrics import per_target
+    first = None
+    max_diff = 0.0
+    for name in sorted(set(retrained) | set(archived)):
+        a, b = retrained.get(name), archived.get(name)
+        if a is None or b is None or tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+            return {"identical": False, "first_difference": first or name, "max_abs_diff": None}
+        a, b = a.detach().cpu(), b.detach().cpu()
+        if torch.equal(a, b):
+            continue
+        first = first or name
+        if a.is_floating_point() or a.is_complex():
+            d = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+        else:
+            d = float((a.long() - b.long()).abs().max()) if a.numel() else 0.0
+        max_diff = max(max_diff, d if d == d else float("inf"))
+    return {"identical": first is None, "first_difference": first, "max_abs_diff": max_diff}
+
+
+def _load_archived_state(path: str) -> Any:
+    """The bundle's best weights as a state dict (``weights_only=True``), or None when they are not one."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - the trainer's own format; nothing to compare tensor by tensor
+        return None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if isinstance(state, dict) and all(hasattr(v, "detach") for v in state.values()):
+        return state
+    return None
+
+
+def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultRecord) -> None:
+    import torch
+
     from .model import state_sha256
-    from .trainer_api import TrainerContext, resolve
+    from .trainer_api import TrainerContext, call, normalise_result, resolve
 
     assert bundle.trainer is not None
-    func = resolve(bundle.trainer.entrypoint, bundle.trainer.code_dir)
+    entry = bundle.trainer.entrypoint
+    func = resolve(entry, bundle.trainer.code_dirs)
     scaler = _load_scaler(bundle.scaler_path) if bundle.scaler_path else None
     history: list[dict[str, float]] = []
 
@@ -232,40 +270,38 @@ def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultR
                          scaler=scaler, _progress=progress, _data_spec=bundle.data)
     t0 = time.perf_counter()
     try:
-        result = func(bundle.config, ctx)
+        result = call(func, ctx)
     except HarnessError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's trainer failed
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-6:])
-        failure = RunFailed(f"trainer {bundle.trainer.entrypoint} raised {exc.__class__.__name__}: {exc}")
+        failure = RunFailed(f"trainer {entry} raised {exc.__class__.__name__}: {exc}")
         failure.user_traceback = tb  # type: ignore[attr-defined]
         raise failure from None
     rec.train_s = time.perf_counter() - t0
-    if not isinstance(result, dict):
-        raise RunFailed(f"trainer {bundle.trainer.entrypoint} returned {type(result).__name__}; the contract asks for a dict "
-                        "(see README 'Bring your own trainer')")
-    metrics: dict[str, Any] = {}
-    names = result.get("target_names")
-    for split_name, pair in (result.get("predictions") or {}).items():
-        y_true, y_pred = (np.asarray(a) for a in pair)
-        cols = names or [f"target_{i}" for i in range(1 if y_true.ndim == 1 else y_true.shape[1])]
-        metrics[split_name] = per_target(y_true, y_pred, cols)
-    for split_name, m in (result.get("metrics") or {}).items():
-        metrics.setdefault(split_name, m)
-    if result.get("val_loss") is not None:
-        metrics["val_loss"] = float(result["val_loss"])
-    rec.metrics = {"retrained": metrics, "archived": None}
+    got = normalise_result(result, entry)
+    rec.metrics = {"retrained": got["metrics"], "archived": None}
     rec.history = history
-    state = result.get("state_dict")
-    if state is None and result.get("model") is not None:
-        state = result["model"].state_dict()
+    state = got["state"]
+    written = out / "weights" / "best.pt"
+    if state is None and written.is_file():  # a trainer that saved its best weights into out_dir
+        state = _load_archived_state(str(written))
     if state is not None:
         state = {k: v.detach().cpu() for k, v in state.items()}
         (out / "weights").mkdir(parents=True, exist_ok=True)
-        save_weights(state, out / "weights" / "best.pt")
+        save_weights(state, written)
         rec.weights_sha256 = state_sha256(state)
-    rec.trainer = {"entrypoint": bundle.trainer.entrypoint, "code_dir": bundle.trainer.code_dir}
-    rec.extra = result.get("extra") or {}
+        if bundle.best_weights:
+            archived = _load_archived_state(bundle.best_weights)
+            if archived is not None:
+                rec.archived_weights_sha256 = state_sha256(archived)
+                rec.weights_vs_archived = compare_state(state, archived)
+    if got["user_digest"]:
+        recorded = bundle.recorded.weights_sha256 if bundle.recorded else None
+        rec.user_weights = {"sha256": got["user_digest"], "recorded": recorded,
+                            "identical_to_recorded": None if recorded is None else got["user_digest"] == recorded}
+    rec.trainer = {"entrypoint": entry, "code_dir": bundle.trainer.code_dir, "code_dirs": list(bundle.trainer.code_dirs)}
+    rec.extra = got["extra"] if isinstance(got["extra"], dict) else {"value": got["extra"]}
 
 
 def _sha_json(obj: Any) -> str:
@@ -279,7 +315,7 @@ def run(spec: RunSpec) -> ResultRecord:
     from ..bundle import load_bundle
     from ..preflight import expected_data_digests
     from . import determinism, envinfo
-    from .data import prepare, sha256_file
+    from .data import prepare, require_exists, sha256_path
 
     t_start = time.perf_counter()
     out = Path(spec.out_dir)
@@ -309,18 +345,22 @@ def run(spec: RunSpec) -> ResultRecord:
         bundle={"path": bundle.root, "trial": bundle.recorded.number if bundle.recorded else None},
         env=Env.from_json(envinfo.measure(spec.device), "env"),
     )
-    rec.data_sha256 = sha256_file(bundle.data.resolved)
+    if bundle.data.resolved is not None:
+        rec.data_sha256 = sha256_path(bundle.data.resolved)  # bytes, whatever the format
+        rec.data = {"path": bundle.data.path, "file": Path(bundle.data.resolved).name}
+    else:
+        rec.warnings.append("config.yaml has no data.path: the trainer found its own data, which was not hashed")
     rec.expected_data_sha256 = expected_data_digests(bundle)
-    rec.data = {"path": bundle.data.path, "file": Path(bundle.data.resolved).name,
-                "exclude_channels": list(bundle.data.exclude_channels), "downsample": bundle.data.downsample,
-                "split": list(bundle.data.split)}
-    data = prepare(bundle.data)
-    rec.data["shape"] = list(data.raw_shape)
-    rec.data["targets"] = data.target_names
-
-    if bundle.trainer is not None:
+    if bundle.trainer is not None:  # its data is its own: hashed, never opened here
+        if bundle.data.resolved is not None:
+            require_exists(bundle.data.resolved)
         _custom_run(spec, bundle, device, out, rec)
     else:
+        rec.data.update({"exclude_channels": list(bundle.data.exclude_channels), "downsample": bundle.data.downsample,
+                         "split": list(bundle.data.split)})
+        data = prepare(bundle.data)
+        rec.data["shape"] = list(data.raw_shape)
+        rec.data["targets"] = data.target_names
         _reference_run(spec, bundle, data, device, out, rec)
     rec.determinism = determinism.capture(spec.determinism, bundle.training.seed)
     recorded = bundle.recorded
@@ -348,7 +388,7 @@ def _parse(argv: list[str] | None) -> RunSpec:
     p.add_argument("--threads", type=int)
     p.add_argument("--tf32", action="store_true")
     p.add_argument("--trainer")
-    p.add_argument("--trainer-path")
+    p.add_argument("--trainer-path", action="append")
     p.add_argument("--trace", action="store_true")
     a = p.parse_args(argv)
     if a.spec:

@@ -1,35 +1,44 @@
 """Bring your own trainer: the contract between the harness and a user's code.
 
 A user names ``module:function`` (``trainer.entrypoint`` in config.yaml, or
-``--trainer``) and the directory holding the module (``trainer.code_dir`` or
-``--trainer-path``). Before calling it the harness has already started the
-process with ``CUBLAS_WORKSPACE_CONFIG``/``PYTHONHASHSEED`` set, applied the
-determinism switches and called ``set_seed(training.seed)``. The function is
-called as::
+``--trainer``) and the folders holding it (``trainer.code_dir`` or the repeatable
+``--trainer-path``; each goes on sys.path, in order). Before calling it the harness
+has already started the process with ``CUBLAS_WORKSPACE_CONFIG``/``PYTHONHASHSEED``
+set, applied the determinism switches and called ``set_seed(training.seed)``.
 
-    result = function(config: dict, ctx: harness.trainer_api.TrainerContext)
+The function is called with the arguments its signature names (:data:`ARGUMENTS`:
+``config``, ``optuna_best_dir``, ``data_path``, ``device``, ``seed``, ``out_dir``,
+``ctx`` and their synonyms; see :func:`call`), so a project's own
+``retrain(config, optuna_best_dir, data_path=None)`` is named as it is. A function
+whose first two positional parameters have other names is called the original way,
+``function(config, ctx)``.
 
-and returns a mapping with any of:
+It returns a mapping; :func:`normalise_result` validates it and puts it into the
+record's one shape:
 
 * ``predictions``: ``{"val": (y_true, y_pred), "test": (...)}`` in original
   target units; the harness computes R²/MSE/MAE from them itself (preferred)
-* ``metrics``: ``{"val": {"r2": {name: v}, "mse": {...}, "mae": {...}}, "test": ...}``
-  when the trainer computes its own
-* ``val_loss``: the objective value, comparable with trial_info.yaml's ``value``
-* ``state_dict`` (or ``model``): the best weights, digested into ``weights_sha256``
-  and saved to the results directory
-* ``target_names``: names for prediction columns (default: the dataset's)
+* metrics, under ``metrics`` or at the top level, nested per split or flat, per
+  target or one number over all targets (stored under target ``"*"``); see
+  :func:`normalise_metrics`
+* ``val_loss`` (or ``loss``): the objective value, comparable with trial_info.yaml's ``value``
+* ``state_dict`` (or ``model``): the best weights, compared tensor by tensor with the
+  bundle's weights/best.pt, digested into ``weights_sha256`` and saved
+* ``weights_sha256``: the trainer's own digest, compared with trial_info's as its convention
+* ``target_names``: names for prediction columns
 * ``extra``: anything JSON-serialisable, stored as is
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import numbers
 import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ..errors import InputError, RunFailed
 
@@ -72,17 +81,17 @@ class TrainerContext:
             self._progress(epoch, epochs, {"epoch": epoch, **{k: float(v) for k, v in values.items()}})
 
 
-def resolve(entrypoint: str, code_dir: str | None) -> Callable[..., Any]:
-    """Import ``module:function`` with ``code_dir`` first on sys.path."""
+def resolve(entrypoint: str, code_dirs: str | list[str] | tuple[str, ...] | None) -> Callable[..., Any]:
+    """Import ``module:function`` with the ``code_dirs`` first on sys.path, in the order given."""
     module_name, _, func_name = entrypoint.partition(":")
-    if code_dir:
-        sys.path.insert(0, str(Path(code_dir)))
+    dirs = [code_dirs] if isinstance(code_dirs, str) else list(code_dirs or [])
+    for d in reversed(dirs):
+        sys.path.insert(0, str(Path(d)))
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        where = f" from {code_dir}" if code_dir else ""
-        raise InputError("trainer", f"cannot import {module_name!r}{where} ({exc.__class__.__name__}: {exc})",
-                         hint="set trainer.code_dir / --trainer-path to the folder holding the module") from None
+        raise InputError("trainer", f"cannot import {module_name!r} ({exc.__class__.__name__}: {exc})",
+                         hint=_import_hint(module_name, dirs)) from None
     except Exception as exc:  # noqa: BLE001 - user code failed at import time
         tb = traceback.format_exc(limit=-3)
         raise RunFailed(f"trainer module {module_name!r} raised on import: {exc.__class__.__name__}: {exc}\n{tb}") from None
@@ -90,3 +99,228 @@ def resolve(entrypoint: str, code_dir: str | None) -> Callable[..., Any]:
     if not callable(func):
         raise InputError("trainer", f"{module_name!r} has no function {func_name!r}", hint="name an existing function as module:function")
     return func
+
+
+def _import_hint(module_name: str, dirs: list[str]) -> str:
+    """Which folders were searched, and where the module's top-level package is when it is one level off."""
+    top = module_name.split(".", 1)[0]
+    searched = ", ".join(dirs) if dirs else "none given"
+    hint = f"searched the --trainer-path folders ({searched}) and sys.path"
+    for d in dirs:
+        p = Path(d)
+        if p.name == top and ((p / "__init__.py").is_file() or (p / (module_name.split(".", 1)[-1].replace(".", "/") + ".py")).is_file()):
+            return hint + f"; {p} is the package {top!r} itself: pass its parent, --trainer-path {p.parent}"
+        for child in (p.iterdir() if p.is_dir() else ()):
+            if child.is_dir() and ((child / top).is_dir() or (child / f"{top}.py").is_file()):
+                return hint + f"; {top!r} is in {child}: pass --trainer-path {child}"
+    return hint + "; give --trainer-path the folder that holds the module's top-level package (repeatable)"
+
+
+# --------------------------------------------------------------------------- calling convention
+
+#: The parameter names a trainer function may ask for, and what each receives.
+ARGUMENTS: dict[str, str] = {
+    "config": "config", "cfg": "config", "conf": "config",
+    "optuna_best_dir": "bundle_dir", "bundle_dir": "bundle_dir", "bundle": "bundle_dir",
+    "data_path": "data_path", "data": "data_path",
+    "device": "device", "seed": "seed", "out_dir": "out_dir",
+    "ctx": "ctx", "context": "ctx",
+}
+
+
+def _value(what: str, ctx: TrainerContext) -> Any:
+    return ctx if what == "ctx" else getattr(ctx, what)
+
+
+def call(func: Callable[..., Any], ctx: TrainerContext) -> Any:
+    """Call a trainer with the arguments its signature names (see :data:`ARGUMENTS`).
+
+    A function whose first two positional parameters both have other names keeps
+    the original ``func(config, ctx)`` convention.
+    """
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return func(ctx.config, ctx)
+    params = list(sig.parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 2 and positional[0].name not in ARGUMENTS and positional[1].name not in ARGUMENTS:
+        return func(ctx.config, ctx)
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.name in ARGUMENTS:
+            value = _value(ARGUMENTS[p.name], ctx)
+            if p.kind is p.POSITIONAL_ONLY:
+                args.append(value)
+            else:
+                kwargs[p.name] = value
+        elif p.default is p.empty:
+            name = getattr(func, "__qualname__", repr(func))
+            raise InputError("trainer", f"{name}() requires parameter {p.name!r}, which the harness cannot fill; "
+                             f"accepted names: {', '.join(ARGUMENTS)}",
+                             hint="rename it, give it a default, or wrap the function")
+        elif p.kind is p.POSITIONAL_ONLY:
+            break  # a defaulted positional-only parameter we cannot fill: leave it and the rest to their defaults
+    return func(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- what the trainer returns
+
+AGGREGATE = "*"  # the target name under which one number over all targets is stored
+SPLITS = {"val": "val", "valid": "val", "validation": "val", "test": "test", "train": "train"}
+FAMILIES = {"r2": "r2", "r2_score": "r2", "mse": "mse", "mae": "mae"}
+LOSSES = ("val_loss", "loss", "best_val_loss", "objective")
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool) or isinstance(v, (str, bytes)):
+        return None
+    if isinstance(v, numbers.Real):
+        return float(v)
+    item = getattr(v, "item", None)
+    if callable(item) and (getattr(v, "ndim", None) == 0 or getattr(v, "shape", None) == ()):
+        try:
+            out = item()
+        except Exception:  # noqa: BLE001
+            return None
+        return float(out) if isinstance(out, numbers.Real) and not isinstance(out, bool) else None
+    return None
+
+
+def _family_values(value: Any, where: str, entry: str) -> dict[str, float]:
+    n = _number(value)
+    if n is not None:
+        return {AGGREGATE: n}
+    if isinstance(value, Mapping):
+        out = {}
+        for target, v in value.items():
+            nv = _number(v)
+            if nv is None:
+                raise InputError("trainer", f"{entry} returned {where}.{target} = {v!r}, not a number",
+                                 hint="return numbers (one per target, or one for all targets)")
+            out[str(target)] = nv
+        return out
+    raise InputError("trainer", f"{entry} returned {where} as {type(value).__name__}, not a number or a mapping of targets",
+                     hint=f"return e.g. {where.split('.')[-1]}: 0.93 or {{target: 0.93}}")
+
+
+def _put(metrics: dict[str, Any], split: str, family: str, values: dict[str, float], where: str, entry: str) -> None:
+    fams = metrics.setdefault(split, {})
+    if family in fams:
+        raise InputError("trainer", f"{entry} returned {family} for the {split} split twice (at {where} too); "
+                         "the metric is ambiguous", hint="return each metric once")
+    fams[family] = values
+
+
+def _flat_key(key: str) -> tuple[str, str] | None:
+    """``r2`` -> (val, r2); ``test_MAE`` -> (test, mae); None when not a metric name."""
+    low = key.lower()
+    if low in FAMILIES:
+        return "val", FAMILIES[low]
+    for prefix, split in SPLITS.items():
+        if low.startswith(prefix + "_") and low[len(prefix) + 1:] in FAMILIES:
+            return split, FAMILIES[low[len(prefix) + 1:]]
+    return None
+
+
+def normalise_metrics(source: Mapping[str, Any], entry: str, explicit: bool) -> dict[str, Any]:
+    """Metrics in the shapes people return, in the record's one shape.
+
+    ``{"val_loss": x, "val": {"r2": {target: v}, "mse": ..., "mae": ...}, "test": ...}``:
+    an aggregate number is stored under the target name ``"*"``. Accepted: nested
+    per split (``val``/``valid``/``validation``, ``test``, ``train``) or flat
+    (``r2``, ``val_r2``, ``test_mae`` ...; unprefixed is the validation split),
+    per-target mappings or numbers, ``r2``/``R2``/``r2_score``, ``mse``/``MSE``,
+    ``mae``/``MAE``, and ``val_loss``/``loss``/``best_val_loss``. A known key
+    with a value of another shape is refused, naming the key.
+    """
+    out: dict[str, Any] = {}
+    for key, value in source.items():
+        key = str(key)
+        low = key.lower()
+        if low in LOSSES:
+            n = _number(value)
+            if n is None:
+                raise InputError("trainer", f"{entry} returned {key} = {value!r}, not a number", hint="return the loss as a float")
+            if "val_loss" in out:
+                raise InputError("trainer", f"{entry} returned the validation loss twice (at {key} too)",
+                                 hint="return it once, as val_loss")
+            out["val_loss"] = n
+        elif low in SPLITS and isinstance(value, Mapping):
+            split = SPLITS[low]
+            for mkey, mval in value.items():
+                mlow = str(mkey).lower()
+                if mlow in FAMILIES:
+                    _put(out, split, FAMILIES[mlow], _family_values(mval, f"{key}.{mkey}", entry), f"{key}.{mkey}", entry)
+                elif mlow == "loss" and split == "val":
+                    n = _number(mval)
+                    if n is None:
+                        raise InputError("trainer", f"{entry} returned {key}.{mkey} = {mval!r}, not a number")
+                    out.setdefault("val_loss", n)
+        elif low in SPLITS and explicit and value is not None:
+            raise InputError("trainer", f"{entry} returned metrics.{key} as {type(value).__name__}, not a mapping of metrics",
+                             hint=f"return e.g. {key}: {{r2: 0.93, mse: 0.01}}")
+        else:
+            flat = _flat_key(key)
+            if flat is not None:
+                _put(out, flat[0], flat[1], _family_values(value, key, entry), key, entry)
+    return out
+
+
+def normalise_result(result: Any, entry: str) -> dict[str, Any]:
+    """Validate what a trainer returned and put it in one shape, before anything is compared.
+
+    Returns ``{"metrics", "state", "user_digest", "extra"}``: metrics from
+    ``predictions`` (computed here, per target), else from ``metrics``, else from
+    the top level of the returned mapping (see :func:`normalise_metrics`).
+    """
+    import numpy as np
+
+    from .metrics import per_target
+
+    if not isinstance(result, Mapping):
+        raise RunFailed(f"trainer {entry} returned {type(result).__name__}; the contract asks for a dict "
+                        "(see README 'Bring your own trainer')")
+    metrics: dict[str, Any] = {}
+    names = result.get("target_names")
+    predictions = result.get("predictions") or {}
+    if not isinstance(predictions, Mapping):
+        raise InputError("trainer", f"{entry} returned predictions as {type(predictions).__name__}, not {{split: (y_true, y_pred)}}")
+    for split_name, pair in predictions.items():
+        try:
+            y_true, y_pred = (np.asarray(a) for a in pair)
+            cols = list(names) if names else [f"target_{i}" for i in range(1 if y_true.ndim == 1 else y_true.shape[1])]
+            metrics[SPLITS.get(str(split_name).lower(), str(split_name))] = per_target(y_true, y_pred, cols)
+        except (TypeError, ValueError) as exc:
+            raise InputError("trainer", f"{entry} returned predictions.{split_name} that cannot be scored ({exc})",
+                             hint="return (y_true, y_pred) arrays of the same shape") from None
+    explicit = result.get("metrics")
+    if explicit is not None and not isinstance(explicit, Mapping):
+        raise InputError("trainer", f"{entry} returned metrics as {type(explicit).__name__}, not a mapping")
+    given = normalise_metrics(explicit if explicit is not None else result, entry, explicit is not None)
+    if explicit is not None:  # a val_loss may also sit next to metrics
+        top_loss = normalise_metrics({k: v for k, v in result.items() if str(k).lower() in LOSSES}, entry, False)
+        if "val_loss" in top_loss:
+            given.setdefault("val_loss", top_loss["val_loss"])
+    for key, value in given.items():
+        if key == "val_loss" or key not in metrics:
+            metrics.setdefault(key, value)
+        else:
+            for fam, vals in value.items():
+                metrics[key].setdefault(fam, vals)
+    state = result.get("state_dict")
+    if state is None:
+        model = result.get("model")
+        if model is not None:
+            sd = getattr(model, "state_dict", None)
+            if not callable(sd):
+                raise InputError("trainer", f"{entry} returned model as {type(model).__name__}, which has no state_dict()")
+            state = sd()
+    if state is not None and not (isinstance(state, Mapping) and all(hasattr(v, "detach") for v in state.values())):
+        raise InputError("trainer", f"{entry} returned state_dict that is not a mapping of tensor names to tensors")
+    digest = next((result[k] for k in ("weights_sha256", "weights_digest", "sha256") if isinstance(result.get(k), str)), None)
+    extra = result.get("extra") or {}
+    return {"metrics": metrics, "state": state, "user_digest": digest, "extra": extra}
