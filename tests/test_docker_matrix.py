@@ -364,3 +364,21 @@ def test_a_link_planted_by_a_container_is_not_followed_by_the_host(matrix_run, w
     assert victim.read_text() == "precious\n"  # the host never wrote through the link
     st = os.stat(out / "cpu-torch2.13")
     assert not (st.st_mode & 0o002)  # the cell directory is not world-writable
+
+
+def test_a_user_project_reproduces_unmodified_in_a_ci_image(matrix_run, wheelhouse_root, base_image, tmp_path: Path) -> None:
+    """The bring-your-own-trainer acceptance project, in a pinned image: only --trainer and --trainer-path."""
+    import shutil
+
+    from .conftest import REPO
+
+    proj = tmp_path / "proj"
+    shutil.copytree(REPO / "tests" / "userproj", proj, ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "out"
+    p = harness("run", str(proj / "optuna_best"), "--image", "cpu-torch2.13", "--trainer", "userproj.train:retrain",
+                "--trainer-path", str(proj), "--out", str(out), *docker_args(wheelhouse_root, base_image))
+    assert p.returncode == 0, p.stdout + p.stderr
+    (rec,) = record.load(out).records
+    assert rec.status is Status.OK and rec.backend == "docker" and rec.env.in_container
+    assert rec.weights_vs_archived["identical"] is True and "=archived" in p.stdout
+    assert "reproduced" in p.stdout
