@@ -16,6 +16,7 @@ import hashlib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,15 +41,16 @@ class Dataset:
         return int(self.y.shape[1])
 
 
+def _feed(h: Any, path: str | Path, chunk: int) -> None:
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, streamed."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(chunk)
-            if not block:
-                break
-            h.update(block)
+    _feed(h, path, chunk)
     return h.hexdigest()
 
 
@@ -68,12 +70,7 @@ def sha256_path(path: str | Path, chunk: int = 1 << 20) -> str:
         rel = f.relative_to(p).as_posix().encode()
         h.update(len(rel).to_bytes(8, "big") + rel)
         h.update(f.stat().st_size.to_bytes(8, "big"))
-        with open(f, "rb") as fh:
-            while True:
-                block = fh.read(chunk)
-                if not block:
-                    break
-                h.update(block)
+        _feed(h, f, chunk)
     return h.hexdigest()
 
 
