@@ -64,10 +64,11 @@ class TrainingSpec:
 
 @dataclass(frozen=True)
 class TrainerSpec:
-    """A user's own trainer: ``module:function`` importable from ``code_dir``."""
+    """A user's own trainer: ``module:function`` importable from ``code_dir``, or a command to run."""
 
-    entrypoint: str
-    code_dirs: tuple[str, ...] = ()  # each goes on sys.path, in order (--trainer-path is repeatable)
+    entrypoint: str | None
+    code_dirs: tuple[str, ...] = ()  # each goes on sys.path (and a command's PYTHONPATH), in order
+    command: str | None = None  # a command line with {placeholders} (harness.worker.trainer_cmd); then no entrypoint
 
     @property
     def code_dir(self) -> str | None:
@@ -308,14 +309,19 @@ def _parse_trainer_section(r: _Reader) -> TrainerSpec | None:
     if tcfg is None:
         return None
     tr = _Reader(tcfg, CONFIG)
-    entry = tr.get("entrypoint", "str", example="trainer: {entrypoint: 'my_train:train', code_dir: code}")
+    command = r.get("trainer.command", "str", default=None)
+    if command is not None and _lookup(tcfg, "entrypoint") not in (_MISSING, None):
+        raise r.err("trainer", "names both an entrypoint and a command",
+                    hint="keep one: `entrypoint: module:function` or `command: \"{python} -m mypkg.retrain {bundle}\"`")
+    entry = None if command is not None else tr.get(
+        "entrypoint", "str", example="trainer: {entrypoint: 'my_train:train', code_dir: code} (or command: ...)")
     raw = _lookup(tcfg, "code_dir")
     if isinstance(raw, list):
         if not raw or not all(isinstance(v, str) and v for v in raw):
             raise r.err("trainer.code_dir", f"must be a folder or a list of folders, got {raw!r}")
-        return TrainerSpec(entrypoint=entry, code_dirs=tuple(raw))
+        return TrainerSpec(entrypoint=entry, code_dirs=tuple(raw), command=command)
     code_dir = tr.get("code_dir", "str", default=None)
-    return TrainerSpec(entrypoint=entry, code_dirs=(code_dir,) if code_dir else ())
+    return TrainerSpec(entrypoint=entry, code_dirs=(code_dir,) if code_dir else (), command=command)
 
 
 def _split_ratios(r: _Reader) -> tuple[float, float, float]:
@@ -511,8 +517,13 @@ def _find(dirpath: Path, names: tuple[str, ...]) -> str | None:
 
 def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = None,
                 trainer_override: str | None = None,
-                trainer_path: str | list[str] | tuple[str, ...] | None = None) -> Bundle:
-    """Read and validate an optuna_best directory (no training, no code execution)."""
+                trainer_path: str | list[str] | tuple[str, ...] | None = None,
+                trainer_cmd_override: str | None = None) -> Bundle:
+    """Read and validate an optuna_best directory (no training, no code execution).
+
+    ``trainer_override`` (``--trainer``) or ``trainer_cmd_override`` (``--trainer-cmd``)
+    replaces config.yaml's trainer section, whichever of the two it names.
+    """
     root = Path(path).expanduser()
     if not root.exists():
         raise InputError(str(root), "no such directory", hint="pass the path of your optuna_best/ directory")
@@ -523,15 +534,25 @@ def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = Non
     if not cfg_path.is_file():
         raise InputError(str(cfg_path), "not found", hint="an optuna_best/ directory needs config.yaml with data, model and training sections")
     cfg = load_yaml(cfg_path, CONFIG)
-    data, model, training, trainer = parse_config(cfg, root, data_override, custom_trainer=bool(trainer_override))
+    if trainer_override and trainer_cmd_override:
+        raise InputError("--trainer-cmd", "cannot be combined with --trainer", hint="name one trainer: a function or a command")
+    data, model, training, trainer = parse_config(cfg, root, data_override,
+                                                  custom_trainer=bool(trainer_override or trainer_cmd_override))
 
     paths = tuple([trainer_path] if isinstance(trainer_path, str) else (trainer_path or ()))
     if trainer_override:
         trainer = TrainerSpec(entrypoint=trainer_override, code_dirs=paths)
+    elif trainer_cmd_override:
+        trainer = TrainerSpec(entrypoint=None, code_dirs=paths, command=trainer_cmd_override)
     elif trainer is not None and paths:
-        trainer = TrainerSpec(entrypoint=trainer.entrypoint, code_dirs=paths)
+        trainer = TrainerSpec(entrypoint=trainer.entrypoint, code_dirs=paths, command=trainer.command)
     if trainer is not None:
-        if ":" not in trainer.entrypoint or not all(trainer.entrypoint.split(":", 1)):
+        if trainer.command is not None:
+            from .worker.trainer_cmd import check_command
+
+            check_command(trainer.command, "--trainer-cmd" if trainer_cmd_override else f"{CONFIG}: trainer.command",
+                          has_data=data.resolved is not None, has_code_dir=bool(trainer.code_dirs))
+        elif trainer.entrypoint is None or ":" not in trainer.entrypoint or not all(trainer.entrypoint.split(":", 1)):
             raise InputError(CONFIG if not trainer_override else "--trainer",
                              f"trainer entrypoint {trainer.entrypoint!r} is not `module:function`",
                              hint="write e.g. `my_train:train`")
@@ -543,7 +564,7 @@ def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = Non
                 raise InputError(CONFIG if not paths else "--trainer-path",
                                  f"trainer code directory {cd} does not exist", hint="point it at the folder holding your module")
             resolved_dirs.append(str(cd))
-        trainer = TrainerSpec(entrypoint=trainer.entrypoint, code_dirs=tuple(resolved_dirs))
+        trainer = TrainerSpec(entrypoint=trainer.entrypoint, code_dirs=tuple(resolved_dirs), command=trainer.command)
 
     recorded = None
     info_path = root / TRIAL_INFO

@@ -172,6 +172,7 @@ class RunOptions:
     data: str | None = None
     trainer: str | None = None
     trainer_path: list[str] | None = None
+    trainer_cmd: str | None = None  # a command as the trainer, instead of `trainer` (module:function)
     out: str | None = None
     trace: bool = False
     progress: bool = True
@@ -182,6 +183,9 @@ class RunOptions:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise UsageError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.trainer and self.trainer_cmd:
+            raise UsageError("--trainer and --trainer-cmd cannot be combined",
+                             hint="name one trainer: a function (--trainer module:function) or a command (--trainer-cmd CMD)")
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ class Job:
     results_dir: str
     trainer: str | None = None
     trainer_path: list[str] | None = None  # the trainer's folders, in sys.path order
+    trainer_cmd: str | None = None  # a command as the trainer, instead of `trainer`
     trace: bool = False
     run_id: str = ""
     timeout_s: float | None = None  # a cell running longer is killed and recorded as ``timeout``

@@ -1,7 +1,7 @@
 """The typed documents that cross process and machine boundaries.
 
 * :class:`RunSpec` -- what a backend hands the worker (one cell, one run),
-  schema ``harness.runspec/3``
+  schema ``harness.runspec/4``
 * :class:`ResultRecord` -- one JSON file per run, ``OUT/<cell>/record.json``,
   schema ``harness.result/2``
 
@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Mapping
 from .errors import InputError
 
 SCHEMA = "harness.result/2"
-SPEC_SCHEMA = "harness.runspec/3"
+SPEC_SCHEMA = "harness.runspec/4"
 RUN_SCHEMA = "harness.run/1"
 REPORT_SCHEMA = "harness.report/2"
 RECORD_FILE = "record.json"
@@ -198,6 +198,7 @@ class RunSpec:
     repeat: int = 0
     trainer: str | None = None
     trainer_path: list[str] | None = None  # folders put on sys.path, in order
+    trainer_cmd: str | None = None  # a command as the trainer (harness.worker.trainer_cmd), instead of `trainer`
     trace: bool = False
     backend: str = "local"
     image: dict[str, Any] = field(default_factory=dict)  # the image the cell runs in (docker backend)

@@ -46,7 +46,7 @@ def load_and_check(opts: RunOptions) -> tuple[Any, Any]:
     from .bundle import load_bundle
 
     bundle = load_bundle(opts.bundle, data_override=opts.data, trainer_override=opts.trainer,
-                         trainer_path=opts.trainer_path)
+                         trainer_path=opts.trainer_path, trainer_cmd_override=opts.trainer_cmd)
     if opts.strict_config and bundle.trainer is None:
         from .bundle import CONFIG, unknown_config_keys
 
@@ -392,6 +392,7 @@ def _execute_locked(opts: RunOptions, bundle: Any, plan: Plan, out: Path, report
                     tol: Tolerances) -> Comparison:
     job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, results_dir=str(out),
               trainer=bundle.trainer.entrypoint if bundle.trainer else None,
+              trainer_cmd=bundle.trainer.command if bundle.trainer else None,
               trainer_path=list(bundle.trainer.code_dirs) if bundle.trainer and bundle.trainer.code_dirs else None,
               trace=opts.trace,
               run_id=new_run_id(), timeout_s=opts.timeout)

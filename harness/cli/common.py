@@ -34,6 +34,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trainer", help="your own trainer as module:function (overrides config.yaml trainer.entrypoint)")
     p.add_argument("--trainer-path", action="append",
                    help="directory holding the trainer's top-level package or module (repeatable; each goes on sys.path, in order)")
+    p.add_argument("--trainer-cmd", metavar="CMD",
+                   help='your own trainer as a command, e.g. "{python} -m mypkg.retrain {bundle} --out {out_dir}" '
+                        "(overrides config.yaml trainer.command; not with --trainer)")
     p.add_argument("--out", help="results directory (default: harness-results/<bundle>-<time>)")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="write all records plus the comparison as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write a Markdown table (for a pull-request comment)")

@@ -368,7 +368,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
             out = (Path.cwd() / "harness-results" / f"rerun-{cell_name}-{stamp}").resolve()
         record.write(out / archived.cell / record.RECORD_FILE, archived)
         job = Job(bundle_dir=str(bundle_dir), data_path=str(data_path), results_dir=str(out), trainer=spec.get("trainer"),
-                  run_id=runner.new_run_id())
+                  trainer_cmd=spec.get("trainer_cmd"), run_id=runner.new_run_id())
         comparison = runner.execute_plan(Plan("docker", [cell]), backend, job, report_options(args), tol,
                                          progress_enabled=not args.no_progress, extra_records=[archived])
         rerun = record.read(job.cell_dir(cell) / record.RECORD_FILE)

@@ -6,9 +6,9 @@ Started by a backend (a local child process, or a container's ENTRYPOINT) as::
     python -m harness.worker --bundle DIR --out DIR --cell NAME [--device cuda] ...
 
 It is the only process that loads the target scaler (joblib, i.e. pickle: code)
-and the only one that trains. It writes ``OUT/record.json`` atomically whatever
-happens, and prints progress events on stdout as ``HARNESS-EVENT {json}``
-lines. Exit status: 0 ok, 2 bad input, 1 the run failed.
+and the only one that trains (a trainer command is its child: harness.worker.trainer_cmd).
+It writes ``OUT/record.json`` atomically whatever happens, and prints progress
+events on stdout as ``HARNESS-EVENT {json}`` lines. Exit status: 0 ok, 2 bad input, 1 the run failed.
 
 This module and what it imports need only torch, numpy, pyyaml, joblib and
 scikit-learn: it runs inside the minimal images.
@@ -250,9 +250,8 @@ def _load_archived_state(path: str) -> Any:
 
 
 def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultRecord) -> None:
-    import torch
+    import torch  # noqa: F401 - imported (and seeded) before the user's module is
 
-    from .model import state_sha256
     from .trainer_api import TrainerContext, call, normalise_result, resolve
 
     assert bundle.trainer is not None
@@ -280,11 +279,21 @@ def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultR
         raise failure from None
     rec.train_s = time.perf_counter() - t0
     got = normalise_result(result, entry)
-    rec.metrics = {"retrained": got["metrics"], "archived": None}
     rec.history = history
+    _keep_custom_result(bundle, out, rec, got)
+    rec.trainer = {"entrypoint": entry, "code_dir": bundle.trainer.code_dir, "code_dirs": list(bundle.trainer.code_dirs)}
+
+
+def _keep_custom_result(bundle: Any, out: Path, rec: ResultRecord, got: dict[str, Any]) -> None:
+    """A custom trainer's normalised result into the record: metrics, weights against the archive, its own digest."""
+    from .model import state_sha256
+
+    rec.metrics = {"retrained": got["metrics"], "archived": None}
     state = got["state"]
     written = out / "weights" / "best.pt"
-    if state is None and written.is_file():  # a trainer that saved its best weights into out_dir
+    if state is None and written.is_symlink():
+        rec.warnings.append(f"{written} is a link; it was not followed, so the weights were not compared")
+    elif state is None and written.is_file():  # a trainer that saved its best weights into out_dir
         state = _load_archived_state(str(written))
     if state is not None:
         state = {k: v.detach().cpu() for k, v in state.items()}
@@ -300,8 +309,88 @@ def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultR
         recorded = bundle.recorded.weights_sha256 if bundle.recorded else None
         rec.user_weights = {"sha256": got["user_digest"], "recorded": recorded,
                             "identical_to_recorded": None if recorded is None else got["user_digest"] == recorded}
-    rec.trainer = {"entrypoint": entry, "code_dir": bundle.trainer.code_dir, "code_dirs": list(bundle.trainer.code_dirs)}
     rec.extra = got["extra"] if isinstance(got["extra"], dict) else {"value": got["extra"]}
+
+
+def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultRecord) -> None:
+    """A command as the trainer (harness.worker.trainer_cmd): run it, then read its metrics and weights."""
+    import shutil
+    import tempfile
+
+    from ..bundle import CONFIG
+    from . import trainer_cmd as tc
+    from .trainer_api import normalise_result
+
+    trainer = bundle.trainer
+    code_dirs = list(trainer.code_dirs)
+    config = str(Path(bundle.root) / CONFIG)
+    values = {"bundle": bundle.root, "config": config, "data": bundle.data.resolved, "out_dir": str(out),
+              "seed": str(bundle.training.seed), "device": str(device), "python": sys.executable,
+              "code_dir": code_dirs[0] if code_dirs else None}
+    argv = tc.substitute(tc.split_command(trainer.command), values)
+    for stale in (tc.METRICS_FILE, "weights/best.pt"):
+        tc.remove_stale(out / stale)  # a standalone worker's --out may hold an earlier run's
+    history: list[dict[str, float]] = []
+
+    def on_line(line: str) -> None:
+        row = tc.child_event(line)
+        if row is not None:
+            history.append(row)
+            emit("epoch", cell=spec.cell, epoch=row["epoch"], epochs=int(row.get("epochs", bundle.training.epochs)),
+                 val_loss=row.get("val_loss"))
+
+    private = Path(tempfile.mkdtemp(prefix="harness-cmd-"))
+    try:
+        markers = private / "markers"
+        markers.mkdir()
+        site = tc.install_site(private / "site")
+        env = tc.command_env(os.environ, seed=bundle.training.seed, device=str(device), bundle=bundle.root,
+                             config=config, data=bundle.data.resolved, out_dir=str(out), determinism=spec.determinism,
+                             threads=spec.threads, tf32=spec.tf32, code_dirs=code_dirs, site_dir=str(site),
+                             markers=str(markers), worker_pid=os.getpid())
+        t0 = time.perf_counter()
+        done = tc.run_command(argv, cwd=str(out), env=env, out_dir=out, on_line=on_line)
+        rec.train_s = time.perf_counter() - t0
+        processes = tc.read_markers(markers)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    if done.exit_status != 0:
+        last = next((ln.strip() for ln in reversed(done.stderr_tail.splitlines()) if ln.strip()), "")
+        failure = RunFailed(f"the trainer command {done.how}" + (f": {last}" if last else "")
+                            + f" (stderr in {tc.STDERR_LOG})")
+        failure.log_tail = done.stderr_tail or None  # type: ignore[attr-defined]
+        raise failure
+    metrics_file = out / tc.METRICS_FILE
+    mapping = tc.read_metrics_file(metrics_file)
+    source = f"$HARNESS_METRICS_FILE ({tc.METRICS_FILE})"
+    if mapping is None:
+        found = tc.metrics_from_stdout(done.stdout)
+        if found is None:
+            failure = RunFailed(f"the trainer command left no metrics: it wrote no $HARNESS_METRICS_FILE "
+                                f"({metrics_file}), and its stdout ({tc.STDOUT_LOG}) holds no JSON object on one line "
+                                "and no YAML mapping after a '---' line")
+            failure.log_tail = done.stdout[-tc.TAIL_CHARS:] or None  # type: ignore[attr-defined]
+            raise failure
+        mapping, source = found
+    got = normalise_result(mapping, f"the trainer command's {source}")
+    if not got["metrics"]:
+        raise RunFailed(f"the trainer command's {source} holds no metric (keys: {', '.join(map(str, mapping)) or 'none'}); "
+                        "see README 'A script as the trainer' for the accepted names")
+    rec.history = history
+    _keep_custom_result(bundle, out, rec, got)
+    seeded = [p for p in processes if p.get("seeded") and not p.get("error")]
+    rec.trainer = {
+        "command": trainer.command, "argv": argv, "cwd": str(out), "code_dir": trainer.code_dir, "code_dirs": code_dirs,
+        "exit_status": done.exit_status, "metrics_from": source, "stdout_log": tc.STDOUT_LOG, "stderr_log": tc.STDERR_LOG,
+        "seeded_by_harness": bool(seeded), "python_processes": processes[:tc.MARKERS_KEPT],
+    }
+    if not processes:
+        rec.warnings.append("the trainer command started no Python process the harness could seed (a non-Python "
+                            "program, or python -S/-I): it got HARNESS_SEED and the other variables only, so its "
+                            "seeding is its own")
+    for p in processes:
+        if p.get("error"):
+            rec.warnings.append(f"the seeding hook failed in {p.get('executable')} (pid {p.get('pid')}): {p['error']}")
 
 
 def _sha_json(obj: Any) -> str:
@@ -327,7 +416,8 @@ def run(spec: RunSpec) -> ResultRecord:
         raise RunFailed(f"the worker started without {', '.join(missing)} in its environment; these must be set before "
                         "Python starts (start it through `harness`, or export them first)")
     bundle = load_bundle(spec.bundle_dir, data_override=spec.data_path,
-                         trainer_override=spec.trainer, trainer_path=spec.trainer_path)
+                         trainer_override=spec.trainer, trainer_path=spec.trainer_path,
+                         trainer_cmd_override=spec.trainer_cmd)
 
     import torch
 
@@ -354,7 +444,10 @@ def run(spec: RunSpec) -> ResultRecord:
     if bundle.trainer is not None:  # its data is its own: hashed, never opened here
         if bundle.data.resolved is not None:
             require_exists(bundle.data.resolved)
-        _custom_run(spec, bundle, device, out, rec)
+        if bundle.trainer.command is not None:
+            _command_run(spec, bundle, device, out, rec)
+        else:
+            _custom_run(spec, bundle, device, out, rec)
     else:
         rec.data.update({"exclude_channels": list(bundle.data.exclude_channels), "downsample": bundle.data.downsample,
                          "split": list(bundle.data.split)})
@@ -389,6 +482,7 @@ def _parse(argv: list[str] | None) -> RunSpec:
     p.add_argument("--tf32", action="store_true")
     p.add_argument("--trainer")
     p.add_argument("--trainer-path", action="append")
+    p.add_argument("--trainer-cmd")
     p.add_argument("--trace", action="store_true")
     a = p.parse_args(argv)
     if a.spec:
@@ -413,7 +507,7 @@ def _parse(argv: list[str] | None) -> RunSpec:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return RunSpec(cell=a.cell, bundle_dir=a.bundle, out_dir=a.out, data_path=a.data, device=device,
                    determinism=a.determinism, threads=a.threads, tf32=a.tf32, trainer=a.trainer,
-                   trainer_path=a.trainer_path, trace=a.trace, backend="standalone")
+                   trainer_path=a.trainer_path, trainer_cmd=a.trainer_cmd, trace=a.trace, backend="standalone")
 
 
 _SPEC_FALLBACK: dict[str, str] = {}
@@ -435,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as exc:
         rec = ResultRecord.without_metrics(spec.cell, Status.FAILED, exc.kind, exc.one_line(), spec=spec.to_dict(),
                                            harness_version=__version__, wall_s=time.perf_counter() - t0,
-                                           exit_status=exc.exit_code, traceback=getattr(exc, "user_traceback", None))
+                                           exit_status=exc.exit_code, traceback=getattr(exc, "user_traceback", None),
+                                           log_tail=getattr(exc, "log_tail", None))
         code = exc.exit_code
     except Exception as exc:  # noqa: BLE001 - anything else is a failed run, with its traceback kept
         disk = disk_failure(exc) if isinstance(exc, OSError) else None
