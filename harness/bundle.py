@@ -10,6 +10,7 @@ The accepted schema is documented in README.md ("The optuna_best schema").
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,9 @@ class DataSpec:
     exclude_channels: tuple[int, ...] = ()
     downsample: int = 1
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    # custom trainer only: why the seeded split cannot be re-derived from config.yaml (no data.split, or not
+    # ratios); None when data.split was read. The reference trainer always has one (the default above).
+    split_note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,8 @@ class TrainerSpec:
     entrypoint: str | None
     code_dirs: tuple[str, ...] = ()  # each goes on sys.path (and a command's PYTHONPATH), in order
     command: str | None = None  # a command line with {placeholders} (harness.worker.trainer_cmd); then no entrypoint
+    model_fn: str | None = None  # trainer.model_fn: module:function building the nn.Module from the config
+    predict: str | None = None  # trainer.predict: module:function evaluating a model (the archived weights)
 
     @property
     def code_dir(self) -> str | None:
@@ -278,7 +284,7 @@ def parse_config(cfg: Any, root: Path, data_override: str | None = None,
         raise InputError(CONFIG, f"must be a mapping of sections (data, model, training), got {_typename(cfg)}",
                          hint="see README 'The optuna_best schema'")
     r = _Reader(cfg, CONFIG)
-    trainer = _parse_trainer_section(r)
+    trainer = _parse_trainer_section(r, entrypoint_required=not custom_trainer)
     r.get("training", "mapping", example="training: {seed: 42, batch_size: 32, epochs: 20, learning_rate: 0.001}")
     seed = r.get("training.seed", "int", why="to seed every RNG and the split", example="training: {seed: 42}")
     custom = trainer is not None or custom_trainer
@@ -296,32 +302,54 @@ def parse_config(cfg: Any, root: Path, data_override: str | None = None,
     if custom:
         epochs = _lookup(cfg, "training.epochs")
         epochs = epochs if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0 else 0
+        split, split_note = _custom_split(r)
         data = DataSpec(path=None if data_path is None else str(data_path),
-                        resolved=None if resolved is None else str(resolved), sha256=sha.lower() if sha else None)
+                        resolved=None if resolved is None else str(resolved), sha256=sha.lower() if sha else None,
+                        split=split, split_note=split_note)
         return data, ModelSpec(), TrainingSpec(seed=seed, epochs=epochs), trainer
     assert data_path is not None and resolved is not None
     data, model, training = parse_reference_config(r, seed, str(data_path), str(resolved), sha)
     return data, model, training, None
 
 
-def _parse_trainer_section(r: _Reader) -> TrainerSpec | None:
+def _parse_trainer_section(r: _Reader, entrypoint_required: bool = True) -> TrainerSpec | None:
+    """``trainer:``; without ``entrypoint`` only when --trainer names it (the section then holds the hooks)."""
     tcfg = r.get("trainer", "mapping", default=None)
     if tcfg is None:
         return None
-    tr = _Reader(tcfg, CONFIG)
     command = r.get("trainer.command", "str", default=None)
     if command is not None and _lookup(tcfg, "entrypoint") not in (_MISSING, None):
         raise r.err("trainer", "names both an entrypoint and a command",
                     hint="keep one: `entrypoint: module:function` or `command: \"{python} -m mypkg.retrain {bundle}\"`")
-    entry = None if command is not None else tr.get(
-        "entrypoint", "str", example="trainer: {entrypoint: 'my_train:train', code_dir: code} (or command: ...)")
+    entry = None if command is not None else r.get(
+        "trainer.entrypoint", "str", example="trainer: {entrypoint: 'my_train:train', code_dir: code} (or command: ...)",
+        default=_MISSING if entrypoint_required else "")
+    hooks = {k: r.get(f"trainer.{k}", "str", default=None, example=f"trainer: {{{k}: 'mypkg.model:{k}'}}")
+             for k in TRAINER_HOOKS}
     raw = _lookup(tcfg, "code_dir")
     if isinstance(raw, list):
         if not raw or not all(isinstance(v, str) and v for v in raw):
             raise r.err("trainer.code_dir", f"must be a folder or a list of folders, got {raw!r}")
-        return TrainerSpec(entrypoint=entry, code_dirs=tuple(raw), command=command)
-    code_dir = tr.get("code_dir", "str", default=None)
-    return TrainerSpec(entrypoint=entry, code_dirs=(code_dir,) if code_dir else (), command=command)
+        return TrainerSpec(entrypoint=entry, code_dirs=tuple(raw), command=command, **hooks)
+    code_dir = r.get("trainer.code_dir", "str", default=None)
+    return TrainerSpec(entrypoint=entry, code_dirs=(code_dir,) if code_dir else (), command=command, **hooks)
+
+
+TRAINER_HOOKS = ("model_fn", "predict")  # optional trainer.* functions that evaluate the archived weights
+
+
+def _custom_split(r: _Reader) -> tuple[tuple[float, float, float], str | None]:
+    """A custom trainer's ``data.split`` as ratios when it is written as the reference trainer's, else why not.
+
+    The key is the trainer's own: a value of another shape is not an error, only a split
+    the harness cannot re-derive (the ratios then stay the reference default for ``ctx.split``).
+    """
+    if _lookup(r.data, "data.split") in (_MISSING, None):
+        return DataSpec.split, "config.yaml has no data.split"
+    try:
+        return _split_ratios(r), None
+    except InputError as exc:
+        return DataSpec.split, exc.message.removeprefix(f"{CONFIG}: ")
 
 
 def _split_ratios(r: _Reader) -> tuple[float, float, float]:
@@ -540,12 +568,14 @@ def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = Non
                                                   custom_trainer=bool(trainer_override or trainer_cmd_override))
 
     paths = tuple([trainer_path] if isinstance(trainer_path, str) else (trainer_path or ()))
+    # config.yaml's hooks describe the archived model: they stay when --trainer names another entrypoint
+    hooks = {k: getattr(trainer, k) for k in TRAINER_HOOKS} if trainer is not None else {}
     if trainer_override:
-        trainer = TrainerSpec(entrypoint=trainer_override, code_dirs=paths)
+        trainer = TrainerSpec(entrypoint=trainer_override, code_dirs=paths, **hooks)
     elif trainer_cmd_override:
-        trainer = TrainerSpec(entrypoint=None, code_dirs=paths, command=trainer_cmd_override)
+        trainer = TrainerSpec(entrypoint=None, code_dirs=paths, command=trainer_cmd_override, **hooks)
     elif trainer is not None and paths:
-        trainer = TrainerSpec(entrypoint=trainer.entrypoint, code_dirs=paths, command=trainer.command)
+        trainer = dataclasses.replace(trainer, code_dirs=paths)
     if trainer is not None:
         if trainer.command is not None:
             from .worker.trainer_cmd import check_command
@@ -556,6 +586,11 @@ def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = Non
             raise InputError(CONFIG if not trainer_override else "--trainer",
                              f"trainer entrypoint {trainer.entrypoint!r} is not `module:function`",
                              hint="write e.g. `my_train:train`")
+        for hook in TRAINER_HOOKS:
+            value = getattr(trainer, hook)
+            if value is not None and (":" not in value or not all(value.split(":", 1))):
+                raise InputError(CONFIG, f"trainer.{hook} {value!r} is not `module:function`",
+                                 hint=f"write e.g. `{hook}: mypkg.model:{hook}`")
         resolved_dirs = []
         for code_dir in trainer.code_dirs:
             cd = Path(code_dir).expanduser()
@@ -564,7 +599,7 @@ def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = Non
                 raise InputError(CONFIG if not paths else "--trainer-path",
                                  f"trainer code directory {cd} does not exist", hint="point it at the folder holding your module")
             resolved_dirs.append(str(cd))
-        trainer = TrainerSpec(entrypoint=trainer.entrypoint, code_dirs=tuple(resolved_dirs), command=trainer.command)
+        trainer = dataclasses.replace(trainer, code_dirs=tuple(resolved_dirs))
 
     recorded = None
     info_path = root / TRIAL_INFO

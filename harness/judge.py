@@ -363,6 +363,24 @@ def _overall(cells: list[CellJudgement], missing: list[str]) -> tuple[Verdict, s
     return Verdict.UNRECORDED, f"{len(ran)} cell(s) ran, nothing recorded to judge against{skipped}"
 
 
+def split_mismatch(rec: ResultRecord) -> str | None:
+    """The warning for a trainer whose reported split is not the seeded one (record ``split.reported``)."""
+    split = rec.split or {}
+    rep = split.get("reported") or {}
+    if rep.get("matches") is not False:
+        return None
+    first = rep.get("first_difference")
+    names = ("train", "val", "test")
+    i = names.index(first) if first in names else None
+    sizes = ""
+    if i is not None and isinstance(rep.get("sizes"), list) and isinstance(split.get("sizes"), list):
+        sizes = f" ({rep['sizes'][i]} vs {split['sizes'][i]} samples)"
+    how = {"ctx.split": "the split ctx.split handed out"}.get(split.get("source"),
+                                                            "the split re-derived from data.split and training.seed")
+    order = "; same samples in another order" if rep.get("same_samples") else ""
+    return f"the split the trainer reported differs from {how}, first in {first}{sizes}{order}"
+
+
 def compare(records: list[ResultRecord], tol: Tolerances | None = None, missing: Iterable[str] = (),
             allow_data_change: bool = False) -> Comparison:
     """Judge every record against the recorded trial and against the first cell that ran.
@@ -385,6 +403,10 @@ def compare(records: list[ResultRecord], tol: Tolerances | None = None, missing:
     warnings: dict[str, None] = {}
     for r in records:
         for w in data_mismatches(r):
+            warnings.setdefault(f"{r.cell}: {w}", None)
+    for r in records:
+        w = split_mismatch(r)
+        if w:
             warnings.setdefault(f"{r.cell}: {w}", None)
     for c in cells:
         if c.unmatched_recorded:

@@ -304,6 +304,18 @@ def warnings(records: Iterable[ResultRecord], comparison: Comparison | None = No
     return list(dict.fromkeys(out))
 
 
+def archived_notes(records: Iterable[ResultRecord]) -> list[str]:
+    """Why a custom trainer's cell has no ``archived Δ`` (the record's ``trainer.archived.why``), each reason once."""
+    ok = [r for r in records if r.ok]
+    by_why: dict[str, list[str]] = {}
+    for r in ok:
+        why = ((r.trainer or {}).get("archived") or {}).get("why")
+        if why and not r.archived:
+            by_why.setdefault(why, []).append(r.cell)
+    return [f"archived Δ —{'' if len(cells) == len(ok) else ' for ' + ', '.join(cells)}: {why}"
+            for why, cells in by_why.items()]
+
+
 def summary_line(comparison: Comparison) -> Text:
     counts = comparison.counts()
     n = len(comparison.cells) + len(comparison.missing)
@@ -347,6 +359,8 @@ def notes(data: list[dict[str, str]], records: list[ResultRecord], comparison: C
             parts.append(Text(f"✗ {r['cell']} not comparable: {r['reason']}", style="red"))
     for w in warnings(records, comparison):
         parts.append(Text(f"! {w}", style="bold red"))
+    for n in archived_notes(records):
+        parts.append(Text(f"- {n}", style="dim"))
     parts.append(summary_line(comparison))
     return parts
 
@@ -401,6 +415,7 @@ def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str
              if r["verdict"] in (Verdict.FAILED.value, Verdict.SKIPPED.value, Verdict.INCOMPLETE.value,
                                  Verdict.NOT_COMPARABLE.value)]
     notes += [f"- {_md_escape(w)}" for w in warnings(records, comparison)]
+    notes += [f"- {_md_escape(n)}" for n in archived_notes(records)]
     if notes:
         lines += ["", *notes]
     tol = comparison.tolerances or {}

@@ -382,3 +382,14 @@ def test_a_user_project_reproduces_unmodified_in_a_ci_image(matrix_run, wheelhou
     assert rec.status is Status.OK and rec.backend == "docker" and rec.env.in_container
     assert rec.weights_vs_archived["identical"] is True and "=archived" in p.stdout
     assert "reproduced" in p.stdout
+    # with its optional glue, the seed's checks run in the image too (hooks from the mounted code)
+    from .test_userproj import add_glue, assert_seed_checks
+
+    bundle = add_glue(proj)
+    out = tmp_path / "out-checks"
+    p = harness("run", str(bundle), "--image", "cpu-torch2.13", "--trainer", "userproj.checks:retrain_checked",
+                "--trainer-path", str(proj), "--out", str(out), *docker_args(wheelhouse_root, base_image))
+    assert p.returncode == 0, p.stdout + p.stderr
+    (rec,) = record.load(out).records
+    assert rec.env.in_container
+    assert_seed_checks(rec, p.stdout)

@@ -38,6 +38,9 @@ def test_user_project_reproduces_with_run(tmp_path: Path) -> None:
     assert rec.data_sha256  # the CSV is hashed as bytes
     val = rec.retrained["val"]
     assert set(val["r2"]) == {"*"} and isinstance(val["mse"]["*"], float)
+    # unmodified, it tells the harness nothing beyond its metrics: each check says why it was not made
+    assert rec.archived is None and "archived Δ —: config.yaml names no trainer.model_fn/trainer.predict" in p.stdout
+    assert rec.split["source"] is None and rec.scaler["refit_matches"] is None
 
 
 def test_user_project_reproduces_in_a_matrix(tmp_path: Path) -> None:
@@ -51,3 +54,70 @@ def test_user_project_reproduces_in_a_matrix(tmp_path: Path) -> None:
     assert len(recs) == 2 and all(r.status is Status.OK for r in recs)
     assert all(r.weights_vs_archived["identical"] for r in recs)
     assert p.stdout.count("=archived") >= 2
+
+
+def add_glue(proj: Path) -> Path:
+    """Archive the project's target scaler with its own code and name its hooks in config.yaml; the bundle."""
+    import sys
+
+    import yaml
+
+    bundle = proj / "optuna_best"
+    cfg = yaml.safe_load((bundle / "config.yaml").read_text())
+    sys.path.insert(0, str(proj))
+    try:
+        from userproj.checks import archive_scaler
+
+        archive_scaler(cfg, str(bundle))  # the scaler such a project archives beside its weights
+    finally:
+        sys.path.remove(str(proj))
+        for name in [m for m in sys.modules if m == "userproj" or m.startswith("userproj.")]:
+            del sys.modules[name]
+    cfg["trainer"] = {"model_fn": "userproj.checks:build_model", "predict": "userproj.checks:predict"}
+    (bundle / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return bundle
+
+
+def assert_seed_checks(rec: record.ResultRecord, stdout: str) -> None:
+    """Split recorded and matching, scaler refit matching, archived weights evaluated with zero archived Δ."""
+    from harness import judge, report
+
+    assert "reproduced" in stdout and "=archived" in stdout and "archived Δ —" not in stdout
+    assert rec.split["source"] == "re-derived" and rec.split["sizes"] == [204, 43, 45]
+    assert rec.split["reported"]["matches"] is True
+    assert rec.scaler["refit_matches"] is True and rec.scaler["max_abs_diff"] == 0.0
+    assert rec.trainer["archived"]["evaluated"] is True
+    assert rec.archived["val"]["r2"] == rec.recorded["r2"]
+    comparison = judge.compare([rec])
+    (cell,) = comparison.cells
+    assert cell.archived_inference and all(d.diff == 0 for d in cell.archived_inference.values())
+    assert report.rows([rec], comparison)[0]["d_archived"] == "0"
+
+
+def test_user_project_with_its_optional_glue_gets_the_seed_checks(tmp_path: Path) -> None:
+    """userproj/checks.py: the split and train targets told through ctx, the archived weights through hooks."""
+    bundle = add_glue(_copy(tmp_path))
+    out = tmp_path / "out"
+    p = harness("run", str(bundle), "--trainer", "userproj.checks:retrain_checked", "--trainer-path",
+                str(bundle.parent), "--out", str(out), "--device", "cpu")
+    assert p.returncode == 0, p.stdout + p.stderr
+    (rec,) = record.load(out).records
+    assert_seed_checks(rec, p.stdout)
+
+
+def test_a_model_fn_that_does_not_fit_the_archived_weights_is_one_line(tmp_path: Path) -> None:
+    import yaml
+
+    proj = _copy(tmp_path)
+    (proj / "userproj" / "narrow.py").write_text("from .train import MLP\n\n\ndef build(config):\n    return MLP(32, 2, 16)\n")
+    bundle = proj / "optuna_best"
+    cfg = yaml.safe_load((bundle / "config.yaml").read_text())
+    cfg["trainer"] = {"model_fn": "userproj.narrow:build"}
+    (bundle / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    p = harness("run", str(bundle), "--trainer", "userproj.train:retrain", "--trainer-path", str(proj),
+                "--out", str(tmp_path / "out"), "--device", "cpu")
+    assert p.returncode == 2, p.stdout + p.stderr
+    (line,) = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert line.startswith("harness: error: config.yaml: trainer.model_fn userproj.narrow:build builds a model whose "
+                           "state does not fit weights/best.pt: shape net.0.bias (32,) vs (16,)")
+    assert "Traceback" not in p.stdout + p.stderr

@@ -31,6 +31,8 @@ from .. import __version__
 from . import EVENT_PREFIX
 from ..errors import EXIT_OK, HarnessError, InputError, RunFailed
 from ..record import Env, ResultRecord, RunSpec, Status, atomic_write, write
+from .seed_checks import scaler_check as _scaler_check
+from .seed_checks import sha_json as _sha_json
 
 
 
@@ -83,38 +85,6 @@ def _load_scaler(path: str) -> Any:
             raise InputError(path, f"holds a {type(scaler).__name__}, which has no {attr}()",
                              hint="archive the fitted target scaler (e.g. sklearn StandardScaler)")
     return scaler
-
-
-def _scaler_check(archived: Any, y_train: Any) -> tuple[Any, dict[str, Any]]:
-    """Refit a fresh scaler on the reproduced train split; compare with the archived one.
-
-    A match is direct evidence that the split (and the data) reproduced.
-    """
-    import numpy as np
-    from sklearn.base import clone
-    from sklearn.preprocessing import StandardScaler
-
-    fresh = clone(archived) if archived is not None else StandardScaler()
-    fresh.fit(y_train)
-    info: dict[str, Any] = {"archived": archived is not None, "class": type(fresh).__name__}
-    if archived is None:
-        info.update(refit_matches=None, max_abs_diff=None, used="refit")
-        return fresh, info
-    try:
-        a = np.asarray(archived.transform(y_train), dtype=np.float64)
-        b = np.asarray(fresh.transform(y_train), dtype=np.float64)
-        diff = float(np.max(np.abs(a - b))) if a.size else 0.0
-        params = {}
-        for attr in ("mean_", "scale_", "var_", "min_", "data_min_", "data_max_", "center_"):
-            if hasattr(archived, attr) and hasattr(fresh, attr):
-                params[attr] = float(np.max(np.abs(np.asarray(getattr(archived, attr), dtype=np.float64)
-                                                    - np.asarray(getattr(fresh, attr), dtype=np.float64))))
-        info.update(refit_matches=bool(diff <= 1e-9 and all(v <= 1e-9 for v in params.values())),
-                    max_abs_diff=diff, param_max_abs_diff=params, used="archived")
-    except Exception as exc:  # noqa: BLE001
-        raise InputError("target_scaler.joblib", f"does not fit the data's {y_train.shape[1]} targets ({exc})",
-                         hint="archive the scaler fitted on this dataset's targets") from None
-    return archived, info
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -249,14 +219,62 @@ def _load_archived_state(path: str) -> Any:
     return None
 
 
+def _archived_through_hooks(ctx: Any, predict: Any, bundle: Any, device: Any) -> tuple[Any, dict[str, Any]]:
+    """The archived best weights evaluated through config.yaml's trainer.model_fn / trainer.predict.
+
+    Returns the metrics (None when they cannot be had) and the record's account:
+    ``{model_fn, predict, loaded, evaluated, why}``; ``why`` says what is missing.
+    """
+    from .trainer_api import MODEL_ARGUMENTS, as_hook_result, call_hook, load_strict, normalise_result
+
+    trainer = bundle.trainer
+    info: dict[str, Any] = {"model_fn": trainer.model_fn, "predict": trainer.predict, "loaded": None,
+                            "evaluated": False, "why": None}
+    if ctx.model_fn is None:
+        info["why"] = ("trainer.predict needs trainer.model_fn to build the model" if predict is not None else
+                       "config.yaml names no trainer.model_fn/trainer.predict hooks: the archived weights were not "
+                       "evaluated")
+        return None, info
+    if not bundle.best_weights:
+        info["why"] = "the bundle has no weights/best.pt to evaluate"
+        return None, info
+    weights = f"{Path(bundle.best_weights).parent.name}/{Path(bundle.best_weights).name}"
+    state = _load_archived_state(bundle.best_weights)
+    if state is None:
+        info.update(loaded=False, why=f"{weights} is not a state dict torch.load(weights_only=True) can read")
+        return None, info
+    model = ctx.build_model()
+    load_strict(model, state, f"trainer.model_fn {trainer.model_fn}", weights)
+    info["loaded"] = True
+    if predict is None:
+        info["why"] = "no trainer.predict hook: the archived weights load into trainer.model_fn's model but were not evaluated"
+        return None, info
+    model.to(device)
+    model.eval()
+    what = f"trainer.predict {trainer.predict}"
+    result = call_hook(predict, ctx, what, extra=dict.fromkeys(MODEL_ARGUMENTS, model), first=model)
+    metrics = normalise_result(as_hook_result(result), what)["metrics"]
+    if not any(k in metrics for k in ("val", "test", "val_loss")):
+        raise InputError("config.yaml", f"{what} returned no predictions or metrics for the val or test split",
+                         hint="return {val: (y_true, y_pred), test: ...} in original units, or metrics as a trainer does")
+    info["evaluated"] = True
+    return metrics, info
+
+
 def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultRecord) -> None:
+    import copy
+
     import torch  # noqa: F401 - imported (and seeded) before the user's module is
 
-    from .trainer_api import TrainerContext, call, normalise_result, resolve
+    from . import determinism, seed_checks
+    from .trainer_api import TrainerContext, call_hook, normalise_result, resolve
 
     assert bundle.trainer is not None
-    entry = bundle.trainer.entrypoint
-    func = resolve(entry, bundle.trainer.code_dirs)
+    trainer = bundle.trainer
+    entry = trainer.entrypoint
+    func = resolve(entry, trainer.code_dirs)
+    model_fn = resolve(trainer.model_fn, trainer.code_dirs, "config.yaml trainer.model_fn") if trainer.model_fn else None
+    predict = resolve(trainer.predict, trainer.code_dirs, "config.yaml trainer.predict") if trainer.predict else None
     scaler = _load_scaler(bundle.scaler_path) if bundle.scaler_path else None
     history: list[dict[str, float]] = []
 
@@ -264,31 +282,50 @@ def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultR
         history.append(row)
         emit("epoch", cell=spec.cell, epoch=epoch, epochs=epochs, val_loss=row.get("val_loss"))
 
-    ctx = TrainerContext(config=bundle.config, seed=bundle.training.seed, device=str(device),
-                         bundle_dir=bundle.root, data_path=bundle.data.resolved, out_dir=str(out),
-                         scaler=scaler, _progress=progress, _data_spec=bundle.data)
+    def context() -> TrainerContext:
+        return TrainerContext(config=bundle.config, seed=bundle.training.seed, device=str(device),
+                              bundle_dir=bundle.root, data_path=bundle.data.resolved, out_dir=str(out),
+                              scaler=scaler, model_fn=model_fn, model_fn_name=trainer.model_fn, _progress=progress,
+                              _data_spec=bundle.data, _scaler_reference=copy.deepcopy(scaler))
+
+    # Archived weights first, before the trainer touches any RNG state (as the reference run
+    # orders it): inference drift, measured apart from training drift. Then the seed again.
+    archived_metrics, archived_info = _archived_through_hooks(context(), predict, bundle, device)
+    determinism.set_seed(bundle.training.seed)
+    ctx = context()  # what the hooks did is not what the trainer did
     t0 = time.perf_counter()
-    try:
-        result = call(func, ctx)
-    except HarnessError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the user's trainer failed
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-6:])
-        failure = RunFailed(f"trainer {entry} raised {exc.__class__.__name__}: {exc}")
-        failure.user_traceback = tb  # type: ignore[attr-defined]
-        raise failure from None
+    result = call_hook(func, ctx, f"trainer {entry}")
     rec.train_s = time.perf_counter() - t0
     got = normalise_result(result, entry)
     rec.history = history
-    _keep_custom_result(bundle, out, rec, got)
-    rec.trainer = {"entrypoint": entry, "code_dir": bundle.trainer.code_dir, "code_dirs": list(bundle.trainer.code_dirs)}
+    _keep_custom_result(bundle, out, rec, got, archived_metrics)
+    checks = ctx._checks
+    _returned_checks(checks, got, ctx._scaler_reference)
+    rec.split = seed_checks.split_record(checks, bundle.data.split, bundle.data.split_note, bundle.training.seed)
+    rec.scaler = checks.scaler or {"archived": scaler is not None, "refit_matches": None, "max_abs_diff": None,
+                                   "why": seed_checks.NO_SCALER_CHECK}
+    rec.trainer = {"entrypoint": entry, "code_dir": trainer.code_dir, "code_dirs": list(trainer.code_dirs),
+                   "archived": archived_info}
 
 
-def _keep_custom_result(bundle: Any, out: Path, rec: ResultRecord, got: dict[str, Any]) -> None:
+def _returned_checks(checks: Any, got: dict[str, Any], scaler_reference: Any) -> None:
+    """What a trainer returned for the seed's checks (split, length, train targets), where it did not call ctx for them."""
+    from . import seed_checks
+
+    if checks.reported is None and got["split_indices"] is not None:
+        checks.reported = got["split_indices"]
+    if checks.declared_n is None and got["n_samples"] is not None:
+        checks.declared_n = got["n_samples"]
+    if checks.scaler is None and got["y_train"] is not None:
+        key, y_train = got["y_train"]
+        checks.scaler = seed_checks.custom_scaler_check(scaler_reference, y_train, f"returned {key}")
+
+
+def _keep_custom_result(bundle: Any, out: Path, rec: ResultRecord, got: dict[str, Any], archived: Any = None) -> None:
     """A custom trainer's normalised result into the record: metrics, weights against the archive, its own digest."""
     from .model import state_sha256
 
-    rec.metrics = {"retrained": got["metrics"], "archived": None}
+    rec.metrics = {"retrained": got["metrics"], "archived": archived}
     state = got["state"]
     written = out / "weights" / "best.pt"
     if state is None and written.is_symlink():
@@ -378,6 +415,15 @@ def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: Result
                         "see README 'A script as the trainer' for the accepted names")
     rec.history = history
     _keep_custom_result(bundle, out, rec, got)
+    # What the command returned for the seed's checks (it has no ctx to call): split, length, train targets.
+    from . import seed_checks
+
+    scaler = _load_scaler(bundle.scaler_path) if bundle.scaler_path else None
+    checks = seed_checks.Checks()
+    _returned_checks(checks, got, scaler)
+    rec.split = seed_checks.split_record(checks, bundle.data.split, bundle.data.split_note, bundle.training.seed)
+    rec.scaler = checks.scaler or {"archived": scaler is not None, "refit_matches": None, "max_abs_diff": None,
+                                   "why": seed_checks.NO_SCALER_CHECK}
     seeded = [p for p in processes if p.get("seeded") and not p.get("error")]
     rec.trainer = {
         "command": trainer.command, "argv": argv, "cwd": str(out), "code_dir": trainer.code_dir, "code_dirs": code_dirs,
@@ -391,12 +437,6 @@ def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: Result
     for p in processes:
         if p.get("error"):
             rec.warnings.append(f"the seeding hook failed in {p.get('executable')} (pid {p.get('pid')}): {p['error']}")
-
-
-def _sha_json(obj: Any) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(obj, separators=(",", ":")).encode()).hexdigest()
 
 
 def run(spec: RunSpec) -> ResultRecord:

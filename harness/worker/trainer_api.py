@@ -27,6 +27,13 @@ record's one shape:
 * ``weights_sha256``: the trainer's own digest, compared with trial_info's as its convention
 * ``target_names``: names for prediction columns
 * ``extra``: anything JSON-serialisable, stored as is
+* ``n_samples``, ``split_indices``, ``y_train`` (or ``train_targets``): the seed's
+  checks, as ``ctx.declare_length``/``ctx.report_split``/``ctx.check_scaler`` take them
+
+Two optional hooks in config.yaml's ``trainer`` section evaluate the *archived*
+weights before the trainer runs: ``model_fn`` (builds the model, called like a
+trainer; :meth:`TrainerContext.build_model`) and ``predict`` (given that model with
+weights/best.pt loaded strictly, returns predictions or metrics as a trainer does).
 """
 
 from __future__ import annotations
@@ -40,12 +47,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..errors import InputError, RunFailed
+from ..errors import HarnessError, InputError, RunFailed
+from .seed_checks import Checks, as_indices, custom_scaler_check, declared_length
 
 
 @dataclass
 class TrainerContext:
-    """What a custom trainer gets besides its config."""
+    """What a custom trainer gets besides its config.
+
+    Besides the seeded helpers, it carries the seed's checks a trainer can feed
+    (each optional, each recorded; see README "Bring your own trainer"):
+    :meth:`split` / :meth:`declare_length` / :meth:`report_split` for the split,
+    :meth:`check_scaler` for the scaler refit. :attr:`model_fn` is config.yaml's
+    ``trainer.model_fn`` hook (None without one); :meth:`build_model` calls it.
+    """
 
     config: dict[str, Any]
     seed: int
@@ -53,9 +68,13 @@ class TrainerContext:
     bundle_dir: str
     data_path: str
     out_dir: str
-    scaler: Any = None  # the archived target scaler, loaded by the harness, or None
+    scaler: Any = None  # the archived target scaler (target_scaler.joblib) as loaded by the harness, or None
+    model_fn: Callable[..., Any] | None = None  # trainer.model_fn: builds the nn.Module from the config
+    model_fn_name: str | None = None  # its module:function, for messages
     _progress: Callable[[int, int, dict[str, float]], None] | None = field(default=None, repr=False)
     _data_spec: Any = field(default=None, repr=False)
+    _scaler_reference: Any = field(default=None, repr=False)  # a copy of the archived scaler the trainer cannot touch
+    _checks: Checks = field(default_factory=Checks, repr=False)
 
     def load_data(self) -> Any:
         """The dataset after the config's preprocessing (harness.data.Dataset)."""
@@ -64,10 +83,39 @@ class TrainerContext:
         return prepare(self._data_spec)
 
     def split(self, n: int) -> Any:
-        """The seeded ``random_split`` indices the reference trainer uses."""
+        """The seeded ``random_split`` indices the reference trainer uses; the harness records what it handed out."""
         from .train import split_indices
 
-        return split_indices(n, self._data_spec.split, self.seed)
+        n = declared_length(n, "ctx.split(n)")
+        s = split_indices(n, self._data_spec.split, self.seed)
+        self._checks.handed = (n, [list(s.train), list(s.val), list(s.test)])
+        return s
+
+    def declare_length(self, n: int) -> None:
+        """The dataset's number of samples: the harness re-derives the seeded split from ``data.split`` and the seed."""
+        self._checks.declared_n = declared_length(n, "ctx.declare_length(n)")
+
+    def report_split(self, train: Any, val: Any, test: Any) -> None:
+        """The split the trainer used (indices, arrays or ``Subset`` objects), compared with the seeded split."""
+        self._checks.reported = [as_indices(v, f"ctx.report_split {name}")
+                                 for name, v in (("train", train), ("val", val), ("test", test))]
+
+    def check_scaler(self, y_train: Any) -> dict[str, Any]:
+        """Refit a clone of the archived scaler on these train targets (original units) and compare; returns the record."""
+        self._checks.scaler = custom_scaler_check(self._scaler_reference, y_train, "ctx.check_scaler")
+        return dict(self._checks.scaler)
+
+    def build_model(self) -> Any:
+        """A fresh model from ``trainer.model_fn`` (called like a trainer: by its parameter names)."""
+        if self.model_fn is None:
+            raise InputError("config.yaml", "trainer.model_fn is not set, so the harness cannot build the model",
+                             hint="add `trainer: {model_fn: mypkg.model:build}` returning the torch.nn.Module")
+        what = f"trainer.model_fn {self.model_fn_name}"
+        model = call_hook(self.model_fn, self, what)
+        if not (callable(getattr(model, "state_dict", None)) and callable(getattr(model, "load_state_dict", None))):
+            raise InputError("config.yaml", f"{what} returned {type(model).__name__}, not a torch.nn.Module",
+                             hint="return the model (an nn.Module) built from the config, untrained")
+        return model
 
     def train_loader(self, dataset: Any, batch_size: int) -> Any:
         """A DataLoader shuffled by a generator seeded with ``training.seed``, num_workers=0."""
@@ -81,8 +129,12 @@ class TrainerContext:
             self._progress(epoch, epochs, {"epoch": epoch, **{k: float(v) for k, v in values.items()}})
 
 
-def resolve(entrypoint: str, code_dirs: str | list[str] | tuple[str, ...] | None) -> Callable[..., Any]:
-    """Import ``module:function`` with the ``code_dirs`` first on sys.path, in the order given."""
+def resolve(entrypoint: str, code_dirs: str | list[str] | tuple[str, ...] | None,
+            where: str = "trainer") -> Callable[..., Any]:
+    """Import ``module:function`` with the ``code_dirs`` first on sys.path, in the order given.
+
+    ``where`` names the setting in messages (``trainer``, ``config.yaml trainer.predict``).
+    """
     module_name, _, func_name = entrypoint.partition(":")
     dirs = [code_dirs] if isinstance(code_dirs, str) else list(code_dirs or [])
     for d in reversed(dirs):
@@ -90,14 +142,14 @@ def resolve(entrypoint: str, code_dirs: str | list[str] | tuple[str, ...] | None
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise InputError("trainer", f"cannot import {module_name!r} ({exc.__class__.__name__}: {exc})",
+        raise InputError(where, f"cannot import {module_name!r} ({exc.__class__.__name__}: {exc})",
                          hint=_import_hint(module_name, dirs)) from None
     except Exception as exc:  # noqa: BLE001 - user code failed at import time
         tb = traceback.format_exc(limit=-3)
-        raise RunFailed(f"trainer module {module_name!r} raised on import: {exc.__class__.__name__}: {exc}\n{tb}") from None
+        raise RunFailed(f"{where} module {module_name!r} raised on import: {exc.__class__.__name__}: {exc}\n{tb}") from None
     func = getattr(module, func_name, None)
     if not callable(func):
-        raise InputError("trainer", f"{module_name!r} has no function {func_name!r}", hint="name an existing function as module:function")
+        raise InputError(where, f"{module_name!r} has no function {func_name!r}", hint="name an existing function as module:function")
     return func
 
 
@@ -128,31 +180,47 @@ ARGUMENTS: dict[str, str] = {
 }
 
 
+#: The names under which trainer.predict receives the model (besides :data:`ARGUMENTS`).
+MODEL_ARGUMENTS = ("model", "net", "module")
+
+_UNSET: Any = object()
+
+
 def _value(what: str, ctx: TrainerContext) -> Any:
     return ctx if what == "ctx" else getattr(ctx, what)
 
 
-def call(func: Callable[..., Any], ctx: TrainerContext) -> Any:
-    """Call a trainer with the arguments its signature names (see :data:`ARGUMENTS`).
+def call(func: Callable[..., Any], ctx: TrainerContext, extra: Mapping[str, Any] | None = None,
+         first: Any = _UNSET) -> Any:
+    """Call a trainer (or a hook) with the arguments its signature names (see :data:`ARGUMENTS`).
 
-    A function whose first two positional parameters both have other names keeps
-    the original ``func(config, ctx)`` convention.
+    ``extra`` fills further names (trainer.predict's ``model``). Without ``first``, a
+    function whose first two positional parameters both have other names keeps the
+    original ``func(config, ctx)`` convention; with ``first``, a first positional
+    parameter of another name receives it (``predict(m, config)`` gets the model).
     """
+    extra = dict(extra or {})
     try:
         sig = inspect.signature(func)
     except (TypeError, ValueError):
-        return func(ctx.config, ctx)
+        return func(ctx.config, ctx) if first is _UNSET else func(first, ctx)
     params = list(sig.parameters.values())
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(positional) >= 2 and positional[0].name not in ARGUMENTS and positional[1].name not in ARGUMENTS:
+    known = set(ARGUMENTS) | set(extra)
+    if first is _UNSET and len(positional) >= 2 and positional[0].name not in known and positional[1].name not in known:
         return func(ctx.config, ctx)
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     for p in params:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        if p.name in ARGUMENTS:
-            value = _value(ARGUMENTS[p.name], ctx)
+        if p.name in known or (first is not _UNSET and positional and p is positional[0]):
+            if p.name in extra:
+                value = extra[p.name]
+            elif p.name in ARGUMENTS:
+                value = _value(ARGUMENTS[p.name], ctx)
+            else:
+                value = first
             if p.kind is p.POSITIONAL_ONLY:
                 args.append(value)
             else:
@@ -160,11 +228,57 @@ def call(func: Callable[..., Any], ctx: TrainerContext) -> Any:
         elif p.default is p.empty:
             name = getattr(func, "__qualname__", repr(func))
             raise InputError("trainer", f"{name}() requires parameter {p.name!r}, which the harness cannot fill; "
-                             f"accepted names: {', '.join(ARGUMENTS)}",
+                             f"accepted names: {', '.join([*ARGUMENTS, *extra])}",
                              hint="rename it, give it a default, or wrap the function")
         elif p.kind is p.POSITIONAL_ONLY:
             break  # a defaulted positional-only parameter we cannot fill: leave it and the rest to their defaults
     return func(*args, **kwargs)
+
+
+def call_hook(func: Callable[..., Any], ctx: TrainerContext, what: str, extra: Mapping[str, Any] | None = None,
+              first: Any = _UNSET) -> Any:
+    """:func:`call`, with what the user's code raises turned into one failure naming ``what``, its traceback kept."""
+    try:
+        return call(func, ctx, extra, first)
+    except HarnessError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's code failed
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-6:])
+        failure = RunFailed(f"{what} raised {exc.__class__.__name__}: {exc}")
+        failure.user_traceback = tb  # type: ignore[attr-defined]
+        raise failure from None
+
+
+def _few(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def load_strict(model: Any, state: Mapping[str, Any], what: str, weights: str) -> None:
+    """``model.load_state_dict(state, strict=True)``; a state that does not fit is one line naming the hook."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
+              if tuple(own[k].shape) != tuple(state[k].shape)]
+    problems = ([f"missing {_few(missing)}"] if missing else []) + ([f"unexpected {_few(unexpected)}"] if unexpected else []) \
+        + ([f"shape {_few(shapes)}"] if shapes else [])
+    if not problems:
+        try:
+            model.load_state_dict(state, strict=True)
+            return
+        except Exception as exc:  # noqa: BLE001 - anything else load_state_dict refuses
+            problems = [str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__]
+    raise InputError("config.yaml", f"{what} builds a model whose state does not fit {weights}: {'; '.join(problems)}",
+                     hint="make it build the architecture the archived weights were saved from")
+
+
+def as_hook_result(result: Any) -> Any:
+    """trainer.predict may return ``{split: (y_true, y_pred)}`` bare: that is ``{"predictions": ...}``."""
+    if (isinstance(result, Mapping) and result
+            and all(str(k).lower() in SPLITS for k in result)
+            and all(isinstance(v, (tuple, list)) and len(v) == 2 for v in result.values())):
+        return {"predictions": result}
+    return result
 
 
 # --------------------------------------------------------------------------- what the trainer returns
@@ -273,7 +387,8 @@ def normalise_metrics(source: Mapping[str, Any], entry: str, explicit: bool) -> 
 def normalise_result(result: Any, entry: str) -> dict[str, Any]:
     """Validate what a trainer returned and put it in one shape, before anything is compared.
 
-    Returns ``{"metrics", "state", "user_digest", "extra"}``: metrics from
+    Returns ``{"metrics", "state", "user_digest", "extra", "split_indices", "n_samples",
+    "y_train"}``: metrics from
     ``predictions`` (computed here, per target), else from ``metrics``, else from
     the top level of the returned mapping (see :func:`normalise_metrics`).
     """
@@ -323,4 +438,30 @@ def normalise_result(result: Any, entry: str) -> dict[str, Any]:
         raise InputError("trainer", f"{entry} returned state_dict that is not a mapping of tensor names to tensors")
     digest = next((result[k] for k in ("weights_sha256", "weights_digest", "sha256") if isinstance(result.get(k), str)), None)
     extra = result.get("extra") or {}
-    return {"metrics": metrics, "state": state, "user_digest": digest, "extra": extra}
+    return {"metrics": metrics, "state": state, "user_digest": digest, "extra": extra, **_seed_check_keys(result, entry)}
+
+
+def _seed_check_keys(result: Mapping[str, Any], entry: str) -> dict[str, Any]:
+    """``split_indices``, ``n_samples`` and ``y_train``/``train_targets``: what ctx.report_split,
+    ctx.declare_length and ctx.check_scaler take, for trainers that return them instead."""
+    out: dict[str, Any] = {"split_indices": None, "n_samples": None, "y_train": None}
+    parts = result.get("split_indices")
+    if parts is not None:
+        if isinstance(parts, Mapping):
+            missing = [k for k in ("train", "val", "test") if k not in parts]
+            if missing:
+                raise InputError("trainer", f"{entry} returned split_indices without {', '.join(missing)}",
+                                 hint="return split_indices: {train: [...], val: [...], test: [...]}")
+            parts = [parts["train"], parts["val"], parts["test"]]
+        if not isinstance(parts, (list, tuple)) or len(parts) != 3:
+            raise InputError("trainer", f"{entry} returned split_indices that is not (train, val, test)",
+                             hint="return split_indices: (train_idx, val_idx, test_idx)")
+        out["split_indices"] = [as_indices(p, f"{entry} returned split_indices.{name}")
+                                for name, p in zip(("train", "val", "test"), parts)]
+    if result.get("n_samples") is not None:
+        out["n_samples"] = declared_length(result["n_samples"], f"{entry} returned n_samples, which")
+    for key in ("y_train", "train_targets"):
+        if result.get(key) is not None:
+            out["y_train"] = (key, result[key])
+            break
+    return out

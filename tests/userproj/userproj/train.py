@@ -76,16 +76,23 @@ def scores(model, ds):
             "mae": float(np.mean(np.abs(err)))}
 
 
-def retrain(config, optuna_best_dir, data_path=None):
-    tr, dc, mc = config["training"], config["data"], config["model"]
-    seed = tr["seed"]
-    set_seed(seed)
+def load_dataset(config, optuna_best_dir, data_path=None):
+    dc = config["data"]
     if data_path is None:
         data_path = os.path.join(optuna_best_dir, dc["path"])
     header, values = load_csv(data_path)
     targets = [header.index(c) for c in dc["targets"]]
     X, y = make_windows(values, dc["window"], targets)
-    ds = TensorDataset(torch.from_numpy(X), torch.from_numpy(y))
+    return TensorDataset(torch.from_numpy(X), torch.from_numpy(y))
+
+
+def fit(config, optuna_best_dir, data_path=None):
+    """The retrain; returns its result and the (train, val, test) subsets it used."""
+    tr, dc, mc = config["training"], config["data"], config["model"]
+    seed = tr["seed"]
+    set_seed(seed)
+    ds = load_dataset(config, optuna_best_dir, data_path)
+    X, y = ds.tensors
     train_ds, val_ds, test_ds = split_dataset(ds, dc["split"], seed)
     loader = DataLoader(train_ds, batch_size=tr["batch_size"], shuffle=True,
                         generator=torch.Generator().manual_seed(seed), num_workers=0)
@@ -108,5 +115,10 @@ def retrain(config, optuna_best_dir, data_path=None):
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
     model.eval()
-    return {"val": scores(model, val_ds), "test": scores(model, test_ds), "val_loss": best,
-            "state_dict": best_state, "weights_sha256": weights_digest(best_state)}
+    result = {"val": scores(model, val_ds), "test": scores(model, test_ds), "val_loss": best,
+              "state_dict": best_state, "weights_sha256": weights_digest(best_state)}
+    return result, (train_ds, val_ds, test_ds)
+
+
+def retrain(config, optuna_best_dir, data_path=None):
+    return fit(config, optuna_best_dir, data_path)[0]
