@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,6 +39,7 @@ class DataSpec:
     exclude_channels: tuple[int, ...] = ()
     downsample: int = 1
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    dir: str | None = None  # --data-dir: the directory around the data, mounted whole (trainers that read siblings)
 
 
 @dataclass(frozen=True)
@@ -509,9 +510,36 @@ def _find(dirpath: Path, names: tuple[str, ...]) -> str | None:
     return None
 
 
+def within_data_dir(data: DataSpec, data_dir: str, given: bool) -> DataSpec:
+    """``data`` placed in ``--data-dir``: the data must lie inside the directory.
+
+    ``--data`` (``given``) must name a path inside it; a ``data.path`` resolved from the
+    bundle must lie inside it, or, when relative, is taken relative to the directory. With
+    no data path at all (a custom trainer) the directory itself is the data.
+    """
+    d = Path(data_dir).expanduser()
+    if not d.is_dir():
+        raise InputError("--data-dir", f"{data_dir} is not a directory",
+                         hint="pass the directory that holds the data file and the files beside it")
+    d = d.resolve()
+    if data.resolved is None:
+        return replace(data, path=str(d), resolved=str(d), dir=str(d))
+    p = Path(data.resolved)
+    if p == d or p.is_relative_to(d):
+        return replace(data, dir=str(d))
+    if not given and data.path and not Path(data.path).expanduser().is_absolute():
+        q = (d / data.path).resolve()
+        if (q == d or q.is_relative_to(d)) and q.exists():
+            return replace(data, resolved=str(q), dir=str(d))
+    where, what = ("--data", f"{p}") if given else (CONFIG, f"data.path {data.path} ({p})")
+    raise InputError(where, f"{what} lies outside --data-dir {d}",
+                     hint="give a --data inside that directory, or a --data-dir that holds the data")
+
+
 def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = None,
                 trainer_override: str | None = None,
-                trainer_path: str | list[str] | tuple[str, ...] | None = None) -> Bundle:
+                trainer_path: str | list[str] | tuple[str, ...] | None = None,
+                data_dir: str | None = None) -> Bundle:
     """Read and validate an optuna_best directory (no training, no code execution)."""
     root = Path(path).expanduser()
     if not root.exists():
@@ -524,6 +552,8 @@ def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = Non
         raise InputError(str(cfg_path), "not found", hint="an optuna_best/ directory needs config.yaml with data, model and training sections")
     cfg = load_yaml(cfg_path, CONFIG)
     data, model, training, trainer = parse_config(cfg, root, data_override, custom_trainer=bool(trainer_override))
+    if data_dir is not None:
+        data = within_data_dir(data, data_dir, given=data_override is not None)
 
     paths = tuple([trainer_path] if isinstance(trainer_path, str) else (trainer_path or ()))
     if trainer_override:

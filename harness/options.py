@@ -170,6 +170,7 @@ class RunOptions:
     axes: Axes = field(default_factory=Axes)
     images: ImageOptions = field(default_factory=ImageOptions)
     data: str | None = None
+    data_dir: str | None = None  # mounted whole (docker) and hashed: for trainers that read files beside the data
     trainer: str | None = None
     trainer_path: list[str] | None = None
     out: str | None = None

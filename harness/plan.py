@@ -50,6 +50,7 @@ class Job:
     trace: bool = False
     run_id: str = ""
     timeout_s: float | None = None  # a cell running longer is killed and recorded as ``timeout``
+    data_dir: str | None = None  # --data-dir: holds data_path; mounted whole and hashed
 
     def cell_dir(self, cell: Cell) -> Path:
         return Path(self.results_dir) / cell.name

@@ -46,7 +46,7 @@ def load_and_check(opts: RunOptions) -> tuple[Any, Any]:
     from .bundle import load_bundle
 
     bundle = load_bundle(opts.bundle, data_override=opts.data, trainer_override=opts.trainer,
-                         trainer_path=opts.trainer_path)
+                         trainer_path=opts.trainer_path, data_dir=opts.data_dir)
     if opts.strict_config and bundle.trainer is None:
         from .bundle import CONFIG, unknown_config_keys
 
@@ -390,7 +390,7 @@ def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances) -> Co
 
 def _execute_locked(opts: RunOptions, bundle: Any, plan: Plan, out: Path, report_opts: ReportOptions,
                     tol: Tolerances) -> Comparison:
-    job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, results_dir=str(out),
+    job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, data_dir=bundle.data.dir, results_dir=str(out),
               trainer=bundle.trainer.entrypoint if bundle.trainer else None,
               trainer_path=list(bundle.trainer.code_dirs) if bundle.trainer and bundle.trainer.code_dirs else None,
               trace=opts.trace,

@@ -126,7 +126,9 @@ def container_spec(cell: Cell, job: Job, image: str, *, gpus: str = "all", memor
     (``memory``, else 90% of the host's), and a time limit (``job.timeout_s``).
     """
     mounts = [(job.bundle_dir, BUNDLE, True)]
-    if job.data_path is not None:
+    if job.data_dir is not None:
+        mounts.append((job.data_dir, DATA_DIR, True))  # the whole directory: files beside the data too
+    elif job.data_path is not None:
         mounts.append((job.data_path, f"{DATA_DIR}/{Path(job.data_path).name}", True))
     mounts.append((str(job.cell_dir(cell)), OUT, False))
     for i, path in enumerate(job.trainer_path or ()):
@@ -161,10 +163,21 @@ def container_spec(cell: Cell, job: Job, image: str, *, gpus: str = "all", memor
     )
 
 
+def container_data_path(job: Job) -> str | None:
+    """Where the worker in the container finds the data: beside its siblings under --data-dir, else alone."""
+    if job.data_path is None:
+        return None
+    if job.data_dir is not None:
+        rel = Path(job.data_path).relative_to(job.data_dir).as_posix()
+        return DATA_DIR if rel == "." else f"{DATA_DIR}/{rel}"
+    return f"{DATA_DIR}/{Path(job.data_path).name}"
+
+
 def container_run_spec(cell: Cell, job: Job, image: ImageInfo) -> RunSpec:
     """The RunSpec as the worker inside the container sees it (container paths)."""
     return RunSpec(
-        cell=cell.name, bundle_dir=BUNDLE, out_dir=OUT, data_path=f"{DATA_DIR}/{Path(job.data_path).name}" if job.data_path is not None else None,
+        cell=cell.name, bundle_dir=BUNDLE, out_dir=OUT, data_path=container_data_path(job),
+        data_dir=DATA_DIR if job.data_dir is not None else None,
         device=cell.device, determinism=cell.determinism, threads=cell.threads, tf32=cell.tf32, repeat=cell.repeat,
         trainer=job.trainer, trainer_path=[f"{TRAINER}/{i}" for i in range(len(job.trainer_path))] if job.trainer_path else None, trace=job.trace,
         backend="docker", image={"id": image.id, "tag": image.tag}, labels=cell.labels,
@@ -313,7 +326,8 @@ class DockerBackend(Backend):
         if reason is None and rc is not None and rc != 0 and (ended.oom_killed or rc == 137):
             reason = exit_reason(rc, ended.oom_killed, request.memory)
         return Launch(rc, reason=reason, image=info, timed_out=ended.timed_out,
-                      extra={"host_paths": {"bundle": job.bundle_dir, "data": job.data_path}})
+                      extra={"host_paths": {"bundle": job.bundle_dir, "data": job.data_path, "data_dir": job.data_dir,
+                                            "trainer_path": list(job.trainer_path or []) or None}})
 
     def close(self) -> None:
         """Stop and remove every container this backend started that is still there (Ctrl-C)."""

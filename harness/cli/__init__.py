@@ -98,7 +98,7 @@ def run_options(args: argparse.Namespace, *, single: bool) -> RunOptions:
     )
     cells = parse_cells(args.image) if single else parse_cells(args.cells)
     return RunOptions(bundle=args.bundle, backend=backend, single=single, cells=cells, axes=axes,
-                      images=image_options(args), data=args.data, trainer=args.trainer,
+                      images=image_options(args), data=args.data, data_dir=args.data_dir, trainer=args.trainer,
                       trainer_path=args.trainer_path, out=args.out, trace=args.trace, progress=not args.no_progress,
                       resume=args.resume, strict_config=getattr(args, "strict_config", False),
                       timeout=parse_timeout(args.timeout) if args.timeout is not None else DEFAULT_TIMEOUT_S)

@@ -31,6 +31,7 @@ EXIT_CODES_HELP = """exit codes:
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="the optuna_best directory")
     p.add_argument("--data", help="dataset file (overrides config.yaml data.path)")
+    add_data_dir(p)
     p.add_argument("--trainer", help="your own trainer as module:function (overrides config.yaml trainer.entrypoint)")
     p.add_argument("--trainer-path", action="append",
                    help="directory holding the trainer's top-level package or module (repeatable; each goes on sys.path, in order)")
@@ -53,6 +54,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="reuse an --out directory that holds another run's records: this run's cells are rerun "
                         "and their records replaced (other cells' records stay, but are not judged)")
+
+
+def add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="the directory around the data, for trainers that read files beside it: mounted whole "
+                        "(read-only, at /harness/data) and hashed into the record; the data must lie inside it")
 
 
 def add_allow_data_change(p: argparse.ArgumentParser) -> None:
