@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         cli_snapshot = None  # type: ignore[assignment]
     if cli_snapshot is not None:
         cli_snapshot.register(sub)
+    from . import export as cli_export
+
+    cli_export.register(sub)
     return parser
 
 
