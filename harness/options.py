@@ -149,6 +149,7 @@ class ImageOptions:
     wheelhouses: tuple[str, ...] = ()
     gpus: str = "all"
     memory: str | None = None
+    offline: bool = False  # never pull a missing base image, even one pinned by digest
 
     @staticmethod
     def wheelhouse_values(values: Sequence[str] | None) -> tuple[str, ...]:

@@ -145,7 +145,8 @@ def refuse_inapplicable(opts: RunOptions) -> None:
                              hint="drop --cells, or use --backend docker")
         im = opts.images
         given = [flag for flag, on in (("--matrix", im.matrix), ("--compat", im.compat), ("--base-image", im.base_images),
-                                        ("--wheelhouse", im.wheelhouses), ("--memory", im.memory)) if on]
+                                        ("--wheelhouse", im.wheelhouses), ("--memory", im.memory),
+                                        ("--offline", im.offline)) if on]
         if given:
             raise UsageError(f"{', '.join(given)} only apply to the docker backend", hint="drop them, or use --backend docker")
     elif opts.axes.devices is not None:

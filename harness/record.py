@@ -295,6 +295,7 @@ class ImageInfo:
     cuda: str | None = None
     python: str | None = None
     base_image: str | None = None
+    base_digest: str | None = None  # the base image's pinned digest (images/), when the cell pins one
     source: str | None = None
     size_bytes: int | None = None
     built_seconds: float | None = None

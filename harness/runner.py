@@ -161,7 +161,7 @@ def make_backend(plan: Plan) -> Any:
 
     im = plan.options
     return DockerBackend(Engine.connect(), plan.builds, gpus=im.gpus if im else "all", memory=im.memory if im else None,
-                         aliases=plan.aliases)
+                         aliases=plan.aliases, offline=bool(im and im.offline))
 
 
 def _log_tail(path: Path, chars: int = 2000) -> str | None:

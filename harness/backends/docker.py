@@ -196,14 +196,16 @@ def exit_reason(status: int, oom: bool, memory: str | None) -> str:
 
 
 LABEL_INPUT_HASH = "org.harness.input-hash"  # images.build.LABEL_HASH
+LABEL_BASE_DIGEST = "org.harness.base-digest"  # images.build.LABEL_BASE_DIGEST
 
 
 class DockerBackend(Backend):
     name = "docker"
 
     def __init__(self, engine: Engine, plans: dict[str, Any], *, gpus: str = "all", memory: str | None = None,
-                 aliases: dict[str, str] | None = None) -> None:
+                 aliases: dict[str, str] | None = None, offline: bool = False) -> None:
         self.engine = engine
+        self.offline = offline  # a missing base pinned by digest is not pulled (the cell is skipped)
         self.plans = plans  # cell name -> images.build.BuildPlan
         self.aliases = dict(aliases or {})  # image cell name -> harness:<cell>, used as found (no wheelhouse given)
         self.gpus = gpus
@@ -226,6 +228,8 @@ class DockerBackend(Backend):
                 err.print(f"[dim]image {cell}: {'built' if event == 'built' else 'up to date'} ({text})[/dim]")
             elif event == "failed":
                 err.print(f"[red]image {cell}: {text}[/red]", soft_wrap=True)
+            elif event == "log" and text.startswith("pulling base image"):
+                err.print(f"[dim]image {cell}: {text}[/dim]", soft_wrap=True)
             elif event == "skipped":
                 err.print(f"[yellow]image {cell}: cannot be built here, skipped: {text}[/yellow]", soft_wrap=True)
 
@@ -237,7 +241,7 @@ class DockerBackend(Backend):
             err.print(f"[yellow]! could not look for containers of dead runs: {exc.one_line()}[/yellow]")
         wanted = [self.plans[c.image.name] for c in cells if c.image is not None and c.image.name in self.plans]
         unique = list({p.cell.name: p for p in wanted}.values())
-        results = imagebuild.ensure_images(self.engine, unique, progress)
+        results = imagebuild.ensure_images(self.engine, unique, progress, offline=self.offline)
         failures: dict[str, HarnessError] = {}
         for c in cells:
             if c.image is not None and c.image.name not in self.plans and c.image.name in self.aliases:
@@ -278,7 +282,8 @@ class DockerBackend(Backend):
         info = ImageInfo(
             id=img.id, tag=alias, cell=ic.name, repo_digests=list(img.repo_digests),
             input_hash=img.labels.get(LABEL_INPUT_HASH), torch=ic.torch, variant=ic.variant, cuda=ic.cuda,
-            python=ic.python, base_image=ic.base_image, source="wheelhouse", size_bytes=img.size, note=note)
+            python=ic.python, base_image=ic.base_image, base_digest=img.labels.get(LABEL_BASE_DIGEST),
+            source="wheelhouse", size_bytes=img.size, note=note)
         self.images[cell.name] = info
         return info
 
@@ -292,7 +297,9 @@ class DockerBackend(Backend):
         return ImageInfo(
             id=img.id, tag=built.tag, cell=cell.image.name, repo_digests=list(img.repo_digests),
             input_hash=plan.input_hash, torch=cell.image.torch, variant=cell.image.variant, cuda=cell.image.cuda,
-            python=cell.image.python, base_image=cell.image.base_image, source=plan.buildargs.get("INSTALL_SOURCE"),
+            python=cell.image.python, base_image=cell.image.base_image,
+            base_digest=img.labels.get(LABEL_BASE_DIGEST) or cell.image.base_digest,
+            source=plan.buildargs.get("INSTALL_SOURCE"),
             size_bytes=img.size, built_seconds=built.seconds if built.built else None,
         )
 

@@ -80,6 +80,12 @@ def add_docker(p: argparse.ArgumentParser) -> None:
                    help="offline wheels: a directory with one sub-directory per cell, or CELL=DIR (env HARNESS_WHEELHOUSE)")
     g.add_argument("--gpus", default="all", help="GPUs to request for CUDA cells: all, none, or device ids like 0,1")
     g.add_argument("--memory", help="memory limit per container, e.g. 8g")
+    add_offline(g)
+
+
+def add_offline(p: Any) -> None:
+    p.add_argument("--offline", action="store_true",
+                   help="never pull: a missing base image pinned by digest skips its cell instead of being pulled")
 
 
 
@@ -111,6 +117,7 @@ def image_options(args: argparse.Namespace) -> ImageOptions:
         site_config=getattr(args, "site_config", None),
         wheelhouses=ImageOptions.wheelhouse_values(getattr(args, "wheelhouse", None)),
         gpus=getattr(args, "gpus", None) or "all", memory=getattr(args, "memory", None),
+        offline=bool(getattr(args, "offline", False)),
     )
 
 
