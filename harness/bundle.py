@@ -10,10 +10,9 @@ The accepted schema is documented in README.md ("The optuna_best schema").
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -43,6 +42,7 @@ class DataSpec:
     # custom trainer only: why the seeded split cannot be re-derived from config.yaml (no data.split, or not
     # ratios); None when data.split was read. The reference trainer always has one (the default above).
     split_note: str | None = None
+    dir: str | None = None  # --data-dir: the directory around the data, mounted whole (trainers that read siblings)
 
 
 @dataclass(frozen=True)
@@ -543,10 +543,36 @@ def _find(dirpath: Path, names: tuple[str, ...]) -> str | None:
     return None
 
 
+def within_data_dir(data: DataSpec, data_dir: str, given: bool) -> DataSpec:
+    """``data`` placed in ``--data-dir``: the data must lie inside the directory.
+
+    ``--data`` (``given``) must name a path inside it; a ``data.path`` resolved from the
+    bundle must lie inside it, or, when relative, is taken relative to the directory. With
+    no data path at all (a custom trainer) the directory itself is the data.
+    """
+    d = Path(data_dir).expanduser()
+    if not d.is_dir():
+        raise InputError("--data-dir", f"{data_dir} is not a directory",
+                         hint="pass the directory that holds the data file and the files beside it")
+    d = d.resolve()
+    if data.resolved is None:
+        return replace(data, path=str(d), resolved=str(d), dir=str(d))
+    p = Path(data.resolved)
+    if p == d or p.is_relative_to(d):
+        return replace(data, dir=str(d))
+    if not given and data.path and not Path(data.path).expanduser().is_absolute():
+        q = (d / data.path).resolve()
+        if (q == d or q.is_relative_to(d)) and q.exists():
+            return replace(data, resolved=str(q), dir=str(d))
+    where, what = ("--data", f"{p}") if given else (CONFIG, f"data.path {data.path} ({p})")
+    raise InputError(where, f"{what} lies outside --data-dir {d}",
+                     hint="give a --data inside that directory, or a --data-dir that holds the data")
+
+
 def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = None,
                 trainer_override: str | None = None,
                 trainer_path: str | list[str] | tuple[str, ...] | None = None,
-                trainer_cmd_override: str | None = None) -> Bundle:
+                trainer_cmd_override: str | None = None, data_dir: str | None = None) -> Bundle:
     """Read and validate an optuna_best directory (no training, no code execution).
 
     ``trainer_override`` (``--trainer``) or ``trainer_cmd_override`` (``--trainer-cmd``)
@@ -566,6 +592,8 @@ def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = Non
         raise InputError("--trainer-cmd", "cannot be combined with --trainer", hint="name one trainer: a function or a command")
     data, model, training, trainer = parse_config(cfg, root, data_override,
                                                   custom_trainer=bool(trainer_override or trainer_cmd_override))
+    if data_dir is not None:
+        data = within_data_dir(data, data_dir, given=data_override is not None)
 
     paths = tuple([trainer_path] if isinstance(trainer_path, str) else (trainer_path or ()))
     # config.yaml's hooks describe the archived model: they stay when --trainer names another entrypoint
@@ -575,7 +603,7 @@ def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = Non
     elif trainer_cmd_override:
         trainer = TrainerSpec(entrypoint=None, code_dirs=paths, command=trainer_cmd_override, **hooks)
     elif trainer is not None and paths:
-        trainer = dataclasses.replace(trainer, code_dirs=paths)
+        trainer = replace(trainer, code_dirs=paths)
     if trainer is not None:
         if trainer.command is not None:
             from .worker.trainer_cmd import check_command
@@ -599,7 +627,7 @@ def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = Non
                 raise InputError(CONFIG if not paths else "--trainer-path",
                                  f"trainer code directory {cd} does not exist", hint="point it at the folder holding your module")
             resolved_dirs.append(str(cd))
-        trainer = dataclasses.replace(trainer, code_dirs=tuple(resolved_dirs))
+        trainer = replace(trainer, code_dirs=tuple(resolved_dirs))
 
     recorded = None
     info_path = root / TRIAL_INFO

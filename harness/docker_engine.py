@@ -353,6 +353,25 @@ class Engine:
             raise BuildFailed(cell, tag, "the build ended without producing the image", log)
         return facts.id
 
+    def pull(self, ref: str) -> None:
+        """Pull ``ref`` (``repo@sha256:...``) from its registry; a BackendError when it cannot (no registry, no such digest).
+
+        Only pinned base images are pulled (:func:`harness.images.build.ensure_base`), and the
+        caller checks the pulled image's RepoDigests against the pin.
+        """
+        docker = _sdk()
+        repo, sep, digest = ref.partition("@")
+        problem: str | None = None
+        try:
+            stream = self.client.api.pull(repo, tag=digest if sep else None, stream=True, decode=True)
+            for msg in stream:  # read to the end, so that the SDK releases the connection
+                if isinstance(msg, dict) and msg.get("error") and problem is None:
+                    problem = str(msg["error"])
+        except docker.errors.DockerException as exc:
+            raise BackendError(f"pulling {ref} failed: {_first_line(exc)}") from exc
+        if problem is not None:
+            raise BackendError(f"pulling {ref} failed: {problem.splitlines()[0][:300]}")
+
     def save(self, image_id: str, tag: str | None) -> Iterator[bytes]:
         """``docker save`` of one image, streamed; tagged with ``tag`` only (not every alias)."""
         docker = _sdk()

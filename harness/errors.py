@@ -95,14 +95,19 @@ class BuildFailed(RunFailed):
 
 
 class BaseImageMissing(InputError):
-    """A cell's base image is not in the local engine, and the harness never pulls."""
+    """A cell's base image is not in the local engine, and was not pulled.
 
-    def __init__(self, cell: str, image: str) -> None:
+    Only a base pinned by digest is pulled, and not with ``--offline``; ``why`` says
+    which case this is (unpinned, offline, or the pull that failed).
+    """
+
+    def __init__(self, cell: str, image: str, why: str | None = None) -> None:
         self.cell = cell
         self.image = image
+        why = why or "not pinned by digest, and the harness never pulls an unpinned base"
         super().__init__(
             f"cell {cell}",
-            f"base image {image} is not in the local Docker engine (the harness never pulls)",
+            f"base image {image} is not in the local Docker engine ({why})",
             hint=(
                 f"`docker pull {image}` or `docker load` it yourself, make one with "
                 f"`tar -C ROOTFS -c . | docker import - NAME`, or pick another with "
@@ -110,8 +115,22 @@ class BaseImageMissing(InputError):
             ),
         )
         # This host cannot build the cell, which is not the cell failing: the runner records it as skipped.
-        self.skip_reason = (f"base image {image} is not in the engine: `docker pull {image}`, "
+        self.skip_reason = (f"base image {image} is not in the engine ({why}): `docker pull {image}`, "
                             f"or --base-image {cell}=IMAGE")
+
+
+class BaseImageMismatch(RunFailed):
+    """A base image pulled by its pinned digest is not that digest: refused, never built on."""
+
+    kind = "image"
+
+    def __init__(self, cell: str, pinned: str, got: Iterable[str]) -> None:
+        self.cell = cell
+        got = list(got)
+        super().__init__(
+            f"cell {cell}: the base image pulled as {pinned} has RepoDigests {', '.join(got) or 'none'}, "
+            f"not the pinned digest; it was removed and nothing was built on it",
+            hint="check the registry or mirror the engine pulls from, or pin the digest it serves in images/")
 
 
 class Interrupted(HarnessError):

@@ -149,6 +149,7 @@ class ImageOptions:
     wheelhouses: tuple[str, ...] = ()
     gpus: str = "all"
     memory: str | None = None
+    offline: bool = False  # never pull a missing base image, even one pinned by digest
 
     @staticmethod
     def wheelhouse_values(values: Sequence[str] | None) -> tuple[str, ...]:
@@ -170,6 +171,7 @@ class RunOptions:
     axes: Axes = field(default_factory=Axes)
     images: ImageOptions = field(default_factory=ImageOptions)
     data: str | None = None
+    data_dir: str | None = None  # mounted whole (docker) and hashed: for trainers that read files beside the data
     trainer: str | None = None
     trainer_path: list[str] | None = None
     trainer_cmd: str | None = None  # a command as the trainer, instead of `trainer` (module:function)

@@ -51,6 +51,7 @@ class Job:
     trace: bool = False
     run_id: str = ""
     timeout_s: float | None = None  # a cell running longer is killed and recorded as ``timeout``
+    data_dir: str | None = None  # --data-dir: holds data_path; mounted whole and hashed
 
     def cell_dir(self, cell: Cell) -> Path:
         return Path(self.results_dir) / cell.name
@@ -145,7 +146,8 @@ def refuse_inapplicable(opts: RunOptions) -> None:
                              hint="drop --cells, or use --backend docker")
         im = opts.images
         given = [flag for flag, on in (("--matrix", im.matrix), ("--compat", im.compat), ("--base-image", im.base_images),
-                                        ("--wheelhouse", im.wheelhouses), ("--memory", im.memory)) if on]
+                                        ("--wheelhouse", im.wheelhouses), ("--memory", im.memory),
+                                        ("--offline", im.offline)) if on]
         if given:
             raise UsageError(f"{', '.join(given)} only apply to the docker backend", hint="drop them, or use --backend docker")
     elif opts.axes.devices is not None:

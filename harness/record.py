@@ -191,6 +191,7 @@ class RunSpec:
     bundle_dir: str
     out_dir: str
     data_path: str | None = None
+    data_dir: str | None = None  # --data-dir: the directory holding data_path, hashed into the record
     device: str = "cpu"
     determinism: str = "strict"
     threads: int | None = None
@@ -206,10 +207,16 @@ class RunSpec:
     schema: str = SPEC_SCHEMA
 
     def to_json(self) -> str:
-        return dumps(self)
+        return dumps(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(self)
+        d = _jsonable(self)
+        for key in self.LATER_KEYS:  # unset: left out, so that a worker of an older image still reads the spec
+            if d.get(key) is None:
+                d.pop(key, None)
+        return d
+
+    LATER_KEYS = ("data_dir",)  # added to runspec/3 after its first release, all optional
 
     @classmethod
     def from_json(cls, data: Any, where: str = "spec.json") -> "RunSpec":
@@ -289,6 +296,7 @@ class ImageInfo:
     cuda: str | None = None
     python: str | None = None
     base_image: str | None = None
+    base_digest: str | None = None  # the base image's pinned digest (images/), when the cell pins one
     source: str | None = None
     size_bytes: int | None = None
     built_seconds: float | None = None

@@ -46,7 +46,7 @@ def load_and_check(opts: RunOptions) -> tuple[Any, Any]:
     from .bundle import load_bundle
 
     bundle = load_bundle(opts.bundle, data_override=opts.data, trainer_override=opts.trainer,
-                         trainer_path=opts.trainer_path, trainer_cmd_override=opts.trainer_cmd)
+                         trainer_path=opts.trainer_path, trainer_cmd_override=opts.trainer_cmd, data_dir=opts.data_dir)
     if opts.strict_config and bundle.trainer is None:
         from .bundle import CONFIG, unknown_config_keys
 
@@ -161,7 +161,7 @@ def make_backend(plan: Plan) -> Any:
 
     im = plan.options
     return DockerBackend(Engine.connect(), plan.builds, gpus=im.gpus if im else "all", memory=im.memory if im else None,
-                         aliases=plan.aliases)
+                         aliases=plan.aliases, offline=bool(im and im.offline))
 
 
 def _log_tail(path: Path, chars: int = 2000) -> str | None:
@@ -390,7 +390,7 @@ def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances) -> Co
 
 def _execute_locked(opts: RunOptions, bundle: Any, plan: Plan, out: Path, report_opts: ReportOptions,
                     tol: Tolerances) -> Comparison:
-    job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, results_dir=str(out),
+    job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, data_dir=bundle.data.dir, results_dir=str(out),
               trainer=bundle.trainer.entrypoint if bundle.trainer else None,
               trainer_cmd=bundle.trainer.command if bundle.trainer else None,
               trainer_path=list(bundle.trainer.code_dirs) if bundle.trainer and bundle.trainer.code_dirs else None,

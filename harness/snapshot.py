@@ -17,6 +17,8 @@ be read without decompressing the others. Members, in order::
     build/harness-src.tar.gz  /opt/harness/harness exactly as baked into the image
     bundle.tar.gz             the optuna_best directory
     data.gz                   the data file (absent with --no-data; its sha256 is in the manifest)
+    data.tar.gz               instead of data.gz, when the data is a directory or was run with
+                              --data-dir: a tar of that directory (manifest ``data.kind``/``data.dir``)
     image.tar.gz              ``docker save`` of the image, tagged with its content tag only
     manifest.sig              optional, last, *not* compressed and not listed in the manifest:
                               an OpenSSH signature (``ssh-keygen -Y sign``, namespace
@@ -84,6 +86,7 @@ BUILDARGS = "build/buildargs.json.gz"
 SOURCES = "build/harness-src.tar.gz"
 BUNDLE = "bundle.tar.gz"
 DATA = "data.gz"
+DATA_TREE = "data.tar.gz"  # the data as a directory: a directory data.path, or the --data-dir around the data file
 IMAGE = "image.tar.gz"
 IMAGE_SOURCES_PATH = "/opt/harness/harness"  # where Dockerfile.cuda copies the package
 SIGNATURE = "manifest.sig"
@@ -340,6 +343,17 @@ def plain_name(value: Any, where: str, key: str) -> str:
     return value
 
 
+def relative_path(value: str, where: str, key: str) -> str:
+    """A ``/``-separated path below a directory: plain components, or ``.`` for the directory itself."""
+    if value == ".":
+        return value
+    if not value or len(value) > 4096 or value.startswith("/"):
+        raise _bad(where, key, f"is not a relative path ({value[:120]!r})")
+    for part in value.split("/"):
+        plain_name(part, where, key)
+    return value
+
+
 def member_name(value: Any, where: str, key: str) -> str:
     """A member name of the outer tar: relative, each component plain, at most 100 characters."""
     if not isinstance(value, str) or not value or len(value) > 100 or value in (MANIFEST, SIGNATURE):
@@ -404,6 +418,14 @@ def _check_shape(m: dict[str, Any], where: str) -> None:
     _typed(data, "included", (bool,), where, "data.included", required=True)
     _hex64(data, "sha256", where, "data.sha256")
     _typed(data, "path", (str, type(None)), where, "data.path", required=False)
+    kind = _typed(data, "kind", (str,), where, "data.kind", required=False)
+    if kind is not None and kind not in ("file", "directory"):
+        raise _bad(where, "data.kind", f"is neither file nor directory ({kind[:40]!r})")
+    around = _typed(data, "dir", (dict,), where, "data.dir", required=False)
+    if around is not None:
+        plain_name(_typed(around, "name", (str,), where, "data.dir.name", required=True), where, "data.dir.name")
+        _hex64(around, "sha256", where, "data.dir.sha256")
+        relative_path(_typed(around, "in_dir", (str,), where, "data.dir.in_dir", required=True), where, "data.dir.in_dir")
     for key in ("cell_spec", "host", "build", "record"):
         _typed(m, key, (dict,), where, key, required=False)
     for key in ("created", "harness_version"):

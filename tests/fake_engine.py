@@ -35,6 +35,7 @@ class FakeImage:
     size: int = 1_000_000
     packages: dict[str, str] = field(default_factory=dict)  # what image_packages reports
     files: dict[str, bytes] = field(default_factory=dict)  # path in the image -> tar of it
+    repo_digests: list[str] = field(default_factory=list)  # "repo@sha256:..." for images pulled from a registry
 
 
 @dataclass
@@ -89,6 +90,9 @@ class FakeEngine:
         self.removed_containers: list[str] = []
         self.stopped_containers: list[str] = []
         self.leftover: dict[str, ContainerFacts] = {}  # containers of earlier runs (containers() lists them)
+        # What pull() finds: ref -> the RepoDigests the pulled image has (a ref not listed: no registry answers)
+        self.registry: dict[str, list[str]] = {}
+        self.pulls: list[str] = []
         self.closed = False
         self._seq = 0
         self._lock = threading.Lock()
@@ -121,7 +125,8 @@ class FakeEngine:
         img = self._find(ref)
         if img is None:
             return None
-        return ImageFacts(id=img.id, tags=tuple(img.tags), labels=dict(img.labels), size=img.size)
+        return ImageFacts(id=img.id, tags=tuple(img.tags), labels=dict(img.labels), size=img.size,
+                          repo_digests=tuple(img.repo_digests))
 
     def image_exists(self, ref: str) -> bool:
         self.calls.append(("image_exists", ref))
@@ -156,7 +161,7 @@ class FakeEngine:
             img.tags.remove(ref)
             del self.tags[ref]
             return True
-        for t in img.tags:
+        for t in [t for t, i in self.tags.items() if i == img.id]:
             self.tags.pop(t, None)
         del self.store[img.id]
         return True
@@ -180,6 +185,16 @@ class FakeEngine:
         img = self.add_image(f"built:{tag}:{len(self.builds)}", tag, labels=dict(labels or {}),
                              packages=dict(self.build_packages))
         return img.id
+
+    def pull(self, ref: str) -> None:
+        """Like ``docker pull repo@sha256:...``: the image resolves under ``ref`` afterwards (whatever it is)."""
+        self.calls.append(("pull", ref))
+        self.pulls.append(ref)
+        if ref not in self.registry:
+            raise BackendError(f"pulling {ref} failed: Get https://registry-1.docker.io/v2/: dial tcp: no route to host")
+        img = self.add_image(f"pulled:{ref}", repo_digests=list(self.registry[ref]))
+        for ref_ in [ref, *img.repo_digests]:
+            self.tags[ref_] = img.id
 
     def save(self, image_id: str, tag: str | None) -> Iterator[bytes]:
         img = self._find(image_id)

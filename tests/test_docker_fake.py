@@ -219,8 +219,12 @@ def test_prepare_describes_the_image_a_record_carries(repo: Path, tmp_path: Path
 
 
 def make_archive(tmp_path: Path, fake: FakeEngine, *, packages: dict[str, str], bundle: Path | None = None,
-                 record: dict | None = None) -> tuple[Path, Path, str]:
-    """A snapshot of cell CPU whose image lives in ``fake``; returns (archive, wheelhouse, image id)."""
+                 record: dict | None = None, data_dir: Path | None = None,
+                 in_dir: str = "points.npz") -> tuple[Path, Path, str]:
+    """A snapshot of cell CPU whose image lives in ``fake``; returns (archive, wheelhouse, image id).
+
+    With ``data_dir``: a run with --data-dir, the data at ``in_dir`` inside it (archived as a tree).
+    """
     ic = cells()[CPU]
     wh = wheelhouse(tmp_path)
     wheels = resolve_wheels(ic, wh)
@@ -249,12 +253,18 @@ def make_archive(tmp_path: Path, fake: FakeEngine, *, packages: dict[str, str], 
         w.add_bytes(snap.BUILDARGS, json.dumps(buildargs).encode())
         w.add_bytes(snap.SOURCES, tar_of(sources))
         w.add_tree(snap.BUNDLE, bundle, "optuna_best")
-        w.add_file(snap.DATA, data)
+        if data_dir is None:
+            w.add_file(snap.DATA, data)
+            entry = {"file": "signals.npz", "sha256": snap.sha256_file(data), "included": True}
+        else:
+            from harness.worker.data import sha256_path
+
+            w.add_tree(snap.DATA_TREE, data_dir, data_dir.name)
+            entry = {"file": Path(in_dir).name, "sha256": sha256_path(data_dir / in_dir), "included": True,
+                     "kind": "file", "dir": {"name": data_dir.name, "sha256": sha256_path(data_dir), "in_dir": in_dir}}
         w.add_chunks(snap.IMAGE, fake.save(img.id, tag))
         w.finish({"cell": CPU, "cell_spec": asdict(ic), "image": {"id": img.id, "tag": tag, "input_hash": digest},
-                  "bundle": {"name": "optuna_best"},
-                  "data": {"file": "signals.npz", "sha256": snap.sha256_file(data), "included": True},
-                  "host": snap.host_facts()})
+                  "bundle": {"name": "optuna_best"}, "data": entry, "host": snap.host_facts()})
     return archive, wh, img.id
 
 

@@ -177,6 +177,7 @@ class Backend(ABC):
         """The spec as the worker sees it; host paths unless the backend maps them."""
         return RunSpec(
             cell=cell.name, bundle_dir=job.bundle_dir, out_dir=str(job.cell_dir(cell)), data_path=job.data_path,
+            data_dir=job.data_dir,
             device=cell.device, determinism=cell.determinism, threads=cell.threads, tf32=cell.tf32,
             repeat=cell.repeat, trainer=job.trainer, trainer_path=job.trainer_path, trainer_cmd=job.trainer_cmd,
             trace=job.trace,

@@ -126,7 +126,9 @@ def container_spec(cell: Cell, job: Job, image: str, *, gpus: str = "all", memor
     (``memory``, else 90% of the host's), and a time limit (``job.timeout_s``).
     """
     mounts = [(job.bundle_dir, BUNDLE, True)]
-    if job.data_path is not None:
+    if job.data_dir is not None:
+        mounts.append((job.data_dir, DATA_DIR, True))  # the whole directory: files beside the data too
+    elif job.data_path is not None:
         mounts.append((job.data_path, f"{DATA_DIR}/{Path(job.data_path).name}", True))
     mounts.append((str(job.cell_dir(cell)), OUT, False))
     for i, path in enumerate(job.trainer_path or ()):
@@ -161,10 +163,21 @@ def container_spec(cell: Cell, job: Job, image: str, *, gpus: str = "all", memor
     )
 
 
+def container_data_path(job: Job) -> str | None:
+    """Where the worker in the container finds the data: beside its siblings under --data-dir, else alone."""
+    if job.data_path is None:
+        return None
+    if job.data_dir is not None:
+        rel = Path(job.data_path).relative_to(job.data_dir).as_posix()
+        return DATA_DIR if rel == "." else f"{DATA_DIR}/{rel}"
+    return f"{DATA_DIR}/{Path(job.data_path).name}"
+
+
 def container_run_spec(cell: Cell, job: Job, image: ImageInfo) -> RunSpec:
     """The RunSpec as the worker inside the container sees it (container paths)."""
     return RunSpec(
-        cell=cell.name, bundle_dir=BUNDLE, out_dir=OUT, data_path=f"{DATA_DIR}/{Path(job.data_path).name}" if job.data_path is not None else None,
+        cell=cell.name, bundle_dir=BUNDLE, out_dir=OUT, data_path=container_data_path(job),
+        data_dir=DATA_DIR if job.data_dir is not None else None,
         device=cell.device, determinism=cell.determinism, threads=cell.threads, tf32=cell.tf32, repeat=cell.repeat,
         trainer=job.trainer, trainer_path=[f"{TRAINER}/{i}" for i in range(len(job.trainer_path))] if job.trainer_path else None,
         trainer_cmd=job.trainer_cmd, trace=job.trace,
@@ -184,14 +197,16 @@ def exit_reason(status: int, oom: bool, memory: str | None) -> str:
 
 
 LABEL_INPUT_HASH = "org.harness.input-hash"  # images.build.LABEL_HASH
+LABEL_BASE_DIGEST = "org.harness.base-digest"  # images.build.LABEL_BASE_DIGEST
 
 
 class DockerBackend(Backend):
     name = "docker"
 
     def __init__(self, engine: Engine, plans: dict[str, Any], *, gpus: str = "all", memory: str | None = None,
-                 aliases: dict[str, str] | None = None) -> None:
+                 aliases: dict[str, str] | None = None, offline: bool = False) -> None:
         self.engine = engine
+        self.offline = offline  # a missing base pinned by digest is not pulled (the cell is skipped)
         self.plans = plans  # cell name -> images.build.BuildPlan
         self.aliases = dict(aliases or {})  # image cell name -> harness:<cell>, used as found (no wheelhouse given)
         self.gpus = gpus
@@ -214,6 +229,8 @@ class DockerBackend(Backend):
                 err.print(f"[dim]image {cell}: {'built' if event == 'built' else 'up to date'} ({text})[/dim]")
             elif event == "failed":
                 err.print(f"[red]image {cell}: {text}[/red]", soft_wrap=True)
+            elif event == "log" and text.startswith("pulling base image"):
+                err.print(f"[dim]image {cell}: {text}[/dim]", soft_wrap=True)
             elif event == "skipped":
                 err.print(f"[yellow]image {cell}: cannot be built here, skipped: {text}[/yellow]", soft_wrap=True)
 
@@ -225,7 +242,7 @@ class DockerBackend(Backend):
             err.print(f"[yellow]! could not look for containers of dead runs: {exc.one_line()}[/yellow]")
         wanted = [self.plans[c.image.name] for c in cells if c.image is not None and c.image.name in self.plans]
         unique = list({p.cell.name: p for p in wanted}.values())
-        results = imagebuild.ensure_images(self.engine, unique, progress)
+        results = imagebuild.ensure_images(self.engine, unique, progress, offline=self.offline)
         failures: dict[str, HarnessError] = {}
         for c in cells:
             if c.image is not None and c.image.name not in self.plans and c.image.name in self.aliases:
@@ -266,7 +283,8 @@ class DockerBackend(Backend):
         info = ImageInfo(
             id=img.id, tag=alias, cell=ic.name, repo_digests=list(img.repo_digests),
             input_hash=img.labels.get(LABEL_INPUT_HASH), torch=ic.torch, variant=ic.variant, cuda=ic.cuda,
-            python=ic.python, base_image=ic.base_image, source="wheelhouse", size_bytes=img.size, note=note)
+            python=ic.python, base_image=ic.base_image, base_digest=img.labels.get(LABEL_BASE_DIGEST),
+            source="wheelhouse", size_bytes=img.size, note=note)
         self.images[cell.name] = info
         return info
 
@@ -280,7 +298,9 @@ class DockerBackend(Backend):
         return ImageInfo(
             id=img.id, tag=built.tag, cell=cell.image.name, repo_digests=list(img.repo_digests),
             input_hash=plan.input_hash, torch=cell.image.torch, variant=cell.image.variant, cuda=cell.image.cuda,
-            python=cell.image.python, base_image=cell.image.base_image, source=plan.buildargs.get("INSTALL_SOURCE"),
+            python=cell.image.python, base_image=cell.image.base_image,
+            base_digest=img.labels.get(LABEL_BASE_DIGEST) or cell.image.base_digest,
+            source=plan.buildargs.get("INSTALL_SOURCE"),
             size_bytes=img.size, built_seconds=built.seconds if built.built else None,
         )
 
@@ -314,7 +334,8 @@ class DockerBackend(Backend):
         if reason is None and rc is not None and rc != 0 and (ended.oom_killed or rc == 137):
             reason = exit_reason(rc, ended.oom_killed, request.memory)
         return Launch(rc, reason=reason, image=info, timed_out=ended.timed_out,
-                      extra={"host_paths": {"bundle": job.bundle_dir, "data": job.data_path}})
+                      extra={"host_paths": {"bundle": job.bundle_dir, "data": job.data_path, "data_dir": job.data_dir,
+                                            "trainer_path": list(job.trainer_path or []) or None}})
 
     def close(self) -> None:
         """Stop and remove every container this backend started that is still there (Ctrl-C)."""

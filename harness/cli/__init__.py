@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         cli_snapshot = None  # type: ignore[assignment]
     if cli_snapshot is not None:
         cli_snapshot.register(sub)
+    from . import export as cli_export
+
+    cli_export.register(sub)
     return parser
 
 
@@ -98,8 +101,9 @@ def run_options(args: argparse.Namespace, *, single: bool) -> RunOptions:
     )
     cells = parse_cells(args.image) if single else parse_cells(args.cells)
     return RunOptions(bundle=args.bundle, backend=backend, single=single, cells=cells, axes=axes,
-                      images=image_options(args), data=args.data, trainer=args.trainer,
-                      trainer_path=args.trainer_path, trainer_cmd=args.trainer_cmd, out=args.out, trace=args.trace, progress=not args.no_progress,
+                      images=image_options(args), data=args.data, data_dir=args.data_dir, trainer=args.trainer,
+                      trainer_path=args.trainer_path, trainer_cmd=args.trainer_cmd, out=args.out, trace=args.trace,
+                      progress=not args.no_progress,
                       resume=args.resume, strict_config=getattr(args, "strict_config", False),
                       timeout=parse_timeout(args.timeout) if args.timeout is not None else DEFAULT_TIMEOUT_S)
 

@@ -31,6 +31,7 @@ EXIT_CODES_HELP = """exit codes:
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="the optuna_best directory")
     p.add_argument("--data", help="dataset file (overrides config.yaml data.path)")
+    add_data_dir(p)
     p.add_argument("--trainer", help="your own trainer as module:function (overrides config.yaml trainer.entrypoint)")
     p.add_argument("--trainer-path", action="append",
                    help="directory holding the trainer's top-level package or module (repeatable; each goes on sys.path, in order)")
@@ -58,6 +59,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
                         "and their records replaced (other cells' records stay, but are not judged)")
 
 
+def add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="the directory around the data, for trainers that read files beside it: mounted whole "
+                        "(read-only, at /harness/data) and hashed into the record; the data must lie inside it")
+
+
 def add_allow_data_change(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-data-change", action="store_true",
                    help="judge cells whose data does not match the digest the bundle records "
@@ -76,6 +83,12 @@ def add_docker(p: argparse.ArgumentParser) -> None:
                    help="offline wheels: a directory with one sub-directory per cell, or CELL=DIR (env HARNESS_WHEELHOUSE)")
     g.add_argument("--gpus", default="all", help="GPUs to request for CUDA cells: all, none, or device ids like 0,1")
     g.add_argument("--memory", help="memory limit per container, e.g. 8g")
+    add_offline(g)
+
+
+def add_offline(p: Any) -> None:
+    p.add_argument("--offline", action="store_true",
+                   help="never pull: a missing base image pinned by digest skips its cell instead of being pulled")
 
 
 
@@ -107,6 +120,7 @@ def image_options(args: argparse.Namespace) -> ImageOptions:
         site_config=getattr(args, "site_config", None),
         wheelhouses=ImageOptions.wheelhouse_values(getattr(args, "wheelhouse", None)),
         gpus=getattr(args, "gpus", None) or "all", memory=getattr(args, "memory", None),
+        offline=bool(getattr(args, "offline", False)),
     )
 
 

@@ -21,7 +21,7 @@ from ..errors import EXIT_OK, EXIT_RUN_FAILED, BackendError, HarnessError, Input
 from ..images.matrix import ImageCell
 from ..options import parse_cells
 from ..plan import load_image_cells, wheelhouse_dirs
-from .common import image_options
+from .common import add_offline, image_options
 
 REPO_ROOT = matrix.REPO_ROOT
 COMPOSE_FILE = REPO_ROOT / "compose.yaml"
@@ -85,9 +85,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         skip = matrix.host_skip_reason(c, host)
         where = f"skip: {skip}" if skip else f"runs ({matrix.effective_device(c, host)})"
         source = "wheelhouse" if c.name in wh else c.source
-        base = c.base_image
-        if engine is not None and not engine.image_exists(base):
-            base += " [yellow](not in engine)[/yellow]"
+        base = c.base_image + (f" @{c.base_digest[:19]}… (pinned)" if c.base_digest else "")
+        if engine is not None and not engine.image_exists(c.base_ref):
+            base += " [yellow](not in engine" + (": pulled by digest when built)" if c.base_digest else ")") + "[/yellow]"
         table.add_row(c.name, c.torch, c.variant, c.python, source, base, state, where)
     out = _console()
     out.print(table)
@@ -140,7 +140,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             err.print(f"{cell}: {mark} {text if event != 'failed' else ''}")
 
     try:
-        results = imagebuild.ensure_images(engine, plans, progress)
+        results = imagebuild.ensure_images(engine, plans, progress, offline=bool(getattr(args, "offline", False)))
     finally:
         status.stop()
     table = Table(title="image build")
@@ -248,6 +248,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="build missing images (content-addressed; unchanged cells are skipped)")
     _common(p)
+    add_offline(p)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("compose", help="write compose.yaml from the matrix")

@@ -29,6 +29,7 @@ from .. import signing
 from .. import snapshot as snap
 from ..errors import EXIT_OK, EXIT_RUN_FAILED, InputError, RunFailed, UsageError
 from ..record import ResultRecord
+from ..worker.data import sha256_path
 from ..report import console as _console
 from .common import image_options, report_options, tolerances, verdict_exit
 
@@ -40,7 +41,7 @@ ACTIONS = ("verify", "rebuild")
 
 def register(subparsers: Any) -> None:
     """Add ``snapshot`` and ``rerun`` to the main CLI's subparsers."""
-    from .common import add_docker
+    from .common import add_data_dir, add_docker
 
     p = subparsers.add_parser(
         "snapshot", help="archive a run's image, recipe, bundle, data and records in one file (or verify/rebuild one)",
@@ -54,6 +55,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--results", metavar="DIR", help="archive the run recorded in DIR/<cell>/record.json instead of running now")
     p.add_argument("--no-data", action="store_true", help="archive only the data file's sha256 and path, not the file")
     p.add_argument("--data", help="dataset file (overrides config.yaml data.path)")
+    add_data_dir(p)
     p.add_argument("--out", help="results directory of the run made now (default: harness-results/<bundle>-<time>)")
     p.add_argument("--keep", action="store_true", help="rebuild: keep the rebuilt image in the engine")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -65,7 +67,9 @@ def register(subparsers: Any) -> None:
 
     r = subparsers.add_parser("rerun", help="verify a snapshot, load its image, rerun the retrain offline and compare")
     r.add_argument("archive", metavar="SNAPSHOT", help="a file written by `harness snapshot`")
-    r.add_argument("--data", help="the data file, for snapshots made with --no-data (its sha256 is checked)")
+    r.add_argument("--data", help="the data file (or directory), for snapshots made with --no-data (its sha256 is checked)")
+    r.add_argument("--data-dir", metavar="DIR",
+                   help="for --no-data snapshots of a run with --data-dir: the directory around the data (its digest is checked)")
     r.add_argument("--out", help="results directory (default: harness-results/rerun-<cell>-<time>)")
     r.add_argument("--json", dest="json_out", metavar="FILE", help="write both records plus the comparison as JSON")
     r.add_argument("--markdown", metavar="FILE", help="write a Markdown table")
@@ -155,7 +159,8 @@ def _archived_run(args: argparse.Namespace, plan: Any, backend: Any, bundle: Any
                              hint="snapshot a run made with this image, or drop --results to run the cell now")
         return rec
     out = runner.results_dir(args.out, bundle.root)
-    job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, results_dir=str(out), run_id=runner.new_run_id())
+    job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, data_dir=bundle.data.dir, results_dir=str(out),
+              run_id=runner.new_run_id())
     runner.execute_plan(plan, backend, job, report_options(args), tol, progress_enabled=not args.no_progress)
     rec = record.read(job.cell_dir(cell) / record.RECORD_FILE)
     if not rec.ok:
@@ -171,6 +176,29 @@ def _recipe_matches(build: Any, image: Any, sources_tar: bytes) -> bool:
     files = snap.tar_bytes_files(sources_tar)
     digest = imagebuild.input_hash(build.dockerfile.encode(), build.buildargs, build.wheels, files, build.lock)
     return digest == (image.labels or {}).get(imagebuild.LABEL_HASH)
+
+
+def _tree_size(path: Path) -> int:
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _data_entry(bundle: Any, rec: ResultRecord, data_path: Path, data_dir: Path | None, data_sha: str,
+                included: bool) -> dict[str, Any]:
+    """The manifest's ``data``: the data (a file or a directory) and, with --data-dir, the directory around it."""
+    entry: dict[str, Any] = {"file": data_path.name, "path": str(data_path), "config_path": bundle.data.path,
+                             "sha256": data_sha, "size": _tree_size(data_dir or data_path), "included": included,
+                             "kind": "directory" if data_path.is_dir() else "file"}
+    if data_dir is not None:
+        dir_sha = sha256_path(data_dir)
+        ran = (rec.data or {}).get("dir_sha256")
+        if ran and ran != dir_sha:
+            raise InputError(str(data_dir), f"hashes to {dir_sha[:12]}…, but the archived run's --data-dir hashed to "
+                                            f"{str(ran)[:12]}…", hint="point --data-dir at the directory that run used")
+        entry["dir"] = {"name": data_dir.name, "sha256": dir_sha,
+                        "in_dir": data_path.relative_to(data_dir).as_posix()}
+    return entry
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -193,7 +221,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
     tol = tolerances(args)
     opts = RunOptions(bundle=args.target, backend="docker", cells=(args.cell,), images=image_options(args),
-                      data=args.data, out=args.out, progress=not args.no_progress)
+                      data=args.data, data_dir=args.data_dir, out=args.out, progress=not args.no_progress)
     bundle, _ = runner.load_and_check(opts)
     if bundle.data.resolved is None:
         raise InputError("config.yaml", "has no data.path, so there is no data to archive with the snapshot",
@@ -220,10 +248,12 @@ def cmd_create(args: argparse.Namespace) -> int:
                          hint="run the cell again (drop --results) and snapshot that run")
     tag = rec.image.tag if rec.image and rec.image.tag in image.tags else (image.tags[0] if image.tags else None)
     data_path = Path(bundle.data.resolved)
-    data_sha = snap.sha256_file(data_path)
+    data_dir = Path(bundle.data.dir) if bundle.data.dir else None
+    data_sha = sha256_path(data_path)  # a file's bytes, or a directory's sorted walk
     if rec.data_sha256 and rec.data_sha256 != data_sha:
         raise InputError(str(data_path), f"hashes to {data_sha[:12]}…, but the archived run trained on {rec.data_sha256[:12]}…",
                          hint="point --data at the file that run used")
+    data_entry = _data_entry(bundle, rec, data_path, data_dir, data_sha, included=not args.no_data)
     sources_tar = snap.without_bytecode(engine.files(image_id, snap.IMAGE_SOURCES_PATH))
     recipe_ok = _recipe_matches(build, image, sources_tar)
     if not recipe_ok:
@@ -244,8 +274,7 @@ def cmd_create(args: argparse.Namespace) -> int:
                   "input_hash": (image.labels or {}).get("org.harness.input-hash")},
         "build": {"recipe_matches_image": recipe_ok, "input_hash": build.input_hash},
         "bundle": {"name": Path(bundle.root).name},
-        "data": {"file": data_path.name, "path": str(data_path), "config_path": bundle.data.path,
-                 "sha256": data_sha, "size": data_path.stat().st_size, "included": not args.no_data},
+        "data": data_entry,
         "record": {"cell": rec.cell, "weights_sha256": rec.weights_sha256, "status": rec.status.value,
                    "schema": rec.schema},
         "host": host,
@@ -260,7 +289,11 @@ def cmd_create(args: argparse.Namespace) -> int:
             w.add_bytes(snap.BUILDARGS, json.dumps(build.buildargs, indent=2, sort_keys=True).encode())
             w.add_bytes(snap.SOURCES, sources_tar)
             w.add_tree(snap.BUNDLE, bundle.root, Path(bundle.root).name)
-            if not args.no_data:
+            if not args.no_data and data_dir is not None:
+                w.add_tree(snap.DATA_TREE, data_dir, data_dir.name)
+            elif not args.no_data and data_path.is_dir():
+                w.add_tree(snap.DATA_TREE, data_path, data_path.name)
+            elif not args.no_data:
                 w.add_file(snap.DATA, data_path)
             w.add_chunks(snap.IMAGE, engine.save(image_id, tag))
             w.finish(manifest, sign=(lambda message: signing.sign(message, args.sign)) if args.sign else None)
@@ -304,24 +337,65 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- rerun
 
 
-def _data_for(args: argparse.Namespace, v: snap.Verified, tmp: Path) -> Path:
+def _data_for(args: argparse.Namespace, v: snap.Verified, tmp: Path) -> tuple[Path, Path | None]:
+    """The data (and, for a run with --data-dir, the directory around it) the rerun trains on, checked."""
     data = v.manifest["data"]
+    where = str(v.path)
+    around = data.get("dir")
+    tree = around is not None or data.get("kind") == "directory"
     if data.get("included"):
-        if args.data:
-            raise UsageError("--data is only for snapshots made with --no-data; this one holds its data file")
-        name = snap.plain_name(data["file"], str(v.path), "data.file")
-        return snap.extract_file(v.path, snap.DATA, tmp / "data" / name, root=tmp / "data")
+        if args.data or getattr(args, "data_dir", None):
+            raise UsageError("--data and --data-dir are only for snapshots made with --no-data; this one holds its data")
+        name = snap.plain_name(data["file"], where, "data.file")
+        if not tree:
+            return snap.extract_file(v.path, snap.DATA, tmp / "data" / name, root=tmp / "data"), None
+        root = snap.extract_tree(v.path, snap.DATA_TREE, tmp / "data")
+        if around is None:
+            path, data_dir = root / name, None
+        else:
+            data_dir = root / snap.plain_name(around["name"], where, "data.dir.name")
+            path = data_dir / snap.relative_path(around["in_dir"], where, "data.dir.in_dir")
+        for p in (path, data_dir):
+            if p is not None:
+                snap.inside(p, root, where, f"member {snap.DATA_TREE}'s {p.relative_to(root)}")
+        if not path.exists() or (data_dir is not None and not data_dir.is_dir()):
+            raise InputError(where, f"member {snap.DATA_TREE} holds no {path.relative_to(root)}", hint=snap.ALTERED)
+    else:
+        path, data_dir = _given_data(args, data, around)
+    _check_digest(path, data["sha256"], data.get("file"), "trained on")
+    if data_dir is not None:
+        _check_digest(data_dir, around["sha256"], around.get("name"), "ran with the --data-dir")
+    return path, data_dir
+
+
+def _given_data(args: argparse.Namespace, data: dict[str, Any], around: dict[str, Any] | None) -> tuple[Path, Path | None]:
+    """``--data`` / ``--data-dir`` for a snapshot made with --no-data."""
+    if around is not None:
+        if not getattr(args, "data_dir", None):
+            raise UsageError(f"this snapshot holds no data (made with --no-data) of a run with --data-dir; pass "
+                             f"--data-dir DIR (the original was {Path(str(data.get('path'))).parent}, "
+                             f"data {around.get('in_dir')} inside it)")
+        data_dir = Path(args.data_dir)
+        if not data_dir.is_dir():
+            raise InputError(str(data_dir), "is not a directory", hint="pass the directory the run used with --data-dir")
+        path = Path(args.data) if args.data else data_dir / around["in_dir"]
+        if not path.exists():
+            raise InputError(str(path), "not found", hint=f"the data lay at {around.get('in_dir')} inside --data-dir")
+        return path.resolve(), data_dir.resolve()
     if not args.data:
         raise UsageError(f"this snapshot holds no data file (made with --no-data); pass --data FILE "
                          f"(the original was {data.get('path')}, sha256 {data.get('sha256')})")
     path = Path(args.data)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(str(path), "not found", hint=f"pass the data file the run used ({data.get('file')})")
-    got = snap.sha256_file(path)
-    if got != data.get("sha256"):
-        raise InputError(str(path), f"hashes to {got[:12]}…, the archived run trained on {str(data.get('sha256'))[:12]}…",
-                         hint=f"pass the original data file ({data.get('file')})")
-    return path.resolve()
+    return path.resolve(), None
+
+
+def _check_digest(path: Path, want: Any, name: Any, what: str) -> None:
+    got = sha256_path(path)
+    if got != want:
+        raise InputError(str(path), f"hashes to {got[:12]}…, the archived run {what} {str(want)[:12]}…",
+                         hint=f"pass the original data ({name})")
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
@@ -344,13 +418,14 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     archived = ResultRecord.from_json(snap.read_json_member(v.path, snap.RECORD), f"{args.archive}: {snap.RECORD}")
     tmp = Path(tempfile.mkdtemp(prefix="harness-rerun-"))
     try:
-        data_path = _data_for(args, v, tmp)
+        data_path, data_dir = _data_for(args, v, tmp)
         engine = Engine.connect()
         loaded = snap.load_image(engine, v.path, m, _say)
         if loaded["loaded"]:
             _say(f"image {m['image']['id'][:19]} loaded in {loaded['seconds']:.1f}s")
         bundle_dir = snap.extract_bundle(v.path, m, tmp / "bundle")
-        load_bundle(bundle_dir, data_override=str(data_path))  # the archived bundle still validates here
+        # the archived bundle still validates here
+        load_bundle(bundle_dir, data_override=str(data_path), data_dir=str(data_dir) if data_dir else None)
         cell_name = m["cell"]
         archived.cell = f"{cell_name}@archived"
         spec = archived.spec or {}
@@ -367,8 +442,9 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         if not args.out:
             out = (Path.cwd() / "harness-results" / f"rerun-{cell_name}-{stamp}").resolve()
         record.write(out / archived.cell / record.RECORD_FILE, archived)
-        job = Job(bundle_dir=str(bundle_dir), data_path=str(data_path), results_dir=str(out), trainer=spec.get("trainer"),
-                  trainer_cmd=spec.get("trainer_cmd"), run_id=runner.new_run_id())
+        job = Job(bundle_dir=str(bundle_dir), data_path=str(data_path), data_dir=str(data_dir) if data_dir else None,
+                  results_dir=str(out), trainer=spec.get("trainer"), trainer_cmd=spec.get("trainer_cmd"),
+                  run_id=runner.new_run_id())
         comparison = runner.execute_plan(Plan("docker", [cell]), backend, job, report_options(args), tol,
                                          progress_enabled=not args.no_progress, extra_records=[archived])
         rerun = record.read(job.cell_dir(cell) / record.RECORD_FILE)

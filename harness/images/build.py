@@ -30,13 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 
-from ..errors import BackendError, BaseImageMissing, BuildFailed, HarnessError, InputError, RunFailed
-from .matrix import ImageCell
+from ..errors import (BackendError, BaseImageMismatch, BaseImageMissing, BuildFailed, HarnessError, InputError,
+                      RunFailed)
+from .matrix import ImageCell, same_image_digest
 
 if TYPE_CHECKING:
     from ..docker_engine import Engine
 
-__all__ = ["BaseImageMissing", "BuildFailed"]  # re-exported: raised by builds, defined with the error family
+__all__ = ["BaseImageMismatch", "BaseImageMissing", "BuildFailed"]  # re-exported: raised by builds, defined with the error family
 
 REPOSITORY = "harness"
 DOCKERFILE = "Dockerfile.cuda"
@@ -45,6 +46,8 @@ DIGEST_CACHE = ".harness-wheel-digests.json"
 IMAGE_PACKAGES = ("numpy", "pyyaml", "joblib", "scikit-learn")
 LABEL_CELL = "org.harness.cell"
 LABEL_HASH = "org.harness.input-hash"
+LABEL_BASE = "org.harness.base-image"
+LABEL_BASE_DIGEST = "org.harness.base-digest"  # only on images built on a base pinned by digest
 
 
 @dataclass(frozen=True)
@@ -79,12 +82,16 @@ class BuildPlan:
 
     @property
     def labels(self) -> dict[str, str]:
-        return {
+        labels = {
             LABEL_CELL: self.cell.name,
             LABEL_HASH: self.input_hash,
             "org.harness.torch": self.cell.torch,
             "org.harness.variant": self.cell.variant,
+            LABEL_BASE: self.cell.base_image,
         }
+        if self.cell.base_digest:
+            labels[LABEL_BASE_DIGEST] = self.cell.base_digest
+        return labels
 
 
 @dataclass(frozen=True)
@@ -149,9 +156,13 @@ def lock_text(cell: ImageCell, wheels: Iterable[Wheel]) -> str:
 
 
 def build_args(cell: ImageCell, source: str) -> dict[str, str]:
-    """The Dockerfile.cuda build args for a cell (``source``: wheelhouse | index)."""
+    """The Dockerfile.cuda build args for a cell (``source``: wheelhouse | index).
+
+    A base pinned by digest is named by it (``repo@sha256:...``), so the digest is hashed
+    into the image's tag and the build cannot use another image of the same name.
+    """
     return {
-        "BASE_IMAGE": cell.base_image,
+        "BASE_IMAGE": cell.base_ref,
         "PYTHON": cell.python,
         "INSTALL_SOURCE": source,
         "TORCH_INDEX_URL": cell.index_url or "",
@@ -359,7 +370,43 @@ def build_lock(tag: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def build(engine: Engine, plan: BuildPlan, on_log: Callable[[str], None] | None = None) -> BuiltImage:
+def ensure_base(engine: Engine, cell: ImageCell, *, offline: bool = False,
+                say: Callable[[str], None] | None = None) -> bool:
+    """Make sure the cell's base image is in the engine; True when it was pulled now.
+
+    A base pinned by digest that is missing is pulled by that digest (not with
+    ``offline``), and the pulled image must carry the digest in its RepoDigests: another
+    one is removed again and refused (:class:`BaseImageMismatch`). A base that is missing
+    and cannot be pulled (unpinned, offline, or the pull failed: no registry reachable)
+    raises :class:`BaseImageMissing`, which skips the cell with the command that fixes it.
+    """
+    ref = cell.base_ref
+    if engine.image_exists(ref):
+        return False
+    if not cell.base_digest:
+        raise BaseImageMissing(cell.name, ref)
+    if offline:
+        raise BaseImageMissing(cell.name, ref, "--offline: pinned bases are not pulled")
+    if say:
+        say(f"pulling base image {ref}")
+    try:
+        engine.pull(ref)
+    except BackendError as exc:
+        raise BaseImageMissing(cell.name, ref, f"the pull failed: {exc.message}") from None
+    facts = engine.image(ref)
+    got = list(facts.repo_digests) if facts is not None else []
+    if facts is None or not same_image_digest(got, ref):
+        if facts is not None:
+            try:
+                engine.remove_image(facts.id, force=True)
+            except HarnessError:
+                pass
+        raise BaseImageMismatch(cell.name, ref, got)
+    return True
+
+
+def build(engine: Engine, plan: BuildPlan, on_log: Callable[[str], None] | None = None, *,
+          offline: bool = False) -> BuiltImage:
     """Build the plan's image unless its tag exists; always (re)point ``harness:<cell>`` at it.
 
     Under the tag's build lock, and the tag is looked up after taking it: two runs
@@ -373,8 +420,7 @@ def build(engine: Engine, plan: BuildPlan, on_log: Callable[[str], None] | None 
         found = engine.image(plan.tag)
         image_id = found.id if found is not None else None
         if image_id is None:
-            if not engine.image_exists(plan.cell.base_image):
-                raise BaseImageMissing(name, plan.cell.base_image)
+            ensure_base(engine, plan.cell, offline=offline, say=on_log)
             image_id = build_plan_image(engine, plan, on_log=on_log)
             built = True
         engine.tag(image_id, REPOSITORY, name)
@@ -384,16 +430,19 @@ def build(engine: Engine, plan: BuildPlan, on_log: Callable[[str], None] | None 
 Progress = Callable[[str, str, str], None]  # (cell, event, text); event: start|log|cached|built|failed|skipped
 
 
-def ensure_images(engine: Engine, plans: Iterable[BuildPlan], progress: Progress | None = None
-                  ) -> dict[str, BuiltImage | HarnessError]:
-    """Build every missing image; a failure is recorded for its cell and the rest go on."""
+def ensure_images(engine: Engine, plans: Iterable[BuildPlan], progress: Progress | None = None, *,
+                  offline: bool = False) -> dict[str, BuiltImage | HarnessError]:
+    """Build every missing image; a failure is recorded for its cell and the rest go on.
+
+    ``offline``: a missing base image pinned by digest is not pulled (the cell is skipped).
+    """
     results: dict[str, BuiltImage | HarnessError] = {}
     say = progress or (lambda cell, event, text: None)
     for plan in plans:
         name = plan.cell.name
         say(name, "start", plan.tag)
         try:
-            img = build(engine, plan, on_log=lambda line, n=name: say(n, "log", line))
+            img = build(engine, plan, on_log=lambda line, n=name: say(n, "log", line), offline=offline)
         except HarnessError as exc:
             results[name] = exc
             skip = getattr(exc, "skip_reason", None)  # this host cannot build it (no base image): not a failure

@@ -31,7 +31,8 @@ COMPAT_SCHEMA = "harness.compat/1"
 TORCH_INDEX = "https://download.pytorch.org/whl"
 SOURCES = ("index", "wheelhouse")
 DEVICES = ("auto", "cpu")
-CELL_KEYS = {"torch", "variant", "python", "base_image", "source", "device"}
+CELL_KEYS = {"torch", "variant", "python", "base_image", "base_digest", "source", "device"}
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,100}$")  # must also be a valid Docker tag
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -61,10 +62,49 @@ class ImageCell:
     # Oldest driver that runs this CUDA major's wheels through minor-version
     # compatibility (no PTX JIT). None: derived from the CUDA major (archived cells).
     compat_floor: str | None = None
+    # The base image's pinned manifest digest (``sha256:...``): the build uses ``repo@digest``,
+    # pulled by that digest when missing (unless --offline). None: the base is used by its name.
+    base_digest: str | None = None
 
     @property
     def is_cuda(self) -> bool:
         return self.cuda is not None
+
+    @property
+    def base_ref(self) -> str:
+        """What the build's ``FROM`` names: ``repository@sha256:...`` when pinned, else ``base_image``."""
+        return f"{repository_of(self.base_image)}@{self.base_digest}" if self.base_digest else self.base_image
+
+
+def repository_of(image: str) -> str:
+    """``nvidia/cuda:12.4.1-x`` -> ``nvidia/cuda``; a registry's port (``host:5000/r:t``) is kept."""
+    name = image.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    return name[:colon] if colon > slash else name
+
+
+def split_digest(image: str, where: str, key: str = "base_image") -> tuple[str, str | None]:
+    """``IMAGE@sha256:...`` -> ``(IMAGE, "sha256:...")``; a malformed digest is refused (never guessed at)."""
+    if "@" not in image:
+        return image, None
+    name, digest = image.split("@", 1)
+    if not name or not DIGEST_RE.match(digest):
+        raise InputError(where, f"{key} {image!r} does not end in @sha256:<64 hex digits>",
+                         hint="pin a base by the digest `docker pull` or `docker buildx imagetools inspect` prints")
+    return name, digest
+
+
+def same_image_digest(repo_digests: Iterable[str], ref: str) -> bool:
+    """Whether an image's RepoDigests (``nvidia/cuda@sha256:...``) hold the pinned ``repo@digest`` (pure)."""
+    repo, _, digest = ref.partition("@")
+
+    def norm(name: str) -> str:
+        for prefix in ("docker.io/", "index.docker.io/", "registry-1.docker.io/"):
+            name = name.removeprefix(prefix)
+        return name.removeprefix("library/")
+
+    return any(d.partition("@")[2] == digest and norm(d.partition("@")[0]) == norm(repo) for d in repo_digests)
 
 
 # ----------------------------------------------------------------------------- compat
@@ -89,6 +129,10 @@ def parse_compat(data: Any, where: str = "images/compat.yaml") -> Compat:
     for ver, info in cuda.items():
         if not isinstance(info, dict) or "min_driver" not in info:
             raise InputError(where, f"cuda.{ver}: needs min_driver", hint='add e.g. min_driver: "550.54.14"')
+        pinned = info.get("base_digest")
+        if pinned is not None and not (isinstance(pinned, str) and DIGEST_RE.match(pinned)):
+            raise InputError(where, f"cuda.{ver}: base_digest {pinned!r} is not sha256:<64 hex digits>",
+                             hint="pin the digest `docker pull` prints, or leave base_digest out")
         floor = info.get("compat_floor")
         if floor is not None and _version(str(floor)) > _version(str(info["min_driver"])):
             raise InputError(where, f"cuda.{ver}: compat_floor {floor} is above min_driver {info['min_driver']}",
@@ -199,13 +243,24 @@ def resolve_cell(name: str, spec: dict[str, Any], compat: Compat, defaults: dict
     vinfo = compat.torch[full["torch"]]["variants"][variant] or {}
     cuda = str(vinfo["cuda"]) if variant != "cpu" else None
     cinfo = compat.cuda.get(cuda, {}) if cuda else {}
-    base = full.get("base_image") or (
+    own_base = full.get("base_image")
+    base = own_base or (
         cinfo.get("base_image") if cuda else str(defaults.get("cpu_base_image", "python:{python}-slim-bookworm"))
     )
     if not base:
         raise InputError(here, "no base_image and compat.yaml has none for this CUDA", hint="set base_image")
     if not isinstance(base, str):
         raise InputError(here, f"base_image must be an image name, got {type(base).__name__}", hint="e.g. python:{python}-slim")
+    base, digest = split_digest(base, here)
+    # A digest pins the image it was taken from: compat's digest goes with compat's base only.
+    pinned = full.get("base_digest") if own_base or full.get("base_digest") else (cinfo.get("base_digest") if cuda else None)
+    if pinned is not None:
+        if digest is not None and digest != pinned:
+            raise InputError(here, f"base_image pins {digest} but base_digest says {pinned}", hint="keep one of them")
+        if not isinstance(pinned, str) or not DIGEST_RE.match(pinned):
+            raise InputError(here, f"base_digest {pinned!r} is not sha256:<64 hex digits>",
+                             hint="pin a base by the digest `docker pull` prints, or leave base_digest out")
+        digest = pinned
     return ImageCell(
         name=name,
         torch=full["torch"],
@@ -220,6 +275,7 @@ def resolve_cell(name: str, spec: dict[str, Any], compat: Compat, defaults: dict
         device=full["device"],
         ptx=str(vinfo["ptx"]) if vinfo.get("ptx") else None,
         compat_floor=_compat_floor_of(cuda, cinfo),
+        base_digest=digest,
     )
 
 
@@ -284,7 +340,11 @@ def apply_base_images(cells: list[ImageCell], overrides: dict[str, str]) -> list
     out = []
     for c in cells:
         base = overrides.get(c.name) or overrides.get("*")
-        out.append(replace(c, base_image=base) if base else c)
+        if base:  # a site's own base: pinned only when it names a digest itself
+            name, digest = split_digest(base, "--base-image", "image")
+            out.append(replace(c, base_image=name, base_digest=digest))
+        else:
+            out.append(c)
     return out
 
 

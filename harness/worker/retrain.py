@@ -457,7 +457,7 @@ def run(spec: RunSpec) -> ResultRecord:
                         "Python starts (start it through `harness`, or export them first)")
     bundle = load_bundle(spec.bundle_dir, data_override=spec.data_path,
                          trainer_override=spec.trainer, trainer_path=spec.trainer_path,
-                         trainer_cmd_override=spec.trainer_cmd)
+                         trainer_cmd_override=spec.trainer_cmd, data_dir=spec.data_dir)
 
     import torch
 
@@ -478,6 +478,9 @@ def run(spec: RunSpec) -> ResultRecord:
     if bundle.data.resolved is not None:
         rec.data_sha256 = sha256_path(bundle.data.resolved)  # bytes, whatever the format
         rec.data = {"path": bundle.data.path, "file": Path(bundle.data.resolved).name}
+        if bundle.data.dir is not None:  # --data-dir: the files beside the data are inputs too
+            rec.data.update(dir=bundle.data.dir, dir_sha256=sha256_path(bundle.data.dir),
+                            in_dir=Path(bundle.data.resolved).relative_to(bundle.data.dir).as_posix())
     else:
         rec.warnings.append("config.yaml has no data.path: the trainer found its own data, which was not hashed")
     rec.expected_data_sha256 = expected_data_digests(bundle)
@@ -516,6 +519,7 @@ def _parse(argv: list[str] | None) -> RunSpec:
     p.add_argument("--out", help="directory for record.json and weights")
     p.add_argument("--cell", default="run")
     p.add_argument("--data")
+    p.add_argument("--data-dir")
     p.add_argument("--device", default="cpu")
     p.add_argument("--determinism", default="strict")
     p.add_argument("--threads", type=int)
@@ -545,7 +549,7 @@ def _parse(argv: list[str] | None) -> RunSpec:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return RunSpec(cell=a.cell, bundle_dir=a.bundle, out_dir=a.out, data_path=a.data, device=device,
+    return RunSpec(cell=a.cell, bundle_dir=a.bundle, out_dir=a.out, data_path=a.data, data_dir=a.data_dir, device=device,
                    determinism=a.determinism, threads=a.threads, tf32=a.tf32, trainer=a.trainer,
                    trainer_path=a.trainer_path, trainer_cmd=a.trainer_cmd, trace=a.trace, backend="standalone")
 

@@ -1,0 +1,286 @@
+"""`harness export`: a run's cell as a new optuna_best/, which reruns to `reproduced` with the same weights.
+
+Real runs through the CLI (child processes, the local backend); hostile results
+directories made by editing what a real run wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from harness import record
+from harness.bundle import load_bundle, parse_trial_info
+from harness.errors import InputError
+from harness.export import export_config, pick_cell, trial_info
+from harness.record import Status
+
+from .records import record as make_record
+from .test_cli import TRAINERS, harness
+
+USERPROJ = Path(__file__).parent / "userproj"
+
+
+def error_line(p) -> str:
+    assert "Traceback" not in p.stderr, p.stderr
+    (line,) = [ln for ln in p.stderr.splitlines() if ln.startswith("harness: error:")]
+    return line
+
+
+def run_ok(*args: str) -> None:
+    p = harness(*args)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+@pytest.fixture
+def tiny_run(make_bundle, tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny bundle (no scaler, no trial_info) run once: (bundle, results)."""
+    bundle = make_bundle()
+    run_ok("run", str(bundle), "--device", "cpu", "--out", str(tmp_path / "res"), "--no-progress")
+    return bundle, tmp_path / "res"
+
+
+def test_the_example_exports_and_reruns_reproduced_with_identical_weights(example: Path, tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    run_ok("run", str(example), "--device", "cpu", "--out", str(first), "--no-progress")
+    exported = tmp_path / "exported"
+    p = harness("export", str(first), "-o", str(exported))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "exported cell run" in p.stdout and f"harness run {exported}" in p.stdout
+    b = load_bundle(exported)  # the harness's own loader reads it
+    (orig,) = record.load(first).records
+    assert b.recorded.value == orig.retrained["val_loss"] and b.recorded.weights_sha256 == orig.weights_sha256
+    assert b.recorded.r2 == orig.retrained["val"]["r2"] and b.recorded.data_sha256 == orig.data_sha256
+    assert b.recorded.number == 0 and b.recorded.params["hidden"] == 64  # the trial it came from
+    assert b.recorded.environment["torch"] == orig.env.torch and b.recorded.environment["backend"] == "local"
+    assert b.data.resolved == str((example.parent / "data" / "signals.npz").resolve())
+    assert b.config["model"] == yaml.safe_load((example / "config.yaml").read_text())["model"]
+    assert (exported / "target_scaler.joblib").read_bytes() == (example / "target_scaler.joblib").read_bytes()
+    second = tmp_path / "second"
+    p = harness("run", str(exported), "--device", "cpu", "--out", str(second), "--no-progress")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "reproduced" in p.stdout and "=trial" in p.stdout
+    (again,) = record.load(second).records
+    assert again.weights_sha256 == orig.weights_sha256
+    assert again.weights_vs_archived == {"identical": True, "first_difference": None, "max_abs_diff": 0.0}
+    for name in ("best.pt", "last.pt"):
+        a = torch.load(first / "run" / "weights" / name, weights_only=True)
+        b2 = torch.load(second / "run" / "weights" / name, weights_only=True)
+        assert a.keys() == b2.keys() and all(torch.equal(a[k], b2[k]) for k in a)
+
+
+def test_a_scaler_the_run_refitted_is_exported(tiny_run, tmp_path: Path) -> None:
+    bundle, res = tiny_run
+    assert not (bundle / "target_scaler.joblib").exists()
+    out = tmp_path / "exp"
+    p = harness("export", str(res), "-o", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "refitted by the run" in p.stdout
+    assert (out / "target_scaler.joblib").read_bytes() == (res / "run" / "target_scaler.joblib").read_bytes()
+    run_ok("run", str(out), "--device", "cpu", "--out", str(tmp_path / "again"), "--no-progress")
+    (rec,) = record.load(tmp_path / "again").records
+    assert rec.scaler["used"] == "archived" and rec.scaler["refit_matches"] is True
+    assert rec.weights_vs_archived["identical"] is True
+
+
+def test_a_custom_trainer_cell_keeps_its_trainer(tmp_path: Path) -> None:
+    proj = tmp_path / "proj"
+    shutil.copytree(USERPROJ, proj, ignore=shutil.ignore_patterns("__pycache__"))
+    res = tmp_path / "res"
+    run_ok("run", str(proj / "optuna_best"), "--trainer", "userproj.train:retrain", "--trainer-path", str(proj),
+           "--device", "cpu", "--out", str(res), "--no-progress")
+    out = tmp_path / "exp"
+    run_ok("export", str(res), "-o", str(out))
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["trainer"] == {"entrypoint": "userproj.train:retrain", "code_dir": str(proj.resolve())}
+    assert cfg["data"]["window"] == 8 and cfg["training"]["lr"] == 0.003  # the trainer's own keys, untouched
+    info = yaml.safe_load((out / "trial_info.yaml").read_text())
+    (orig,) = record.load(res).records
+    assert info["weights_sha256"] == orig.user_weights["sha256"]  # the project's own digest convention
+    assert isinstance(info["r2"], float)  # an aggregate stays one number
+    again = tmp_path / "again"
+    p = harness("run", str(out), "--device", "cpu", "--out", str(again), "--no-progress")  # no --trainer: the config says
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "reproduced" in p.stdout
+    (rec,) = record.load(again).records
+    assert rec.weights_sha256 == orig.weights_sha256 and rec.user_weights["identical_to_recorded"] is True
+
+
+def test_the_cell_is_chosen_and_a_failed_one_is_refused(make_bundle, tmp_path: Path) -> None:
+    bundle = make_bundle()
+    (bundle / "config.yaml").write_text(yaml.safe_dump({
+        "training": {"seed": 1, "batch_size": 8, "epochs": 1, "learning_rate": 0.01}, "fail_when_single_threaded": True,
+        "data": {"path": "signals.npz", "split": {"train": 0.6, "val": 0.2, "test": 0.2}}}))
+    res = tmp_path / "res"
+    p = harness("matrix", str(bundle), "--backend", "local", "--devices", "cpu", "--threads", "1,2",
+                "--determinism", "strict", "--trainer", "seed_style:train", "--trainer-path", str(TRAINERS),
+                "--out", str(res), "--no-progress")
+    assert p.returncode == 1, p.stdout + p.stderr  # the single-threaded cell failed, deliberately
+    p = harness("export", str(res), "--cell", "cpu-strict-t1", "-o", str(tmp_path / "x"))
+    assert p.returncode == 2
+    line = error_line(p)
+    assert "cell cpu-strict-t1 is failed" in line and "deliberate failure" in line and "export a cell that ran ok" in line
+    assert not (tmp_path / "x").exists()
+    p = harness("export", str(res), "-o", str(tmp_path / "y"))  # default: the first cell that ran ok
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "exported cell cpu-strict-t2" in p.stdout
+    p = harness("export", str(res), "--cell", "nope", "-o", str(tmp_path / "z"))
+    assert p.returncode == 2 and "has no cell 'nope'" in error_line(p)
+
+
+def test_pick_cell_in_run_order() -> None:
+    recs = [make_record("a", status=Status.SKIPPED), make_record("b"), make_record("c")]
+    assert pick_cell(recs, None, "R").cell == "b"
+    assert pick_cell(recs, "c", "R").cell == "c"
+    for status in (Status.SKIPPED, Status.INTERRUPTED, Status.FAILED, Status.TIMEOUT):
+        with pytest.raises(InputError, match=f"cell x is {status.value}"):
+            pick_cell([make_record("x", status=status)], "x", "R")
+    with pytest.raises(InputError, match="no cell that ran ok"):
+        pick_cell([make_record("a", status=Status.FAILED)], None, "R")
+
+
+def test_trial_info_parses_back_as_the_retrained_trial() -> None:
+    rec = make_record("c")
+    rec.metrics["retrained"]["val"]["r2"] = {"a": 0.5, "b": float("nan")}
+    info = trial_info(rec, Path("/r"), "now")
+    trial = parse_trial_info(yaml.safe_load(yaml.safe_dump(info)))
+    assert trial.value == 0.1 and trial.r2 == {"a": 0.5} and trial.weights_sha256 == "w1"  # NaN left out
+    assert info["user_attrs"]["test_r2"] == {"a": pytest.approx(0.8)}
+
+
+def test_export_config_places_paths_for_the_new_bundle(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    cfg = {"data": {"path": "../d/x.npz", "split": [0.7, 0.15, 0.15]}, "trainer": {"entrypoint": "m:f", "code_dir": "code",
+                                                                                   "mine": 1}}
+    out = export_config(cfg, src, tmp_path / "d" / "x.npz", "ab" * 32,
+                        ("m:f", [src / "code", tmp_path / "lib"]))
+    assert out["data"] == {"path": str(tmp_path / "d" / "x.npz"), "split": [0.7, 0.15, 0.15], "sha256": "ab" * 32}
+    assert out["trainer"] == {"entrypoint": "m:f", "code_dir": ["code", str(tmp_path / "lib")], "mine": 1}
+    inside = export_config({"data": {"path": "/abs"}}, src, src / "data" / "x.npz", None, None)
+    assert inside["data"]["path"] == "data/x.npz"  # copied along with the bundle
+    assert cfg["data"]["path"] == "../d/x.npz"  # the source mapping is left alone
+
+
+# ----------------------------------------------------------------------------- the output directory
+
+
+def test_a_non_empty_output_needs_force(tiny_run, tmp_path: Path) -> None:
+    bundle, res = tiny_run
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    p = harness("export", str(res), "-o", str(out))
+    assert p.returncode == 2 and "is not empty" in error_line(p) and "--force" in error_line(p)
+    assert (out / "keep.txt").read_text() == "mine"
+    run_ok("export", str(res), "-o", str(out), "--force")
+    assert not (out / "keep.txt").exists() and (out / "weights" / "best.pt").is_file()
+    assert not list(tmp_path.glob(".exp.*"))  # no temporary or replaced directory left
+    for bad in (bundle, res / "run", tmp_path):  # never over what the export reads
+        p = harness("export", str(res), "-o", str(bad), "--force")
+        assert p.returncode == 2 and "overlaps" in error_line(p), p.stderr
+    assert (bundle / "config.yaml").is_file() and (res / "run" / "record.json").is_file()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    p = harness("export", str(res), "-o", str(link))
+    assert p.returncode == 2 and "symbolic link" in error_line(p)
+
+
+def test_no_output_is_a_usage_error(tiny_run) -> None:
+    _, res = tiny_run
+    p = harness("export", str(res))
+    assert p.returncode == 2 and "-o DIR" in error_line(p)
+
+
+# ----------------------------------------------------------------------------- hostile results directories
+
+
+def _refused(res: Path, out: Path, *words: str) -> None:
+    p = harness("export", str(res), "-o", str(out))
+    assert p.returncode == 2, p.stdout + p.stderr
+    line = error_line(p)
+    for w in words:
+        assert w in line, line
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.*"))
+
+
+def test_a_weights_file_that_is_a_link_is_refused(tiny_run, tmp_path: Path) -> None:
+    _, res = tiny_run
+    secret = tmp_path / "secret.pt"
+    shutil.copyfile(res / "run" / "weights" / "best.pt", secret)
+    (res / "run" / "weights" / "best.pt").unlink()
+    (res / "run" / "weights" / "best.pt").symlink_to(secret)
+    _refused(res, tmp_path / "x", "weights/best.pt", "symbolic link")
+
+
+def test_a_weights_directory_that_is_a_link_is_refused(tiny_run, tmp_path: Path) -> None:
+    _, res = tiny_run
+    shutil.move(res / "run" / "weights", tmp_path / "elsewhere")
+    (res / "run" / "weights").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    _refused(res, tmp_path / "x", "run/weights", "symbolic link")
+
+
+def test_a_record_that_is_a_link_is_refused(tiny_run, tmp_path: Path) -> None:
+    _, res = tiny_run
+    shutil.move(res / "run" / "record.json", tmp_path / "record.json")
+    (res / "run" / "record.json").symlink_to(tmp_path / "record.json")
+    _refused(res, tmp_path / "x", "record.json", "symbolic link")
+
+
+def _edit_record(res: Path, edit) -> None:
+    path = res / "run" / "record.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_a_record_naming_results_outside_the_directory_is_refused(tiny_run, tmp_path: Path) -> None:
+    _, res = tiny_run
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(res / "run", elsewhere)
+    _edit_record(res, lambda d: d["spec"].update(out_dir=str(elsewhere)))
+    _refused(res, tmp_path / "x", "record.json", str(elsewhere), "not", str(res / "run"))
+
+
+def test_a_record_naming_a_relative_bundle_is_refused(tiny_run, tmp_path: Path) -> None:
+    _, res = tiny_run
+    _edit_record(res, lambda d: d["spec"].update(bundle_dir="../../etc"))
+    _refused(res, tmp_path / "x", "names bundle '../../etc', not an absolute path")
+
+
+def test_a_record_of_another_cell_directory_is_refused(tiny_run, tmp_path: Path) -> None:
+    _, res = tiny_run
+    _edit_record(res, lambda d: d.update(cell="../other"))
+    _refused(res, tmp_path / "x", "records cell '../other', but lies in directory 'run'")
+
+
+def test_weights_changed_after_the_run_are_refused(tiny_run, tmp_path: Path) -> None:
+    _, res = tiny_run
+    path = res / "run" / "weights" / "best.pt"
+    state = torch.load(path, weights_only=True)
+    first = sorted(state)[0]
+    state[first] = state[first] + 1
+    torch.save(state, path)
+    _refused(res, tmp_path / "x", "weights/best.pt", "the record says")
+
+
+def test_data_changed_since_the_run_is_refused(tiny_run, tmp_path: Path) -> None:
+    bundle, res = tiny_run
+    with open(bundle / "signals.npz", "ab") as fh:
+        fh.write(b"\0")
+    _refused(res, tmp_path / "x", "signals.npz", "but the run trained on")
+
+
+def test_a_results_directory_with_no_records(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    _refused(tmp_path / "empty", tmp_path / "x", "holds no record.json files")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "r" / "c").mkdir(parents=True)
+    os.symlink(tmp_path / "fifo", tmp_path / "r" / "c" / "record.json")
+    _refused(tmp_path / "r", tmp_path / "x", "symbolic link")
