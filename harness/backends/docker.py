@@ -168,6 +168,7 @@ def container_run_spec(cell: Cell, job: Job, image: ImageInfo) -> RunSpec:
         device=cell.device, determinism=cell.determinism, threads=cell.threads, tf32=cell.tf32, repeat=cell.repeat,
         trainer=job.trainer, trainer_path=[f"{TRAINER}/{i}" for i in range(len(job.trainer_path))] if job.trainer_path else None, trace=job.trace,
         backend="docker", image={"id": image.id, "tag": image.tag}, labels=cell.labels,
+        seed=cell.seed, perturb=cell.perturb, band=cell.band,
     )
 
 

@@ -146,10 +146,10 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
     import torch
 
     from . import model as model_mod
+    from .perturb import Perturber
     from .train import split_indices, train_reference
 
-    seed = bundle.training.seed
-    split = split_indices(len(data.X), bundle.data.split, seed)
+    split = split_indices(len(data.X), bundle.data.split, bundle.training.data_split_seed)
     rec.split = {"sizes": [len(split.train), len(split.val), len(split.test)],
                     "indices_sha256": _sha_json([split.train, split.val, split.test])}
 
@@ -188,13 +188,16 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
     def progress(epoch: int, epochs: int, row: dict[str, float]) -> None:
         emit("epoch", cell=spec.cell, epoch=epoch, epochs=epochs, val_loss=row.get("val_loss"))
 
+    perturber = Perturber(spec.perturb)
     t0 = time.perf_counter()
     try:
         net, result = train_reference(data, split, y_scaled, bundle.model, bundle.training, device,
-                                      progress=progress, on_step=on_step if trace_fh else None)
+                                      progress=progress, on_step=on_step if trace_fh else None,
+                                      perturb=perturber if spec.perturb else None)
     finally:
         if trace_fh is not None:
             trace_fh.close()
+    rec.perturbation = perturber.record("the reference model was never built")
     rec.train_s = time.perf_counter() - t0
     net.load_state_dict(result.best_state)
     retrained = _evaluate(net, data, split, scaler, device, y_scaled)
@@ -253,6 +256,7 @@ def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultR
     import torch
 
     from .model import state_sha256
+    from .perturb import Perturber
     from .trainer_api import TrainerContext, call, normalise_result, resolve
 
     assert bundle.trainer is not None
@@ -267,7 +271,9 @@ def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultR
 
     ctx = TrainerContext(config=bundle.config, seed=bundle.training.seed, device=str(device),
                          bundle_dir=bundle.root, data_path=bundle.data.resolved, out_dir=str(out),
-                         scaler=scaler, _progress=progress, _data_spec=bundle.data)
+                         scaler=scaler, _progress=progress, _data_spec=bundle.data,
+                         _perturber=Perturber(spec.perturb) if spec.perturb else None,
+                         _split_seed=bundle.training.split_seed)
     t0 = time.perf_counter()
     try:
         result = call(func, ctx)
@@ -279,6 +285,7 @@ def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultR
         failure.user_traceback = tb  # type: ignore[attr-defined]
         raise failure from None
     rec.train_s = time.perf_counter() - t0
+    rec.perturbation = ctx.perturbation()
     got = normalise_result(result, entry)
     rec.metrics = {"retrained": got["metrics"], "archived": None}
     rec.history = history
@@ -312,7 +319,7 @@ def _sha_json(obj: Any) -> str:
 
 def run(spec: RunSpec) -> ResultRecord:
     """Run one cell and return its record (raises HarnessError on failure). Measures; never judges."""
-    from ..bundle import load_bundle
+    from ..bundle import config_digest, load_bundle
     from ..preflight import expected_data_digests
     from . import determinism, envinfo
     from .data import prepare, require_exists, sha256_path
@@ -328,6 +335,9 @@ def run(spec: RunSpec) -> ResultRecord:
                         "Python starts (start it through `harness`, or export them first)")
     bundle = load_bundle(spec.bundle_dir, data_override=spec.data_path,
                          trainer_override=spec.trainer, trainer_path=spec.trainer_path)
+    config_sha256 = config_digest(bundle.config)  # the bundle's own: a seed band member's too
+    if spec.seed is not None:
+        bundle = bundle.with_seed(spec.seed)
 
     import torch
 
@@ -342,8 +352,10 @@ def run(spec: RunSpec) -> ResultRecord:
     rec = ResultRecord(
         cell=spec.cell, status=Status.OK, harness_version=__version__, started_at=_now(), backend=spec.backend,
         spec=spec.to_dict(), labels=dict(spec.labels),
-        bundle={"path": bundle.root, "trial": bundle.recorded.number if bundle.recorded else None},
+        bundle={"path": bundle.root, "trial": bundle.recorded.number if bundle.recorded else None,
+                "config_sha256": config_sha256},
         env=Env.from_json(envinfo.measure(spec.device), "env"),
+        band={**spec.band, "seed": bundle.training.seed} if spec.band else None,
     )
     if bundle.data.resolved is not None:
         rec.data_sha256 = sha256_path(bundle.data.resolved)  # bytes, whatever the format
@@ -362,6 +374,9 @@ def run(spec: RunSpec) -> ResultRecord:
         rec.data["shape"] = list(data.raw_shape)
         rec.data["targets"] = data.target_names
         _reference_run(spec, bundle, data, device, out, rec)
+    if rec.perturbation is not None and not rec.perturbation.get("applied"):
+        rec.warnings.append(f"ulp band member not perturbed: {rec.perturbation.get('skipped')}; "
+                            "it is left out of the band")
     rec.determinism = determinism.capture(spec.determinism, bundle.training.seed)
     recorded = bundle.recorded
     rec.recorded = None if recorded is None else {
