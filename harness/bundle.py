@@ -64,6 +64,11 @@ class TrainingSpec:
     weight_decay: float = 0.0
     optimizer: str = "adam"
     scale_targets: bool = True
+    split_seed: int | None = None  # seeds the data split when it is not ``seed``: a seed band member keeps the trial's
+
+    @property
+    def data_split_seed(self) -> int:
+        return self.seed if self.split_seed is None else self.split_seed
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,18 @@ class Bundle:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def with_seed(self, seed: int) -> "Bundle":
+        """This bundle trained with another ``training.seed`` (a seed band member), in the config too:
+        a custom trainer reads its seed from either. The data split keeps the trial's seed
+        (``split_seed``; the reference trainer and ``ctx.split``), so every seed is scored
+        on the same validation samples."""
+        from dataclasses import replace
+
+        training_cfg = self.config.get("training")
+        config = {**self.config, "training": {**(training_cfg if isinstance(training_cfg, Mapping) else {}), "seed": seed}}
+        return replace(self, config=config,
+                       training=replace(self.training, seed=seed, split_seed=self.training.data_split_seed))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -567,6 +584,17 @@ def within_data_dir(data: DataSpec, data_dir: str, given: bool) -> DataSpec:
     where, what = ("--data", f"{p}") if given else (CONFIG, f"data.path {data.path} ({p})")
     raise InputError(where, f"{what} lies outside --data-dir {d}",
                      hint="give a --data inside that directory, or a --data-dir that holds the data")
+def config_digest(config: Mapping[str, Any]) -> str:
+    """sha256 of the parsed config.yaml (canonical JSON): what a band was measured for.
+
+    The parsed document, not the file's bytes: a comment or a reordered key does not
+    change what trains, so it does not make a saved band unusable.
+    """
+    import hashlib
+    import json
+
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = None,

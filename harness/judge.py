@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from . import band as band_mod
+from .band import Band
 from .errors import InputError
 from .record import RecordSet, ResultRecord, Status
 
 FAMILIES = ("val_loss", "r2", "mse", "mae")
-
 
 
 class Verdict(str, enum.Enum):
@@ -33,6 +34,18 @@ class Verdict(str, enum.Enum):
     SKIPPED = "skipped"  # this host cannot run it; does not fail the run
     INCOMPLETE = "incomplete"  # interrupted, or planned and never recorded; never "reproduced"
     NOT_COMPARABLE = "not comparable"  # trained on other data than the trial (digest mismatch)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class BandVerdict(str, enum.Enum):
+    """A cell's difference from its reference, against the training's own instability (the band)."""
+
+    BITWISE = "bitwise"  # its weights are identical to the reference's (or to the archived ones)
+    WITHIN = "within band"  # |Δ| <= the band's range on every metric: the training's own instability
+    BEYOND = "beyond band"  # |Δ| > the band's range on some metric: a behavioural change worth a look
+    NO_BAND = "no band"  # no band measured (or no reference): judged by tolerances alone
 
     def __str__(self) -> str:
         return self.value
@@ -247,6 +260,46 @@ class CellJudgement:
     unmatched_recorded: list[str] = field(default_factory=list)  # recorded metrics this run produced nothing to compare with
     weights_vs_archived: dict[str, Any] | None = None  # the retrained best weights vs weights/best.pt, tensor by tensor
     user_weights_identical_to_recorded: bool | None = None  # the trainer's own digest vs trial_info's, its convention
+    band: "CellBand | None" = None  # its difference against the band (None: no band, nothing to judge)
+    repeat_group: str | None = None  # the cell it repeats (``--repeats``), when it is one of several
+
+
+@dataclass(frozen=True)
+class MetricBand:
+    """One metric of a cell against the band: Δ vs the reference, the band's width, their ratio."""
+
+    delta: float | None
+    width: float | None  # the band's range (max - min)
+    ratio: float | None  # |Δ| / width: <= 1 is within
+    sd_ratio: float | None  # |Δ| / the band's sd (context: k·sd with k = band.K_SD)
+    seed_ratio: float | None  # |Δ| / the seed band's range (context: could it change a conclusion?)
+    verdict: BandVerdict
+
+
+@dataclass
+class CellBand:
+    """A cell judged against a band: per metric, and overall (the worst metric)."""
+
+    verdict: BandVerdict
+    reference: str | None  # the cell (or "recorded trial") its Δ is taken from
+    source: str  # "ulp": the measured band; "repeats": the cell's own repeats
+    bitwise_to: str | None = None  # "first cell" | "archived weights" | "recorded trial" when the weights are identical
+    ratio: float | None = None  # the largest |Δ| / width over its metrics
+    sd_ratio: float | None = None
+    seed_ratio: float | None = None
+    beyond: list[str] = field(default_factory=list)  # the metrics beyond the band
+    metrics: dict[str, MetricBand] = field(default_factory=dict)
+
+
+@dataclass
+class RepeatGroup:
+    """The repeats of one cell (``--repeats N``): deterministic when they gave one distinct result."""
+
+    name: str
+    cells: list[str]
+    distinct: int  # distinct results (weights digests, else metric values) among the repeats that ran
+    deterministic: bool
+    spread: dict[str, band_mod.Spread] = field(default_factory=dict)  # per metric, over the repeats
 
 
 @dataclass
@@ -260,7 +313,10 @@ class Comparison:
     cells: list[CellJudgement]
     missing: list[str] = field(default_factory=list)  # planned cells that left no record
     warnings: list[str] = field(default_factory=list)
-    schema: str = "harness.comparison/2"
+    band: Band | None = None  # the band the cells were judged against (None: none measured)
+    band_rule: str = f"|Δ| <= the ulp band's range (max - min); |Δ| / sd shown beside it ({band_mod.K_SD:g} sd ~ the range)"
+    repeats: list[RepeatGroup] = field(default_factory=list)
+    schema: str = "harness.comparison/3"
 
     def cell(self, name: str) -> CellJudgement | None:
         return next((c for c in self.cells if c.cell == name), None)
@@ -379,27 +435,213 @@ def split_mismatch(rec: ResultRecord) -> str | None:
                                                             "the split re-derived from data.split and training.seed")
     order = "; same samples in another order" if rep.get("same_samples") else ""
     return f"the split the trainer reported differs from {how}, first in {first}{sizes}{order}"
+# --------------------------------------------------------------------------- the band
+
+
+def flat_val(rec: ResultRecord) -> dict[str, float]:
+    """A record's validation metrics, flat, with the over-targets aggregates (``r2/*``) added."""
+    flat = flatten_split(rec.retrained, "val")
+    return with_aggregates(flat, [f"{fam}/{AGGREGATE}" for fam in ("r2", "mse", "mae")])
+
+
+def where_words(rec: ResultRecord) -> str:
+    """Where a record ran, in words: what a band's width is tied to."""
+    env = rec.env
+    parts = [f"torch {env.torch or '?'}", env.device or env.device_type or "?"]
+    if env.cuda:
+        parts.append(f"CUDA {env.cuda}")
+    if rec.image is not None and rec.image.tag:
+        parts.append(f"image {rec.image.tag}")
+    mode = (rec.determinism or {}).get("mode")
+    if mode:
+        parts.append(str(mode))
+    if env.threads is not None:
+        parts.append(f"{env.threads} thread(s)")
+    return ", ".join(parts)
+
+
+def band_member(rec: ResultRecord) -> band_mod.Member:
+    """A band member's record as the band sees it; a failed member, or an ulp member that was not perturbed, is not used."""
+    b = rec.band or {}
+    kind = str(b.get("kind"))
+    used, why = True, None
+    if not rec.ok:
+        used, why = False, f"it {rec.status.value}: {rec.error.message if rec.error else rec.status.value}"
+    elif kind == "ulp" and not (rec.perturbation or {}).get("applied"):
+        used, why = False, ((rec.perturbation or {}).get("skipped") or "its record shows no perturbation applied")
+    return band_mod.Member(cell=rec.cell, kind=kind, member=int(b.get("member") or 0), seed=b.get("seed"),
+                           perturbation=rec.perturbation, used=used, why_not=why,
+                           values=flat_val(rec) if rec.ok else {}, weights_sha256=rec.weights_sha256)
+
+
+def measure_band(records: Iterable[ResultRecord]) -> Band | None:
+    """The band of the band members among ``records`` (None when there are none)."""
+    members = [r for r in records if r.band]
+    if not members:
+        return None
+    ran = next((r for r in members if r.ok), None)
+    return band_mod.measure([band_member(r) for r in members], where_words(ran) if ran else None)
+
+
+def band_conflict(band_records: Iterable[ResultRecord], config_sha256: str | None, data_sha256: str | None,
+                  trainer: str | None) -> str | None:
+    """Why a band was not measured for this bundle (another config, data or trainer), or None when it was."""
+    for r in band_records:
+        theirs = (r.bundle or {}).get("config_sha256")
+        if theirs is None and r.ok and config_sha256 is not None:
+            return f"{r.cell} records no config digest (written by an older harness)"
+        if theirs is not None and config_sha256 is not None and theirs != config_sha256:
+            return (f"{r.cell} was measured for another config.yaml (digest {theirs[:12]}..., "
+                    f"this bundle's is {config_sha256[:12]}...)")
+        if r.data_sha256 and data_sha256 and r.data_sha256 != data_sha256:
+            return f"{r.cell} trained on other data (sha256 {r.data_sha256[:12]}..., this data's is {data_sha256[:12]}...)"
+        ran_with = (r.spec or {}).get("trainer")
+        if r.ok and ran_with != trainer:
+            return f"{r.cell} ran trainer {ran_with or 'reference'}, this bundle runs {trainer or 'the reference trainer'}"
+    return None
+
+
+def _repeat_of(rec: ResultRecord) -> str | None:
+    """The cell ``rec`` is a repeat of (its name without ``-rN``), or None when it is no repeat."""
+    n = (rec.labels or {}).get("repeat")
+    suffix = f"-r{n}"
+    if isinstance(n, int) and not isinstance(n, bool) and rec.cell.endswith(suffix) and len(rec.cell) > len(suffix):
+        return rec.cell[: -len(suffix)]
+    return None
+
+
+def repeat_groups(records: Iterable[ResultRecord]) -> list[RepeatGroup]:
+    """The cells run more than once (``--repeats N``), each with its distinct results and spread."""
+    groups: dict[str, list[ResultRecord]] = {}
+    for r in records:
+        base = _repeat_of(r)
+        if base is not None:
+            groups.setdefault(base, []).append(r)
+    out = []
+    for name, recs in groups.items():
+        if len(recs) < 2:
+            continue
+        ok = [r for r in recs if r.ok]
+        flats = [flat_val(r) for r in ok]
+        results = {r.weights_sha256 or repr(sorted(f.items())) for r, f in zip(ok, flats)}
+        keys = list(dict.fromkeys(k for f in flats for k in f))
+        spreads = {k: s for k in keys if (s := band_mod.spread([f[k] for f in flats if k in f])) is not None}
+        out.append(RepeatGroup(name=name, cells=[r.cell for r in recs], distinct=len(results),
+                               deterministic=len(ok) >= 2 and len(results) == 1, spread=spreads))
+    return out
+
+
+def _max(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return max(vals) if vals else None
+
+
+def judge_band(j: CellJudgement, rec: ResultRecord, first: ResultRecord | None, band: Band | None,
+               own: Band | None = None) -> CellBand | None:
+    """``rec``'s difference from its reference against ``band`` (else ``own``: its repeats' spread).
+
+    The reference is the first cell; for the first cell itself, the recorded trial. The primary
+    rule: a metric is within the band when ``|Δ| <= band range`` (max - min of the ulp members);
+    ``|Δ| / sd`` and ``|Δ| / seed range`` are context. The weights identical to the reference's
+    (or to the archived ones) make the cell ``bitwise``, unless a metric is beyond the band.
+    """
+    use = band if band is not None and band.measured else own
+    if use is None or first is None:
+        return None
+    arch_identical = bool((j.weights_vs_archived or {}).get("identical"))
+    if rec is first:
+        if not j.vs_recorded:
+            return CellBand(BandVerdict.NO_BAND, None, use.source)  # the baseline, with nothing recorded
+        reference = "recorded trial"
+        deltas = {k: d.diff for k, d in j.vs_recorded.items()}
+        bitwise = ("recorded trial" if j.weights_identical_to_recorded or j.user_weights_identical_to_recorded
+                   else "archived weights" if arch_identical else None)
+    else:
+        reference = first.cell
+        deltas = {k: d.diff for k, d in j.vs_first.items() if not k.startswith("test:")}
+        bitwise = "first cell" if j.weights_identical_to_first else "archived weights" if arch_identical else None
+    metrics: dict[str, MetricBand] = {}
+    for key, delta in deltas.items():
+        if delta is None:
+            continue  # missing or not finite: the tolerance gate says so
+        width = band_mod.band_width(use, key)
+        seeds = band_mod.seed_width(band, key)
+        seed_r = band_mod.ratio(delta, seeds) if seeds else None  # a zero-width seed band says nothing
+        if width is None:
+            metrics[key] = MetricBand(delta, None, None, None, seed_r, BandVerdict.NO_BAND)
+            continue
+        r = band_mod.ratio(delta, width)
+        verdict = (BandVerdict.BITWISE if bitwise and delta == 0 else
+                   BandVerdict.WITHIN if r is not None and r <= 1 else BandVerdict.BEYOND)
+        metrics[key] = MetricBand(delta, width, r, band_mod.ratio(delta, band_mod.band_sd(use, key)), seed_r, verdict)
+    judged = {k: m for k, m in metrics.items() if m.verdict is not BandVerdict.NO_BAND}
+    if not judged:
+        return CellBand(BandVerdict.NO_BAND, reference, use.source, bitwise_to=bitwise, metrics=metrics)
+    beyond = [k for k, m in judged.items() if m.verdict is BandVerdict.BEYOND]
+    verdict = BandVerdict.BEYOND if beyond else BandVerdict.BITWISE if bitwise else BandVerdict.WITHIN
+    return CellBand(verdict=verdict, reference=reference, source=use.source, bitwise_to=bitwise,
+                    ratio=_max(m.ratio for m in judged.values()), sd_ratio=_max(m.sd_ratio for m in judged.values()),
+                    seed_ratio=_max(m.seed_ratio for m in metrics.values()), beyond=beyond, metrics=metrics)
+
+
+def _apply_band(j: CellJudgement, cb: CellBand | None) -> CellJudgement:
+    """The cell's verdict with its band: beyond the band on any metric drifts it (tolerances still gate)."""
+    if cb is None:
+        return j
+    j = dataclasses.replace(j, band=cb)
+    if cb.verdict is not BandVerdict.BEYOND:
+        return j
+    what = "its own repeats' spread" if cb.source == "repeats" else "the band"
+    times = "" if cb.ratio is None else (" (range 0)" if math.isinf(cb.ratio) else f" (x{cb.ratio:.3g} its range)")
+    why = (f"beyond {what} on {len(cb.beyond)} metric(s) vs {cb.reference}: "
+           f"{', '.join(cb.beyond[:3])}{' ...' if len(cb.beyond) > 3 else ''}{times}")
+    if j.verdict in (Verdict.REPRODUCED, Verdict.UNRECORDED):
+        return dataclasses.replace(j, verdict=Verdict.DRIFTED, reason=f"{why}; {j.reason}")
+    if j.verdict is Verdict.DRIFTED:
+        return dataclasses.replace(j, reason=f"{j.reason}; {why}")
+    return j
+
+
+# --------------------------------------------------------------------------- the comparison
 
 
 def compare(records: list[ResultRecord], tol: Tolerances | None = None, missing: Iterable[str] = (),
             allow_data_change: bool = False) -> Comparison:
-    """Judge every record against the recorded trial and against the first cell that ran.
+    """Judge every record against the recorded trial, the first cell that ran, and the band.
 
-    Skipped cells are ``skipped`` and do not fail the run; interrupted cells and
-    ``missing`` ones (planned, never recorded) make the run ``incomplete``. A cell
-    whose data does not match the digest the bundle records is ``not comparable``
-    unless ``allow_data_change`` (then it is judged, and the mismatch is a warning).
+    Band members (records with ``band``) that ran make the band and are not cells; one
+    that failed is a failed row like any cell. Skipped cells are ``skipped`` and do not
+    fail the run; interrupted cells and ``missing`` ones (planned, never recorded) make the
+    run ``incomplete``. A cell whose data does not match the digest the bundle records is
+    ``not comparable`` unless ``allow_data_change`` (then it is judged, and the mismatch is
+    a warning). Without a band, a cell repeated with different results is judged against
+    its own repeats' spread.
     """
     tol = tol or Tolerances()
-    first = next((r for r in records if r.ok), None)
+    band = measure_band(records)
+    members = [r for r in records if r.band and r.ok]
+    table = [r for r in records if not (r.band and r.ok)]
+    groups = repeat_groups(table)
+    own = {g.name: band_mod.from_values(g.name, [flat_val(r) for r in table if r.cell in g.cells and r.ok])
+           for g in groups if not g.deterministic}
+    first = next((r for r in table if r.ok and not r.band), None)
     cells = []
-    for r in records:
+    for r in table:
         judged = _judge_ok(r, first, tol) if r.ok else _not_run(r)
+        if r.ok:
+            repeat = _repeat_of(r)
+            judged = _apply_band(judged, judge_band(judged, r, first, band, own.get(repeat or "")))
+            judged.repeat_group = repeat if repeat in {g.name for g in groups} else None
         if r.ok and not allow_data_change and data_mismatches(r):
             judged = _not_comparable(judged, r)
         cells.append(judged)
     missing = [m for m in missing if m not in {r.cell for r in records}]
     overall, reason = _overall(cells, missing)
+    if not cells and not missing and band is not None:
+        overall, reason = ((Verdict.UNRECORDED, f"band measured: {band.n_ulp} ulp member(s)"
+                            + (f", {band.n_seed} seed member(s)" if band.n_seed else "") + "; no cell to judge against it")
+                           if band.measured or band.n_seed else
+                           (Verdict.INCOMPLETE, "no band: " + "; ".join(band.notes or ["too few members ran"])))
     warnings: dict[str, None] = {}
     for r in records:
         for w in data_mismatches(r):
@@ -412,17 +654,34 @@ def compare(records: list[ResultRecord], tol: Tolerances | None = None, missing:
         if c.unmatched_recorded:
             warnings.setdefault(f"{c.cell}: trial_info.yaml records {', '.join(c.unmatched_recorded)}, which this run "
                                 "does not produce: not compared", None)
+    if band is not None:
+        for note in band.notes:
+            warnings.setdefault(note, None)
+        if first is not None and members and band.environment and where_words(first) != band.environment:
+            warnings.setdefault(f"the band was measured in {band.environment}; the baseline {first.cell} ran in "
+                                f"{where_words(first)}: its width may not describe this baseline", None)
     return Comparison(overall=overall, reason=reason, first_cell=first.cell if first else None,
-                      tolerances=tol.to_dict(), cells=cells, missing=missing, warnings=list(warnings))
+                      tolerances=tol.to_dict(), cells=cells, missing=missing, warnings=list(warnings),
+                      band=band, repeats=groups)
 
 
 def merge(sets: Iterable[RecordSet]) -> RecordSet:
-    """Concatenate record sets from several places, keeping cell names unique."""
+    """Concatenate record sets from several places, keeping cell names unique.
+
+    A band member given twice (a run that names its band in run.json, and the band's
+    own directory) is kept once.
+    """
     seen: dict[str, int] = {}
+    members: set[tuple[Any, ...]] = set()
     out: list[ResultRecord] = []
     missing: list[str] = []
     for rs in sets:
         for rec in rs.records:
+            if rec.band:
+                key = (rec.cell, rec.run_id, rec.started_at, rec.weights_sha256)
+                if key in members:
+                    continue
+                members.add(key)
             name = rec.cell
             if name in seen:
                 seen[name] += 1
@@ -432,3 +691,15 @@ def merge(sets: Iterable[RecordSet]) -> RecordSet:
             out.append(rec)
         missing.extend(rs.missing)
     return RecordSet(out, missing, ", ".join(rs.source for rs in sets), [w for rs in sets for w in rs.warnings])
+
+
+def band_fits(records: Iterable[ResultRecord]) -> str | None:
+    """Why the band members among ``records`` were not measured for its cells (another config, data
+    or trainer), or None when they were (or there is no band, or no cell to compare with)."""
+    records = list(records)
+    cell = next((r for r in records if r.ok and not r.band), None)
+    band = [r for r in records if r.band]
+    if cell is None or not band:
+        return None
+    return band_conflict(band, (cell.bundle or {}).get("config_sha256"), cell.data_sha256,
+                         (cell.spec or {}).get("trainer"))

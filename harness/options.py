@@ -100,6 +100,25 @@ def parse_repeats(value: Any, flag: str = "--repeats") -> int:
     return n
 
 
+def parse_count(value: Any, flag: str, *, minimum: int = 0, example: str = "8") -> int:
+    """A whole number of runs, at least ``minimum`` (``--band 8``, ``--band-seeds 4``)."""
+    try:
+        n = int(str(value).strip())
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag} {value!r} is not an integer", hint=f"e.g. {flag} {example}") from None
+    if n < minimum:
+        raise UsageError(f"{flag} must be >= {minimum}, got {n}", hint=f"e.g. {flag} {example}")
+    return n
+
+
+def parse_band(value: Any, flag: str = "--band") -> int:
+    """Ulp band members: 0 (no band) or at least 2 (a range needs two values)."""
+    n = parse_count(value, flag)
+    if n == 1:
+        raise UsageError(f"{flag} 1 measures no spread: a band needs at least 2 members", hint=f"e.g. {flag} 8")
+    return n
+
+
 def parse_timeout(value: Any, flag: str = "--timeout") -> float:
     """Seconds per cell: ``90``, ``90s``, ``30m`` or ``2h``; more than zero."""
     text = str(value).strip().lower()
@@ -181,6 +200,10 @@ class RunOptions:
     resume: bool = False  # reuse a results directory that holds another run's records
     timeout: float = DEFAULT_TIMEOUT_S  # seconds per cell
     strict_config: bool = False  # refuse keys the reference trainer does not read (exit 2)
+    band: int = 0  # ulp band members to run for the baseline cell first (0: none)
+    band_seeds: int = 0  # seed band members (other training seeds) to run with them
+    band_from: str | None = None  # a band measured earlier, reused
+    band_only: bool = False  # `harness band`: the band's members alone, no cells
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -188,6 +211,12 @@ class RunOptions:
         if self.trainer and self.trainer_cmd:
             raise UsageError("--trainer and --trainer-cmd cannot be combined",
                              hint="name one trainer: a function (--trainer module:function) or a command (--trainer-cmd CMD)")
+        if self.band_from and (self.band or self.band_seeds):
+            raise UsageError("--band-from reuses a band; --band and --band-seeds measure a new one",
+                             hint="give one or the other")
+        if self.band_seeds and not self.band and not self.band_only:
+            raise UsageError("--band-seeds goes with --band N (the seed band is context for the ulp band)",
+                             hint="add --band 8")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,9 @@ class Cell:
     skip_reason: str | None = None  # this host cannot run it (decided before anything starts)
     warning: str | None = None  # it runs, but the user should know (e.g. an old driver)
     labels: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None  # a seed band member: overrides training.seed
+    perturb: dict[str, Any] | None = None  # an ulp band member: {"kind": "ulp", "seed": s}
+    band: dict[str, Any] | None = None  # a band member: {"kind": "ulp" | "seed", "member": i}
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Job:
     run_id: str = ""
     timeout_s: float | None = None  # a cell running longer is killed and recorded as ``timeout``
     data_dir: str | None = None  # --data-dir: holds data_path; mounted whole and hashed
+    band_from: str | None = None  # a band measured earlier that this run's cells are judged against
 
     def cell_dir(self, cell: Cell) -> Path:
         return Path(self.results_dir) / cell.name
@@ -136,6 +140,51 @@ def image_run_cells(image_cells: Sequence[Any], modes: Sequence[str], threads: S
                               labels={"image": ic.name, "torch": ic.torch, "variant": ic.variant, "determinism": mode,
                                       "threads": t, "tf32": tf, "repeat": r + 1}))
     return cells
+
+
+BAND_PREFIX = "band-"
+
+
+def band_cells(baseline: Cell, n: int, seeds: int, training_seed: int) -> list[Cell]:
+    """The band of ``baseline``: ``n`` ulp members, then ``seeds`` seed members (pure).
+
+    Each member is the baseline cell (same device, mode, threads, TF32, image) with one
+    difference: ulp member ``i`` moves one initial parameter value by one ulp, chosen by
+    a private RNG seeded with ``i``; seed member ``i`` trains with ``training_seed + i``.
+    """
+    base_labels = {k: v for k, v in baseline.labels.items() if k != "repeat"}
+    out = []
+    for kind, count in (("ulp", n), ("seed", seeds)):
+        for i in range(1, count + 1):
+            band = {"kind": kind, "member": i}
+            out.append(Cell(
+                name=f"{BAND_PREFIX}{kind}-{i}", device=baseline.device, determinism=baseline.determinism,
+                threads=baseline.threads, tf32=baseline.tf32, repeat=0, image=baseline.image,
+                skip_reason=baseline.skip_reason, warning=baseline.warning,
+                labels={**base_labels, "band": kind, "member": i, "band_of": baseline.name},
+                seed=training_seed + i if kind == "seed" else None,
+                perturb={"kind": "ulp", "seed": i} if kind == "ulp" else None, band=band))
+    return out
+
+
+def with_band(plan: Plan, n: int, seeds: int, training_seed: int, *, only: bool = False) -> Plan:
+    """``plan`` with the band of its baseline (its first runnable cell) run first; ``only``: the band alone (pure).
+
+    Band members run where the baseline runs (same backend, image, device, mode, threads,
+    TF32): an image cell's build or skip is the baseline's.
+    """
+    from dataclasses import replace
+
+    base = next(iter(plan.runnable), None) or (plan.cells[0] if only and plan.cells else None)
+    if base is None or not (n or seeds):
+        return plan
+    members = band_cells(base, n, seeds, training_seed)
+    blocked = dict(plan.blocked)
+    if base.name in blocked:
+        blocked.update({c.name: blocked[base.name] for c in members})
+    if only:
+        blocked = {k: v for k, v in blocked.items() if k.startswith(BAND_PREFIX)}
+    return replace(plan, cells=members + ([] if only else plan.cells), blocked=blocked)
 
 
 def refuse_inapplicable(opts: RunOptions) -> None:

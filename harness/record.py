@@ -1,7 +1,7 @@
 """The typed documents that cross process and machine boundaries.
 
 * :class:`RunSpec` -- what a backend hands the worker (one cell, one run),
-  schema ``harness.runspec/4``
+  schema ``harness.runspec/4`` (4: ``trainer_cmd``; ``seed``, ``perturb`` and ``band`` for band members)
 * :class:`ResultRecord` -- one JSON file per run, ``OUT/<cell>/record.json``,
   schema ``harness.result/2``
 
@@ -49,6 +49,19 @@ class Status(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+class BandKind(str, enum.Enum):
+    """What kind of band member a run is (see :mod:`harness.band`)."""
+
+    ULP = "ulp"  # the baseline with one initial parameter value moved by one ulp
+    SEED = "seed"  # the baseline with another training seed
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PERTURB_KINDS = ("ulp",)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -204,6 +217,11 @@ class RunSpec:
     backend: str = "local"
     image: dict[str, Any] = field(default_factory=dict)  # the image the cell runs in (docker backend)
     labels: dict[str, Any] = field(default_factory=dict)  # the cell's axis values, for tables
+    seed: int | None = None  # overrides config.yaml training.seed (a seed band member)
+    # {"kind": "ulp", "seed": s}: move one initial parameter value by one ulp, chosen by
+    # a private RNG seeded with s (an ulp band member); see harness.worker.perturb
+    perturb: dict[str, Any] | None = None
+    band: dict[str, Any] | None = None  # {"kind": "ulp" | "seed", "member": i}: copied into the record
     schema: str = SPEC_SCHEMA
 
     def to_json(self) -> str:
@@ -222,11 +240,37 @@ class RunSpec:
     def from_json(cls, data: Any, where: str = "spec.json") -> "RunSpec":
         """A spec of this version; another version or an unknown key is refused (exit 2)."""
         data = _refuse_schema(data, SPEC_SCHEMA, where, "harness run spec")
-        return cls(**_take(cls, data, where))
+        spec = cls(**_take(cls, data, where))
+        check_perturb(spec.perturb, where)
+        check_band(spec.band, where)
+        return spec
 
     @property
     def record_path(self) -> Path:
         return Path(self.out_dir) / RECORD_FILE
+
+
+def check_perturb(perturb: Any, where: str) -> None:
+    """``perturb`` is None or ``{"kind": "ulp", "seed": int}`` (one line, exit 2, otherwise)."""
+    if perturb is None:
+        return
+    if not isinstance(perturb, Mapping) or perturb.get("kind") not in PERTURB_KINDS:
+        raise InputError(where, f"perturb must be {{\"kind\": \"ulp\", \"seed\": N}}, got {perturb!r}")
+    seed = perturb.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(where, f"perturb.seed must be an integer >= 0, got {seed!r}")
+
+
+def check_band(band: Any, where: str) -> None:
+    """``band`` is None or ``{"kind": "ulp" | "seed", "member": int >= 1, ...}``."""
+    if band is None:
+        return
+    kinds = [k.value for k in BandKind]
+    if not isinstance(band, Mapping) or band.get("kind") not in kinds:
+        raise InputError(where, f"band.kind must be one of {', '.join(kinds)}, got {band!r}")
+    member = band.get("member")
+    if isinstance(member, bool) or not isinstance(member, int) or member < 1:
+        raise InputError(where, f"band.member must be an integer >= 1, got {member!r}")
 
 
 # --------------------------------------------------------------------------- the result record
@@ -360,6 +404,12 @@ class ResultRecord:
     launcher_wall_s: float | None = None  # as the launcher saw it (start-up included)
     nonfinite: list[str] = field(default_factory=list)  # dotted paths of values that were NaN/inf (written as null)
     timeout_s: float | None = None  # the launcher's --timeout for this cell
+    # a band member: {"kind": "ulp" | "seed", "member": i, "seed": the training seed it ran with};
+    # None for an ordinary cell. Band members are the band's, never cells of the table.
+    band: dict[str, Any] | None = None
+    # what an ulp perturbation did: {"kind", "seed", "applied": True, "tensor", "index", "shape", "dtype",
+    # "old", "new" (float.hex), "direction" ("+inf" | "-inf")}, or {"applied": False, "skipped": why}
+    perturbation: dict[str, Any] | None = None
     schema: str = SCHEMA
 
     # ---- construction
@@ -407,7 +457,13 @@ class ResultRecord:
             raise InputError(where, "an ok record carries no metrics")
         if kw["status"] is not Status.OK and kw.get("error") is None:
             raise InputError(where, f"a {kw['status'].value} record carries no error")
+        check_band(kw.get("band"), where)
         return cls(**kw)
+
+    @property
+    def band_kind(self) -> BandKind | None:
+        """The kind of band member this record is, or None for an ordinary cell."""
+        return BandKind(self.band["kind"]) if self.band else None
 
     @property
     def ok(self) -> bool:
@@ -441,6 +497,7 @@ class RunManifest:
     bundle: str
     started_at: str
     harness_version: str | None = None
+    band_from: str | None = None  # a band measured earlier (--band-from DIR), judged with this run's cells
     schema: str = RUN_SCHEMA
 
     def to_json(self) -> str:
@@ -510,11 +567,13 @@ def _ordered(records: list[ResultRecord], manifest: RunManifest | None) -> tuple
     return ordered, [c for c in manifest.cells if c not in have]
 
 
-def load(path: str | Path) -> RecordSet:
+def load(path: str | Path, *, follow_band: bool = True) -> RecordSet:
     """Records from a results directory, a ``record.json`` or a JSON report.
 
     A directory is read in the order of its ``run.json`` (else the cells'
-    start times); planned cells without a record are listed as missing.
+    start times); planned cells without a record are listed as missing. When
+    ``run.json`` names a band reused from elsewhere (``band_from``), its band
+    members are added (``follow_band``; one level, never that band's own).
     """
     p = Path(path)
     if p.is_dir():
@@ -534,6 +593,8 @@ def load(path: str | Path) -> RecordSet:
                 warnings.append(f"{p}: ignored {len(other)} record(s) of another run ({runs}), not run "
                                 f"{manifest.run_id} of run.json: {', '.join(r.cell for r in other)}")
         records, missing = _ordered(found, manifest)
+        if follow_band and manifest is not None and manifest.band_from:
+            records += _band_from(manifest.band_from, {r.cell for r in records}, warnings)
         return RecordSet(records, missing, str(p), warnings)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
@@ -547,6 +608,16 @@ def load(path: str | Path) -> RecordSet:
         missing = [str(c) for c in (data.get("comparison") or {}).get("missing") or []]
         return RecordSet(records, missing, str(p))
     return RecordSet([ResultRecord.from_json(data, str(p))], [], str(p))
+
+
+def _band_from(path: str, have: set[str], warnings: list[str]) -> list[ResultRecord]:
+    """The band members of the band a run reused (``run.json`` ``band_from``); a warning when it is gone."""
+    try:
+        found = load(path, follow_band=False)
+    except InputError as exc:
+        warnings.append(f"the band this run reused ({path}) cannot be read ({exc.one_line()}): judged without it")
+        return []
+    return [r for r in found.records if r.band and r.cell not in have]
 
 
 def load_many(paths: Iterable[str | Path]) -> list[RecordSet]:

@@ -17,7 +17,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .judge import Comparison, MetricDiff, Verdict, max_abs
+from .band import Band
+from .judge import BandVerdict, Comparison, MetricDiff, Verdict, max_abs
 from .record import REPORT_SCHEMA, ResultRecord, Status, _jsonable
 
 VERDICT_STYLE = {Verdict.REPRODUCED: "bold green", Verdict.DRIFTED: "bold yellow", Verdict.FAILED: "bold red",
@@ -147,11 +148,53 @@ def _diff(d: Mapping[str, MetricDiff], key: str) -> float | None:
 # --------------------------------------------------------------------------- rows (plain data)
 
 
+def table_records(records: list[ResultRecord]) -> list[ResultRecord]:
+    """The records that are rows of the tables: every one but the band members that ran (the band's)."""
+    return [r for r in records if not (r.band and r.ok)]
+
+
+def band_members(records: list[ResultRecord]) -> list[ResultRecord]:
+    return [r for r in records if r.band]
+
+
+def _ratio(x: float | None) -> str:
+    if x is None:
+        return "?"
+    if math.isinf(x):
+        return "range 0"
+    return f"x{x:.2g}"
+
+
+def vs_band(j: Any) -> str:
+    """The "vs band" column: bitwise, within (x0.3 of the range), beyond (x12), or why there is nothing."""
+    cb = getattr(j, "band", None) if j is not None else None
+    if cb is None:
+        return "—"
+    own = " own repeats" if cb.source == "repeats" else ""
+    if cb.reference is None:
+        return "baseline"
+    if cb.verdict is BandVerdict.BITWISE:
+        return "bitwise"
+    if cb.verdict is BandVerdict.WITHIN:
+        return f"within{own} ({_ratio(cb.ratio)})"
+    if cb.verdict is BandVerdict.BEYOND:
+        return f"beyond{own} ({_ratio(cb.ratio)})"
+    return "no band"
+
+
+def vs_seeds(j: Any) -> str:
+    """|Δ| in units of the seed band's range: could the difference change a conclusion?"""
+    cb = getattr(j, "band", None) if j is not None else None
+    if cb is None or cb.reference is None or cb.seed_ratio is None:
+        return "—"
+    return "0" if cb.seed_ratio == 0 else f"x{cb.seed_ratio:.2g}"
+
+
 def rows(records: list[ResultRecord], comparison: Comparison) -> list[dict[str, str]]:
     """One row of display strings per cell (missing cells last); shared by the terminal and Markdown."""
     out = []
     first = comparison.first_cell
-    for rec in records:
+    for rec in table_records(records):
         j = comparison.cell(rec.cell)
         retrained = rec.retrained
         val = retrained.get("val") or {}
@@ -170,12 +213,14 @@ def rows(records: list[ResultRecord], comparison: Comparison) -> list[dict[str, 
             "weights": _weights(j, rec.cell == first),
             "d_archived": fmag(max_abs(j.archived_inference) if j else None),
             "wall": f"{wall:.1f}s" if isinstance(wall, (int, float)) and rec.ok else "—",
+            "vs_band": vs_band(j),
+            "vs_seeds": vs_seeds(j),
             "verdict": (j.verdict if j else Verdict.INCOMPLETE).value,
             "reason": j.reason if j else "",
         })
     blank = {k: "—" for k in ("where", "python", "torch", "cuda", "cudnn", "device", "driver", "threads", "determinism",
                               "val_loss", "d_rec_loss", "r2", "d_rec_r2", "mse", "mae", "d_first", "weights",
-                              "d_archived", "wall")}
+                              "d_archived", "wall", "vs_band", "vs_seeds")}
     for name in comparison.missing:
         out.append({**blank, "cell": name, "verdict": Verdict.INCOMPLETE.value, "reason": "planned, but left no record"})
     return out
@@ -187,6 +232,25 @@ ENV_COLUMNS = [("cell", "cell"), ("where", "backend/image"), ("python", "python"
 RESULT_COLUMNS = [("cell", "cell"), ("val_loss", "val loss"), ("d_rec_loss", "Δ rec"), ("r2", "R² val"),
                   ("d_rec_r2", "max|ΔR²| rec"), ("mse", "MSE val"), ("mae", "MAE val"), ("d_first", "max|Δ| first"),
                   ("weights", "weights"), ("d_archived", "archived Δ"), ("wall", "wall"), ("verdict", "verdict")]
+BAND_COLUMN = ("vs_band", "vs band")
+SEED_COLUMN = ("vs_seeds", "|Δ|/seeds")
+
+
+def has_band(comparison: Comparison) -> bool:
+    """Whether any cell was judged against a band (measured, or its own repeats')."""
+    return any(c.band is not None for c in comparison.cells)
+
+
+def result_columns(comparison: Comparison) -> list[tuple[str, str]]:
+    """The Results table's columns: "vs band" (and "|Δ|/seeds" with a seed band) before the verdict when judged."""
+    cols = list(RESULT_COLUMNS)
+    if has_band(comparison):
+        extra = [BAND_COLUMN]
+        band = comparison.band
+        if band is not None and band.n_seed >= 2:
+            extra.append(SEED_COLUMN)
+        cols[-1:-1] = extra
+    return cols
 
 
 FREE_TEXT = ("where", "device", "determinism")  # may be shortened with an ellipsis; names and numbers never are
@@ -207,12 +271,13 @@ def environment_table(data: list[dict[str, str]]) -> Table:
     return t
 
 
-def results_table(data: list[dict[str, str]]) -> Table:
+def results_table(data: list[dict[str, str]], columns: list[tuple[str, str]] | None = None) -> Table:
+    columns = columns or RESULT_COLUMNS
     t = Table(title=RESULTS_TITLE, box=box.SIMPLE_HEAD, title_justify="left")
-    for key, head in RESULT_COLUMNS:
-        t.add_column(head, justify="left" if key in ("cell", "weights", "verdict") else "right", no_wrap=True)
+    for key, head in columns:
+        t.add_column(head, justify="left" if key in ("cell", "weights", "verdict", "vs_band") else "right", no_wrap=True)
     for r in data:
-        cells: list[Any] = [r[k] for k, _ in RESULT_COLUMNS]
+        cells: list[Any] = [r[k] for k, _ in columns]
         cells[-1] = Text(r["verdict"], style=VERDICT_STYLE.get(Verdict(r["verdict"]), ""))
         t.add_row(*cells)
     return t
@@ -221,7 +286,7 @@ def results_table(data: list[dict[str, str]]) -> Table:
 def per_target_rows(records: list[ResultRecord], comparison: Comparison) -> list[tuple[str, ...]]:
     """(cell, target, *PER_TARGET_COLUMNS) display strings for every target of the cells that ran."""
     out: list[tuple[str, ...]] = []
-    for rec in records:
+    for rec in table_records(records):
         retrained = rec.retrained
         val = retrained.get("val") or {}
         test = retrained.get("test") or {}
@@ -268,10 +333,11 @@ def _environment_stacked(data: list[dict[str, str]]) -> Group:
                     [(r["cell"], [(head, r[k]) for k, head in ENV_COLUMNS[1:]]) for r in data])
 
 
-def _results_stacked(data: list[dict[str, str]]) -> Group:
+def _results_stacked(data: list[dict[str, str]], columns: list[tuple[str, str]] | None = None) -> Group:
+    columns = columns or RESULT_COLUMNS
     blocks = []
     for r in data:
-        items: list[tuple[str, Any]] = [(head, r[k]) for k, head in RESULT_COLUMNS[1:-1]]
+        items: list[tuple[str, Any]] = [(head, r[k]) for k, head in columns[1:-1]]
         items.append(("verdict", Text(r["verdict"], style=VERDICT_STYLE.get(Verdict(r["verdict"]), ""))))
         blocks.append((r["cell"], items))
     return _stacked(RESULTS_TITLE, blocks)
@@ -282,6 +348,167 @@ def _per_target_stacked(records: list[ResultRecord], comparison: Comparison) -> 
     if not rows_:
         return None
     return _stacked(PER_TARGET_TITLE, [(f"{r[0]}  target {r[1]}", list(zip(PER_TARGET_COLUMNS, r[2:]))) for r in rows_])
+
+
+# --------------------------------------------------------------------------- the band, the repeats
+
+BAND_COLUMNS = ("metric", "n", "mean", "sd", "min", "max", "range")
+SEED_COLUMNS = ("seeds n", "seeds sd", "seeds range")
+
+
+def band_title(band: Band) -> str:
+    what = (f"Band: {band.n_ulp} retrains of the baseline, each with one initial weight moved by one ulp"
+            if band.source == "ulp" else "Band (a cell's own repeats)")
+    if band.n_seed:
+        what += f"; {band.n_seed} with other seeds"
+    where = f" ({band.environment})" if band.environment else ""
+    seeds = "; |Δ|/seeds = |Δ| / seeds range" if band.n_seed >= 2 else ""
+    return f"{what}{where}. Validation; vs band = |Δ| / range: within <= x1 < beyond{seeds}"
+
+
+def _shown_keys(band: Band) -> list[str]:
+    """The band's metric keys for display: the over-targets aggregates (``r2/*``) only where no per-target values are."""
+    keys = list(dict.fromkeys([*band.ulp, *band.seed]))
+    per_target = {k.split("/", 1)[0] for k in keys if "/" in k and not k.endswith("/*")}
+    return [k for k in keys if not (k.endswith("/*") and k.split("/", 1)[0] in per_target)]
+
+
+def band_rows(band: Band) -> list[tuple[str, ...]]:
+    """(metric, n, mean, sd, min, max, range[, seeds n, seeds sd, seeds range]) display strings per metric key."""
+    seeds = band.n_seed > 0
+    out = []
+    for key in _shown_keys(band):
+        u = band.ulp.get(key)
+        row: list[str] = [key]
+        row += ([str(u.n), fnum(u.mean, 7), fmag(u.sd), fnum(u.min, 7), fnum(u.max, 7), fmag(u.range)] if u
+                else ["0", "—", "—", "—", "—", "—"])
+        if seeds:
+            sd = band.seed.get(key)
+            row += [str(sd.n), fmag(sd.sd), fmag(sd.range)] if sd else ["0", "—", "—"]
+        out.append(tuple(row))
+    return out
+
+
+def band_table(band: Band) -> Table:
+    heads = BAND_COLUMNS + (SEED_COLUMNS if band.n_seed else ())
+    t = Table(title=band_title(band), box=box.SIMPLE_HEAD, title_justify="left")
+    for h in heads:
+        t.add_column(h, justify="left" if h == "metric" else "right", no_wrap=True)
+    for row in band_rows(band):
+        t.add_row(*row)
+    return t
+
+
+def _band_stacked(band: Band) -> Group:
+    heads = BAND_COLUMNS + (SEED_COLUMNS if band.n_seed else ())
+    return _stacked(band_title(band), [(r[0], list(zip(heads[1:], r[1:]))) for r in band_rows(band)])
+
+
+MEMBER_COLUMNS = ("member", "kind", "change", "val loss", "R² val", "weights", "wall")
+
+
+def _change(rec: ResultRecord) -> str:
+    p = rec.perturbation or {}
+    if (rec.band or {}).get("kind") == "seed":
+        return f"seed {(rec.band or {}).get('seed', '?')}"
+    if p.get("applied"):
+        return f"{p.get('tensor')}[{p.get('index')}] {p.get('direction')}"
+    return "not perturbed" if p else "—"
+
+
+def member_rows(records: list[ResultRecord]) -> list[tuple[str, ...]]:
+    out = []
+    for rec in band_members(records):
+        val = rec.retrained.get("val") or {}
+        wall = rec.launcher_wall_s if rec.launcher_wall_s is not None else rec.wall_s
+        out.append((rec.cell, str((rec.band or {}).get("kind", "?")), _change(rec),
+                    fnum(rec.retrained.get("val_loss")) if rec.ok else rec.status.value, fnum(_mean(val.get("r2")), 5),
+                    (rec.weights_sha256 or "—")[:12], f"{wall:.1f}s" if isinstance(wall, (int, float)) and rec.ok else "—"))
+    return out
+
+
+MEMBERS_TITLE = "Band members (one retrain each)"
+
+
+def members_table(records: list[ResultRecord]) -> Table | None:
+    t = Table(title=MEMBERS_TITLE, box=box.SIMPLE_HEAD, title_justify="left")
+    for h in MEMBER_COLUMNS:
+        t.add_column(h, justify="left" if h in ("member", "kind", "change", "weights") else "right", no_wrap=True)
+    for row in member_rows(records):
+        t.add_row(*row)
+    return t if t.row_count else None
+
+
+def _members_stacked(records: list[ResultRecord]) -> Group:
+    return _stacked(MEMBERS_TITLE, [(r[0], list(zip(MEMBER_COLUMNS[1:], r[1:]))) for r in member_rows(records)])
+
+
+REPEATS_TITLE = "Repeats (--repeats): a cell whose repeats are bitwise identical is deterministic"
+REPEAT_COLUMNS = ("cell", "repeats", "distinct", "result")
+
+
+def repeat_rows(comparison: Comparison) -> list[tuple[str, ...]]:
+    out = []
+    for g in comparison.repeats:
+        if g.deterministic:
+            result = "deterministic (one distinct result)"
+        else:
+            loss = g.spread.get("val_loss")
+            r2 = [v.range for k, v in g.spread.items() if k.startswith("r2/") and not k.endswith("/*")]
+            parts = [f"val loss range {fmag(loss.range)}" if loss else "", f"max R² range {fmag(max(r2))}" if r2 else ""]
+            result = "spread: " + ", ".join(p for p in parts if p) if any(parts) else "spread"
+            if comparison.band is None or not comparison.band.measured:
+                result += " (its band)"
+        out.append((g.name, str(len(g.cells)), str(g.distinct), result))
+    return out
+
+
+def repeats_table(comparison: Comparison) -> Table | None:
+    t = Table(title=REPEATS_TITLE, box=box.SIMPLE_HEAD, title_justify="left")
+    for h in REPEAT_COLUMNS:
+        t.add_column(h, justify="left" if h in ("cell", "result") else "right", no_wrap=True)
+    for row in repeat_rows(comparison):
+        t.add_row(*row)
+    return t if t.row_count else None
+
+
+def _repeats_stacked(comparison: Comparison) -> Group:
+    return _stacked(REPEATS_TITLE, [(r[0], list(zip(REPEAT_COLUMNS[1:], r[1:]))) for r in repeat_rows(comparison)])
+
+
+def _sd(x: float | None) -> str:
+    """|Δ| in standard deviations of the band: the parametric reading beside the range rule."""
+    if x is None or math.isinf(x):
+        return ""
+    return f", {x:.2g} sd"
+
+
+def beyond_lines(comparison: Comparison) -> list[str]:
+    """One line per cell beyond its band: against what, and which metrics by how much (worst first)."""
+    out = []
+    for c in comparison.cells:
+        cb = c.band
+        if cb is None or cb.verdict is not BandVerdict.BEYOND:
+            continue
+        worst = sorted(cb.beyond, key=lambda k: -(cb.metrics[k].ratio or 0.0))
+        what = "its own repeats' spread" if cb.source == "repeats" else "the band"
+        shown = ", ".join(f"{k} ({_ratio(cb.metrics[k].ratio)}{_sd(cb.metrics[k].sd_ratio)})" for k in worst[:4])
+        more = f" and {len(worst) - 4} more" if len(worst) > 4 else ""
+        out.append(f"{c.cell}: beyond {what} vs {cb.reference} on {shown}{more}")
+    return out
+
+
+NO_BAND = "no band measured: judged by the tolerances alone (measure one: --band 8)"
+
+
+def band_note(comparison: Comparison) -> str | None:
+    """The line under the tables when the cells were judged against no band at all."""
+    if not comparison.cells or has_band(comparison):
+        return None
+    band = comparison.band
+    if band is not None and not band.measured:
+        return "no usable band (see above): judged by the tolerances alone"
+    return NO_BAND
 
 
 def _fits(out: Console | None, table: Table) -> bool:
@@ -295,7 +522,8 @@ def warnings(records: Iterable[ResultRecord], comparison: Comparison | None = No
     out = list(comparison.warnings) if comparison is not None else []
     for rec in records:
         for w in rec.warnings:
-            out.append(f"{rec.cell}: {w}")
+            # band members say the same things alike: once for all of them
+            out.append(f"band members: {w}" if rec.band else f"{rec.cell}: {w}")
         sc = rec.scaler or {}
         if sc.get("refit_matches") is False:
             out.append(f"{rec.cell}: the scaler refitted on the reproduced train split differs from the archived one "
@@ -321,6 +549,9 @@ def summary_line(comparison: Comparison) -> Text:
     n = len(comparison.cells) + len(comparison.missing)
     detail = ", ".join(f"{k} {v.value}" for v, k in sorted(counts.items(), key=lambda kv: kv[0].value))
     overall = comparison.overall
+    if not n:  # a band on its own: nothing but its members
+        return Text.assemble(("Overall: ", "bold"), (overall.value, VERDICT_STYLE.get(overall, "")),
+                             f" — {comparison.reason}")
     return Text.assemble(("Overall: ", "bold"), (overall.value, VERDICT_STYLE.get(overall, "")),
                          f"  ({detail}; {n} cells) — {comparison.reason}")
 
@@ -334,15 +565,38 @@ def renderable(records: list[ResultRecord], comparison: Comparison, *, per_targe
     """
     data = rows(records, comparison)
     trial = trial_env_row(trial_environment)
-    env_data = ([trial] if trial else []) + data
-    env, res = environment_table(env_data), results_table(data)
-    parts: list[Any] = [env if _fits(out, env) else _environment_stacked(env_data),
-                        res if _fits(out, res) else _results_stacked(data)]
-    if per_target:
+    members_only = not table_records(records) and not comparison.missing
+    if members_only:  # a band on its own (harness band): where its members ran, what each changed
+        env_data = ([trial] if trial else []) + rows_of_members(records)
+    else:
+        env_data = ([trial] if trial else []) + data
+    cols = result_columns(comparison)
+    env, res = environment_table(env_data), results_table(data, cols)
+    parts: list[Any] = [env if _fits(out, env) else _environment_stacked(env_data)]
+    if members_only:
+        mt = members_table(records)
+        if mt is not None:
+            parts.append(mt if _fits(out, mt) else _members_stacked(records))
+    else:
+        parts.append(res if _fits(out, res) else _results_stacked(data, cols))
+    if per_target and not members_only:
         table = per_target_table(records, comparison)
         if table is not None:
             parts.append(table if _fits(out, table) else _per_target_stacked(records, comparison))
+    if comparison.band is not None and (comparison.band.ulp or comparison.band.seed):
+        bt = band_table(comparison.band)
+        parts.append(bt if _fits(out, bt) else _band_stacked(comparison.band))
+    rt = repeats_table(comparison)
+    if rt is not None:
+        parts.append(rt if _fits(out, rt) else _repeats_stacked(comparison))
+    for line in beyond_lines(comparison):  # wrapped at spaces: metric names stay whole
+        parts.append(Text(f"≠ {line}", style="yellow"))
     return Group(*parts, *notes(data, records, comparison))
+
+
+def rows_of_members(records: list[ResultRecord]) -> list[dict[str, str]]:
+    """Environment rows of the band members (where a band on its own was measured)."""
+    return [{"cell": r.cell, **_env_summary(r)} for r in band_members(records)]
 
 
 def notes(data: list[dict[str, str]], records: list[ResultRecord], comparison: Comparison) -> list[Text]:
@@ -361,6 +615,9 @@ def notes(data: list[dict[str, str]], records: list[ResultRecord], comparison: C
         parts.append(Text(f"! {w}", style="bold red"))
     for n in archived_notes(records):
         parts.append(Text(f"- {n}", style="dim"))
+    note = band_note(comparison)
+    if note:
+        parts.append(Text(note, style="dim" if note == NO_BAND else ""))
     parts.append(summary_line(comparison))
     return parts
 
@@ -403,19 +660,38 @@ def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str
         lines += ["Environment (the trial as recorded, then each cell as measured)", ""]
         table(env_cols, [trial, *data])
         lines.append("")
-    lines += [RESULTS_TITLE, ""]
-    cols = [("cell", "cell"), ("torch", "torch"), ("cuda", "cuda"), ("device", "device"), ("determinism", "determinism")] + RESULT_COLUMNS[1:]
-    table(cols, data)
+    if data:
+        lines += [RESULTS_TITLE, ""]
+        cols = [("cell", "cell"), ("torch", "torch"), ("cuda", "cuda"), ("device", "device"),
+                ("determinism", "determinism")] + result_columns(comparison)[1:]
+        table(cols, data)
+    members = member_rows(records)
+    if members and not data:
+        lines += [MEMBERS_TITLE, ""]
+        table([(h, h) for h in MEMBER_COLUMNS], [dict(zip(MEMBER_COLUMNS, row)) for row in members])
     targets = per_target_rows(records, comparison)
     if targets:
         heads = ["cell", "target", *PER_TARGET_COLUMNS]
         lines += ["", PER_TARGET_TITLE, ""]
         table([(h, h) for h in heads], [dict(zip(heads, row)) for row in targets])
+    band = comparison.band
+    if band is not None and (band.ulp or band.seed):
+        heads = list(BAND_COLUMNS + (SEED_COLUMNS if band.n_seed else ()))
+        lines += ["", band_title(band), ""]
+        table([(h, h) for h in heads], [dict(zip(heads, row)) for row in band_rows(band)])
+    reps = repeat_rows(comparison)
+    if reps:
+        lines += ["", REPEATS_TITLE, ""]
+        table([(h, h) for h in REPEAT_COLUMNS], [dict(zip(REPEAT_COLUMNS, row)) for row in reps])
     notes = [f"- `{r['cell']}` {r['verdict']}: {_md_escape(r['reason'])}" for r in data
              if r["verdict"] in (Verdict.FAILED.value, Verdict.SKIPPED.value, Verdict.INCOMPLETE.value,
                                  Verdict.NOT_COMPARABLE.value)]
+    notes += [f"- {_md_escape(w)}" for w in beyond_lines(comparison)]
     notes += [f"- {_md_escape(w)}" for w in warnings(records, comparison)]
     notes += [f"- {_md_escape(n)}" for n in archived_notes(records)]
+    note = band_note(comparison)
+    if note:
+        notes.append(f"- {_md_escape(note)}")
     if notes:
         lines += ["", *notes]
     tol = comparison.tolerances or {}

@@ -25,7 +25,7 @@ from . import __version__, record
 from .errors import HarnessError, InputError, Interrupted
 from .judge import Comparison, Tolerances, compare
 from .options import ReportOptions, RunOptions
-from .plan import Cell, Job, Plan, make_plan
+from .plan import Cell, Job, Plan, make_plan, with_band
 from .record import ResultRecord, RunManifest, Status
 
 
@@ -192,6 +192,8 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any) -> Outcome:
     def keep(cell: Cell, rec: ResultRecord) -> None:
         rec.run_id = job.run_id
         rec.labels = {**cell.labels, **rec.labels}
+        if cell.band and rec.band is None:
+            rec.band = dict(cell.band)
         records[cell.name] = rec
         try:
             record.write(job.cell_dir(cell) / record.RECORD_FILE, rec)
@@ -344,7 +346,24 @@ def start(plan: Plan, job: Job, bundle_root: str) -> None:
     Path(job.results_dir).mkdir(parents=True, exist_ok=True)
     record.write_manifest(job.results_dir, RunManifest(
         run_id=job.run_id, cells=[c.name for c in plan.cells], backend=plan.backend, bundle=bundle_root,
-        started_at=now_utc(), harness_version=__version__))
+        started_at=now_utc(), harness_version=__version__, band_from=job.band_from))
+
+
+def load_band(path: str, bundle: Any, data_sha256: str | None) -> list[ResultRecord]:
+    """The band members saved in ``path`` (``--band-from``), refused in one line unless measured for this bundle."""
+    from .bundle import config_digest
+    from .judge import band_conflict
+
+    found = record.load(path, follow_band=False)
+    members = [r for r in found.records if r.band]
+    hint = f"measure one for this bundle: `harness band {bundle.root} -o DIR`, or --band 8"
+    if not members:
+        raise InputError(path, "holds no band records", hint=hint)
+    why = band_conflict(members, config_digest(bundle.config), data_sha256,
+                        bundle.trainer.entrypoint if bundle.trainer else None)
+    if why:
+        raise InputError(path, f"is not a band of this bundle: {why}", hint=hint)
+    return members
 
 
 def execute_plan(plan: Plan, backend: Any, job: Job, report_opts: ReportOptions, tol: Tolerances,
@@ -378,23 +397,33 @@ def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances) -> Co
         loud = "MISMATCH" in w or "not a key the reference trainer reads" in w
         err.print(f"[bold red]! {w}[/bold red]" if loud else f"[yellow]! {w}[/yellow]", soft_wrap=True)
     plan = make_plan(opts)
-    out = results_dir(opts.out, bundle.root)
+    band = load_band(opts.band_from, bundle, pre.data_sha256) if opts.band_from else []
+    if opts.band or opts.band_seeds or opts.band_only:
+        plan = with_band(plan, opts.band, opts.band_seeds, bundle.training.seed, only=opts.band_only)
+        base = next((c for c in plan.cells if c.band), None)
+        if base is not None:
+            seeds = f" and {opts.band_seeds} with other seeds" if opts.band_seeds else ""
+            err.print(f"[dim]band: {opts.band} retrains of the baseline cell {base.labels.get('band_of')} with one "
+                      f"initial weight moved by one ulp{seeds}{'' if opts.band_only else ', first'}[/dim]",
+                      soft_wrap=True)
+    out = results_dir(opts.out, bundle.root, prefix="band-" if opts.band_only else "")
     check_writable(out)
     lock = ResultsLock(out)
     try:
         refuse_another_runs_records(out, opts.resume)
-        return _execute_locked(opts, bundle, plan, out, report_opts, tol)
+        return _execute_locked(opts, bundle, plan, out, report_opts, tol, band)
     finally:
         lock.release()
 
 
 def _execute_locked(opts: RunOptions, bundle: Any, plan: Plan, out: Path, report_opts: ReportOptions,
-                    tol: Tolerances) -> Comparison:
+                    tol: Tolerances, band: list[ResultRecord] | None = None) -> Comparison:
     job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, data_dir=bundle.data.dir, results_dir=str(out),
               trainer=bundle.trainer.entrypoint if bundle.trainer else None,
               trainer_cmd=bundle.trainer.command if bundle.trainer else None,
               trainer_path=list(bundle.trainer.code_dirs) if bundle.trainer and bundle.trainer.code_dirs else None,
               trace=opts.trace,
-              run_id=new_run_id(), timeout_s=opts.timeout)
+              run_id=new_run_id(), timeout_s=opts.timeout,
+              band_from=str(Path(opts.band_from).resolve()) if opts.band_from else None)
     backend = make_backend(plan)
-    return execute_plan(plan, backend, job, report_opts, tol, progress_enabled=opts.progress)
+    return execute_plan(plan, backend, job, report_opts, tol, progress_enabled=opts.progress, extra_records=band)

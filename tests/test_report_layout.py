@@ -124,3 +124,41 @@ def test_render_reads_the_trials_environment_from_the_bundle(make_bundle, tmp_pa
     recs = [with_env(record("cpu-torch2.13"), "2.13.0+cpu", None)]
     run_render(recs, [], Tolerances(), None, ReportOptions(), bundle_dir=str(root))
     assert "trial (recorded)" in capsys.readouterr().out
+
+
+def band_records() -> list[ResultRecord]:
+    """The layout records, judged against a band of four ulp members and two seed members."""
+    out = []
+    for i, (kind, r2) in enumerate([("ulp", 0.9), ("ulp", 0.90004), ("ulp", 0.90001), ("ulp", 0.90002),
+                                    ("seed", 0.85), ("seed", 0.88)]):
+        n = i + 1 if kind == "ulp" else i - 3
+        rec = with_env(record(f"band-{kind}-{n}", r2=r2, loss=0.1 + 1e-6 * i, sha=f"b{i}"), "2.13.0+cpu", None)
+        rec.band = {"kind": kind, "member": n, "seed": 42}
+        rec.perturbation = {"applied": True, "tensor": "input.weight", "index": 100 + i, "direction": "+inf"} if kind == "ulp" else None
+        out.append(rec)
+    return out + records()
+
+
+@pytest.mark.parametrize("width", [80, 100, 200])
+def test_the_band_and_its_column_fit_every_width(width: int) -> None:
+    from harness.report import markdown
+
+    recs = band_records()
+    console = Console(width=width, record=True, color_system=None, force_terminal=False)
+    comparison = compare(recs)
+    print_report(console, recs, comparison)
+    text = console.export_text()
+    lines = text.splitlines()
+    assert all(len(ln.rstrip()) <= width for ln in lines), text
+    tokens = {t for ln in lines for t in re.split(r"[\s│|]+", ln) if t}
+    for name in CELLS:
+        assert name in tokens, f"{name} not whole at {width} columns:\n{text}"
+    assert "Band: 4 retrains of the baseline" in " ".join(text.split())
+    assert "vs band" in text and "beyond" in text and "bitwise" not in text.split("Results")[0]
+    assert "band-ulp-1" not in text.split("Band:")[0].split("Results")[1]  # members are the band's, not result rows
+    if width == 200:
+        assert "max|ΔR²| rec" in text and "|Δ|/seeds" in text  # the tables themselves
+    else:
+        assert "vs band:" in text  # stacked
+    md = markdown(recs, comparison)
+    assert "| vs band |" in md and "Band: 4 retrains" in md and "| r2/a |" in md

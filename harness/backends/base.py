@@ -181,7 +181,7 @@ class Backend(ABC):
             device=cell.device, determinism=cell.determinism, threads=cell.threads, tf32=cell.tf32,
             repeat=cell.repeat, trainer=job.trainer, trainer_path=job.trainer_path, trainer_cmd=job.trainer_cmd,
             trace=job.trace,
-            backend=self.name, labels=cell.labels,
+            backend=self.name, labels=cell.labels, seed=cell.seed, perturb=cell.perturb, band=cell.band,
         )
 
     def spec_document(self, cell: Cell, job: Job) -> dict[str, Any]:
@@ -235,6 +235,8 @@ class Backend(ABC):
         elif rec.error is not None and rec.error.log_tail is None and log_tail:
             rec.error.log_tail = log_tail[-record.LOG_TAIL_CHARS:]
         rec.labels = {**rec.labels, **cell.labels}
+        if cell.band and rec.band is None:  # a band member that failed is still the band's
+            rec.band = dict(cell.band)
         rec.backend = self.name
         rec.run_id = job.run_id or rec.run_id
         if launched.image is not None:

@@ -16,11 +16,11 @@ import traceback
 from typing import Any
 
 from .. import __version__
-from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, HarnessError, Interrupted
-from ..options import (DEFAULT_TIMEOUT_S, Axes, RunOptions, parse_cells, parse_devices, parse_modes, parse_repeats,
-                       parse_tf32, parse_threads, parse_timeout)
-from .common import (EXIT_CODES_HELP, add_allow_data_change, add_common, add_docker, image_options, report_options,
-                     tolerances, verdict_exit)
+from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, HarnessError, InputError, Interrupted, UsageError
+from ..options import (DEFAULT_TIMEOUT_S, Axes, RunOptions, parse_band, parse_cells, parse_count, parse_devices,
+                       parse_modes, parse_repeats, parse_tf32, parse_threads, parse_timeout)
+from .common import (EXIT_CODES_HELP, add_allow_data_change, add_common, add_docker, add_inputs, image_options,
+                     report_options, tolerances, verdict_exit)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="Rerun an optuna_best retrain and judge whether it reproduces.",
@@ -51,6 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     p_mat.add_argument("--tf32", default=None, help="CUDA cells: off, on or off,on (default off,on; CPU cells ignore it)")
     add_docker(p_mat)
     p_mat.set_defaults(func=cmd_matrix)
+
+    p_band = sub.add_parser(
+        "band", help="measure the training's own instability: retrain the baseline N times, each with one initial "
+                     "weight moved by one ulp (and optionally with other seeds); reuse it with --band-from DIR")
+    add_inputs(p_band)
+    p_band.add_argument("--n", default=8, help="ulp band members: retrains, each with one initial weight moved by one ulp (default 8)")
+    p_band.add_argument("--band-seeds", default=0, metavar="N",
+                        help="also retrain with N other training seeds (seed+1 ... seed+N): the seed band, for context")
+    p_band.add_argument("--backend", choices=("docker", "local"), default=None,
+                        help="local: this environment (default); docker: inside the --image CELL's pinned image")
+    p_band.add_argument("--device", default="auto", help="auto (cuda when visible), cpu, cuda, cuda:N")
+    p_band.add_argument("--determinism", default="strict", help="strict, warn or default")
+    p_band.add_argument("--threads", help="torch intra-op threads: N, or all (torch's default)")
+    p_band.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on GPU")
+    p_band.add_argument("--image", metavar="CELL", help="the baseline runs inside this matrix cell's image (docker backend)")
+    add_docker(p_band)
+    p_band.set_defaults(func=cmd_band)
 
     p_cmp = sub.add_parser("compare", help="re-render the comparison of result records (merge results from several machines)")
     p_cmp.add_argument("paths", nargs="+", help="results directories, record.json files or --json reports")
@@ -83,9 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- arguments -> typed options
 
 
-def run_options(args: argparse.Namespace, *, single: bool) -> RunOptions:
-    """``harness run`` / ``harness matrix`` arguments as :class:`RunOptions` (one parser per axis)."""
-    backend = "docker" if (single and args.image) else ("local" if single else args.backend)
+def run_options(args: argparse.Namespace, *, single: bool, band_only: bool = False) -> RunOptions:
+    """``harness run`` / ``matrix`` / ``band`` arguments as :class:`RunOptions` (one parser per axis)."""
+    if band_only:
+        backend = "docker" if args.image else (args.backend or "local")
+        if backend == "docker" and not args.image:
+            raise UsageError("harness band --backend docker needs the image the baseline runs in",
+                             hint="add --image CELL (a cell of `harness images list`)")
+    else:
+        backend = "docker" if (single and args.image) else ("local" if single else args.backend)
     devices = None
     if single and args.device and not (args.image and args.device == "auto"):
         devices = parse_devices(args.device, "--device")
@@ -97,15 +120,24 @@ def run_options(args: argparse.Namespace, *, single: bool) -> RunOptions:
         modes=parse_modes(args.determinism) if args.determinism else None,
         threads=parse_threads(args.threads) if args.threads else None,
         tf32=parse_tf32(tf32_text),
-        repeats=parse_repeats(args.repeats),
+        repeats=parse_repeats(getattr(args, "repeats", 1)),
     )
+    if band_only:
+        band, seeds, band_from = parse_band(args.n, "--n"), parse_count(args.band_seeds, "--band-seeds", example="4"), None
+        if band < 2:
+            raise UsageError("harness band --n must be at least 2: a band's width is the spread of its members",
+                             hint="e.g. --n 8")
+    else:
+        band, seeds = parse_band(args.band), parse_count(args.band_seeds, "--band-seeds", example="4")
+        band_from = args.band_from
     cells = parse_cells(args.image) if single else parse_cells(args.cells)
     return RunOptions(bundle=args.bundle, backend=backend, single=single, cells=cells, axes=axes,
                       images=image_options(args), data=args.data, data_dir=args.data_dir, trainer=args.trainer,
                       trainer_path=args.trainer_path, trainer_cmd=args.trainer_cmd, out=args.out, trace=args.trace,
                       progress=not args.no_progress,
                       resume=args.resume, strict_config=getattr(args, "strict_config", False),
-                      timeout=parse_timeout(args.timeout) if args.timeout is not None else DEFAULT_TIMEOUT_S)
+                      timeout=parse_timeout(args.timeout) if args.timeout is not None else DEFAULT_TIMEOUT_S,
+                      band=band, band_seeds=seeds, band_from=band_from, band_only=band_only)
 
 
 # --------------------------------------------------------------------------- commands
@@ -123,12 +155,25 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     return verdict_exit(execute(run_options(args, single=False), report_options(args), tolerances(args)))
 
 
+def cmd_band(args: argparse.Namespace) -> int:
+    from ..judge import Tolerances
+    from ..runner import execute
+
+    return verdict_exit(execute(run_options(args, single=True, band_only=True), report_options(args), Tolerances()))
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..judge import merge
     from ..record import load_many
     from ..runner import render
 
+    from ..judge import band_fits
+
     merged = merge(load_many(args.paths))
+    why = band_fits(merged.records)
+    if why:
+        raise InputError("harness compare", f"the band given is not of these cells: {why}",
+                         hint="compare the cells with a band measured for their bundle (harness band BUNDLE -o DIR)")
     for w in merged.warnings:
         print(f"harness: warning: {w}", file=sys.stderr)
     return verdict_exit(render(merged.records, merged.missing, tolerances(args), None, report_options(args)))

@@ -20,7 +20,8 @@ EXIT_CODES_HELP = """exit codes:
        (interrupted, or planned cells left no record), or a cell is not comparable
        (its data does not match the digest the bundle records; see --allow-data-change)
   2    bad input or usage: one line names the file, key and fix
-  3    everything ran, and at least one metric is outside its tolerance
+  3    everything ran, and at least one metric is outside its tolerance, or beyond the
+       band (the spread of one-ulp retrains: --band N, harness band, --band-from DIR)
   130  interrupted (Ctrl-C): finished records, an interrupted record and report.json stay
   143  terminated (SIGTERM): as for Ctrl-C; running containers and workers are removed"""
 
@@ -28,7 +29,8 @@ EXIT_CODES_HELP = """exit codes:
 # --------------------------------------------------------------------------- options shared by run and matrix
 
 
-def add_common(p: argparse.ArgumentParser) -> None:
+def add_inputs(p: argparse.ArgumentParser) -> None:
+    """What every command that trains reads and writes: the bundle, its data and trainer, the results."""
     p.add_argument("bundle", help="the optuna_best directory")
     p.add_argument("--data", help="dataset file (overrides config.yaml data.path)")
     add_data_dir(p)
@@ -38,19 +40,14 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trainer-cmd", metavar="CMD",
                    help='your own trainer as a command, e.g. "{python} -m mypkg.retrain {bundle} --out {out_dir}" '
                         "(overrides config.yaml trainer.command; not with --trainer)")
-    p.add_argument("--out", help="results directory (default: harness-results/<bundle>-<time>)")
+    p.add_argument("-o", "--out", help="results directory (default: harness-results/<bundle>-<time>)")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="write all records plus the comparison as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write a Markdown table (for a pull-request comment)")
-    p.add_argument("--tol", action="append", default=[], metavar="METRIC=abs:X[,rel:Y]",
-                   help="tolerance for val_loss, r2, mse or mae (repeatable), e.g. --tol r2=abs:1e-4")
-    p.add_argument("--tolerances", metavar="FILE", help="YAML file of tolerances: {r2: {abs: 1e-4}, mse: {rel: 0.01}}")
     p.add_argument("--trace", action="store_true", help="write every training step's loss to trace.jsonl")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--repeats", default=1, help="run each cell N times")
     p.add_argument("--timeout", default=None, metavar="SECONDS",
                    help="kill a cell that runs longer (90, 30m, 2h; default 6h); it is recorded as timeout")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    add_allow_data_change(p)
     p.add_argument("--strict-config", action="store_true",
                    help="refuse (exit 2) a config.yaml key of data/model/training that the reference trainer does not "
                         "read, e.g. a misspelt model.hiden (default: a warning, and the key is ignored)")
@@ -63,6 +60,24 @@ def add_data_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", metavar="DIR",
                    help="the directory around the data, for trainers that read files beside it: mounted whole "
                         "(read-only, at /harness/data) and hashed into the record; the data must lie inside it")
+def add_common(p: argparse.ArgumentParser) -> None:
+    add_inputs(p)
+    p.add_argument("--tol", action="append", default=[], metavar="METRIC=abs:X[,rel:Y]",
+                   help="tolerance for val_loss, r2, mse or mae (repeatable), e.g. --tol r2=abs:1e-4")
+    p.add_argument("--tolerances", metavar="FILE", help="YAML file of tolerances: {r2: {abs: 1e-4}, mse: {rel: 0.01}}")
+    p.add_argument("--repeats", default=1,
+                   help="run each cell N times; repeats with one distinct result mark the cell deterministic, "
+                        "otherwise their spread is shown (and is the cell's band when no band was measured)")
+    add_allow_data_change(p)
+    g = p.add_argument_group("instability band")
+    g.add_argument("--band", default=0, metavar="N",
+                   help="first retrain the baseline (first) cell N times (e.g. 8), each with one initial weight moved "
+                        "by one ulp, and judge every cell's difference against that spread")
+    g.add_argument("--band-seeds", default=0, metavar="N",
+                   help="with --band: also retrain the baseline with N other training seeds (seed+1 ...), for context")
+    g.add_argument("--band-from", metavar="DIR",
+                   help="judge against a band measured earlier (harness band ... -o DIR, or a run with --band); "
+                        "it must be of this bundle's config and data")
 
 
 def add_allow_data_change(p: argparse.ArgumentParser) -> None:

@@ -116,10 +116,10 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
     import torch
 
     from . import model as model_mod
+    from .perturb import Perturber
     from .train import split_indices, train_reference
 
-    seed = bundle.training.seed
-    split = split_indices(len(data.X), bundle.data.split, seed)
+    split = split_indices(len(data.X), bundle.data.split, bundle.training.data_split_seed)
     rec.split = {"sizes": [len(split.train), len(split.val), len(split.test)],
                     "indices_sha256": _sha_json([split.train, split.val, split.test])}
 
@@ -158,13 +158,16 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
     def progress(epoch: int, epochs: int, row: dict[str, float]) -> None:
         emit("epoch", cell=spec.cell, epoch=epoch, epochs=epochs, val_loss=row.get("val_loss"))
 
+    perturber = Perturber(spec.perturb)
     t0 = time.perf_counter()
     try:
         net, result = train_reference(data, split, y_scaled, bundle.model, bundle.training, device,
-                                      progress=progress, on_step=on_step if trace_fh else None)
+                                      progress=progress, on_step=on_step if trace_fh else None,
+                                      perturb=perturber if spec.perturb else None)
     finally:
         if trace_fh is not None:
             trace_fh.close()
+    rec.perturbation = perturber.record("the reference model was never built")
     rec.train_s = time.perf_counter() - t0
     net.load_state_dict(result.best_state)
     retrained = _evaluate(net, data, split, scaler, device, y_scaled)
@@ -282,26 +285,28 @@ def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultR
         history.append(row)
         emit("epoch", cell=spec.cell, epoch=epoch, epochs=epochs, val_loss=row.get("val_loss"))
 
-    def context() -> TrainerContext:
+    def context(perturber: Any = None) -> TrainerContext:
         return TrainerContext(config=bundle.config, seed=bundle.training.seed, device=str(device),
                               bundle_dir=bundle.root, data_path=bundle.data.resolved, out_dir=str(out),
                               scaler=scaler, model_fn=model_fn, model_fn_name=trainer.model_fn, _progress=progress,
-                              _data_spec=bundle.data, _scaler_reference=copy.deepcopy(scaler))
+                              _data_spec=bundle.data, _scaler_reference=copy.deepcopy(scaler),
+                              _perturber=perturber, _split_seed=bundle.training.split_seed)
 
     # Archived weights first, before the trainer touches any RNG state (as the reference run
     # orders it): inference drift, measured apart from training drift. Then the seed again.
     archived_metrics, archived_info = _archived_through_hooks(context(), predict, bundle, device)
     determinism.set_seed(bundle.training.seed)
-    ctx = context()  # what the hooks did is not what the trainer did
+    ctx = context(Perturber(spec.perturb) if spec.perturb else None)  # what the hooks did is not what the trainer did
     t0 = time.perf_counter()
     result = call_hook(func, ctx, f"trainer {entry}")
     rec.train_s = time.perf_counter() - t0
+    rec.perturbation = ctx.perturbation()
     got = normalise_result(result, entry)
     rec.history = history
     _keep_custom_result(bundle, out, rec, got, archived_metrics)
     checks = ctx._checks
     _returned_checks(checks, got, ctx._scaler_reference)
-    rec.split = seed_checks.split_record(checks, bundle.data.split, bundle.data.split_note, bundle.training.seed)
+    rec.split = seed_checks.split_record(checks, bundle.data.split, bundle.data.split_note, bundle.training.data_split_seed)
     rec.scaler = checks.scaler or {"archived": scaler is not None, "refit_matches": None, "max_abs_diff": None,
                                    "why": seed_checks.NO_SCALER_CHECK}
     rec.trainer = {"entrypoint": entry, "code_dir": trainer.code_dir, "code_dirs": list(trainer.code_dirs),
@@ -421,7 +426,7 @@ def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: Result
     scaler = _load_scaler(bundle.scaler_path) if bundle.scaler_path else None
     checks = seed_checks.Checks()
     _returned_checks(checks, got, scaler)
-    rec.split = seed_checks.split_record(checks, bundle.data.split, bundle.data.split_note, bundle.training.seed)
+    rec.split = seed_checks.split_record(checks, bundle.data.split, bundle.data.split_note, bundle.training.data_split_seed)
     rec.scaler = checks.scaler or {"archived": scaler is not None, "refit_matches": None, "max_abs_diff": None,
                                    "why": seed_checks.NO_SCALER_CHECK}
     seeded = [p for p in processes if p.get("seeded") and not p.get("error")]
@@ -441,7 +446,7 @@ def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: Result
 
 def run(spec: RunSpec) -> ResultRecord:
     """Run one cell and return its record (raises HarnessError on failure). Measures; never judges."""
-    from ..bundle import load_bundle
+    from ..bundle import config_digest, load_bundle
     from ..preflight import expected_data_digests
     from . import determinism, envinfo
     from .data import prepare, require_exists, sha256_path
@@ -458,6 +463,9 @@ def run(spec: RunSpec) -> ResultRecord:
     bundle = load_bundle(spec.bundle_dir, data_override=spec.data_path,
                          trainer_override=spec.trainer, trainer_path=spec.trainer_path,
                          trainer_cmd_override=spec.trainer_cmd, data_dir=spec.data_dir)
+    config_sha256 = config_digest(bundle.config)  # the bundle's own: a seed band member's too
+    if spec.seed is not None:
+        bundle = bundle.with_seed(spec.seed)
 
     import torch
 
@@ -472,8 +480,10 @@ def run(spec: RunSpec) -> ResultRecord:
     rec = ResultRecord(
         cell=spec.cell, status=Status.OK, harness_version=__version__, started_at=_now(), backend=spec.backend,
         spec=spec.to_dict(), labels=dict(spec.labels),
-        bundle={"path": bundle.root, "trial": bundle.recorded.number if bundle.recorded else None},
+        bundle={"path": bundle.root, "trial": bundle.recorded.number if bundle.recorded else None,
+                "config_sha256": config_sha256},
         env=Env.from_json(envinfo.measure(spec.device), "env"),
+        band={**spec.band, "seed": bundle.training.seed} if spec.band else None,
     )
     if bundle.data.resolved is not None:
         rec.data_sha256 = sha256_path(bundle.data.resolved)  # bytes, whatever the format
@@ -498,6 +508,9 @@ def run(spec: RunSpec) -> ResultRecord:
         rec.data["shape"] = list(data.raw_shape)
         rec.data["targets"] = data.target_names
         _reference_run(spec, bundle, data, device, out, rec)
+    if rec.perturbation is not None and not rec.perturbation.get("applied"):
+        rec.warnings.append(f"ulp band member not perturbed: {rec.perturbation.get('skipped')}; "
+                            "it is left out of the band")
     rec.determinism = determinism.capture(spec.determinism, bundle.training.seed)
     recorded = bundle.recorded
     rec.recorded = None if recorded is None else {

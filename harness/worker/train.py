@@ -5,7 +5,8 @@ Order of operations (each step is a condition of the seed document):
 1. ``set_seed(training.seed)`` (torch, numpy, random, CUDA)
 2. ``random_split(dataset, [n_train, n_val, n_test], generator=torch.Generator().manual_seed(seed))``
 3. the target scaler: the archived one when present, else a fresh one fitted on the train split
-4. ``set_seed(seed)`` again, then build the model (default initialisers)
+4. ``set_seed(seed)`` again, then build the model (default initialisers); an ulp band
+   member moves one of its initial values by one ulp here (:mod:`harness.worker.perturb`)
 5. training loader: ``DataLoader(train, batch_size, shuffle=True,
    generator=torch.Generator().manual_seed(seed), num_workers=0, pin_memory=False)``
 6. epochs of MSE on scaled targets; validation loss after each epoch; the best
@@ -112,8 +113,13 @@ def train_reference(
     *,
     progress: ProgressFn | None = None,
     on_step: StepFn | None = None,
+    perturb: Callable[[torch.nn.Module], Any] | None = None,
 ) -> tuple[torch.nn.Module, TrainOutput]:
-    """Train the reference model. ``y_scaled`` is y already passed through the scaler."""
+    """Train the reference model. ``y_scaled`` is y already passed through the scaler.
+
+    ``perturb`` is called with the freshly built model, before it moves to ``device`` and
+    before the optimizer sees it (an ulp band member's one-ulp change; draws no RNG).
+    """
     X_t = torch.from_numpy(data.X)
     Y_t = torch.from_numpy(y_scaled.astype(np.float32))
     train_set = Subset(TensorDataset(X_t, Y_t), split.train)
@@ -121,7 +127,10 @@ def train_reference(
     Y_val = y_scaled[split.val]
 
     set_seed(spec.seed)  # seeding right before building the model: same initial weights
-    net = model_mod.build(data.n_features, data.n_targets, model_spec).to(device)
+    net = model_mod.build(data.n_features, data.n_targets, model_spec)
+    if perturb is not None:
+        perturb(net)
+    net = net.to(device)
     opt = _optimizer(net.parameters(), spec)
     loss_fn = torch.nn.MSELoss()
     loader = make_train_loader(train_set, spec.batch_size, spec.seed)

@@ -75,6 +75,27 @@ class TrainerContext:
     _data_spec: Any = field(default=None, repr=False)
     _scaler_reference: Any = field(default=None, repr=False)  # a copy of the archived scaler the trainer cannot touch
     _checks: Checks = field(default_factory=Checks, repr=False)
+    _perturber: Any = field(default=None, repr=False)  # harness.worker.perturb.Perturber of this run
+    _split_seed: int | None = field(default=None, repr=False)  # the split's seed, when not ``seed`` (a seed band member)
+
+    def perturb(self, model: Any) -> Any:
+        """Call right after building (and seeding) your model, before training: returns the model.
+
+        In an ulp band member (``harness band``, ``--band N``) it moves exactly one initial
+        parameter value by one ulp, chosen by a private RNG (the global RNGs are untouched);
+        in every other run it does nothing. A trainer that never calls it gets its ulp band
+        skipped, with that reason in the record, rather than unperturbed runs counted as a band.
+        """
+        if self._perturber is not None:
+            self._perturber(model)
+        return model
+
+    def perturbation(self) -> Any:
+        """What :meth:`perturb` did, for the record (None when this run asked for no perturbation)."""
+        if self._perturber is None:
+            return None
+        return self._perturber.record("the trainer never called ctx.perturb(model) after building its model; "
+                                      "an unperturbed run is not an ulp band member")
 
     def load_data(self) -> Any:
         """The dataset after the config's preprocessing (harness.data.Dataset)."""
@@ -83,11 +104,12 @@ class TrainerContext:
         return prepare(self._data_spec)
 
     def split(self, n: int) -> Any:
-        """The seeded ``random_split`` indices the reference trainer uses; the harness records what it handed out."""
+        """The seeded ``random_split`` indices the reference trainer uses (the trial's, in a seed band member too);
+        the harness records what it handed out."""
         from .train import split_indices
 
         n = declared_length(n, "ctx.split(n)")
-        s = split_indices(n, self._data_spec.split, self.seed)
+        s = split_indices(n, self._data_spec.split, self.seed if self._split_seed is None else self._split_seed)
         self._checks.handed = (n, [list(s.train), list(s.val), list(s.test)])
         return s
 

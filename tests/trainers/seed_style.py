@@ -39,6 +39,8 @@ def train(cfg, ctx):
                         generator=torch.Generator().manual_seed(seed), num_workers=0, pin_memory=False)
     set_seed(seed)
     model = nn.Sequential(nn.Linear(X.shape[1], 16), nn.ReLU(), nn.Linear(16, y.shape[1]))
+    if cfg.get("perturb_hook"):  # the documented hook: a band member's one-ulp change, else nothing
+        model = ctx.perturb(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["training"]["learning_rate"])
     epochs = cfg["training"]["epochs"]
     for epoch in range(1, epochs + 1):

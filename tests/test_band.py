@@ -1,0 +1,359 @@
+"""The instability band: the one-ulp perturbation, the band's statistics, and verdicts against it.
+
+Pure parts only (constructed records, a model built in-process); the commands end to
+end are in tests/test_band_cli.py.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from harness import band as band_mod
+from harness.bundle import ModelSpec
+from harness.cli.common import verdict_exit
+from harness.errors import EXIT_DRIFTED, EXIT_OK, EXIT_RUN_FAILED
+from harness.judge import BandVerdict, Verdict, band_conflict, compare
+from harness.plan import Cell, band_cells, with_band, Plan
+from harness.record import ErrorInfo, ResultRecord, RunSpec, Status
+from harness.worker import perturb
+from harness.worker.determinism import set_seed
+from harness.worker.model import build
+
+from .records import record
+
+
+# --------------------------------------------------------------------------- the one-ulp perturbation
+
+
+def _model(seed: int = 3) -> nn.Module:
+    set_seed(seed)
+    return build(20, 3, ModelSpec(hidden=8, num_layers=3, use_residual=True))
+
+
+def _rng_states() -> tuple:
+    return (torch.get_rng_state().clone(), np.random.get_state()[1].copy(), random.getstate())
+
+
+def _same_rng(a: tuple, b: tuple) -> bool:
+    return torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 7, 11, 1234])
+def test_one_value_moves_by_exactly_one_ulp_and_nothing_else(seed: int) -> None:
+    net = _model()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng_before = _rng_states()
+    done = perturb.apply(net, {"kind": "ulp", "seed": seed})
+    # the global RNGs are untouched: everything the run draws later is the unperturbed run's
+    assert _same_rng(rng_before, _rng_states())
+    after = net.state_dict()
+    changed = {k: int((before[k] != after[k]).sum()) for k in before}
+    assert {k: n for k, n in changed.items() if n} == {done["tensor"]: 1}
+    old_t, new_t = before[done["tensor"]].reshape(-1), after[done["tensor"]].reshape(-1)
+    i = done["index"]
+    towards = torch.tensor(math.inf if done["direction"] == "+inf" else -math.inf)
+    assert torch.equal(new_t[i], torch.nextafter(old_t[i], towards))
+    # one ulp: adjacent float32 bit patterns (same sign, so the integers differ by one)
+    bits = torch.stack([old_t[i], new_t[i]]).view(torch.int32)
+    assert abs(int(bits[1]) - int(bits[0])) == 1
+    assert done["applied"] is True and done["kind"] == "ulp" and done["seed"] == seed
+    assert float.fromhex(done["old"]) == float(old_t[i]) and float.fromhex(done["new"]) == float(new_t[i])
+    assert done["dtype"] == "float32" and done["shape"] == list(before[done["tensor"]].shape)
+
+
+def test_the_choice_is_seeded_and_recorded_and_differs_between_members() -> None:
+    a = perturb.apply(_model(), {"kind": "ulp", "seed": 5})
+    b = perturb.apply(_model(), {"kind": "ulp", "seed": 5})
+    assert a == b
+    choices = {(d["tensor"], d["index"], d["direction"])
+               for d in (perturb.apply(_model(), {"kind": "ulp", "seed": s}) for s in range(1, 9))}
+    assert len(choices) == 8
+
+
+def test_training_draws_the_same_random_numbers_with_and_without_the_perturbation() -> None:
+    plain, moved = _model(), _model()
+    perturb.apply(moved, {"kind": "ulp", "seed": 4})
+    drawn = []
+    for net in (plain, moved):
+        torch.manual_seed(0)
+        net.train()
+        net(torch.ones(2, 20))  # dropout would draw here
+        drawn.append(torch.rand(3))
+    assert torch.equal(drawn[0], drawn[1])
+
+
+def test_choose_is_uniform_over_values_not_tensors() -> None:
+    picks = [perturb.choose([("bias", 1), ("weight", 999)], s)[0] for s in range(200)]
+    assert picks.count("weight") > 190
+    with pytest.raises(ValueError):
+        perturb.choose([], 1)
+
+
+def test_a_non_contiguous_parameter_is_moved_where_its_flat_index_says() -> None:
+    net = nn.Module()
+    net.w = nn.Parameter(torch.randn(3, 4).t())  # shape (4, 3), not contiguous
+    assert not net.w.is_contiguous()
+    before = net.w.detach().clone()
+    done = perturb.apply(net, {"kind": "ulp", "seed": 9})
+    diff = (before != net.w.detach()).nonzero().tolist()
+    assert diff == [[done["index"] // 3, done["index"] % 3]]
+
+
+def test_the_largest_float_moves_down_not_to_infinity() -> None:
+    net = nn.Module()
+    net.w = nn.Parameter(torch.full((1,), torch.finfo(torch.float32).max))
+    for seed in range(8):
+        done = perturb.apply(net, {"kind": "ulp", "seed": seed})
+        assert math.isfinite(float.fromhex(done["new"]))
+        net.w.data.fill_(torch.finfo(torch.float32).max)
+
+
+def test_a_model_without_float_parameters_is_left_alone_and_says_why() -> None:
+    done = perturb.apply(nn.ReLU(), {"kind": "ulp", "seed": 1})
+    assert done["applied"] is False and "no floating-point parameters" in done["skipped"]
+
+
+def test_the_perturber_is_a_no_op_without_a_request_and_applies_once() -> None:
+    none = perturb.Perturber(None)
+    net = _model()
+    assert none(net) is None and none.record("x") is None
+    once = perturb.Perturber({"kind": "ulp", "seed": 2})
+    first = once(net)
+    assert once(net) is first  # a second call does not move a second value
+    assert perturb.Perturber({"kind": "ulp", "seed": 2}).record("never called")["skipped"] == "never called"
+
+
+def test_the_trainer_hook_applies_the_spec_or_does_nothing() -> None:
+    from harness.worker.trainer_api import TrainerContext
+
+    base = dict(config={}, seed=1, device="cpu", bundle_dir="/b", data_path="/d", out_dir="/o")
+    plain = TrainerContext(**base)
+    net = _model()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    assert plain.perturb(net) is net and plain.perturbation() is None
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    member = TrainerContext(**base, _perturber=perturb.Perturber({"kind": "ulp", "seed": 3}))
+    assert member.perturbation()["applied"] is False  # not called yet: the band skips it, with the reason
+    assert "never called ctx.perturb(model)" in member.perturbation()["skipped"]
+    member.perturb(net)
+    assert member.perturbation()["applied"] is True
+
+
+def test_a_spec_with_a_perturbation_is_validated() -> None:
+    from harness.errors import InputError
+
+    spec = RunSpec(cell="band-ulp-1", bundle_dir="/b", out_dir="/o", perturb={"kind": "ulp", "seed": 1},
+                   band={"kind": "ulp", "member": 1}, seed=None)
+    assert RunSpec.from_json(spec.to_dict()).perturb == {"kind": "ulp", "seed": 1}
+    for bad in ({"kind": "bits", "seed": 1}, {"kind": "ulp", "seed": "x"}, {"kind": "ulp"}):
+        with pytest.raises(InputError, match="perturb"):
+            RunSpec.from_json({**spec.to_dict(), "perturb": bad})
+    with pytest.raises(InputError, match="band.kind"):
+        RunSpec.from_json({**spec.to_dict(), "band": {"kind": "other", "member": 1}})
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def test_band_cells_copy_the_baseline_and_differ_only_by_their_change() -> None:
+    base = Cell(name="cpu-strict-t1", device="cpu", determinism="strict", threads=1, repeat=0,
+                labels={"device": "cpu", "threads": 1, "repeat": 1})
+    cells = band_cells(base, 3, 2, training_seed=42)
+    assert [c.name for c in cells] == ["band-ulp-1", "band-ulp-2", "band-ulp-3", "band-seed-1", "band-seed-2"]
+    assert all((c.device, c.determinism, c.threads) == ("cpu", "strict", 1) for c in cells)
+    assert [c.perturb for c in cells[:3]] == [{"kind": "ulp", "seed": i} for i in (1, 2, 3)]
+    assert [c.seed for c in cells] == [None, None, None, 43, 44] and cells[3].perturb is None
+    assert cells[0].labels["band_of"] == "cpu-strict-t1" and "repeat" not in cells[0].labels
+    plan = with_band(Plan("local", [base, Cell(name="cpu-default-t1")]), 2, 0, 42)
+    assert [c.name for c in plan.cells] == ["band-ulp-1", "band-ulp-2", "cpu-strict-t1", "cpu-default-t1"]
+    assert [c.name for c in with_band(Plan("local", [base]), 2, 0, 42, only=True).cells] == ["band-ulp-1", "band-ulp-2"]
+
+
+# --------------------------------------------------------------------------- band statistics
+
+
+def test_spread_of_constructed_values() -> None:
+    s = band_mod.spread([1.0, 2.0, 4.0, float("nan")])
+    assert (s.n, s.mean, s.min, s.max, s.range) == (3, 7 / 3, 1.0, 4.0, 3.0)
+    assert s.sd == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
+    assert band_mod.spread([5.0]).sd is None and band_mod.spread([]) is None
+
+
+def _member(i: int, kind: str, loss: float, r2: float, used: bool = True) -> band_mod.Member:
+    return band_mod.Member(cell=f"band-{kind}-{i}", kind=kind, member=i, used=used,
+                           why_not=None if used else "the trainer never called ctx.perturb(model)",
+                           values={"val_loss": loss, "r2/a": r2})
+
+
+def test_band_statistics_per_metric_and_target() -> None:
+    b = band_mod.measure([_member(1, "ulp", 0.10, 0.90), _member(2, "ulp", 0.12, 0.91), _member(3, "ulp", 0.11, 0.95),
+                          _member(1, "seed", 0.2, 0.5), _member(2, "seed", 0.4, 0.7)])
+    assert b.measured and (b.n_ulp, b.n_seed) == (3, 2)
+    assert band_mod.band_width(b, "val_loss") == pytest.approx(0.02)
+    assert band_mod.band_width(b, "r2/a") == pytest.approx(0.05)
+    assert b.ulp["r2/a"].mean == pytest.approx((0.90 + 0.91 + 0.95) / 3)
+    assert band_mod.seed_width(b, "val_loss") == pytest.approx(0.2)
+    assert band_mod.band_width(b, "mse/a") is None and band_mod.band_width(None, "val_loss") is None
+
+
+def test_unperturbed_members_are_left_out_and_the_band_says_so() -> None:
+    b = band_mod.measure([_member(1, "ulp", 0.1, 0.9, used=False), _member(2, "ulp", 0.2, 0.9, used=False)])
+    assert not b.measured and b.ulp == {} and band_mod.band_width(b, "val_loss") is None
+    assert b.notes == ["ulp band skipped: the trainer never called ctx.perturb(model)"]
+    one = band_mod.measure([_member(1, "ulp", 0.1, 0.9), _member(2, "ulp", 0.2, 0.9, used=False)])
+    assert not one.measured and any("needs at least 2" in n for n in one.notes)
+
+
+def test_ratio() -> None:
+    assert band_mod.ratio(-0.3, 1.0) == pytest.approx(0.3)
+    assert band_mod.ratio(0.0, 0.0) == 0.0 and band_mod.ratio(1e-9, 0.0) == math.inf
+    assert band_mod.ratio(None, 1.0) is None and band_mod.ratio(1.0, None) is None
+
+
+# --------------------------------------------------------------------------- verdicts on constructed records
+
+
+def member(kind: str, i: int, r2: float, loss: float = 0.1, applied: bool = True) -> ResultRecord:
+    rec = record(f"band-{kind}-{i}", r2=r2, loss=loss, sha=f"band{kind}{i}")
+    rec.band = {"kind": kind, "member": i, "seed": 42 + (i if kind == "seed" else 0)}
+    if kind == "ulp":
+        rec.perturbation = ({"kind": "ulp", "seed": i, "applied": True, "tensor": "w", "index": i,
+                             "old": "0x1p-1", "new": "0x1.0000000000001p-1", "direction": "+inf"} if applied
+                            else {"kind": "ulp", "seed": i, "applied": False,
+                                  "skipped": "the trainer never called ctx.perturb(model)"})
+    return rec
+
+
+def ulp_band(center: float = 0.9, width: float = 1e-4, n: int = 4) -> list[ResultRecord]:
+    """n ulp members whose R² spans exactly ``width`` around ``center`` (val_loss identical)."""
+    return [member("ulp", i + 1, center - width / 2 + width * i / (n - 1)) for i in range(n)]
+
+
+def test_bitwise_cell() -> None:
+    recs = ulp_band() + [record("base"), record("same", sha="w1")]
+    c = compare(recs)
+    assert c.band is not None and c.band.n_ulp == 4 and [j.cell for j in c.cells] == ["base", "same"]
+    assert c.cell("same").band.verdict is BandVerdict.BITWISE and c.cell("same").band.bitwise_to == "first cell"
+    assert c.cell("base").band.verdict is BandVerdict.BITWISE  # the baseline: its weights are the trial's
+    assert c.overall is Verdict.REPRODUCED and verdict_exit(c) == EXIT_OK
+
+
+def test_within_band_cell() -> None:
+    c = compare(ulp_band(width=1e-4) + [record("base"), record("near", r2=0.9 + 3e-5, sha="w2")])
+    cb = c.cell("near").band
+    assert cb.verdict is BandVerdict.WITHIN and cb.reference == "base" and cb.ratio == pytest.approx(0.3)
+    assert cb.metrics["r2/a"].width == pytest.approx(1e-4) and cb.beyond == []
+    assert c.cell("near").verdict is Verdict.REPRODUCED and verdict_exit(c) == EXIT_OK
+
+
+def test_beyond_band_cell_drifts_and_exits_3_though_within_tolerance() -> None:
+    c = compare(ulp_band(width=1e-5) + [record("base"), record("far", r2=0.9 + 1.2e-4, sha="w2")])
+    j = c.cell("far")
+    assert j.band.verdict is BandVerdict.BEYOND and j.band.beyond == ["r2/a"] and j.band.ratio == pytest.approx(12)
+    assert j.out_of_tolerance == []  # the tolerance (r2 abs 1e-3) alone would have passed it
+    assert j.verdict is Verdict.DRIFTED and "beyond the band" in j.reason
+    assert c.overall is Verdict.DRIFTED and verdict_exit(c) == EXIT_DRIFTED
+
+
+def test_tolerances_still_gate_a_cell_within_the_band() -> None:
+    c = compare(ulp_band(width=0.5) + [record("base"), record("wide", r2=0.7, sha="w2")])
+    j = c.cell("wide")
+    assert j.band.verdict is BandVerdict.WITHIN and j.verdict is Verdict.DRIFTED and j.out_of_tolerance
+
+
+def test_without_a_band_the_current_behaviour_stands() -> None:
+    from harness.report import NO_BAND, band_note
+
+    recs = [record("base"), record("far", r2=0.9 + 1.2e-4, sha="w2")]
+    c = compare(recs)
+    assert c.band is None and all(j.band is None for j in c.cells)
+    assert c.overall is Verdict.REPRODUCED and band_note(c) == NO_BAND
+
+
+def test_seed_ratio_is_context() -> None:
+    seeds = [member("seed", 1, 0.80), member("seed", 2, 0.85), member("seed", 3, 0.90)]
+    c = compare(ulp_band(width=1e-4) + seeds + [record("base"), record("near", r2=0.9 + 5e-5, sha="w2")])
+    cb = c.cell("near").band
+    assert c.band.n_seed == 3 and cb.seed_ratio == pytest.approx(5e-5 / 0.1)
+    assert cb.verdict is BandVerdict.WITHIN
+
+
+def test_the_baseline_is_judged_against_the_recorded_trial() -> None:
+    c = compare(ulp_band(width=1e-5) + [record("base", r2=0.9 + 1e-3, sha="w9")])
+    j = c.cell("base")
+    assert j.band.reference == "recorded trial" and j.band.verdict is BandVerdict.BEYOND and j.verdict is Verdict.DRIFTED
+    c = compare(ulp_band() + [record("base", recorded=False)])
+    assert c.cell("base").band.reference is None  # nothing recorded: it is the reference
+
+
+def test_a_band_of_unperturbed_members_is_not_used() -> None:
+    recs = [member("ulp", i, 0.9 + i * 1e-6, applied=False) for i in (1, 2, 3)]
+    c = compare(recs + [record("base"), record("far", r2=0.95, sha="w2")])
+    assert c.band is not None and not c.band.measured and all(j.band is None for j in c.cells)
+    assert any(w.startswith("ulp band skipped: the trainer never called ctx.perturb") for w in c.warnings)
+
+
+def test_a_failed_band_member_fails_the_run() -> None:
+    bad = ResultRecord(cell="band-ulp-3", status=Status.FAILED, error=ErrorInfo(kind="run", message="boom"),
+                       band={"kind": "ulp", "member": 3})
+    c = compare(ulp_band(n=2) + [bad, record("base")])
+    assert c.overall is Verdict.FAILED and verdict_exit(c) == EXIT_RUN_FAILED
+    assert [j.cell for j in c.cells] == ["band-ulp-3", "base"]  # a failed member is a row, like a failed cell
+
+
+def test_a_band_alone_is_no_cell_to_judge() -> None:
+    c = compare(ulp_band())
+    assert c.cells == [] and c.overall is Verdict.UNRECORDED and verdict_exit(c) == EXIT_OK
+    c = compare([member("ulp", i, 0.9, applied=False) for i in (1, 2)])
+    assert c.overall is Verdict.INCOMPLETE and "ulp band skipped" in c.reason and verdict_exit(c) == EXIT_RUN_FAILED
+
+
+def test_band_conflict_names_what_differs() -> None:
+    recs = ulp_band()
+    for r in recs:
+        r.bundle = {"config_sha256": "a" * 64}
+        r.data_sha256 = "d" * 64
+    assert band_conflict(recs, "a" * 64, "d" * 64, None) is None
+    assert "another config.yaml" in band_conflict(recs, "b" * 64, "d" * 64, None)
+    assert "other data" in band_conflict(recs, "a" * 64, "e" * 64, None)
+    assert "ran trainer reference" in band_conflict(recs, "a" * 64, "d" * 64, "mine:train")
+    old = ulp_band()  # an older harness recorded no digest: refused where one is expected, not otherwise
+    assert "records no config digest" in band_conflict(old, "a" * 64, None, None)
+    assert band_conflict(old, None, None, None) is None
+
+
+# --------------------------------------------------------------------------- repeats
+
+
+def repeat(name: str, k: int, r2: float, sha: str) -> ResultRecord:
+    rec = record(f"{name}-r{k}", r2=r2, sha=sha)
+    rec.labels = {"repeat": k}
+    return rec
+
+
+def test_bitwise_identical_repeats_are_deterministic() -> None:
+    c = compare([repeat("cpu", 1, 0.9, "w1"), repeat("cpu", 2, 0.9, "w1")])
+    (g,) = c.repeats
+    assert (g.name, g.cells, g.distinct, g.deterministic) == ("cpu", ["cpu-r1", "cpu-r2"], 1, True)
+    assert all(j.band is None for j in c.cells) and c.cell("cpu-r2").repeat_group == "cpu"
+
+
+def test_repeats_that_differ_are_their_own_band_when_none_was_measured() -> None:
+    recs = [repeat("a", 1, 0.9, "w1"), repeat("a", 2, 0.9, "w1"),
+            repeat("b", 1, 0.9 + 2e-5, "w2"), repeat("b", 2, 0.9 + 3e-5, "w3")]
+    c = compare(recs)
+    b = next(g for g in c.repeats if g.name == "b")
+    assert not b.deterministic and b.distinct == 2 and b.spread["r2/a"].range == pytest.approx(1e-5)
+    j = c.cell("b-r2")
+    assert j.band.source == "repeats" and j.band.verdict is BandVerdict.BEYOND  # 3e-5 from a-r1: 3x its own spread
+    assert j.verdict is Verdict.DRIFTED and "its own repeats' spread" in j.reason
+    assert c.cell("a-r2").band is None  # deterministic: no spread to be its band
+    # with a measured band, the repeats' spread is context only
+    c = compare(ulp_band(width=1e-4) + recs)
+    assert c.cell("b-r2").band.source == "ulp" and c.cell("b-r2").band.verdict is BandVerdict.WITHIN

@@ -1,0 +1,207 @@
+"""`harness band`, `--band`, `--band-from` and `harness compare` with a band, through real child processes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from harness import record
+from harness.record import Status
+
+from .conftest import EXAMPLE, REPO
+from .records import record as make_record
+from .test_cli import TRAINERS, harness
+
+
+@pytest.fixture(scope="module")
+def example_band(tmp_path_factory) -> dict:
+    """The bundled example's band: 3 ulp members and 1 seed member, measured once for the module."""
+    root = tmp_path_factory.mktemp("band")
+    shutil.copytree(EXAMPLE, root / "examples" / "optuna_best")
+    shutil.copytree(REPO / "examples" / "data", root / "examples" / "data")
+    bundle = root / "examples" / "optuna_best"
+    out = root / "band"
+    p = harness("band", str(bundle), "--n", "3", "--band-seeds", "1", "--backend", "local", "--device", "cpu",
+                "-o", str(out), "--json", str(root / "band.json"), "--markdown", str(root / "band.md"),
+                "--no-progress", timeout=900)
+    return {"root": root, "bundle": bundle, "out": out, "proc": p}
+
+
+def test_band_of_the_example_end_to_end(example_band) -> None:
+    p, out = example_band["proc"], example_band["out"]
+    assert p.returncode == 0, p.stdout + p.stderr
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["cells"] == ["band-ulp-1", "band-ulp-2", "band-ulp-3", "band-seed-1"]
+    recs = {r.cell: r for r in record.load(out).records}
+    assert list(recs) == manifest["cells"] and all(r.status is Status.OK for r in recs.values())
+    trial = yaml.safe_load((example_band["bundle"] / "trial_info.yaml").read_text())
+    names = set(torch.load(example_band["bundle"] / "weights" / "best.pt", weights_only=True))
+    for i in (1, 2, 3):
+        r = recs[f"band-ulp-{i}"]
+        assert r.band == {"kind": "ulp", "member": i, "seed": 42} and r.labels["band"] == "ulp"
+        p_ = r.perturbation
+        assert p_["applied"] is True and p_["seed"] == i and p_["tensor"] in names
+        assert float.fromhex(p_["old"]) != float.fromhex(p_["new"]) and p_["direction"] in ("+inf", "-inf")
+        assert r.weights_sha256 != trial["user_attrs"]["weights_sha256"]  # one ulp is enough to move the result
+        assert r.bundle["config_sha256"] and r.spec["perturb"] == {"kind": "ulp", "seed": i}
+    seed = recs["band-seed-1"]
+    assert seed.band == {"kind": "seed", "member": 1, "seed": 43} and seed.perturbation is None
+    assert seed.determinism["seed"] == 43 and seed.spec["seed"] == 43
+    # another seed trains differently, on the trial's split: scored on the same validation samples
+    assert seed.split["indices_sha256"] == recs["band-ulp-1"].split["indices_sha256"]
+    assert seed.scaler["refit_matches"] is True
+    text = " ".join(p.stdout.split())
+    assert "Band: 3 retrains of the baseline, each with one initial weight moved by one ulp; 1 with other seeds" in text
+    for key in ("val_loss", "r2/amplitude", "mse/frequency", "mae/coupling", "Band members"):
+        assert key in p.stdout
+    report = json.loads((example_band["root"] / "band.json").read_text())
+    band = report["comparison"]["band"]
+    assert band["n_ulp"] == 3 and band["n_seed"] == 1 and band["ulp"]["val_loss"]["n"] == 3
+    assert band["ulp"]["val_loss"]["range"] > 0
+    md = (example_band["root"] / "band.md").read_text()
+    assert "Band: 3 retrains" in md and "| r2/amplitude |" in md
+
+
+def test_a_saved_band_is_reused_and_merged_by_compare(example_band, tmp_path: Path) -> None:
+    assert example_band["proc"].returncode == 0
+    run = tmp_path / "run"
+    p = harness("run", str(example_band["bundle"]), "--device", "cpu", "--band-from", str(example_band["out"]),
+                "-o", str(run), "--no-progress", "--json", str(tmp_path / "r.json"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "vs band" in p.stdout and "bitwise" in p.stdout and "Band: 3 retrains" in " ".join(p.stdout.split())
+    assert json.loads((run / "run.json").read_text())["band_from"] == str(example_band["out"].resolve())
+    assert [r.cell for r in record.load(run).records if not r.band] == ["run"]
+    cell = json.loads((tmp_path / "r.json").read_text())["comparison"]["cells"][0]
+    assert cell["band"]["verdict"] == "bitwise" and cell["band"]["reference"] == "recorded trial"
+    # compare reads the band run.json names, and merges a band given beside the records
+    for args in ([str(run)], [str(run / "run" / "record.json"), str(example_band["out"])]):
+        c = harness("compare", *args)
+        assert c.returncode == 0, c.stdout + c.stderr
+        assert "Band: 3 retrains" in " ".join(c.stdout.split()) and "bitwise" in c.stdout
+
+
+def test_a_band_of_another_config_is_refused_in_one_line(example_band, tmp_path: Path) -> None:
+    assert example_band["proc"].returncode == 0
+    other = tmp_path / "examples" / "optuna_best"
+    shutil.copytree(example_band["bundle"], other)
+    shutil.copytree(example_band["root"] / "examples" / "data", tmp_path / "examples" / "data")
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    cfg["training"]["epochs"] = 24
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    p = harness("run", str(other), "--device", "cpu", "--band-from", str(example_band["out"]), "-o", str(out))
+    assert p.returncode == 2, p.stdout + p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    assert "is not a band of this bundle" in line and "another config.yaml" in line and "harness band" in line
+    assert not list(out.glob("*/record.json"))  # refused before anything trained
+    # a directory holding no band at all
+    plain = tmp_path / "plain"
+    (plain / "cell").mkdir(parents=True)
+    record.write(plain / "cell" / "record.json", make_record("cell"))
+    p = harness("run", str(example_band["bundle"]), "--band-from", str(plain), "-o", str(tmp_path / "o2"))
+    assert p.returncode == 2 and "holds no band records" in p.stderr
+
+
+def _write(dir_: Path, recs) -> Path:
+    for r in recs:
+        record.write(dir_ / r.cell / "record.json", r)
+    return dir_
+
+
+def test_compare_exits_3_for_a_cell_beyond_the_band(tmp_path: Path) -> None:
+    from .test_band import ulp_band
+
+    cells = _write(tmp_path / "cells", [make_record("base", started_at="1"),
+                                        make_record("far", r2=0.9 + 1.2e-4, sha="w2", started_at="2")])
+    band = _write(tmp_path / "band", ulp_band(width=1e-5))
+    p = harness("compare", str(cells))  # no band: within the tolerances, as before
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "no band measured" in p.stdout
+    p = harness("compare", str(cells), str(band))
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert "beyond (x12)" in p.stdout and "far: beyond the band vs base on r2/a (x12, " in p.stdout
+
+
+def test_band_first_in_a_matrix(make_bundle, tmp_path: Path) -> None:
+    root = make_bundle()
+    out = tmp_path / "o"
+    p = harness("matrix", str(root), "--backend", "local", "--devices", "cpu", "--determinism", "strict,default",
+                "--threads", "1", "--band", "2", "--band-seeds", "1", "--out", str(out), "--no-progress")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert json.loads((out / "run.json").read_text())["cells"] == [
+        "band-ulp-1", "band-ulp-2", "band-seed-1", "cpu-strict-t1", "cpu-default-t1"]
+    recs = {r.cell: r for r in record.load(out).records}
+    assert recs["band-ulp-1"].labels["band_of"] == "cpu-strict-t1" and recs["band-ulp-1"].env.threads == 1
+    assert recs["band-ulp-1"].determinism["mode"] == "strict"
+    assert "vs band" in p.stdout and "|Δ|/seeds" not in p.stdout  # one seed member: no seed range
+    results = p.stdout[p.stdout.index("Results"):p.stdout.index("Band:")]
+    assert "band-ulp" not in results and "cpu-default-t1" in results
+
+
+def _custom_bundle(make_bundle, **cfg_extra) -> Path:
+    root = make_bundle("custom")
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    cfg["trainer"] = {"entrypoint": "seed_style:train", "code_dir": str(TRAINERS)}
+    cfg.update(cfg_extra)
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def test_a_custom_trainer_that_calls_the_hook_gets_its_band(make_bundle, tmp_path: Path) -> None:
+    root = _custom_bundle(make_bundle, perturb_hook=True)
+    p = harness("band", str(root), "--n", "2", "--device", "cpu", "-o", str(tmp_path / "b"), "--no-progress")
+    assert p.returncode == 0, p.stdout + p.stderr
+    recs = record.load(tmp_path / "b").records
+    assert [r.perturbation["applied"] for r in recs] == [True, True]
+    assert {r.perturbation["tensor"] for r in recs} <= {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert recs[0].weights_sha256 != recs[1].weights_sha256
+
+
+def test_a_custom_trainer_that_never_calls_the_hook_has_no_ulp_band(make_bundle, tmp_path: Path) -> None:
+    root = _custom_bundle(make_bundle)
+    p = harness("band", str(root), "--n", "2", "--device", "cpu", "-o", str(tmp_path / "b"), "--no-progress")
+    assert p.returncode == 1, p.stdout + p.stderr  # asked for a band, got none: never an unperturbed "band"
+    text = " ".join(p.stdout.split())
+    assert "ulp band skipped: the trainer never called ctx.perturb(model)" in text
+    recs = record.load(tmp_path / "b").records
+    for r in recs:
+        assert r.status is Status.OK and r.perturbation["applied"] is False
+        assert "never called ctx.perturb(model)" in r.perturbation["skipped"]
+        assert any("not perturbed" in w for w in r.warnings)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["band", "B", "--n", "1"], "--n 1 measures no spread"),
+    (["band", "B", "--backend", "docker"], "needs the image"),
+    (["run", "B", "--band", "3", "--band-from", "X"], "--band-from reuses a band"),
+    (["matrix", "B", "--band-seeds", "2"], "--band-seeds goes with --band"),
+    (["run", "B", "--band", "x"], "--band 'x' is not an integer"),
+])
+def test_band_usage_errors_are_one_line(example: Path, args: list[str], words: str) -> None:
+    p = harness(*[str(example) if a == "B" else a for a in args])
+    assert p.returncode == 2 and words in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_compare_refuses_a_band_of_another_config_and_counts_a_band_once(tmp_path: Path) -> None:
+    from .test_band import ulp_band
+
+    base = make_record("base")
+    base.bundle = {"config_sha256": "a" * 64}
+    cells = _write(tmp_path / "cells", [base])
+    members = ulp_band()
+    for m in members:
+        m.bundle = {"config_sha256": "b" * 64}
+    band = _write(tmp_path / "band", members)
+    p = harness("compare", str(cells), str(band))
+    assert p.returncode == 2 and "the band given is not of these cells" in p.stderr and "another config.yaml" in p.stderr
+    for m in members:
+        m.bundle = {"config_sha256": "a" * 64}
+    band = _write(tmp_path / "band2", members)
+    p = harness("compare", str(cells), str(band), str(band), "--json", str(tmp_path / "r.json"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["comparison"]["band"]["n_ulp"] == 4
