@@ -92,8 +92,16 @@ def _env_summary(rec: ResultRecord) -> dict[str, str]:
         "device": env.device or "—",
         "driver": env.driver or "—",
         "threads": str(env.threads if env.threads is not None else "—"),
+        "isa": isa_label(env.cpu_capability, env.isa_requested),
         "determinism": (det.get("mode") or "—") + (f" ({', '.join(flags)})" if flags else ""),
     }
+
+
+def isa_label(capability: str | None, requested: str | None) -> str:
+    """The SIMD level torch's CPU kernels used, and the ``--isa`` level asked for when one was."""
+    if capability is None:
+        return "—"
+    return f"{capability} ({requested})" if requested else capability
 
 
 TRIAL_ROW = "trial (recorded)"
@@ -114,7 +122,7 @@ def trial_env_row(env: Mapping[str, Any] | None) -> dict[str, str] | None:
     return {"cell": TRIAL_ROW, "where": "trial_info.yaml" + (f" ({host})" if host != "—" else ""),
             "python": v("python"), "torch": v("torch"), "cuda": v("cuda"), "cudnn": v("cudnn"),
             "device": v("device", "gpu"), "driver": v("driver"), "threads": v("threads"),
-            "determinism": v("determinism")}
+            "isa": v("cpu_capability", "isa"), "determinism": v("determinism")}
 
 
 def _weights(j: Any, is_first: bool) -> str:
@@ -173,7 +181,8 @@ def rows(records: list[ResultRecord], comparison: Comparison) -> list[dict[str, 
             "verdict": (j.verdict if j else Verdict.INCOMPLETE).value,
             "reason": j.reason if j else "",
         })
-    blank = {k: "—" for k in ("where", "python", "torch", "cuda", "cudnn", "device", "driver", "threads", "determinism",
+    blank = {k: "—" for k in ("where", "python", "torch", "cuda", "cudnn", "device", "driver", "threads", "isa",
+                              "determinism",
                               "val_loss", "d_rec_loss", "r2", "d_rec_r2", "mse", "mae", "d_first", "weights",
                               "d_archived", "wall")}
     for name in comparison.missing:
@@ -182,7 +191,7 @@ def rows(records: list[ResultRecord], comparison: Comparison) -> list[dict[str, 
 
 
 ENV_COLUMNS = [("cell", "cell"), ("where", "backend/image"), ("python", "python"), ("torch", "torch"), ("cuda", "cuda"),
-               ("cudnn", "cudnn"), ("device", "device"), ("driver", "driver"), ("threads", "thr"),
+               ("cudnn", "cudnn"), ("device", "device"), ("driver", "driver"), ("threads", "thr"), ("isa", "isa"),
                ("determinism", "determinism")]
 RESULT_COLUMNS = [("cell", "cell"), ("val_loss", "val loss"), ("d_rec_loss", "Δ rec"), ("r2", "R² val"),
                   ("d_rec_r2", "max|ΔR²| rec"), ("mse", "MSE val"), ("mae", "MAE val"), ("d_first", "max|Δ| first"),
@@ -385,12 +394,13 @@ def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str
     trial = trial_env_row(trial_environment)
     if trial:
         env_cols = [("cell", "cell"), ("where", "backend/image"), ("python", "python"), ("torch", "torch"),
-                    ("cuda", "cuda"), ("device", "device"), ("threads", "thr")]
+                    ("cuda", "cuda"), ("device", "device"), ("threads", "thr"), ("isa", "isa")]
         lines += ["Environment (the trial as recorded, then each cell as measured)", ""]
         table(env_cols, [trial, *data])
         lines.append("")
     lines += [RESULTS_TITLE, ""]
-    cols = [("cell", "cell"), ("torch", "torch"), ("cuda", "cuda"), ("device", "device"), ("determinism", "determinism")] + RESULT_COLUMNS[1:]
+    cols = [("cell", "cell"), ("torch", "torch"), ("cuda", "cuda"), ("device", "device"), ("isa", "isa"),
+            ("determinism", "determinism")] + RESULT_COLUMNS[1:]
     table(cols, data)
     targets = per_target_rows(records, comparison)
     if targets:

@@ -178,7 +178,7 @@ class Backend(ABC):
         return RunSpec(
             cell=cell.name, bundle_dir=job.bundle_dir, out_dir=str(job.cell_dir(cell)), data_path=job.data_path,
             device=cell.device, determinism=cell.determinism, threads=cell.threads, tf32=cell.tf32,
-            repeat=cell.repeat, trainer=job.trainer, trainer_path=job.trainer_path, trace=job.trace,
+            repeat=cell.repeat, isa=cell.isa, trainer=job.trainer, trainer_path=job.trainer_path, trace=job.trace,
             backend=self.name, labels=cell.labels,
         )
 

@@ -121,7 +121,7 @@ def train_reference(
     Y_val = y_scaled[split.val]
 
     set_seed(spec.seed)  # seeding right before building the model: same initial weights
-    net = model_mod.build(data.n_features, data.n_targets, model_spec).to(device)
+    net = model_mod.build(data.n_features, data.n_targets, model_spec, int(data.X.shape[1])).to(device)
     opt = _optimizer(net.parameters(), spec)
     loss_fn = torch.nn.MSELoss()
     loader = make_train_loader(train_set, spec.batch_size, spec.seed)
