@@ -17,6 +17,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from .attribution import CONFOUNDED, NOT_ENOUGH, Attribution, AxisEffect, WidthFn, attribute
 from .judge import Comparison, MetricDiff, Verdict, max_abs
 from .record import REPORT_SCHEMA, ResultRecord, Status, _jsonable
 
@@ -323,11 +324,13 @@ def summary_line(comparison: Comparison) -> Text:
 
 
 def renderable(records: list[ResultRecord], comparison: Comparison, *, per_target: bool = True,
-               out: Console | None = None, trial_environment: Mapping[str, Any] | None = None) -> Group:
+               out: Console | None = None, trial_environment: Mapping[str, Any] | None = None,
+               width: WidthFn | None = None) -> Group:
     """The report; each table narrower than ``out`` is printed as is, a wider one stacked (one block per row).
 
     ``trial_environment``: what trial_info.yaml recorded of the trial's environment, shown as a
-    ``trial (recorded)`` row above the cells of the Environment table.
+    ``trial (recorded)`` row above the cells of the Environment table. ``width``: an instability
+    band's width per metric key, for the Attribution table's ratios.
     """
     data = rows(records, comparison)
     trial = trial_env_row(trial_environment)
@@ -339,6 +342,7 @@ def renderable(records: list[ResultRecord], comparison: Comparison, *, per_targe
         table = per_target_table(records, comparison)
         if table is not None:
             parts.append(table if _fits(out, table) else _per_target_stacked(records, comparison))
+    parts += attribution_parts(records, out, width)
     return Group(*parts, *notes(data, records, comparison))
 
 
@@ -361,14 +365,106 @@ def notes(data: list[dict[str, str]], records: list[ResultRecord], comparison: C
 
 
 def print_report(out: Console, records: list[ResultRecord], comparison: Comparison, *,
-                 trial_environment: Mapping[str, Any] | None = None) -> None:
+                 trial_environment: Mapping[str, Any] | None = None, width: WidthFn | None = None) -> None:
     """The tables, then the note lines unwrapped: a reason often ends in a command to copy whole."""
-    group = renderable(records, comparison, out=out, trial_environment=trial_environment)
+    group = renderable(records, comparison, out=out, trial_environment=trial_environment, width=width)
     n = len(notes(rows(records, comparison), records, comparison))
     tables, lines = group.renderables[:-n], group.renderables[-n:]
     out.print(Group(*tables))
     for line in lines:
         out.print(line, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------- attribution
+
+
+ATTRIBUTION_TITLE = ("Attribution (max |Δ| between cells that differ only in that axis, as measured; validation split)")
+ATTRIBUTION_COLUMNS = [("axis", "axis"), ("values", "values"), ("pairs", "pairs"), ("val_loss", "val loss"),
+                       ("r2", "max|ΔR²|"), ("mse", "max|ΔMSE|"), ("mae", "max|ΔMAE|"), ("weights", "weights"),
+                       ("status", "status")]
+
+
+def attribution_of(records: list[ResultRecord], width: WidthFn | None = None) -> Attribution | None:
+    """The attribution of a matrix with two or more ok cells; None below that (nothing to attribute)."""
+    if sum(1 for r in records if r.ok) < 2:
+        return None
+    return attribute(records, width)
+
+
+def _effect_row(e: AxisEffect) -> dict[str, str]:
+    def metric(family: str) -> str:
+        v = e.family_max(family)
+        if v is None:
+            return "—"
+        ratio = e.family_ratio(family)
+        return fmag(v) + (f" ({ratio:.2g}×)" if ratio is not None else "")
+
+    if e.status == CONFOUNDED:
+        status = "confounded" + (f" with {', '.join(e.confounded_with)}" if e.confounded_with else "")
+    elif e.status == NOT_ENOUGH:
+        status = NOT_ENOUGH
+    else:
+        status = "run-to-run spread" if not e.values and e.pairs else e.status
+    return {"axis": e.axis, "values": ", ".join(e.values) or "—", "pairs": str(len(e.pairs)) if e.pairs else "0",
+            **{f: metric(f) for f in ("val_loss", "r2", "mse", "mae")},
+            "weights": f"{e.weights_identical}/{e.weights_compared} bitwise" if e.weights_compared else "—",
+            "status": status}
+
+
+def attribution_rows(attr: Attribution) -> list[dict[str, str]]:
+    """One row per axis that varies in these cells, then the pairs that differ in nothing measured."""
+    out = [_effect_row(e) for e in attr.varying]
+    if attr.same_environment is not None:
+        out.append(_effect_row(attr.same_environment))
+    return out
+
+
+def attribution_notes(attr: Attribution) -> list[str]:
+    """The axes the cells cannot say anything about, in one line, and pairs left out."""
+    fixed = [e for e in attr.axes if e.status == NOT_ENOUGH]
+    one = [f"{e.axis} {e.values[0]}" for e in fixed if e.values]
+    none = [e.axis for e in fixed if not e.values]
+    lines = []
+    if one:
+        lines.append("not enough cells (one value in these cells): " + ", ".join(one))
+    if none:
+        lines.append("not enough cells (applies to no cell, or not measured): " + ", ".join(none))
+    if attr.uncertain_pairs:
+        lines.append(f"{attr.uncertain_pairs} pair(s) left out: an axis was measured in one cell and not the other")
+    if attr.with_width:
+        lines.append("(N×) = |Δ| as a multiple of the instability band's width for that metric")
+    return lines
+
+
+def attribution_table(attr: Attribution) -> Table:
+    t = Table(title=ATTRIBUTION_TITLE, box=box.SIMPLE_HEAD, title_justify="left")
+    for key, head in ATTRIBUTION_COLUMNS:
+        t.add_column(head, justify="right" if key in ("pairs", "val_loss", "r2", "mse", "mae") else "left",
+                     no_wrap=True)
+    for r in attribution_rows(attr):
+        t.add_row(*(r[k] for k, _ in ATTRIBUTION_COLUMNS))
+    return t
+
+
+def _attribution_stacked(attr: Attribution) -> Group:
+    return _stacked(ATTRIBUTION_TITLE, [(r["axis"], [(head, r[k]) for k, head in ATTRIBUTION_COLUMNS[1:]])
+                                        for r in attribution_rows(attr)])
+
+
+def attribution_parts(records: list[ResultRecord], out: Console | None, width: WidthFn | None = None) -> list[Any]:
+    """The Attribution table (stacked when too wide) and its note lines; nothing below two ok cells."""
+    attr = attribution_of(records, width)
+    if attr is None:
+        return []
+    parts: list[Any] = []
+    if attribution_rows(attr):
+        table = attribution_table(attr)
+        parts.append(table if _fits(out, table) else _attribution_stacked(attr))
+    else:
+        parts.append(Text(ATTRIBUTION_TITLE, style="italic", overflow="fold"))
+    parts += [Text(f"  {line}", style="dim", overflow="fold") for line in attribution_notes(attr)]
+    parts.append(Text(""))
+    return parts
 
 
 # --------------------------------------------------------------------------- Markdown and JSON
@@ -379,7 +475,7 @@ def _md_escape(s: str) -> str:
 
 
 def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str | None = None,
-             trial_environment: Mapping[str, Any] | None = None) -> str:
+             trial_environment: Mapping[str, Any] | None = None, width: WidthFn | None = None) -> str:
     """A compact report fit for a pull-request comment: verdict, environments, results, per-target detail."""
     data = rows(records, comparison)
     of = f" `{_md_escape(bundle)}`" if bundle else ""
@@ -407,6 +503,13 @@ def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str
         heads = ["cell", "target", *PER_TARGET_COLUMNS]
         lines += ["", PER_TARGET_TITLE, ""]
         table([(h, h) for h in heads], [dict(zip(heads, row)) for row in targets])
+    attr = attribution_of(records, width)
+    if attr is not None:
+        lines += ["", ATTRIBUTION_TITLE, ""]
+        if attribution_rows(attr):
+            table(ATTRIBUTION_COLUMNS, attribution_rows(attr))
+            lines.append("")
+        lines += [f"- {_md_escape(line)}" for line in attribution_notes(attr)]
     notes = [f"- `{r['cell']}` {r['verdict']}: {_md_escape(r['reason'])}" for r in data
              if r["verdict"] in (Verdict.FAILED.value, Verdict.SKIPPED.value, Verdict.INCOMPLETE.value,
                                  Verdict.NOT_COMPARABLE.value)]
@@ -419,8 +522,12 @@ def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str
     return "\n".join(lines) + "\n"
 
 
-def json_report(records: list[ResultRecord], comparison: Comparison) -> dict[str, Any]:
-    return {"schema": REPORT_SCHEMA, "records": [r.to_dict() for r in records], "comparison": _jsonable(comparison)}
+def json_report(records: list[ResultRecord], comparison: Comparison, width: WidthFn | None = None) -> dict[str, Any]:
+    out = {"schema": REPORT_SCHEMA, "records": [r.to_dict() for r in records], "comparison": _jsonable(comparison)}
+    attr = attribution_of(records, width)
+    if attr is not None:
+        out["attribution"] = _jsonable(attr)
+    return out
 
 
 # --------------------------------------------------------------------------- progress while cells run

@@ -5,6 +5,7 @@ Marked `docker`: skipped locally without an engine, required under CI=true.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -45,4 +46,7 @@ def test_two_isa_cells_of_one_image_run_other_kernels(tmp_path: Path, docker_cli
     assert base.env.isa_env == {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
                                 "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
     assert native.weights_sha256 != base.weights_sha256  # the Conv1d example shows the axis: ≠first
+    report = json.loads((tmp_path / "r.json").read_text())
+    isa = next(a for a in report["attribution"]["axes"] if a["axis"] == "isa")
+    assert isa["status"] == "measured" and isa["pairs"] == [["cpu-torch2.13-native", "cpu-torch2.13-baseline"]]
     assert "DEFAULT (baseline)" in p.stdout and "≠first" in p.stdout

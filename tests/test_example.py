@@ -107,3 +107,6 @@ def test_conv_example_reproduces_bitwise_under_native_and_moves_under_baseline(t
     cells = {c["cell"]: c for c in report["comparison"]["cells"]}
     assert cells["cpu-strict-t1-baseline"]["weights_identical_to_first"] is False
     assert all(c["verdict"] == "reproduced" for c in cells.values())
+    axes = {a["axis"]: a for a in report["attribution"]["axes"]}
+    assert axes["isa"]["status"] == "measured" and axes["isa"]["weights_identical"] == 0
+    assert axes["determinism"]["status"] == "measured" and axes["determinism"]["weights_identical"] == 2

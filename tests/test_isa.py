@@ -152,6 +152,6 @@ def test_native_and_baseline_record_different_capabilities(tmp_path: Path) -> No
                                                           "ONEDNN_MAX_CPU_ISA": "SSE41",
                                                           "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
     assert f"{native['cpu_capability']} (native)" in p.stdout and "DEFAULT (baseline)" in p.stdout  # Environment table
-    assert "isa" in p.stdout
+    assert "isa" in p.stdout and "Attribution" in p.stdout
     # both weights comparisons are recorded, whatever they say on this CPU
     assert all(records[c]["weights_vs_archived"] is not None for c in records)
