@@ -29,6 +29,7 @@ LAST_NAMES = ("last.pt", "last_model.pt", "last_epoch.pt", "last.pth")
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 ACTIVATIONS = ("relu", "gelu", "tanh")
+MODEL_NAMES = ("mlp", "conv1d", "gru")  # harness.worker.model builds each
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class ModelSpec:
     dropout_rate: float = 0.0
     use_residual: bool = False
     activation: str = "relu"
+    kernel_size: int = 5  # conv1d only
 
 
 @dataclass(frozen=True)
@@ -427,13 +429,17 @@ def parse_reference_config(r: _Reader, seed: int, data_path: str, resolved: str,
         dropout_rate=r.get("model.dropout_rate", "float", default=0.0),
         use_residual=r.get("model.use_residual", "bool", default=False),
         activation=str(r.get("model.activation", "str", default="relu")).lower(),
+        kernel_size=r.get("model.kernel_size", "posint", default=5, example="model: {kernel_size: 5}"),
     )
     if not 0.0 <= model.dropout_rate < 1.0:
         raise r.err("model.dropout_rate", f"must be in [0, 1), got {model.dropout_rate}")
+    if model.kernel_size % 2 == 0:
+        raise r.err("model.kernel_size", f"must be odd (the output keeps the input's length), got {model.kernel_size}",
+                    hint=f"write e.g. `kernel_size: {model.kernel_size + 1}`")
     if model.activation not in ACTIVATIONS:
         raise r.err("model.activation", f"is {model.activation!r}, not one of {', '.join(ACTIVATIONS)}")
-    if model.name != "mlp":
-        raise r.err("model.name", f"is {model.name!r}; the reference trainer builds 'mlp'",
+    if model.name not in MODEL_NAMES:
+        raise r.err("model.name", f"is {model.name!r}; the reference trainer builds {', '.join(MODEL_NAMES)}",
                     hint="name your own trainer with `trainer: {entrypoint: module:function}` or --trainer")
     return data, model, training
 
@@ -444,7 +450,7 @@ def parse_reference_config(r: _Reader, seed: int, data_path: str, resolved: str,
 REFERENCE_KEYS: dict[str, tuple[str, ...]] = {
     "data": ("path", "sha256", "exclude_channels", "downsample", "split"),
     "data.split": ("train", "val", "test"),
-    "model": ("name", "hidden", "num_layers", "dropout_rate", "use_residual", "activation"),
+    "model": ("name", "hidden", "num_layers", "dropout_rate", "use_residual", "activation", "kernel_size"),
     "training": ("seed", "batch_size", "epochs", "learning_rate", "weight_decay", "optimizer", "scale_targets"),
 }
 

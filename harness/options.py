@@ -16,6 +16,8 @@ from typing import Any, Sequence
 from .errors import InputError, UsageError
 
 MODES = ("strict", "warn", "default")  # determinism modes; the worker reads this list too
+ISA_LEVELS = ("native", "avx512", "avx2", "baseline")  # CPU instruction sets, best first (harness.worker.isa)
+ISA_ALIASES = {"default": "baseline", "avx512_core": "avx512", "sse41": "baseline", "sse4_2": "baseline"}
 BACKENDS = ("docker", "local")
 THREADS_ALL = ("all", "default", "auto")
 DEFAULT_TIMEOUT_S = 6 * 3600.0  # per cell; generous, so only a hung trainer meets it
@@ -80,6 +82,19 @@ def parse_tf32(text: str | Sequence[str], flag: str = "--tf32") -> tuple[bool, .
         out.append(part == "on")
     if not out:
         raise UsageError(f"{flag} names no setting", hint=f"e.g. {flag} off,on")
+    return tuple(dict.fromkeys(out))
+
+
+def parse_isa(text: str | Sequence[str], flag: str = "--isa") -> tuple[str, ...]:
+    """``native,avx2,baseline``: each one of :data:`ISA_LEVELS` (``default`` is ``baseline``), in the order given."""
+    out: list[str] = []
+    for part in _items(text):
+        level = ISA_ALIASES.get(part.lower(), part.lower())
+        if level not in ISA_LEVELS:
+            raise UsageError(f"{flag} {part!r} is not one of {', '.join(ISA_LEVELS)}", hint=f"e.g. {flag} native,baseline")
+        out.append(level)
+    if not out:
+        raise UsageError(f"{flag} names no level", hint=f"e.g. {flag} native,baseline")
     return tuple(dict.fromkeys(out))
 
 
@@ -155,6 +170,7 @@ class Axes:
     threads: tuple[int | None, ...] | None = None
     tf32: tuple[bool, ...] = (False,)
     repeats: int = 1
+    isa: tuple[str, ...] | None = None  # CPU instruction sets; None: no ISA axis (the environment's own)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """The one planner: typed options in, named cells out, for every backend.
 
 Pure part: :func:`local_cells` and :func:`image_run_cells` expand the axes
-(devices, determinism modes, threads, TF32, repeats) into :class:`Cell` s
+(devices, determinism modes, threads, TF32, CPU ISA levels, repeats) into :class:`Cell` s
 with stable names, the first cell being the strictest (the baseline the
 others are compared with). Effects are gathered in :func:`make_plan` alone:
-whether torch sees CUDA, the host's driver and GPUs, the matrix files and
-the wheelhouses the image builds will use.
+whether torch sees CUDA, the host's driver, GPUs and CPU flags, the matrix
+files and the wheelhouses the image builds will use.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import HarnessError, InputError, UsageError
-from .options import Axes, ImageOptions, RunOptions
+from .options import ImageOptions, RunOptions
 
 LOCAL_DEFAULT_MODES = ("strict", "default")
 IMAGE_DEFAULT_MODES = ("strict",)
@@ -32,6 +32,7 @@ class Cell:
     threads: int | None = None
     tf32: bool = False
     repeat: int = 0
+    isa: str | None = None  # CPU instruction-set level (harness.worker.isa); None: no ISA axis
     image: Any = None  # harness.images.matrix.ImageCell, for cells that run in an image
     skip_reason: str | None = None  # this host cannot run it (decided before anything starts)
     warning: str | None = None  # it runs, but the user should know (e.g. an old driver)
@@ -86,46 +87,67 @@ class Plan:
 # --------------------------------------------------------------------------- pure expansion
 
 
-def _suffix(device: str, mode: str, threads: int | None, tf32: bool, repeat: int, repeats: int) -> list[str]:
+def _suffix(device: str, mode: str, threads: int | None, tf32: bool, repeat: int, repeats: int,
+            isa: str | None = None) -> list[str]:
     parts = [device.replace(":", ""), mode, f"t{threads}" if threads else "tdef"]
     if device.startswith("cuda"):
         parts.append("tf32" if tf32 else "fp32")
+    if isa is not None:
+        parts.append(isa)
     if repeats > 1:
         parts.append(f"r{repeat + 1}")
     return parts
 
 
 def local_cells(devices: Sequence[str], modes: Sequence[str], threads: Sequence[int | None],
-                tf32: Sequence[bool] = (False,), repeats: int = 1) -> list[Cell]:
-    """Every combination of the axes; TF32 only varies on CUDA devices. Names like ``cpu-strict-t1``."""
+                tf32: Sequence[bool] = (False,), repeats: int = 1,
+                isa: Sequence[str | None] = (None,)) -> list[Cell]:
+    """Every combination of the axes; TF32 only varies on CUDA devices. Names like ``cpu-strict-t1``,
+    and ``cpu-strict-t1-baseline`` when an ISA level is asked for."""
     cells: list[Cell] = []
     seen: set[str] = set()
-    for device, mode, t, tf, r in itertools.product(devices, modes, threads, tf32, range(repeats)):
+    for device, mode, t, tf, level, r in itertools.product(devices, modes, threads, tf32, isa, range(repeats)):
         on_cuda = device.startswith("cuda")
         if tf and not on_cuda:
             continue
-        name = "-".join(_suffix(device, mode, t, tf, r, repeats))
+        name = "-".join(_suffix(device, mode, t, tf, r, repeats, level))
         if name in seen:
             continue
         seen.add(name)
+        labels: dict[str, Any] = {"device": device, "determinism": mode, "threads": t, "tf32": bool(tf) and on_cuda,
+                                  "repeat": r + 1}
+        if level is not None:
+            labels["isa"] = level
         cells.append(Cell(name=name, device=device, determinism=mode, threads=t, tf32=bool(tf) and on_cuda, repeat=r,
-                          labels={"device": device, "determinism": mode, "threads": t, "tf32": bool(tf) and on_cuda,
-                                  "repeat": r + 1}))
+                          isa=level, labels=labels))
     return cells
+
+
+def isa_skips(cells: Sequence[Cell], supported: Sequence[str], machine: str = "") -> None:
+    """Mark the cells whose ISA level this host's CPU lacks as skipped, with the reason (pure)."""
+    from .worker.isa import unsupported_reason
+
+    for c in cells:
+        why = unsupported_reason(c.isa, tuple(supported), machine)
+        if why is not None and c.skip_reason is None:
+            c.skip_reason = why
 
 
 def image_run_cells(image_cells: Sequence[Any], modes: Sequence[str], threads: Sequence[int | None],
                     tf32: Sequence[bool], repeats: int, devices: dict[str, str],
-                    skips: dict[str, str | None], warnings: dict[str, str | None]) -> list[Cell]:
-    """Image cells x modes x threads x TF32 x repeats; a suffix names an axis only where it varies.
+                    skips: dict[str, str | None], warnings: dict[str, str | None],
+                    isa: Sequence[str | None] = (None,)) -> list[Cell]:
+    """Image cells x modes x threads x TF32 x ISA levels x repeats; a suffix names an axis only where it
+    varies (an ISA level also when it is the only one and not ``native``).
 
     ``devices``, ``skips`` and ``warnings`` are the host's verdicts per image cell.
     """
     cells: list[Cell] = []
+    name_isa = len(isa) > 1 or any(level not in (None, "native") for level in isa)
     for ic in image_cells:
         device = devices[ic.name]
         tf_axis = [t for t in tf32 if not t or device.startswith("cuda")] or [False]
-        for mode, t, tf, r in itertools.product(modes, threads, tf_axis, range(repeats)):
+        for mode, t, tf, level, r in itertools.product(modes, threads, tf_axis, isa, range(repeats)):
             name = ic.name
             if len(modes) > 1:
                 name += f"-{mode}"
@@ -133,12 +155,17 @@ def image_run_cells(image_cells: Sequence[Any], modes: Sequence[str], threads: S
                 name += f"-t{t}" if t else "-tdef"
             if len(tf_axis) > 1:
                 name += "-tf32" if tf else "-fp32"
+            if name_isa and level is not None:
+                name += f"-{level}"
             if repeats > 1:
                 name += f"-r{r + 1}"
+            labels = {"image": ic.name, "torch": ic.torch, "variant": ic.variant, "determinism": mode,
+                      "threads": t, "tf32": tf, "repeat": r + 1}
+            if level is not None:
+                labels["isa"] = level
             cells.append(Cell(name=name, device=device, determinism=mode, threads=t, tf32=tf, repeat=r, image=ic,
-                              skip_reason=skips.get(ic.name), warning=warnings.get(ic.name),
-                              labels={"image": ic.name, "torch": ic.torch, "variant": ic.variant, "determinism": mode,
-                                      "threads": t, "tf32": tf, "repeat": r + 1}))
+                              isa=level, skip_reason=skips.get(ic.name), warning=warnings.get(ic.name),
+                              labels=labels))
     return cells
 
 
@@ -148,7 +175,7 @@ BAND_PREFIX = "band-"
 def band_cells(baseline: Cell, n: int, seeds: int, training_seed: int) -> list[Cell]:
     """The band of ``baseline``: ``n`` ulp members, then ``seeds`` seed members (pure).
 
-    Each member is the baseline cell (same device, mode, threads, TF32, image) with one
+    Each member is the baseline cell (same device, mode, threads, TF32, ISA, image) with one
     difference: ulp member ``i`` moves one initial parameter value by one ulp, chosen by
     a private RNG seeded with ``i``; seed member ``i`` trains with ``training_seed + i``.
     """
@@ -159,7 +186,7 @@ def band_cells(baseline: Cell, n: int, seeds: int, training_seed: int) -> list[C
             band = {"kind": kind, "member": i}
             out.append(Cell(
                 name=f"{BAND_PREFIX}{kind}-{i}", device=baseline.device, determinism=baseline.determinism,
-                threads=baseline.threads, tf32=baseline.tf32, repeat=0, image=baseline.image,
+                threads=baseline.threads, tf32=baseline.tf32, repeat=0, image=baseline.image, isa=baseline.isa,
                 skip_reason=baseline.skip_reason, warning=baseline.warning,
                 labels={**base_labels, "band": kind, "member": i, "band_of": baseline.name},
                 seed=training_seed + i if kind == "seed" else None,
@@ -226,14 +253,26 @@ def _local_plan(opts: RunOptions) -> Plan:
         devices = devices or (("cpu", "cuda") if has_cuda else ("cpu",))
         modes = ax.modes or LOCAL_DEFAULT_MODES
         threads = ax.threads or ((1, None) if (os.cpu_count() or 1) > 1 else (None,))
-    cells = local_cells(devices, modes, threads, ax.tf32, ax.repeats)
+    cells = local_cells(devices, modes, threads, ax.tf32, ax.repeats, ax.isa or (None,))
     if opts.single and len(cells) == 1:
         cells[0].name = "run"
     for c in cells:
         if c.device.startswith("cuda") and not has_cuda:
             raise UsageError(f"cell {c.name} asks for {c.device}, but torch sees no CUDA device here",
                              hint="drop cuda from --devices, or run where a GPU is visible")
+    _skip_unsupported_isa(cells)
     return Plan("local", cells)
+
+
+def _skip_unsupported_isa(cells: list[Cell]) -> None:
+    """Cells asking for an instruction set this host's CPU lacks are skipped (a container runs on it too)."""
+    if all(c.isa is None for c in cells):
+        return
+    import platform
+
+    from .worker.isa import read_host_levels
+
+    isa_skips(cells, read_host_levels(), platform.machine())
 
 
 def load_image_cells(images: ImageOptions, names: Sequence[str] | None) -> list[Any]:
@@ -289,7 +328,8 @@ def _image_plan(opts: RunOptions) -> Plan:
     warnings = {ic.name: host_warning(ic, host) if host_warning else None for ic in image_cells}
     ax = opts.axes
     cells = image_run_cells(image_cells, ax.modes or IMAGE_DEFAULT_MODES, ax.threads or (None,), ax.tf32, ax.repeats,
-                            devices, skips, warnings)
+                            devices, skips, warnings, ax.isa or (None,))
+    _skip_unsupported_isa(cells)
     blocked = {c.name: build_errors[c.image.name] for c in cells if c.skip_reason is None and c.image.name in build_errors}
     aliases = {ic.name: f"{imagebuild.REPOSITORY}:{ic.name}" for ic in image_cells
                if ic.source == "wheelhouse" and ic.name not in wheelhouses and ic.name in build_errors}

@@ -62,7 +62,7 @@ def check(bundle: Bundle) -> Preflight:
     if data is not None:
         from .worker.model import build, load_checked
 
-        net = build(data.n_features, data.n_targets, bundle.model)
+        net = build(data.n_features, data.n_targets, bundle.model, len(data.keep))
         for path in (bundle.best_weights, bundle.last_weights):
             if path is not None:
                 load_checked(path, net)

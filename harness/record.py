@@ -210,6 +210,7 @@ class RunSpec:
     threads: int | None = None
     tf32: bool = False
     repeat: int = 0
+    isa: str | None = None  # the CPU instruction-set level its launcher set (harness.worker.isa); None: none
     trainer: str | None = None
     trainer_path: list[str] | None = None  # folders put on sys.path, in order
     trainer_cmd: str | None = None  # a command as the trainer (harness.worker.trainer_cmd), instead of `trainer`
@@ -311,6 +312,9 @@ class Env:
     cpu: str | None = None
     hostname: str | None = None
     in_container: bool | None = None
+    cpu_capability: str | None = None  # the SIMD level torch's CPU kernels use (torch.backends.cpu.get_cpu_capability())
+    isa_requested: str | None = None  # the --isa level the cell asked for (None: no ISA axis)
+    isa_env: dict[str, Any] = field(default_factory=dict)  # ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS as set
     extra: dict[str, Any] = field(default_factory=dict)  # every other measured fact, kept as measured
 
     @classmethod

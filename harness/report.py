@@ -17,9 +17,10 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .band import Band
+from .attribution import CONFOUNDED, NOT_ENOUGH, Attribution, AxisEffect, WidthFn, attribute
+from .band import Band, band_width
 from .judge import BandVerdict, Comparison, MetricDiff, Verdict, max_abs
-from .record import REPORT_SCHEMA, ResultRecord, Status, _jsonable
+from .record import REPORT_SCHEMA, ResultRecord, _jsonable
 
 VERDICT_STYLE = {Verdict.REPRODUCED: "bold green", Verdict.DRIFTED: "bold yellow", Verdict.FAILED: "bold red",
                  Verdict.UNRECORDED: "cyan", Verdict.SKIPPED: "dim", Verdict.INCOMPLETE: "bold magenta",
@@ -93,8 +94,16 @@ def _env_summary(rec: ResultRecord) -> dict[str, str]:
         "device": env.device or "—",
         "driver": env.driver or "—",
         "threads": str(env.threads if env.threads is not None else "—"),
+        "isa": isa_label(env.cpu_capability, env.isa_requested),
         "determinism": (det.get("mode") or "—") + (f" ({', '.join(flags)})" if flags else ""),
     }
+
+
+def isa_label(capability: str | None, requested: str | None) -> str:
+    """The SIMD level torch's CPU kernels used, and the ``--isa`` level asked for when one was."""
+    if capability is None:
+        return "—"
+    return f"{capability} ({requested})" if requested else capability
 
 
 TRIAL_ROW = "trial (recorded)"
@@ -115,7 +124,7 @@ def trial_env_row(env: Mapping[str, Any] | None) -> dict[str, str] | None:
     return {"cell": TRIAL_ROW, "where": "trial_info.yaml" + (f" ({host})" if host != "—" else ""),
             "python": v("python"), "torch": v("torch"), "cuda": v("cuda"), "cudnn": v("cudnn"),
             "device": v("device", "gpu"), "driver": v("driver"), "threads": v("threads"),
-            "determinism": v("determinism")}
+            "isa": v("cpu_capability", "isa"), "determinism": v("determinism")}
 
 
 def _weights(j: Any, is_first: bool) -> str:
@@ -218,7 +227,8 @@ def rows(records: list[ResultRecord], comparison: Comparison) -> list[dict[str, 
             "verdict": (j.verdict if j else Verdict.INCOMPLETE).value,
             "reason": j.reason if j else "",
         })
-    blank = {k: "—" for k in ("where", "python", "torch", "cuda", "cudnn", "device", "driver", "threads", "determinism",
+    blank = {k: "—" for k in ("where", "python", "torch", "cuda", "cudnn", "device", "driver", "threads", "isa",
+                              "determinism",
                               "val_loss", "d_rec_loss", "r2", "d_rec_r2", "mse", "mae", "d_first", "weights",
                               "d_archived", "wall", "vs_band", "vs_seeds")}
     for name in comparison.missing:
@@ -227,7 +237,7 @@ def rows(records: list[ResultRecord], comparison: Comparison) -> list[dict[str, 
 
 
 ENV_COLUMNS = [("cell", "cell"), ("where", "backend/image"), ("python", "python"), ("torch", "torch"), ("cuda", "cuda"),
-               ("cudnn", "cudnn"), ("device", "device"), ("driver", "driver"), ("threads", "thr"),
+               ("cudnn", "cudnn"), ("device", "device"), ("driver", "driver"), ("threads", "thr"), ("isa", "isa"),
                ("determinism", "determinism")]
 RESULT_COLUMNS = [("cell", "cell"), ("val_loss", "val loss"), ("d_rec_loss", "Δ rec"), ("r2", "R² val"),
                   ("d_rec_r2", "max|ΔR²| rec"), ("mse", "MSE val"), ("mae", "MAE val"), ("d_first", "max|Δ| first"),
@@ -557,11 +567,13 @@ def summary_line(comparison: Comparison) -> Text:
 
 
 def renderable(records: list[ResultRecord], comparison: Comparison, *, per_target: bool = True,
-               out: Console | None = None, trial_environment: Mapping[str, Any] | None = None) -> Group:
+               out: Console | None = None, trial_environment: Mapping[str, Any] | None = None,
+               width: WidthFn | None = None) -> Group:
     """The report; each table narrower than ``out`` is printed as is, a wider one stacked (one block per row).
 
     ``trial_environment``: what trial_info.yaml recorded of the trial's environment, shown as a
-    ``trial (recorded)`` row above the cells of the Environment table.
+    ``trial (recorded)`` row above the cells of the Environment table. ``width``: an instability
+    band's width per metric key, for the Attribution table's ratios.
     """
     data = rows(records, comparison)
     trial = trial_env_row(trial_environment)
@@ -591,6 +603,7 @@ def renderable(records: list[ResultRecord], comparison: Comparison, *, per_targe
         parts.append(rt if _fits(out, rt) else _repeats_stacked(comparison))
     for line in beyond_lines(comparison):  # wrapped at spaces: metric names stay whole
         parts.append(Text(f"≠ {line}", style="yellow"))
+    parts += attribution_parts(records, out, width, comparison)
     return Group(*parts, *notes(data, records, comparison))
 
 
@@ -623,14 +636,116 @@ def notes(data: list[dict[str, str]], records: list[ResultRecord], comparison: C
 
 
 def print_report(out: Console, records: list[ResultRecord], comparison: Comparison, *,
-                 trial_environment: Mapping[str, Any] | None = None) -> None:
+                 trial_environment: Mapping[str, Any] | None = None, width: WidthFn | None = None) -> None:
     """The tables, then the note lines unwrapped: a reason often ends in a command to copy whole."""
-    group = renderable(records, comparison, out=out, trial_environment=trial_environment)
+    group = renderable(records, comparison, out=out, trial_environment=trial_environment, width=width)
     n = len(notes(rows(records, comparison), records, comparison))
     tables, lines = group.renderables[:-n], group.renderables[-n:]
     out.print(Group(*tables))
     for line in lines:
         out.print(line, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------- attribution
+
+
+ATTRIBUTION_TITLE = ("Attribution (max |Δ| between cells that differ only in that axis, as measured; validation split)")
+ATTRIBUTION_COLUMNS = [("axis", "axis"), ("values", "values"), ("pairs", "pairs"), ("val_loss", "val loss"),
+                       ("r2", "max|ΔR²|"), ("mse", "max|ΔMSE|"), ("mae", "max|ΔMAE|"), ("weights", "weights"),
+                       ("status", "status")]
+
+
+def attribution_of(records: list[ResultRecord], width: WidthFn | None = None,
+                   comparison: Comparison | None = None) -> Attribution | None:
+    """The attribution of a matrix with two or more ok cells; None below that (nothing to attribute).
+
+    Band members are the band, not cells: they are left out. Without an explicit ``width``,
+    the comparison's measured band gives each metric's width.
+    """
+    cells = [r for r in records if not r.band]
+    if sum(1 for r in cells if r.ok) < 2:
+        return None
+    if width is None and comparison is not None and comparison.band is not None and comparison.band.measured:
+        band = comparison.band
+        width = lambda key: band_width(band, key)  # noqa: E731
+    return attribute(cells, width)
+
+
+def _effect_row(e: AxisEffect) -> dict[str, str]:
+    def metric(family: str) -> str:
+        v = e.family_max(family)
+        if v is None:
+            return "—"
+        ratio = e.family_ratio(family)
+        return fmag(v) + (f" ({ratio:.2g}×)" if ratio is not None else "")
+
+    if e.status == CONFOUNDED:
+        status = "confounded" + (f" with {', '.join(e.confounded_with)}" if e.confounded_with else "")
+    elif e.status == NOT_ENOUGH:
+        status = NOT_ENOUGH
+    else:
+        status = "run-to-run spread" if not e.values and e.pairs else e.status
+    return {"axis": e.axis, "values": ", ".join(e.values) or "—", "pairs": str(len(e.pairs)) if e.pairs else "0",
+            **{f: metric(f) for f in ("val_loss", "r2", "mse", "mae")},
+            "weights": f"{e.weights_identical}/{e.weights_compared} bitwise" if e.weights_compared else "—",
+            "status": status}
+
+
+def attribution_rows(attr: Attribution) -> list[dict[str, str]]:
+    """One row per axis that varies in these cells, then the pairs that differ in nothing measured."""
+    out = [_effect_row(e) for e in attr.varying]
+    if attr.same_environment is not None:
+        out.append(_effect_row(attr.same_environment))
+    return out
+
+
+def attribution_notes(attr: Attribution) -> list[str]:
+    """The axes the cells cannot say anything about, in one line, and pairs left out."""
+    fixed = [e for e in attr.axes if e.status == NOT_ENOUGH]
+    one = [f"{e.axis} {e.values[0]}" for e in fixed if e.values]
+    none = [e.axis for e in fixed if not e.values]
+    lines = []
+    if one:
+        lines.append("not enough cells (one value in these cells): " + ", ".join(one))
+    if none:
+        lines.append("not enough cells (applies to no cell, or not measured): " + ", ".join(none))
+    if attr.uncertain_pairs:
+        lines.append(f"{attr.uncertain_pairs} pair(s) left out: an axis was measured in one cell and not the other")
+    if attr.with_width:
+        lines.append("(N×) = |Δ| as a multiple of the instability band's width for that metric")
+    return lines
+
+
+def attribution_table(attr: Attribution) -> Table:
+    t = Table(title=ATTRIBUTION_TITLE, box=box.SIMPLE_HEAD, title_justify="left")
+    for key, head in ATTRIBUTION_COLUMNS:
+        t.add_column(head, justify="right" if key in ("pairs", "val_loss", "r2", "mse", "mae") else "left",
+                     no_wrap=True)
+    for r in attribution_rows(attr):
+        t.add_row(*(r[k] for k, _ in ATTRIBUTION_COLUMNS))
+    return t
+
+
+def _attribution_stacked(attr: Attribution) -> Group:
+    return _stacked(ATTRIBUTION_TITLE, [(r["axis"], [(head, r[k]) for k, head in ATTRIBUTION_COLUMNS[1:]])
+                                        for r in attribution_rows(attr)])
+
+
+def attribution_parts(records: list[ResultRecord], out: Console | None, width: WidthFn | None = None,
+                      comparison: Comparison | None = None) -> list[Any]:
+    """The Attribution table (stacked when too wide) and its note lines; nothing below two ok cells."""
+    attr = attribution_of(records, width, comparison)
+    if attr is None:
+        return []
+    parts: list[Any] = []
+    if attribution_rows(attr):
+        table = attribution_table(attr)
+        parts.append(table if _fits(out, table) else _attribution_stacked(attr))
+    else:
+        parts.append(Text(ATTRIBUTION_TITLE, style="italic", overflow="fold"))
+    parts += [Text(f"  {line}", style="dim", overflow="fold") for line in attribution_notes(attr)]
+    parts.append(Text(""))
+    return parts
 
 
 # --------------------------------------------------------------------------- Markdown and JSON
@@ -641,7 +756,7 @@ def _md_escape(s: str) -> str:
 
 
 def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str | None = None,
-             trial_environment: Mapping[str, Any] | None = None) -> str:
+             trial_environment: Mapping[str, Any] | None = None, width: WidthFn | None = None) -> str:
     """A compact report fit for a pull-request comment: verdict, environments, results, per-target detail."""
     data = rows(records, comparison)
     of = f" `{_md_escape(bundle)}`" if bundle else ""
@@ -656,13 +771,13 @@ def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str
     trial = trial_env_row(trial_environment)
     if trial:
         env_cols = [("cell", "cell"), ("where", "backend/image"), ("python", "python"), ("torch", "torch"),
-                    ("cuda", "cuda"), ("device", "device"), ("threads", "thr")]
+                    ("cuda", "cuda"), ("device", "device"), ("threads", "thr"), ("isa", "isa")]
         lines += ["Environment (the trial as recorded, then each cell as measured)", ""]
         table(env_cols, [trial, *data])
         lines.append("")
     if data:
         lines += [RESULTS_TITLE, ""]
-        cols = [("cell", "cell"), ("torch", "torch"), ("cuda", "cuda"), ("device", "device"),
+        cols = [("cell", "cell"), ("torch", "torch"), ("cuda", "cuda"), ("device", "device"), ("isa", "isa"),
                 ("determinism", "determinism")] + result_columns(comparison)[1:]
         table(cols, data)
     members = member_rows(records)
@@ -683,6 +798,13 @@ def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str
     if reps:
         lines += ["", REPEATS_TITLE, ""]
         table([(h, h) for h in REPEAT_COLUMNS], [dict(zip(REPEAT_COLUMNS, row)) for row in reps])
+    attr = attribution_of(records, width, comparison)
+    if attr is not None:
+        lines += ["", ATTRIBUTION_TITLE, ""]
+        if attribution_rows(attr):
+            table(ATTRIBUTION_COLUMNS, attribution_rows(attr))
+            lines.append("")
+        lines += [f"- {_md_escape(line)}" for line in attribution_notes(attr)]
     notes = [f"- `{r['cell']}` {r['verdict']}: {_md_escape(r['reason'])}" for r in data
              if r["verdict"] in (Verdict.FAILED.value, Verdict.SKIPPED.value, Verdict.INCOMPLETE.value,
                                  Verdict.NOT_COMPARABLE.value)]
@@ -700,8 +822,12 @@ def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str
     return "\n".join(lines) + "\n"
 
 
-def json_report(records: list[ResultRecord], comparison: Comparison) -> dict[str, Any]:
-    return {"schema": REPORT_SCHEMA, "records": [r.to_dict() for r in records], "comparison": _jsonable(comparison)}
+def json_report(records: list[ResultRecord], comparison: Comparison, width: WidthFn | None = None) -> dict[str, Any]:
+    out = {"schema": REPORT_SCHEMA, "records": [r.to_dict() for r in records], "comparison": _jsonable(comparison)}
+    attr = attribution_of(records, width, comparison)
+    if attr is not None:
+        out["attribution"] = _jsonable(attr)
+    return out
 
 
 # --------------------------------------------------------------------------- progress while cells run

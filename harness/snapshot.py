@@ -64,7 +64,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
 
-from . import __version__
 from .errors import BackendError, HarnessError, InputError, RunFailed
 
 if TYPE_CHECKING:

@@ -26,6 +26,7 @@ def default_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 EXAMPLE = REPO / "examples" / "optuna_best"
+EXAMPLE_CONV = REPO / "examples" / "optuna_best_conv"  # the Conv1d example, whose matrix shows the ISA axis
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 

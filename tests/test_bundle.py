@@ -52,6 +52,8 @@ def test_test_ratio_defaults_to_rest(tmp_path: Path) -> None:
         ({"model__dropout_rate": 1.5}, "model.dropout_rate must be in [0, 1)"),
         ({"model__use_residual": "yes"}, "model.use_residual must be true or false"),
         ({"model__name": "transformer"}, "model.name is 'transformer'"),
+        ({"model__name": "conv1d", "model__kernel_size": 0}, "model.kernel_size must be >= 1"),
+        ({"model__name": "conv1d", "model__kernel_size": 4}, "model.kernel_size must be odd"),
     ],
 )
 def test_bad_config_is_one_clear_line(tmp_path: Path, over: dict, needle: str) -> None:

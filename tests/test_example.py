@@ -13,8 +13,9 @@ import yaml
 
 from harness.bundle import load_bundle
 from harness.worker.data import sha256_file
+from harness.worker.isa import read_host_levels
 
-from .conftest import EXAMPLE, REPO
+from .conftest import EXAMPLE, EXAMPLE_CONV, REPO
 
 
 def test_example_data_is_the_recorded_data() -> None:
@@ -73,3 +74,39 @@ def test_committed_reference_results_still_render(tmp_path: Path) -> None:
     merged = json.loads((tmp_path / "m.json").read_text())
     assert merged["comparison"]["overall"] == "reproduced"
     assert {r["env"]["torch"] for r in merged["records"]} >= {"2.13.0+cpu", "2.14.1+cu130"}
+
+
+def test_conv_example_is_a_real_optuna_export_with_dropout() -> None:
+    b = load_bundle(EXAMPLE_CONV)
+    info = yaml.safe_load((EXAMPLE_CONV / "trial_info.yaml").read_text())
+    assert b.model.name == "conv1d" and b.model.dropout_rate > 0
+    params = info["params"]
+    assert (b.model.hidden, b.model.num_layers, b.model.kernel_size) == \
+        (params["hidden"], params["num_layers"], params["kernel_size"])
+    assert b.training.learning_rate == params["learning_rate"] and info["n_trials"] >= 8
+    assert info["data_sha256"] == sha256_file(REPO / "examples" / "data" / "signals.npz")
+    assert info["environment"]["cpu_capability"]  # the ISA the trial ran with is on record
+
+
+@pytest.mark.skipif("baseline" not in read_host_levels(), reason="an x86-64 host with CPU flags is needed")
+def test_conv_example_reproduces_bitwise_under_native_and_moves_under_baseline(tmp_path: Path) -> None:
+    """Under the host's own ISA the Conv1d example retrains bit for bit; forced to the baseline ISA its
+    weights differ from the first cell's (the ISA axis shows), and every cell still reproduces."""
+    r = subprocess.run([sys.executable, "-m", "harness", "matrix", str(EXAMPLE_CONV), "--backend", "local",
+                        "--isa", "native,baseline", "--threads", "1", "--determinism", "strict,default",
+                        "--out", str(tmp_path / "r"), "--json", str(tmp_path / "r.json"), "--no-progress"],
+                       capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    sha = {rec["cell"]: rec["weights_sha256"] for rec in report["records"]}
+    assert sha["cpu-default-t1-native"] == sha["cpu-strict-t1-native"]  # bitwise, run to run, under native
+    assert sha["cpu-strict-t1-baseline"] != sha["cpu-strict-t1-native"]  # ≠first: the ISA moved the weights
+    assert sha["cpu-default-t1-baseline"] == sha["cpu-strict-t1-baseline"]  # and the baseline is itself stable
+    cells = {c["cell"]: c for c in report["comparison"]["cells"]}
+    assert cells["cpu-strict-t1-baseline"]["weights_identical_to_first"] is False
+    assert all(c["verdict"] == "reproduced" for c in cells.values())
+    axes = {a["axis"]: a for a in report["attribution"]["axes"]}
+    assert axes["isa"]["status"] == "measured" and axes["isa"]["weights_identical"] == 0
+    assert axes["determinism"]["status"] == "measured" and axes["determinism"]["weights_identical"] == 2

@@ -179,8 +179,8 @@ class Backend(ABC):
             cell=cell.name, bundle_dir=job.bundle_dir, out_dir=str(job.cell_dir(cell)), data_path=job.data_path,
             data_dir=job.data_dir,
             device=cell.device, determinism=cell.determinism, threads=cell.threads, tf32=cell.tf32,
-            repeat=cell.repeat, trainer=job.trainer, trainer_path=job.trainer_path, trainer_cmd=job.trainer_cmd,
-            trace=job.trace,
+            repeat=cell.repeat, isa=cell.isa, trainer=job.trainer, trainer_path=job.trainer_path,
+            trainer_cmd=job.trainer_cmd, trace=job.trace,
             backend=self.name, labels=cell.labels, seed=cell.seed, perturb=cell.perturb, band=cell.band,
         )
 

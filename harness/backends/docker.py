@@ -19,7 +19,7 @@ from ..docker_engine import ContainerFacts, ContainerRequest, Engine
 from ..errors import BackendError, HarnessError, InputError
 from ..plan import Cell, Job
 from ..record import ImageInfo, RunSpec
-from ..worker import determinism
+from ..worker import determinism, isa
 from .base import Backend, Launch, LineFn, fresh_dir
 
 BUNDLE = "/harness/bundle"
@@ -134,7 +134,7 @@ def container_spec(cell: Cell, job: Job, image: str, *, gpus: str = "all", memor
     for i, path in enumerate(job.trainer_path or ()):
         mounts.append((path, f"{TRAINER}/{i}", True))
     env = {"PYTHONUNBUFFERED": "1", "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1",
-           **determinism.launch_env(cell.determinism, cell.threads)}
+           **determinism.launch_env(cell.determinism, cell.threads), **isa.launch_env(cell.isa)}
     if cell.determinism == "default":
         # The image bakes the strict variables in; the default mode must not inherit them.
         env["CUBLAS_WORKSPACE_CONFIG"] = ""
@@ -179,7 +179,8 @@ def container_run_spec(cell: Cell, job: Job, image: ImageInfo) -> RunSpec:
         cell=cell.name, bundle_dir=BUNDLE, out_dir=OUT, data_path=container_data_path(job),
         data_dir=DATA_DIR if job.data_dir is not None else None,
         device=cell.device, determinism=cell.determinism, threads=cell.threads, tf32=cell.tf32, repeat=cell.repeat,
-        trainer=job.trainer, trainer_path=[f"{TRAINER}/{i}" for i in range(len(job.trainer_path))] if job.trainer_path else None,
+        isa=cell.isa, trainer=job.trainer,
+        trainer_path=[f"{TRAINER}/{i}" for i in range(len(job.trainer_path))] if job.trainer_path else None,
         trainer_cmd=job.trainer_cmd, trace=job.trace,
         backend="docker", image={"id": image.id, "tag": image.tag}, labels=cell.labels,
         seed=cell.seed, perturb=cell.perturb, band=cell.band,

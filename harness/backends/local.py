@@ -1,8 +1,10 @@
 """Cells as child processes on this machine.
 
 The child is a fresh interpreter so that ``CUBLAS_WORKSPACE_CONFIG`` and
-``PYTHONHASHSEED`` are in its environment before it starts (setting them from
-inside a running interpreter is too late), and so that one cell's torch state
+``PYTHONHASHSEED`` -- and a cell's CPU instruction-set switches
+(``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``, ``MKL_ENABLE_INSTRUCTIONS``) --
+are in its environment before it starts (setting them from inside a running
+interpreter is too late), and so that one cell's torch state
 (threads, determinism switches, CUDA context) cannot leak into the next.
 """
 
@@ -16,7 +18,7 @@ import threading
 from pathlib import Path
 
 from ..plan import Cell, Job
-from ..worker import determinism
+from ..worker import determinism, isa
 from .base import Backend, Launch, LineFn
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
@@ -25,8 +27,8 @@ _STRIPPED = ("CUBLAS_WORKSPACE_CONFIG", "PYTHONHASHSEED")
 
 def child_env(cell: Cell, base: dict[str, str] | None = None) -> dict[str, str]:
     """The worker's environment: the caller's, minus inherited determinism
-    variables, plus exactly what the cell's mode asks for (pure)."""
-    env = dict(os.environ if base is None else base)
+    variables, plus exactly what the cell's mode and ISA level ask for (pure)."""
+    env = isa.child_env(os.environ if base is None else base, cell.isa)
     for var in _STRIPPED:
         env.pop(var, None)
     if cell.threads:

@@ -18,9 +18,13 @@ from typing import Any
 from .. import __version__
 from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, HarnessError, InputError, Interrupted, UsageError
 from ..options import (DEFAULT_TIMEOUT_S, Axes, RunOptions, parse_band, parse_cells, parse_count, parse_devices,
-                       parse_modes, parse_repeats, parse_tf32, parse_threads, parse_timeout)
+                       parse_isa, parse_modes, parse_repeats, parse_tf32, parse_threads, parse_timeout)
 from .common import (EXIT_CODES_HELP, add_allow_data_change, add_common, add_docker, add_inputs, image_options,
                      report_options, tolerances, verdict_exit)
+
+ISA_HELP = ("CPU instruction sets the CPU kernels may use, e.g. native,avx2,baseline (native, avx512, avx2, "
+            "baseline; default: no ISA axis); a level this CPU lacks is skipped")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="Rerun an optuna_best retrain and judge whether it reproduces.",
@@ -35,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--determinism", default="strict", help="strict, warn or default")
     p_run.add_argument("--threads", help="torch intra-op threads: N, or all (torch's default)")
     p_run.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on GPU")
+    p_run.add_argument("--isa", default=None, help=ISA_HELP)
     p_run.add_argument("--image", metavar="CELL", help="run inside this matrix cell's image (docker backend)")
     add_docker(p_run)
     p_run.set_defaults(func=cmd_run)
@@ -49,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="modes to compare: strict, warn, default (local default: strict,default; docker: strict)")
     p_mat.add_argument("--threads", default=None, help="thread counts, e.g. 1,all (local default: 1 and all cores)")
     p_mat.add_argument("--tf32", default=None, help="CUDA cells: off, on or off,on (default off,on; CPU cells ignore it)")
+    p_mat.add_argument("--isa", default=None, help=ISA_HELP)
     add_docker(p_mat)
     p_mat.set_defaults(func=cmd_matrix)
 
@@ -121,6 +127,7 @@ def run_options(args: argparse.Namespace, *, single: bool, band_only: bool = Fal
         threads=parse_threads(args.threads) if args.threads else None,
         tf32=parse_tf32(tf32_text),
         repeats=parse_repeats(getattr(args, "repeats", 1)),
+        isa=parse_isa(args.isa) if getattr(args, "isa", None) else None,
     )
     if band_only:
         band, seeds, band_from = parse_band(args.n, "--n"), parse_count(args.band_seeds, "--band-seeds", example="4"), None

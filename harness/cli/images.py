@@ -17,7 +17,7 @@ from ..docker_engine import Engine
 from ..images import compose as compose_mod
 from ..images import build as imagebuild
 from ..images import matrix
-from ..errors import EXIT_OK, EXIT_RUN_FAILED, BackendError, HarnessError, InputError
+from ..errors import EXIT_OK, EXIT_RUN_FAILED, BackendError, HarnessError
 from ..images.matrix import ImageCell
 from ..options import parse_cells
 from ..plan import load_image_cells, wheelhouse_dirs

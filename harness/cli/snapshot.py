@@ -28,6 +28,7 @@ from typing import Any
 from .. import signing
 from .. import snapshot as snap
 from ..errors import EXIT_OK, EXIT_RUN_FAILED, InputError, RunFailed, UsageError
+from ..options import ISA_LEVELS
 from ..record import ResultRecord
 from ..worker.data import sha256_path
 from ..report import console as _console
@@ -404,7 +405,6 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     from ..backends.docker import DockerBackend
     from ..bundle import load_bundle
     from ..docker_engine import Engine
-    from ..judge import Verdict
     from ..plan import Cell, Job, Plan
     from ..record import ImageInfo, ResultRecord
 
@@ -431,7 +431,8 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         spec = archived.spec or {}
         cell = Cell(name=f"{cell_name}@rerun", device=spec.get("device") or "cpu",
                     determinism=spec.get("determinism") or "strict", threads=spec.get("threads"),
-                    tf32=bool(spec.get("tf32")), labels=dict(archived.labels))
+                    tf32=bool(spec.get("tf32")), labels=dict(archived.labels),
+                    isa=spec.get("isa") if spec.get("isa") in ISA_LEVELS else None)  # its container gets the same switches
         backend = DockerBackend(engine, {}, gpus=args.gpus)
         image = archived.image or ImageInfo(id=m["image"]["id"])
         backend.use_image(cell.name, dataclasses.replace(image, id=m["image"]["id"],

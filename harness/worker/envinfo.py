@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .isa import read_host_levels
+
 
 def _cpu_model() -> str:
     try:
@@ -79,6 +81,7 @@ def measure(device: str = "cpu") -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_isa_levels": list(read_host_levels()),  # what this CPU can run: harness.worker.isa levels
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "cuda_available": bool(torch.cuda.is_available()),

@@ -1,9 +1,20 @@
-"""The reference model: an MLP over the flattened (channels x time) signal.
+"""The reference models, chosen by config.yaml's ``model.name``:
 
-Driven by config.yaml's ``model`` section: ``hidden`` (width), ``num_layers``
-(hidden blocks), ``dropout_rate``, ``use_residual`` (skip connection around
-each hidden block) and ``activation``. PyTorch's default initialisers are used,
-as in the seed document; the caller seeds right before building it.
+* ``mlp`` (default): an MLP over the flattened (channels x time) signal.
+  ``hidden`` (width), ``num_layers`` (hidden blocks), ``dropout_rate``,
+  ``use_residual`` (skip connection around each hidden block after the first)
+  and ``activation``.
+* ``conv1d``: ``num_layers`` Conv1d layers of ``hidden`` channels over time
+  (``kernel_size``, "same" padding), each followed by the activation and dropout
+  (``use_residual``: a skip connection around each layer after the first), then
+  a linear head on the flattened feature map.
+* ``gru``: a ``num_layers``-deep GRU of ``hidden`` units over time (dropout
+  between layers and on its last state), then a linear head.
+
+Convolutions and recurrent cells run through oneDNN/MKL kernels whose results
+depend on the CPU instruction set, and training amplifies such differences:
+these models show the ISA axis. PyTorch's default initialisers are used, as in
+the seed document; the caller seeds right before building a model.
 """
 
 from __future__ import annotations
@@ -51,7 +62,59 @@ class SignalMLP(nn.Module):
         return self.head(h)
 
 
-def build(n_features: int, n_targets: int, spec: ModelSpec) -> SignalMLP:
+class ConvBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, spec: ModelSpec, residual: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, spec.kernel_size, padding="same")
+        self.act = _ACT[spec.activation]()
+        self.drop = nn.Dropout(spec.dropout_rate)
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.act(self.conv(x)))
+        return x + h if self.residual else h
+
+
+class SignalConv1d(nn.Module):
+    def __init__(self, channels: int, steps: int, n_targets: int, spec: ModelSpec) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            ConvBlock(channels if i == 0 else spec.hidden, spec.hidden, spec, spec.use_residual and i > 0)
+            for i in range(spec.num_layers)
+        )
+        self.head = nn.Linear(spec.hidden * steps, n_targets)  # "same" padding keeps the length
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h.flatten(1))
+
+
+class SignalGRU(nn.Module):
+    def __init__(self, channels: int, n_targets: int, spec: ModelSpec) -> None:
+        super().__init__()
+        self.gru = nn.GRU(channels, spec.hidden, num_layers=spec.num_layers, batch_first=True,
+                          dropout=spec.dropout_rate if spec.num_layers > 1 else 0.0)
+        self.drop = nn.Dropout(spec.dropout_rate)
+        self.head = nn.Linear(spec.hidden, n_targets)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(x.transpose(1, 2))  # (batch, time, channels)
+        return self.head(self.drop(out[:, -1]))
+
+
+def build(n_features: int, n_targets: int, spec: ModelSpec, channels: int | None = None) -> nn.Module:
+    """The model ``spec.name`` names, for inputs of ``channels`` x ``n_features // channels`` steps.
+
+    The MLP flattens its input and needs no channel count; the Conv1d and GRU models do.
+    """
+    if spec.name in ("conv1d", "gru") and not channels:
+        raise ValueError(f"model {spec.name!r} needs the input's channel count")
+    if spec.name == "conv1d":
+        return SignalConv1d(channels, n_features // channels, n_targets, spec)
+    if spec.name == "gru":
+        return SignalGRU(channels, n_targets, spec)
     return SignalMLP(n_features, n_targets, spec)
 
 

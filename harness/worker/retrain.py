@@ -138,7 +138,8 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
     # Archived weights first, before training touches any RNG state: this
     # isolates inference drift (same weights, this environment) from training drift.
     archived_metrics = None
-    probe = model_mod.build(data.n_features, data.n_targets, bundle.model)
+    channels = int(data.X.shape[1])
+    probe = model_mod.build(data.n_features, data.n_targets, bundle.model, channels)
     if bundle.best_weights:
         state = model_mod.load_checked(bundle.best_weights, probe)
         probe.load_state_dict(state)
@@ -146,7 +147,8 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
         archived_metrics = _evaluate(probe, data, split, scaler, device, y_scaled)
         rec.archived_weights_sha256 = model_mod.state_sha256(state)
     if bundle.last_weights:
-        model_mod.load_checked(bundle.last_weights, model_mod.build(data.n_features, data.n_targets, bundle.model))
+        model_mod.load_checked(bundle.last_weights,
+                               model_mod.build(data.n_features, data.n_targets, bundle.model, channels))
     del probe
 
     trace_fh = open(out / "trace.jsonl", "w", encoding="utf-8") if spec.trace else None
@@ -270,6 +272,7 @@ def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultR
     import torch  # noqa: F401 - imported (and seeded) before the user's module is
 
     from . import determinism, seed_checks
+    from .perturb import Perturber
     from .trainer_api import TrainerContext, call_hook, normalise_result, resolve
 
     assert bundle.trainer is not None
@@ -448,7 +451,7 @@ def run(spec: RunSpec) -> ResultRecord:
     """Run one cell and return its record (raises HarnessError on failure). Measures; never judges."""
     from ..bundle import config_digest, load_bundle
     from ..preflight import expected_data_digests
-    from . import determinism, envinfo
+    from . import determinism, envinfo, isa
     from .data import prepare, require_exists, sha256_path
 
     t_start = time.perf_counter()
@@ -482,9 +485,12 @@ def run(spec: RunSpec) -> ResultRecord:
         spec=spec.to_dict(), labels=dict(spec.labels),
         bundle={"path": bundle.root, "trial": bundle.recorded.number if bundle.recorded else None,
                 "config_sha256": config_sha256},
-        env=Env.from_json(envinfo.measure(spec.device), "env"),
+        env=Env.from_json({**envinfo.measure(spec.device), **isa.capture(spec.isa)}, "env"),
         band={**spec.band, "seed": bundle.training.seed} if spec.band else None,
     )
+    isa_warning = isa.mismatch(spec.isa, rec.env.cpu_capability)
+    if isa_warning:
+        rec.warnings.append(isa_warning)
     if bundle.data.resolved is not None:
         rec.data_sha256 = sha256_path(bundle.data.resolved)  # bytes, whatever the format
         rec.data = {"path": bundle.data.path, "file": Path(bundle.data.resolved).name}

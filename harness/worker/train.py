@@ -127,7 +127,7 @@ def train_reference(
     Y_val = y_scaled[split.val]
 
     set_seed(spec.seed)  # seeding right before building the model: same initial weights
-    net = model_mod.build(data.n_features, data.n_targets, model_spec)
+    net = model_mod.build(data.n_features, data.n_targets, model_spec, int(data.X.shape[1]))
     if perturb is not None:
         perturb(net)
     net = net.to(device)
