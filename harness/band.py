@@ -22,9 +22,11 @@ from typing import Any, Mapping, Sequence
 
 MIN_MEMBERS = 2  # a range needs two values
 
-# The rule a cell's |Δ| is judged by: inside the ulp band's range (max - min). Shown beside
-# it as context: |Δ| in units of the band's sd (K_SD sd is the parametric equivalent).
-PRIMARY_RULE = "range"
+# The rule a cell's |Δ| is judged by: inside the ulp band's width, the larger of its range
+# (max - min) and K_SD sample standard deviations. With 8 members the range is about 3 sd;
+# with fewer it underestimates the spread (4 members span about 2 sd), and 3 sd keeps a
+# small band from calling ordinary jitter "beyond". |Δ| in sd is shown beside it as context.
+PRIMARY_RULE = "max(range, 3 sd)"
 K_SD = 3.0
 
 
@@ -132,7 +134,8 @@ def from_values(name: str, rows: Sequence[Mapping[str, float]]) -> Band:
 
 
 def band_width(band: Band | None, key: str) -> float | None:
-    """The band's width for a flat metric key (``"val_loss"``, ``"r2/target"``): its range, max - min.
+    """The band's width for a flat metric key (``"val_loss"``, ``"r2/target"``): the larger of its
+    range (max - min) and ``K_SD`` standard deviations (see :data:`PRIMARY_RULE`).
 
     None when there is no band, fewer than two ulp members, or the key was not measured.
     A stable entry point: other modules judge a difference against this number.
@@ -140,7 +143,9 @@ def band_width(band: Band | None, key: str) -> float | None:
     if band is None or not band.measured:
         return None
     s = band.ulp.get(key)
-    return s.range if s is not None else None
+    if s is None:
+        return None
+    return max(s.range, K_SD * s.sd) if s.sd is not None else s.range
 
 
 def band_sd(band: Band | None, key: str) -> float | None:

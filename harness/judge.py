@@ -43,8 +43,8 @@ class BandVerdict(str, enum.Enum):
     """A cell's difference from its reference, against the training's own instability (the band)."""
 
     BITWISE = "bitwise"  # its weights are identical to the reference's (or to the archived ones)
-    WITHIN = "within band"  # |Δ| <= the band's range on every metric: the training's own instability
-    BEYOND = "beyond band"  # |Δ| > the band's range on some metric: a behavioural change worth a look
+    WITHIN = "within band"  # |Δ| <= the band's width on every metric: the training's own instability
+    BEYOND = "beyond band"  # |Δ| > the band's width on some metric: a behavioural change worth a look
     NO_BAND = "no band"  # no band measured (or no reference): judged by tolerances alone
 
     def __str__(self) -> str:
@@ -269,7 +269,7 @@ class MetricBand:
     """One metric of a cell against the band: Δ vs the reference, the band's width, their ratio."""
 
     delta: float | None
-    width: float | None  # the band's range (max - min)
+    width: float | None  # the band's width: max(range, 3 sd) (band.band_width)
     ratio: float | None  # |Δ| / width: <= 1 is within
     sd_ratio: float | None  # |Δ| / the band's sd (context: k·sd with k = band.K_SD)
     seed_ratio: float | None  # |Δ| / the seed band's range (context: could it change a conclusion?)
@@ -314,7 +314,8 @@ class Comparison:
     missing: list[str] = field(default_factory=list)  # planned cells that left no record
     warnings: list[str] = field(default_factory=list)
     band: Band | None = None  # the band the cells were judged against (None: none measured)
-    band_rule: str = f"|Δ| <= the ulp band's range (max - min); |Δ| / sd shown beside it ({band_mod.K_SD:g} sd ~ the range)"
+    band_rule: str = (f"|Δ| <= the ulp band's width: the larger of its range (max - min) and {band_mod.K_SD:g} sd; "
+                      "|Δ| / sd shown beside it")
     repeats: list[RepeatGroup] = field(default_factory=list)
     schema: str = "harness.comparison/3"
 
@@ -592,7 +593,7 @@ def _apply_band(j: CellJudgement, cb: CellBand | None) -> CellJudgement:
     if cb.verdict is not BandVerdict.BEYOND:
         return j
     what = "its own repeats' spread" if cb.source == "repeats" else "the band"
-    times = "" if cb.ratio is None else (" (range 0)" if math.isinf(cb.ratio) else f" (x{cb.ratio:.3g} its range)")
+    times = "" if cb.ratio is None else (" (range 0)" if math.isinf(cb.ratio) else f" (x{cb.ratio:.3g} its width)")
     why = (f"beyond {what} on {len(cb.beyond)} metric(s) vs {cb.reference}: "
            f"{', '.join(cb.beyond[:3])}{' ...' if len(cb.beyond) > 3 else ''}{times}")
     if j.verdict in (Verdict.REPRODUCED, Verdict.UNRECORDED):

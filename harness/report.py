@@ -69,19 +69,39 @@ def _mean(d: Mapping[str, Any] | None) -> float | None:
     return fmean(vals) if vals else None
 
 
+# What each determinism mode switches on: the table names only what a run measured otherwise.
+_MODE_SWITCHES = {"strict": (True, True), "warn": (True, True), "default": (False, False)}
+
+
+def determinism_label(det: Mapping[str, Any]) -> str:
+    """``strict``, ``default`` ...: the mode, plus only the switches measured otherwise than the mode sets them.
+
+    ``+TF32`` when TF32 matmuls were allowed; ``no cublas-ws`` / ``hashseed unset`` when a
+    launch variable was missing. The record keeps every switch.
+    """
+    mode = det.get("mode")
+    if not det or not mode:
+        return "—"
+    flags = []
+    algos, cudnn = _MODE_SWITCHES.get(str(mode), (None, None))
+    if algos is not None and bool(det.get("deterministic_algorithms")) != algos:
+        flags.append("det-algos" if det.get("deterministic_algorithms") else "nondet-algos")
+    if cudnn is not None and bool(det.get("cudnn_deterministic")) != cudnn:
+        flags.append("cudnn-det" if det.get("cudnn_deterministic") else "cudnn-default")
+    if det.get("matmul_allow_tf32"):
+        flags.append("+TF32")
+    launch_vars = algos is not False  # strict and warn start the worker with them; default leaves them unset
+    if "CUBLAS_WORKSPACE_CONFIG" in det and bool(det.get("CUBLAS_WORKSPACE_CONFIG")) != launch_vars:
+        flags.append("cublas-ws" if det.get("CUBLAS_WORKSPACE_CONFIG") else "no cublas-ws")
+    hashseed = det.get("PYTHONHASHSEED")
+    if "PYTHONHASHSEED" in det and (hashseed == "0") != launch_vars:
+        flags.append("hashseed unset" if hashseed in (None, "") else f"hashseed {hashseed}")
+    return str(mode) + (f" ({', '.join(flags)})" if flags else "")
+
+
 def _env_summary(rec: ResultRecord) -> dict[str, str]:
     env = rec.env
     det = rec.determinism or {}
-    flags = []
-    if det:
-        flags.append("det-algos" if det.get("deterministic_algorithms") else "nondet-algos")
-        flags.append("cudnn-det" if det.get("cudnn_deterministic") else "cudnn-default")
-        if det.get("matmul_allow_tf32"):
-            flags.append("TF32")
-        if det.get("CUBLAS_WORKSPACE_CONFIG"):
-            flags.append("cublas-ws")
-        if det.get("PYTHONHASHSEED") == "0":
-            flags.append("hashseed0")
     where = rec.backend or "?"
     if rec.image is not None and rec.image.tag:
         where = f"{where}:{rec.image.tag}"
@@ -95,7 +115,7 @@ def _env_summary(rec: ResultRecord) -> dict[str, str]:
         "driver": env.driver or "—",
         "threads": str(env.threads if env.threads is not None else "—"),
         "isa": isa_label(env.cpu_capability, env.isa_requested),
-        "determinism": (det.get("mode") or "—") + (f" ({', '.join(flags)})" if flags else ""),
+        "determinism": determinism_label(det),
     }
 
 
@@ -137,8 +157,7 @@ def _weights(j: Any, is_first: bool) -> str:
         if arch.get("identical"):
             parts.append("=archived")
         else:
-            delta = arch.get("max_abs_diff")
-            parts.append(f"≠archived {arch.get('first_difference')}" + (f" Δ{delta:.2g}" if delta is not None else ""))
+            parts.append("≠archived")  # which tensor, and by how much: a line under the table (weights_notes)
     if j.weights_identical_to_recorded is not None:
         parts.append("=trial" if j.weights_identical_to_recorded else "≠trial")
     user = getattr(j, "user_weights_identical_to_recorded", None)
@@ -147,6 +166,18 @@ def _weights(j: Any, is_first: bool) -> str:
     if not is_first and j.weights_identical_to_first is not None:
         parts.append("=first" if j.weights_identical_to_first else "≠first")
     return " ".join(parts) or "—"
+
+
+def weights_notes(comparison: Comparison) -> list[str]:
+    """Per cell whose retrained weights differ from the archived ones: the first differing tensor and max |Δ|."""
+    out = []
+    for j in comparison.cells:
+        arch = getattr(j, "weights_vs_archived", None)
+        if arch and not arch.get("identical"):
+            delta = arch.get("max_abs_diff")
+            out.append(f"≠archived {j.cell}: first differs at {arch.get('first_difference')}"
+                       + (f", max |Δ| {delta:.2g}" if delta is not None else ""))
+    return out
 
 
 def _diff(d: Mapping[str, MetricDiff], key: str) -> float | None:
@@ -373,7 +404,7 @@ def band_title(band: Band) -> str:
         what += f"; {band.n_seed} with other seeds"
     where = f" ({band.environment})" if band.environment else ""
     seeds = "; |Δ|/seeds = |Δ| / seeds range" if band.n_seed >= 2 else ""
-    return f"{what}{where}. Validation; vs band = |Δ| / range: within <= x1 < beyond{seeds}"
+    return f"{what}{where}. Validation; vs band = |Δ| / width (max of range, 3 sd): within <= x1 < beyond{seeds}"
 
 
 def _shown_keys(band: Band) -> list[str]:
@@ -626,7 +657,7 @@ def notes(data: list[dict[str, str]], records: list[ResultRecord], comparison: C
             parts.append(Text(f"✗ {r['cell']} not comparable: {r['reason']}", style="red"))
     for w in warnings(records, comparison):
         parts.append(Text(f"! {w}", style="bold red"))
-    for n in archived_notes(records):
+    for n in weights_notes(comparison) + archived_notes(records):
         parts.append(Text(f"- {n}", style="dim"))
     note = band_note(comparison)
     if note:
@@ -810,7 +841,7 @@ def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str
                                  Verdict.NOT_COMPARABLE.value)]
     notes += [f"- {_md_escape(w)}" for w in beyond_lines(comparison)]
     notes += [f"- {_md_escape(w)}" for w in warnings(records, comparison)]
-    notes += [f"- {_md_escape(n)}" for n in archived_notes(records)]
+    notes += [f"- {_md_escape(n)}" for n in weights_notes(comparison) + archived_notes(records)]
     note = band_note(comparison)
     if note:
         notes.append(f"- {_md_escape(note)}")

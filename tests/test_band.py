@@ -195,8 +195,10 @@ def test_band_statistics_per_metric_and_target() -> None:
     b = band_mod.measure([_member(1, "ulp", 0.10, 0.90), _member(2, "ulp", 0.12, 0.91), _member(3, "ulp", 0.11, 0.95),
                           _member(1, "seed", 0.2, 0.5), _member(2, "seed", 0.4, 0.7)])
     assert b.measured and (b.n_ulp, b.n_seed) == (3, 2)
-    assert band_mod.band_width(b, "val_loss") == pytest.approx(0.02)
-    assert band_mod.band_width(b, "r2/a") == pytest.approx(0.05)
+    # the width is the larger of the range and 3 sd: 3 members span less than 3 sd
+    assert b.ulp["val_loss"].range == pytest.approx(0.02) and b.ulp["r2/a"].range == pytest.approx(0.05)
+    assert band_mod.band_width(b, "val_loss") == pytest.approx(3 * 0.01)
+    assert band_mod.band_width(b, "r2/a") == pytest.approx(3 * float(np.std([0.90, 0.91, 0.95], ddof=1)))
     assert b.ulp["r2/a"].mean == pytest.approx((0.90 + 0.91 + 0.95) / 3)
     assert band_mod.seed_width(b, "val_loss") == pytest.approx(0.2)
     assert band_mod.band_width(b, "mse/a") is None and band_mod.band_width(None, "val_loss") is None
@@ -230,15 +232,18 @@ def member(kind: str, i: int, r2: float, loss: float = 0.1, applied: bool = True
     return rec
 
 
-def ulp_band(center: float = 0.9, width: float = 1e-4, n: int = 4) -> list[ResultRecord]:
-    """n ulp members whose R² spans exactly ``width`` around ``center`` (val_loss identical)."""
+def ulp_band(center: float = 0.9, width: float = 1e-4, n: int = 11) -> list[ResultRecord]:
+    """n ulp members whose R² spans exactly ``width`` around ``center`` (val_loss identical).
+
+    Evenly spaced, 11 members have 3 sd = 0.995 width: their range (not 3 sd) is the band's width.
+    """
     return [member("ulp", i + 1, center - width / 2 + width * i / (n - 1)) for i in range(n)]
 
 
 def test_bitwise_cell() -> None:
     recs = ulp_band() + [record("base"), record("same", sha="w1")]
     c = compare(recs)
-    assert c.band is not None and c.band.n_ulp == 4 and [j.cell for j in c.cells] == ["base", "same"]
+    assert c.band is not None and c.band.n_ulp == 11 and [j.cell for j in c.cells] == ["base", "same"]
     assert c.cell("same").band.verdict is BandVerdict.BITWISE and c.cell("same").band.bitwise_to == "first cell"
     assert c.cell("base").band.verdict is BandVerdict.BITWISE  # the baseline: its weights are the trial's
     assert c.overall is Verdict.REPRODUCED and verdict_exit(c) == EXIT_OK
@@ -357,3 +362,13 @@ def test_repeats_that_differ_are_their_own_band_when_none_was_measured() -> None
     # with a measured band, the repeats' spread is context only
     c = compare(ulp_band(width=1e-4) + recs)
     assert c.cell("b-r2").band.source == "ulp" and c.cell("b-r2").band.verdict is BandVerdict.WITHIN
+
+
+def test_a_small_band_is_as_wide_as_three_sd() -> None:
+    """4 evenly spaced members span only 2.3 sd: 3 sd is the width, so ordinary jitter stays within."""
+    members = ulp_band(width=1e-4, n=4)
+    sd = float(np.std([0.9 - 5e-5 + 1e-4 * i / 3 for i in range(4)], ddof=1))
+    c = compare(members + [record("base"), record("near", r2=0.9 + 1.2e-4, sha="w2")])
+    cb = c.cell("near").band
+    assert cb.metrics["r2/a"].width == pytest.approx(3 * sd) and 3 * sd > 1e-4
+    assert cb.verdict is BandVerdict.WITHIN and cb.ratio == pytest.approx(1.2e-4 / (3 * sd))

@@ -257,7 +257,10 @@ def test_report_shows_weights_vs_archived() -> None:
     rec.user_weights = {"sha256": "theirs", "recorded": "theirs", "identical_to_recorded": True}
     (cell,) = judge.compare([rec]).cells
     text = _weights(cell, True)
-    assert "≠archived net.0.weight Δ0.25" in text and "≠trial" not in text and "=trial(own sha)" in text
+    assert text.startswith("≠archived") and "≠trial" not in text and "=trial(own sha)" in text
+    from harness.report import weights_notes
+
+    assert weights_notes(judge.compare([rec])) == [f"≠archived {rec.cell}: first differs at net.0.weight, max |Δ| 0.25"]
 
 
 def test_custom_trainer_may_find_its_own_data(tmp_path: Path) -> None:
