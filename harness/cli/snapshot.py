@@ -25,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .. import signing
+from .. import __version__, signing
 from .. import snapshot as snap
 from ..errors import EXIT_OK, EXIT_RUN_FAILED, InputError, RunFailed, UsageError
 from ..options import ISA_LEVELS
@@ -268,7 +268,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         "spec": rec.spec, "host": host,
     }
     manifest = {
-        "harness_version": snap.__version__, "created": snap.now_utc(), "cell": args.cell,
+        "harness_version": __version__, "created": snap.now_utc(), "cell": args.cell,
         "cell_spec": asdict(build.cell),
         "image": {"id": image_id, "tag": tag, "size": image.size,
                   "repo_digests": list(image.repo_digests),
