@@ -149,3 +149,10 @@ def verdict_exit(comparison: Any) -> int:
         Verdict.FAILED: EXIT_RUN_FAILED, Verdict.INCOMPLETE: EXIT_RUN_FAILED, Verdict.SKIPPED: EXIT_RUN_FAILED,
         Verdict.NOT_COMPARABLE: EXIT_RUN_FAILED,  # trained on other data; --allow-data-change judges it anyway
     }[comparison.overall]
+
+
+def parting_exit(parting: Any) -> int:
+    """The exit code of ``harness diverge``: 0 when the runs never part, 3 when they do (or only evaluation drifts)."""
+    from ..diverge import Parting
+
+    return {Parting.NEVER: EXIT_OK, Parting.TRAINING: EXIT_DRIFTED, Parting.EVALUATION_ONLY: EXIT_DRIFTED}[parting]
