@@ -237,3 +237,28 @@ def render(d: Divergence) -> list[str]:
             f"{k} {'n/a' if v is None else format(v, '.3g')}" for k, v in moved.items()))
     lines += [f"note: {n}" for n in d.notes]
     return lines
+
+
+# --------------------------------------------------------------------------- the matrix's "parts at" column
+
+
+def parts_at_column(traces: Mapping[str, "Trace | str | None"], order: list[str]) -> dict[str, str]:
+    """Each cell's "parts at" against the first cell of ``order`` (the baseline): where its trace first
+    differs, "never", "—" without a trace, or the reason a trace was refused (a string in ``traces``).
+    Empty when the baseline has no readable trace (the column is then left out)."""
+    if not order or not isinstance(traces.get(order[0]), Trace):
+        return {}
+    base = traces[order[0]]
+    assert isinstance(base, Trace)
+    out = {order[0]: "baseline"}
+    for cell in order[1:]:
+        t = traces.get(cell)
+        if t is None:
+            out[cell] = "—"
+        elif isinstance(t, str):
+            out[cell] = t
+        else:
+            d = diverge(base, t, {}, {})
+            p = d.parts_at
+            out[cell] = "never" if p is None else f"{_at(p).replace('epoch ', 'ep ')} ({p['what']})"
+    return out

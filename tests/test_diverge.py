@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from harness.diverge import Parting, diverge, parse_trace, render
+from harness.diverge import Parting, diverge, parse_trace, parts_at_column, render
 from harness.errors import InputError
 from harness.worker.isa import read_host_levels
 from harness.worker.trace import TRACE_MAX_BYTES, TRACE_SCHEMA, TraceWriter, is_checkpoint
@@ -107,6 +107,14 @@ def test_the_writer_marks_the_changed_tensor_of_a_real_model(tmp_path: Path) -> 
     assert 30 in traces[0].tensors  # the last step always carries per-tensor digests
 
 
+def test_parts_at_column_against_the_baseline() -> None:
+    base = parse_trace(_trace(["0x1p+0"] * 3, [_d("a")] * 3, {}), "a")
+    moved = parse_trace(_trace(["0x1p+0", "0x1p+1", "0x1p+1"], [_d("a"), _d("b"), _d("b")], {}), "b")
+    col = parts_at_column({"a": base, "b": moved, "c": base, "d": None, "e": "unreadable trace"}, list("abcde"))
+    assert col == {"a": "baseline", "b": "ep 1 step 2 (loss)", "c": "never", "d": "—", "e": "unreadable trace"}
+    assert parts_at_column({"a": None, "b": moved}, ["a", "b"]) == {}  # no baseline trace: no column
+
+
 def test_checkpoints_stay_logarithmic() -> None:
     assert [s for s in range(1, 60) if is_checkpoint(s)][:20] == list(range(1, 17)) + [18, 20, 22, 24]
     assert sum(map(is_checkpoint, range(1, 100_001))) < 16 * 14
@@ -195,6 +203,7 @@ def test_diverge_on_two_isa_cells_of_the_example_names_where_the_loss_bits_part(
     assert p.returncode == 0, p.stdout + p.stderr
     a, b = out / "cpu-strict-t1-native", out / "cpu-strict-t1-baseline"
     assert json.loads((a / "record.json").read_text())["trace"]["steps"] > 0
+    assert "parts at" in p.stdout  # the matrix's Results table: where each cell parts from the baseline
     p = harness("diverge", str(a), str(b), "--json", str(tmp_path / "d.json"))
     assert p.returncode == 3, p.stdout + p.stderr
     d = json.loads((tmp_path / "d.json").read_text())
