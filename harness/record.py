@@ -414,6 +414,9 @@ class ResultRecord:
     # what an ulp perturbation did: {"kind", "seed", "applied": True, "tensor", "index", "shape", "dtype",
     # "old", "new" (float.hex), "direction" ("+inf" | "-inf")}, or {"applied": False, "skipped": why}
     perturbation: dict[str, Any] | None = None
+    # --trace: {"file": "trace.jsonl" | None, "schema": "harness.trace/1", "steps": n, "truncated": bool,
+    # "why": why there is none}; None when no trace was asked for
+    trace: dict[str, Any] | None = None
     schema: str = SCHEMA
 
     # ---- construction

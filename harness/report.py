@@ -599,7 +599,7 @@ def summary_line(comparison: Comparison) -> Text:
 
 def renderable(records: list[ResultRecord], comparison: Comparison, *, per_target: bool = True,
                out: Console | None = None, trial_environment: Mapping[str, Any] | None = None,
-               width: WidthFn | None = None) -> Group:
+               width: WidthFn | None = None, parts_at: Mapping[str, str] | None = None) -> Group:
     """The report; each table narrower than ``out`` is printed as is, a wider one stacked (one block per row).
 
     ``trial_environment``: what trial_info.yaml recorded of the trial's environment, shown as a
@@ -614,6 +614,9 @@ def renderable(records: list[ResultRecord], comparison: Comparison, *, per_targe
     else:
         env_data = ([trial] if trial else []) + data
     cols = result_columns(comparison)
+    if parts_at:  # traced cells: where each parts from the baseline (harness.diverge.parts_at_column)
+        data = [{**r, "parts_at": parts_at.get(r["cell"], "—")} for r in data]
+        cols[-1:-1] = [("parts_at", "parts at")]
     env, res = environment_table(env_data), results_table(data, cols)
     parts: list[Any] = [env if _fits(out, env) else _environment_stacked(env_data)]
     if members_only:
@@ -667,9 +670,11 @@ def notes(data: list[dict[str, str]], records: list[ResultRecord], comparison: C
 
 
 def print_report(out: Console, records: list[ResultRecord], comparison: Comparison, *,
-                 trial_environment: Mapping[str, Any] | None = None, width: WidthFn | None = None) -> None:
+                 trial_environment: Mapping[str, Any] | None = None, width: WidthFn | None = None,
+                 parts_at: Mapping[str, str] | None = None) -> None:
     """The tables, then the note lines unwrapped: a reason often ends in a command to copy whole."""
-    group = renderable(records, comparison, out=out, trial_environment=trial_environment, width=width)
+    group = renderable(records, comparison, out=out, trial_environment=trial_environment, width=width,
+                       parts_at=parts_at)
     n = len(notes(rows(records, comparison), records, comparison))
     tables, lines = group.renderables[:-n], group.renderables[-n:]
     out.print(Group(*tables))

@@ -298,7 +298,8 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
     if records and not missing and all(r.status is Status.SKIPPED for r in records):
         print_nothing_ran(console(), records, bundle_dir)
     else:
-        print_report(console(), records, comparison, trial_environment=trial_env)
+        print_report(console(), records, comparison, trial_environment=trial_env,
+                     parts_at=_parts_at(records, results))
     report = record.dumps(json_report(records, comparison))
     if results is not None:
         try:
@@ -318,6 +319,28 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
     if results is not None:
         console(stderr=True).print(f"[dim]records: {results}[/dim]")
     return comparison
+
+
+def _parts_at(records: list[ResultRecord], results: Path | None) -> dict[str, str]:
+    """The Results table's "parts at" column, from the traces beside the records (--trace); {} without them."""
+    from .backends.base import read_no_follow
+    from .diverge import TRACE_FILE, TRACE_MAX_BYTES, parse_trace
+    from .errors import HarnessError
+
+    cells = [r.cell for r in records if not r.band]
+    if results is None or not any(r.trace and r.trace.get("file") for r in records):
+        return {}
+    traces: dict[str, Any] = {}
+    for cell in cells:
+        path = results / cell / TRACE_FILE
+        try:
+            text = read_no_follow(path, TRACE_MAX_BYTES)
+            traces[cell] = None if text is None else parse_trace(text, str(path))
+        except HarnessError:
+            traces[cell] = "unreadable trace"
+    from .diverge import parts_at_column
+
+    return parts_at_column(traces, cells)
 
 
 def print_nothing_ran(out: Any, records: list[ResultRecord], bundle_dir: str | None = None) -> None:

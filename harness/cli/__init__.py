@@ -97,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         cli_snapshot = None  # type: ignore[assignment]
     if cli_snapshot is not None:
         cli_snapshot.register(sub)
+    from . import diverge as cli_diverge
     from . import export as cli_export
 
     cli_export.register(sub)
+    cli_diverge.register(sub)
     return parser
 
 

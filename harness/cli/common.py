@@ -43,7 +43,7 @@ def add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", help="results directory (default: harness-results/<bundle>-<time>)")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="write all records plus the comparison as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write a Markdown table (for a pull-request comment)")
-    p.add_argument("--trace", action="store_true", help="write every training step's loss to trace.jsonl")
+    p.add_argument("--trace", action="store_true", help="write each training step's loss bits and parameter digests to trace.jsonl in the cell's directory (for harness diverge; custom trainers call ctx.on_step(model, loss))")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--timeout", default=None, metavar="SECONDS",
                    help="kill a cell that runs longer (90, 30m, 2h; default 6h); it is recorded as timeout")
@@ -149,3 +149,10 @@ def verdict_exit(comparison: Any) -> int:
         Verdict.FAILED: EXIT_RUN_FAILED, Verdict.INCOMPLETE: EXIT_RUN_FAILED, Verdict.SKIPPED: EXIT_RUN_FAILED,
         Verdict.NOT_COMPARABLE: EXIT_RUN_FAILED,  # trained on other data; --allow-data-change judges it anyway
     }[comparison.overall]
+
+
+def parting_exit(parting: Any) -> int:
+    """The exit code of ``harness diverge``: 0 when the runs never part, 3 when they do (or only evaluation drifts)."""
+    from ..diverge import Parting
+
+    return {Parting.NEVER: EXIT_OK, Parting.TRAINING: EXIT_DRIFTED, Parting.EVALUATION_ONLY: EXIT_DRIFTED}[parting]

@@ -151,11 +151,13 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
                                model_mod.build(data.n_features, data.n_targets, bundle.model, channels))
     del probe
 
-    trace_fh = open(out / "trace.jsonl", "w", encoding="utf-8") if spec.trace else None
+    from .trace import TRACE_FILE, TraceWriter
 
-    def on_step(epoch: int, step: int, loss: float) -> None:
-        if trace_fh is not None:
-            trace_fh.write(json.dumps({"epoch": epoch, "step": step, "loss": loss.hex()}) + "\n")
+    tracer = TraceWriter(out / TRACE_FILE, "reference") if spec.trace else None
+
+    def on_step(epoch: int, step: int, loss: float, model: Any) -> None:
+        if tracer is not None:
+            tracer.step(epoch, loss, model)
 
     def progress(epoch: int, epochs: int, row: dict[str, float]) -> None:
         emit("epoch", cell=spec.cell, epoch=epoch, epochs=epochs, val_loss=row.get("val_loss"))
@@ -164,11 +166,11 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
     t0 = time.perf_counter()
     try:
         net, result = train_reference(data, split, y_scaled, bundle.model, bundle.training, device,
-                                      progress=progress, on_step=on_step if trace_fh else None,
+                                      progress=progress, on_step=on_step if tracer else None,
                                       perturb=perturber if spec.perturb else None)
     finally:
-        if trace_fh is not None:
-            trace_fh.close()
+        if tracer is not None:
+            rec.trace = tracer.close()
     rec.perturbation = perturber.record("the reference model was never built")
     rec.train_s = time.perf_counter() - t0
     net.load_state_dict(result.best_state)
@@ -300,8 +302,20 @@ def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultR
     archived_metrics, archived_info = _archived_through_hooks(context(), predict, bundle, device)
     determinism.set_seed(bundle.training.seed)
     ctx = context(Perturber(spec.perturb) if spec.perturb else None)  # what the hooks did is not what the trainer did
+    if spec.trace:
+        from .trace import TRACE_FILE, TraceWriter, no_trace
+
+        ctx._tracer = TraceWriter(out / TRACE_FILE, "ctx.on_step")
     t0 = time.perf_counter()
-    result = call_hook(func, ctx, f"trainer {entry}")
+    try:
+        result = call_hook(func, ctx, f"trainer {entry}")
+    finally:
+        if ctx._tracer is not None:
+            rec.trace = ctx._tracer.close()
+            if not ctx._tracer.steps:
+                (out / TRACE_FILE).unlink(missing_ok=True)
+                rec.trace = no_trace(f"the trainer {entry} never called ctx.on_step(model, loss): no trace was "
+                                     "written (call it after each optimizer step)")
     rec.train_s = time.perf_counter() - t0
     rec.perturbation = ctx.perturbation()
     got = normalise_result(result, entry)
@@ -422,6 +436,11 @@ def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: Result
         raise RunFailed(f"the trainer command's {source} holds no metric (keys: {', '.join(map(str, mapping)) or 'none'}); "
                         "see README 'A script as the trainer' for the accepted names")
     rec.history = history
+    if spec.trace:
+        from .trace import no_trace
+
+        rec.trace = no_trace("a trainer command has no ctx.on_step hook: no trace (use a trainer function, "
+                             "trainer.entrypoint, and call ctx.on_step(model, loss) after each optimizer step)")
     _keep_custom_result(bundle, out, rec, got)
     # What the command returned for the seed's checks (it has no ctx to call): split, length, train targets.
     from . import seed_checks

@@ -30,7 +30,7 @@ from .data import Dataset, split_sizes
 from .determinism import set_seed
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
-StepFn = Callable[[int, int, float], None]
+StepFn = Callable[[int, int, float, torch.nn.Module], None]  # epoch, step, loss, model after the step
 
 
 @dataclass
@@ -154,7 +154,7 @@ def train_reference(
             total += lv * len(xb)
             count += len(xb)
             if on_step is not None:
-                on_step(epoch, step, lv)
+                on_step(epoch, step, lv, net)
         val_loss = scaled_mse(predict(net, X_val, device), Y_val)
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_loss}
         history.append(row)

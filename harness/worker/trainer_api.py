@@ -77,6 +77,19 @@ class TrainerContext:
     _checks: Checks = field(default_factory=Checks, repr=False)
     _perturber: Any = field(default=None, repr=False)  # harness.worker.perturb.Perturber of this run
     _split_seed: int | None = field(default=None, repr=False)  # the split's seed, when not ``seed`` (a seed band member)
+    _tracer: Any = field(default=None, repr=False)  # harness.worker.trace.TraceWriter under --trace, else None
+
+    def on_step(self, model: Any, loss: Any, epoch: int | None = None) -> None:
+        """Call after each optimizer step with the model and that step's loss (a tensor or a float).
+
+        Under ``--trace`` it writes the step's loss bits and the digests of the model's
+        tensors to ``trace.jsonl`` (what ``harness diverge`` reads); otherwise it does nothing.
+        A trainer that never calls it gets no trace, and its record says so.
+        """
+        if self._tracer is None:
+            return
+        value = loss.detach().item() if hasattr(loss, "detach") else loss
+        self._tracer.step(epoch, float(value), model)
 
     def perturb(self, model: Any) -> Any:
         """Call right after building (and seeding) your model, before training: returns the model.

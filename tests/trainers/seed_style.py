@@ -47,8 +47,11 @@ def train(cfg, ctx):
         model.train()
         for xb, yb in loader:
             opt.zero_grad()
-            nn.functional.mse_loss(model(xb), yb).backward()
+            loss = nn.functional.mse_loss(model(xb), yb)
+            loss.backward()
             opt.step()
+            if cfg.get("trace_hook"):  # the documented hook: the step's loss and parameters under --trace
+                ctx.on_step(model, loss, epoch=epoch)
         model.eval()
         with torch.no_grad():
             xv, yv = val_ds[:]

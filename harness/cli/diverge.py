@@ -1,0 +1,65 @@
+"""`harness diverge A B`: the first training step where two cells' runs part.
+
+Wired into the main CLI by ``harness.cli`` through :func:`register`; the comparison is
+:mod:`harness.diverge` (pure); reading the records and traces (hostile files: bounded,
+no link followed) is here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..errors import HarnessError, InputError
+from .common import parting_exit
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "diverge", help="the first training step where two cells' runs part (loss bits, then parameters), the first "
+                        "tensor that differs, and how far apart their metrics end; needs runs made with --trace",
+        description="harness diverge A B (exit 0: never part; 3: they part, or evaluation-only drift)")
+    p.add_argument("a", metavar="A", help="a cell directory of a run made with --trace (or its record.json)")
+    p.add_argument("b", metavar="B", help="the other cell directory (or record.json)")
+    p.add_argument("--json", dest="json_out", metavar="FILE", help="write the comparison as JSON")
+    p.set_defaults(func=cmd_diverge)
+
+
+def _cell(path: str, label: str) -> tuple[Any, Any]:
+    """The record and parsed trace of one cell; one line naming which and how when there is no trace."""
+    from ..backends.base import read_no_follow
+    from ..diverge import TRACE_FILE, TRACE_MAX_BYTES, parse_trace
+    from ..record import RECORD_FILE, read
+
+    p = Path(path)
+    rec_path = p / RECORD_FILE if p.is_dir() else p
+    rec = read(rec_path)
+    trace_path = rec_path.parent / TRACE_FILE
+    how = "rerun the cell with --trace (harness run/matrix ... --trace)"
+    if rec.trace is not None and rec.trace.get("file") is None and rec.trace.get("why"):
+        raise InputError(f"{label} {path}", f"has no trace: {rec.trace['why']}", hint=how)
+    try:
+        text = read_no_follow(trace_path, TRACE_MAX_BYTES)
+    except HarnessError as exc:
+        raise InputError(str(trace_path), f"refused: {exc}", hint=how) from None
+    if text is None:
+        raise InputError(f"{label} {path}", f"has no {TRACE_FILE} (the run was made without --trace)", hint=how)
+    return rec, parse_trace(text, str(trace_path))
+
+
+def cmd_diverge(args: argparse.Namespace) -> int:
+    from ..diverge import diverge, render
+    from ..record import atomic_write_text, dumps
+    from ..report import console
+
+    rec_a, trace_a = _cell(args.a, "A")
+    rec_b, trace_b = _cell(args.b, "B")
+    result = diverge(trace_a, trace_b, rec_a.retrained, rec_b.retrained, f"{rec_a.cell} ({args.a})",
+                     f"{rec_b.cell} ({args.b})")
+    out = console()
+    for line in render(result):
+        out.print(line, soft_wrap=True, markup=False, highlight=False)
+    if args.json_out:
+        atomic_write_text(args.json_out, dumps(result.to_dict()))
+    return parting_exit(result.parting)

@@ -1,0 +1,237 @@
+"""Traces and ``harness diverge``: where two runs part, read from traces a container wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from harness.diverge import Parting, diverge, parse_trace, parts_at_column, render
+from harness.errors import InputError
+from harness.worker.isa import read_host_levels
+from harness.worker.trace import TRACE_MAX_BYTES, TRACE_SCHEMA, TraceWriter, is_checkpoint
+
+from .conftest import EXAMPLE, REPO
+
+TRAINERS = REPO / "tests" / "trainers"
+METRICS = {"val_loss": 0.5, "val": {"r2": {"t0": 0.9, "t1": 0.8}}, "best_epoch": 2}
+
+
+def harness(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, timeout=600,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _header() -> str:
+    return json.dumps({"schema": TRACE_SCHEMA, "source": "reference"})
+
+
+def _trace(losses: list[str], states: list[str], tensors: dict[int, dict[str, str]]) -> str:
+    lines = [_header()]
+    for i, (loss, state) in enumerate(zip(losses, states), 1):
+        lines.append(json.dumps({"epoch": 1 + (i - 1) // 4, "step": i, "loss": loss, "state": state}))
+        if i in tensors:
+            lines.append(json.dumps({"tensors_at": i, "tensors": tensors[i]}))
+    return "\n".join(lines) + "\n"
+
+
+def _d(c: str) -> str:
+    return c * 32
+
+
+# --------------------------------------------------------------------------- constructed traces
+
+
+def test_constructed_traces_part_at_the_known_step_and_tensor() -> None:
+    loss = [(1.0 / i).hex() for i in range(1, 9)]
+    loss_b = loss[:5] + [(0.1).hex()] + loss[6:]  # loss bits differ from step 6
+    state = [_d("a")] * 8
+    state_b = state[:4] + [_d("b")] * 4  # parameters differ from step 5
+    same = {"x.bias": _d("1"), "x.weight": _d("2"), "y.weight": _d("3")}
+    moved = {**same, "x.weight": _d("9"), "y.weight": _d("8")}
+    a = parse_trace(_trace(loss, state, {4: same, 6: same, 8: same}), "a")
+    b = parse_trace(_trace(loss_b, state_b, {4: same, 6: moved, 8: moved}), "b")
+    d = diverge(a, b, METRICS, METRICS)
+    assert d.parting is Parting.TRAINING
+    assert d.parts_at == {"step": 5, "epoch": 2, "what": "parameters"}
+    assert d.loss_differs_at["step"] == 6 and d.parameters_differ_at["step"] == 5
+    assert d.first_tensor == {"name": "x.weight", "at_step": 6}  # the first checkpoint at or after step 5
+    text = "\n".join(render(d))
+    assert "parts at: epoch 2 step 5" in text and "first differing tensor: x.weight" in text
+
+
+def test_loss_bits_are_named_before_parameters_at_the_same_step() -> None:
+    a = parse_trace(_trace(["0x1.0p+0"] * 3, [_d("a")] * 3, {}), "a")
+    b = parse_trace(_trace(["0x1.0p+0", "0x1.8p+0", "0x1.0p+0"], [_d("a"), _d("c"), _d("c")], {}), "b")
+    assert diverge(a, b, METRICS, METRICS).parts_at == {"step": 2, "epoch": 1, "what": "loss"}
+
+
+def test_identical_traces_with_other_metrics_are_evaluation_only_drift() -> None:
+    text = _trace(["0x1.0p+0"] * 4, [_d("a")] * 4, {4: {"w": _d("1")}})
+    other = {**METRICS, "val": {"r2": {"t0": 0.9, "t1": 0.8000001}}}
+    d = diverge(parse_trace(text, "a"), parse_trace(text, "b"), METRICS, other)
+    assert d.parting is Parting.EVALUATION_ONLY and d.parts_at is None
+    assert d.metrics["val.r2"] == pytest.approx(1e-7) and d.metrics["val_loss"] == 0
+    assert "evaluation-only drift" in "\n".join(render(d))
+
+
+def test_identical_runs_never_part() -> None:
+    text = _trace(["0x1.0p+0"] * 4, [_d("a")] * 4, {})
+    d = diverge(parse_trace(text, "a"), parse_trace(text, "b"), METRICS, METRICS)
+    assert d.parting is Parting.NEVER and "never part" in render(d)[-1]
+
+
+def test_the_writer_marks_the_changed_tensor_of_a_real_model(tmp_path: Path) -> None:
+    traces = []
+    for name, nudge_at in (("a", None), ("b", 20)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+        w = TraceWriter(tmp_path / f"{name}.jsonl", "test")
+        for step in range(1, 31):
+            if step == nudge_at:
+                with torch.no_grad():
+                    model[1].bias.add_(1e-6)
+            w.step(1, 0.5, model)
+        assert w.close()["steps"] == 30
+        traces.append(parse_trace((tmp_path / f"{name}.jsonl").read_text(), name))
+    d = diverge(*traces, METRICS, METRICS)
+    assert d.parts_at["step"] == 20 and d.loss_differs_at is None
+    first_checkpoint = next(s for s in range(20, 31) if is_checkpoint(s))
+    assert d.first_tensor == {"name": "1.bias", "at_step": first_checkpoint}
+    assert 30 in traces[0].tensors  # the last step always carries per-tensor digests
+
+
+def test_parts_at_column_against_the_baseline() -> None:
+    base = parse_trace(_trace(["0x1p+0"] * 3, [_d("a")] * 3, {}), "a")
+    moved = parse_trace(_trace(["0x1p+0", "0x1p+1", "0x1p+1"], [_d("a"), _d("b"), _d("b")], {}), "b")
+    col = parts_at_column({"a": base, "b": moved, "c": base, "d": None, "e": "unreadable trace"}, list("abcde"))
+    assert col == {"a": "baseline", "b": "ep 1 step 2 (loss)", "c": "never", "d": "—", "e": "unreadable trace"}
+    assert parts_at_column({"a": None, "b": moved}, ["a", "b"]) == {}  # no baseline trace: no column
+
+
+def test_checkpoints_stay_logarithmic() -> None:
+    assert [s for s in range(1, 60) if is_checkpoint(s)][:20] == list(range(1, 17)) + [18, 20, 22, 24]
+    assert sum(map(is_checkpoint, range(1, 100_001))) < 16 * 14
+
+
+def test_the_writer_stops_at_its_bound(tmp_path: Path) -> None:
+    model = torch.nn.Linear(2, 1)
+    w = TraceWriter(tmp_path / "t.jsonl", "test", max_bytes=2000)
+    for _ in range(100):
+        w.step(1, 0.25, model)
+    info = w.close()
+    assert info["truncated"] is True and (tmp_path / "t.jsonl").stat().st_size <= 2000
+    t = parse_trace((tmp_path / "t.jsonl").read_text(), "t")
+    assert t.truncated and 0 < len(t.steps) < 100
+
+
+# --------------------------------------------------------------------------- hostile traces
+
+
+@pytest.mark.parametrize("text,match", [
+    ("", "empty"),
+    ('{"schema": "harness.trace/9"}\n', "not a harness trace header"),
+    (_header() + "\n[1, 2]\n", "not one JSON object"),
+    (_header() + "\n" + "[" * 100000 + "\n", "not one JSON object"),
+    (_header() + '\n{"epoch": 1, "step": 2, "loss": "0x1p+0", "state": "' + "a" * 32 + '"}\n', "step line"),
+    (_header() + '\n{"epoch": 1, "step": 1, "loss": "lots", "state": "' + "a" * 32 + '"}\n', "step line"),
+    (_header() + '\n{"epoch": 1, "step": 1, "loss": "0x1p+0", "state": "../x"}\n', "step line"),
+    (_header() + '\n{"tensors_at": 1, "tensors": {}}\n', "per-tensor line"),
+    (_header() + '\n{"epoch": 1, "step": 1, "loss": "0x1p+0", "state": "' + "a" * 32 + '", "x": 1}\n', "unexpected keys"),
+])
+def test_malformed_traces_are_one_line_refusals(text: str, match: str) -> None:
+    with pytest.raises(InputError, match=match):
+        parse_trace(text, "trace.jsonl")
+
+
+def _cell(root: Path, name: str, trace: str | None) -> Path:
+    cell = root / name
+    cell.mkdir(parents=True)
+    rec = {"schema": "harness.result/2", "cell": name, "status": "ok", "metrics": {"retrained": METRICS}}
+    (cell / "record.json").write_text(json.dumps(rec))
+    if trace is not None:
+        (cell / "trace.jsonl").write_text(trace)
+    return cell
+
+
+def test_cli_refuses_a_missing_an_oversized_and_a_linked_trace(tmp_path: Path) -> None:
+    good = _cell(tmp_path, "good", _trace(["0x1p+0"], [_d("a")], {}))
+    bare = _cell(tmp_path, "bare", None)
+    p = harness("diverge", str(good), str(bare))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.count("\n") == 1 and f"B {bare}" in p.stderr and "--trace" in p.stderr
+    big = _cell(tmp_path, "big", None)
+    with open(big / "trace.jsonl", "wb") as fh:
+        fh.truncate(TRACE_MAX_BYTES + 1)  # sparse: refused by its size before it is read
+    p = harness("diverge", str(big), str(good))
+    assert p.returncode == 2 and "bytes" in p.stderr and "Traceback" not in p.stderr
+    linked = _cell(tmp_path, "linked", None)
+    (linked / "trace.jsonl").symlink_to(good / "trace.jsonl")
+    p = harness("diverge", str(good), str(linked / "record.json"))
+    assert p.returncode == 2 and "symbolic link" in p.stderr
+
+
+def test_cli_never_part_exits_0_and_writes_json(tmp_path: Path) -> None:
+    text = _trace(["0x1p+0"] * 2, [_d("a")] * 2, {})
+    a, b = _cell(tmp_path, "a", text), _cell(tmp_path, "b", text)
+    p = harness("diverge", str(a), str(b), "--json", str(tmp_path / "d.json"))
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "d.json").read_text())["parting"] == "never part"
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+def _first_loss_difference(a: Path, b: Path) -> int | None:
+    def losses(p: Path) -> list[str]:
+        return [row["loss"] for row in map(json.loads, p.read_text().splitlines()[1:]) if "loss" in row]
+
+    return next((i for i, (x, y) in enumerate(zip(losses(a), losses(b)), 1) if x != y), None)
+
+
+@pytest.mark.skipif("avx512" not in read_host_levels(), reason="an AVX-512 host: its native ISA moves the weights")
+def test_diverge_on_two_isa_cells_of_the_example_names_where_the_loss_bits_part(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    p = harness("matrix", str(EXAMPLE), "--backend", "local", "--isa", "native,baseline", "--threads", "1",
+                "--determinism", "strict", "--trace", "--out", str(out), "--no-progress")
+    assert p.returncode == 0, p.stdout + p.stderr
+    a, b = out / "cpu-strict-t1-native", out / "cpu-strict-t1-baseline"
+    assert json.loads((a / "record.json").read_text())["trace"]["steps"] > 0
+    assert "parts at" in p.stdout  # the matrix's Results table: where each cell parts from the baseline
+    p = harness("diverge", str(a), str(b), "--json", str(tmp_path / "d.json"))
+    assert p.returncode == 3, p.stdout + p.stderr
+    d = json.loads((tmp_path / "d.json").read_text())
+    step = _first_loss_difference(a / "trace.jsonl", b / "trace.jsonl")
+    assert step is not None and d["loss_differs_at"]["step"] == step
+    assert f"step {step}:" in p.stdout and d["first_tensor"]["name"]
+    assert d["parts_at"]["step"] <= step
+
+
+def test_a_custom_trainer_traces_through_ctx_on_step_or_says_it_did_not(make_bundle, tmp_path: Path) -> None:
+    for hook in (True, False):
+        root = make_bundle(f"custom-{hook}")
+        cfg = yaml.safe_load((root / "config.yaml").read_text())
+        cfg["trainer"] = {"entrypoint": "seed_style:train", "code_dir": str(TRAINERS)}
+        cfg["trace_hook"] = hook
+        (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+        out = tmp_path / f"o-{hook}"
+        p = harness("run", str(root), "--device", "cpu", "--threads", "1", "--trace", "--out", str(out),
+                    "--no-progress")
+        assert p.returncode == 0, p.stdout + p.stderr
+        (cell,) = [c for c in out.iterdir() if (c / "record.json").is_file()]
+        rec = json.loads((cell / "record.json").read_text())
+        if hook:
+            trace = parse_trace((cell / "trace.jsonl").read_text(), "t")
+            assert trace.source == "ctx.on_step" and len(trace.steps) == rec["trace"]["steps"] > 0
+            assert trace.steps[-1].epoch == 2
+        else:
+            assert not (cell / "trace.jsonl").exists()
+            assert rec["trace"]["file"] is None and "never called ctx.on_step" in rec["trace"]["why"]
+            p = harness("diverge", str(cell), str(cell))
+            assert p.returncode == 2 and "never called ctx.on_step" in p.stderr
