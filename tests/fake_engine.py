@@ -20,8 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from harness.docker_engine import ContainerExit, ContainerFacts, ContainerRequest, ImageFacts, refusal
+import pytest
+
+from harness import record as record_io
+from harness.docker_engine import ContainerExit, ContainerFacts, ContainerRequest, Engine, ImageFacts, refusal
 from harness.errors import BackendError, BuildFailed
+
+from .records import record as compare_record
 
 NO_NVIDIA = 'could not select device driver "" with capabilities: [[gpu]]'
 OUT = "/harness/out"
@@ -296,3 +301,20 @@ class FakeEngine:
             if self.running.pop(container.id, None) is not None:
                 container.removed = True
                 self.removed_containers.append(container.id)
+
+
+# --------------------------------------------------------------------------- through `harness matrix`
+
+
+@pytest.fixture(name="engine")
+def connected_engine(monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
+    """A FakeEngine that ``Engine.connect()`` returns: the CLI runs against it in-process (shadows the real one)."""
+    fake = FakeEngine()
+    monkeypatch.setattr(Engine, "connect", classmethod(lambda cls: fake))
+    return fake
+
+
+def ok_worker(out: Path, req: Any) -> None:
+    """A container's worker that writes an ok record for the cell its spec names."""
+    spec = json.loads((out / "spec.json").read_text())
+    record_io.write(out / "record.json", compare_record(spec["cell"]))

@@ -8,20 +8,17 @@ made up for the tests; images/ pins none that could not be checked against a reg
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import pytest
 
 from harness import record as records
-from harness.docker_engine import Engine
 from harness.errors import BaseImageMismatch, BaseImageMissing, InputError
 from harness.images import build as imagebuild
 from harness.images import matrix
 from harness.record import Status
 
-from .fake_engine import FakeEngine, Outcome
-from .records import record as compare_record
+from .fake_engine import FakeEngine, Outcome, connected_engine, ok_worker  # noqa: F401 - the engine fixture
 
 D1 = "sha256:" + hashlib.sha256(b"one").hexdigest()
 D2 = "sha256:" + hashlib.sha256(b"two").hexdigest()
@@ -163,16 +160,6 @@ def test_a_pulled_image_of_another_digest_is_refused_and_removed() -> None:
 # ----------------------------------------------------------------------------- through `harness matrix`
 
 
-@pytest.fixture
-def engine(monkeypatch) -> FakeEngine:
-    fake = FakeEngine()
-    monkeypatch.setattr(Engine, "connect", classmethod(lambda cls: fake))
-    return fake
-
-
-def ok_worker(out: Path, req) -> None:
-    spec = json.loads((out / "spec.json").read_text())
-    records.write(out / "record.json", compare_record(spec["cell"]))
 
 
 def matrix_args(bundle: Path, out: Path, *extra: str) -> list[str]:

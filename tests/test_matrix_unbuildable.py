@@ -6,32 +6,17 @@ A fake engine (no Docker needed) with the two CI images already built under thei
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import pytest
-
 from harness import record as records
-from harness.docker_engine import Engine
 from harness.record import Status
 
-from .fake_engine import FakeEngine, Outcome
-from .records import record as compare_record
+from .fake_engine import FakeEngine, Outcome, connected_engine, ok_worker  # noqa: F401 - the engine fixture
 
 CPU, GPU = "cpu-torch2.13", "cu130-torch2.14"
 CUDA_CELL, CUDA_BASE = "cu124-torch2.5", "nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04"
 
 
-@pytest.fixture
-def engine(monkeypatch) -> FakeEngine:
-    fake = FakeEngine()
-    monkeypatch.setattr(Engine, "connect", classmethod(lambda cls: fake))
-    return fake
-
-
-def ok_worker(out: Path, req) -> None:
-    spec = json.loads((out / "spec.json").read_text())
-    records.write(out / "record.json", compare_record(spec["cell"]))
 
 
 def test_built_cells_run_without_a_wheelhouse_and_unbuildable_ones_are_skipped(engine: FakeEngine, make_bundle,
