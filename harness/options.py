@@ -18,7 +18,7 @@ from .errors import InputError, UsageError
 MODES = ("strict", "warn", "default")  # determinism modes; the worker reads this list too
 ISA_LEVELS = ("native", "avx512", "avx2", "baseline")  # CPU instruction sets, best first (harness.worker.isa)
 ISA_ALIASES = {"default": "baseline", "avx512_core": "avx512", "sse41": "baseline", "sse4_2": "baseline"}
-BACKENDS = ("docker", "local")
+BACKENDS = ("docker", "local", "slurm")
 THREADS_ALL = ("all", "default", "auto")
 DEFAULT_TIMEOUT_S = 6 * 3600.0  # per cell; generous, so only a hung trainer meets it
 _UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -196,6 +196,29 @@ class ImageOptions:
 
 
 @dataclass(frozen=True)
+class SlurmFlags:
+    """The Slurm backend's flags; each one given overrides the site file's ``slurm:`` key (harness.slurm_site)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None
+    mem: str | None = None
+    cpus_per_task: str | None = None
+    runtime: str | None = None
+    python: str | None = None
+    gpu_types: tuple[str, ...] | None = None  # --gpu-types a100,h100: every cell on each type (the hardware axis)
+
+    def given(self) -> dict[str, Any]:
+        """The settings given as flags, as site-file keys (the axis aside)."""
+        return {k: v for k, v in self.__dict__.items() if v is not None and k != "gpu_types"}
+
+    @property
+    def any(self) -> bool:
+        return bool(self.given()) or self.gpu_types is not None
+
+
+@dataclass(frozen=True)
 class RunOptions:
     """One ``harness run`` or ``harness matrix`` invocation."""
 
@@ -220,6 +243,7 @@ class RunOptions:
     band_seeds: int = 0  # seed band members (other training seeds) to run with them
     band_from: str | None = None  # a band measured earlier, reused
     band_only: bool = False  # `harness band`: the band's members alone, no cells
+    slurm: SlurmFlags = field(default_factory=SlurmFlags)  # --backend slurm: partition, time, runtime ...
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

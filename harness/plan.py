@@ -40,6 +40,7 @@ class Cell:
     seed: int | None = None  # a seed band member: overrides training.seed
     perturb: dict[str, Any] | None = None  # an ulp band member: {"kind": "ulp", "seed": s}
     band: dict[str, Any] | None = None  # a band member: {"kind": "ulp" | "seed", "member": i}
+    gpu: str | None = None  # slurm: the GPU type the cell's job asks for (a GRES type); None: no GPU
 
 
 @dataclass
@@ -66,7 +67,7 @@ class Job:
 class Plan:
     """What one invocation will run, in order, before anything runs."""
 
-    backend: str  # "local" | "docker"
+    backend: str  # "local" | "docker" | "slurm"
     cells: list[Cell]  # every planned cell, skipped ones included, in table order
     builds: dict[str, Any] = field(default_factory=dict)  # image cell name -> images.build.BuildPlan
     blocked: dict[str, HarnessError] = field(default_factory=dict)  # cell name -> why it cannot start
@@ -74,6 +75,7 @@ class Plan:
     # image cell name -> its ``harness:<cell>`` alias, for wheelhouse cells given no wheelhouse: the
     # runner uses the image already built under that alias (unchecked), or skips the cell without one
     aliases: dict[str, str] = field(default_factory=dict)
+    slurm: Any = None  # slurm_site.SlurmSettings, for the slurm backend
 
     @property
     def runnable(self) -> list[Cell]:
@@ -229,6 +231,12 @@ def refuse_inapplicable(opts: RunOptions) -> None:
     elif opts.axes.devices is not None:
         raise UsageError("--devices is for the local backend; an image cell runs on its GPU when the host has one",
                          hint="use --gpus none to keep every image cell on the CPU")
+    if opts.backend != "slurm" and opts.slurm.any:
+        raise UsageError("--partition, --account, --qos, --time, --mem, --cpus-per-task, --runtime, --python and "
+                         "--gpu-types only apply to the slurm backend", hint="drop them, or use --backend slurm")
+    if opts.backend == "slurm" and opts.images.memory:
+        raise UsageError("--memory limits a container of the docker backend; a Slurm job's memory is --mem",
+                         hint="use --mem 16G (or mem: in the site file's slurm section)")
 
 
 # --------------------------------------------------------------------------- effects: the host's facts
@@ -336,10 +344,72 @@ def _image_plan(opts: RunOptions) -> Plan:
     return Plan("docker", cells, builds=builds, blocked=blocked, options=opts.images, aliases=aliases)
 
 
+def slurm_cells(pairs: Sequence[tuple[Any, str | None, bool]], modes: Sequence[str], threads: Sequence[int | None],
+                tf32: Sequence[bool], repeats: int, isa: Sequence[str | None] = (None,)) -> list[Cell]:
+    """Image cells on GPU types: ``(image cell, gpu type, name it)`` pairs x the axes (pure).
+
+    The same image on two GPU types is two cells, ``<cell>-<type>`` (the hardware axis); a
+    type the matrix entry names itself (``gpu: a100``) keeps the cell's name. What runs is
+    decided on the node: a GPU cell's device is ``auto`` (cuda when the node's torch sees one).
+    """
+    cells: list[Cell] = []
+    seen: set[str] = set()
+    for ic, gpu, named in pairs:
+        device = "cpu" if ic.device == "cpu" else "auto"
+        for c in image_run_cells([ic], modes, threads, tf32, repeats, {ic.name: device}, {}, {}, isa):
+            if named and gpu:
+                c.name = f"{ic.name}-{gpu}{c.name[len(ic.name):]}"
+            if c.name in seen:
+                continue
+            seen.add(c.name)
+            c.gpu = gpu
+            if gpu:
+                c.labels["gpu"] = gpu
+            cells.append(c)
+    return cells
+
+
+def _slurm_plan(opts: RunOptions) -> Plan:
+    from . import slurm_site
+    from .images import build as imagebuild
+    from .images import matrix
+
+    site = matrix.load_site_config(opts.images.site_config)["slurm"] if opts.images.site_config else None
+    settings = slurm_site.settings(site, opts.slurm.given(), str(opts.images.site_config or "site config"))
+    for t in opts.slurm.gpu_types or ():
+        slurm_site.split_gpu(f"cell@{t}")  # a GPU type becomes part of a cell's name: checked as one
+    wanted = [slurm_site.split_gpu(entry) for entry in opts.cells or ()]
+    image_cells = load_image_cells(opts.images, list(dict.fromkeys(n for n, _ in wanted)) or None)
+    by_name = {ic.name: ic for ic in image_cells}
+    chosen = [(by_name[n], g) for n, g in wanted] if wanted else [(ic, None) for ic in image_cells]
+    pairs: list[tuple[Any, str | None, bool]] = []
+    for ic, gpu in chosen:
+        if opts.slurm.gpu_types and gpu is None:
+            pairs += [(ic, t, True) for t in opts.slurm.gpu_types]
+        else:
+            pairs.append((ic, gpu or ic.gpu, gpu is not None))
+    ax = opts.axes
+    cells = slurm_cells(pairs, ax.modes or IMAGE_DEFAULT_MODES, ax.threads or (None,), ax.tf32, ax.repeats,
+                        ax.isa or (None,))
+    builds: dict[str, Any] = {}
+    blocked: dict[str, HarnessError] = {}
+    if settings.runtime == "docker":  # the node builds (or finds) the cell's image from this plan
+        wheelhouses = wheelhouse_dirs(opts.images.wheelhouses, image_cells)
+        for ic in image_cells:
+            try:
+                builds[ic.name] = imagebuild.plan_build(ic, matrix.REPO_ROOT, wheelhouses.get(ic.name))
+            except HarnessError as exc:
+                blocked.update({c.name: exc for c in cells if c.image.name == ic.name})
+    return Plan("slurm", cells, builds=builds, blocked=blocked, options=opts.images, slurm=settings)
+
+
 def make_plan(opts: RunOptions) -> Plan:
     """Turn the options into cells for ``opts.backend`` (reads the host's facts, builds nothing)."""
     refuse_inapplicable(opts)
-    plan = _local_plan(opts) if opts.backend == "local" else _image_plan(opts)
+    if opts.backend == "slurm":
+        plan = _slurm_plan(opts)
+    else:
+        plan = _local_plan(opts) if opts.backend == "local" else _image_plan(opts)
     if not plan.cells:
         raise UsageError("no cells to run", hint="check --cells / --devices")
     return plan

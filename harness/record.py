@@ -417,6 +417,11 @@ class ResultRecord:
     # --trace: {"file": "trace.jsonl" | None, "schema": "harness.trace/1", "steps": n, "truncated": bool,
     # "why": why there is none}; None when no trace was asked for
     trace: dict[str, Any] | None = None
+    # the Slurm backend's job: {"job_id", "state" (sacct's, e.g. COMPLETED, CANCELLED, TIMEOUT), "node",
+    # "gpu_type" (asked for), "gres" (the GPU types sacct says it was given), "job_gpus" (SLURM_JOB_GPUS on the
+    # node), "exit_code", "elapsed", "runtime" (python | docker), "reused_from" (the run whose record this is)};
+    # None for the other backends
+    slurm: dict[str, Any] | None = None
     schema: str = SCHEMA
 
     # ---- construction

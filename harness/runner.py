@@ -156,6 +156,10 @@ def make_backend(plan: Plan) -> Any:
         from .backends.local import LocalBackend
 
         return LocalBackend()
+    if plan.backend == "slurm":
+        from .backends.slurm import SlurmBackend
+
+        return SlurmBackend(plan.slurm, plan.builds, offline=bool(plan.options and plan.options.offline))
     from .backends.docker import DockerBackend
     from .docker_engine import Engine
 

@@ -167,7 +167,8 @@ def test_base_image_substitution_star_and_per_cell():
 def test_site_config(tmp_path):
     path = tmp_path / "site.yaml"
     path.write_text('base_images:\n  "*": local/debian-py:bookworm\n  cu124-torch2.5: site/cuda:12.4\n')
-    assert load_site_config(path) == {"base_images": {"*": "local/debian-py:bookworm", "cu124-torch2.5": "site/cuda:12.4"}}
+    assert load_site_config(path) == {"base_images": {"*": "local/debian-py:bookworm", "cu124-torch2.5": "site/cuda:12.4"},
+                                      "slurm": None}
     path.write_text("bases: {}\n")
     with pytest.raises(InputError, match="unknown key.*bases"):
         load_site_config(path)

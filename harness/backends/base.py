@@ -1,5 +1,5 @@
 """The one small interface every backend implements (local processes, Docker,
-and later a cluster scheduler).
+and a Slurm cluster).
 
 :meth:`Backend.run` is the one skeleton: lay out the cell's directory, write
 the :class:`~harness.record.RunSpec`, launch, relay the worker's output,
@@ -43,6 +43,10 @@ class Launch:
     timed_out: bool = False  # the launcher killed it at the job's timeout
     image: ImageInfo | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # fields for the record (host_paths ...)
+    # when the worker left no record: what the launcher saw it as (a Slurm job cancelled or out of
+    # time is interrupted or timeout, not failed) and where it went wrong ("slurm"); None: failed, "run"
+    status: Status | None = None
+    kind: str | None = None
 
 
 def relay(line: str, on_event: EventFn | None, log: TextIO, tail: deque[str]) -> None:
@@ -201,6 +205,13 @@ class Backend(ABC):
 
     def run(self, cell: Cell, job: Job, on_event: EventFn | None = None) -> ResultRecord:
         """Run one cell to completion and return its record (also on disk)."""
+        launched, log_tail, wall_s = self.execute(cell, job, on_event)
+        return self.finish(cell, job, launched, log_tail, wall_s)
+
+    def execute(self, cell: Cell, job: Job, on_event: EventFn | None = None) -> tuple[Launch, str, float]:
+        """The first half of :meth:`run`: a fresh cell directory, ``spec.json``, the launch, the worker's
+        output relayed into ``worker.log``. Returns how it ended, the log's tail and the wall time.
+        (The Slurm backend runs this half on the node and :meth:`finish` where it was submitted.)"""
         out = job.cell_dir(cell)
         self.make_cell_dir(out)  # fresh: never read a previous run's record, never follow its links
         spec_path = out / "spec.json"
@@ -209,7 +220,7 @@ class Backend(ABC):
         t0 = time.perf_counter()
         with create_no_follow(out / "worker.log") as log:
             launched = self.launch(cell, job, spec_path, lambda line: relay(line, on_event, log, tail))
-        return self.finish(cell, job, launched, "".join(tail), time.perf_counter() - t0)
+        return launched, "".join(tail), time.perf_counter() - t0
 
     def finish(self, cell: Cell, job: Job, launched: Launch, log_tail: str, wall_s: float) -> ResultRecord:
         """The worker's record, or a failure record when it left none (crash, OOM kill, never started)."""
@@ -228,7 +239,7 @@ class Backend(ABC):
                 problem = f"the worker's record is unusable: {exc.one_line()}"
         if rec is None:
             rec = ResultRecord.without_metrics(
-                cell.name, Status.FAILED, "run",
+                cell.name, launched.status or Status.FAILED, launched.kind or "run",
                 launched.reason or problem or failure_reason(launched.exit_status, log_tail),
                 exit_status=launched.exit_status, log_tail=log_tail[-record.LOG_TAIL_CHARS:] or None,
                 image=launched.image.tag if launched.image else None)

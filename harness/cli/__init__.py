@@ -19,8 +19,8 @@ from .. import __version__
 from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, HarnessError, InputError, Interrupted, UsageError
 from ..options import (DEFAULT_TIMEOUT_S, Axes, RunOptions, parse_band, parse_cells, parse_count, parse_devices,
                        parse_isa, parse_modes, parse_repeats, parse_tf32, parse_threads, parse_timeout)
-from .common import (EXIT_CODES_HELP, add_allow_data_change, add_common, add_docker, add_inputs, image_options,
-                     report_options, tolerances, verdict_exit)
+from .common import (EXIT_CODES_HELP, add_allow_data_change, add_common, add_docker, add_inputs, add_slurm, image_options,
+                     report_options, slurm_flags, tolerances, verdict_exit)
 
 ISA_HELP = ("CPU instruction sets the CPU kernels may use, e.g. native,avx2,baseline (native, avx512, avx2, "
             "baseline; default: no ISA axis); a level this CPU lacks is skipped")
@@ -46,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_mat = sub.add_parser("matrix", help="run every cell of a matrix and tabulate how the environment moves the metrics")
     add_common(p_mat)
-    p_mat.add_argument("--backend", choices=("docker", "local"), default="docker",
-                       help="docker: pinned images (default); local: axes that vary inside this environment")
-    p_mat.add_argument("--cells", help="docker: comma-separated cell names (default: every cell of the matrix)")
+    p_mat.add_argument("--backend", choices=("docker", "local", "slurm"), default="docker",
+                       help="docker: pinned images (default); local: axes that vary inside this environment; "
+                            "slurm: each cell a Slurm job (see the slurm backend flags)")
+    p_mat.add_argument("--cells", help="docker, slurm: comma-separated cell names (default: every cell of the matrix); "
+                                       "slurm: CELL@GPU_TYPE routes a cell to a GPU type")
     p_mat.add_argument("--devices", help="local: comma-separated devices (default: cpu, plus cuda when visible)")
     p_mat.add_argument("--determinism", default=None,
                        help="modes to compare: strict, warn, default (local default: strict,default; docker: strict)")
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_mat.add_argument("--tf32", default=None, help="CUDA cells: off, on or off,on (default off,on; CPU cells ignore it)")
     p_mat.add_argument("--isa", default=None, help=ISA_HELP)
     add_docker(p_mat)
+    add_slurm(p_mat)
     p_mat.set_defaults(func=cmd_matrix)
 
     p_band = sub.add_parser(
@@ -146,7 +149,8 @@ def run_options(args: argparse.Namespace, *, single: bool, band_only: bool = Fal
                       progress=not args.no_progress,
                       resume=args.resume, strict_config=getattr(args, "strict_config", False),
                       timeout=parse_timeout(args.timeout) if args.timeout is not None else DEFAULT_TIMEOUT_S,
-                      band=band, band_seeds=seeds, band_from=band_from, band_only=band_only)
+                      band=band, band_seeds=seeds, band_from=band_from, band_only=band_only,
+                      slurm=slurm_flags(args))
 
 
 # --------------------------------------------------------------------------- commands

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_DRIFTED, EXIT_OK, EXIT_RUN_FAILED
-from ..options import ImageOptions, ReportOptions, base_image_overrides
+from ..options import ImageOptions, ReportOptions, SlurmFlags, base_image_overrides
 
 EXIT_CODES_HELP = """exit codes:
   0    every cell that ran reproduced (skipped cells are listed, not counted against it),
@@ -99,6 +99,32 @@ def add_docker(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus", default="all", help="GPUs to request for CUDA cells: all, none, or device ids like 0,1")
     g.add_argument("--memory", help="memory limit per container, e.g. 8g")
     add_offline(g)
+
+
+def add_slurm(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("slurm backend (each flag overrides the site file's slurm: key)")
+    g.add_argument("--partition", help="Slurm partition for every cell's job")
+    g.add_argument("--account", help="Slurm account to charge")
+    g.add_argument("--qos", help="Slurm quality of service")
+    g.add_argument("--time", metavar="LIMIT", help="Slurm time limit per cell: minutes, 30m, 2h or H:MM:SS (default 1h)")
+    g.add_argument("--mem", help="memory per cell's job, e.g. 16G")
+    g.add_argument("--cpus-per-task", metavar="N", help="CPUs per cell's job")
+    g.add_argument("--runtime", choices=("python", "docker"), default=None,
+                   help="what runs on the node: python (the node's interpreter, default) or docker (the cell's image)")
+    g.add_argument("--python", metavar="PATH", help="the node's python, with harness and submitit installed "
+                                                    "(default: the one running harness)")
+    g.add_argument("--gpu-types", metavar="T1,T2", help="run every cell on each GPU type (GRES types), "
+                                                        "as CELL-T1, CELL-T2; or name one per cell: --cells CELL@T1")
+
+
+def slurm_flags(args: argparse.Namespace) -> SlurmFlags:
+    """The slurm backend's flags as typed options (a flag left out: the site file decides)."""
+    types = getattr(args, "gpu_types", None)
+    return SlurmFlags(partition=getattr(args, "partition", None), account=getattr(args, "account", None),
+                      qos=getattr(args, "qos", None), time=getattr(args, "time", None), mem=getattr(args, "mem", None),
+                      cpus_per_task=getattr(args, "cpus_per_task", None), runtime=getattr(args, "runtime", None),
+                      python=getattr(args, "python", None),
+                      gpu_types=tuple(dict.fromkeys(t.strip() for t in types.split(",") if t.strip())) if types else None)
 
 
 def add_offline(p: Any) -> None:

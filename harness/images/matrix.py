@@ -30,8 +30,9 @@ COMPAT_SCHEMA = "harness.compat/1"
 TORCH_INDEX = "https://download.pytorch.org/whl"
 SOURCES = ("index", "wheelhouse")
 DEVICES = ("auto", "cpu")
-CELL_KEYS = {"torch", "variant", "python", "base_image", "base_digest", "source", "device"}
+CELL_KEYS = {"torch", "variant", "python", "base_image", "base_digest", "source", "device", "gpu"}
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_GPU_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,100}$")  # must also be a valid Docker tag
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -64,6 +65,8 @@ class ImageCell:
     # The base image's pinned manifest digest (``sha256:...``): the build uses ``repo@digest``,
     # pulled by that digest when missing (unless --offline). None: the base is used by its name.
     base_digest: str | None = None
+    # The GPU type a cluster backend routes the cell to (``gpu: a100``); None: any node, no GPU asked for.
+    gpu: str | None = None
 
     @property
     def is_cuda(self) -> bool:
@@ -275,7 +278,16 @@ def resolve_cell(name: str, spec: dict[str, Any], compat: Compat, defaults: dict
         ptx=str(vinfo["ptx"]) if vinfo.get("ptx") else None,
         compat_floor=_compat_floor_of(cuda, cinfo),
         base_digest=digest,
+        gpu=_gpu_type(full.get("gpu"), here),
     )
+
+
+def _gpu_type(value: Any, here: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _GPU_RE.match(value):
+        raise InputError(here, f"gpu {value!r} is not a GPU type name", hint="e.g. gpu: a100 (a GRES type of the cluster)")
+    return value
 
 
 def parse_matrix(data: Any, compat: Compat, where: str = "images/matrix.yaml") -> list[ImageCell]:
@@ -348,18 +360,19 @@ def apply_base_images(cells: list[ImageCell], overrides: dict[str, str]) -> list
 
 
 def parse_site_config(data: Any, where: str) -> dict[str, Any]:
-    """Check a site config: ``{base_images: {"*": IMAGE, CELL: IMAGE}}``."""
+    """Check a site config: ``{base_images: {"*": IMAGE, CELL: IMAGE}, slurm: {...}}``
+    (``slurm`` is checked by :mod:`harness.slurm_site`)."""
     if data is None:
-        return {"base_images": {}}
+        return {"base_images": {}, "slurm": None}
     if not isinstance(data, dict):
         raise InputError(where, "must be a mapping", hint='e.g. base_images: {"*": local/debian-py:bookworm}')
-    unknown = sorted(set(data) - {"base_images"})
+    unknown = sorted(set(data) - {"base_images", "slurm"})
     if unknown:
-        raise InputError(where, f"unknown key(s) {', '.join(unknown)}", hint="allowed: base_images")
+        raise InputError(where, f"unknown key(s) {', '.join(unknown)}", hint="allowed: base_images, slurm")
     bases = data.get("base_images") or {}
     if not isinstance(bases, dict) or not all(isinstance(v, str) and v for v in bases.values()):
         raise InputError(where, "base_images must map a cell name or \"*\" to an image name")
-    return {"base_images": {str(k): v for k, v in bases.items()}}
+    return {"base_images": {str(k): v for k, v in bases.items()}, "slurm": data.get("slurm")}
 
 
 def load_site_config(path: str | Path) -> dict[str, Any]:
