@@ -161,3 +161,30 @@ def base_image(docker_client) -> str:
     except docker.errors.ImageNotFound:
         _docker_absent(f"base image {name} is not in the engine (debootstrap ... | docker import - {name})")
     return name
+
+
+# =============================================================================
+# Slurm fixture (tests/test_slurm.py). Locally it skips where Slurm is absent;
+# with CI=true an absent or unresponsive cluster FAILS (.ci/run starts one).
+# =============================================================================
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> str:
+    """The partition of a running Slurm cluster whose nodes have the GRES types alpha and beta."""
+    import shutil
+    import subprocess
+
+    missing = [t for t in ("sinfo", "sbatch", "sacct", "scancel") if shutil.which(t) is None]
+    if missing:
+        _docker_absent(f"Slurm is not installed here (no {', '.join(missing)}; .ci/slurm-up.sh starts one)")
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P %G %T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        _docker_absent(f"sinfo failed: {exc}")
+    lines = out.stdout.split()
+    if out.returncode != 0 or not lines:
+        _docker_absent(f"the Slurm cluster does not answer ({(out.stderr or out.stdout).strip()[:200]})")
+    if "gpu:alpha" not in out.stdout or "gpu:beta" not in out.stdout:
+        _docker_absent(f"the Slurm cluster has no GRES types alpha and beta: {out.stdout.strip()[:200]}")
+    return lines[0].rstrip("*")
