@@ -271,16 +271,20 @@ class SlurmBackend(Backend):
         }
         if isinstance(outcome, Launch):
             outcome.extra = {**outcome.extra, "slurm": slurm}
-            return outcome
+            if state == "COMPLETED" or outcome.exit_status == 0:
+                return outcome
+            # The job was stopped (scancel, the time limit) and the worker killed with it: the state says why.
         where = f" on {slurm['node']}" if slurm["node"] else " before it started"
         reason = f"Slurm job {sub.job_id} ended {state}{where}"
         if state == "TIMEOUT":
             reason += f" at its time limit ({self.settings.time_min} min; raise time: in the site file or --time)"
-        elif isinstance(outcome, BaseException):
+        elif isinstance(outcome, Exception):
             reason += f": {_one_line(outcome)}"
         elif state in ("FAILED", "NODE_FAIL", "OUT_OF_MEMORY") and info.get("ExitCode"):
             reason += f" (exit code {info['ExitCode']})"
-        return Launch(None, reason=reason, status=Status(status_of(state)), kind="slurm", extra={"slurm": slurm})
+        ran = outcome if isinstance(outcome, Launch) else Launch(None)
+        return Launch(ran.exit_status, reason=reason, image=ran.image, status=Status(status_of(state)), kind="slurm",
+                      extra={**ran.extra, "slurm": slurm})
 
     @staticmethod
     def _final(job_id: str, wait_s: float = 15.0) -> dict[str, str]:
