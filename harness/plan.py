@@ -234,6 +234,9 @@ def refuse_inapplicable(opts: RunOptions) -> None:
     if opts.backend != "slurm" and opts.slurm.any:
         raise UsageError("--partition, --account, --qos, --time, --mem, --cpus-per-task, --runtime, --python and "
                          "--gpu-types only apply to the slurm backend", hint="drop them, or use --backend slurm")
+    if opts.backend == "slurm" and opts.images.gpus != "all":
+        raise UsageError("--gpus chooses GPUs of this host for the docker backend; Slurm gives each job its GPUs",
+                         hint="route a cell to a GPU type with --cells CELL@TYPE or --gpu-types")
     if opts.backend == "slurm" and opts.images.memory:
         raise UsageError("--memory limits a container of the docker backend; a Slurm job's memory is --mem",
                          hint="use --mem 16G (or mem: in the site file's slurm section)")

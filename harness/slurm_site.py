@@ -73,8 +73,12 @@ class SlurmSettings:
 
     def job_params(self, gpu: str | None, name: str = "harness") -> dict[str, Any]:
         """submitit ``SlurmExecutor`` parameters for a cell that asks for ``gpu`` (None: no GPU)."""
+        # submitit asks Slurm to signal every process of the job (USR2) before its time limit, which
+        # would kill the worker early and end the job COMPLETED; a harmless signal instead lets the
+        # time limit end it as TIMEOUT.
+        extra: dict[str, Any] = {"signal": "CONT@30"}
         params: dict[str, Any] = {"job_name": name, "time": self.time_min, "stderr_to_stdout": True,
-                                  "signal_delay_s": 30}
+                                  "additional_parameters": extra}
         for key in ("partition", "account", "qos", "mem", "cpus_per_task", "array_parallelism"):
             value = getattr(self, key)
             if value is not None:
@@ -86,7 +90,7 @@ class SlurmSettings:
             if self.gpu_request == "gres":
                 params["gres"] = f"gpu:{kind}:{self.gpus_per_cell}"
             else:
-                params["additional_parameters"] = {"gpus": f"{kind}:{self.gpus_per_cell}"}
+                extra["gpus"] = f"{kind}:{self.gpus_per_cell}"
         return params
 
 

@@ -70,9 +70,10 @@ def test_gpu_routing_by_gres_or_gpus_with_the_sites_type_names():
     s = SlurmSettings(partition="p", time_min=10, gpu_types={"a100": "a100_80g"})
     params = s.job_params("a100")
     assert params["gres"] == "gpu:a100_80g:1" and params["partition"] == "p" and params["time"] == 10
-    assert "gres" not in s.job_params(None) and "additional_parameters" not in s.job_params(None)
+    assert "gres" not in s.job_params(None) and "gpus" not in s.job_params(None)["additional_parameters"]
     by_gpus = SlurmSettings(gpu_request="gpus", gpus_per_cell=2).job_params("h100")
-    assert by_gpus["additional_parameters"] == {"gpus": "h100:2"} and "gres" not in by_gpus
+    assert by_gpus["additional_parameters"]["gpus"] == "h100:2" and "gres" not in by_gpus
+    assert params["additional_parameters"]["signal"] == "CONT@30"  # no USR2 that would kill the worker early
 
 
 @pytest.mark.parametrize("state, status", [
@@ -122,6 +123,7 @@ def harness(*args: str, cwd: Path | None = None, timeout: int = 600, **kw) -> su
     (["--backend", "slurm", "--cells", f"{CELL}@a b"], "--cells"),
     (["--backend", "slurm", "--cells", CELL, "--time", "soon"], "slurm.time"),
     (["--backend", "slurm", "--cells", CELL, "--memory", "8g"], "--mem"),
+    (["--backend", "slurm", "--cells", CELL, "--gpus", "0"], "--cells CELL@TYPE"),
 ])
 def test_bad_slurm_flags_are_refused_in_one_line_before_anything_is_submitted(args, words, example, tmp_path):
     res = harness("matrix", str(example), "-o", str(tmp_path / "out"), *args)
@@ -276,3 +278,17 @@ def test_a_job_past_its_time_limit_is_a_timeout_row(slurm_cluster, example, tmp_
     rec = records(out)[f"{CELL}-beta"]
     assert rec.status is Status.TIMEOUT and rec.slurm["state"] == "TIMEOUT"
     assert "time limit" in rec.error.message and "hang: about to hang" in (rec.error.log_tail or "")
+
+
+@pytest.mark.slurm
+@pytest.mark.docker
+def test_runtime_docker_runs_the_cell_in_its_image_on_the_node(slurm_cluster, docker_client, wheelhouse_root,
+                                                                base_image, example, tmp_path):
+    out = tmp_path / "out"
+    res = harness("matrix", str(example), "--backend", "slurm", "--runtime", "docker", "--cells", f"{CELL}@alpha",
+                  "--partition", slurm_cluster, "--time", "30", "--wheelhouse", str(wheelhouse_root),
+                  "--base-image", base_image, "--no-progress", "-o", str(out), timeout=1800)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rec = records(out)[f"{CELL}-alpha"]
+    assert rec.ok and rec.env.in_container and rec.image is not None and rec.image.tag.startswith("harness:")
+    assert rec.slurm["state"] == "COMPLETED" and rec.slurm["gres"] == ["alpha"] and rec.slurm["runtime"] == "docker"

@@ -94,3 +94,9 @@ def test_only_the_docker_module_imports_the_docker_sdk() -> None:
     _, external = import_graph()
     users = sorted(m for m, pkgs in external.items() if "docker" in pkgs)
     assert users == ["harness.docker_engine"]
+
+
+def test_only_the_slurm_backend_imports_submitit() -> None:
+    _, external = import_graph()
+    users = sorted(m for m, pkgs in external.items() if "submitit" in pkgs)
+    assert users == ["harness.backends.slurm"]

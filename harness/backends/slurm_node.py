@@ -13,6 +13,7 @@ Another runtime (Apptainer, Pyxis) is one more branch of :func:`inner_backend`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -52,8 +53,8 @@ def inner_backend(runtime: str, python: str | None, cell: Cell, docker: Mapping[
 
 
 def _near_time_limit(signum: int, frame: Any) -> None:
-    # submitit asks for this signal before the time limit; its own handler would end the job as
-    # failed before Slurm ends it as TIMEOUT. The worker runs on until the limit.
+    # A site may still send submitit's USR2 (scontrol, an sbatch default): submitit's own handler would
+    # end the job as failed before Slurm ends it as TIMEOUT. The worker runs on until the limit.
     print("harness: Slurm signals the job's time limit is near", flush=True)
 
 
@@ -67,6 +68,11 @@ def run_on_node(runtime: str, python: str | None, cell: Cell, job: Job,
     print(NODE_PREFIX + json.dumps(node_facts(os.environ, socket.gethostname())), flush=True)
     if hasattr(signal, "SIGUSR2"):
         signal.signal(signal.SIGUSR2, _near_time_limit)
+    if runtime == "docker" and cell.device == "auto" and cell.image is not None:
+        # The container's device is chosen before it starts (a GPU device request): by this node's GPUs.
+        from ..images import matrix
+
+        cell = dataclasses.replace(cell, device=matrix.effective_device(cell.image, matrix.detect_host()))
     backend = inner_backend(runtime, python, cell, docker)
     try:
         if runtime == "docker":
