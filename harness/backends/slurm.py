@@ -138,7 +138,7 @@ class SlurmBackend(Backend):
         entries = dict(earlier)
         groups: dict[str, list[tuple[Cell, str]]] = {}
         for cell in cells:
-            params = self.settings.job_params(cell.gpu, name=f"harness-{cell.name}")
+            params = self.settings.job_params(cell.gpu, name=f"harness-{results.name}")
             key = cell_key(cell, job, params, self.settings.runtime, self.python)
             before = earlier.get(cell.name)
             if before is not None and before.get("key") == key and self._pick_up(cell, job, before):
