@@ -292,3 +292,37 @@ def test_runtime_docker_runs_the_cell_in_its_image_on_the_node(slurm_cluster, do
     rec = records(out)[f"{CELL}-alpha"]
     assert rec.ok and rec.env.in_container and rec.image is not None and rec.image.tag.startswith("harness:")
     assert rec.slurm["state"] == "COMPLETED" and rec.slurm["gres"] == ["alpha"] and rec.slurm["runtime"] == "docker"
+
+
+@pytest.mark.slurm
+def test_a_rerun_waits_again_for_a_job_a_killed_run_left_running(slurm_cluster, example, tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, COLUMNS="220", PYTHONPATH=str(REPO))
+    args = hang_args(example, out, f"{CELL}@alpha", slurm_cluster)
+    first = subprocess.Popen([sys.executable, "-m", "harness", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=env)
+    try:
+        jobs = wait_running(out, 1)
+    finally:
+        first.kill()  # SIGKILL: no chance to cancel its job
+        first.wait()
+    job_id = jobs[f"{CELL}-alpha"]
+    assert squeue_state(job_id) == "RUNNING"
+    err_path = tmp_path / "second.err"
+    with open(err_path, "w") as err:
+        second = subprocess.Popen([sys.executable, "-m", "harness", *args, "--resume"], stdout=subprocess.PIPE,
+                                  stderr=err, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while "still queued or running" not in _read(err_path) and second.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
+        subprocess.run(["scancel", job_id], check=True)
+        second.communicate(timeout=120)
+    finally:
+        if second.poll() is None:
+            second.kill()
+    stderr = _read(err_path)
+    assert f"Slurm job {job_id} of an earlier run is still queued or running" in stderr, stderr
+    assert jobs_of(out)[f"{CELL}-alpha"] == job_id  # not resubmitted
+    assert second.returncode == 1 and records(out)[f"{CELL}-alpha"].slurm["state"] == "CANCELLED"

@@ -193,7 +193,8 @@ class SlurmBackend(Backend):
             self.note(f"cell {cell.name}: Slurm job {job_id} completed in an earlier run; its record is reused")
             return True
         folder = before.get("folder")
-        if job_id and isinstance(folder, str) and is_active(sacct(job_id).get("State", "COMPLETED")):
+        ours = isinstance(folder, str) and Path(folder).parent == Path(job.results_dir) / SUBMITIT_DIR
+        if job_id and ours and is_active(sacct(job_id).get("State", "COMPLETED")):  # its pickles are unpickled here
             import submitit
 
             self.jobs[cell.name] = submitit.SlurmJob(folder=folder, job_id=job_id)
