@@ -40,7 +40,7 @@ from .slurm_node import NODE_PREFIX, run_on_node
 JOBS_FILE = "slurm-jobs.json"
 JOBS_SCHEMA = "harness.slurm-jobs/1"
 SUBMITIT_DIR = ".slurm"  # OUT/.slurm/<run id>/: submitit's pickles and the jobs' logs, fresh per run
-POLL_MAX_S = 5.0
+POLL_MAX_S = 2.0  # sacct at most every 2 s while a cell is waited for
 
 
 def cell_key(cell: Cell, job: Job, params: dict[str, Any], runtime: str, python: str) -> str:
@@ -262,9 +262,10 @@ class SlurmBackend(Backend):
         relay(final=True)
         default = "COMPLETED" if isinstance(outcome, Launch) else "FAILED"
         state = state_word(info.get("State") or default)
+        nodelist = info.get("NodeList")
         slurm = {
             "job_id": str(sub.job_id), "state": state,
-            "node": node.get("SLURMD_NODENAME") or (info.get("NodeList") if info.get("NodeList") not in (None, "", "None assigned") else None),
+            "node": node.get("SLURMD_NODENAME") or (nodelist if nodelist not in (None, "", "None assigned") else None),
             "gpu_type": self.settings.gpu_type(cell.gpu) if cell.gpu else None,
             "gres": gres_of(info.get("AllocTRES")), "job_gpus": node.get("SLURM_JOB_GPUS"),
             "partition": node.get("SLURM_JOB_PARTITION"), "exit_code": info.get("ExitCode"),
