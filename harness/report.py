@@ -105,6 +105,10 @@ def _env_summary(rec: ResultRecord) -> dict[str, str]:
     where = rec.backend or "?"
     if rec.image is not None and rec.image.tag:
         where = f"{where}:{rec.image.tag}"
+    slurm = rec.slurm or {}
+    if slurm.get("node") or slurm.get("gres"):  # the node and the GPU type the job was given
+        gres = ",".join(str(g) for g in slurm.get("gres") or [])
+        where += f" {slurm.get('node') or '?'}" + (f" gpu:{gres}" if gres else "")
     return {
         "where": where,
         "python": env.python or "—",

@@ -203,6 +203,8 @@ def test_two_cells_on_two_gpu_types_then_a_rerun_reuses_their_records(slurm_clus
         assert rec.slurm["node"] and rec.env.hostname and rec.slurm["job_gpus"] is not None
     assert recs[f"{CELL}-alpha"].slurm["job_id"] != recs[f"{CELL}-beta"].slurm["job_id"]
     assert f"{CELL}-alpha" in res.stdout and f"{CELL}-beta" in res.stdout  # one table, both cells
+    node = recs[f"{CELL}-alpha"].slurm["node"]
+    assert f"slurm {node} gpu:alpha" in res.stdout and f"slurm {node} gpu:beta" in res.stdout
     jobs = jobs_of(out)
 
     again = harness(*args, "--resume")
