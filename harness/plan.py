@@ -192,7 +192,7 @@ def band_cells(baseline: Cell, n: int, seeds: int, training_seed: int) -> list[C
                 skip_reason=baseline.skip_reason, warning=baseline.warning,
                 labels={**base_labels, "band": kind, "member": i, "band_of": baseline.name},
                 seed=training_seed + i if kind == "seed" else None,
-                perturb={"kind": "ulp", "seed": i} if kind == "ulp" else None, band=band))
+                perturb={"kind": "ulp", "seed": i} if kind == "ulp" else None, band=band, gpu=baseline.gpu))
     return out
 
 

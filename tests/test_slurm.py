@@ -103,6 +103,15 @@ def test_cells_on_gpu_types_are_the_hardware_axis():
     assert [c.device for c in cells] == ["auto", "auto", "cpu"]
 
 
+def test_band_members_run_on_the_baselines_gpu_type():
+    from harness.plan import band_cells
+
+    ic = ImageCell(name="c", torch="2.5.1", variant="cpu", cuda=None, python="3.11", base_image="b", source="index",
+                   index_url=None, min_driver=None, arch=(), device="cpu")
+    base = slurm_cells([(ic, "a100", True)], ["strict"], [None], [False], 1)[0]
+    assert {m.gpu for m in band_cells(base, 2, 1, 0)} == {"a100"}
+
+
 def test_cells_name_a_gpu_type_with_at():
     assert split_gpu("cpu-torch2.13@alpha") == ("cpu-torch2.13", "alpha")
     assert split_gpu("cpu-torch2.13") == ("cpu-torch2.13", None)
