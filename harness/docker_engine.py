@@ -18,10 +18,13 @@ The SDK itself is imported lazily, so ``import harness`` stays quick.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import re
 import shutil
+import subprocess
+import tempfile
 import threading
 import warnings
 from collections import deque
@@ -48,6 +51,15 @@ NO_NVIDIA_HINT = "install nvidia-container-toolkit, or run with --gpus none"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _STEP = re.compile(r"^Step (\d+/\d+) : (\S+)")
 _NONZERO = re.compile(r"returned a non-zero code: (\d+)")
+# BuildKit's plain progress: "#7 [3/6] RUN ...", "#7 [builder 3/6] RUN ...", "#7 ERROR: ... exit code: 1".
+_BK_STEP = re.compile(r"^#(\d+) \[(?:[^\]]*\s)?(\d+/\d+)\] (\S+)")
+_BK_ERROR = re.compile(r"^#(\d+) ERROR: (.*)")
+_BK_EXIT = re.compile(r"exit code: (\d+)")
+# Which docker CLI builds with BuildKit: $HARNESS_DOCKER_CLI, else the first of these that can.
+DOCKER_CLI_ENV = "HARNESS_DOCKER_CLI"
+DOCKER_CLI_CANDIDATES = ("docker", "/usr/bin/docker", "/usr/local/bin/docker")
+BUILDKIT_HINT = ("install the docker buildx plugin, or use a docker CLI older than 23 (it has BuildKit built in: "
+                 "Debian 12's docker.io, /usr/bin/docker), or point $HARNESS_DOCKER_CLI at one")
 
 
 def _sdk() -> Any:
@@ -141,6 +153,99 @@ def failure_reason(error: str, last_step: str | None) -> str:
     return error.strip().splitlines()[-1][:300] if error.strip() else "unknown builder error"
 
 
+def is_step_line(line: str) -> bool:
+    """Whether a build log line starts a step (classic ``Step 3/9 : RUN``, BuildKit ``#7 [3/9] RUN``)."""
+    return bool(_STEP.match(line) or _BK_STEP.match(line))
+
+
+def buildkit_failure(lines: Iterable[str]) -> str | None:
+    """The short reason of a failed BuildKit build from its plain log: the failing step and its exit code (pure)."""
+    steps: dict[str, str] = {}
+    first_error: str | None = None
+    for line in lines:
+        m = _BK_STEP.match(line)
+        if m:
+            steps[m.group(1)] = f"step {m.group(2)} ({m.group(3)})"
+            continue
+        e = _BK_ERROR.match(line)
+        if e and first_error is None:
+            code = _BK_EXIT.search(e.group(2))
+            step = steps.get(e.group(1), "a build step")
+            first_error = (f"{step} exited with code {code.group(1)}" if code
+                           else f"{step}: {e.group(2).strip()[:240]}")
+    return first_error
+
+
+def cli_version_major(text: str) -> int | None:
+    """The major version in ``docker --version`` output (``Docker version 20.10.24+dfsg1, build ...``), pure."""
+    m = re.search(r"version (\d+)\.", text)
+    return int(m.group(1)) if m else None
+
+
+@functools.lru_cache(maxsize=None)
+def buildkit_cli(explicit: str | None = None) -> tuple[str, ...] | None:
+    """The argv that starts a BuildKit build (``docker buildx build --load`` or ``docker build``), or None.
+
+    A CLI with the buildx plugin builds through it; one older than 23 has BuildKit built
+    in (``DOCKER_BUILDKIT=1``); a newer one without buildx cannot build with BuildKit at all.
+    """
+    seen: set[str] = set()
+    for name in ([explicit] if explicit else DOCKER_CLI_CANDIDATES):
+        path = shutil.which(name)
+        if not path or os.path.realpath(path) in seen:
+            continue
+        seen.add(os.path.realpath(path))
+        try:
+            if subprocess.run([path, "buildx", "version"], capture_output=True, timeout=30).returncode == 0:
+                return (path, "buildx", "build", "--load")
+            version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        major = cli_version_major(version)
+        if major is not None and major < 23:
+            return (path, "build")
+    return None
+
+
+def buildkit_command(cli: tuple[str, ...], context: str | Path, tag: str, buildargs: dict[str, str],
+                     labels: dict[str, str], iidfile: str | Path, *, nocache: bool = False) -> list[str]:
+    """The docker CLI command of a BuildKit build (pure): plain progress, image id to ``iidfile``, never pulls."""
+    cmd = [*cli, "--progress=plain", "--iidfile", str(iidfile), "-t", tag, "-f", str(Path(context) / "Dockerfile")]
+    for k in sorted(labels):
+        cmd += ["--label", f"{k}={labels[k]}"]
+    for k in sorted(buildargs):
+        cmd += ["--build-arg", f"{k}={buildargs[k]}"]
+    if nocache:
+        cmd.append("--no-cache")
+    return cmd + [str(context)]
+
+
+@dataclass(frozen=True)
+class ImageUsage:
+    """One image's disk use as the engine reports it (``docker system df -v``)."""
+
+    id: str
+    tags: tuple[str, ...]
+    labels: dict[str, str]
+    size: int  # every layer of the image
+    shared_size: int  # the part of it other images hold too (-1: the engine did not say)
+    created: int = 0  # unix seconds
+
+    @property
+    def unique_size(self) -> int | None:
+        """What removing this image alone would free; None when the engine did not say."""
+        return self.size - self.shared_size if self.shared_size >= 0 else None
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    """The engine's disk use: its images, all their layers counted once, and build cache no image holds."""
+
+    images: list[ImageUsage]
+    layers_size: int
+    build_cache: int
+
+
 def device_requests(gpus: str) -> list[Any]:
     """SDK device requests for a ``gpus`` spec (``all``, ``none``, ``0,1``)."""
     docker = _sdk()
@@ -201,8 +306,11 @@ def refusal(request: ContainerRequest, text: str) -> str:
 class Engine:
     """A connected Docker engine; every SDK call of the harness goes through one of these."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, builder: str = "auto") -> None:
         self.client = client
+        # "auto": BuildKit through the docker CLI when one can, else the SDK's classic builder;
+        # "buildkit" / "classic": that one only.
+        self.builder = builder
         self._running: list[Any] = []  # containers started by run() and not yet removed
 
     @classmethod
@@ -306,11 +414,59 @@ class Engine:
 
     def build(self, context: str | Path, tag: str, buildargs: dict[str, str], labels: dict[str, str] | None = None,
               *, nocache: bool = False, on_log: Callable[[str], None] | None = None, cell: str | None = None) -> str:
-        """Build ``context``'s Dockerfile as ``tag`` (classic builder, never pulls); returns the image id.
+        """Build ``context``'s Dockerfile as ``tag`` with BuildKit (the docker CLI, never pulls); returns the image id.
 
-        The build stream is read to its end; a failure raises :class:`BuildFailed`
-        with a short reason (the failing step and its exit code) and the log tail.
+        BuildKit leaves no intermediate images: bind-mounted wheels are in no layer and
+        there are no stage images to dangle. Its copy of the build context (gigabytes of
+        wheels) is dropped from the build cache afterwards. Without a BuildKit CLI, a
+        Dockerfile that needs none (an archived classic recipe) goes through the SDK's
+        classic builder. A failure raises :class:`BuildFailed` with a short reason (the
+        failing step and its exit code) and the log tail.
         """
+        cli = buildkit_cli(os.environ.get(DOCKER_CLI_ENV) or None) if self.builder != "classic" else None
+        if cli is not None:
+            return self._build_buildkit(cli, context, tag, buildargs, labels or {}, nocache=nocache, on_log=on_log,
+                                        cell=cell)
+        if self.builder != "classic" and "--mount=" in (Path(context) / "Dockerfile").read_text(errors="replace"):
+            raise BackendError(f"building {tag} needs BuildKit (its Dockerfile bind-mounts the wheels), "
+                               "and no docker CLI here builds with it", hint=BUILDKIT_HINT)
+        return self._build_classic(context, tag, buildargs, labels, nocache=nocache, on_log=on_log, cell=cell)
+
+    def _build_buildkit(self, cli: tuple[str, ...], context: str | Path, tag: str, buildargs: dict[str, str],
+                        labels: dict[str, str], *, nocache: bool, on_log: Callable[[str], None] | None,
+                        cell: str | None) -> str:
+        log: deque[str] = deque(maxlen=200)
+        seen: list[str] = []  # step and error lines, for the failure reason
+        with tempfile.TemporaryDirectory(prefix="harness-iid-") as tmp:
+            iidfile = Path(tmp) / "iid"
+            cmd = buildkit_command(cli, context, tag, buildargs, labels, iidfile, nocache=nocache)
+            env = {**os.environ, "DOCKER_BUILDKIT": "1"}
+            try:
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                        text=True, errors="replace", stdin=subprocess.DEVNULL)
+            except OSError as exc:
+                raise BackendError(f"could not start {cli[0]} to build {tag}: {exc}", hint=BUILDKIT_HINT) from exc
+            assert proc.stdout is not None
+            with proc:
+                for raw in proc.stdout:
+                    line = _ANSI.sub("", raw.rstrip("\n"))
+                    if not line.strip():
+                        continue
+                    log.append(line)
+                    if _BK_STEP.match(line) or _BK_ERROR.match(line):
+                        seen.append(line)
+                    if on_log:
+                        on_log(line)
+            image_id = iidfile.read_text().strip() if iidfile.exists() else ""
+        if proc.returncode != 0 or not image_id:
+            reason = buildkit_failure(seen) or (log[-1][:300] if log else f"{cli[0]} exited with {proc.returncode}")
+            raise BuildFailed(cell, tag, reason, log)
+        self.prune_build_cache(types=("source.local",))
+        return image_id
+
+    def _build_classic(self, context: str | Path, tag: str, buildargs: dict[str, str],
+                       labels: dict[str, str] | None = None, *, nocache: bool = False,
+                       on_log: Callable[[str], None] | None = None, cell: str | None = None) -> str:
         docker = _sdk()
         log: deque[str] = deque(maxlen=200)
         last_step: list[str] = []
@@ -352,6 +508,67 @@ class Engine:
         if facts is None:
             raise BuildFailed(cell, tag, "the build ended without producing the image", log)
         return facts.id
+
+    def disk_usage(self) -> DiskUsage:
+        """Every image's size and shared size, the layers' total, the build cache (``docker system df -v``)."""
+        docker = _sdk()
+        try:
+            df = self.client.df()
+        except docker.errors.DockerException as exc:
+            raise BackendError(f"Docker engine failed to report disk usage: {_first_line(exc)}") from exc
+        images = [
+            ImageUsage(id=str(i.get("Id", "")), tags=tuple(t for t in (i.get("RepoTags") or ()) if t != "<none>:<none>"),
+                       labels=dict(i.get("Labels") or {}), size=int(i.get("Size") or 0),
+                       shared_size=int(i["SharedSize"]) if i.get("SharedSize") is not None else -1,
+                       created=int(i.get("Created") or 0))
+            for i in df.get("Images") or ()
+        ]
+        cache = sum(int(r.get("Size") or 0) for r in df.get("BuildCache") or () if not r.get("Shared"))
+        return DiskUsage(images=images, layers_size=int(df.get("LayersSize") or 0), build_cache=cache)
+
+    def layers(self, image_id: str) -> list[tuple[str, int]]:
+        """The image's history as ``(key, bytes)`` from the bottom: equal keys are one layer two images share.
+
+        A key hashes the entry and every entry below it, so it names a layer and its
+        parents the way the layer store does, without reading the store.
+        """
+        import hashlib
+
+        docker = _sdk()
+        try:
+            history = self.client.api.history(image_id)
+        except docker.errors.DockerException as exc:
+            raise BackendError(f"Docker engine failed to read the history of {image_id[:19]}: {_first_line(exc)}") from exc
+        out, key = [], ""
+        for entry in reversed(history or []):
+            key = hashlib.sha256(f"{key}|{entry.get('Created')}|{entry.get('CreatedBy')}|{entry.get('Size')}"
+                                 .encode()).hexdigest()
+            out.append((key, int(entry.get("Size") or 0)))
+        return out
+
+    def prune_dangling_images(self, label: str, *, dry_run: bool = False) -> tuple[list[str], int]:
+        """Remove untagged images carrying ``label``; the ids removed and the bytes freed."""
+        docker = _sdk()
+        try:
+            if dry_run:
+                found = self.client.images.list(filters={"dangling": True, "label": label})
+                return [i.id for i in found], 0
+            res = self.client.images.prune(filters={"dangling": True, "label": label})
+        except docker.errors.DockerException as exc:
+            raise BackendError(f"Docker engine failed to prune dangling images: {_first_line(exc)}") from exc
+        deleted = [d.get("Deleted") for d in (res.get("ImagesDeleted") or ()) if d.get("Deleted")]
+        return deleted, int(res.get("SpaceReclaimed") or 0)
+
+    def prune_build_cache(self, types: tuple[str, ...] = ()) -> int:
+        """Drop BuildKit cache that no image holds and no build uses (only of ``types`` when given); bytes freed.
+
+        Best effort: an engine without BuildKit or without the filter frees nothing.
+        """
+        try:
+            res = self.client.api.prune_builds(filters={"type": list(types)} if types else None)
+        except Exception:  # noqa: BLE001 - an old engine without build-cache pruning
+            return 0
+        return int((res or {}).get("SpaceReclaimed") or 0)
 
     def pull(self, ref: str) -> None:
         """Pull ``ref`` (``repo@sha256:...``) from its registry; a BackendError when it cannot (no registry, no such digest).

@@ -258,7 +258,7 @@ def test_default_memory_limit_is_most_of_memtotal() -> None:
 
 def test_the_image_strips_setuid_bits() -> None:
     text = (Path(__file__).resolve().parents[1] / "Dockerfile.cuda").read_text()
-    final = text[text.rindex("FROM runtime"):]
+    final = text[text.rindex("\nFROM "):]
     assert "-perm /6000" in final and "chmod a-s" in final
 
 

@@ -162,20 +162,49 @@ def test_context_files(repo, wheelhouse):
     ctx.mkdir()
     imagebuild.write_context(p, ctx)
     written = {f.relative_to(ctx).as_posix() for f in ctx.rglob("*") if f.is_file()}
-    assert written == set(p.context_files) | {"wheelhouse/.keep"}
+    assert written == set(p.context_files) | {"wheelhouse/.keep", "cuda/.keep"}
+    assert not (ctx / "cuda" / "requirements.lock").exists()  # a CPU cell has no CUDA libraries
     assert (ctx / "Dockerfile").read_text() == p.dockerfile
     # hardlinked, not copied
     assert (ctx / "wheelhouse" / "joblib-1.6.0-py3-none-any.whl").stat().st_ino == (wheelhouse / "joblib-1.6.0-py3-none-any.whl").stat().st_ino
 
 
-def test_dockerfile_is_classic_builder_safe():
+def test_dockerfile_mounts_the_wheels_and_pulls_no_frontend():
     text = (REPO_ROOT / "Dockerfile.cuda").read_text()
     code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
-    assert "--mount" not in code
+    # No wheel in any layer and no builder stage to leave dangling: the wheels are bind-mounted.
+    assert "--mount=type=bind,source=wheelhouse" in code and "--mount=type=bind,source=cuda" in code
+    assert "COPY wheelhouse" not in code and code.count("FROM ") == 1
+    # The harness source (new with every commit) comes after the venv, so rebuilds reuse it.
+    assert code.index("source=cuda") < code.index("source=wheelhouse") < code.index("COPY harness/")
+    # Nothing cell-specific is in scope of the CUDA layer, so cells of one CUDA version share it.
+    assert code.index("ARG TORCH_VERSION") > code.index("source=cuda")
     assert not any(line.replace(" ", "").lower().startswith("#syntax=") for line in text.splitlines())
     for arg in ("BASE_IMAGE", "PYTHON", "INSTALL_SOURCE", "TORCH_INDEX_URL", "TORCH_VERSION"):
         assert f"ARG {arg}" in text
     assert 'ENTRYPOINT ["python", "-m", "harness.worker"]' in text and "USER 10001" in text
+
+
+def test_cuda_wheels_get_their_own_lock_and_directory(repo, tmp_path):
+    wh = tmp_path / "wh" / "cu130-torch2.14"
+    wh.mkdir(parents=True)
+    for name in ("torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl", "nvidia_cublas-13.1.1.3-py3-none-manylinux_2_27_x86_64.whl",
+                 "cuda_toolkit-13.0.3.0-py2.py3-none-any.whl", "numpy-2.4.6-cp311-cp311-manylinux_2_28_x86_64.whl"):
+        (wh / name).write_bytes(name.encode())
+    p = plan(repo, wh, "cu130-torch2.14")
+    cuda_lock = imagebuild.cuda_lock_text(p.lock, p.wheels)
+    assert [line.split("==")[0] for line in cuda_lock.splitlines()] == ["cuda-toolkit", "nvidia-cublas"]
+    assert all(line in p.lock.splitlines() for line in cuda_lock.splitlines())
+    assert "cuda/requirements.lock" in p.context_files
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    imagebuild.write_context(p, ctx)
+    assert sorted(f.name for f in (ctx / "cuda").iterdir()) == [
+        ".keep", "cuda_toolkit-13.0.3.0-py2.py3-none-any.whl", "nvidia_cublas-13.1.1.3-py3-none-manylinux_2_27_x86_64.whl",
+        "requirements.lock"]
+    assert (ctx / "cuda" / "requirements.lock").read_text() == cuda_lock
+    # the CUDA layer of two cells with the same CUDA wheels sees identical input, whatever their torch
+    assert imagebuild.cuda_lock_text(p.lock.replace("torch==2.14.1", "torch==2.15.0"), p.wheels) == cuda_lock
 
 
 def test_wheel_digests_are_cached(wheelhouse, monkeypatch):
@@ -264,7 +293,7 @@ class FakeAPI:
 
 class FakeClient:
     def __init__(self, fail=(), bases=("local/debian-py:bookworm",)):
-        self.engine = Engine(self)
+        self.engine = Engine(self, builder="classic")
         self.tags = {b: "sha256:base" for b in bases}
         self.fail = set(fail)
         self.builds: list[dict] = []

@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..docker_engine import Engine
+from ..docker_engine import Engine, is_step_line
 from ..images import compose as compose_mod
 from ..images import build as imagebuild
+from ..images import footprint
 from ..images import matrix
 from ..errors import EXIT_OK, EXIT_RUN_FAILED, BackendError, HarnessError
 from ..images.matrix import ImageCell
@@ -91,11 +92,60 @@ def cmd_list(args: argparse.Namespace) -> int:
         table.add_row(c.name, c.torch, c.variant, c.python, source, base, state, where)
     out = _console()
     out.print(table)
+    if engine is not None:
+        _print_footprint(out, engine, *_current_tags(cells, wh))
     gpus = ", ".join(f"{g['name']} ({g.get('capability')})" for g in host["gpus"]) or "none"
     out.print(f"host: driver {host['driver'] or '-'}, GPUs: {gpus}")
     if engine_note:
         out.print(f"[yellow]{engine_note}[/yellow]")
     return EXIT_OK
+
+
+def _current_tags(cells: list[ImageCell], wh: dict[str, Path]) -> tuple[set[str], set[str]]:
+    """The content tags the current sources produce, and the cells whose tag that is known for."""
+    current = set()
+    for c in cells:
+        try:
+            current.add(imagebuild.plan_build(c, REPO_ROOT, wh.get(c.name)).tag)
+        except HarnessError:
+            continue  # without its wheelhouse the current tag is unknown: keep that cell's images
+    known = {c.name for c in cells if any(t.startswith(f"{imagebuild.REPOSITORY}:{c.name}-") for t in current)}
+    return current, known
+
+
+def footprint_rows(engine: Engine, current: set[str], known: set[str]) -> tuple[list[footprint.ImageRow], int]:
+    """Every harness image with its size, own size and state, and their total (shared layers once)."""
+    usage = engine.disk_usage()
+    rows, layers = [], []
+    for img in usage.images:
+        if not footprint.is_harness_image(img.tags, img.labels):
+            continue
+        cell = img.labels.get(imagebuild.LABEL_CELL) or next(
+            (c for c in map(footprint.content_tag_cell, img.tags) if c), "?")
+        rows.append(footprint.ImageRow(img.id, img.tags, cell, img.size, img.unique_size,
+                                       footprint.image_state(img.tags, current, known)))
+        layers.append(engine.layers(img.id))
+    rows.sort(key=lambda r: (r.cell, r.state != footprint.CURRENT, r.tags))
+    return rows, footprint.union_size(layers)
+
+
+def _print_footprint(out: Any, engine: Engine, current: set[str], known: set[str]) -> None:
+    from rich.table import Table
+
+    rows, total = footprint_rows(engine, current, known)
+    table = Table(title="harness images in the engine")
+    for col in ("cell", "tags", "image", "size", "own", "state"):
+        table.add_column(col, overflow="fold", justify="right" if col in ("size", "own") else "left")
+    colour = {footprint.STALE: "yellow", footprint.DANGLING: "red"}
+    for r in rows:
+        state = f"[{colour[r.state]}]{r.state}[/{colour[r.state]}]" if r.state in colour else r.state
+        table.add_row(r.cell, ", ".join(r.tags) or "<none>", r.id.split(":")[-1][:12], footprint.human_bytes(r.size),
+                      footprint.human_bytes(r.unique), state)
+    out.print(table)
+    removable = [r for r in rows if r.state in (footprint.STALE, footprint.DANGLING)]
+    out.print(f"total: {footprint.human_bytes(total)} in {len(rows)} harness image(s), shared layers counted once; "
+              f"{len(removable)} stale or dangling (own bytes {footprint.human_bytes(sum(r.unique or 0 for r in removable))}; "
+              "`harness images prune` removes them)")
 
 
 def _image_state(engine: Engine | None, cell: ImageCell, wheelhouse: Path | None) -> str:
@@ -131,7 +181,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             status.update(f"{cell}: starting")
             status.start()
         elif event == "log":
-            if text.startswith("Step "):
+            if is_step_line(text):
                 err.print(f"  [dim]{text[:160]}[/dim]")
             status.update(f"{cell}: {text.strip()[:100]}")
         else:
@@ -198,31 +248,40 @@ def stale_tags(image_tags: dict[str, list[str]], current: set[str], cells: set[s
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Remove containers of dead runs, and outdated content-addressed images of the selected cells
-    (each code change leaves one)."""
+    """Remove containers of dead runs, outdated content-addressed images of the selected cells (each
+    code change leaves one), untagged images the harness built, and with --build-cache the engine's
+    build cache that no image holds; print what that freed."""
     cells = load_cells(args)
-    wh = wheelhouses(args, cells)
-    current = set()
-    for c in cells:
-        try:
-            current.add(imagebuild.plan_build(c, REPO_ROOT, wh.get(c.name)).tag)
-        except HarnessError:
-            continue  # without its wheelhouse the current tag is unknown: keep that cell's images
-    known = {c.name for c in cells if any(t.startswith(f"{imagebuild.REPOSITORY}:{c.name}-") for t in current)}
+    current, known = _current_tags(cells, wheelhouses(args, cells))
     engine = Engine.connect()
     out = _console()
     from ..backends.docker import LABEL_RUN, remove_dead_containers
 
+    verb = "would remove" if args.dry_run else "removed"
+    before = engine.disk_usage()
     # Containers a killed run left behind (SIGKILL, a crash) first: they may hold the images.
     for f in remove_dead_containers(engine, dry_run=args.dry_run):
-        out.print(f"{'would remove' if args.dry_run else 'removed'} container {f.id[:12]} "
+        out.print(f"{verb} container {f.id[:12]} "
                   f"({f.labels.get('org.harness.cell', '?')}, run {f.labels.get(LABEL_RUN, '?')}: its run is gone)")
-    stale = stale_tags(engine.images(imagebuild.REPOSITORY), current, known)
+    own = {i.id: i.unique_size for i in before.images}
+    ids = engine.images(imagebuild.REPOSITORY)
+    stale = stale_tags(ids, current, known)
     for tag in stale:
         if not args.dry_run:
             engine.remove_image(tag)
-        out.print(f"{'would remove' if args.dry_run else 'removed'} {tag}")
-    out.print(f"{len(stale)} outdated image tag(s); kept {len(current)} current")
+        image = next((i for i, tags in ids.items() if tag in tags), "")
+        out.print(f"{verb} {tag} (own bytes {footprint.human_bytes(own.get(image))})")
+    dangling, _ = engine.prune_dangling_images(imagebuild.LABEL_CELL, dry_run=args.dry_run)
+    for image in dangling:
+        out.print(f"{verb} dangling image {image.split(':')[-1][:12]} (own bytes {footprint.human_bytes(own.get(image))})")
+    cache = 0
+    if args.build_cache and not args.dry_run:
+        cache = engine.prune_build_cache()
+    after = before if args.dry_run else engine.disk_usage()
+    freed = max(0, before.layers_size - after.layers_size) + cache
+    out.print(f"{len(stale)} outdated image tag(s), {len(dangling)} dangling image(s); kept {len(current)} current; "
+              + ("nothing removed (--dry-run)" if args.dry_run else
+                 f"freed {footprint.human_bytes(freed)}" + (f" (build cache {footprint.human_bytes(cache)})" if cache else "")))
     return EXIT_OK
 
 
@@ -258,9 +317,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="exit 1 when the file differs from what would be written")
     p.set_defaults(func=cmd_compose)
 
-    p = sub.add_parser("prune", help="remove containers of dead runs, and harness images that no selected cell's current inputs produce")
+    p = sub.add_parser("prune", help="remove containers of dead runs, harness images that no selected cell's current "
+                                     "inputs produce, and untagged images the harness built; print the bytes freed")
     _common(p)
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.add_argument("--build-cache", action="store_true",
+                   help="also drop the engine's build cache that no image holds (all of it, not only the harness's)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("wheelhouse", help="pip-download the wheels of cells for offline builds")

@@ -4,7 +4,7 @@ Pure part: :func:`plan_build` turns a cell (+ its wheelhouse) into a :class:`Bui
 build args, the pip lock, the files of the build context and the tag
 ``harness:<cell>-<12 hex>`` hashed over everything that goes into the image.
 Effects part: :func:`build` / :func:`ensure_images` build through a
-:class:`~harness.docker_engine.Engine` (classic builder), and :func:`make_wheelhouse`
+:class:`~harness.docker_engine.Engine` (BuildKit), and :func:`make_wheelhouse`
 runs ``pip download`` on the host. :func:`write_context` lays out the build context;
 ``snapshot rebuild`` goes through the same :func:`recipe_plan` and :func:`build_plan_image`.
 
@@ -155,6 +155,23 @@ def lock_text(cell: ImageCell, wheels: Iterable[Wheel]) -> str:
     return "".join(lines)
 
 
+def is_cuda_wheel(name: str) -> bool:
+    """Whether a project is one of CUDA's own libraries (``nvidia-*``, ``cuda-*``): the same for
+    every torch of one CUDA version, so it goes into the layer those cells share."""
+    return name.startswith(("nvidia-", "cuda-"))
+
+
+def cuda_lock_text(lock: str, wheels: Iterable[Wheel]) -> str:
+    """The lines of ``lock`` that pin CUDA libraries (``cuda/requirements.lock``); empty without any (pure).
+
+    No header: two cells of one CUDA version must get byte-identical text to share the layer.
+    """
+    cuda = {w.name for w in wheels if is_cuda_wheel(w.name)}
+    lines = [ln for ln in lock.splitlines(keepends=True)
+             if not ln.startswith("#") and ln.split("==", 1)[0].strip() in cuda]
+    return "".join(lines)
+
+
 def build_args(cell: ImageCell, source: str) -> dict[str, str]:
     """The Dockerfile.cuda build args for a cell (``source``: wheelhouse | index).
 
@@ -290,7 +307,9 @@ def recipe_plan(cell: ImageCell, tag: str | None, dockerfile: bytes, buildargs: 
     wheels = tuple(sorted(wheels, key=lambda w: w.filename))
     sources = dict(sorted(sources.items()))
     digest = input_hash(dockerfile, buildargs, wheels, {k: p.read_bytes() for k, p in sources.items()}, lock)
-    files = ("Dockerfile", "requirements.lock", *(f"wheelhouse/{w.filename}" for w in wheels), *sources)
+    cuda = [f"cuda/{w.filename}" for w in wheels if is_cuda_wheel(w.name)]
+    files = ("Dockerfile", "requirements.lock", *(f"wheelhouse/{w.filename}" for w in wheels),
+             *(["cuda/requirements.lock", *cuda] if cuda else []), *sources)
     return BuildPlan(
         cell=cell, tag=tag or f"{REPOSITORY}:{cell.name}-{digest[:12]}", buildargs=dict(buildargs),
         dockerfile=dockerfile.decode(), context_files=files, lock=lock, input_hash=digest,
@@ -310,14 +329,24 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def write_context(plan: BuildPlan, dest: Path) -> None:
-    """Lay out the build context in ``dest``: Dockerfile, lock, wheelhouse/, harness/."""
+    """Lay out the build context in ``dest``: Dockerfile, lock, wheelhouse/, cuda/, harness/.
+
+    ``cuda/`` holds the CUDA libraries' wheels again (hard links) with their own lock, so the
+    layer that installs them depends on nothing else. Archived classic recipes ignore it.
+    """
     (dest / "Dockerfile").write_bytes(plan.dockerfile.encode())
     (dest / "requirements.lock").write_text(plan.lock)
-    (dest / "wheelhouse").mkdir()
-    # COPY of an empty directory is fine, but keep one file so every tar tool keeps the dir.
-    (dest / "wheelhouse" / ".keep").write_text("")
+    for sub in ("wheelhouse", "cuda"):
+        (dest / sub).mkdir()
+        # An empty directory is fine, but keep one file so every tar tool keeps the dir.
+        (dest / sub / ".keep").write_text("")
     for w in plan.wheels:
         _link_or_copy(w.path, dest / "wheelhouse" / w.filename)
+        if is_cuda_wheel(w.name):
+            _link_or_copy(w.path, dest / "cuda" / w.filename)
+    cuda_lock = cuda_lock_text(plan.lock, plan.wheels)
+    if cuda_lock:
+        (dest / "cuda" / "requirements.lock").write_text(cuda_lock)
     for rel, path in plan.sources.items():
         _link_or_copy(path, dest / rel)
 
