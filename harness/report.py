@@ -316,7 +316,7 @@ def results_table(data: list[dict[str, str]], columns: list[tuple[str, str]] | N
     columns = columns or RESULT_COLUMNS
     t = Table(title=RESULTS_TITLE, box=box.SIMPLE_HEAD, title_justify="left")
     for key, head in columns:
-        t.add_column(head, justify="left" if key in ("cell", "weights", "verdict", "vs_band") else "right", no_wrap=True)
+        t.add_column(head, justify="left" if key in ("cell", "weights", "verdict", "vs_band", "loss_curve") else "right", no_wrap=True)
     for r in data:
         cells: list[Any] = [r[k] for k, _ in columns]
         cells[-1] = Text(r["verdict"], style=VERDICT_STYLE.get(Verdict(r["verdict"]), ""))
@@ -618,6 +618,7 @@ def renderable(records: list[ResultRecord], comparison: Comparison, *, per_targe
         data = [{**r, "parts_at": parts_at.get(r["cell"], "—")} for r in data]
         cols[-1:-1] = [("parts_at", "parts at")]
     env, res = environment_table(env_data), results_table(data, cols)
+    res = _with_loss_column(res, records, comparison, data, cols, out)
     parts: list[Any] = [env if _fits(out, env) else _environment_stacked(env_data)]
     if members_only:
         mt = members_table(records)
@@ -639,6 +640,33 @@ def renderable(records: list[ResultRecord], comparison: Comparison, *, per_targe
         parts.append(Text(f"≠ {line}", style="yellow"))
     parts += attribution_parts(records, out, width, comparison)
     return Group(*parts, *notes(data, records, comparison))
+
+
+LOSS_COLUMN_WIDTH = 16
+LOSS_CAPTION = ("{key} by epoch: the first cell's curve (▁ low … █ high); each other cell's relative |Δ| from it "
+                "(· identical, ▁ <1e-14, each step up two decades, █ ≥1e-2)")
+
+
+def _with_loss_column(res: Table, records: list[ResultRecord], comparison: Comparison,
+                      data: list[dict[str, str]], cols: list[tuple[str, str]], out: Console | None) -> Table:
+    """The Results table with a per-epoch loss column (:mod:`harness.spark`) where the terminal shows it whole.
+
+    Only on a console that draws Unicode and is wide enough for the table with the column;
+    otherwise, or when no cell has a loss history, the table as it was, silently.
+    """
+    if out is None or not (out.encoding or "").lower().startswith("utf") or out.is_dumb_terminal:
+        return res
+    from .spark import loss_columns
+
+    histories = {r.cell: r.history for r in table_records(records) if r.ok}
+    key, text = loss_columns(histories, comparison.first_cell, LOSS_COLUMN_WIDTH)
+    if key is None or not any(text.values()):
+        return res
+    with_col = results_table([{**r, "loss_curve": text.get(r["cell"], "")} for r in data],
+                             cols[:-1] + [("loss_curve", key.replace("_", " ") + "/epoch")] + cols[-1:])
+    with_col.caption = LOSS_CAPTION.format(key=key.replace("_", " "))
+    with_col.caption_justify = "left"
+    return with_col if _fits(out, with_col) else res
 
 
 def rows_of_members(records: list[ResultRecord]) -> list[dict[str, str]]:
