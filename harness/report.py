@@ -585,6 +585,16 @@ def archived_notes(records: Iterable[ResultRecord]) -> list[str]:
             for why, cells in by_why.items()]
 
 
+def trace_notes(records: Iterable[ResultRecord]) -> list[str]:
+    """Why a --trace cell has no trace (the record's ``trace.why``), each reason once, naming its cells."""
+    by_why: dict[str, list[str]] = {}
+    for r in records:
+        t = r.trace if isinstance(r.trace, dict) else None
+        if t is not None and not t.get("file") and not r.band:
+            by_why.setdefault(str(t.get("why") or "the run wrote none"), []).append(r.cell)
+    return [f"no trace for {', '.join(cells)}: {why}" for why, cells in by_why.items()]
+
+
 def summary_line(comparison: Comparison) -> Text:
     counts = comparison.counts()
     n = len(comparison.cells) + len(comparison.missing)
@@ -688,7 +698,7 @@ def notes(data: list[dict[str, str]], records: list[ResultRecord], comparison: C
             parts.append(Text(f"✗ {r['cell']} not comparable: {r['reason']}", style="red"))
     for w in warnings(records, comparison):
         parts.append(Text(f"! {w}", style="bold red"))
-    for n in weights_notes(comparison) + archived_notes(records):
+    for n in weights_notes(comparison) + archived_notes(records) + trace_notes(records):
         parts.append(Text(f"- {n}", style="dim"))
     note = band_note(comparison)
     if note:
@@ -874,7 +884,7 @@ def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str
                                  Verdict.NOT_COMPARABLE.value)]
     notes += [f"- {_md_escape(w)}" for w in beyond_lines(comparison)]
     notes += [f"- {_md_escape(w)}" for w in warnings(records, comparison)]
-    notes += [f"- {_md_escape(n)}" for n in weights_notes(comparison) + archived_notes(records)]
+    notes += [f"- {_md_escape(n)}" for n in weights_notes(comparison) + archived_notes(records) + trace_notes(records)]
     note = band_note(comparison)
     if note:
         notes.append(f"- {_md_escape(note)}")
