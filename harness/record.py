@@ -3,7 +3,8 @@
 * :class:`RunSpec` -- what a backend hands the worker (one cell, one run),
   schema ``harness.runspec/4`` (4: ``trainer_cmd``; ``seed``, ``perturb`` and ``band`` for band members)
 * :class:`ResultRecord` -- one JSON file per run, ``OUT/<cell>/record.json``,
-  schema ``harness.result/2``
+  schema ``harness.result/3`` (3: ``trace``, what ``--trace`` wrote or why nothing; records of
+  ``harness.result/2`` are still read: they have no trace)
 
 Both are dataclasses with ``to_json``/``from_json``. ``from_json`` refuses a
 document of another schema version with one line (an :class:`InputError`,
@@ -29,7 +30,8 @@ from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
 from .errors import InputError
 
-SCHEMA = "harness.result/2"
+SCHEMA = "harness.result/3"
+READS_RESULT = (SCHEMA, "harness.result/2")  # /2 is /3 without ``trace``
 SPEC_SCHEMA = "harness.runspec/4"
 RUN_SCHEMA = "harness.run/1"
 REPORT_SCHEMA = "harness.report/2"
@@ -67,15 +69,17 @@ PERTURB_KINDS = ("ulp",)
 # --------------------------------------------------------------------------- helpers
 
 
-def _refuse_schema(data: Any, want: str, where: str, what: str) -> dict[str, Any]:
+def _refuse_schema(data: Any, want: str, where: str, what: str, also: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``data`` when its schema is ``want`` (or one of ``also``, older versions still read); one line otherwise."""
     if not isinstance(data, dict):
         raise InputError(where, f"is not a {what} (expected a JSON object)")
     schema = data.get("schema")
-    if schema == want:
+    if schema == want or (schema in also and isinstance(schema, str)):
         return data
     family = want.rsplit("/", 1)[0]
     if isinstance(schema, str) and schema.startswith(family + "/"):
-        raise InputError(where, f"has schema {schema}, this harness reads {want}",
+        reads = " and ".join([want, *(a for a in also if a != want)])
+        raise InputError(where, f"has schema {schema}, this harness reads {reads}",
                          hint="read it with the harness version that wrote it, or rerun the cell with this one")
     raise InputError(where, f"is not a {what} (schema {schema!r}, expected {want})")
 
@@ -451,7 +455,7 @@ class ResultRecord:
     @classmethod
     def from_json(cls, data: Any, where: str = RECORD_FILE) -> "ResultRecord":
         """A record of this schema version; another version is refused with one line (exit 2)."""
-        data = _refuse_schema(data, SCHEMA, where, "harness result record")
+        data = _refuse_schema(data, SCHEMA, where, "harness result record", READS_RESULT)
         kw = _take(cls, data, where)
         for key in ("cell", "status"):
             if key not in kw:

@@ -320,7 +320,7 @@ def results_table(data: list[dict[str, str]], columns: list[tuple[str, str]] | N
     columns = columns or RESULT_COLUMNS
     t = Table(title=RESULTS_TITLE, box=box.SIMPLE_HEAD, title_justify="left")
     for key, head in columns:
-        t.add_column(head, justify="left" if key in ("cell", "weights", "verdict", "vs_band") else "right", no_wrap=True)
+        t.add_column(head, justify="left" if key in ("cell", "weights", "verdict", "vs_band", "loss_curve") else "right", no_wrap=True)
     for r in data:
         cells: list[Any] = [r[k] for k, _ in columns]
         cells[-1] = Text(r["verdict"], style=VERDICT_STYLE.get(Verdict(r["verdict"]), ""))
@@ -589,6 +589,16 @@ def archived_notes(records: Iterable[ResultRecord]) -> list[str]:
             for why, cells in by_why.items()]
 
 
+def trace_notes(records: Iterable[ResultRecord]) -> list[str]:
+    """Why a --trace cell has no trace (the record's ``trace.why``), each reason once, naming its cells."""
+    by_why: dict[str, list[str]] = {}
+    for r in records:
+        t = r.trace if isinstance(r.trace, dict) else None
+        if t is not None and not t.get("file") and not r.band:
+            by_why.setdefault(str(t.get("why") or "the run wrote none"), []).append(r.cell)
+    return [f"no trace for {', '.join(cells)}: {why}" for why, cells in by_why.items()]
+
+
 def summary_line(comparison: Comparison) -> Text:
     counts = comparison.counts()
     n = len(comparison.cells) + len(comparison.missing)
@@ -622,6 +632,7 @@ def renderable(records: list[ResultRecord], comparison: Comparison, *, per_targe
         data = [{**r, "parts_at": parts_at.get(r["cell"], "—")} for r in data]
         cols[-1:-1] = [("parts_at", "parts at")]
     env, res = environment_table(env_data), results_table(data, cols)
+    res = _with_loss_column(res, records, comparison, data, cols, out)
     parts: list[Any] = [env if _fits(out, env) else _environment_stacked(env_data)]
     if members_only:
         mt = members_table(records)
@@ -645,6 +656,33 @@ def renderable(records: list[ResultRecord], comparison: Comparison, *, per_targe
     return Group(*parts, *notes(data, records, comparison))
 
 
+LOSS_COLUMN_WIDTH = 16
+LOSS_CAPTION = ("{key} by epoch: the first cell's curve (▁ low … █ high); each other cell's relative |Δ| from it "
+                "(· identical, ▁ <1e-14, each step up two decades, █ ≥1e-2)")
+
+
+def _with_loss_column(res: Table, records: list[ResultRecord], comparison: Comparison,
+                      data: list[dict[str, str]], cols: list[tuple[str, str]], out: Console | None) -> Table:
+    """The Results table with a per-epoch loss column (:mod:`harness.spark`) where the terminal shows it whole.
+
+    Only on a console that draws Unicode and is wide enough for the table with the column;
+    otherwise, or when no cell has a loss history, the table as it was, silently.
+    """
+    if out is None or not (out.encoding or "").lower().startswith("utf") or out.is_dumb_terminal:
+        return res
+    from .spark import loss_columns
+
+    histories = {r.cell: r.history for r in table_records(records) if r.ok}
+    key, text = loss_columns(histories, comparison.first_cell, LOSS_COLUMN_WIDTH)
+    if key is None or not any(text.values()):
+        return res
+    with_col = results_table([{**r, "loss_curve": text.get(r["cell"], "")} for r in data],
+                             cols[:-1] + [("loss_curve", key.replace("_", " ") + "/epoch")] + cols[-1:])
+    with_col.caption = LOSS_CAPTION.format(key=key.replace("_", " "))
+    with_col.caption_justify = "left"
+    return with_col if _fits(out, with_col) else res
+
+
 def rows_of_members(records: list[ResultRecord]) -> list[dict[str, str]]:
     """Environment rows of the band members (where a band on its own was measured)."""
     return [{"cell": r.cell, **_env_summary(r)} for r in band_members(records)]
@@ -664,7 +702,7 @@ def notes(data: list[dict[str, str]], records: list[ResultRecord], comparison: C
             parts.append(Text(f"✗ {r['cell']} not comparable: {r['reason']}", style="red"))
     for w in warnings(records, comparison):
         parts.append(Text(f"! {w}", style="bold red"))
-    for n in weights_notes(comparison) + archived_notes(records):
+    for n in weights_notes(comparison) + archived_notes(records) + trace_notes(records):
         parts.append(Text(f"- {n}", style="dim"))
     note = band_note(comparison)
     if note:
@@ -850,7 +888,7 @@ def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str
                                  Verdict.NOT_COMPARABLE.value)]
     notes += [f"- {_md_escape(w)}" for w in beyond_lines(comparison)]
     notes += [f"- {_md_escape(w)}" for w in warnings(records, comparison)]
-    notes += [f"- {_md_escape(n)}" for n in weights_notes(comparison) + archived_notes(records)]
+    notes += [f"- {_md_escape(n)}" for n in weights_notes(comparison) + archived_notes(records) + trace_notes(records)]
     note = band_note(comparison)
     if note:
         notes.append(f"- {_md_escape(note)}")

@@ -34,7 +34,7 @@ def records(out: Path) -> list[ResultRecord]:
 
 
 def assert_complete(rec: ResultRecord) -> None:
-    assert rec.schema == "harness.result/2"
+    assert rec.schema == "harness.result/3"
     assert rec.env.torch and rec.env.python and rec.env.device
     assert rec.determinism and rec.metrics and rec.data_sha256 and rec.wall_s is not None
 
@@ -330,7 +330,7 @@ def test_compare_refuses_a_record_of_another_schema(tmp_path: Path) -> None:
     (tmp_path / "c" / "record.json").write_text(json.dumps({"schema": "harness.result/1", "cell": "c", "status": "ok"}))
     p = harness("compare", str(tmp_path))
     assert p.returncode == 2, p.stdout + p.stderr
-    assert "has schema harness.result/1, this harness reads harness.result/2" in p.stderr
+    assert "has schema harness.result/1, this harness reads harness.result/3 and harness.result/2" in p.stderr
     assert "Traceback" not in p.stderr
 
 

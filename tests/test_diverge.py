@@ -188,14 +188,40 @@ def test_cli_never_part_exits_0_and_writes_json(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- real runs
 
 
+def _trace_lines(p: Path) -> list[dict]:
+    return [json.loads(line) for line in p.read_text().splitlines()[1:]]
+
+
 def _first_loss_difference(a: Path, b: Path) -> int | None:
     def losses(p: Path) -> list[str]:
-        return [row["loss"] for row in map(json.loads, p.read_text().splitlines()[1:]) if "loss" in row]
+        return [row["loss"] for row in _trace_lines(p) if "loss" in row]
 
     return next((i for i, (x, y) in enumerate(zip(losses(a), losses(b)), 1) if x != y), None)
 
 
-@pytest.mark.skipif("avx512" not in read_host_levels(), reason="an AVX-512 host: its native ISA moves the weights")
+def _tensors_at(p: Path, step: int) -> dict[str, str]:
+    return next(row["tensors"] for row in _trace_lines(p) if row.get("tensors_at") == step)
+
+
+def _diverge_names_where_the_loss_bits_part(a: Path, b: Path, tmp_path: Path) -> dict:
+    """``harness diverge A B`` against what the two trace files say, read here independently."""
+    p = harness("diverge", str(a), str(b), "--json", str(tmp_path / "d.json"))
+    assert p.returncode == 3, p.stdout + p.stderr
+    d = json.loads((tmp_path / "d.json").read_text())
+    step = _first_loss_difference(a / "trace.jsonl", b / "trace.jsonl")
+    assert step is not None and d["loss_differs_at"]["step"] == step
+    assert f"step {step}:" in p.stdout
+    assert d["parts_at"]["step"] <= step  # parameters may part first: the loss shows it a step or more later
+    at, name = d["first_tensor"]["at_step"], d["first_tensor"]["name"]
+    ta, tb = _tensors_at(a / "trace.jsonl", at), _tensors_at(b / "trace.jsonl", at)
+    assert ta[name] != tb[name]  # the tensor named does differ at the checkpoint named
+    assert name == min(k for k in ta if ta[k] != tb.get(k))  # and is the first that does, by name
+    assert f"first differing tensor: {name}" in p.stdout
+    return d
+
+
+@pytest.mark.skipif("avx512" not in read_host_levels(), reason="needs an AVX-512 host: there native and baseline "
+                    "ISA part (test_diverge_on_an_ulp_band_member... covers other hosts)")
 def test_diverge_on_two_isa_cells_of_the_example_names_where_the_loss_bits_part(tmp_path: Path) -> None:
     out = tmp_path / "r"
     p = harness("matrix", str(EXAMPLE), "--backend", "local", "--isa", "native,baseline", "--threads", "1",
@@ -204,13 +230,25 @@ def test_diverge_on_two_isa_cells_of_the_example_names_where_the_loss_bits_part(
     a, b = out / "cpu-strict-t1-native", out / "cpu-strict-t1-baseline"
     assert json.loads((a / "record.json").read_text())["trace"]["steps"] > 0
     assert "parts at" in p.stdout  # the matrix's Results table: where each cell parts from the baseline
-    p = harness("diverge", str(a), str(b), "--json", str(tmp_path / "d.json"))
-    assert p.returncode == 3, p.stdout + p.stderr
-    d = json.loads((tmp_path / "d.json").read_text())
-    step = _first_loss_difference(a / "trace.jsonl", b / "trace.jsonl")
-    assert step is not None and d["loss_differs_at"]["step"] == step
-    assert f"step {step}:" in p.stdout and d["first_tensor"]["name"]
-    assert d["parts_at"]["step"] <= step
+    _diverge_names_where_the_loss_bits_part(a, b, tmp_path)
+
+
+def test_diverge_on_an_ulp_band_member_of_the_example_names_where_the_loss_bits_part(tmp_path: Path) -> None:
+    """Real divergence on any CPU: the band's member moves one initial weight by one ulp.
+
+    (On this project's AVX-512 build host, 1 and 2 threads do not part for this example:
+    the thread axis is no divergence source a test can count on.)
+    """
+    out = tmp_path / "r"
+    p = harness("run", str(EXAMPLE), "--device", "cpu", "--threads", "1", "--band", "2", "--trace",
+                "--out", str(out), "--no-progress")
+    assert p.returncode in (0, 3), p.stdout + p.stderr
+    cells = {(json.loads((c / "record.json").read_text()).get("band") or {}).get("member", 0): c
+             for c in out.rglob("*") if (c / "record.json").is_file()}
+    assert len(cells) == 3, cells
+    base, member = cells[0], cells[min(k for k in cells if k)]
+    assert json.loads((member / "record.json").read_text())["perturbation"]["applied"]
+    _diverge_names_where_the_loss_bits_part(base, member, tmp_path)
 
 
 def test_a_custom_trainer_traces_through_ctx_on_step_or_says_it_did_not(make_bundle, tmp_path: Path) -> None:
@@ -233,5 +271,6 @@ def test_a_custom_trainer_traces_through_ctx_on_step_or_says_it_did_not(make_bun
         else:
             assert not (cell / "trace.jsonl").exists()
             assert rec["trace"]["file"] is None and "never called ctx.on_step" in rec["trace"]["why"]
+            assert "no trace for" in p.stdout and "never called ctx.on_step" in p.stdout  # the report says it too
             p = harness("diverge", str(cell), str(cell))
             assert p.returncode == 2 and "never called ctx.on_step" in p.stderr

@@ -41,7 +41,7 @@ def test_another_schema_version_is_refused_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(InputError) as exc:
         record.read(p)
     assert exc.value.exit_code == 2
-    assert "has schema harness.result/1, this harness reads harness.result/2" in exc.value.one_line()
+    assert "has schema harness.result/1, this harness reads harness.result/3 and harness.result/2" in exc.value.one_line()
     assert "\n" not in exc.value.one_line()
     p.write_text(json.dumps({"schema": "something/else"}))
     with pytest.raises(InputError, match="is not a harness result record"):

@@ -30,9 +30,16 @@ from .. import snapshot as snap
 from ..errors import EXIT_OK, EXIT_RUN_FAILED, InputError, RunFailed, UsageError
 from ..options import ISA_LEVELS
 from ..record import ResultRecord
-from ..worker.data import sha256_path
 from ..report import console as _console
 from .common import image_options, report_options, tolerances, verdict_exit
+
+
+def sha256_path(path: Any) -> str:
+    """:func:`harness.worker.data.sha256_path`, imported when used: it brings numpy, which ``--help`` never needs."""
+    from ..worker.data import sha256_path as digest
+
+    return digest(path)
+
 
 ACTIONS = ("verify", "rebuild")
 

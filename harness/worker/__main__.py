@@ -1,5 +1,3 @@
-import sys
+from .retrain import exit_now, main
 
-from .retrain import main
-
-sys.exit(main())
+exit_now(main())

@@ -125,9 +125,10 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
 
     archived_scaler = _load_scaler(bundle.scaler_path) if bundle.scaler_path else None
     y_train = data.y[split.train].astype(np.float64)
-    scaler, info = _scaler_check(archived_scaler, y_train)
-    if not bundle.training.scale_targets and archived_scaler is None:
+    if not bundle.training.scale_targets and archived_scaler is None:  # no scaler: scikit-learn is not imported
         scaler, info = None, {"archived": False, "used": "none"}
+    else:
+        scaler, info = _scaler_check(archived_scaler, y_train)
     rec.scaler = info
     if archived_scaler is None and scaler is not None:
         import joblib
@@ -280,6 +281,7 @@ def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultR
     assert bundle.trainer is not None
     trainer = bundle.trainer
     entry = trainer.entrypoint
+    _USER_CODE_IN_PROCESS.append(entry)  # its atexit handlers and open files are its own: exit in full
     func = resolve(entry, trainer.code_dirs)
     model_fn = resolve(trainer.model_fn, trainer.code_dirs, "config.yaml trainer.model_fn") if trainer.model_fn else None
     predict = resolve(trainer.predict, trainer.code_dirs, "config.yaml trainer.predict") if trainer.predict else None
@@ -593,6 +595,27 @@ def _parse(argv: list[str] | None) -> RunSpec:
 
 
 _SPEC_FALLBACK: dict[str, str] = {}
+_USER_CODE_IN_PROCESS: list[str] = []  # the custom trainer functions this process imported
+
+
+def exit_now(code: int) -> None:
+    """End the worker with ``code`` without tearing the interpreter down, when that loses nothing.
+
+    Once ``record.json`` is written (atomically, closed) the process has nothing left to do,
+    but a normal exit then unwinds torch, Dynamo (which every optimizer imports) and
+    scikit-learn: about a second and a half of CPU per cell, measured on the bundled
+    example. ``os._exit`` skips that after flushing stdout and stderr. Not when a custom
+    trainer function ran in this process (its atexit handlers and buffered files must
+    run and flush), nor under coverage measurement; then :func:`sys.exit` as usual.
+    """
+    if _USER_CODE_IN_PROCESS or "coverage" in sys.modules:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
