@@ -146,7 +146,8 @@ def run_options(args: argparse.Namespace, *, single: bool, band_only: bool = Fal
                       progress=not args.no_progress,
                       resume=args.resume, strict_config=getattr(args, "strict_config", False),
                       timeout=parse_timeout(args.timeout) if args.timeout is not None else DEFAULT_TIMEOUT_S,
-                      band=band, band_seeds=seeds, band_from=band_from, band_only=band_only)
+                      band=band, band_seeds=seeds, band_from=band_from, band_only=band_only,
+                      data_feed=getattr(args, "data_feed", None))
 
 
 # --------------------------------------------------------------------------- commands
