@@ -41,7 +41,7 @@ def replay_epoch(n: int, batch_size: int, g: torch.Generator, drop_last: bool = 
     perm = torch.randperm(n, generator=g)
     torch.randperm(n, generator=g)  # RandomSampler's trailing randperm for num_samples % n (== 0) samples
     stop = n - n % batch_size if drop_last else n
-    return list(perm[:stop].split(batch_size))
+    return list(perm[:stop].split(batch_size)) if stop else []  # split() of nothing is one empty batch
 
 
 def loader_epoch(n: int, batch_size: int, g: torch.Generator, drop_last: bool = False) -> list[torch.Tensor]:
