@@ -98,6 +98,14 @@ def test_a_replay_that_differs_is_refused_with_the_reason(monkeypatch) -> None:
     assert feed.decide("fast", 57, 16, 42).effective == "loader"
 
 
+def test_a_split_too_big_for_the_device_stays_on_the_loader() -> None:
+    d = feed.decide("fast", 57, 16, 42, nbytes=600 * 2**20, free_bytes=1000 * 2**20)
+    assert d.effective == "loader" and d.fell_back
+    assert "the train split (600 MiB) would take more than half of the device's free memory (1000 MiB)" in d.proof
+    assert feed.decide("fast", 57, 16, 42, nbytes=400 * 2**20, free_bytes=1000 * 2**20).effective == "fast"
+    assert feed.device_free_bytes(torch.device("cpu")) is None
+
+
 def test_fast_trains_the_loaders_weights_in_process(make_bundle) -> None:
     bundle = load_bundle(make_bundle(training__epochs=3, training__batch_size=7))
     data = prepare(bundle.data)

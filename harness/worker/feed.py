@@ -91,14 +91,33 @@ class Decision:
                 "fell_back": self.fell_back}
 
 
+MAX_DEVICE_SHARE = 0.5  # the resident split may take at most this share of the device's free memory
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Free memory on a CUDA device; None on the CPU (the split is already in host memory there)."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
 def decide(requested: str | None, n: int, batch_size: int, seed: int, *, drop_last: bool = False,
-           replay: Replay | None = None) -> Decision:
-    """The path to train on: ``fast`` only when :func:`prove` holds for this torch, here and now."""
+           replay: Replay | None = None, nbytes: int = 0, free_bytes: int | None = None) -> Decision:
+    """The path to train on: ``fast`` only when :func:`prove` holds for this torch, here and now.
+
+    ``nbytes``: what the resident split takes on the device; ``free_bytes``: the device's free
+    memory (None: no limit, the CPU). A split that would take more than half of it stays on the loader.
+    """
     want = requested or DEFAULT_DATA_PATH
     if want not in DATA_PATHS:
         raise ValueError(f"data path {want!r} is not one of {', '.join(DATA_PATHS)}")
     if want == "loader":
         return Decision(want, "loader", "not attempted")
+    if free_bytes is not None and nbytes > MAX_DEVICE_SHARE * free_bytes:
+        return Decision(want, "loader", f"fell back to the DataLoader: the train split ({nbytes / 2**20:.0f} MiB) "
+                                        f"would take more than half of the device's free memory "
+                                        f"({free_bytes / 2**20:.0f} MiB)")
     why = prove(n, batch_size, seed, drop_last=drop_last, replay=replay)
     if why is not None:
         return Decision(want, "loader", f"fell back to the DataLoader: {why} (torch {torch.__version__})")

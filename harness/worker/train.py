@@ -129,7 +129,9 @@ def train_reference(
     ``TrainOutput.extra["data_path"]``.
     """
     # Decided first: the proof draws only on generators of its own, never on the global RNG.
-    decision = feed_mod.decide(data_path, len(split.train), spec.batch_size, spec.seed)
+    row_bytes = (data.X[:1].nbytes + data.n_targets * 4) if len(data.X) else 0
+    decision = feed_mod.decide(data_path, len(split.train), spec.batch_size, spec.seed,
+                               nbytes=row_bytes * len(split.train), free_bytes=feed_mod.device_free_bytes(device))
     X_t = torch.from_numpy(data.X)
     Y_t = torch.from_numpy(y_scaled.astype(np.float32))
     train_set = Subset(TensorDataset(X_t, Y_t), split.train)
