@@ -20,10 +20,11 @@ ISA_LEVELS = ("native", "avx512", "avx2", "baseline")  # CPU instruction sets, b
 ISA_ALIASES = {"default": "baseline", "avx512_core": "avx512", "sse41": "baseline", "sse4_2": "baseline"}
 BACKENDS = ("docker", "local")
 # The reference trainer's data paths (harness.worker.feed): the seeded DataLoader, or its replay on
-# tensors resident on the device. The default stays the DataLoader until the replay is proven
-# weight-identical in every CI image; the worker reads these too.
+# tensors resident on the device. The replay is the default: it trains bitwise the DataLoader's
+# weights in every CI image (tests/test_docker_feed.py), and each run proves it again for its own
+# torch, falling back to the DataLoader when it does not hold. The worker reads these too.
 DATA_PATHS = ("loader", "fast")
-DEFAULT_DATA_PATH = "loader"
+DEFAULT_DATA_PATH = "fast"
 THREADS_ALL = ("all", "default", "auto")
 DEFAULT_TIMEOUT_S = 6 * 3600.0  # per cell; generous, so only a hung trainer meets it
 _UNITS = {"s": 1, "m": 60, "h": 3600}

@@ -12,8 +12,8 @@ Order of operations (each step is a condition of the seed document):
 6. epochs of MSE on scaled targets; validation loss after each epoch; the best
    epoch's weights kept (strictly lower validation loss wins) and the last epoch's
 
-Step 5 has a second form, ``data_path="fast"`` (:mod:`harness.worker.feed`): the
-same batches in the same order from tensors resident on the device, taken only
+Step 5 has a second form, ``data_path="fast"`` (the default; :mod:`harness.worker.feed`):
+the same batches in the same order from tensors resident on the device, taken only
 when a real DataLoader's first epochs prove the replay equal for this torch.
 """
 
