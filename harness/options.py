@@ -19,6 +19,12 @@ MODES = ("strict", "warn", "default")  # determinism modes; the worker reads thi
 ISA_LEVELS = ("native", "avx512", "avx2", "baseline")  # CPU instruction sets, best first (harness.worker.isa)
 ISA_ALIASES = {"default": "baseline", "avx512_core": "avx512", "sse41": "baseline", "sse4_2": "baseline"}
 BACKENDS = ("docker", "local", "slurm")
+# The reference trainer's data paths (harness.worker.feed): the seeded DataLoader, or its replay on
+# tensors resident on the device. The replay is the default: it trains bitwise the DataLoader's
+# weights in every CI image (tests/test_docker_feed.py), and each run proves it again for its own
+# torch, falling back to the DataLoader when it does not hold. The worker reads these too.
+DATA_PATHS = ("loader", "fast")
+DEFAULT_DATA_PATH = "fast"
 THREADS_ALL = ("all", "default", "auto")
 DEFAULT_TIMEOUT_S = 6 * 3600.0  # per cell; generous, so only a hung trainer meets it
 _UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -244,6 +250,7 @@ class RunOptions:
     band_from: str | None = None  # a band measured earlier, reused
     band_only: bool = False  # `harness band`: the band's members alone, no cells
     slurm: SlurmFlags = field(default_factory=SlurmFlags)  # --backend slurm: partition, time, runtime ...
+    data_feed: str | None = None  # --data-path: "loader" | "fast" (None: DEFAULT_DATA_PATH)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -254,6 +261,9 @@ class RunOptions:
         if self.band_from and (self.band or self.band_seeds):
             raise UsageError("--band-from reuses a band; --band and --band-seeds measure a new one",
                              hint="give one or the other")
+        if self.data_feed is not None and self.data_feed not in DATA_PATHS:
+            raise UsageError(f"--data-path {self.data_feed!r} is not one of {', '.join(DATA_PATHS)}",
+                             hint="e.g. --data-path fast")
         if self.band_seeds and not self.band and not self.band_only:
             raise UsageError("--band-seeds goes with --band N (the seed band is context for the ulp band)",
                              hint="add --band 8")

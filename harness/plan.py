@@ -58,6 +58,7 @@ class Job:
     timeout_s: float | None = None  # a cell running longer is killed and recorded as ``timeout``
     data_dir: str | None = None  # --data-dir: holds data_path; mounted whole and hashed
     band_from: str | None = None  # a band measured earlier that this run's cells are judged against
+    data_feed: str | None = None  # --data-path: the reference trainer's data path (None: the default)
 
     def cell_dir(self, cell: Cell) -> Path:
         return Path(self.results_dir) / cell.name

@@ -1,7 +1,8 @@
 """The typed documents that cross process and machine boundaries.
 
 * :class:`RunSpec` -- what a backend hands the worker (one cell, one run),
-  schema ``harness.runspec/4`` (4: ``trainer_cmd``; ``seed``, ``perturb`` and ``band`` for band members)
+  schema ``harness.runspec/4`` (4: ``trainer_cmd``; ``seed``, ``perturb`` and ``band`` for band members;
+  later, optional: ``data_dir``, ``data_feed``)
 * :class:`ResultRecord` -- one JSON file per run, ``OUT/<cell>/record.json``,
   schema ``harness.result/3`` (3: ``trace``, what ``--trace`` wrote or why nothing; records of
   ``harness.result/2`` are still read: they have no trace)
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
 from .errors import InputError
+from .options import DATA_PATHS
 
 SCHEMA = "harness.result/3"
 READS_RESULT = (SCHEMA, "harness.result/2")  # /2 is /3 without ``trace``
@@ -227,6 +229,9 @@ class RunSpec:
     # a private RNG seeded with s (an ulp band member); see harness.worker.perturb
     perturb: dict[str, Any] | None = None
     band: dict[str, Any] | None = None  # {"kind": "ulp" | "seed", "member": i}: copied into the record
+    # --data-path: the reference trainer's data path, "loader" | "fast"; None: the default
+    # (options.DEFAULT_DATA_PATH). Not ``data_path``: that name is the dataset file's.
+    data_feed: str | None = None
     schema: str = SPEC_SCHEMA
 
     def to_json(self) -> str:
@@ -239,7 +244,10 @@ class RunSpec:
                 d.pop(key, None)
         return d
 
-    LATER_KEYS = ("data_dir",)  # added to runspec/3 after its first release, all optional
+    # Added to runspec/4 after its first release, all optional and left out when unset, so a spec
+    # that does not use them reads the same to every /4 worker (an image built before them, a snapshot).
+    # A worker that predates a key refuses a spec that sets it (one line, exit 2) rather than ignore it.
+    LATER_KEYS = ("data_dir", "data_feed")
 
     @classmethod
     def from_json(cls, data: Any, where: str = "spec.json") -> "RunSpec":
@@ -248,6 +256,8 @@ class RunSpec:
         spec = cls(**_take(cls, data, where))
         check_perturb(spec.perturb, where)
         check_band(spec.band, where)
+        if spec.data_feed is not None and spec.data_feed not in DATA_PATHS:
+            raise InputError(where, f"data_feed must be one of {', '.join(DATA_PATHS)}, got {spec.data_feed!r}")
         return spec
 
     @property
@@ -426,6 +436,9 @@ class ResultRecord:
     # node), "exit_code", "elapsed", "runtime" (python | docker), "reused_from" (the run whose record this is)};
     # None for the other backends
     slurm: dict[str, Any] | None = None
+    # the reference trainer's data path (--data-path): {"requested": "loader" | "fast", "effective": ...,
+    # "proof": what decided it, "torch": version, "fell_back": bool}; None for custom trainers
+    data_feed: dict[str, Any] | None = None
     schema: str = SCHEMA
 
     # ---- construction

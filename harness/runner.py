@@ -449,7 +449,7 @@ def _execute_locked(opts: RunOptions, bundle: Any, plan: Plan, out: Path, report
               trainer=bundle.trainer.entrypoint if bundle.trainer else None,
               trainer_cmd=bundle.trainer.command if bundle.trainer else None,
               trainer_path=list(bundle.trainer.code_dirs) if bundle.trainer and bundle.trainer.code_dirs else None,
-              trace=opts.trace,
+              trace=opts.trace, data_feed=opts.data_feed,
               run_id=new_run_id(), timeout_s=opts.timeout,
               band_from=str(Path(opts.band_from).resolve()) if opts.band_from else None)
     backend = make_backend(plan)

@@ -70,7 +70,7 @@ def test_reference_loop_sees_the_seed_batches(make_bundle, monkeypatch) -> None:
     monkeypatch.setattr(train_mod, "make_train_loader", lambda *a, **k: Spy(real(*a, **k)))
     split = split_indices(len(data.X), bundle.data.split, bundle.training.seed)
     set_seed(bundle.training.seed)
-    train_reference(data, split, data.y, bundle.model, bundle.training, torch.device("cpu"))
+    train_reference(data, split, data.y, bundle.model, bundle.training, torch.device("cpu"), data_path="loader")
     tr, _, _ = seed_split_dataset(TensorDataset(torch.arange(len(data.X))), bundle.training.seed, bundle.data.split)
     loader = seed_loader(tr, bundle.training.batch_size, bundle.training.seed)
     expected = [b[0].tolist() for _ in range(2) for b in loader]

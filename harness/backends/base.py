@@ -186,6 +186,7 @@ class Backend(ABC):
             repeat=cell.repeat, isa=cell.isa, trainer=job.trainer, trainer_path=job.trainer_path,
             trainer_cmd=job.trainer_cmd, trace=job.trace,
             backend=self.name, labels=cell.labels, seed=cell.seed, perturb=cell.perturb, band=cell.band,
+            data_feed=job.data_feed,
         )
 
     def spec_document(self, cell: Cell, job: Job) -> dict[str, Any]:

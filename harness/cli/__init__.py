@@ -150,7 +150,8 @@ def run_options(args: argparse.Namespace, *, single: bool, band_only: bool = Fal
                       resume=args.resume, strict_config=getattr(args, "strict_config", False),
                       timeout=parse_timeout(args.timeout) if args.timeout is not None else DEFAULT_TIMEOUT_S,
                       band=band, band_seeds=seeds, band_from=band_from, band_only=band_only,
-                      slurm=slurm_flags(args))
+                      slurm=slurm_flags(args),
+                      data_feed=getattr(args, "data_feed", None))
 
 
 # --------------------------------------------------------------------------- commands

@@ -44,6 +44,11 @@ def add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_out", metavar="FILE", help="write all records plus the comparison as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write a Markdown table (for a pull-request comment)")
     p.add_argument("--trace", action="store_true", help="write each training step's loss bits and parameter digests to trace.jsonl in the cell's directory (for harness diverge; custom trainers call ctx.on_step(model, loss))")
+    p.add_argument("--data-path", dest="data_feed", choices=("loader", "fast"), default=None,
+                   help="the reference trainer's batches: fast (the default: the train split held on the device, "
+                        "batches taken by index in the seeded DataLoader's exact order, used only after a real "
+                        "DataLoader's first epochs prove the order equal, else it falls back to loader and says why) "
+                        "or loader (the seeded DataLoader itself); both train the same weights; recorded as data_feed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--timeout", default=None, metavar="SECONDS",
                    help="kill a cell that runs longer (90, 30m, 2h; default 6h); it is recorded as timeout")

@@ -168,12 +168,15 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
     try:
         net, result = train_reference(data, split, y_scaled, bundle.model, bundle.training, device,
                                       progress=progress, on_step=on_step if tracer else None,
-                                      perturb=perturber if spec.perturb else None)
+                                      perturb=perturber if spec.perturb else None, data_path=spec.data_feed)
     finally:
         if tracer is not None:
             rec.trace = tracer.close()
     rec.perturbation = perturber.record("the reference model was never built")
     rec.train_s = time.perf_counter() - t0
+    rec.data_feed = result.extra.get("data_path")
+    if rec.data_feed and rec.data_feed.get("fell_back"):
+        rec.warnings.append(f"--data-path fast was not used: {rec.data_feed['proof']}")
     net.load_state_dict(result.best_state)
     retrained = _evaluate(net, data, split, scaler, device, y_scaled)
     retrained["val_loss"] = result.val_loss  # the objective's value: best epoch's validation loss
@@ -522,6 +525,9 @@ def run(spec: RunSpec) -> ResultRecord:
         rec.warnings.append("config.yaml has no data.path: the trainer found its own data, which was not hashed")
     rec.expected_data_sha256 = expected_data_digests(bundle)
     if bundle.trainer is not None:  # its data is its own: hashed, never opened here
+        if spec.data_feed is not None:
+            rec.warnings.append(f"--data-path {spec.data_feed} applies to the reference trainer only: "
+                                "this trainer feeds its own data")
         if bundle.data.resolved is not None:
             require_exists(bundle.data.resolved)
         if bundle.trainer.command is not None:
@@ -568,6 +574,7 @@ def _parse(argv: list[str] | None) -> RunSpec:
     p.add_argument("--trainer-path", action="append")
     p.add_argument("--trainer-cmd")
     p.add_argument("--trace", action="store_true")
+    p.add_argument("--data-path", dest="data_feed", choices=("loader", "fast"))
     a = p.parse_args(argv)
     if a.spec:
         path = Path(a.spec)
@@ -591,7 +598,8 @@ def _parse(argv: list[str] | None) -> RunSpec:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return RunSpec(cell=a.cell, bundle_dir=a.bundle, out_dir=a.out, data_path=a.data, data_dir=a.data_dir, device=device,
                    determinism=a.determinism, threads=a.threads, tf32=a.tf32, trainer=a.trainer,
-                   trainer_path=a.trainer_path, trainer_cmd=a.trainer_cmd, trace=a.trace, backend="standalone")
+                   trainer_path=a.trainer_path, trainer_cmd=a.trainer_cmd, trace=a.trace, backend="standalone",
+                   data_feed=a.data_feed)
 
 
 _SPEC_FALLBACK: dict[str, str] = {}

@@ -11,6 +11,10 @@ Order of operations (each step is a condition of the seed document):
    generator=torch.Generator().manual_seed(seed), num_workers=0, pin_memory=False)``
 6. epochs of MSE on scaled targets; validation loss after each epoch; the best
    epoch's weights kept (strictly lower validation loss wins) and the last epoch's
+
+Step 5 has a second form, ``data_path="fast"`` (the default; :mod:`harness.worker.feed`):
+the same batches in the same order from tensors resident on the device, taken only
+when a real DataLoader's first epochs prove the replay equal for this torch.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset, random_split
 
+from . import feed as feed_mod
 from . import model as model_mod
 from ..bundle import ModelSpec, TrainingSpec
 from .data import Dataset, split_sizes
@@ -114,12 +119,19 @@ def train_reference(
     progress: ProgressFn | None = None,
     on_step: StepFn | None = None,
     perturb: Callable[[torch.nn.Module], Any] | None = None,
+    data_path: str | None = None,
 ) -> tuple[torch.nn.Module, TrainOutput]:
     """Train the reference model. ``y_scaled`` is y already passed through the scaler.
 
     ``perturb`` is called with the freshly built model, before it moves to ``device`` and
     before the optimizer sees it (an ulp band member's one-ulp change; draws no RNG).
+    ``data_path``: "loader" or "fast" (None: the default); which one ran, and why, is in
+    ``TrainOutput.extra["data_path"]``.
     """
+    # Decided first: the proof draws only on generators of its own, never on the global RNG.
+    row_bytes = (data.X[:1].nbytes + data.n_targets * 4) if len(data.X) else 0
+    decision = feed_mod.decide(data_path, len(split.train), spec.batch_size, spec.seed,
+                               nbytes=row_bytes * len(split.train), free_bytes=feed_mod.device_free_bytes(device))
     X_t = torch.from_numpy(data.X)
     Y_t = torch.from_numpy(y_scaled.astype(np.float32))
     train_set = Subset(TensorDataset(X_t, Y_t), split.train)
@@ -133,7 +145,12 @@ def train_reference(
     net = net.to(device)
     opt = _optimizer(net.parameters(), spec)
     loss_fn = torch.nn.MSELoss()
-    loader = make_train_loader(train_set, spec.batch_size, spec.seed)
+    if decision.effective == "fast":
+        rows = torch.as_tensor(split.train, dtype=torch.int64)
+        loader: Any = feed_mod.ResidentFeed((X_t[rows], Y_t[rows]), spec.batch_size,
+                                            torch.Generator().manual_seed(spec.seed), device)
+    else:
+        loader = make_train_loader(train_set, spec.batch_size, spec.seed)
 
     best_loss = math.inf
     best_state: dict[str, torch.Tensor] | None = None
@@ -170,4 +187,5 @@ def train_reference(
         val_loss=best_loss if math.isfinite(best_loss) else None,
         best_epoch=best_epoch,
         history=history,
+        extra={"data_path": decision.to_dict()},
     )
