@@ -161,3 +161,22 @@ def base_image(docker_client) -> str:
     except docker.errors.ImageNotFound:
         _docker_absent(f"base image {name} is not in the engine (debootstrap ... | docker import - {name})")
     return name
+
+
+# =============================================================================
+# Browser fixture (owned by the HTML report: tests/test_html_browser.py).
+# Locally it skips without Debian's `chromium`; with CI=true its absence FAILS,
+# because .ci/run installs it.
+# =============================================================================
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The path of a headless-capable ``chromium`` (Debian's package)."""
+    path = shutil.which("chromium")
+    if path is None:
+        reason = "no `chromium` on PATH (apt-get install chromium)"
+        if IN_CI:
+            pytest.fail(f"{reason} (required because CI=true)", pytrace=False)
+        pytest.skip(reason)
+    return path
