@@ -41,12 +41,12 @@ VERDICT_CLASS = {Verdict.REPRODUCED: "ok", Verdict.DRIFTED: "drift", Verdict.FAI
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:1.5em auto;
-max-width:1200px;padding:0 1em;color:#1d2330;background:#fff;line-height:1.4}
+max-width:1600px;padding:0 1em;color:#1d2330;background:#fff;line-height:1.4}
 h1{font-size:1.45em;margin:.2em 0}h2{font-size:1.15em;margin:1.6em 0 .4em;border-bottom:1px solid #d8dce4;
 padding-bottom:.2em}
 .meta{color:#4a5468;font-size:.92em}
-table{border-collapse:collapse;font-size:.85em;margin:.4em 0 .8em;display:block;overflow-x:auto}
-th,td{padding:.25em .7em;border-bottom:1px solid #e6e9ef;text-align:right;white-space:nowrap}
+table{border-collapse:collapse;font-size:.82em;margin:.4em 0 .8em;display:block;overflow-x:auto}
+th,td{padding:.22em .55em;border-bottom:1px solid #e6e9ef;text-align:right;white-space:nowrap}
 th{background:#f3f5f9;font-weight:600}td.l,th.l{text-align:left}
 .verdict{font-weight:700;padding:.05em .45em;border-radius:.3em}
 .ok{color:#0d6b2f;background:#dcf5e3}.drift{color:#7a5200;background:#fff0c7}.bad{color:#9b1020;background:#fde0e3}
@@ -108,7 +108,16 @@ def svg_of(fig: Any) -> str:
     text = buf.getvalue()
     m = _SVG_START.search(text)
     text = text[m.start():] if m else text
-    return _METADATA.sub("", text)
+    return _PATH_DATA.sub(_round_path, _METADATA.sub("", text))
+
+
+_PATH_DATA = re.compile(r'(\sd=")([^"]*)(")')
+_LONG_DECIMAL = re.compile(r"(\d\.\d\d)\d+")
+
+
+def _round_path(m: re.Match) -> str:
+    """Path coordinates to 1/100 pt (invisible at any zoom a report is read at): the page shrinks by a third."""
+    return m.group(1) + _LONG_DECIMAL.sub(r"\1", m.group(2)) + m.group(3)
 
 
 def _style(i: int) -> dict[str, Any]:
@@ -144,13 +153,18 @@ def curves_svg(traces: Sequence[tuple[str, Any]]) -> str:
     base_steps, base_loss = _losses(base)
     base_at = dict(zip(base_steps, base_loss))
     marked: dict[int, int] = {}
+    drawn: dict[tuple[str, ...], str] = {}  # a curve bitwise equal to one drawn already is named, not drawn again
     for i, (name, trace) in enumerate(traces):
         st = _style(i)
         steps, loss = _losses(trace)
         at = None if i == 0 else _parts_step(base, trace)
         tag = " (first)" if i == 0 else (" (never parts)" if at is None else f" (parts at step {at})")
-        top.plot(steps, loss, lw=1.1, alpha=0.9, label=plot_label(name) + tag, **st)
-        if i:
+        same = drawn.setdefault(tuple(s.loss for s in trace.steps), name)
+        if same != name:
+            top.plot([], [], lw=1.1, label=f"{plot_label(name)}{tag}: loss = {plot_label(same)}'s", **st)
+        else:
+            top.plot(steps, loss, lw=1.1, alpha=0.9, label=plot_label(name) + tag, **st)
+        if i and same == name:
             pairs = [(s, abs(v - base_at[s])) for s, v in zip(steps, loss) if s in base_at and v != base_at[s]]
             if pairs:
                 bottom.plot([p[0] for p in pairs], [p[1] for p in pairs], lw=1.0, alpha=0.9, **st)
@@ -390,7 +404,7 @@ def run_page(p: RunPage) -> str:
         body.append(table(cols, data, left=("cell", "weights", "vs_band", "parts_at", "verdict"), verdict_key="verdict"))
     else:
         body.append(none("no cell ran"))
-    notes = [t.plain for t in rp.notes(data, records, comparison)[:-1]]
+    notes = [t.plain.removeprefix("- ") for t in rp.notes(data, records, comparison)[:-1]]
     body.append(notes_list(notes))
 
     body += _curves_section(records, members_only, p.traces)
@@ -425,7 +439,7 @@ def _curves_section(records: list[ResultRecord], members_only: bool, traces: Map
         every = math.ceil(n / MAX_POINTS)
         out.append(figure(curves_svg(traced),
                           f"{len(traced)} traced cell(s), {n} steps"
-                          + (f" (every {every}th step drawn)" if every > 1 else "")
+                          + (f" (one step in {every} drawn)" if every > 1 else "")
                           + "; the first cell is the reference of the lower panel and of the dashed lines."))
     else:
         hist = [(r.cell, r.history) for r in cells if r.history]

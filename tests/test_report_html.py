@@ -234,3 +234,33 @@ def test_every_command_that_judges_has_html(capsys) -> None:
     for cmd in ("run", "matrix", "band", "compare", "diverge"):
         assert main([cmd, "--help"]) == 0
         assert "--html FILE" in capsys.readouterr().out, cmd
+
+
+def test_diverge_writes_its_page_and_keeps_its_exit_code(tmp_path: Path, capsys) -> None:
+    a, b = record("cpu-a"), record("cpu-b", r2=0.91)
+    for r in (a, b):
+        r.trace = {"file": "trace.jsonl", "steps": 3}
+    out = _results(tmp_path, [a, b], {"cpu-a": [1.0, 0.5, 0.25], "cpu-b": [1.0, 0.5, 0.3]})
+    page = tmp_path / "d.html"
+    assert main(["diverge", str(out / "cpu-a"), str(out / "cpu-b"), "--html", str(page)]) == 3
+    text = page.read_text()
+    assert "harness diverge: cpu-a" in text and ">3<" in text and text.count("<svg") == 1
+    assert main(["diverge", str(out / "cpu-a"), str(out / "cpu-b"), "--html", str(tmp_path)]) == 2
+
+
+def test_a_curve_equal_to_one_drawn_is_named_not_drawn_twice() -> None:
+    recs = _cells()
+    same = _trace([1.0, 0.5, 0.25, 0.2])
+    page = _page(recs, {recs[0].cell: same, recs[1].cell: _trace([1.0, 0.5, 0.25, 0.2])})
+    assert "loss = cpu-strict-t1&#x27;s" in page or "loss = cpu-strict-t1's" in page
+
+
+def test_a_long_trace_keeps_the_page_small() -> None:
+    import random
+
+    rng = random.Random(0)
+    recs = _cells()
+    long = [1.0 / (1 + i / 100) + rng.random() * 0.01 for i in range(100_000)]
+    page = _page(recs, {recs[0].cell: _trace(long), recs[1].cell: _trace([v * (1 + 1e-6) for v in long])})
+    assert "one step in 50 drawn" in page
+    assert len(page.encode()) < 600_000, len(page.encode())
