@@ -26,8 +26,9 @@ NO_NETWORK = ["--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>"]  
 
 def browse(chromium: str, page: Path, profile: Path, *flags: str) -> subprocess.CompletedProcess:
     """One headless chromium run on ``file://page`` (no sandbox: CI runs as root; no GPU: none there)."""
-    cmd = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
-           f"--user-data-dir={profile}", *NO_NETWORK, "--enable-logging=stderr", "--v=0", *flags, page.as_uri()]
+    cmd = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+           "--hide-scrollbars", f"--user-data-dir={profile}", *NO_NETWORK, "--enable-logging=stderr", "--v=0", *flags,
+           page.as_uri()]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180,
                           env={**os.environ, "HOME": str(profile)})
 
