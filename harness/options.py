@@ -277,3 +277,6 @@ class ReportOptions:
     markdown: str | None = None
     tolerances: Any = None  # harness.judge.Tolerances
     allow_data_change: bool = False  # judge cells whose data digest differs from the trial's (else "not comparable")
+    html: str | None = None  # --html FILE: the self-contained page (harness.report_html)
+    command: str = ""  # the command that writes it (its title)
+    trace_dirs: tuple[str, ...] = ()  # where else to look for OUT/<cell>/trace.jsonl (compare: the directories given)

@@ -322,6 +322,10 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
             records, comparison, bundle=Path(bundle_dir).name if bundle_dir else None, trial_environment=trial_env))
     if results is not None:
         console(stderr=True).print(f"[dim]records: {results}[/dim]")
+    if report_opts.html:  # last: a page that cannot be written leaves every record and report above
+        from .report_html import write_run_page
+
+        write_run_page(report_opts, records, comparison, results, bundle_dir, trial_env)
     return comparison
 
 

@@ -164,8 +164,9 @@ def base_image(docker_client) -> str:
 
 
 # =============================================================================
-# Slurm fixture (tests/test_slurm.py). Locally it skips where Slurm is absent;
-# with CI=true an absent or unresponsive cluster FAILS (.ci/run starts one).
+# Slurm and browser fixtures (tests/test_slurm.py, tests/test_html_browser.py).
+# Locally they skip where Slurm / Debian's `chromium` is absent; with CI=true an
+# absent or unresponsive one FAILS (.ci/run installs and starts both).
 # =============================================================================
 
 
@@ -188,3 +189,15 @@ def slurm_cluster() -> str:
     if "gpu:alpha" not in out.stdout or "gpu:beta" not in out.stdout:
         _docker_absent(f"the Slurm cluster has no GRES types alpha and beta: {out.stdout.strip()[:200]}")
     return lines[0].rstrip("*")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The path of a headless-capable ``chromium`` (Debian's package)."""
+    path = shutil.which("chromium")
+    if path is None:
+        reason = "no `chromium` on PATH (apt-get install chromium)"
+        if IN_CI:
+            pytest.fail(f"{reason} (required because CI=true)", pytrace=False)
+        pytest.skip(reason)
+    return path

@@ -19,8 +19,8 @@ from .. import __version__
 from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, HarnessError, InputError, Interrupted, UsageError
 from ..options import (DEFAULT_TIMEOUT_S, Axes, RunOptions, parse_band, parse_cells, parse_count, parse_devices,
                        parse_isa, parse_modes, parse_repeats, parse_tf32, parse_threads, parse_timeout)
-from .common import (EXIT_CODES_HELP, add_allow_data_change, add_common, add_docker, add_inputs, add_slurm, image_options,
-                     report_options, slurm_flags, tolerances, verdict_exit)
+from .common import (EXIT_CODES_HELP, add_allow_data_change, add_common, add_docker, add_html, add_inputs, add_slurm,
+                     image_options, report_options, slurm_flags, tolerances, verdict_exit)
 
 ISA_HELP = ("CPU instruction sets the CPU kernels may use, e.g. native,avx2,baseline (native, avx512, avx2, "
             "baseline; default: no ISA axis); a level this CPU lacks is skipped")
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("paths", nargs="+", help="results directories, record.json files or --json reports")
     p_cmp.add_argument("--json", dest="json_out", metavar="FILE", help="write the records plus the comparison as JSON")
     p_cmp.add_argument("--markdown", metavar="FILE", help="write a Markdown table (for a pull-request comment)")
+    add_html(p_cmp)
     p_cmp.add_argument("--tol", action="append", default=[], metavar="METRIC=abs:X[,rel:Y]",
                        help="tolerance for val_loss, r2, mse or mae (repeatable), e.g. --tol r2=abs:1e-4")
     p_cmp.add_argument("--tolerances", metavar="FILE", help="YAML file of tolerances: {r2: {abs: 1e-4}, mse: {rel: 0.01}}")

@@ -43,6 +43,7 @@ def add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", help="results directory (default: harness-results/<bundle>-<time>)")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="write all records plus the comparison as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write a Markdown table (for a pull-request comment)")
+    add_html(p)
     p.add_argument("--trace", action="store_true", help="write each training step's loss bits and parameter digests to trace.jsonl in the cell's directory (for harness diverge; custom trainers call ctx.on_step(model, loss))")
     p.add_argument("--data-path", dest="data_feed", choices=("loader", "fast"), default=None,
                    help="the reference trainer's batches: fast (the default: the train split held on the device, "
@@ -59,6 +60,14 @@ def add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="reuse an --out directory that holds another run's records: this run's cells are rerun "
                         "and their records replaced (other cells' records stay, but are not judged)")
+
+
+HTML_HELP = ("write one self-contained HTML page (opens offline: inline SVG, no script, no URL): the environment "
+             "and results tables, every cell's loss curve (with --trace), the deltas against the band, the attribution")
+
+
+def add_html(p: argparse.ArgumentParser, help: str = HTML_HELP) -> None:
+    p.add_argument("--html", metavar="FILE", help=help)
 
 
 def add_data_dir(p: argparse.ArgumentParser) -> None:
@@ -154,8 +163,15 @@ def tolerances(args: argparse.Namespace) -> Any:
 
 
 def report_options(args: argparse.Namespace) -> ReportOptions:
+    html = getattr(args, "html", None)
+    if html:  # a directory or a link is refused before anything trains
+        from ..report_html import check_target
+
+        check_target(html)
     return ReportOptions(json_out=getattr(args, "json_out", None), markdown=getattr(args, "markdown", None),
-                         allow_data_change=bool(getattr(args, "allow_data_change", False)))
+                         allow_data_change=bool(getattr(args, "allow_data_change", False)),
+                         html=html, command=str(getattr(args, "command", "") or ""),
+                         trace_dirs=tuple(p for p in getattr(args, "paths", None) or () if Path(p).is_dir()))
 
 
 def image_options(args: argparse.Namespace) -> ImageOptions:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HarnessError, InputError
-from .common import parting_exit
+from .common import add_html, parting_exit
 
 
 def register(subparsers: Any) -> None:
@@ -23,6 +23,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("a", metavar="A", help="a cell directory of a run made with --trace (or its record.json)")
     p.add_argument("b", metavar="B", help="the other cell directory (or record.json)")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="write the comparison as JSON")
+    add_html(p, help="write one self-contained HTML page (opens offline): both loss curves per step, the step "
+                     "where they part, the first differing tensor, how far apart the metrics end")
     p.set_defaults(func=cmd_diverge)
 
 
@@ -53,6 +55,10 @@ def cmd_diverge(args: argparse.Namespace) -> int:
     from ..record import atomic_write_text, dumps
     from ..report import console
 
+    if args.html:
+        from ..report_html import check_target
+
+        check_target(args.html)
     rec_a, trace_a = _cell(args.a, "A")
     rec_b, trace_b = _cell(args.b, "B")
     result = diverge(trace_a, trace_b, rec_a.retrained, rec_b.retrained, f"{rec_a.cell} ({args.a})",
@@ -62,4 +68,8 @@ def cmd_diverge(args: argparse.Namespace) -> int:
         out.print(line, soft_wrap=True, markup=False, highlight=False)
     if args.json_out:
         atomic_write_text(args.json_out, dumps(result.to_dict()))
+    if args.html:
+        from ..report_html import diverge_page, write_page
+
+        write_page(args.html, diverge_page(result, trace_a, trace_b))
     return parting_exit(result.parting)
