@@ -220,6 +220,8 @@ class RunOptions:
     band_seeds: int = 0  # seed band members (other training seeds) to run with them
     band_from: str | None = None  # a band measured earlier, reused
     band_only: bool = False  # `harness band`: the band's members alone, no cells
+    jobs: int = 0  # cells at once (harness.schedule); 0: as many as the host's cores and GPUs allow
+    force: bool = False  # with --resume: rerun every cell, even those whose earlier record still stands
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
