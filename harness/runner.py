@@ -226,7 +226,14 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any, *, jobs: int = 
 
     def work(cell: Cell) -> tuple[ResultRecord, bool]:  # in a worker thread; True: the runner writes the record
         try:
-            return backend.run(cell, job, progress.event), False
+            rec = backend.run(cell, job, progress.event)
+            if cell.name in keys:  # the key goes with the record before anyone sees it finished
+                rec.cache_key = keys[cell.name]
+                try:
+                    record.write(job.cell_dir(cell) / record.RECORD_FILE, rec)
+                except OSError:
+                    pass  # the record in memory is judged; a full disk was said already
+            return rec, False
         except OSError as exc:
             disk = disk_failure(exc)
             if disk is None:
@@ -243,6 +250,7 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any, *, jobs: int = 
         if c.warning:
             progress.note(f"! {c.name}: {c.warning}", "yellow")
     running: dict[Future[tuple[ResultRecord, bool]], tuple[Cell, Slot, float]] = {}
+    keys: dict[str, str] = {}
     executor: ThreadPoolExecutor | None = None
     try:
         # A wheelhouse cell given no wheelhouse is not blocked when its image is already built: the
@@ -270,7 +278,7 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any, *, jobs: int = 
             keep(cell, rec)
             progress.done(rec)
         waiting = [c for c in runnable if c.name not in blocked]
-        keys = cell_keys(waiting, backend, job, cache)
+        keys.update(cell_keys(waiting, backend, job, cache))
         if cache is not None and cache.reuse:
             from .cache import reusable
 
@@ -287,6 +295,9 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any, *, jobs: int = 
             cache.before_run()  # what was left unchecked in case nothing had to train (the weights)
         host = getattr(backend, "host_slots", None)
         pool = SlotPool(*host(), jobs) if jobs != 1 and host is not None else SlotPool(None, None, 1)
+        if pool.pinning and len(waiting) > 1:
+            at_once = pool.most_at_once([(c.device, c.threads) for c in waiting])
+            progress.note(f"jobs: up to {at_once} cell(s) at once on {pool.n_cores} core(s), each on cores of its own")
         executor = ThreadPoolExecutor(max_workers=max(1, len(waiting)), thread_name_prefix="harness-cell")
         stop: ResultRecord | None = None
         while waiting or running:
@@ -310,12 +321,6 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any, *, jobs: int = 
                     keep(cell, rec)
                 else:
                     records[cell.name] = rec
-                if cell.name in keys:
-                    rec.cache_key = keys[cell.name]
-                    try:
-                        record.write(job.cell_dir(cell) / record.RECORD_FILE, rec)
-                    except OSError:
-                        pass  # the record in memory is judged; the disk said why already
                 progress.done(rec)
                 if _is_input_stop(rec) and stop is None:
                     stop = rec  # start nothing more; the cells running now end as they will

@@ -51,11 +51,13 @@ def worker_command(python: str, spec_path: Path, cpus: tuple[int, ...] | None = 
     every thread it and its libraries start is on those cores from the first instruction.
     """
     worker = [python, "-m", "harness.worker", "--spec", str(spec_path)]
-    if cpus is None:
-        return worker
-    code = (f"import os; os.sched_setaffinity(0, {sorted(cpus)!r}); "
-            f"os.execv({python!r}, {worker!r})")
-    return [python, "-c", code]
+    return worker if cpus is None else pinned(worker, cpus)
+
+
+def pinned(argv: list[str], cpus: tuple[int, ...]) -> list[str]:
+    """``argv`` (an interpreter first) run on ``cpus`` only: it pins itself, then ``execv``s ``argv`` (pure)."""
+    code = f"import os; os.sched_setaffinity(0, {sorted(cpus)!r}); os.execv({argv[0]!r}, {argv!r})"
+    return [argv[0], "-c", code]
 
 
 class LocalBackend(Backend):
