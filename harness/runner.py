@@ -149,8 +149,8 @@ def refuse_another_runs_records(out: Path, resume: bool) -> None:
     run = f" (run {manifest.run_id})" if manifest is not None else ""
     cells = f": {', '.join(held[:5])}{' ...' if len(held) > 5 else ''}" if held else ""
     raise InputError(str(out), f"already holds the records of another run{run}{cells}",
-                     hint="pass --resume to reuse it (this run's cells are rerun and their records replaced), "
-                          "or pass another --out")
+                     hint="pass --resume to reuse it (finished cells whose inputs are unchanged are reused, "
+                          "the others rerun and their records replaced), or pass another --out")
 
 
 def make_backend(plan: Plan) -> Any:
