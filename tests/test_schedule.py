@@ -134,3 +134,23 @@ def test_parse_jobs() -> None:
 def test_a_slot_as_the_record_keeps_it() -> None:
     assert Slot(cpus=(2, 3), gpu="1", cores=2).to_record() == {"cpus": [2, 3], "gpu": "1"}
     assert Slot(cpus=(2, 3)).cpuset == "2,3" and Slot().cpuset is None
+
+
+def test_backends_apply_a_slot(tmp_path) -> None:
+    from harness.backends.docker import container_spec
+    from harness.backends.local import child_env, worker_command
+    from harness.docker_engine import create_kwargs
+    from harness.plan import Job
+
+    job = Job(bundle_dir=str(tmp_path / "b"), data_path=None, results_dir=str(tmp_path / "r"))
+    placed = Cell("g", device="cuda", threads=1, slot=Slot(cpus=(2,), gpu="1", cores=1))
+    kw = create_kwargs(container_spec(placed, job, "img"))
+    assert kw["cpuset_cpus"] == "2"
+    assert kw["device_requests"][0]["DeviceIDs"] == ["1"]
+    assert "cpuset_cpus" not in create_kwargs(container_spec(Cell("c", threads=1), job, "img"))
+    assert child_env(placed, base={})["CUDA_VISIBLE_DEVICES"] == "1"
+    assert child_env(Cell("c", device="cpu", slot=Slot(cpus=(0,))), base={})["CUDA_VISIBLE_DEVICES"] == ""
+    cmd = worker_command("/py", tmp_path / "spec.json", (3,))
+    assert cmd[:2] == ["/py", "-c"] and "sched_setaffinity(0, [3])" in cmd[2] and "harness.worker" in cmd[2]
+    assert worker_command("/py", tmp_path / "spec.json") == ["/py", "-m", "harness.worker", "--spec",
+                                                              str(tmp_path / "spec.json")]
