@@ -897,7 +897,8 @@ class CellProgress:
     """Progress on stderr while cells run: a line per cell as it finishes (streamed, in the order they end)
     and, on a terminal, a live bar with the cells running now, each one's epoch, and an ETA.
 
-    Without a terminal (CI logs, tests) or with ``--no-progress`` only the lines are written.
+    With ``--no-progress`` (CI logs) only the lines are written; without a terminal and without
+    ``--no-progress``, nothing (the tables follow).
     Called from the threads that run cells (``--jobs``): every method takes one lock.
     """
 
@@ -961,15 +962,21 @@ class CellProgress:
             self.fractions.pop(rec.cell, None)
             self.done_cells += 1
             self._overall()
-            self.err.print(Text(finished_line(rec), style="dim" if rec.ok else "yellow"), soft_wrap=True)
+            self.info(finished_line(rec), "dim" if rec.ok else "yellow")
 
     def reused(self, rec: ResultRecord) -> None:
         """A cell whose earlier record stands (--resume): said, and left out of the ETA."""
         with self.lock:
             self.total = max(self.total - 1, 0)
             self._overall()
-            self.err.print(Text(finished_line(rec, reused=True), style="dim"), soft_wrap=True)
+            self.info(finished_line(rec, reused=True))
 
     def note(self, text: str, style: str = "dim") -> None:
         with self.lock:
             self.err.print(Text(text, style=style))
+
+    def info(self, text: str, style: str = "dim") -> None:
+        """A progress line: above the live display, or plain with --no-progress; nothing otherwise (as before)."""
+        with self.lock:
+            if self.live or not self.enabled:
+                self.err.print(Text(text, style=style), soft_wrap=True)

@@ -297,7 +297,8 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any, *, jobs: int = 
         pool = SlotPool(*host(), jobs) if jobs != 1 and host is not None else SlotPool(None, None, 1)
         if pool.pinning and len(waiting) > 1:
             at_once = pool.most_at_once([(c.device, c.threads) for c in waiting])
-            progress.note(f"jobs: up to {at_once} cell(s) at once on {pool.n_cores} core(s), each on cores of its own")
+            getattr(progress, "info", progress.note)(
+                f"jobs: up to {at_once} cell(s) at once on {pool.n_cores} core(s), each on cores of its own")
         executor = ThreadPoolExecutor(max_workers=max(1, len(waiting)), thread_name_prefix="harness-cell")
         stop: ResultRecord | None = None
         while waiting or running:
