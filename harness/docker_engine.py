@@ -124,6 +124,7 @@ class ContainerRequest:
     timeout_s: float | None = None  # killed when it runs longer
     cell: str = ""  # for messages: whose container this is
     tag: str | None = None  # for messages: the image's tag when ``image`` is an id
+    cpuset: str | None = None  # cores it may run on ("0,1"; --jobs), None: any
 
 
 @dataclass(frozen=True)
@@ -280,6 +281,8 @@ def create_kwargs(req: ContainerRequest) -> dict[str, Any]:
         kwargs["device_requests"] = device_requests(req.gpus)
     if req.memory:
         kwargs["mem_limit"] = req.memory
+    if req.cpuset:
+        kwargs["cpuset_cpus"] = req.cpuset
     if req.cap_drop:
         kwargs["cap_drop"] = list(req.cap_drop)
     if req.security_opt:
@@ -312,6 +315,7 @@ class Engine:
         # "buildkit" / "classic": that one only.
         self.builder = builder
         self._running: list[Any] = []  # containers started by run() and not yet removed
+        self._lock = threading.Lock()  # run() is called from several threads at once (--jobs)
 
     @classmethod
     def connect(cls) -> "Engine":
@@ -682,7 +686,8 @@ class Engine:
 
         try:
             container = self.client.containers.create(**create_kwargs(request))
-            self._running.append(container)
+            with self._lock:
+                self._running.append(container)
             container.start()
             if request.timeout_s:
                 timer = threading.Timer(request.timeout_s, expire)
@@ -734,7 +739,9 @@ class Engine:
 
     def stop_all(self) -> None:
         """Stop and remove every container :meth:`run` started that is still there (Ctrl-C)."""
-        for container in list(self._running):
+        with self._lock:
+            running = list(self._running)
+        for container in running:
             try:
                 container.stop(timeout=5)
             except Exception:  # noqa: BLE001 - already stopped or gone
@@ -743,8 +750,9 @@ class Engine:
 
     def _forget(self, container: Any) -> None:
         _remove_container(container)
-        if container is not None and container in self._running:
-            self._running.remove(container)
+        with self._lock:
+            if container is not None and container in self._running:
+                self._running.remove(container)
 
 
 def _remove_container(container: Any) -> None:

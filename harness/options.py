@@ -251,6 +251,8 @@ class RunOptions:
     band_only: bool = False  # `harness band`: the band's members alone, no cells
     slurm: SlurmFlags = field(default_factory=SlurmFlags)  # --backend slurm: partition, time, runtime ...
     data_feed: str | None = None  # --data-path: "loader" | "fast" (None: DEFAULT_DATA_PATH)
+    jobs: int = 0  # cells at once (harness.schedule); 0: as many as the host's cores and GPUs allow
+    force: bool = False  # with --resume: rerun every cell, even those whose earlier record still stands
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

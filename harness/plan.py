@@ -41,6 +41,7 @@ class Cell:
     perturb: dict[str, Any] | None = None  # an ulp band member: {"kind": "ulp", "seed": s}
     band: dict[str, Any] | None = None  # a band member: {"kind": "ulp" | "seed", "member": i}
     gpu: str | None = None  # slurm: the GPU type the cell's job asks for (a GRES type); None: no GPU
+    slot: Any = None  # harness.schedule.Slot: its cores and GPU while it runs (--jobs); None: unpinned
 
 
 @dataclass
@@ -246,12 +247,24 @@ def refuse_inapplicable(opts: RunOptions) -> None:
 # --------------------------------------------------------------------------- effects: the host's facts
 
 
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")  # NVIDIA, WSL, ROCm
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA (or ROCm) device; without any GPU device file torch is not imported."""
+    import os
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not any(os.path.exists(f) for f in GPU_DEVICE_FILES):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def _local_plan(opts: RunOptions) -> Plan:
     import os
 
-    import torch
-
-    has_cuda = torch.cuda.is_available()
+    has_cuda = cuda_available()
     ax = opts.axes
     if opts.single:
         device = (ax.devices or ("auto",))[0]

@@ -10,6 +10,7 @@ The scaler (a pickle) is left to the worker, which loads it before training.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .bundle import Bundle
 from .worker.data import read_layout, require_exists, sha256_path
@@ -37,9 +38,12 @@ class Preflight:
     n_features: int | None
     targets: list[str] | None
     warnings: list[str]
+    layout: Any = None  # the reference trainer's data layout, for check_weights when it was deferred
 
 
-def check(bundle: Bundle) -> Preflight:
+def check(bundle: Bundle, weights: bool = True) -> Preflight:
+    """Everything checkable before training; ``weights=False`` leaves the weights to :func:`check_weights`
+    (which imports torch), for a run that may reuse every cell (``--resume``) and need not train at all."""
     data = None
     if bundle.trainer is None:
         data = read_layout(bundle.data)  # the reference trainer's .npz, checked from its headers
@@ -59,14 +63,19 @@ def check(bundle: Bundle) -> Preflight:
         with open(bundle.scaler_path, "rb") as fh:
             if not fh.read(1):
                 raise InputError(bundle.scaler_path, "is empty", hint="re-export it with joblib.dump(scaler, path), or remove it to refit")
-    if data is not None:
-        from .worker.model import build, load_checked
-
-        net = build(data.n_features, data.n_targets, bundle.model, len(data.keep))
-        for path in (bundle.best_weights, bundle.last_weights):
-            if path is not None:
-                load_checked(path, net)
+    if data is not None and weights:
+        check_weights(bundle, data)
     if data is None:
         return Preflight(data_sha256=digest, shape=None, n_features=None, targets=None, warnings=warnings)
     return Preflight(data_sha256=digest, shape=data.raw_shape, n_features=data.n_features,
-                     targets=data.target_names, warnings=warnings)
+                     targets=data.target_names, warnings=warnings, layout=data)
+
+
+def check_weights(bundle: Bundle, data: Any) -> None:
+    """The archived weights load into the model config.yaml describes (weights_only=True); one line when not."""
+    from .worker.model import build, load_checked
+
+    net = build(data.n_features, data.n_targets, bundle.model, len(data.keep))
+    for path in (bundle.best_weights, bundle.last_weights):
+        if path is not None:
+            load_checked(path, net)

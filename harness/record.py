@@ -439,6 +439,11 @@ class ResultRecord:
     # the reference trainer's data path (--data-path): {"requested": "loader" | "fast", "effective": ...,
     # "proof": what decided it, "torch": version, "fell_back": bool}; None for custom trainers
     data_feed: dict[str, Any] | None = None
+    # where it ran with --jobs: {"cpus": [core, ...] | None (not pinned), "gpu": id | None}; None: not scheduled
+    slot: dict[str, Any] | None = None
+    # sha256 over what determines the result (harness.cache.cell_key): a rerun with --resume reuses the
+    # record when its key is unchanged
+    cache_key: str | None = None
     schema: str = SCHEMA
 
     # ---- construction
@@ -527,10 +532,15 @@ class RunManifest:
     started_at: str
     harness_version: str | None = None
     band_from: str | None = None  # a band measured earlier (--band-from DIR), judged with this run's cells
+    # cell -> run id of the earlier run whose record this run reused (--resume, unchanged cache key)
+    reused: dict[str, str] = field(default_factory=dict)
     schema: str = RUN_SCHEMA
 
     def to_json(self) -> str:
-        return dumps(self)
+        data = _jsonable(self)
+        if not data.get("reused"):
+            data.pop("reused", None)  # left out when empty: an older harness still reads the manifest
+        return dumps(data)
 
     @classmethod
     def from_json(cls, data: Any, where: str = RUN_FILE) -> "RunManifest":
@@ -538,6 +548,8 @@ class RunManifest:
         kw = _take(cls, data, where)
         if not isinstance(kw.get("cells"), list) or not all(isinstance(c, str) for c in kw["cells"]):
             raise InputError(where, "cells must be a list of cell names")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in (kw.get("reused") or {}).items()):
+            raise InputError(where, "reused must map cell names to run ids")
         return cls(**kw)
 
 
@@ -615,7 +627,8 @@ def load(path: str | Path, *, follow_band: bool = True) -> RecordSet:
         if manifest is not None:
             # Only the records of the run that run.json describes: another run's (a --resume
             # into this directory, or an older harness) are not this run's results.
-            other = [r for r in found if r.run_id is not None and r.run_id != manifest.run_id]
+            other = [r for r in found if r.run_id is not None and r.run_id != manifest.run_id
+                     and manifest.reused.get(r.cell) != r.run_id]
             if other:
                 found = [r for r in found if r not in other]
                 runs = ", ".join(sorted({str(r.run_id) for r in other}))

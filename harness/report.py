@@ -613,7 +613,8 @@ def summary_line(comparison: Comparison) -> Text:
 
 def renderable(records: list[ResultRecord], comparison: Comparison, *, per_target: bool = True,
                out: Console | None = None, trial_environment: Mapping[str, Any] | None = None,
-               width: WidthFn | None = None, parts_at: Mapping[str, str] | None = None) -> Group:
+               width: WidthFn | None = None, parts_at: Mapping[str, str] | None = None,
+               reused: Mapping[str, str] | None = None) -> Group:
     """The report; each table narrower than ``out`` is printed as is, a wider one stacked (one block per row).
 
     ``trial_environment``: what trial_info.yaml recorded of the trial's environment, shown as a
@@ -631,6 +632,9 @@ def renderable(records: list[ResultRecord], comparison: Comparison, *, per_targe
     if parts_at:  # traced cells: where each parts from the baseline (harness.diverge.parts_at_column)
         data = [{**r, "parts_at": parts_at.get(r["cell"], "—")} for r in data]
         cols[-1:-1] = [("parts_at", "parts at")]
+    if reused:  # --resume: which rows are records of an earlier run, taken as they were
+        data = [{**r, "run": "reused" if r["cell"] in reused else "ran"} for r in data]
+        cols[-1:-1] = [("run", "run")]
     env, res = environment_table(env_data), results_table(data, cols)
     res = _with_loss_column(res, records, comparison, data, cols, out)
     parts: list[Any] = [env if _fits(out, env) else _environment_stacked(env_data)]
@@ -713,10 +717,10 @@ def notes(data: list[dict[str, str]], records: list[ResultRecord], comparison: C
 
 def print_report(out: Console, records: list[ResultRecord], comparison: Comparison, *,
                  trial_environment: Mapping[str, Any] | None = None, width: WidthFn | None = None,
-                 parts_at: Mapping[str, str] | None = None) -> None:
+                 parts_at: Mapping[str, str] | None = None, reused: Mapping[str, str] | None = None) -> None:
     """The tables, then the note lines unwrapped: a reason often ends in a command to copy whole."""
     group = renderable(records, comparison, out=out, trial_environment=trial_environment, width=width,
-                       parts_at=parts_at)
+                       parts_at=parts_at, reused=reused)
     n = len(notes(rows(records, comparison), records, comparison))
     tables, lines = group.renderables[:-n], group.renderables[-n:]
     out.print(Group(*tables))
@@ -911,40 +915,110 @@ def json_report(records: list[ResultRecord], comparison: Comparison, width: Widt
 # --------------------------------------------------------------------------- progress while cells run
 
 
+def finished_line(rec: ResultRecord, reused: bool = False) -> str:
+    """The line streamed as a cell finishes: ``cell: status``, then its validation loss, time and cores (pure)."""
+    parts = [f"{rec.cell}: {rec.status.value}"]
+    val = rec.retrained.get("val_loss") if rec.ok else None
+    if isinstance(val, (int, float)):
+        parts.append(f"val loss {val:.7g}")
+    if reused:
+        parts.append(f"reused (run {rec.run_id})" if rec.run_id else "reused")
+    elif rec.launcher_wall_s is not None:
+        parts.append(f"{rec.launcher_wall_s:.1f}s")
+    slot = rec.slot or {}
+    if not reused and slot.get("cpus"):
+        parts.append("cpus " + ",".join(str(c) for c in slot["cpus"]))
+    if not reused and slot.get("gpu") is not None:
+        parts.append(f"gpu {slot['gpu']}")
+    if not rec.ok and rec.error is not None and rec.status.value not in ("interrupted",):
+        parts.append(rec.error.message.splitlines()[0][:160] if rec.error.message else rec.error.kind)
+    return "  ".join(parts)
+
+
 class CellProgress:
-    """A progress bar on stderr: which cell, which epoch; one line per finished cell without a bar."""
+    """Progress on stderr while cells run: a line per cell as it finishes (streamed, in the order they end)
+    and, on a terminal, a live bar with the cells running now, each one's epoch, and an ETA.
+
+    With ``--no-progress`` (CI logs) only the lines are written; without a terminal and without
+    ``--no-progress``, nothing (the tables follow).
+    Called from the threads that run cells (``--jobs``): every method takes one lock.
+    """
 
     def __init__(self, total: int, enabled: bool = True) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        import threading
+
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.err = console(stderr=True)
         self.enabled = enabled
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=self.err, disable=not enabled, transient=True)
+        self.live = enabled and self.err.is_terminal
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[note]}"),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=self.err, disable=not self.live,
+                            transient=True)
         self.total = total
+        self.done_cells = 0
+        self.fractions: dict[str, float] = {}  # running cell -> share of its epochs done
+        self.tasks: dict[str, Any] = {}  # running cell -> its bar
+        self.lock = threading.RLock()
 
     def __enter__(self) -> "CellProgress":
         self.bar.__enter__()
-        self.cells_task = self.bar.add_task("cells", total=self.total)
-        self.epoch_task = self.bar.add_task("epochs", total=None)
+        self.cells_task = self.bar.add_task("cells", total=max(self.total, 1), note=f"0/{self.total}")
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.bar.__exit__(*exc)
 
+    def _overall(self) -> None:
+        completed = self.done_cells + sum(self.fractions.values())
+        self.bar.update(self.cells_task, completed=completed, total=max(self.total, 1),
+                        note=f"{self.done_cells}/{self.total}")
+
     def start(self, cell: str) -> None:
-        self.bar.update(self.cells_task, description=f"cell {cell}")
+        with self.lock:
+            self.fractions[cell] = 0.0
+            if cell not in self.tasks:
+                self.tasks[cell] = self.bar.add_task(f"  {cell}", total=None, note="starting")
 
     def event(self, ev: dict[str, Any]) -> None:
-        if ev.get("event") == "start":
-            self.bar.reset(self.epoch_task, total=ev.get("epochs"), description=f"  {ev.get('cell')} epochs")
-        elif ev.get("event") == "epoch":
-            self.bar.update(self.epoch_task, completed=ev.get("epoch"), total=ev.get("epochs"))
+        with self.lock:
+            cell = ev.get("cell")
+            task = self.tasks.get(cell) if isinstance(cell, str) else None
+            if task is None:
+                return
+            epochs = ev.get("epochs") if isinstance(ev.get("epochs"), int) else None
+            if ev.get("event") == "start":
+                self.bar.update(task, total=epochs, completed=0, note=f"epoch 0/{epochs}" if epochs else "")
+            elif ev.get("event") == "epoch" and isinstance(ev.get("epoch"), int):
+                self.bar.update(task, total=epochs, completed=ev["epoch"],
+                                note=f"epoch {ev['epoch']}/{epochs}" if epochs else f"epoch {ev['epoch']}")
+                if epochs:
+                    self.fractions[cell] = min(1.0, ev["epoch"] / epochs)
+                self._overall()
 
     def done(self, rec: ResultRecord) -> None:
-        self.bar.advance(self.cells_task)
-        if not self.enabled:
-            self.err.print(f"[dim]{rec.cell}: {rec.status.value}[/dim]")
+        with self.lock:
+            task = self.tasks.pop(rec.cell, None)
+            if task is not None:
+                self.bar.remove_task(task)
+            self.fractions.pop(rec.cell, None)
+            self.done_cells += 1
+            self._overall()
+            self.info(finished_line(rec), "dim" if rec.ok else "yellow")
+
+    def reused(self, rec: ResultRecord) -> None:
+        """A cell whose earlier record stands (--resume): said, and left out of the ETA."""
+        with self.lock:
+            self.total = max(self.total - 1, 0)
+            self._overall()
+            self.info(finished_line(rec, reused=True))
 
     def note(self, text: str, style: str = "dim") -> None:
-        self.err.print(Text(text, style=style))
+        with self.lock:
+            self.err.print(Text(text, style=style))
+
+    def info(self, text: str, style: str = "dim") -> None:
+        """A progress line: above the live display, or plain with --no-progress; nothing otherwise (as before)."""
+        with self.lock:
+            if self.live or not self.enabled:
+                self.err.print(Text(text, style=style), soft_wrap=True)

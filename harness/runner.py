@@ -17,7 +17,7 @@ import datetime as _dt
 import errno
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,11 @@ def new_run_id() -> str:
 # --------------------------------------------------------------------------- steps
 
 
-def load_and_check(opts: RunOptions) -> tuple[Any, Any]:
-    """Read and validate the bundle and its data; nothing trains before this passes."""
+def load_and_check(opts: RunOptions, weights: bool = True) -> tuple[Any, Any]:
+    """Read and validate the bundle and its data; nothing trains before this passes.
+
+    ``weights=False``: the archived weights are checked only once a cell is about to train
+    (``--resume`` may reuse every cell, and then torch is never imported)."""
     from . import preflight
     from .bundle import load_bundle
 
@@ -54,7 +57,7 @@ def load_and_check(opts: RunOptions) -> tuple[Any, Any]:
         if unknown:
             raise InputError(CONFIG, "; ".join(m.removeprefix(f"{CONFIG}: ") for m in unknown),
                              hint="fix or remove the key(s), or drop --strict-config to run with a warning")
-    return bundle, preflight.check(bundle)
+    return bundle, preflight.check(bundle, weights=weights)
 
 
 def results_dir(out: str | None, bundle_root: str, prefix: str = "") -> Path:
@@ -146,8 +149,8 @@ def refuse_another_runs_records(out: Path, resume: bool) -> None:
     run = f" (run {manifest.run_id})" if manifest is not None else ""
     cells = f": {', '.join(held[:5])}{' ...' if len(held) > 5 else ''}" if held else ""
     raise InputError(str(out), f"already holds the records of another run{run}{cells}",
-                     hint="pass --resume to reuse it (this run's cells are rerun and their records replaced), "
-                          "or pass another --out")
+                     hint="pass --resume to reuse it (finished cells whose inputs are unchanged are reused, "
+                          "the others rerun and their records replaced), or pass another --out")
 
 
 def make_backend(plan: Plan) -> Any:
@@ -176,22 +179,36 @@ def _log_tail(path: Path, chars: int = 2000) -> str | None:
 
 @dataclass
 class Outcome:
-    """What a run left: the records in plan order and the planned cells that have none."""
+    """What a run left: the records in plan order, the planned cells that have none, and the reused ones."""
 
     records: list[ResultRecord]
     missing: list[str]
+    reused: dict[str, str] = field(default_factory=dict)  # cell -> run id of the earlier run whose record stands
 
 
-def run_cells(plan: Plan, backend: Any, job: Job, progress: Any) -> Outcome:
-    """Run every runnable cell; a failed cell does not stop the others.
+def _is_input_stop(rec: ResultRecord) -> bool:
+    """The worker found bad input (the bundle, its data): every cell would fail the same way."""
+    return not rec.ok and rec.error is not None and rec.error.kind in ("input", "usage")
 
-    Skipped and blocked cells get their records without starting. Ctrl-C writes an
-    ``interrupted`` record for the running cell and raises :class:`Interrupted`
-    with the outcome so far attached (``exc.outcome``).
+
+def run_cells(plan: Plan, backend: Any, job: Job, progress: Any, *, jobs: int = 1, cache: Any = None) -> Outcome:
+    """Run every runnable cell, up to ``jobs`` at once (harness.schedule); a failed cell does not stop the others.
+
+    Skipped and blocked cells get their records without starting. With ``cache``
+    (harness.cache.CellCache) every record carries its cell's key, and when ``cache.reuse``
+    a finished record whose key is unchanged stands for its cell, which is not rerun.
+    Ctrl-C writes an ``interrupted`` record for every running cell and raises
+    :class:`Interrupted` with the outcome so far attached (``exc.outcome``); cells not
+    started stay missing.
     """
+    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+    from dataclasses import replace
+
+    from .schedule import Slot, SlotPool, next_to_start
     from .worker.retrain import disk_failure
 
     records: dict[str, ResultRecord] = {}
+    reused: dict[str, str] = {}
 
     def keep(cell: Cell, rec: ResultRecord) -> None:
         rec.run_id = job.run_id
@@ -207,6 +224,28 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any) -> Outcome:
                 raise
             rec.warnings.append(f"record.json could not be written: {disk}")
 
+    def outcome() -> Outcome:
+        return Outcome([records[c.name] for c in plan.cells if c.name in records],
+                       [c.name for c in plan.cells if c.name not in records], dict(reused))
+
+    def work(cell: Cell) -> tuple[ResultRecord, bool]:  # in a worker thread; True: the runner writes the record
+        try:
+            rec = backend.run(cell, job, progress.event)
+            if cell.name in keys:  # the key goes with the record before anyone sees it finished
+                rec.cache_key = keys[cell.name]
+                try:
+                    record.write(job.cell_dir(cell) / record.RECORD_FILE, rec)
+                except OSError:
+                    pass  # the record in memory is judged; a full disk was said already
+            return rec, False
+        except OSError as exc:
+            disk = disk_failure(exc)
+            if disk is None:
+                raise
+            # The disk filled up (or went read-only) under the cell: its row says so.
+            return ResultRecord.without_metrics(cell.name, Status.FAILED, "disk", disk,
+                                                backend=backend.name, started_at=now_utc()), True
+
     for c in plan.skipped:
         keep(c, ResultRecord.without_metrics(c.name, Status.SKIPPED, "skipped", c.skip_reason or "skipped",
                                              backend=backend.name, started_at=now_utc()))
@@ -214,8 +253,9 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any) -> Outcome:
     for c in runnable:
         if c.warning:
             progress.note(f"! {c.name}: {c.warning}", "yellow")
-    current: Cell | None = None
-    t_cell = time.perf_counter()
+    running: dict[Future[tuple[ResultRecord, bool]], tuple[Cell, Slot, float]] = {}
+    keys: dict[str, str] = {}
+    executor: ThreadPoolExecutor | None = None
     try:
         # A wheelhouse cell given no wheelhouse is not blocked when its image is already built: the
         # backend uses harness:<cell> as found (or skips the cell when there is none).
@@ -224,59 +264,111 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any) -> Outcome:
                               for c in runnable)}
         blocked.update(backend.prepare([c for c in runnable if c.name not in blocked], job))
         for cell in runnable:
-            current, t_cell = cell, time.perf_counter()
+            if cell.name not in blocked:
+                continue
             progress.start(cell.name)
-            if cell.name in blocked and getattr(blocked[cell.name], "skip_reason", None):
+            if getattr(blocked[cell.name], "skip_reason", None):
                 # This host cannot build the cell (no base image, no wheelhouse and no built image):
                 # skipped, with the command that makes it buildable; a build that failed stays failed.
                 rec = ResultRecord.without_metrics(cell.name, Status.SKIPPED, "skipped",
                                                    blocked[cell.name].skip_reason,  # type: ignore[attr-defined]
                                                    backend=backend.name, started_at=now_utc())
-                keep(cell, rec)
-            elif cell.name in blocked:
+            else:
                 # A cell that cannot start (its image, its wheelhouse, its base image) fails alone.
                 exc = blocked[cell.name]
                 rec = ResultRecord.without_metrics(cell.name, Status.FAILED, "image", exc.one_line(),
                                                    backend=backend.name, started_at=now_utc(),
                                                    log_tail="\n".join(getattr(exc, "log_tail", []) or []) or None)
-                keep(cell, rec)
-            else:
-                try:
-                    rec = backend.run(cell, job, progress.event)
-                    records[cell.name] = rec
-                except OSError as exc:
-                    disk = disk_failure(exc)
-                    if disk is None:
-                        raise
-                    # The disk filled up (or went read-only) under the cell: its row says so.
-                    rec = ResultRecord.without_metrics(cell.name, Status.FAILED, "disk", disk,
-                                                       backend=backend.name, started_at=now_utc())
-                    keep(cell, rec)
-            current = None
+            keep(cell, rec)
             progress.done(rec)
-            if cell.name not in blocked and not rec.ok and rec.error is not None and rec.error.kind in ("input", "usage"):
-                # The worker found bad input (the bundle, its data): every cell would fail the same
-                # way, so stop, keep what ran, exit 2.
-                raise InputError("", rec.error.message)
-    except KeyboardInterrupt as stop:
-        backend.close()
-        if current is not None:
-            out = job.cell_dir(current)
-            how = "terminated (SIGTERM)" if type(stop).__name__ == "Terminated" else "interrupted (Ctrl-C)"
-            keep(current, ResultRecord.without_metrics(
-                current.name, Status.INTERRUPTED, "interrupted",
-                f"{how} after {time.perf_counter() - t_cell:.1f}s; the run was stopped",
-                backend=backend.name, started_at=now_utc(), log_tail=_log_tail(out / "worker.log")))
-        outcome = Outcome([records[c.name] for c in plan.cells if c.name in records],
-                          [c.name for c in plan.cells if c.name not in records])
-        exc = Interrupted(f"interrupted; {len(outcome.records)} record(s) kept in {job.results_dir}",
-                          hint=("cells not run: " + ", ".join(outcome.missing)) if outcome.missing else None)
-        exc.outcome = outcome  # type: ignore[attr-defined]
+        waiting = [c for c in runnable if c.name not in blocked]
+        keys.update(cell_keys(waiting, backend, job, cache))
+        if cache is not None and cache.reuse:
+            from .cache import reusable
+
+            for cell in list(waiting):
+                found = reusable(job.cell_dir(cell), cell.name, keys[cell.name]) if cell.name in keys else None
+                if found is not None:
+                    records[cell.name] = found
+                    reused[cell.name] = found.run_id or ""
+                    waiting.remove(cell)
+                    getattr(progress, "reused", progress.done)(found)
+            if reused:
+                start(plan, job, job.bundle_dir, reused)  # run.json names the records it takes from earlier runs
+        if waiting and cache is not None and cache.before_run is not None:
+            cache.before_run()  # what was left unchecked in case nothing had to train (the weights)
+        host = getattr(backend, "host_slots", None)
+        pool = SlotPool(*host(), jobs) if jobs != 1 and host is not None else SlotPool(None, None, 1)
+        if pool.pinning and len(waiting) > 1:
+            at_once = pool.most_at_once([(c.device, c.threads) for c in waiting])
+            getattr(progress, "info", progress.note)(
+                f"jobs: up to {at_once} cell(s) at once on {pool.n_cores} core(s), each on cores of its own")
+        executor = ThreadPoolExecutor(max_workers=max(1, len(waiting)), thread_name_prefix="harness-cell")
+        stop: ResultRecord | None = None
+        while waiting or running:
+            starts = next_to_start(waiting, pool) if stop is None else []
+            if stop is None and not starts and not running and waiting:
+                starts = [(waiting[0], Slot())]  # nothing fits an idle host (e.g. no GPU id to give): run it as is
+                pool.running += 1
+            for cell, slot in starts:
+                waiting.remove(cell)
+                progress.start(cell.name)
+                placed = replace(cell, slot=slot) if pool.pinning else cell
+                running[executor.submit(work, placed)] = (cell, slot, time.perf_counter())
+            if not running:
+                break
+            done, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
+            for fut in sorted(done, key=lambda f: [c.name for c in runnable].index(running[f][0].name)):
+                cell, slot, _t0 = running.pop(fut)
+                pool.give_back(slot, cell.device)
+                rec, unwritten = fut.result()
+                if unwritten:
+                    keep(cell, rec)
+                else:
+                    records[cell.name] = rec
+                progress.done(rec)
+                if _is_input_stop(rec) and stop is None:
+                    stop = rec  # start nothing more; the cells running now end as they will
+        if stop is not None and stop.error is not None:
+            # The worker found bad input (the bundle, its data): every cell would fail the same
+            # way, so stop, keep what ran, exit 2.
+            raise InputError("", stop.error.message)
+    except KeyboardInterrupt as stop_signal:
+        backend.close()  # every running worker or container is stopped
+        if running:
+            wait(list(running), timeout=60)  # their threads end once their workers are gone
+        how = "terminated (SIGTERM)" if type(stop_signal).__name__ == "Terminated" else "interrupted (Ctrl-C)"
+        for fut, (cell, _slot, t0) in running.items():
+            finished = fut.done() and fut.exception() is None and fut.result()[0].ok
+            if finished:  # it ended just as the signal came: its record stands
+                records[cell.name] = fut.result()[0]
+                continue
+            keep(cell, ResultRecord.without_metrics(
+                cell.name, Status.INTERRUPTED, "interrupted",
+                f"{how} after {time.perf_counter() - t0:.1f}s; the run was stopped",
+                backend=backend.name, started_at=now_utc(), log_tail=_log_tail(job.cell_dir(cell) / "worker.log")))
+        got = outcome()
+        exc = Interrupted(f"interrupted; {len(got.records)} record(s) kept in {job.results_dir}",
+                          hint=("cells not run: " + ", ".join(got.missing)) if got.missing else None)
+        exc.outcome = got  # type: ignore[attr-defined]
         raise exc from None
     finally:
         backend.close()
-    return Outcome([records[c.name] for c in plan.cells if c.name in records],
-                   [c.name for c in plan.cells if c.name not in records])
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+    return outcome()
+
+
+def cell_keys(cells: list[Cell], backend: Any, job: Job, cache: Any) -> dict[str, str]:
+    """Each cell's cache key (harness.cache), for the cells whose environment the backend can name."""
+    if cache is None:
+        return {}
+    keys = {}
+    for cell in cells:
+        env = backend.environment_digest(cell)
+        if env:
+            keys[cell.name] = cache.key(env, backend.spec_document(cell, job))
+    return keys
 
 
 def recorded_environment(bundle_dir: str | None) -> dict[str, Any] | None:
@@ -293,7 +385,7 @@ def recorded_environment(bundle_dir: str | None) -> dict[str, Any] | None:
 
 
 def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, results: Path | None,
-           report_opts: ReportOptions, bundle_dir: str | None = None) -> Comparison:
+           report_opts: ReportOptions, bundle_dir: str | None = None, reused: dict[str, str] | None = None) -> Comparison:
     """Judge, print, and write the reports (``report.json`` in the results directory, --json, --markdown)."""
     from .report import console, json_report, markdown, print_report
 
@@ -303,7 +395,10 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
         print_nothing_ran(console(), records, bundle_dir)
     else:
         print_report(console(), records, comparison, trial_environment=trial_env,
-                     parts_at=_parts_at(records, results))
+                     parts_at=_parts_at(records, results), reused=reused)
+    if reused:
+        console().print(f"Reused {len(reused)} of {len(records)} cell(s) from earlier runs (inputs unchanged; "
+                        f"--force reruns them): {', '.join(reused)}", soft_wrap=True, markup=False, highlight=False)
     report = record.dumps(json_report(records, comparison))
     if results is not None:
         try:
@@ -372,12 +467,12 @@ def print_nothing_ran(out: Any, records: list[ResultRecord], bundle_dir: str | N
               soft_wrap=True, markup=False, highlight=False)
 
 
-def start(plan: Plan, job: Job, bundle_root: str) -> None:
-    """Write ``run.json`` (the planned cells, in order) before any cell runs."""
+def start(plan: Plan, job: Job, bundle_root: str, reused: dict[str, str] | None = None) -> None:
+    """Write ``run.json`` (the planned cells, in order) before any cell runs; again, naming the reused records."""
     Path(job.results_dir).mkdir(parents=True, exist_ok=True)
     record.write_manifest(job.results_dir, RunManifest(
         run_id=job.run_id, cells=[c.name for c in plan.cells], backend=plan.backend, bundle=bundle_root,
-        started_at=now_utc(), harness_version=__version__, band_from=job.band_from))
+        started_at=now_utc(), harness_version=__version__, band_from=job.band_from, reused=dict(reused or {})))
 
 
 def load_band(path: str, bundle: Any, data_sha256: str | None) -> list[ResultRecord]:
@@ -398,31 +493,35 @@ def load_band(path: str, bundle: Any, data_sha256: str | None) -> list[ResultRec
 
 
 def execute_plan(plan: Plan, backend: Any, job: Job, report_opts: ReportOptions, tol: Tolerances,
-                 progress_enabled: bool = True, extra_records: list[ResultRecord] | None = None) -> Comparison:
-    """Run a plan on a backend and judge it; on Ctrl-C, judge and report what exists, then re-raise."""
+                 progress_enabled: bool = True, extra_records: list[ResultRecord] | None = None, *,
+                 jobs: int = 1, cache: Any = None) -> Comparison:
+    """Run a plan on a backend (``jobs`` cells at once; ``cache``: harness.cache.CellCache) and judge it;
+    on Ctrl-C, judge and report what exists, then re-raise."""
     from .report import CellProgress
 
     start(plan, job, job.bundle_dir)
     before = list(extra_records or [])
     try:
         with CellProgress(len(plan.runnable), enabled=progress_enabled) as progress:
-            outcome = run_cells(plan, backend, job, progress)
+            outcome = run_cells(plan, backend, job, progress, jobs=jobs, cache=cache)
     except Interrupted as exc:
         got: Outcome = exc.outcome  # type: ignore[attr-defined]
         try:
-            render(before + got.records, got.missing, tol, Path(job.results_dir), report_opts, bundle_dir=job.bundle_dir)
+            render(before + got.records, got.missing, tol, Path(job.results_dir), report_opts, bundle_dir=job.bundle_dir,
+                   reused=got.reused)
         except HarnessError:
             pass  # the interrupt is what the user needs to hear about
         raise
     return render(before + outcome.records, outcome.missing, tol, Path(job.results_dir), report_opts,
-                  bundle_dir=job.bundle_dir)
+                  bundle_dir=job.bundle_dir, reused=outcome.reused)
 
 
 def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances) -> Comparison:
     """``harness run`` / ``harness matrix``: every step, from the bundle to the verdict."""
     from .report import console
 
-    bundle, pre = load_and_check(opts)
+    deferred = opts.resume and not opts.force
+    bundle, pre = load_and_check(opts, weights=not deferred)
     err = console(stderr=True)
     for w in pre.warnings:
         loud = "MISMATCH" in w or "not a key the reference trainer reads" in w
@@ -442,13 +541,23 @@ def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances) -> Co
     lock = ResultsLock(out)
     try:
         refuse_another_runs_records(out, opts.resume)
-        return _execute_locked(opts, bundle, plan, out, report_opts, tol, band)
+        before_run = None
+        if deferred and pre.layout is not None:
+            from .preflight import check_weights
+
+            def before_run() -> None:
+                check_weights(bundle, pre.layout)
+        return _execute_locked(opts, bundle, plan, out, report_opts, tol, band, data_sha256=pre.data_sha256,
+                               before_run=before_run)
     finally:
         lock.release()
 
 
 def _execute_locked(opts: RunOptions, bundle: Any, plan: Plan, out: Path, report_opts: ReportOptions,
-                    tol: Tolerances, band: list[ResultRecord] | None = None) -> Comparison:
+                    tol: Tolerances, band: list[ResultRecord] | None = None, data_sha256: str | None = None,
+                    before_run: Any = None) -> Comparison:
+    from .cache import CellCache
+
     job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, data_dir=bundle.data.dir, results_dir=str(out),
               trainer=bundle.trainer.entrypoint if bundle.trainer else None,
               trainer_cmd=bundle.trainer.command if bundle.trainer else None,
@@ -457,4 +566,7 @@ def _execute_locked(opts: RunOptions, bundle: Any, plan: Plan, out: Path, report
               run_id=new_run_id(), timeout_s=opts.timeout,
               band_from=str(Path(opts.band_from).resolve()) if opts.band_from else None)
     backend = make_backend(plan)
-    return execute_plan(plan, backend, job, report_opts, tol, progress_enabled=opts.progress, extra_records=band)
+    cache = CellCache(bundle.root, data_sha256, job.trainer_path or (), reuse=opts.resume and not opts.force,
+                      before_run=before_run)
+    return execute_plan(plan, backend, job, report_opts, tol, progress_enabled=opts.progress, extra_records=band,
+                        jobs=opts.jobs, cache=cache)

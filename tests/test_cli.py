@@ -349,7 +349,7 @@ def test_interrupt_leaves_an_interrupted_record_and_compare_says_incomplete(exam
     env = dict(os.environ, COLUMNS="220")
     proc = subprocess.Popen(preexec_fn=default_signals, args=[sys.executable, "-m", "harness", "matrix", str(example), "--backend", "local",
                              "--devices", "cpu", "--determinism", "strict,default", "--threads", "1", "--repeats", "2",
-                             "--out", str(out), "--no-progress"],
+                             "--out", str(out), "--no-progress", "--jobs", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     deadline = time.monotonic() + 240
     # wait until the first cell finished and the second one is training

@@ -166,6 +166,14 @@ def log_tail_no_follow(path: Path, chars: int = 2000) -> str | None:
         return fh.read().decode("utf-8", "replace") or None
 
 
+def usable_cpus() -> list[int] | None:
+    """The cores this process may run on (its affinity), or None where the OS cannot say."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
 def timeout_reason(timeout_s: float | None) -> str:
     return f"timed out after {timeout_s:g}s (--timeout {timeout_s:g}); the worker was killed"
 
@@ -203,6 +211,14 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Release what the backend holds; stop anything still running (Ctrl-C)."""
+
+    def environment_digest(self, cell: Cell) -> str | None:
+        """What the cell runs in, for its cache key (an image's id, a local environment's digest); None: unknown."""
+        return None
+
+    def host_slots(self) -> tuple[list[int] | None, list[str] | None]:
+        """The cores and GPU ids cells may be given (harness.schedule); None where this host cannot tell."""
+        return usable_cpus(), None
 
     def run(self, cell: Cell, job: Job, on_event: EventFn | None = None) -> ResultRecord:
         """Run one cell to completion and return its record (also on disk)."""
@@ -257,5 +273,6 @@ class Backend(ABC):
             setattr(rec, key, value)
         rec.launcher_wall_s = wall_s
         rec.timeout_s = job.timeout_s
+        rec.slot = cell.slot.to_record() if cell.slot is not None else None
         record.write(path, rec)
         return rec

@@ -146,7 +146,10 @@ def container_spec(cell: Cell, job: Job, image: str, *, gpus: str = "all", memor
         environment=env,
         # a non-root caller owns what the container writes
         user=f"{host_uid}:{os.getgid()}" if host_uid else None,
-        gpus=gpu_spec(gpus) if cell.device.startswith("cuda") else "none",
+        # --jobs: its own GPU (device_ids) and cores (cpuset_cpus)
+        gpus=("none" if not cell.device.startswith("cuda") else
+              cell.slot.gpu if cell.slot is not None and cell.slot.gpu is not None else gpu_spec(gpus)),
+        cpuset=cell.slot.cpuset if cell.slot is not None else None,
         memory=memory or host_memory_limit(),
         labels={LABEL_RUN: run_id, "org.harness.cell": cell.name, LABEL_PID: str(os.getpid()),
                 LABEL_HOST: hostname()},
@@ -258,6 +261,30 @@ class DockerBackend(Backend):
             elif r is not None:
                 self.images[c.name] = self.describe(c, r)
         return failures
+
+    def environment_digest(self, cell: Cell) -> str | None:
+        info = self.images.get(cell.name)
+        return f"image:{info.id}" if info is not None and info.id else None
+
+    def host_slots(self) -> tuple[list[int] | None, list[str] | None]:
+        """This host's cores and GPUs, when the engine runs here (a remote engine's are unknown: one at a time)."""
+        from .base import usable_cpus
+
+        where = os.environ.get("DOCKER_HOST", "")
+        if where and not where.startswith("unix://"):
+            return None, None
+        spec = gpu_spec(self.gpus)
+        if spec == "none":
+            return usable_cpus(), []
+        if spec != "all":
+            return usable_cpus(), spec.split(",")
+        from ..images import matrix
+
+        try:
+            found = matrix.detect_host().get("gpus")
+        except Exception:  # noqa: BLE001 - unsure: CUDA cells take turns
+            return usable_cpus(), None
+        return usable_cpus(), [str(i) for i in range(len(found))] if isinstance(found, list) else None
 
     def use_alias(self, cell: Cell, err: Any) -> ImageInfo | HarnessError:
         """The image already built under ``harness:<cell>``, for a wheelhouse cell given no wheelhouse.

@@ -19,6 +19,7 @@ from .. import __version__
 from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, HarnessError, InputError, Interrupted, UsageError
 from ..options import (DEFAULT_TIMEOUT_S, Axes, RunOptions, parse_band, parse_cells, parse_count, parse_devices,
                        parse_isa, parse_modes, parse_repeats, parse_tf32, parse_threads, parse_timeout)
+from ..schedule import parse_jobs
 from .common import (EXIT_CODES_HELP, add_allow_data_change, add_common, add_docker, add_html, add_inputs, add_slurm,
                      image_options, report_options, slurm_flags, tolerances, verdict_exit)
 
@@ -144,15 +145,30 @@ def run_options(args: argparse.Namespace, *, single: bool, band_only: bool = Fal
         band, seeds = parse_band(args.band), parse_count(args.band_seeds, "--band-seeds", example="4")
         band_from = args.band_from
     cells = parse_cells(args.image) if single else parse_cells(args.cells)
+    out, resume = resume_options(args)
     return RunOptions(bundle=args.bundle, backend=backend, single=single, cells=cells, axes=axes,
                       images=image_options(args), data=args.data, data_dir=args.data_dir, trainer=args.trainer,
-                      trainer_path=args.trainer_path, trainer_cmd=args.trainer_cmd, out=args.out, trace=args.trace,
+                      trainer_path=args.trainer_path, trainer_cmd=args.trainer_cmd, out=out, trace=args.trace,
                       progress=not args.no_progress,
-                      resume=args.resume, strict_config=getattr(args, "strict_config", False),
+                      resume=resume, force=args.force, jobs=parse_jobs(args.jobs), strict_config=getattr(args, "strict_config", False),
                       timeout=parse_timeout(args.timeout) if args.timeout is not None else DEFAULT_TIMEOUT_S,
                       band=band, band_seeds=seeds, band_from=band_from, band_only=band_only,
                       slurm=slurm_flags(args),
                       data_feed=getattr(args, "data_feed", None))
+
+
+def resume_options(args: argparse.Namespace) -> tuple[str | None, bool]:
+    """``--out`` and ``--resume [DIR]`` as (results directory, resume); ``--force`` needs ``--resume``."""
+    out, resume = args.out, args.resume
+    if isinstance(resume, str):
+        if out and os.path.abspath(out) != os.path.abspath(resume):
+            raise UsageError(f"--resume {resume} and --out {out} name two results directories",
+                             hint="give one: --resume DIR, or --out DIR --resume")
+        out, resume = resume, True
+    if args.force and not resume:
+        raise UsageError("--force reruns the cells --resume would reuse; without --resume every cell runs anyway",
+                         hint="drop --force, or add --resume")
+    return out, bool(resume)
 
 
 # --------------------------------------------------------------------------- commands

@@ -57,9 +57,15 @@ def add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict-config", action="store_true",
                    help="refuse (exit 2) a config.yaml key of data/model/training that the reference trainer does not "
                         "read, e.g. a misspelt model.hiden (default: a warning, and the key is ignored)")
-    p.add_argument("--resume", action="store_true",
-                   help="reuse an --out directory that holds another run's records: this run's cells are rerun "
-                        "and their records replaced (other cells' records stay, but are not judged)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
+                   help="reuse a results directory (--out, or DIR) that holds earlier records: a cell whose earlier "
+                        "record finished with unchanged inputs (image or environment, spec, bundle, data, trainer) "
+                        "is reused, every other cell is rerun and its record replaced")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: rerun every cell, even those whose earlier record could be reused")
+    p.add_argument("--jobs", default="auto", metavar="N",
+                   help="cells run at once (default auto: as many as the cores allow, each cell holding as many "
+                        "cores as its thread count, all of them for the default count; CUDA cells one GPU each)")
 
 
 HTML_HELP = ("write one self-contained HTML page (opens offline: inline SVG, no script, no URL): the environment "

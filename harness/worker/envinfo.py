@@ -13,6 +13,13 @@ from typing import Any
 from .isa import read_host_levels
 
 
+def _affinity() -> list[int] | None:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -81,6 +88,7 @@ def measure(device: str = "cpu") -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_affinity": _affinity(),  # the cores it may run on (--jobs pins a cell to its own)
         "cpu_isa_levels": list(read_host_levels()),  # what this CPU can run: harness.worker.isa levels
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
