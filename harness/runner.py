@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -545,8 +546,7 @@ def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances) -> Co
         if deferred and pre.layout is not None:
             from .preflight import check_weights
 
-            def before_run() -> None:
-                check_weights(bundle, pre.layout)
+            before_run = functools.partial(check_weights, bundle, pre.layout)  # only once a cell must train
         return _execute_locked(opts, bundle, plan, out, report_opts, tol, band, data_sha256=pre.data_sha256,
                                before_run=before_run)
     finally:

@@ -127,6 +127,11 @@ class SlurmBackend(Backend):
         self.waited: set[str] = set()  # cells whose job has ended
         self.note = note or (lambda text: print(text, file=sys.stderr, flush=True))
 
+    def host_slots(self) -> tuple[list[int] | None, list[str] | None]:
+        """None: Slurm places the cells on its nodes, so nothing is pinned on the submitting host. Every job
+        is submitted in :meth:`prepare`, so waiting for them one at a time costs no wall time."""
+        return None, None
+
     # ---- submitting
 
     def prepare(self, cells: list[Cell], job: Job) -> dict[str, HarnessError]:
