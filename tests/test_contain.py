@@ -188,14 +188,14 @@ def test_a_hanging_local_trainer_times_out_with_its_output(make_bundle, tmp_path
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "harness", "run", str(root), "--trainer", "hang:train",
                         "--trainer-path", str(TRAINERS), "--out", str(out), "--device", "cpu", "--no-progress",
-                        "--timeout", "8"], capture_output=True, text=True, env=env, timeout=120)
+                        "--timeout", "20"], capture_output=True, text=True, env=env, timeout=180)
     took = time.monotonic() - t0
     assert p.returncode == 1, p.stdout + p.stderr
     rec = records.read(out / "run" / "record.json")
     assert rec.status is Status.TIMEOUT and rec.error.kind == "timeout"
-    assert "8" in rec.error.message and "about to hang" in rec.error.log_tail
-    assert rec.timeout_s == 8
-    assert took < 40
+    assert "20" in rec.error.message and "about to hang" in rec.error.log_tail
+    assert rec.timeout_s == 20
+    assert took < 80
 
 
 def test_a_hanging_container_times_out_and_the_next_cell_runs(tmp_path: Path) -> None:
