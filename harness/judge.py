@@ -579,7 +579,10 @@ def judge_band(j: CellJudgement, rec: ResultRecord, first: ResultRecord | None, 
     if not judged:
         return CellBand(BandVerdict.NO_BAND, reference, use.source, bitwise_to=bitwise, metrics=metrics)
     beyond = [k for k, m in judged.items() if m.verdict is BandVerdict.BEYOND]
-    verdict = BandVerdict.BEYOND if beyond else BandVerdict.BITWISE if bitwise else BandVerdict.WITHIN
+    # Bitwise only when every metric equals the reference's: weights equal to the archived ones do not
+    # make a cell bitwise against a first cell whose own weights differ from them.
+    same = all(m.verdict is BandVerdict.BITWISE for m in judged.values())
+    verdict = BandVerdict.BEYOND if beyond else BandVerdict.BITWISE if bitwise and same else BandVerdict.WITHIN
     return CellBand(verdict=verdict, reference=reference, source=use.source, bitwise_to=bitwise,
                     ratio=_max(m.ratio for m in judged.values()), sd_ratio=_max(m.sd_ratio for m in judged.values()),
                     seed_ratio=_max(m.seed_ratio for m in metrics.values()), beyond=beyond, metrics=metrics)

@@ -249,6 +249,17 @@ def test_bitwise_cell() -> None:
     assert c.overall is Verdict.REPRODUCED and verdict_exit(c) == EXIT_OK
 
 
+def test_archived_weights_do_not_make_a_cell_bitwise_against_a_first_cell_that_differs() -> None:
+    # The trial's own environment: this cell retrains the archived weights exactly, while the first
+    # cell (another thread count) moved them. Against that first cell it is within the band, not bitwise.
+    first, trial_env = record("base", r2=0.9 + 2e-5, sha="w2"), record("trial-env", sha="w1")
+    trial_env.weights_vs_archived = {"identical": True}
+    c = compare(ulp_band(width=1e-4) + [first, trial_env])
+    cb = c.cell("trial-env").band
+    assert cb.bitwise_to == "archived weights" and cb.metrics["r2/a"].delta != 0
+    assert cb.verdict is BandVerdict.WITHIN and cb.ratio == pytest.approx(0.2)
+
+
 def test_within_band_cell() -> None:
     c = compare(ulp_band(width=1e-4) + [record("base"), record("near", r2=0.9 + 3e-5, sha="w2")])
     cb = c.cell("near").band
