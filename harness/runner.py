@@ -31,7 +31,7 @@ from .record import ResultRecord, RunManifest, Status
 
 
 def now_utc() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def new_run_id() -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,8 @@ def test_two_cells_with_jobs_2_get_disjoint_cpusets(docker_client, wheelhouse_ro
         assert r.status is Status.OK and r.env.in_container is True
         assert r.slot is not None and len(r.slot["cpus"]) == 1
         assert r.env.extra["cpu_affinity"] == r.slot["cpus"]  # measured inside: cpuset_cpus took effect
+    # Disjoint: both slots were held at once (one after the other, the second would get the first's
+    # core back). Whether their training windows overlap depends on how long each container takes to
+    # start against how long this example trains (under a second); tests/test_jobs.py checks the
+    # overlap on a retrain long enough to show it.
     assert set(a.slot["cpus"]).isdisjoint(b.slot["cpus"])
-    (s1, e1), (s2, e2) = [(datetime.fromisoformat(r.started_at), datetime.fromisoformat(r.finished_at)) for r in (a, b)]
-    assert s1 < e2 and s2 < e1  # they ran at once

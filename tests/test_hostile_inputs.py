@@ -350,8 +350,13 @@ def test_two_runs_into_one_out(make_bundle, tmp_path: Path) -> None:
     resumed = harness(*_matrix_args(b, out), "--resume", "--json", str(tmp_path / "r.json"))
     assert resumed.returncode == 0, resumed.stderr
     report = json.loads((tmp_path / "r.json").read_text())
-    run_id = record.read_manifest(out).run_id
-    assert {r["run_id"] for r in report["records"]} == {run_id}
+    manifest = record.read_manifest(out)
+    # b's records are this run's, or (when b won the race) the earlier run's that --resume reused
+    # unchanged, and run.json says which: never a's.
+    assert {r["cell"]: r["run_id"] for r in report["records"]} == {
+        r["cell"]: manifest.reused.get(r["cell"], manifest.run_id) for r in report["records"]}
+    assert bool(manifest.reused) == (winner is results[1])
+    assert {r["bundle"]["path"] for r in report["records"]} == {str(b)}
 
 
 def test_compare_ignores_records_of_other_runs(tmp_path: Path) -> None:

@@ -44,7 +44,9 @@ def test_two_one_thread_cells_run_at_once_on_disjoint_cores(make_bundle, tmp_pat
         import pytest
 
         pytest.skip("needs two cores")
-    bundle = make_bundle()
+    # Long enough to train (seconds) that the two workers' import times (which differ by a second or
+    # two on a busy 2-core machine) cannot hide the overlap of their training.
+    bundle = make_bundle(training__epochs=1500)
     out = tmp_path / "out"
     p = harness("matrix", str(bundle), *LOCAL, "--determinism", "strict,default", "--jobs", "2", "--out", str(out),
                 "--no-progress")

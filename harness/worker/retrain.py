@@ -42,7 +42,7 @@ def emit(event: str, **data: Any) -> None:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 # --------------------------------------------------------------------------- files
