@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import InputError, UsageError
+from .schedule import AUTO
 
 MODES = ("strict", "warn", "default")  # determinism modes; the worker reads this list too
 ISA_LEVELS = ("native", "avx512", "avx2", "baseline")  # CPU instruction sets, best first (harness.worker.isa)
@@ -36,6 +37,20 @@ _UNITS = {"s": 1, "m": 60, "h": 3600}
 def _items(text: str | Sequence[str]) -> list[str]:
     parts = text.split(",") if isinstance(text, str) else list(text)
     return [p.strip() for p in parts if p and p.strip()]
+
+
+def parse_jobs(value: Any, flag: str = "--jobs") -> int:
+    """``--jobs N`` (N >= 1) or ``auto`` (:data:`harness.schedule.AUTO`)."""
+    text = str(value).strip().lower() if value is not None else "auto"
+    if text in ("auto", ""):
+        return AUTO
+    try:
+        n = int(text)
+    except ValueError:
+        raise UsageError(f"{flag} {value!r} is neither a number nor auto", hint=f"e.g. {flag} 2, or {flag} auto") from None
+    if n < 1:
+        raise UsageError(f"{flag} must be >= 1, got {n}", hint=f"e.g. {flag} 2, or {flag} auto")
+    return n
 
 
 def parse_threads(text: str | Sequence[str], flag: str = "--threads") -> tuple[int | None, ...]:

@@ -68,22 +68,6 @@ def need(device: str, threads: int | None, n_cores: int, gpus: Sequence[str] | N
     return Need(cores=min(threads, n_cores), pinned=True, gpu=gpu)
 
 
-def parse_jobs(value: Any, flag: str = "--jobs") -> int:
-    """``--jobs N`` (N >= 1) or ``auto`` (:data:`AUTO`)."""
-    from .errors import UsageError
-
-    text = str(value).strip().lower() if value is not None else "auto"
-    if text in ("auto", ""):
-        return AUTO
-    try:
-        n = int(text)
-    except ValueError:
-        raise UsageError(f"{flag} {value!r} is neither a number nor auto", hint=f"e.g. {flag} 2, or {flag} auto") from None
-    if n < 1:
-        raise UsageError(f"{flag} must be >= 1, got {n}", hint=f"e.g. {flag} 2, or {flag} auto")
-    return n
-
-
 class SlotPool:
     """The host's cores and GPUs, handed to running cells and taken back (pure, not thread-safe: one caller).
 

@@ -6,7 +6,8 @@ import pytest
 
 from harness.errors import UsageError
 from harness.plan import Cell
-from harness.schedule import AUTO, Slot, SlotPool, need, next_to_start, parse_jobs
+from harness.options import parse_jobs
+from harness.schedule import AUTO, Slot, SlotPool, need, next_to_start
 
 
 def cpu(name: str, threads: int | None) -> Cell:

@@ -18,8 +18,7 @@ from typing import Any
 from .. import __version__
 from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, HarnessError, InputError, Interrupted, UsageError
 from ..options import (DEFAULT_TIMEOUT_S, Axes, RunOptions, parse_band, parse_cells, parse_count, parse_devices,
-                       parse_isa, parse_modes, parse_repeats, parse_tf32, parse_threads, parse_timeout)
-from ..schedule import parse_jobs
+                       parse_isa, parse_jobs, parse_modes, parse_repeats, parse_tf32, parse_threads, parse_timeout)
 from .common import (EXIT_CODES_HELP, add_allow_data_change, add_common, add_docker, add_html, add_inputs, add_slurm,
                      image_options, report_options, slurm_flags, tolerances, verdict_exit)
 
