@@ -1,17 +1,18 @@
-"""The instability band: how far the baseline's own training spreads. Pure statistics.
+"""The bands: how far the baseline's own training spreads. Pure statistics.
 
-Summers & Dinneen (ICML 2021, "Nondeterminism and Instability in Neural Network
-Optimization") showed that a one-bit change in one initial weight spreads training
-runs about as far as any other source of nondeterminism. A different CUDA, PyTorch
-or CPU instruction set is such a tiny difference, so the spread of runs that differ
-from the baseline by one ulp (the *ulp band*) is the yardstick for a cell's drift:
-a difference inside it is the training's own instability, one beyond it is worth a
-look. Runs with other training seeds (the *seed band*) say whether a difference
-could change a conclusion at all.
+Two yardsticks, both retrains of one baseline cell (docs/verdicts.md):
 
-Everything here is plain data in, plain data out: :func:`measure` takes the members'
-flattened metrics (``{"val_loss": x, "r2/target": x, ...}``, made by
-:mod:`harness.judge`), :func:`band_width` is what a consumer reads. No effects.
+* the *ulp band*: each member moves one initial weight by one ulp. Summers & Dinneen
+  (ICML 2021, "Nondeterminism and Instability in Neural Network Optimization") showed
+  that such a change spreads runs as far as any other numerical nondeterminism, so
+  its spread is the numerical noise of one trajectory: a difference inside it is
+  ``numerically equal``;
+* the *seed band*: each member trains with another seed. Its spread is what another
+  retrain gives: the distribution a cell beyond numerical noise is judged against
+  (``same distribution`` or ``drifted``, :mod:`harness.ladder`).
+
+Plain data in, plain data out: :func:`measure` takes the members' flattened metrics
+(``{"val_loss": x, "r2/target": x, ...}``, made by :mod:`harness.judge`). No effects.
 """
 
 from __future__ import annotations
@@ -20,14 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-MIN_MEMBERS = 2  # a range needs two values
-
-# The rule a cell's |Δ| is judged by: inside the ulp band's width, the larger of its range
-# (max - min) and K_SD sample standard deviations. With 8 members the range is about 3 sd;
-# with fewer it underestimates the spread (4 members span about 2 sd), and 3 sd keeps a
-# small band from calling ordinary jitter "beyond". |Δ| in sd is shown beside it as context.
-PRIMARY_RULE = "max(range, 3 sd)"
-K_SD = 3.0
+MIN_MEMBERS = 2  # a spread needs two values
 
 
 @dataclass(frozen=True)
@@ -79,14 +73,12 @@ class Band:
     n_ulp: int  # ulp members used
     n_seed: int
     source: str = "ulp"  # "ulp": measured with harness band / --band; "repeats": a cell's own repeats
-    rule: str = PRIMARY_RULE
-    k_sd: float = K_SD
     environment: str | None = None  # where the members ran, in words
     notes: list[str] = field(default_factory=list)  # members left out, and why
 
     @property
     def measured(self) -> bool:
-        """Whether there is a width to judge by (two or more ulp members)."""
+        """Whether the numerical noise was measured (two or more ulp members)."""
         return self.n_ulp >= MIN_MEMBERS
 
 
@@ -128,46 +120,3 @@ def from_values(name: str, rows: Sequence[Mapping[str, float]]) -> Band:
     band = measure(members)
     band.source = "repeats"
     return band
-
-
-# --------------------------------------------------------------------------- what consumers read
-
-
-def band_width(band: Band | None, key: str) -> float | None:
-    """The band's width for a flat metric key (``"val_loss"``, ``"r2/target"``): the larger of its
-    range (max - min) and ``K_SD`` standard deviations (see :data:`PRIMARY_RULE`).
-
-    None when there is no band, fewer than two ulp members, or the key was not measured.
-    A stable entry point: other modules judge a difference against this number.
-    """
-    if band is None or not band.measured:
-        return None
-    s = band.ulp.get(key)
-    if s is None:
-        return None
-    return max(s.range, K_SD * s.sd) if s.sd is not None else s.range
-
-
-def band_sd(band: Band | None, key: str) -> float | None:
-    """The ulp band's sample standard deviation for ``key`` (context for the range rule)."""
-    if band is None or not band.measured:
-        return None
-    s = band.ulp.get(key)
-    return s.sd if s is not None else None
-
-
-def seed_width(band: Band | None, key: str) -> float | None:
-    """The seed band's range for ``key`` (None without two or more seed members)."""
-    if band is None or band.n_seed < MIN_MEMBERS:
-        return None
-    s = band.seed.get(key)
-    return s.range if s is not None else None
-
-
-def ratio(delta: float | None, width: float | None) -> float | None:
-    """``|delta| / width``; infinity for a non-zero delta against a zero width; None when either is missing."""
-    if delta is None or width is None or not math.isfinite(delta):
-        return None
-    if width == 0:
-        return 0.0 if delta == 0 else math.inf
-    return abs(delta) / width

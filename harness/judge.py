@@ -1,10 +1,12 @@
 """Verdicts: pure functions of typed result records.
 
 Plain data in, plain data out (as in dvc's metric diff): flatten each record's
-metrics into ``{"val_loss": x, "r2/target": x, ...}``, diff two such maps
-into ``{key: MetricDiff(old, new, diff, rel, ok)}``, and turn the diffs into a
-:class:`Verdict` per cell and overall with per-metric tolerances. This is the
-only module that judges; workers measure, :mod:`harness.report` renders.
+metrics into ``{"val_loss": x, "r2/target": x, ...}``, diff two such maps into
+``{key: MetricDiff(old, new, diff, rel, ok)}``, and put every cell on the verdict
+ladder (:mod:`harness.ladder`) against its reference: the recorded trial, else the
+first cell. The bands a run measured are the yardsticks; explicit tolerances are a
+user's gate on top. This is the only module that judges; workers measure,
+:mod:`harness.report` renders. docs/verdicts.md says how a verdict is reached.
 """
 
 from __future__ import annotations
@@ -17,35 +19,27 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from . import band as band_mod
+from . import stats
 from .band import Band
 from .errors import InputError
+from .ladder import CellRung, Rung, Yardsticks, climb, noise_limit_for
 from .record import RecordSet, ResultRecord, Status
 
 FAMILIES = ("val_loss", "r2", "mse", "mae")
+TRIAL = "recorded trial"
 
 
 class Verdict(str, enum.Enum):
     """What a cell (or the whole run) says about reproduction."""
 
-    REPRODUCED = "reproduced"  # every recorded metric within tolerance
-    DRIFTED = "drifted"  # ran, and at least one metric is outside tolerance
-    UNRECORDED = "unrecorded"  # ran fine; nothing recorded to judge against
+    REPRODUCED = "reproduced"  # bitwise, numerically equal or same distribution as the recorded trial
+    DRIFTED = "drifted"  # outside the seed band's prediction interval at α (or outside an explicit --tol)
+    UNJUDGED = "not judged"  # beyond numerical noise, and no seed band to say whether it matters
+    UNRECORDED = "unrecorded"  # ran fine; nothing recorded to judge against (judged against the first cell)
     FAILED = "failed"  # did not produce metrics: build, container, trainer ...
     SKIPPED = "skipped"  # this host cannot run it; does not fail the run
     INCOMPLETE = "incomplete"  # interrupted, or planned and never recorded; never "reproduced"
     NOT_COMPARABLE = "not comparable"  # trained on other data than the trial (digest mismatch)
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class BandVerdict(str, enum.Enum):
-    """A cell's difference from its reference, against the training's own instability (the band)."""
-
-    BITWISE = "bitwise"  # its weights are identical to the reference's (or to the archived ones)
-    WITHIN = "within band"  # |Δ| <= the band's width on every metric: the training's own instability
-    BEYOND = "beyond band"  # |Δ| > the band's width on some metric: a behavioural change worth a look
-    NO_BAND = "no band"  # no band measured (or no reference): judged by tolerances alone
 
     def __str__(self) -> str:
         return self.value
@@ -62,23 +56,23 @@ class Tol:
         return abs(new - old) <= self.abs + self.rel * abs(old)
 
 
-# Defaults: a rerun in the same environment is expected to match to the last
-# bit; these leave room for the reduction-order noise of another library build
-# while flagging anything a researcher would call a different result.
-DEFAULT_TOLERANCES: dict[str, Tol] = {
-    "val_loss": Tol(abs=1e-6, rel=1e-3),
-    "r2": Tol(abs=1e-3, rel=0.0),
-    "mse": Tol(abs=1e-8, rel=1e-3),
-    "mae": Tol(abs=1e-8, rel=1e-3),
-}
-
-
 @dataclass
 class Tolerances:
-    by_family: dict[str, Tol] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
+    """Explicit tolerances (``--tol``, ``--tolerances``): a user's gate, per metric family.
+
+    There are none by default: a tolerance cannot say whether a difference is larger than what
+    training does to itself, so the bands judge (:mod:`harness.ladder`). A family given one here
+    gates on top of the ladder: a cell outside it is ``drifted`` whatever the bands say.
+    """
+
+    by_family: dict[str, Tol] = field(default_factory=dict)
+
+    def gate(self, key: str) -> Tol | None:
+        """The tolerance set for ``key``'s family, or None (no gate)."""
+        return self.by_family.get(key.split("/", 1)[0])
 
     def for_key(self, key: str) -> Tol:
-        return self.by_family.get(key.split("/", 1)[0], Tol())
+        return self.gate(key) or Tol()
 
     def to_dict(self) -> dict[str, dict[str, float]]:
         return {k: asdict(v) for k, v in self.by_family.items()}
@@ -210,7 +204,8 @@ class MetricDiff:
 
 
 def diff(old: Mapping[str, float], new: Mapping[str, float], tol: Tolerances | None = None) -> dict[str, MetricDiff]:
-    """Keys present in ``old`` compared with ``new``; a key ``new`` lacks is not ok."""
+    """Keys present in ``old`` compared with ``new``; ``ok``: within the key's explicit tolerance (always,
+    without one), and never for a key ``new`` lacks or has as NaN or infinity."""
     tol = tol or Tolerances()
     out: dict[str, MetricDiff] = {}
     for key, o in old.items():
@@ -220,7 +215,8 @@ def diff(old: Mapping[str, float], new: Mapping[str, float], tol: Tolerances | N
             continue
         d = n - o
         rel = (d / abs(o)) if o != 0.0 and math.isfinite(o) else None
-        out[key] = MetricDiff(o, n, d, rel, tol.for_key(key).allows(o, n))
+        gate = tol.gate(key)
+        out[key] = MetricDiff(o, n, d, rel, gate is None or gate.allows(o, n))
     return out
 
 
@@ -241,6 +237,7 @@ def data_mismatches(rec: ResultRecord) -> list[str]:
             for source, want in sorted(rec.expected_data_sha256.items()) if want != rec.data_sha256]
 
 
+
 # --------------------------------------------------------------------------- the comparison
 
 
@@ -256,39 +253,17 @@ class CellJudgement:
     weights_identical_to_first: bool | None = None
     weights_identical_to_recorded: bool | None = None
     archived_inference: dict[str, MetricDiff] = field(default_factory=dict)  # archived weights evaluated here vs recorded
-    out_of_tolerance: list[str] = field(default_factory=list)
+    out_of_tolerance: list[str] = field(default_factory=list)  # metrics outside an explicit --tol (the user's gate)
     unmatched_recorded: list[str] = field(default_factory=list)  # recorded metrics this run produced nothing to compare with
     weights_vs_archived: dict[str, Any] | None = None  # the retrained best weights vs weights/best.pt, tensor by tensor
     user_weights_identical_to_recorded: bool | None = None  # the trainer's own digest vs trial_info's, its convention
-    band: "CellBand | None" = None  # its difference against the band (None: no band, nothing to judge)
+    ladder: CellRung | None = None  # its rung against the reference (None: it is the reference, or did not run)
     repeat_group: str | None = None  # the cell it repeats (``--repeats``), when it is one of several
+    nonfinite: list[str] = field(default_factory=list)  # metric keys it produced as NaN or infinity
 
-
-@dataclass(frozen=True)
-class MetricBand:
-    """One metric of a cell against the band: Δ vs the reference, the band's width, their ratio."""
-
-    delta: float | None
-    width: float | None  # the band's width: max(range, 3 sd) (band.band_width)
-    ratio: float | None  # |Δ| / width: <= 1 is within
-    sd_ratio: float | None  # |Δ| / the band's sd (context: k·sd with k = band.K_SD)
-    seed_ratio: float | None  # |Δ| / the seed band's range (context: could it change a conclusion?)
-    verdict: BandVerdict
-
-
-@dataclass
-class CellBand:
-    """A cell judged against a band: per metric, and overall (the worst metric)."""
-
-    verdict: BandVerdict
-    reference: str | None  # the cell (or "recorded trial") its Δ is taken from
-    source: str  # "ulp": the measured band; "repeats": the cell's own repeats
-    bitwise_to: str | None = None  # "first cell" | "archived weights" | "recorded trial" when the weights are identical
-    ratio: float | None = None  # the largest |Δ| / width over its metrics
-    sd_ratio: float | None = None
-    seed_ratio: float | None = None
-    beyond: list[str] = field(default_factory=list)  # the metrics beyond the band
-    metrics: dict[str, MetricBand] = field(default_factory=dict)
+    @property
+    def rung(self) -> Rung | None:
+        return self.ladder.rung if self.ladder is not None else None
 
 
 @dataclass
@@ -300,6 +275,21 @@ class RepeatGroup:
     distinct: int  # distinct results (weights digests, else metric values) among the repeats that ran
     deterministic: bool
     spread: dict[str, band_mod.Spread] = field(default_factory=dict)  # per metric, over the repeats
+    rung: Rung | None = None  # the worst rung of a repeat against the first repeat (bitwise when deterministic)
+
+
+@dataclass
+class ReferenceInBand:
+    """Where the reference itself lies in the seed band: outside it, the band's environment is not the
+    reference's (or the reference's value was a lucky pick: the best trial of a search is optimistic)."""
+
+    reference: str
+    outside: bool
+    deciding: str | None
+    stat: float | None
+    p_holm: float | None
+    n_seed: int
+    why: str
 
 
 @dataclass
@@ -314,10 +304,14 @@ class Comparison:
     missing: list[str] = field(default_factory=list)  # planned cells that left no record
     warnings: list[str] = field(default_factory=list)
     band: Band | None = None  # the band the cells were judged against (None: none measured)
-    band_rule: str = (f"|Δ| <= the ulp band's width: the larger of its range (max - min) and {band_mod.K_SD:g} sd; "
-                      "|Δ| / sd shown beside it")
+    alpha: float = stats.DEFAULT_ALPHA
+    reference: str | None = None  # "recorded trial", or the first cell when nothing is recorded
+    reference_in_band: ReferenceInBand | None = None
+    rule: str = ("bitwise → numerically equal (|Δ| within the ulp band's noise, at least "
+                 f"{stats.FLOAT32_ULPS} float32 ulps) → same distribution (inside the seed band's prediction "
+                 "interval at α, Holm over the cell's metrics) → drifted")
     repeats: list[RepeatGroup] = field(default_factory=list)
-    schema: str = "harness.comparison/3"
+    schema: str = "harness.comparison/4"
 
     def cell(self, name: str) -> CellJudgement | None:
         return next((c for c in self.cells if c.cell == name), None)
@@ -329,6 +323,18 @@ class Comparison:
         if self.missing:
             out[Verdict.INCOMPLETE] = out.get(Verdict.INCOMPLETE, 0) + len(self.missing)
         return out
+
+    def rung_counts(self) -> dict[Rung, int]:
+        out: dict[Rung, int] = {}
+        for c in self.cells:
+            if c.rung is not None:
+                out[c.rung] = out.get(c.rung, 0) + 1
+        return out
+
+    @property
+    def differing(self) -> list[str]:
+        """Cells beyond numerical noise that no seed band judged (``differs``): what a seed band would settle."""
+        return [c.cell for c in self.cells if c.rung is Rung.DIFFERS]
 
 
 def _both(a: Any, b: Any) -> bool | None:
@@ -353,13 +359,30 @@ def _not_comparable(judged: CellJudgement, rec: ResultRecord) -> CellJudgement:
     return dataclasses.replace(judged, verdict=Verdict.NOT_COMPARABLE, reason=reason)
 
 
+def nonfinite_keys(rec: ResultRecord, split: str = "val") -> list[str]:
+    """The flat metric keys (``val_loss``, ``r2/target`` ...) the run produced as NaN or infinity."""
+    out = []
+    for path in rec.nonfinite:
+        parts = path.split(".")
+        if parts[:2] != ["metrics", "retrained"]:
+            continue
+        rest = parts[2:]
+        if rest == ["val_loss"]:
+            out.append("val_loss")
+        elif len(rest) == 3 and rest[0] == split and rest[1] in ("r2", "mse", "mae"):
+            out.append(f"{rest[1]}/{rest[2]}")
+    return out
+
+
 def _judge_ok(rec: ResultRecord, first: ResultRecord | None, tol: Tolerances) -> CellJudgement:
+    """The diffs of an ok cell against the recorded trial and the first cell; its verdict comes from the ladder."""
     flat = flatten_split(rec.retrained, "val")
     recorded = rec.recorded
     wanted = flatten_recorded(recorded)
     produced = with_aggregates(flat, wanted)
-    unmatched = sorted(k for k in wanted if k not in produced)
-    vs_rec = diff({k: v for k, v in wanted.items() if k in produced}, produced, tol) if recorded else {}
+    bad_numbers = [k for k in nonfinite_keys(rec) if k in wanted]
+    unmatched = sorted(k for k in wanted if k not in produced and k not in bad_numbers)
+    vs_rec = diff({k: v for k, v in wanted.items() if k in produced or k in bad_numbers}, produced, tol) if recorded else {}
     vs_first: dict[str, MetricDiff] = {}
     vs_first_ok: bool | None = None
     if first is not None and rec is not first:
@@ -373,18 +396,15 @@ def _judge_ok(rec: ResultRecord, first: ResultRecord | None, tol: Tolerances) ->
     user = rec.user_weights or {}
     arch_flat = with_aggregates(flatten_split(archived, "val"), wanted) if archived else {}
     arch = diff({k: v for k, v in wanted.items() if k in arch_flat}, arch_flat, tol) if (recorded and archived) else {}
-    bad = [k for k, v in vs_rec.items() if not v.ok]
+    gated = vs_rec if vs_rec else (vs_first if rec is not first else {})
+    bad = [k for k, v in gated.items() if tol.gate(k.removeprefix("test:")) is not None and not v.ok
+           and not k.startswith("test:")]
     if recorded and vs_rec:
-        verdict = Verdict.DRIFTED if bad else Verdict.REPRODUCED
-        reason = (f"{len(bad)} of {len(vs_rec)} recorded metrics outside tolerance" if bad
-                  else f"all {len(vs_rec)} recorded metrics within tolerance")
+        verdict, reason = Verdict.REPRODUCED, ""
     elif recorded:
         verdict, reason = Verdict.UNRECORDED, "trial_info.yaml records no metric this run produces"
     else:
         verdict, reason = Verdict.UNRECORDED, "no trial_info.yaml: nothing recorded to compare with"
-        if vs_first_ok is False:
-            verdict, reason = Verdict.DRIFTED, "differs from the first cell beyond tolerance"
-            bad = [k for k, v in vs_first.items() if not v.ok]
     return CellJudgement(
         cell=rec.cell, status=rec.status, verdict=verdict, reason=reason, vs_recorded=vs_rec, vs_first=vs_first,
         vs_first_ok=vs_first_ok,
@@ -394,6 +414,7 @@ def _judge_ok(rec: ResultRecord, first: ResultRecord | None, tol: Tolerances) ->
                                        _both(rec.weights_sha256, (recorded or {}).get("weights_sha256"))),
         archived_inference=arch, out_of_tolerance=bad, unmatched_recorded=unmatched,
         weights_vs_archived=rec.weights_vs_archived, user_weights_identical_to_recorded=user.get("identical_to_recorded"),
+        nonfinite=bad_numbers,
     )
 
 
@@ -413,11 +434,26 @@ def _overall(cells: list[CellJudgement], missing: list[str]) -> tuple[Verdict, s
                                         f"them anyway{skipped}")
     if not ran:
         return Verdict.INCOMPLETE, (f"no cell ran: all {n_skip} were skipped on this host" if n_skip else "no cell ran")
+    rungs = _rung_words(cells)
     if Verdict.DRIFTED in verdicts:
-        return Verdict.DRIFTED, f"{verdicts.count(Verdict.DRIFTED)} of {len(ran)} cell(s) drifted{skipped}"
+        return Verdict.DRIFTED, f"{verdicts.count(Verdict.DRIFTED)} of {len(ran)} cell(s) drifted{rungs}{skipped}"
+    if Verdict.UNJUDGED in verdicts:
+        n = verdicts.count(Verdict.UNJUDGED)
+        return Verdict.UNJUDGED, f"{n} cell(s) differ, no seed band{skipped}"
     if all(v is Verdict.REPRODUCED for v in ran):
-        return Verdict.REPRODUCED, f"{len(ran)} cell(s) reproduced{skipped}"
-    return Verdict.UNRECORDED, f"{len(ran)} cell(s) ran, nothing recorded to judge against{skipped}"
+        return Verdict.REPRODUCED, f"{len(ran)} cell(s) reproduced{rungs}{skipped}"
+    return Verdict.UNRECORDED, f"{len(ran)} cell(s) ran, nothing recorded to judge against{rungs}{skipped}"
+
+
+def _rung_words(cells: list[CellJudgement]) -> str:
+    counts: dict[Rung, int] = {}
+    for c in cells:
+        if c.rung is not None:
+            counts[c.rung] = counts.get(c.rung, 0) + 1
+    from .ladder import RUNG_ORDER
+
+    words = [f"{counts[r]} {r.value}" for r in RUNG_ORDER if r in counts]
+    return f": {', '.join(words)}" if words else ""
 
 
 def split_mismatch(rec: ResultRecord) -> str | None:
@@ -461,6 +497,11 @@ def where_words(rec: ResultRecord) -> str:
     return ", ".join(parts)
 
 
+def is_band_member(rec: ResultRecord) -> bool:
+    """Whether ``rec`` is a member of the band (an ulp or seed retrain of the baseline), not a cell's own seed."""
+    return bool(rec.band) and (rec.band or {}).get("kind") in ("ulp", "seed")
+
+
 def band_member(rec: ResultRecord) -> band_mod.Member:
     """A band member's record as the band sees it; a failed member, or an ulp member that was not perturbed, is not used."""
     b = rec.band or {}
@@ -477,7 +518,7 @@ def band_member(rec: ResultRecord) -> band_mod.Member:
 
 def measure_band(records: Iterable[ResultRecord]) -> Band | None:
     """The band of the band members among ``records`` (None when there are none)."""
-    members = [r for r in records if r.band]
+    members = [r for r in records if is_band_member(r)]
     if not members:
         return None
     ran = next((r for r in members if r.ok), None)
@@ -532,96 +573,172 @@ def repeat_groups(records: Iterable[ResultRecord]) -> list[RepeatGroup]:
     return out
 
 
-def _max(values: Iterable[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return max(vals) if vals else None
+
+def _summary(s: band_mod.Spread | None) -> stats.Summary | None:
+    return stats.Summary(s.n, s.mean, s.sd) if s is not None and s.sd is not None and s.n >= 2 else None
 
 
-def judge_band(j: CellJudgement, rec: ResultRecord, first: ResultRecord | None, band: Band | None,
-               own: Band | None = None) -> CellBand | None:
-    """``rec``'s difference from its reference against ``band`` (else ``own``: its repeats' spread).
-
-    The reference is the first cell; for the first cell itself, the recorded trial. The primary
-    rule: a metric is within the band when ``|Δ| <= band range`` (max - min of the ulp members);
-    ``|Δ| / sd`` and ``|Δ| / seed range`` are context. The weights identical to the reference's
-    (or to the archived ones) make the cell ``bitwise``, unless a metric is beyond the band.
-    """
+def yardsticks(band: Band | None, alpha: float, own: Band | None = None) -> Yardsticks:
+    """The numerical noise (the ulp band, else a cell's own repeats) and the seed distribution of ``band``."""
+    noise: dict[str, stats.Summary] = {}
+    source = None
     use = band if band is not None and band.measured else own
-    if use is None or first is None:
+    if use is not None and use.measured:
+        noise = {k: s for k, v in use.ulp.items() if (s := _summary(v)) is not None}
+        source = f"ulp band (n={use.n_ulp})" if use.source == "ulp" else f"own repeats (n={use.n_ulp})"
+    seeds: dict[str, stats.Summary] = {}
+    n_seed = 0
+    if band is not None and band.n_seed >= band_mod.MIN_MEMBERS:
+        seeds = {k: s for k, v in band.seed.items() if (s := _summary(v)) is not None}
+        n_seed = band.n_seed
+    return Yardsticks(alpha=alpha, noise=noise, noise_source=source, seeds=seeds, n_seed=n_seed)
+
+
+def numerically_equal(a: Mapping[str, float], b: Mapping[str, float], sticks: Yardsticks) -> bool:
+    """Every metric both have is within the numerical noise of the other (no metric in common: False)."""
+    shared = [k for k in a if k in b and math.isfinite(a[k]) and math.isfinite(b[k])]
+    return bool(shared) and all(abs(a[k] - b[k]) <= noise_limit_for(k, a[k], b[k], sticks)[0] for k in shared)
+
+
+def band_baseline(band: Band | None, records: Iterable[ResultRecord]) -> dict[str, float] | None:
+    """What the band's baseline gave, per metric: its ulp members' mean (each is the baseline moved by one
+    ulp), else the baseline cell's own record when it is among ``records``; None when neither is known."""
+    if band is None:
         return None
-    arch_identical = bool((j.weights_vs_archived or {}).get("identical"))
-    if rec is first:
-        if not j.vs_recorded:
-            return CellBand(BandVerdict.NO_BAND, None, use.source)  # the baseline, with nothing recorded
-        reference = "recorded trial"
-        deltas = {k: d.diff for k, d in j.vs_recorded.items()}
-        bitwise = ("recorded trial" if j.weights_identical_to_recorded or j.user_weights_identical_to_recorded
-                   else "archived weights" if arch_identical else None)
-    else:
+    if band.n_ulp:
+        return {k: s.mean for k, s in band.ulp.items()}
+    names = {str(r.labels.get("band_of")) for r in records if is_band_member(r) and r.labels.get("band_of")}
+    base = next((r for r in records if r.ok and not r.band and r.cell in names), None)
+    return flat_val(base) if base is not None else None
+
+
+def cell_seed_pairs(cell: str, records: Iterable[ResultRecord]) -> dict[str, list[float]] | None:
+    """Per metric, the paired differences (the cell's retrain with seed s) − (the band's with seed s) over
+    the seeds both retrained (``--cell-seeds``); None when the cell has no retrain of its own with a band seed."""
+    records = list(records)
+    mine = {r.band.get("seed"): r for r in records
+            if r.ok and r.band and r.band.get("kind") == "cell-seed" and r.band.get("of") == cell}
+    if not mine:
+        return None
+    theirs = {r.band.get("seed"): r for r in records if r.ok and r.band and r.band.get("kind") == "seed"}
+    out: dict[str, list[float]] = {}
+    for seed in sorted(s for s in mine if s in theirs and s is not None):
+        a, b = flat_val(mine[seed]), flat_val(theirs[seed])
+        for k in a.keys() & b.keys():
+            if math.isfinite(a[k]) and math.isfinite(b[k]):
+                out.setdefault(k, []).append(a[k] - b[k])
+    return out
+
+
+def _climb(j: CellJudgement, rec: ResultRecord, first: ResultRecord | None, sticks: Yardsticks,
+           baseline: dict[str, float] | None, pairs: dict[str, list[float]] | None, tol: Tolerances) -> CellJudgement:
+    """The cell's rung against its reference, and its verdict from it (explicit tolerances gate on top)."""
+    cell_vals = flat_val(rec)
+    if j.vs_recorded:
+        reference = TRIAL
+        ref_vals = {k: d.old for k, d in j.vs_recorded.items()}
+        arch_identical = bool((j.weights_vs_archived or {}).get("identical"))
+        identical = (TRIAL if j.weights_identical_to_recorded or j.user_weights_identical_to_recorded
+                     else "archived weights" if arch_identical else None)
+    elif first is not None and rec is not first:
         reference = first.cell
-        deltas = {k: d.diff for k, d in j.vs_first.items() if not k.startswith("test:")}
-        bitwise = "first cell" if j.weights_identical_to_first else "archived weights" if arch_identical else None
-    metrics: dict[str, MetricBand] = {}
-    for key, delta in deltas.items():
-        if delta is None:
-            continue  # missing or not finite: the tolerance gate says so
-        width = band_mod.band_width(use, key)
-        seeds = band_mod.seed_width(band, key)
-        seed_r = band_mod.ratio(delta, seeds) if seeds else None  # a zero-width seed band says nothing
-        if width is None:
-            metrics[key] = MetricBand(delta, None, None, None, seed_r, BandVerdict.NO_BAND)
+        ref_vals = {k: d.old for k, d in j.vs_first.items() if not k.startswith("test:")}
+        identical = f"first cell {first.cell}" if j.weights_identical_to_first else None
+    else:
+        return j  # the reference itself (nothing recorded): nothing to climb against
+    deltas = {k: (ref_vals[k], cell_vals.get(k) if k not in j.nonfinite else None) for k in ref_vals
+              if k in cell_vals or k in j.nonfinite}
+    # The value the seed band tests: the cell's, as one more draw. When the band ran where the cell ran
+    # (the cell is numerically equal to the band's baseline) but not where the reference ran, the cell's
+    # value is the band's own and says nothing new: then the reference is tested against the band instead.
+    tested, values = "cell", cell_vals
+    if baseline is not None and numerically_equal(cell_vals, baseline, sticks) \
+            and not numerically_equal(ref_vals, baseline, sticks):
+        tested, values = "reference", ref_vals
+    ladder = climb(reference, deltas, sticks, weights_identical=identical, tested=tested, test_values=values,
+                   pairs=pairs)
+    verdict = j.verdict
+    if ladder.rung is Rung.DRIFTED:
+        verdict = Verdict.DRIFTED
+    elif ladder.rung is Rung.DIFFERS:
+        verdict = Verdict.UNJUDGED
+    elif reference != TRIAL:
+        verdict = Verdict.UNRECORDED  # agrees with the first cell; nothing recorded to reproduce
+    reason = f"{ladder.rung.value} vs the {reference if reference == TRIAL else 'first cell ' + reference}: " \
+             f"{ladder.evidence}"
+    if j.out_of_tolerance:
+        gates = ", ".join(f"{k} ({_tol_words(tol, k)})" for k in j.out_of_tolerance[:3])
+        verdict = Verdict.DRIFTED
+        reason = f"outside the explicit tolerance on {gates}; {reason}"
+    return dataclasses.replace(j, ladder=ladder, verdict=verdict, reason=reason)
+
+
+def _tol_words(tol: Tolerances, key: str) -> str:
+    g = tol.gate(key)
+    if g is None:
+        return "?"
+    return ",".join(f"{k}:{v:g}" for k, v in (("abs", g.abs), ("rel", g.rel)) if v) or "exact"
+
+
+def reference_in_band(records: list[ResultRecord], sticks: Yardsticks) -> ReferenceInBand | None:
+    """Where the recorded trial lies in the seed band (None without both)."""
+    rec = next((r for r in records if r.ok and r.recorded), None)
+    if rec is None or sticks.n_seed < band_mod.MIN_MEMBERS:
+        return None
+    values = flatten_recorded(rec.recorded)
+    tests = {k: t for k, v in values.items() if k in sticks.seeds
+             and (t := stats.prediction_test(v, sticks.seeds[k], sticks.alpha)) is not None}
+    if not tests:
+        return None
+    from .ladder import distinct_hypotheses, holm_distinct
+
+    adjusted = holm_distinct(tests)
+    key = min(adjusted, key=lambda k: (adjusted[k], k))
+    t = tests[key]
+    outside = adjusted[key] < sticks.alpha
+    why = (f"{key} {t.stat:+.2g} × the seed band's scale from its mean (n={t.n}); p={t.p:.2g}"
+           + (f", Holm over {distinct_hypotheses(list(tests))} metric(s) {adjusted[key]:.2g}" if len(tests) > 1 else ""))
+    return ReferenceInBand(TRIAL, outside, key, t.stat, adjusted[key], t.n, why)
+
+
+def _repeat_rungs(groups: list[RepeatGroup], table: list[ResultRecord], sticks: Yardsticks) -> None:
+    """Each repeat group's rung: its repeats against the first of them (bitwise when they are identical)."""
+    by_name = {r.cell: r for r in table if r.ok}
+    for g in groups:
+        recs = [by_name[c] for c in g.cells if c in by_name]
+        if len(recs) < 2:
             continue
-        r = band_mod.ratio(delta, width)
-        verdict = (BandVerdict.BITWISE if bitwise and delta == 0 else
-                   BandVerdict.WITHIN if r is not None and r <= 1 else BandVerdict.BEYOND)
-        metrics[key] = MetricBand(delta, width, r, band_mod.ratio(delta, band_mod.band_sd(use, key)), seed_r, verdict)
-    judged = {k: m for k, m in metrics.items() if m.verdict is not BandVerdict.NO_BAND}
-    if not judged:
-        return CellBand(BandVerdict.NO_BAND, reference, use.source, bitwise_to=bitwise, metrics=metrics)
-    beyond = [k for k, m in judged.items() if m.verdict is BandVerdict.BEYOND]
-    # Bitwise only when every metric equals the reference's: weights equal to the archived ones do not
-    # make a cell bitwise against a first cell whose own weights differ from them.
-    same = all(m.verdict is BandVerdict.BITWISE for m in judged.values())
-    verdict = BandVerdict.BEYOND if beyond else BandVerdict.BITWISE if bitwise and same else BandVerdict.WITHIN
-    return CellBand(verdict=verdict, reference=reference, source=use.source, bitwise_to=bitwise,
-                    ratio=_max(m.ratio for m in judged.values()), sd_ratio=_max(m.sd_ratio for m in judged.values()),
-                    seed_ratio=_max(m.seed_ratio for m in metrics.values()), beyond=beyond, metrics=metrics)
+        base = flat_val(recs[0])
+        rungs = []
+        for r in recs[1:]:
+            vals = flat_val(r)
+            same = bool(r.weights_sha256) and r.weights_sha256 == recs[0].weights_sha256
+            deltas = {k: (base[k], vals[k]) for k in base if k in vals}
+            rungs.append(climb(recs[0].cell, deltas, sticks, weights_identical=recs[0].cell if same else None,
+                               test_values=vals).rung)
+        from .ladder import worst
 
-
-def _apply_band(j: CellJudgement, cb: CellBand | None) -> CellJudgement:
-    """The cell's verdict with its band: beyond the band on any metric drifts it (tolerances still gate)."""
-    if cb is None:
-        return j
-    j = dataclasses.replace(j, band=cb)
-    if cb.verdict is not BandVerdict.BEYOND:
-        return j
-    what = "its own repeats' spread" if cb.source == "repeats" else "the band"
-    times = "" if cb.ratio is None else (" (range 0)" if math.isinf(cb.ratio) else f" (x{cb.ratio:.3g} its width)")
-    why = (f"beyond {what} on {len(cb.beyond)} metric(s) vs {cb.reference}: "
-           f"{', '.join(cb.beyond[:3])}{' ...' if len(cb.beyond) > 3 else ''}{times}")
-    if j.verdict in (Verdict.REPRODUCED, Verdict.UNRECORDED):
-        return dataclasses.replace(j, verdict=Verdict.DRIFTED, reason=f"{why}; {j.reason}")
-    if j.verdict is Verdict.DRIFTED:
-        return dataclasses.replace(j, reason=f"{j.reason}; {why}")
-    return j
+        g.rung = worst(rungs)
 
 
 # --------------------------------------------------------------------------- the comparison
 
 
 def compare(records: list[ResultRecord], tol: Tolerances | None = None, missing: Iterable[str] = (),
-            allow_data_change: bool = False) -> Comparison:
-    """Judge every record against the recorded trial, the first cell that ran, and the band.
+            allow_data_change: bool = False, alpha: float = stats.DEFAULT_ALPHA) -> Comparison:
+    """Judge every record against its reference (the recorded trial, else the first cell that ran) on the
+    verdict ladder, with the band among ``records`` as the yardsticks and ``tol`` as an explicit gate.
 
     Band members (records with ``band``) that ran make the band and are not cells; one
     that failed is a failed row like any cell. Skipped cells are ``skipped`` and do not
     fail the run; interrupted cells and ``missing`` ones (planned, never recorded) make the
     run ``incomplete``. A cell whose data does not match the digest the bundle records is
     ``not comparable`` unless ``allow_data_change`` (then it is judged, and the mismatch is
-    a warning). Without a band, a cell repeated with different results is judged against
-    its own repeats' spread.
+    a warning). Without an ulp band, a cell repeated with different results has its own
+    repeats' spread as its numerical noise.
     """
     tol = tol or Tolerances()
+    alpha = stats.check_alpha(alpha)
     band = measure_band(records)
     members = [r for r in records if r.band and r.ok]
     table = [r for r in records if not (r.band and r.ok)]
@@ -629,12 +746,16 @@ def compare(records: list[ResultRecord], tol: Tolerances | None = None, missing:
     own = {g.name: band_mod.from_values(g.name, [flat_val(r) for r in table if r.cell in g.cells and r.ok])
            for g in groups if not g.deterministic}
     first = next((r for r in table if r.ok and not r.band), None)
+    sticks = yardsticks(band, alpha)
+    _repeat_rungs(groups, table, sticks)
+    baseline = band_baseline(band, records)
     cells = []
     for r in table:
         judged = _judge_ok(r, first, tol) if r.ok else _not_run(r)
         if r.ok:
             repeat = _repeat_of(r)
-            judged = _apply_band(judged, judge_band(judged, r, first, band, own.get(repeat or "")))
+            own_sticks = yardsticks(band, alpha, own.get(repeat or "")) if not sticks.noise else sticks
+            judged = _climb(judged, r, first, own_sticks, baseline, cell_seed_pairs(r.cell, records), tol)
             judged.repeat_group = repeat if repeat in {g.name for g in groups} else None
         if r.ok and not allow_data_change and data_mismatches(r):
             judged = _not_comparable(judged, r)
@@ -658,15 +779,23 @@ def compare(records: list[ResultRecord], tol: Tolerances | None = None, missing:
         if c.unmatched_recorded:
             warnings.setdefault(f"{c.cell}: trial_info.yaml records {', '.join(c.unmatched_recorded)}, which this run "
                                 "does not produce: not compared", None)
+    ref_in_band = reference_in_band(table, sticks)
     if band is not None:
         for note in band.notes:
             warnings.setdefault(note, None)
         if first is not None and members and band.environment and where_words(first) != band.environment:
-            warnings.setdefault(f"the band was measured in {band.environment}; the baseline {first.cell} ran in "
-                                f"{where_words(first)}: its width may not describe this baseline", None)
+            warnings.setdefault(f"the band was measured in {band.environment}; the first cell {first.cell} ran in "
+                                f"{where_words(first)}", None)
+        if ref_in_band is not None and ref_in_band.outside:
+            warnings.setdefault(
+                f"the recorded trial lies outside this seed band ({ref_in_band.why}): the band's environment "
+                f"({band.environment or 'where it ran'}) does not give the trial's distribution, or the trial's value "
+                "was a lucky pick (the best trial of a search is optimistic)", None)
+    reference = TRIAL if any(c.ladder is not None and c.ladder.reference == TRIAL for c in cells) else (
+        first.cell if first is not None else None)
     return Comparison(overall=overall, reason=reason, first_cell=first.cell if first else None,
                       tolerances=tol.to_dict(), cells=cells, missing=missing, warnings=list(warnings),
-                      band=band, repeats=groups)
+                      band=band, alpha=alpha, reference=reference, reference_in_band=ref_in_band, repeats=groups)
 
 
 def merge(sets: Iterable[RecordSet]) -> RecordSet:

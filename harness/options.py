@@ -155,6 +155,34 @@ def parse_band(value: Any, flag: str = "--band") -> int:
     return n
 
 
+AUTO_SEEDS = 8  # --band-seeds auto: the seed band measured when a cell differs beyond numerical noise
+
+
+def parse_band_seeds(value: Any, flag: str = "--band-seeds") -> tuple[int, int]:
+    """``--band-seeds``: (seed members to run up front, seed members to run only if a cell differs).
+
+    ``auto`` is (0, AUTO_SEEDS); a number N is (N, 0): measured whatever the cells do; 0 never.
+    """
+    if str(value).strip().lower() == "auto":
+        return 0, AUTO_SEEDS
+    n = parse_count(value, flag, example="8")
+    if n == 1:
+        raise UsageError(f"{flag} 1 measures no spread: a seed band needs at least 2 members", hint=f"e.g. {flag} 8")
+    return n, 0
+
+
+def parse_alpha(value: Any, flag: str = "--alpha") -> float:
+    """The false-alarm rate of "drifted": a number in (0, 0.5]; None is the default (harness.stats.DEFAULT_ALPHA)."""
+    from .stats import DEFAULT_ALPHA, check_alpha
+
+    if value is None:
+        return DEFAULT_ALPHA
+    try:
+        return check_alpha(float(str(value).strip()))
+    except ValueError:
+        raise UsageError(f"{flag} {value!r} is not a probability in (0, 0.5]", hint=f"e.g. {flag} 0.01") from None
+
+
 def parse_timeout(value: Any, flag: str = "--timeout") -> float:
     """Seconds per cell: ``90``, ``90s``, ``30m`` or ``2h``; more than zero."""
     text = str(value).strip().lower()
@@ -262,6 +290,8 @@ class RunOptions:
     strict_config: bool = False  # refuse keys the reference trainer does not read (exit 2)
     band: int = 0  # ulp band members to run for the baseline cell first (0: none)
     band_seeds: int = 0  # seed band members (other training seeds) to run with them
+    auto_seeds: int = 0  # seed members to run after the cells, only when one differs beyond numerical noise
+    cell_seeds: int = 0  # every cell also retrains with the first K band seeds (a paired test of its shift)
     band_from: str | None = None  # a band measured earlier, reused
     band_only: bool = False  # `harness band`: the band's members alone, no cells
     slurm: SlurmFlags = field(default_factory=SlurmFlags)  # --backend slurm: partition, time, runtime ...
@@ -281,9 +311,13 @@ class RunOptions:
         if self.data_feed is not None and self.data_feed not in DATA_PATHS:
             raise UsageError(f"--data-path {self.data_feed!r} is not one of {', '.join(DATA_PATHS)}",
                              hint="e.g. --data-path fast")
-        if self.band_seeds and not self.band and not self.band_only:
-            raise UsageError("--band-seeds goes with --band N (the seed band is context for the ulp band)",
-                             hint="add --band 8")
+        if self.cell_seeds and self.band_only:
+            raise UsageError("harness band measures the band; --cell-seeds retrains the cells of run and matrix",
+                             hint="use --band-seeds N here, and --cell-seeds K on harness matrix")
+        if self.cell_seeds and not self.band_from and self.band_seeds < self.cell_seeds:
+            raise UsageError(f"--cell-seeds {self.cell_seeds} pairs each cell's seeds with the band's: the band needs "
+                             f"at least as many (--band-seeds {self.band_seeds})",
+                             hint=f"add --band-seeds {self.cell_seeds}")
 
 
 @dataclass(frozen=True)
@@ -294,6 +328,7 @@ class ReportOptions:
     markdown: str | None = None
     tolerances: Any = None  # harness.judge.Tolerances
     allow_data_change: bool = False  # judge cells whose data digest differs from the trial's (else "not comparable")
+    alpha: float = 0.01  # the false-alarm rate of "drifted" per cell (harness.stats.DEFAULT_ALPHA)
     html: str | None = None  # --html FILE: the self-contained page (harness.report_html)
     command: str = ""  # the command that writes it (its title)
     trace_dirs: tuple[str, ...] = ()  # where else to look for OUT/<cell>/trace.jsonl (compare: the directories given)

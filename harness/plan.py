@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .errors import HarnessError, InputError, UsageError
 from .options import ImageOptions, RunOptions
@@ -198,15 +198,38 @@ def band_cells(baseline: Cell, n: int, seeds: int, training_seed: int) -> list[C
     return out
 
 
-def with_band(plan: Plan, n: int, seeds: int, training_seed: int, *, only: bool = False) -> Plan:
-    """``plan`` with the band of its baseline (its first runnable cell) run first; ``only``: the band alone (pure).
+def choose_baseline(cells: list[Cell], trial_environment: Mapping[str, Any] | None = None) -> Cell | None:
+    """The cell a band is measured on: where the trial ran, when a cell runs there, else the first (pure).
+
+    A band is the yardstick of "would a retrain in the reference environment give this": it is
+    measured in the trial's environment as far as ``trial_info.yaml`` says what that was (a CPU or
+    a CUDA device, and the torch version among image cells), not wherever the first cell happens to be.
+    """
+    if not cells:
+        return None
+    env = trial_environment or {}
+    if not env:
+        return cells[0]
+    cuda = env.get("cuda")
+    want = "cpu" if cuda in (None, "", "none", "None") else "cuda"
+    on_device = [c for c in cells if (c.device or "cpu").split(":", 1)[0] == want] or list(cells)
+    torch = str(env.get("torch") or "").split("+", 1)[0]
+    same_torch = [c for c in on_device if torch and c.image is not None
+                  and str(getattr(c.image, "torch", "") or "").split("+", 1)[0] == torch]
+    return (same_torch or on_device)[0]
+
+
+def with_band(plan: Plan, n: int, seeds: int, training_seed: int, *, only: bool = False,
+              baseline: Cell | None = None) -> Plan:
+    """``plan`` with the band of ``baseline`` (default: its first runnable cell) run first; ``only``: the band
+    alone (pure).
 
     Band members run where the baseline runs (same backend, image, device, mode, threads,
     TF32): an image cell's build or skip is the baseline's.
     """
     from dataclasses import replace
 
-    base = next(iter(plan.runnable), None) or (plan.cells[0] if only and plan.cells else None)
+    base = baseline or next(iter(plan.runnable), None) or (plan.cells[0] if only and plan.cells else None)
     if base is None or not (n or seeds):
         return plan
     members = band_cells(base, n, seeds, training_seed)
@@ -216,6 +239,40 @@ def with_band(plan: Plan, n: int, seeds: int, training_seed: int, *, only: bool 
     if only:
         blocked = {k: v for k, v in blocked.items() if k.startswith(BAND_PREFIX)}
     return replace(plan, cells=members + ([] if only else plan.cells), blocked=blocked)
+
+
+CELL_SEED_INFIX = "-seed-"
+
+
+def cell_seed_cells(cells: list[Cell], k: int, training_seed: int) -> list[Cell]:
+    """Each cell retrained with ``training_seed + 1 ... + k``, the band's seeds (pure): the paired test of
+    its shift (``--cell-seeds``). A cell's repeats share one set (the first repeat's)."""
+    out = []
+    for cell in cells:
+        if cell.band or cell.repeat > 1:
+            continue
+        for i in range(1, k + 1):
+            out.append(Cell(
+                name=f"{cell.name}{CELL_SEED_INFIX}{i}", device=cell.device, determinism=cell.determinism,
+                threads=cell.threads, tf32=cell.tf32, repeat=0, image=cell.image, isa=cell.isa,
+                skip_reason=cell.skip_reason, warning=cell.warning,
+                labels={**{k_: v for k_, v in cell.labels.items() if k_ != "repeat"}, "cell_seed": i,
+                        "seed_of": cell.name},
+                seed=training_seed + i, band={"kind": "cell-seed", "member": i, "of": cell.name}, gpu=cell.gpu))
+    return out
+
+
+def with_cell_seeds(plan: Plan, k: int, training_seed: int) -> Plan:
+    """``plan`` with every cell's own seed retrains after the cells (pure); their builds and skips are their cell's."""
+    from dataclasses import replace
+
+    extra = cell_seed_cells(plan.cells, k, training_seed)
+    blocked = dict(plan.blocked)
+    for c in extra:
+        of = c.band["of"] if c.band else ""
+        if of in blocked:
+            blocked[c.name] = blocked[of]
+    return replace(plan, cells=plan.cells + extra, blocked=blocked)
 
 
 def refuse_inapplicable(opts: RunOptions) -> None:

@@ -60,6 +60,7 @@ class BandKind(str, enum.Enum):
 
     ULP = "ulp"  # the baseline with one initial parameter value moved by one ulp
     SEED = "seed"  # the baseline with another training seed
+    CELL_SEED = "cell-seed"  # a cell (not the baseline) with one of the band's seeds: --cell-seeds
 
     def __str__(self) -> str:
         return self.value
@@ -277,7 +278,7 @@ def check_perturb(perturb: Any, where: str) -> None:
 
 
 def check_band(band: Any, where: str) -> None:
-    """``band`` is None or ``{"kind": "ulp" | "seed", "member": int >= 1, ...}``."""
+    """``band`` is None or ``{"kind": "ulp" | "seed" | "cell-seed", "member": int >= 1, ...}``."""
     if band is None:
         return
     kinds = [k.value for k in BandKind]

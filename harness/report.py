@@ -18,13 +18,27 @@ from rich.table import Table
 from rich.text import Text
 
 from .attribution import CONFOUNDED, NOT_ENOUGH, Attribution, AxisEffect, WidthFn, attribute
-from .band import Band, band_width
-from .judge import BandVerdict, Comparison, MetricDiff, Verdict, max_abs
+from .band import Band
+from .judge import Comparison, MetricDiff, Verdict, max_abs
+from .ladder import RUNG_LINES, RUNG_ORDER, Rung
 from .record import REPORT_SCHEMA, ResultRecord, _jsonable
 
 VERDICT_STYLE = {Verdict.REPRODUCED: "bold green", Verdict.DRIFTED: "bold yellow", Verdict.FAILED: "bold red",
                  Verdict.UNRECORDED: "cyan", Verdict.SKIPPED: "dim", Verdict.INCOMPLETE: "bold magenta",
-                 Verdict.NOT_COMPARABLE: "bold red"}
+                 Verdict.NOT_COMPARABLE: "bold red", Verdict.UNJUDGED: "cyan"}
+RUNG_STYLE = {Rung.BITWISE: "bold green", Rung.EQUAL: "bold green", Rung.SAME: "green", Rung.DRIFTED: "bold yellow",
+              Rung.DIFFERS: "cyan"}
+
+
+def verdict_style(word: str) -> str:
+    """The style of a Results row's verdict word: a rung of the ladder, or a verdict."""
+    for rung, style in RUNG_STYLE.items():
+        if word == rung.value or word.startswith(rung.value + " "):
+            return style
+    try:
+        return VERDICT_STYLE.get(Verdict(word), "")
+    except ValueError:
+        return ""
 
 
 def console(stderr: bool = False) -> Console:
@@ -201,37 +215,47 @@ def band_members(records: list[ResultRecord]) -> list[ResultRecord]:
     return [r for r in records if r.band]
 
 
-def _ratio(x: float | None) -> str:
-    if x is None:
-        return "?"
-    if math.isinf(x):
-        return "range 0"
-    return f"x{x:.2g}"
-
-
-def vs_band(j: Any) -> str:
-    """The "vs band" column: bitwise, within (x0.3 of the range), beyond (x12), or why there is nothing."""
-    cb = getattr(j, "band", None) if j is not None else None
-    if cb is None:
+def evidence(j: Any) -> str:
+    """The "evidence" column: what supports the cell's rung, in a few words."""
+    lad = getattr(j, "ladder", None) if j is not None else None
+    if lad is None:
+        return "reference" if j is not None and j.verdict in (Verdict.UNRECORDED,) else "—"
+    if lad.rung is Rung.BITWISE:
+        return "weights =" + ("trial" if lad.bitwise_to == "recorded trial" else
+                              "archived" if lad.bitwise_to == "archived weights" else "first")
+    m = lad.metrics.get(lad.deciding or "")
+    if lad.rung is Rung.EQUAL:
+        src = m.limit_from if m is not None else None
+        if src is None:
+            return "≤ noise"
+        return "≤ f32 rounding" if src.startswith("float32") else f"≤ noise, {src.replace(' band', '')}"
+    if lad.rung is Rung.DIFFERS:
+        return "no seed band" if lad.n_seed < 2 else "not judged"
+    if m is None or m.p_holm is None:
         return "—"
-    own = " own repeats" if cb.source == "repeats" else ""
-    if cb.reference is None:
-        return "baseline"
-    if cb.verdict is BandVerdict.BITWISE:
-        return "bitwise"
-    if cb.verdict is BandVerdict.WITHIN:
-        return f"within{own} ({_ratio(cb.ratio)})"
-    if cb.verdict is BandVerdict.BEYOND:
-        return f"beyond{own} ({_ratio(cb.ratio)})"
-    return "no band"
+    if m.method == "paired seeds":
+        return f"p={m.p_holm:.2g}, {m.n} seed pairs"
+    return f"p={m.p_holm:.2g}, {m.n} seeds" + (", trial tested" if m.tested == "reference" else "")
 
 
 def vs_seeds(j: Any) -> str:
-    """|Δ| in units of the seed band's range: could the difference change a conclusion?"""
-    cb = getattr(j, "band", None) if j is not None else None
-    if cb is None or cb.reference is None or cb.seed_ratio is None:
+    """The largest |Δ| against the reference, in seed standard deviations: could it change a conclusion?"""
+    lad = getattr(j, "ladder", None) if j is not None else None
+    if lad is None or lad.delta_sd is None:
         return "—"
-    return "0" if cb.seed_ratio == 0 else f"x{cb.seed_ratio:.2g}"
+    return "0" if lad.delta_sd == 0 else f"{lad.delta_sd:.2g}"
+
+
+def verdict_word(j: Any) -> str:
+    """The Results table's verdict: the cell's rung on the ladder when it has one, else its verdict."""
+    if j is None:
+        return Verdict.INCOMPLETE.value
+    lad = getattr(j, "ladder", None)
+    if lad is None or j.verdict in (Verdict.NOT_COMPARABLE, Verdict.FAILED, Verdict.SKIPPED, Verdict.INCOMPLETE):
+        return j.verdict.value
+    if j.out_of_tolerance:
+        return "drifted (--tol)"
+    return lad.rung.value
 
 
 def rows(records: list[ResultRecord], comparison: Comparison) -> list[dict[str, str]]:
@@ -257,15 +281,15 @@ def rows(records: list[ResultRecord], comparison: Comparison) -> list[dict[str, 
             "weights": _weights(j, rec.cell == first),
             "d_archived": fmag(max_abs(j.archived_inference) if j else None),
             "wall": f"{wall:.1f}s" if isinstance(wall, (int, float)) and rec.ok else "—",
-            "vs_band": vs_band(j),
+            "evidence": evidence(j),
             "vs_seeds": vs_seeds(j),
-            "verdict": (j.verdict if j else Verdict.INCOMPLETE).value,
+            "verdict": verdict_word(j),
             "reason": j.reason if j else "",
         })
     blank = {k: "—" for k in ("where", "python", "torch", "cuda", "cudnn", "device", "driver", "threads", "isa",
                               "determinism",
                               "val_loss", "d_rec_loss", "r2", "d_rec_r2", "mse", "mae", "d_first", "weights",
-                              "d_archived", "wall", "vs_band", "vs_seeds")}
+                              "d_archived", "wall", "evidence", "vs_seeds")}
     for name in comparison.missing:
         out.append({**blank, "cell": name, "verdict": Verdict.INCOMPLETE.value, "reason": "planned, but left no record"})
     return out
@@ -277,24 +301,27 @@ ENV_COLUMNS = [("cell", "cell"), ("where", "backend/image"), ("python", "python"
 RESULT_COLUMNS = [("cell", "cell"), ("val_loss", "val loss"), ("d_rec_loss", "Δ rec"), ("r2", "R² val"),
                   ("d_rec_r2", "max|ΔR²| rec"), ("mse", "MSE val"), ("mae", "MAE val"), ("d_first", "max|Δ| first"),
                   ("weights", "weights"), ("d_archived", "archived Δ"), ("wall", "wall"), ("verdict", "verdict")]
-BAND_COLUMN = ("vs_band", "vs band")
-SEED_COLUMN = ("vs_seeds", "|Δ|/seeds")
+EVIDENCE_COLUMN = ("evidence", "evidence")
+SEED_COLUMN = ("vs_seeds", "|Δ|/seed sd")
 
 
 def has_band(comparison: Comparison) -> bool:
-    """Whether any cell was judged against a band (measured, or its own repeats')."""
-    return any(c.band is not None for c in comparison.cells)
+    """Whether a band was measured (ulp or seed members)."""
+    return comparison.band is not None and bool(comparison.band.n_ulp or comparison.band.n_seed)
+
+
+def has_seeds(comparison: Comparison) -> bool:
+    return comparison.band is not None and comparison.band.n_seed >= 2
 
 
 def result_columns(comparison: Comparison) -> list[tuple[str, str]]:
-    """The Results table's columns: "vs band" (and "|Δ|/seeds" with a seed band) before the verdict when judged."""
+    """The Results table's columns: the evidence for each rung (and |Δ| in seed sd with a seed band) before
+    the verdict."""
     cols = list(RESULT_COLUMNS)
-    if has_band(comparison):
-        extra = [BAND_COLUMN]
-        band = comparison.band
-        if band is not None and band.n_seed >= 2:
-            extra.append(SEED_COLUMN)
-        cols[-1:-1] = extra
+    extra = [EVIDENCE_COLUMN]
+    if has_seeds(comparison):
+        extra.append(SEED_COLUMN)
+    cols[-1:-1] = extra
     return cols
 
 
@@ -320,10 +347,10 @@ def results_table(data: list[dict[str, str]], columns: list[tuple[str, str]] | N
     columns = columns or RESULT_COLUMNS
     t = Table(title=RESULTS_TITLE, box=box.SIMPLE_HEAD, title_justify="left")
     for key, head in columns:
-        t.add_column(head, justify="left" if key in ("cell", "weights", "verdict", "vs_band", "loss_curve") else "right", no_wrap=True)
+        t.add_column(head, justify="left" if key in ("cell", "weights", "verdict", "evidence", "loss_curve") else "right", no_wrap=True)
     for r in data:
         cells: list[Any] = [r[k] for k, _ in columns]
-        cells[-1] = Text(r["verdict"], style=VERDICT_STYLE.get(Verdict(r["verdict"]), ""))
+        cells[-1] = Text(r["verdict"], style=verdict_style(r["verdict"]))
         t.add_row(*cells)
     return t
 
@@ -383,7 +410,7 @@ def _results_stacked(data: list[dict[str, str]], columns: list[tuple[str, str]] 
     blocks = []
     for r in data:
         items: list[tuple[str, Any]] = [(head, r[k]) for k, head in columns[1:-1]]
-        items.append(("verdict", Text(r["verdict"], style=VERDICT_STYLE.get(Verdict(r["verdict"]), ""))))
+        items.append(("verdict", Text(r["verdict"], style=verdict_style(r["verdict"]))))
         blocks.append((r["cell"], items))
     return _stacked(RESULTS_TITLE, blocks)
 
@@ -402,13 +429,16 @@ SEED_COLUMNS = ("seeds n", "seeds sd", "seeds range")
 
 
 def band_title(band: Band) -> str:
-    what = (f"Band: {band.n_ulp} retrains of the baseline, each with one initial weight moved by one ulp"
-            if band.source == "ulp" else "Band (a cell's own repeats)")
-    if band.n_seed:
-        what += f"; {band.n_seed} with other seeds"
+    if band.source != "ulp":
+        what = "Band (a cell's own repeats)"
+    elif band.n_ulp:
+        what = f"Band: {band.n_ulp} retrains of the baseline, each with one initial weight moved by one ulp"
+        what += f"; {band.n_seed} with other seeds" if band.n_seed else ""
+    else:
+        what = f"Band: {band.n_seed} retrains of the baseline with other seeds"
     where = f" ({band.environment})" if band.environment else ""
-    seeds = "; |Δ|/seeds = |Δ| / seeds range" if band.n_seed >= 2 else ""
-    return f"{what}{where}. Validation; vs band = |Δ| / width (max of range, 3 sd): within <= x1 < beyond{seeds}"
+    return (f"{what}{where}. Validation; the ulp members are the numerical noise, the seeds the distribution "
+            "a verdict is read against")
 
 
 def _shown_keys(band: Band) -> list[str]:
@@ -488,7 +518,7 @@ def _members_stacked(records: list[ResultRecord]) -> Group:
     return _stacked(MEMBERS_TITLE, [(r[0], list(zip(MEMBER_COLUMNS[1:], r[1:]))) for r in member_rows(records)])
 
 
-REPEATS_TITLE = "Repeats (--repeats): a cell whose repeats are bitwise identical is deterministic"
+REPEATS_TITLE = "Repeats (--repeats): each cell's repeats against the first of them"
 REPEAT_COLUMNS = ("cell", "repeats", "distinct", "result")
 
 
@@ -496,14 +526,15 @@ def repeat_rows(comparison: Comparison) -> list[tuple[str, ...]]:
     out = []
     for g in comparison.repeats:
         if g.deterministic:
-            result = "deterministic (one distinct result)"
+            result = "bitwise: deterministic (one distinct result)"
         else:
             loss = g.spread.get("val_loss")
             r2 = [v.range for k, v in g.spread.items() if k.startswith("r2/") and not k.endswith("/*")]
             parts = [f"val loss range {fmag(loss.range)}" if loss else "", f"max R² range {fmag(max(r2))}" if r2 else ""]
-            result = "spread: " + ", ".join(p for p in parts if p) if any(parts) else "spread"
+            spread = ", ".join(p for p in parts if p)
+            result = f"{g.rung.value if g.rung else 'differ'}: nondeterministic" + (f" ({spread})" if spread else "")
             if comparison.band is None or not comparison.band.measured:
-                result += " (its band)"
+                result += "; their spread is the cell's numerical noise"
         out.append((g.name, str(len(g.cells)), str(g.distinct), result))
     return out
 
@@ -521,39 +552,45 @@ def _repeats_stacked(comparison: Comparison) -> Group:
     return _stacked(REPEATS_TITLE, [(r[0], list(zip(REPEAT_COLUMNS[1:], r[1:]))) for r in repeat_rows(comparison)])
 
 
-def _sd(x: float | None) -> str:
-    """|Δ| in standard deviations of the band: the parametric reading beside the range rule."""
-    if x is None or math.isinf(x):
-        return ""
-    return f", {x:.2g} sd"
-
-
 def beyond_lines(comparison: Comparison) -> list[str]:
-    """One line per cell beyond its band: against what, and which metrics by how much (worst first)."""
+    """One line per cell that drifted or differs: against what, and the evidence (the deciding metric)."""
     out = []
     for c in comparison.cells:
-        cb = c.band
-        if cb is None or cb.verdict is not BandVerdict.BEYOND:
+        lad = c.ladder
+        if lad is None or lad.rung not in (Rung.DRIFTED, Rung.DIFFERS):
             continue
-        worst = sorted(cb.beyond, key=lambda k: -(cb.metrics[k].ratio or 0.0))
-        what = "its own repeats' spread" if cb.source == "repeats" else "the band"
-        shown = ", ".join(f"{k} ({_ratio(cb.metrics[k].ratio)}{_sd(cb.metrics[k].sd_ratio)})" for k in worst[:4])
-        more = f" and {len(worst) - 4} more" if len(worst) > 4 else ""
-        out.append(f"{c.cell}: beyond {what} vs {cb.reference} on {shown}{more}")
+        ref = "the recorded trial" if lad.reference == "recorded trial" else f"the first cell {lad.reference}"
+        others = [k for k, m in lad.metrics.items() if m.rung is lad.rung and k != lad.deciding]
+        more = f" ({len(others)} more metric(s) alike)" if others else ""
+        out.append(f"{c.cell} {lad.rung.value} vs {ref}: {lad.evidence}{more}")
     return out
 
 
-NO_BAND = "no band measured: judged by the tolerances alone (measure one: --band 8)"
+def legend_lines(comparison: Comparison) -> list[str]:
+    """One line per rung the cells reached (what it means), and the false-alarm rate behind "drifted"."""
+    seen = set(comparison.rung_counts())
+    lines = [RUNG_LINES[r] for r in RUNG_ORDER if r in seen]
+    if seen & {Rung.SAME, Rung.DRIFTED}:
+        judged = sum(1 for c in comparison.cells if c.ladder is not None and c.ladder.n_tested)
+        runwide = (f"; {judged} cell(s) were tested: at most {min(1.0, judged * comparison.alpha):.2g} for the run"
+                   if judged > 1 else "")
+        lines.append(f"α = {comparison.alpha:g}: the chance that a cell from the same distribution is called drifted "
+                     f"(Holm over its metrics){runwide}")
+    return lines
+
+
+NO_BAND = "no band measured: cells beyond float32 rounding are not judged (measure one: --band 8 --band-seeds 8)"
 
 
 def band_note(comparison: Comparison) -> str | None:
-    """The line under the tables when the cells were judged against no band at all."""
-    if not comparison.cells or has_band(comparison):
+    """The line under the tables when cells differ and nothing judged them: what was measured, how to judge it."""
+    differing = comparison.differing
+    if not differing:
         return None
     band = comparison.band
-    if band is not None and not band.measured:
-        return "no usable band (see above): judged by the tolerances alone"
-    return NO_BAND
+    if band is None or not band.n_seed:
+        return f"not judged: {len(differing)} cell(s) beyond numerical noise; judge them with --band-seeds 8"
+    return f"not judged: {', '.join(differing[:3])}: the seed band has no spread on the metrics that differ"
 
 
 def _fits(out: Console | None, table: Table) -> bool:
@@ -654,6 +691,8 @@ def renderable(records: list[ResultRecord], comparison: Comparison, *, per_targe
     rt = repeats_table(comparison)
     if rt is not None:
         parts.append(rt if _fits(out, rt) else _repeats_stacked(comparison))
+    for line in legend_lines(comparison):
+        parts.append(Text(f"  {line}", style="dim"))
     for line in beyond_lines(comparison):  # wrapped at spaces: metric names stay whole
         parts.append(Text(f"≠ {line}", style="yellow"))
     parts += attribution_parts(records, out, width, comparison)
@@ -710,7 +749,7 @@ def notes(data: list[dict[str, str]], records: list[ResultRecord], comparison: C
         parts.append(Text(f"- {n}", style="dim"))
     note = band_note(comparison)
     if note:
-        parts.append(Text(note, style="dim" if note == NO_BAND else ""))
+        parts.append(Text(note, style="cyan"))
     parts.append(summary_line(comparison))
     return parts
 
@@ -747,9 +786,9 @@ def attribution_of(records: list[ResultRecord], width: WidthFn | None = None,
     cells = [r for r in records if not r.band]
     if sum(1 for r in cells if r.ok) < 2:
         return None
-    if width is None and comparison is not None and comparison.band is not None and comparison.band.measured:
+    if width is None and comparison is not None and comparison.band is not None and comparison.band.n_seed >= 2:
         band = comparison.band
-        width = lambda key: band_width(band, key)  # noqa: E731
+        width = lambda key: band.seed[key].sd if key in band.seed else None  # noqa: E731
     return attribute(cells, width)
 
 
@@ -759,7 +798,7 @@ def _effect_row(e: AxisEffect) -> dict[str, str]:
         if v is None:
             return "—"
         ratio = e.family_ratio(family)
-        return fmag(v) + (f" ({ratio:.2g}×)" if ratio is not None else "")
+        return fmag(v) + (f" ({ratio:.2g} sd)" if ratio is not None else "")
 
     if e.status == CONFOUNDED:
         status = "confounded" + (f" with {', '.join(e.confounded_with)}" if e.confounded_with else "")
@@ -794,7 +833,7 @@ def attribution_notes(attr: Attribution) -> list[str]:
     if attr.uncertain_pairs:
         lines.append(f"{attr.uncertain_pairs} pair(s) left out: an axis was measured in one cell and not the other")
     if attr.with_width:
-        lines.append("(N×) = |Δ| as a multiple of the instability band's width for that metric")
+        lines.append("(N sd) = |Δ| in standard deviations of the seed band for that metric")
     return lines
 
 
@@ -890,6 +929,7 @@ def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str
     notes = [f"- `{r['cell']}` {r['verdict']}: {_md_escape(r['reason'])}" for r in data
              if r["verdict"] in (Verdict.FAILED.value, Verdict.SKIPPED.value, Verdict.INCOMPLETE.value,
                                  Verdict.NOT_COMPARABLE.value)]
+    notes += [f"- {_md_escape(w)}" for w in legend_lines(comparison)]
     notes += [f"- {_md_escape(w)}" for w in beyond_lines(comparison)]
     notes += [f"- {_md_escape(w)}" for w in warnings(records, comparison)]
     notes += [f"- {_md_escape(n)}" for n in weights_notes(comparison) + archived_notes(records) + trace_notes(records)]

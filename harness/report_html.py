@@ -32,12 +32,14 @@ MAX_POINTS = 2000  # per curve: a longer trace is drawn every Nth step (the page
 MAX_TARGETS = 8  # per metric family in the deltas figure; the rest are named, not drawn
 MAX_LABEL = 48  # characters of a cell name in a figure (tables show it whole)
 NO_TRACES = "no traces: pass --trace to draw the loss of every training step"
-NO_BAND = "no band measured: the points have no error bars (measure one: --band 8, or harness band)"
+NO_BAND = "no seed band measured: no interval to read the points against (measure one: --band-seeds 8)"
 FAMILIES = ("val_loss", "r2", "mse", "mae")
 FAMILY_TITLE = {"val_loss": "val loss", "r2": "R²", "mse": "MSE", "mae": "MAE"}
 VERDICT_CLASS = {Verdict.REPRODUCED: "ok", Verdict.DRIFTED: "drift", Verdict.FAILED: "bad",
                  Verdict.NOT_COMPARABLE: "bad", Verdict.INCOMPLETE: "incomplete", Verdict.SKIPPED: "dim",
-                 Verdict.UNRECORDED: "unrec"}
+                 Verdict.UNRECORDED: "unrec", Verdict.UNJUDGED: "unrec"}
+RUNG_CLASS = {"bitwise": "ok", "numerically equal": "ok", "same distribution": "ok", "drifted": "drift",
+              "drifted (--tol)": "drift", "differs": "unrec"}
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:1.5em auto;
@@ -217,16 +219,18 @@ def history_svg(histories: Sequence[tuple[str, list[Mapping[str, Any]]]]) -> str
 
 @dataclass
 class DeltaSeries:
-    """One metric key's Δ per cell against the reference, and the band's width for it (None: no band)."""
+    """One metric key's Δ per cell against the reference, and where "same distribution" lies as a Δ:
+    the seed band's 1 − α prediction interval minus the reference's value (None: no seed band)."""
 
     key: str
     deltas: list[float | None]
-    width: float | None
+    interval: tuple[float, float] | None
 
 
 def delta_series(cells: Sequence[ResultRecord], reference: Mapping[str, float],
-                 width: Any = None) -> list[DeltaSeries]:
-    """Per metric key (aggregates ``r2/*`` only where there are no per-target keys): value - reference."""
+                 interval: Any = None) -> list[DeltaSeries]:
+    """Per metric key (aggregates ``r2/*`` only where there are no per-target keys): value - reference;
+    ``interval(key)``: the prediction interval of the seed band for ``key`` (None: none)."""
     flats = [flat_val(r) for r in cells]
     keys = list(dict.fromkeys(k for f in flats for k in f if k in reference))
     per_target = {k.split("/", 1)[0] for k in keys if "/" in k and not k.endswith("/*")}
@@ -235,13 +239,15 @@ def delta_series(cells: Sequence[ResultRecord], reference: Mapping[str, float],
     for key in keys:
         ds = [f[key] - reference[key] if key in f and math.isfinite(f[key]) and math.isfinite(reference[key])
               else None for f in flats]
-        out.append(DeltaSeries(key, ds, width(key) if width else None))
+        iv = interval(key) if interval else None
+        out.append(DeltaSeries(key, ds, (iv[0] - reference[key], iv[1] - reference[key]) if iv else None))
     return out
 
 
 def deltas_svg(names: Sequence[str], series: Sequence[DeltaSeries], reference: str) -> tuple[str, list[str]]:
-    """One panel per metric family: each cell's Δ (points, one marker per target) with the band's width
-    as the error bar: a bar that crosses 0 is within the band. Returns the SVG and notes (targets left out)."""
+    """One panel per metric family: each cell's Δ (points, one marker per target), and per target the seed
+    band's prediction interval as a shade: a point inside its target's shade is the same distribution.
+    Returns the SVG and notes (targets left out)."""
     fams = [f for f in FAMILIES if any(s.key.split("/", 1)[0] == f for s in series)]
     notes: list[str] = []
     fig = _figure(max(8.0, min(11.0, 2.0 + 0.55 * len(names) * max(1, len(fams)))),
@@ -260,8 +266,9 @@ def deltas_svg(names: Sequence[str], series: Sequence[DeltaSeries], reference: s
             xs = [x + (j - (len(group) - 1) / 2) * off for x, d in zip(x0, s.deltas) if d is not None]
             ys = [d for d in s.deltas if d is not None]
             label = s.key.split("/", 1)[1] if "/" in s.key else s.key
-            ax.errorbar(xs, ys, yerr=None if s.width is None else [s.width] * len(ys), fmt=markers[j % len(markers)],
-                        ms=5, capsize=3, elinewidth=1.1, color=_style(j)["color"], label=plot_label(label))
+            if s.interval is not None:
+                ax.axhspan(s.interval[0], s.interval[1], color=_style(j)["color"], alpha=0.08, lw=0)
+            ax.plot(xs, ys, markers[j % len(markers)], ms=5, color=_style(j)["color"], label=plot_label(label))
         ax.axhline(0, color="#444", lw=0.8)
         ax.set_xticks(x0, [plot_label(n) for n in names], rotation=60, ha="right", fontsize=7.5)
         ax.set_title(f"Δ {FAMILY_TITLE[fam]}", fontsize=10)
@@ -270,7 +277,8 @@ def deltas_svg(names: Sequence[str], series: Sequence[DeltaSeries], reference: s
         ax.set_xlim(-0.6, len(names) - 0.4)
         if len(group) > 1:
             ax.legend(fontsize=7, title="target", title_fontsize=7, framealpha=0.8)
-    fig.suptitle(f"Δ vs {plot_label(reference)} (validation); error bar: ± the band's width", fontsize=10)
+    fig.suptitle(f"Δ vs {plot_label(reference)} (validation); shade: the seed band's prediction interval",
+                 fontsize=10)
     return svg_of(fig), notes
 
 
@@ -289,7 +297,7 @@ def attribution_svg(attr: Any) -> str | None:
         ax.barh(ys, vals, color=[_style(i)["color"] for i in ys], alpha=0.85)
         for y, e, v in zip(ys, effects, vals):
             r = e.family_ratio(fam)
-            ax.annotate(("0" if v == 0 else f"{v:.2g}") + (f" ({r:.2g}×)" if r is not None else ""), xy=(v, y),
+            ax.annotate(("0" if v == 0 else f"{v:.2g}") + (f" ({r:.2g} sd)" if r is not None else ""), xy=(v, y),
                         xytext=(3, 0), textcoords="offset points", va="center", fontsize=7.5)
         ax.set_title(f"max |Δ| {FAMILY_TITLE[fam]}", fontsize=9.5)
         if max(vals) > 0:
@@ -320,7 +328,7 @@ def table(columns: Sequence[tuple[str, str]], rows: Iterable[Mapping[str, Any]],
             cls = "l" if k in left else ""
             if k == verdict_key:
                 try:
-                    vc = VERDICT_CLASS.get(Verdict(v), "")
+                    vc = RUNG_CLASS.get(v) or VERDICT_CLASS.get(Verdict(v), "")
                 except ValueError:
                     vc = ""
                 tds.append(f'<td class="{cls}"><span class="verdict {vc}">{esc(v)}</span></td>')
@@ -401,7 +409,7 @@ def run_page(p: RunPage) -> str:
         if p.parts_at:
             data = [{**r, "parts_at": p.parts_at.get(r["cell"], "—")} for r in data]
             cols[-1:-1] = [("parts_at", "parts at")]
-        body.append(table(cols, data, left=("cell", "weights", "vs_band", "parts_at", "verdict"), verdict_key="verdict"))
+        body.append(table(cols, data, left=("cell", "weights", "evidence", "parts_at", "verdict"), verdict_key="verdict"))
     else:
         body.append(none("no cell ran"))
     notes = [t.plain.removeprefix("- ") for t in rp.notes(data, records, comparison)[:-1]]
@@ -451,31 +459,42 @@ def _curves_section(records: list[ResultRecord], members_only: bool, traces: Map
 
 
 def _deltas_section(records: list[ResultRecord], comparison: Comparison, members_only: bool) -> list[str]:
-    from .band import band_width
+    from . import stats
+    from .judge import flatten_recorded
     from .report import band_rows, band_title, BAND_COLUMNS, SEED_COLUMNS
 
     band = comparison.band
-    measured = band is not None and band.measured
-    out = ["<h2>Δ per metric against the band</h2>"]
+    out = ["<h2>Δ per metric against the reference, and the seed band</h2>"]
     cells = [r for r in _curve_cells(records, members_only) if r.ok]
-    width = (lambda key: band_width(band, key)) if measured else None  # noqa: E731
+    interval = None
+    if band is not None and band.n_seed >= 2:
+        def interval(key: str) -> tuple[float, float] | None:
+            s = band.seed.get(key)
+            if s is None or not s.sd:
+                return None
+            t = stats.prediction_test(s.mean, stats.Summary(s.n, s.mean, s.sd), comparison.alpha)
+            return None if t is None else (s.mean - t.half_width, s.mean + t.half_width)
+    recorded = next((flatten_recorded(r.recorded) for r in cells if r.recorded), None)
     if members_only and band is not None:
-        reference, ref_name = {k: s.mean for k, s in band.ulp.items()}, "the band's mean"
+        reference, ref_name = {k: s.mean for k, s in (band.ulp or band.seed).items()}, "the band's mean"
+    elif recorded:
+        reference, ref_name = recorded, "the recorded trial"
     else:
         first = next((r for r in cells if r.cell == comparison.first_cell), cells[0] if cells else None)
         reference, ref_name = (flat_val(first) if first else {}), (first.cell if first else "")
-    if len(cells) < 2 or not reference:
+    if not cells or not reference or (len(cells) < 2 and not recorded):
         out.append(none("fewer than two cells ran: no Δ to draw"))
     else:
-        series = delta_series(cells, reference, width)
+        series = delta_series(cells, reference, interval)
         if series:
             svg, notes = deltas_svg([r.cell for r in cells], series, ref_name)
-            out.append(figure(svg, "each point is a cell's value minus the reference's; the error bar is ± the "
-                                   "band's width (max of range and 3 sd): a bar that crosses 0 is within the band"))
+            out.append(figure(svg, "each point is a cell's value minus the reference's; each target's shade is the "
+                                   f"seed band's {1 - comparison.alpha:.0%} prediction interval, as a Δ: a point "
+                                   "inside its shade is the same distribution"))
             out.append(notes_list(notes))
         else:
             out.append(none("no metric the cells share with the reference"))
-    if not measured:
+    if band is None or band.n_seed < 2:
         out.append(none(NO_BAND))
     if band is not None and (band.ulp or band.seed):
         heads = list(BAND_COLUMNS + (SEED_COLUMNS if band.n_seed else ()))
@@ -500,7 +519,7 @@ def _attribution_section(records: list[ResultRecord], comparison: Comparison) ->
         svg = attribution_svg(attr)
         if svg:
             out.append(figure(svg, "per axis, the largest |Δ| between two cells that differ only in that axis"
-                                   + (" (N×: a multiple of the band's width)" if attr.with_width else "")))
+                                   + (" (N sd: in seed standard deviations)" if attr.with_width else "")))
     else:
         out.append(none("no axis varies between these cells"))
     out.append(notes_list(attribution_notes(attr)))

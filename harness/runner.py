@@ -26,7 +26,7 @@ from . import __version__, record
 from .errors import HarnessError, InputError, Interrupted
 from .judge import Comparison, Tolerances, compare
 from .options import ReportOptions, RunOptions
-from .plan import Cell, Job, Plan, make_plan, with_band
+from .plan import Cell, Job, Plan, band_cells, choose_baseline, make_plan, with_band, with_cell_seeds
 from .record import ResultRecord, RunManifest, Status
 
 
@@ -390,7 +390,8 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
     """Judge, print, and write the reports (``report.json`` in the results directory, --json, --markdown)."""
     from .report import console, json_report, markdown, print_report
 
-    comparison = compare(records, tol, missing, allow_data_change=report_opts.allow_data_change)
+    comparison = compare(records, tol, missing, allow_data_change=report_opts.allow_data_change,
+                         alpha=report_opts.alpha)
     trial_env = recorded_environment(bundle_dir)
     if records and not missing and all(r.status is Status.SKIPPED for r in records):
         print_nothing_ran(console(), records, bundle_dir)
@@ -493,18 +494,68 @@ def load_band(path: str, bundle: Any, data_sha256: str | None) -> list[ResultRec
     return members
 
 
+@dataclass(frozen=True)
+class AutoSeeds:
+    """``--band-seeds auto``: the seed band to measure after the cells, only when one differs beyond numerical
+    noise from its reference and nothing says whether that matters."""
+
+    n: int
+    training_seed: int
+    trial_environment: dict[str, Any] | None = None
+
+
+def _auto_seed_plan(plan: Plan, auto: AutoSeeds, records: list[ResultRecord], report_opts: ReportOptions,
+                    tol: Tolerances) -> tuple[Plan, str] | None:
+    """The seed members to run now (and why, in one line), or None when the cells need none."""
+    from .judge import TRIAL
+    from .ladder import Rung
+
+    comparison = compare(records, tol, allow_data_change=report_opts.allow_data_change, alpha=report_opts.alpha)
+    if not comparison.differing or (comparison.band is not None and comparison.band.n_seed >= 2):
+        return None
+    cells = [c for c in plan.runnable if not c.band]
+    # The seed band is the distribution of retrains where the trial ran: on a cell that reproduces the
+    # trial to numerical noise when one does, else on the cell the trial's recorded environment names.
+    equal = [c.cell for c in comparison.cells if c.ladder is not None and c.ladder.reference == TRIAL
+             and c.rung in (Rung.BITWISE, Rung.EQUAL)]
+    base = next((c for c in cells if c.name in equal), None) or choose_baseline(cells, auto.trial_environment)
+    if base is None:
+        return None
+    members = band_cells(base, 0, auto.n, auto.training_seed)
+    from dataclasses import replace
+
+    blocked = {m.name: plan.blocked[base.name] for m in members if base.name in plan.blocked}
+    took = next((r.launcher_wall_s or r.wall_s for r in records if r.cell == base.name and r.ok), None)
+    cost = f", about {auto.n} x {took:.0f} s" if took else ""
+    why = (f"{len(comparison.differing)} cell(s) differ from their reference beyond numerical noise: measuring the "
+           f"seed band to judge them: {auto.n} retrains of {base.name} with seeds {auto.training_seed + 1}..."
+           f"{auto.training_seed + auto.n}{cost} (--band-seeds 0 skips this; --band-seeds N measures it up front)")
+    return replace(plan, cells=members, blocked=blocked), why
+
+
 def execute_plan(plan: Plan, backend: Any, job: Job, report_opts: ReportOptions, tol: Tolerances,
                  progress_enabled: bool = True, extra_records: list[ResultRecord] | None = None, *,
-                 jobs: int = 1, cache: Any = None) -> Comparison:
+                 jobs: int = 1, cache: Any = None, auto_seeds: AutoSeeds | None = None) -> Comparison:
     """Run a plan on a backend (``jobs`` cells at once; ``cache``: harness.cache.CellCache) and judge it;
-    on Ctrl-C, judge and report what exists, then re-raise."""
-    from .report import CellProgress
+    on Ctrl-C, judge and report what exists, then re-raise. With ``auto_seeds``, a seed band follows
+    the cells when one of them needs it to be judged."""
+    from .report import CellProgress, console
 
     start(plan, job, job.bundle_dir)
     before = list(extra_records or [])
     try:
         with CellProgress(len(plan.runnable), enabled=progress_enabled) as progress:
             outcome = run_cells(plan, backend, job, progress, jobs=jobs, cache=cache)
+        more = _auto_seed_plan(plan, auto_seeds, before + outcome.records, report_opts, tol) if auto_seeds else None
+        if more is not None:
+            seed_plan, why = more
+            console(stderr=True).print(f"[dim]{why}[/dim]", soft_wrap=True)
+            plan = replace_cells(plan, seed_plan.cells + plan.cells, seed_plan.blocked)
+            start(plan, job, job.bundle_dir, outcome.reused)  # run.json lists the seed members too
+            with CellProgress(len(seed_plan.runnable), enabled=progress_enabled) as progress:
+                extra = run_cells(seed_plan, backend, job, progress, jobs=jobs, cache=cache)
+            outcome = Outcome(extra.records + outcome.records, extra.missing + outcome.missing,
+                              {**outcome.reused, **extra.reused})
     except Interrupted as exc:
         got: Outcome = exc.outcome  # type: ignore[attr-defined]
         try:
@@ -515,6 +566,12 @@ def execute_plan(plan: Plan, backend: Any, job: Job, report_opts: ReportOptions,
         raise
     return render(before + outcome.records, outcome.missing, tol, Path(job.results_dir), report_opts,
                   bundle_dir=job.bundle_dir, reused=outcome.reused)
+
+
+def replace_cells(plan: Plan, cells: list[Cell], blocked: dict[str, Any]) -> Plan:
+    from dataclasses import replace
+
+    return replace(plan, cells=cells, blocked={**plan.blocked, **blocked})
 
 
 def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances) -> Comparison:
@@ -529,14 +586,25 @@ def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances) -> Co
         err.print(f"[bold red]! {w}[/bold red]" if loud else f"[yellow]! {w}[/yellow]", soft_wrap=True)
     plan = make_plan(opts)
     band = load_band(opts.band_from, bundle, pre.data_sha256) if opts.band_from else []
+    trial_env = recorded_environment(bundle.root)
     if opts.band or opts.band_seeds or opts.band_only:
-        plan = with_band(plan, opts.band, opts.band_seeds, bundle.training.seed, only=opts.band_only)
+        baseline = None if opts.band_only else choose_baseline(plan.runnable, trial_env)
+        plan = with_band(plan, opts.band, opts.band_seeds, bundle.training.seed, only=opts.band_only,
+                         baseline=baseline)
         base = next((c for c in plan.cells if c.band), None)
         if base is not None:
-            seeds = f" and {opts.band_seeds} with other seeds" if opts.band_seeds else ""
-            err.print(f"[dim]band: {opts.band} retrains of the baseline cell {base.labels.get('band_of')} with one "
-                      f"initial weight moved by one ulp{seeds}{'' if opts.band_only else ', first'}[/dim]",
-                      soft_wrap=True)
+            what = [f"{opts.band} retrains with one initial weight moved by one ulp" if opts.band else "",
+                    f"{opts.band_seeds} with other seeds" if opts.band_seeds else ""]
+            err.print(f"[dim]band of the baseline cell {base.labels.get('band_of')}: {' and '.join(w for w in what if w)}"
+                      f"{'' if opts.band_only else ', first'}[/dim]", soft_wrap=True)
+    if opts.cell_seeds:
+        plan = with_cell_seeds(plan, opts.cell_seeds, bundle.training.seed)
+        err.print(f"[dim]cell seeds: every cell also retrains with seeds {bundle.training.seed + 1}..."
+                  f"{bundle.training.seed + opts.cell_seeds}, paired with the band's ({opts.cell_seeds} x "
+                  f"{sum(1 for c in plan.runnable if not c.band)} cells)[/dim]", soft_wrap=True)
+    auto = None
+    if opts.auto_seeds and not opts.band_only and bundle.training.seed is not None:
+        auto = AutoSeeds(opts.auto_seeds, bundle.training.seed, trial_env)
     out = results_dir(opts.out, bundle.root, prefix="band-" if opts.band_only else "")
     check_writable(out)
     lock = ResultsLock(out)
@@ -548,14 +616,14 @@ def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances) -> Co
 
             before_run = functools.partial(check_weights, bundle, pre.layout)  # only once a cell must train
         return _execute_locked(opts, bundle, plan, out, report_opts, tol, band, data_sha256=pre.data_sha256,
-                               before_run=before_run)
+                               before_run=before_run, auto_seeds=auto)
     finally:
         lock.release()
 
 
 def _execute_locked(opts: RunOptions, bundle: Any, plan: Plan, out: Path, report_opts: ReportOptions,
                     tol: Tolerances, band: list[ResultRecord] | None = None, data_sha256: str | None = None,
-                    before_run: Any = None) -> Comparison:
+                    before_run: Any = None, auto_seeds: AutoSeeds | None = None) -> Comparison:
     from .cache import CellCache
 
     job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, data_dir=bundle.data.dir, results_dir=str(out),
@@ -569,4 +637,4 @@ def _execute_locked(opts: RunOptions, bundle: Any, plan: Plan, out: Path, report
     cache = CellCache(bundle.root, data_sha256, job.trainer_path or (), reuse=opts.resume and not opts.force,
                       before_run=before_run)
     return execute_plan(plan, backend, job, report_opts, tol, progress_enabled=opts.progress, extra_records=band,
-                        jobs=opts.jobs, cache=cache)
+                        jobs=opts.jobs, cache=cache, auto_seeds=auto_seeds)

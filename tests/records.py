@@ -27,3 +27,31 @@ def with_env(rec: ResultRecord, torch: str, cuda: str | None) -> ResultRecord:
                        "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONHASHSEED": "0"}
     rec.wall_s = 1.5
     return rec
+
+
+def member(kind: str, i: int, r2: float, loss: float = 0.1, applied: bool = True, mse: float = 0.2,
+           mae: float = 0.3, seed: int | None = None) -> ResultRecord:
+    """A band member: ``kind`` "ulp" (perturbed, unless not ``applied``) or "seed" (seed 42 + i)."""
+    rec = record(f"band-{kind}-{i}", r2=r2, loss=loss, sha=f"band{kind}{i}")
+    rec.metrics["retrained"]["val"]["mse"] = {"a": mse}
+    rec.metrics["retrained"]["val"]["mae"] = {"a": mae}
+    rec.band = {"kind": kind, "member": i, "seed": seed if seed is not None else 42 + (i if kind == "seed" else 0)}
+    rec.labels = {"band": kind, "member": i, "band_of": "base"}
+    if kind == "ulp":
+        rec.perturbation = ({"kind": "ulp", "seed": i, "applied": True, "tensor": "w", "index": i,
+                             "old": "0x1p-1", "new": "0x1.0000000000001p-1", "direction": "+inf"} if applied
+                            else {"kind": "ulp", "seed": i, "applied": False,
+                                  "skipped": "the trainer never called ctx.perturb(model)"})
+    return rec
+
+
+def ulp_band(center: float = 0.9, width: float = 1e-4, n: int = 11) -> list[ResultRecord]:
+    """n ulp members whose R² spans exactly ``width`` around ``center`` (the other metrics identical)."""
+    return [member("ulp", i + 1, center - width / 2 + width * i / (n - 1)) for i in range(n)]
+
+
+def seed_band(r2s: list[float], losses: list[float] | None = None) -> list[ResultRecord]:
+    """Seed members with these R² (and val losses; default: 0.1 + 0.5·(0.9 − R²), so both move together)."""
+    losses = losses or [0.1 + 0.5 * (0.9 - r) for r in r2s]
+    return [member("seed", i + 1, r, loss=l, mse=0.2 + (0.9 - r), mae=0.3 + 0.5 * (0.9 - r))
+            for i, (r, l) in enumerate(zip(r2s, losses))]

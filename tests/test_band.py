@@ -16,16 +16,14 @@ from torch import nn
 
 from harness import band as band_mod
 from harness.bundle import ModelSpec
-from harness.cli.common import verdict_exit
-from harness.errors import EXIT_DRIFTED, EXIT_OK, EXIT_RUN_FAILED
-from harness.judge import BandVerdict, Verdict, band_conflict, compare
+from harness.judge import band_conflict
 from harness.plan import Cell, band_cells, with_band, Plan
-from harness.record import ErrorInfo, ResultRecord, RunSpec, Status
+from harness.record import RunSpec
 from harness.worker import perturb
 from harness.worker.determinism import set_seed
 from harness.worker.model import build
 
-from .records import record
+from .records import ulp_band
 
 
 # --------------------------------------------------------------------------- the one-ulp perturbation
@@ -195,139 +193,21 @@ def test_band_statistics_per_metric_and_target() -> None:
     b = band_mod.measure([_member(1, "ulp", 0.10, 0.90), _member(2, "ulp", 0.12, 0.91), _member(3, "ulp", 0.11, 0.95),
                           _member(1, "seed", 0.2, 0.5), _member(2, "seed", 0.4, 0.7)])
     assert b.measured and (b.n_ulp, b.n_seed) == (3, 2)
-    # the width is the larger of the range and 3 sd: 3 members span less than 3 sd
     assert b.ulp["val_loss"].range == pytest.approx(0.02) and b.ulp["r2/a"].range == pytest.approx(0.05)
-    assert band_mod.band_width(b, "val_loss") == pytest.approx(3 * 0.01)
-    assert band_mod.band_width(b, "r2/a") == pytest.approx(3 * float(np.std([0.90, 0.91, 0.95], ddof=1)))
+    assert b.ulp["r2/a"].sd == pytest.approx(float(np.std([0.90, 0.91, 0.95], ddof=1)))
     assert b.ulp["r2/a"].mean == pytest.approx((0.90 + 0.91 + 0.95) / 3)
-    assert band_mod.seed_width(b, "val_loss") == pytest.approx(0.2)
-    assert band_mod.band_width(b, "mse/a") is None and band_mod.band_width(None, "val_loss") is None
+    assert b.seed["val_loss"].range == pytest.approx(0.2) and "mse/a" not in b.ulp
 
 
 def test_unperturbed_members_are_left_out_and_the_band_says_so() -> None:
     b = band_mod.measure([_member(1, "ulp", 0.1, 0.9, used=False), _member(2, "ulp", 0.2, 0.9, used=False)])
-    assert not b.measured and b.ulp == {} and band_mod.band_width(b, "val_loss") is None
+    assert not b.measured and b.ulp == {}
     assert b.notes == ["ulp band skipped: the trainer never called ctx.perturb(model)"]
     one = band_mod.measure([_member(1, "ulp", 0.1, 0.9), _member(2, "ulp", 0.2, 0.9, used=False)])
     assert not one.measured and any("needs at least 2" in n for n in one.notes)
 
 
-def test_ratio() -> None:
-    assert band_mod.ratio(-0.3, 1.0) == pytest.approx(0.3)
-    assert band_mod.ratio(0.0, 0.0) == 0.0 and band_mod.ratio(1e-9, 0.0) == math.inf
-    assert band_mod.ratio(None, 1.0) is None and band_mod.ratio(1.0, None) is None
-
-
-# --------------------------------------------------------------------------- verdicts on constructed records
-
-
-def member(kind: str, i: int, r2: float, loss: float = 0.1, applied: bool = True) -> ResultRecord:
-    rec = record(f"band-{kind}-{i}", r2=r2, loss=loss, sha=f"band{kind}{i}")
-    rec.band = {"kind": kind, "member": i, "seed": 42 + (i if kind == "seed" else 0)}
-    if kind == "ulp":
-        rec.perturbation = ({"kind": "ulp", "seed": i, "applied": True, "tensor": "w", "index": i,
-                             "old": "0x1p-1", "new": "0x1.0000000000001p-1", "direction": "+inf"} if applied
-                            else {"kind": "ulp", "seed": i, "applied": False,
-                                  "skipped": "the trainer never called ctx.perturb(model)"})
-    return rec
-
-
-def ulp_band(center: float = 0.9, width: float = 1e-4, n: int = 11) -> list[ResultRecord]:
-    """n ulp members whose R² spans exactly ``width`` around ``center`` (val_loss identical).
-
-    Evenly spaced, 11 members have 3 sd = 0.995 width: their range (not 3 sd) is the band's width.
-    """
-    return [member("ulp", i + 1, center - width / 2 + width * i / (n - 1)) for i in range(n)]
-
-
-def test_bitwise_cell() -> None:
-    recs = ulp_band() + [record("base"), record("same", sha="w1")]
-    c = compare(recs)
-    assert c.band is not None and c.band.n_ulp == 11 and [j.cell for j in c.cells] == ["base", "same"]
-    assert c.cell("same").band.verdict is BandVerdict.BITWISE and c.cell("same").band.bitwise_to == "first cell"
-    assert c.cell("base").band.verdict is BandVerdict.BITWISE  # the baseline: its weights are the trial's
-    assert c.overall is Verdict.REPRODUCED and verdict_exit(c) == EXIT_OK
-
-
-def test_archived_weights_do_not_make_a_cell_bitwise_against_a_first_cell_that_differs() -> None:
-    # The trial's own environment: this cell retrains the archived weights exactly, while the first
-    # cell (another thread count) moved them. Against that first cell it is within the band, not bitwise.
-    first, trial_env = record("base", r2=0.9 + 2e-5, sha="w2"), record("trial-env", sha="w1")
-    trial_env.weights_vs_archived = {"identical": True}
-    c = compare(ulp_band(width=1e-4) + [first, trial_env])
-    cb = c.cell("trial-env").band
-    assert cb.bitwise_to == "archived weights" and cb.metrics["r2/a"].delta != 0
-    assert cb.verdict is BandVerdict.WITHIN and cb.ratio == pytest.approx(0.2)
-
-
-def test_within_band_cell() -> None:
-    c = compare(ulp_band(width=1e-4) + [record("base"), record("near", r2=0.9 + 3e-5, sha="w2")])
-    cb = c.cell("near").band
-    assert cb.verdict is BandVerdict.WITHIN and cb.reference == "base" and cb.ratio == pytest.approx(0.3)
-    assert cb.metrics["r2/a"].width == pytest.approx(1e-4) and cb.beyond == []
-    assert c.cell("near").verdict is Verdict.REPRODUCED and verdict_exit(c) == EXIT_OK
-
-
-def test_beyond_band_cell_drifts_and_exits_3_though_within_tolerance() -> None:
-    c = compare(ulp_band(width=1e-5) + [record("base"), record("far", r2=0.9 + 1.2e-4, sha="w2")])
-    j = c.cell("far")
-    assert j.band.verdict is BandVerdict.BEYOND and j.band.beyond == ["r2/a"] and j.band.ratio == pytest.approx(12)
-    assert j.out_of_tolerance == []  # the tolerance (r2 abs 1e-3) alone would have passed it
-    assert j.verdict is Verdict.DRIFTED and "beyond the band" in j.reason
-    assert c.overall is Verdict.DRIFTED and verdict_exit(c) == EXIT_DRIFTED
-
-
-def test_tolerances_still_gate_a_cell_within_the_band() -> None:
-    c = compare(ulp_band(width=0.5) + [record("base"), record("wide", r2=0.7, sha="w2")])
-    j = c.cell("wide")
-    assert j.band.verdict is BandVerdict.WITHIN and j.verdict is Verdict.DRIFTED and j.out_of_tolerance
-
-
-def test_without_a_band_the_current_behaviour_stands() -> None:
-    from harness.report import NO_BAND, band_note
-
-    recs = [record("base"), record("far", r2=0.9 + 1.2e-4, sha="w2")]
-    c = compare(recs)
-    assert c.band is None and all(j.band is None for j in c.cells)
-    assert c.overall is Verdict.REPRODUCED and band_note(c) == NO_BAND
-
-
-def test_seed_ratio_is_context() -> None:
-    seeds = [member("seed", 1, 0.80), member("seed", 2, 0.85), member("seed", 3, 0.90)]
-    c = compare(ulp_band(width=1e-4) + seeds + [record("base"), record("near", r2=0.9 + 5e-5, sha="w2")])
-    cb = c.cell("near").band
-    assert c.band.n_seed == 3 and cb.seed_ratio == pytest.approx(5e-5 / 0.1)
-    assert cb.verdict is BandVerdict.WITHIN
-
-
-def test_the_baseline_is_judged_against_the_recorded_trial() -> None:
-    c = compare(ulp_band(width=1e-5) + [record("base", r2=0.9 + 1e-3, sha="w9")])
-    j = c.cell("base")
-    assert j.band.reference == "recorded trial" and j.band.verdict is BandVerdict.BEYOND and j.verdict is Verdict.DRIFTED
-    c = compare(ulp_band() + [record("base", recorded=False)])
-    assert c.cell("base").band.reference is None  # nothing recorded: it is the reference
-
-
-def test_a_band_of_unperturbed_members_is_not_used() -> None:
-    recs = [member("ulp", i, 0.9 + i * 1e-6, applied=False) for i in (1, 2, 3)]
-    c = compare(recs + [record("base"), record("far", r2=0.95, sha="w2")])
-    assert c.band is not None and not c.band.measured and all(j.band is None for j in c.cells)
-    assert any(w.startswith("ulp band skipped: the trainer never called ctx.perturb") for w in c.warnings)
-
-
-def test_a_failed_band_member_fails_the_run() -> None:
-    bad = ResultRecord(cell="band-ulp-3", status=Status.FAILED, error=ErrorInfo(kind="run", message="boom"),
-                       band={"kind": "ulp", "member": 3})
-    c = compare(ulp_band(n=2) + [bad, record("base")])
-    assert c.overall is Verdict.FAILED and verdict_exit(c) == EXIT_RUN_FAILED
-    assert [j.cell for j in c.cells] == ["band-ulp-3", "base"]  # a failed member is a row, like a failed cell
-
-
-def test_a_band_alone_is_no_cell_to_judge() -> None:
-    c = compare(ulp_band())
-    assert c.cells == [] and c.overall is Verdict.UNRECORDED and verdict_exit(c) == EXIT_OK
-    c = compare([member("ulp", i, 0.9, applied=False) for i in (1, 2)])
-    assert c.overall is Verdict.INCOMPLETE and "ulp band skipped" in c.reason and verdict_exit(c) == EXIT_RUN_FAILED
+# --------------------------------------------------------------------------- which band a run measured
 
 
 def test_band_conflict_names_what_differs() -> None:
@@ -342,44 +222,3 @@ def test_band_conflict_names_what_differs() -> None:
     old = ulp_band()  # an older harness recorded no digest: refused where one is expected, not otherwise
     assert "records no config digest" in band_conflict(old, "a" * 64, None, None)
     assert band_conflict(old, None, None, None) is None
-
-
-# --------------------------------------------------------------------------- repeats
-
-
-def repeat(name: str, k: int, r2: float, sha: str) -> ResultRecord:
-    rec = record(f"{name}-r{k}", r2=r2, sha=sha)
-    rec.labels = {"repeat": k}
-    return rec
-
-
-def test_bitwise_identical_repeats_are_deterministic() -> None:
-    c = compare([repeat("cpu", 1, 0.9, "w1"), repeat("cpu", 2, 0.9, "w1")])
-    (g,) = c.repeats
-    assert (g.name, g.cells, g.distinct, g.deterministic) == ("cpu", ["cpu-r1", "cpu-r2"], 1, True)
-    assert all(j.band is None for j in c.cells) and c.cell("cpu-r2").repeat_group == "cpu"
-
-
-def test_repeats_that_differ_are_their_own_band_when_none_was_measured() -> None:
-    recs = [repeat("a", 1, 0.9, "w1"), repeat("a", 2, 0.9, "w1"),
-            repeat("b", 1, 0.9 + 2e-5, "w2"), repeat("b", 2, 0.9 + 3e-5, "w3")]
-    c = compare(recs)
-    b = next(g for g in c.repeats if g.name == "b")
-    assert not b.deterministic and b.distinct == 2 and b.spread["r2/a"].range == pytest.approx(1e-5)
-    j = c.cell("b-r2")
-    assert j.band.source == "repeats" and j.band.verdict is BandVerdict.BEYOND  # 3e-5 from a-r1: 3x its own spread
-    assert j.verdict is Verdict.DRIFTED and "its own repeats' spread" in j.reason
-    assert c.cell("a-r2").band is None  # deterministic: no spread to be its band
-    # with a measured band, the repeats' spread is context only
-    c = compare(ulp_band(width=1e-4) + recs)
-    assert c.cell("b-r2").band.source == "ulp" and c.cell("b-r2").band.verdict is BandVerdict.WITHIN
-
-
-def test_a_small_band_is_as_wide_as_three_sd() -> None:
-    """4 evenly spaced members span only 2.3 sd: 3 sd is the width, so ordinary jitter stays within."""
-    members = ulp_band(width=1e-4, n=4)
-    sd = float(np.std([0.9 - 5e-5 + 1e-4 * i / 3 for i in range(4)], ddof=1))
-    c = compare(members + [record("base"), record("near", r2=0.9 + 1.2e-4, sha="w2")])
-    cb = c.cell("near").band
-    assert cb.metrics["r2/a"].width == pytest.approx(3 * sd) and 3 * sd > 1e-4
-    assert cb.verdict is BandVerdict.WITHIN and cb.ratio == pytest.approx(1.2e-4 / (3 * sd))

@@ -13,20 +13,21 @@ import yaml
 from harness import record
 from harness.record import Status
 
-from .conftest import EXAMPLE, REPO
+from .conftest import EXAMPLE, ON_TRIAL_CPU, REPO
 from .records import record as make_record
+from .records import seed_band, ulp_band
 from .test_cli import TRAINERS, harness
 
 
 @pytest.fixture(scope="module")
 def example_band(tmp_path_factory) -> dict:
-    """The bundled example's band: 3 ulp members and 1 seed member, measured once for the module."""
+    """The bundled example's band: 3 ulp members and 2 seed members, measured once for the module."""
     root = tmp_path_factory.mktemp("band")
     shutil.copytree(EXAMPLE, root / "examples" / "optuna_best")
     shutil.copytree(REPO / "examples" / "data", root / "examples" / "data")
     bundle = root / "examples" / "optuna_best"
     out = root / "band"
-    p = harness("band", str(bundle), "--n", "3", "--band-seeds", "1", "--backend", "local", "--device", "cpu",
+    p = harness("band", str(bundle), "--n", "3", "--band-seeds", "2", "--backend", "local", "--device", "cpu",
                 "-o", str(out), "--json", str(root / "band.json"), "--markdown", str(root / "band.md"),
                 "--no-progress", timeout=900)
     return {"root": root, "bundle": bundle, "out": out, "proc": p}
@@ -36,7 +37,7 @@ def test_band_of_the_example_end_to_end(example_band) -> None:
     p, out = example_band["proc"], example_band["out"]
     assert p.returncode == 0, p.stdout + p.stderr
     manifest = json.loads((out / "run.json").read_text())
-    assert manifest["cells"] == ["band-ulp-1", "band-ulp-2", "band-ulp-3", "band-seed-1"]
+    assert manifest["cells"] == ["band-ulp-1", "band-ulp-2", "band-ulp-3", "band-seed-1", "band-seed-2"]
     recs = {r.cell: r for r in record.load(out).records}
     assert list(recs) == manifest["cells"] and all(r.status is Status.OK for r in recs.values())
     trial = yaml.safe_load((example_band["bundle"] / "trial_info.yaml").read_text())
@@ -56,12 +57,12 @@ def test_band_of_the_example_end_to_end(example_band) -> None:
     assert seed.split["indices_sha256"] == recs["band-ulp-1"].split["indices_sha256"]
     assert seed.scaler["refit_matches"] is True
     text = " ".join(p.stdout.split())
-    assert "Band: 3 retrains of the baseline, each with one initial weight moved by one ulp; 1 with other seeds" in text
+    assert "Band: 3 retrains of the baseline, each with one initial weight moved by one ulp; 2 with other seeds" in text
     for key in ("val_loss", "r2/amplitude", "mse/frequency", "mae/coupling", "Band members"):
         assert key in p.stdout
     report = json.loads((example_band["root"] / "band.json").read_text())
     band = report["comparison"]["band"]
-    assert band["n_ulp"] == 3 and band["n_seed"] == 1 and band["ulp"]["val_loss"]["n"] == 3
+    assert band["n_ulp"] == 3 and band["n_seed"] == 2 and band["ulp"]["val_loss"]["n"] == 3
     assert band["ulp"]["val_loss"]["range"] > 0
     md = (example_band["root"] / "band.md").read_text()
     assert "Band: 3 retrains" in md and "| r2/amplitude |" in md
@@ -73,16 +74,17 @@ def test_a_saved_band_is_reused_and_merged_by_compare(example_band, tmp_path: Pa
     p = harness("run", str(example_band["bundle"]), "--device", "cpu", "--band-from", str(example_band["out"]),
                 "-o", str(run), "--no-progress", "--json", str(tmp_path / "r.json"))
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "vs band" in p.stdout and "bitwise" in p.stdout and "Band: 3 retrains" in " ".join(p.stdout.split())
+    rung = "bitwise" if ON_TRIAL_CPU else "numerically equal"
+    assert "evidence" in p.stdout and rung in p.stdout and "Band: 3 retrains" in " ".join(p.stdout.split())
     assert json.loads((run / "run.json").read_text())["band_from"] == str(example_band["out"].resolve())
     assert [r.cell for r in record.load(run).records if not r.band] == ["run"]
     cell = json.loads((tmp_path / "r.json").read_text())["comparison"]["cells"][0]
-    assert cell["band"]["verdict"] == "bitwise" and cell["band"]["reference"] == "recorded trial"
+    assert cell["ladder"]["rung"] == rung and cell["ladder"]["reference"] == "recorded trial"
     # compare reads the band run.json names, and merges a band given beside the records
     for args in ([str(run)], [str(run / "run" / "record.json"), str(example_band["out"])]):
         c = harness("compare", *args)
         assert c.returncode == 0, c.stdout + c.stderr
-        assert "Band: 3 retrains" in " ".join(c.stdout.split()) and "bitwise" in c.stdout
+        assert "Band: 3 retrains" in " ".join(c.stdout.split()) and rung in c.stdout
 
 
 def test_a_band_of_another_config_is_refused_in_one_line(example_band, tmp_path: Path) -> None:
@@ -113,32 +115,32 @@ def _write(dir_: Path, recs) -> Path:
     return dir_
 
 
-def test_compare_exits_3_for_a_cell_beyond_the_band(tmp_path: Path) -> None:
-    from .test_band import ulp_band
-
+def test_compare_exits_3_for_a_cell_outside_the_seed_band(tmp_path: Path) -> None:
     cells = _write(tmp_path / "cells", [make_record("base", started_at="1"),
-                                        make_record("far", r2=0.9 + 1.2e-4, sha="w2", started_at="2")])
-    band = _write(tmp_path / "band", ulp_band(width=1e-5))
-    p = harness("compare", str(cells))  # no band: within the tolerances, as before
+                                        make_record("far", r2=0.8, loss=0.15, sha="w2", started_at="2")])
+    band = _write(tmp_path / "band", ulp_band(width=1e-5) + seed_band([0.88, 0.90, 0.92, 0.89, 0.91, 0.905, 0.895, 0.9]))
+    p = harness("compare", str(cells))  # no seed band: beyond numerical noise, and not judged
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "no band measured" in p.stdout
+    assert "not judged: 1 cell(s) beyond numerical noise" in p.stdout and "drifted" not in p.stdout
     p = harness("compare", str(cells), str(band))
     assert p.returncode == 3, p.stdout + p.stderr
-    assert "beyond (x12)" in p.stdout and "far: beyond the band vs base on r2/a (x12, " in p.stdout
+    assert "≠ far drifted vs the recorded trial:" in p.stdout and "8 seeds" in p.stdout
+    p = harness("compare", str(cells), str(band), "--alpha", "0.7")
+    assert p.returncode == 2 and "--alpha '0.7' is not a probability" in p.stderr
 
 
 def test_band_first_in_a_matrix(make_bundle, tmp_path: Path) -> None:
     root = make_bundle()
     out = tmp_path / "o"
     p = harness("matrix", str(root), "--backend", "local", "--devices", "cpu", "--determinism", "strict,default",
-                "--threads", "1", "--band", "2", "--band-seeds", "1", "--out", str(out), "--no-progress")
+                "--threads", "1", "--band", "2", "--band-seeds", "2", "--out", str(out), "--no-progress")
     assert p.returncode == 0, p.stdout + p.stderr
     assert json.loads((out / "run.json").read_text())["cells"] == [
-        "band-ulp-1", "band-ulp-2", "band-seed-1", "cpu-strict-t1", "cpu-default-t1"]
+        "band-ulp-1", "band-ulp-2", "band-seed-1", "band-seed-2", "cpu-strict-t1", "cpu-default-t1"]
     recs = {r.cell: r for r in record.load(out).records}
     assert recs["band-ulp-1"].labels["band_of"] == "cpu-strict-t1" and recs["band-ulp-1"].env.threads == 1
     assert recs["band-ulp-1"].determinism["mode"] == "strict"
-    assert "vs band" in p.stdout and "|Δ|/seeds" not in p.stdout  # one seed member: no seed range
+    assert "evidence" in p.stdout and "|Δ|/seed sd" in p.stdout  # two seed members: a spread to read |Δ| in
     results = p.stdout[p.stdout.index("Results"):p.stdout.index("Band:")]
     assert "band-ulp" not in results and "cpu-default-t1" in results
 
@@ -179,7 +181,10 @@ def test_a_custom_trainer_that_never_calls_the_hook_has_no_ulp_band(make_bundle,
     (["band", "B", "--n", "1"], "--n 1 measures no spread"),
     (["band", "B", "--backend", "docker"], "needs the image"),
     (["run", "B", "--band", "3", "--band-from", "X"], "--band-from reuses a band"),
-    (["matrix", "B", "--band-seeds", "2"], "--band-seeds goes with --band"),
+    (["matrix", "B", "--band-seeds", "2", "--cell-seeds", "4"], "--cell-seeds 4 pairs each cell's seeds"),
+    (["matrix", "B", "--band-seeds", "1"], "--band-seeds 1 measures no spread"),
+    (["band", "B", "--n", "0"], "harness band measures nothing"),
+    (["run", "B", "--alpha", "x"], "--alpha 'x' is not a probability"),
     (["run", "B", "--band", "x"], "--band 'x' is not an integer"),
 ])
 def test_band_usage_errors_are_one_line(example: Path, args: list[str], words: str) -> None:
@@ -188,8 +193,6 @@ def test_band_usage_errors_are_one_line(example: Path, args: list[str], words: s
 
 
 def test_compare_refuses_a_band_of_another_config_and_counts_a_band_once(tmp_path: Path) -> None:
-    from .test_band import ulp_band
-
     base = make_record("base")
     base.bundle = {"config_sha256": "a" * 64}
     cells = _write(tmp_path / "cells", [base])

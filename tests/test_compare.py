@@ -12,9 +12,10 @@ from harness.judge import (
     MetricDiff, Tol, Tolerances, Verdict, compare, diff, flatten_recorded, flatten_split, load_tolerances, merge,
     parse_tolerance,
 )
+from harness.ladder import Rung
 from harness.record import Env, RecordSet, Status
 
-from .records import record
+from .records import record, seed_band
 
 
 def test_flatten() -> None:
@@ -33,28 +34,31 @@ def test_tol_semantics() -> None:
 
 def test_diff_shape() -> None:
     d = diff({"r2/a": 0.9, "r2/b": 0.5}, {"r2/a": 0.95}, Tolerances())
-    assert d["r2/a"].diff == pytest.approx(0.05) and d["r2/a"].ok is False
+    assert d["r2/a"].diff == pytest.approx(0.05) and d["r2/a"].ok is True  # no explicit gate: nothing to fail
     assert d["r2/b"] == MetricDiff(old=0.5, new=None, diff=None, rel=None, ok=False)
+    assert diff({"r2/a": 0.9}, {"r2/a": 0.95}, parse_tolerance("r2=abs:1e-3"))["r2/a"].ok is False
 
 
 def test_reproduced_and_drifted() -> None:
-    cmp = compare([record("a"), record("b", r2=0.9005), record("c", r2=0.8, sha="w2")])
+    seeds = seed_band([0.88, 0.90, 0.92, 0.89, 0.91, 0.905, 0.895, 0.90])
+    cmp = compare(seeds + [record("a"), record("b", r2=0.9005), record("c", r2=0.8, sha="w2")])
     assert {c.cell: c.verdict for c in cmp.cells} == {"a": Verdict.REPRODUCED, "b": Verdict.REPRODUCED, "c": Verdict.DRIFTED}
     assert cmp.overall is Verdict.DRIFTED and verdict_exit(cmp) == 3
     c = cmp.cells[2]
-    assert c.out_of_tolerance == ["r2/a"]
+    assert c.out_of_tolerance == [] and c.rung is Rung.DRIFTED
     assert c.weights_identical_to_first is False and c.weights_identical_to_recorded is False
     assert cmp.cells[0].weights_identical_to_recorded is True
 
 
-def test_tolerance_override_changes_verdict() -> None:
-    recs = [record("a", r2=0.8)]
-    assert compare(recs).overall is Verdict.DRIFTED
-    assert compare(recs, parse_tolerance("r2=abs:0.2")).overall is Verdict.REPRODUCED
+def test_an_explicit_tolerance_is_a_gate() -> None:
+    recs = [record("a", r2=0.8, sha="w2")]
+    assert compare(recs).overall is Verdict.UNJUDGED  # no seed band, no default tolerance: not judged
+    assert compare(recs, parse_tolerance("r2=abs:0.01")).overall is Verdict.DRIFTED
+    assert compare(recs, parse_tolerance("r2=abs:0.2")).overall is Verdict.UNJUDGED  # a gate passed is no verdict
 
 
 def test_failed_cell_wins_exit_code() -> None:
-    cmp = compare([record("a"), record("b", status=Status.FAILED), record("c", r2=0.5)])
+    cmp = compare([record("a"), record("b", status=Status.FAILED), record("c", r2=0.5)], parse_tolerance("r2=abs:0.1"))
     assert [c.verdict for c in cmp.cells] == [Verdict.REPRODUCED, Verdict.FAILED, Verdict.DRIFTED]
     assert cmp.overall is Verdict.FAILED and verdict_exit(cmp) == 1
 
@@ -87,9 +91,12 @@ def test_interrupted_or_missing_cells_make_the_run_incomplete() -> None:
 def test_no_recorded_trial_judges_against_first_cell() -> None:
     cmp = compare([record("a", recorded=False), record("b", recorded=False)])
     assert cmp.overall is Verdict.UNRECORDED and verdict_exit(cmp) == 0
-    cmp = compare([record("a", recorded=False), record("b", r2=0.5, recorded=False)])
+    seeds = seed_band([0.88, 0.90, 0.92, 0.89, 0.91, 0.905, 0.895, 0.90])
+    for s in seeds:
+        s.recorded = None
+    cmp = compare(seeds + [record("a", recorded=False), record("b", r2=0.5, loss=0.3, recorded=False, sha="w2")])
     assert [c.verdict for c in cmp.cells] == [Verdict.UNRECORDED, Verdict.DRIFTED]
-    assert verdict_exit(cmp) == 3
+    assert cmp.cell("b").ladder.reference == "a" and verdict_exit(cmp) == 3
 
 
 def test_first_cell_is_first_successful() -> None:

@@ -8,7 +8,7 @@ from harness.judge import compare
 from harness.record import ErrorInfo, ResultRecord, Status
 from harness.report import markdown, print_report
 
-from .records import record, with_env
+from .records import record, seed_band, with_env
 
 
 def render(records: list[ResultRecord], missing: list[str] | None = None) -> str:
@@ -20,6 +20,7 @@ def render(records: list[ResultRecord], missing: list[str] | None = None) -> str
 def test_tables_say_what_a_person_needs() -> None:
     recs = [with_env(record("cpu-torch2.13"), "2.13.0+cpu", None),
             with_env(record("cu130-torch2.14", r2=0.85, sha="w2"), "2.14.1+cu130", "13.0")]
+    recs += seed_band([0.88, 0.90, 0.92, 0.89, 0.91, 0.905, 0.895, 0.90])
     text = render(recs)
     assert "Environment (measured inside each run)" in text
     lines = {ln.split()[0]: ln for ln in text.splitlines() if ln.strip().startswith(("cpu-torch", "cu130-torch"))}
@@ -31,6 +32,17 @@ def test_tables_say_what_a_person_needs() -> None:
     assert "-5.00e-02" in text  # ΔR² of the drifted target
     assert "Overall: drifted" in text
     assert lines
+    # each rung the cells reached is said in one line, and so is the false-alarm rate behind "drifted"
+    assert "bitwise: the retrained weights are identical to the reference's" in text
+    assert "drifted: outside that interval" in text and "α = 0.01: the chance that a cell" in text
+    assert "|Δ|/seed sd" in text and "p=" in result_rows[0]
+
+
+def test_without_a_seed_band_a_difference_is_not_called_drifted() -> None:
+    text = render([with_env(record("cu130-torch2.14", r2=0.85, sha="w2"), "2.14.1+cu130", "13.0")])
+    assert "Overall: not judged" in text and "drifted" not in text.split("Overall")[1]
+    assert "not judged: 1 cell(s) beyond numerical noise" in text
+    assert "--band-seeds 8" in text
 
 
 def test_failure_reason_is_shown() -> None:

@@ -127,7 +127,7 @@ def test_render_reads_the_trials_environment_from_the_bundle(make_bundle, tmp_pa
 
 
 def band_records() -> list[ResultRecord]:
-    """The layout records, judged against a band of four ulp members and two seed members."""
+    """The layout records, judged against a band of four ulp members and two seed members (a wide interval)."""
     out = []
     for i, (kind, r2) in enumerate([("ulp", 0.9), ("ulp", 0.90004), ("ulp", 0.90001), ("ulp", 0.90002),
                                     ("seed", 0.85), ("seed", 0.88)]):
@@ -154,11 +154,11 @@ def test_the_band_and_its_column_fit_every_width(width: int) -> None:
     for name in CELLS:
         assert name in tokens, f"{name} not whole at {width} columns:\n{text}"
     assert "Band: 4 retrains of the baseline" in " ".join(text.split())
-    assert "vs band" in text and "beyond" in text and "bitwise" not in text.split("Results")[0]
+    assert "evidence" in text and "same distribution" in text and "bitwise" not in text.split("Results")[0]
     assert "band-ulp-1" not in text.split("Band:")[0].split("Results")[1]  # members are the band's, not result rows
     if width == 200:
-        assert "max|ΔR²| rec" in text and "|Δ|/seeds" in text  # the tables themselves
+        assert "max|ΔR²| rec" in text and "|Δ|/seed sd" in text  # the tables themselves
     else:
-        assert "vs band:" in text  # stacked
+        assert "evidence:" in text  # stacked
     md = markdown(recs, comparison)
-    assert "| vs band |" in md and "Band: 4 retrains" in md and "| r2/a |" in md
+    assert "| evidence |" in md and "Band: 4 retrains" in md and "| r2/a |" in md

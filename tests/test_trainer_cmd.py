@@ -32,6 +32,7 @@ from harness.plan import Cell
 from harness.record import RunSpec, Status
 from harness.worker import trainer_cmd as tc
 
+from .conftest import ON_TRIAL_CPU, assert_reproduces
 from .test_cli import TRAINERS, harness, records
 
 USERPROJ = Path(__file__).parent / "userproj"
@@ -198,11 +199,10 @@ def test_user_project_entry_point_reproduces(tmp_path: Path, report: str, found_
                 f"{{python}} -m userproj.cli {{bundle}} --out {{out_dir}} --data {{data}} --report {report}",
                 "--trainer-path", str(proj), "--out", str(out), "--device", "cpu")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "reproduced" in p.stdout and "=archived" in p.stdout
     (rec,) = records(out)
     assert rec.status is Status.OK
-    assert rec.weights_vs_archived == {"identical": True, "first_difference": None, "max_abs_diff": 0.0}
-    assert rec.user_weights["identical_to_recorded"] is True  # the project's own digest, handed back in the metrics
+    assert_reproduces(rec, p.stdout)
+    assert rec.user_weights["identical_to_recorded"] is ON_TRIAL_CPU  # the project's own digest, handed back
     assert rec.trainer["metrics_from"].endswith(found_in)
     assert rec.trainer["argv"][:3] == [sys.executable, "-m", "userproj.cli"] and rec.trainer["exit_status"] == 0
     assert rec.trainer["seeded_by_harness"] is True and rec.trainer["cwd"] == str(out / "run")

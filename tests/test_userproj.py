@@ -13,6 +13,7 @@ from pathlib import Path
 from harness import record
 from harness.record import Status
 
+from .conftest import ON_TRIAL_CPU, assert_reproduces
 from .test_cli import harness
 
 USERPROJ = Path(__file__).parent / "userproj"
@@ -30,11 +31,10 @@ def test_user_project_reproduces_with_run(tmp_path: Path) -> None:
     p = harness("run", str(proj / "optuna_best"), "--trainer", "userproj.train:retrain", "--trainer-path", str(proj),
                 "--out", str(out), "--device", "cpu")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "reproduced" in p.stdout and "=archived" in p.stdout
     (rec,) = record.load(out).records
     assert rec.status is Status.OK
-    assert rec.weights_vs_archived == {"identical": True, "first_difference": None, "max_abs_diff": 0.0}
-    assert rec.user_weights["identical_to_recorded"] is True  # the project's own digest convention
+    assert_reproduces(rec, p.stdout)
+    assert rec.user_weights["identical_to_recorded"] is ON_TRIAL_CPU  # the project's own digest convention
     assert rec.data_sha256  # the CSV is hashed as bytes
     val = rec.retrained["val"]
     assert set(val["r2"]) == {"*"} and isinstance(val["mse"]["*"], float)
@@ -52,8 +52,9 @@ def test_user_project_reproduces_in_a_matrix(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
     recs = record.load(out).records
     assert len(recs) == 2 and all(r.status is Status.OK for r in recs)
-    assert all(r.weights_vs_archived["identical"] for r in recs)
-    assert p.stdout.count("=archived") >= 2
+    for r in recs:
+        assert_reproduces(r)
+    assert p.stdout.count("=archived") >= (2 if ON_TRIAL_CPU else 0)
 
 
 def add_glue(proj: Path) -> Path:
@@ -82,16 +83,20 @@ def assert_seed_checks(rec: record.ResultRecord, stdout: str) -> None:
     """Split recorded and matching, scaler refit matching, archived weights evaluated with zero archived Δ."""
     from harness import judge, report
 
-    assert "reproduced" in stdout and "=archived" in stdout and "archived Δ —" not in stdout
+    assert_reproduces(rec, stdout)
+    assert "archived Δ —" not in stdout
     assert rec.split["source"] == "re-derived" and rec.split["sizes"] == [204, 43, 45]
     assert rec.split["reported"]["matches"] is True
-    assert rec.scaler["refit_matches"] is True and rec.scaler["max_abs_diff"] == 0.0
+    assert rec.scaler["refit_matches"] is True and rec.scaler["max_abs_diff"] == 0.0  # the scaler sees no float noise
     assert rec.trainer["archived"]["evaluated"] is True
-    assert rec.archived["val"]["r2"] == rec.recorded["r2"]
     comparison = judge.compare([rec])
     (cell,) = comparison.cells
-    assert cell.archived_inference and all(d.diff == 0 for d in cell.archived_inference.values())
-    assert report.rows([rec], comparison)[0]["d_archived"] == "0"
+    if ON_TRIAL_CPU:  # the archived weights, evaluated here, give the recorded metrics bit for bit
+        assert rec.archived["val"]["r2"] == rec.recorded["r2"]
+        assert cell.archived_inference and all(d.diff == 0 for d in cell.archived_inference.values())
+        assert report.rows([rec], comparison)[0]["d_archived"] == "0"
+    else:  # another CPU model's kernels round the same inference differently, at float32 noise
+        assert cell.archived_inference and all(abs(d.diff) < 1e-5 for d in cell.archived_inference.values())
 
 
 def test_user_project_with_its_optional_glue_gets_the_seed_checks(tmp_path: Path) -> None:

@@ -17,10 +17,11 @@ from typing import Any
 
 from .. import __version__
 from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, HarnessError, InputError, Interrupted, UsageError
-from ..options import (DEFAULT_TIMEOUT_S, Axes, RunOptions, parse_band, parse_cells, parse_count, parse_devices,
-                       parse_isa, parse_jobs, parse_modes, parse_repeats, parse_tf32, parse_threads, parse_timeout)
+from ..options import (DEFAULT_TIMEOUT_S, Axes, RunOptions, parse_band, parse_band_seeds, parse_cells, parse_count,
+                       parse_devices, parse_isa, parse_jobs, parse_modes, parse_repeats, parse_tf32, parse_threads,
+                       parse_timeout)
 from .common import (EXIT_CODES_HELP, add_allow_data_change, add_common, add_docker, add_html, add_inputs, add_slurm,
-                     image_options, report_options, slurm_flags, tolerances, verdict_exit)
+                     add_tolerance_flags, image_options, report_options, slurm_flags, tolerances, verdict_exit)
 
 ISA_HELP = ("CPU instruction sets the CPU kernels may use, e.g. native,avx2,baseline (native, avx512, avx2, "
             "baseline; default: no ISA axis); a level this CPU lacks is skipped")
@@ -67,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_inputs(p_band)
     p_band.add_argument("--n", default=8, help="ulp band members: retrains, each with one initial weight moved by one ulp (default 8)")
     p_band.add_argument("--band-seeds", default=0, metavar="N",
-                        help="also retrain with N other training seeds (seed+1 ... seed+N): the seed band, for context")
+                        help="also retrain with N other training seeds (seed+1 ... seed+N): the seed band, the "
+                             "distribution a cell is judged against (8 or more: docs/verdicts.md)")
+    p_band.add_argument("--alpha", default=None, metavar="A", help="the false-alarm rate of 'drifted' (default 0.01)")
     p_band.add_argument("--backend", choices=("docker", "local"), default=None,
                         help="local: this environment (default); docker: inside the --image CELL's pinned image")
     p_band.add_argument("--device", default="auto", help="auto (cuda when visible), cpu, cuda, cuda:N")
@@ -83,9 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--json", dest="json_out", metavar="FILE", help="write the records plus the comparison as JSON")
     p_cmp.add_argument("--markdown", metavar="FILE", help="write a Markdown table (for a pull-request comment)")
     add_html(p_cmp)
-    p_cmp.add_argument("--tol", action="append", default=[], metavar="METRIC=abs:X[,rel:Y]",
-                       help="tolerance for val_loss, r2, mse or mae (repeatable), e.g. --tol r2=abs:1e-4")
-    p_cmp.add_argument("--tolerances", metavar="FILE", help="YAML file of tolerances: {r2: {abs: 1e-4}, mse: {rel: 0.01}}")
+    add_tolerance_flags(p_cmp)
     add_allow_data_change(p_cmp)
     p_cmp.set_defaults(func=cmd_compare)
 
@@ -135,14 +136,20 @@ def run_options(args: argparse.Namespace, *, single: bool, band_only: bool = Fal
         repeats=parse_repeats(getattr(args, "repeats", 1)),
         isa=parse_isa(args.isa) if getattr(args, "isa", None) else None,
     )
+    cell_seeds = 0
     if band_only:
-        band, seeds, band_from = parse_band(args.n, "--n"), parse_count(args.band_seeds, "--band-seeds", example="4"), None
-        if band < 2:
-            raise UsageError("harness band --n must be at least 2: a band's width is the spread of its members",
-                             hint="e.g. --n 8")
+        band, (seeds, auto), band_from = parse_band(args.n, "--n"), parse_band_seeds(args.band_seeds), None
+        if band < 2 and seeds < 2:
+            raise UsageError("harness band measures nothing: --n 0 and no --band-seeds",
+                             hint="e.g. --n 8, or --n 0 --band-seeds 8")
     else:
-        band, seeds = parse_band(args.band), parse_count(args.band_seeds, "--band-seeds", example="4")
+        band, (seeds, auto) = parse_band(args.band), parse_band_seeds(args.band_seeds)
         band_from = args.band_from
+        cell_seeds = parse_count(args.cell_seeds, "--cell-seeds", example="8")
+        if cell_seeds == 1:
+            raise UsageError("--cell-seeds 1 gives one pair: a paired test needs at least 2", hint="e.g. --cell-seeds 8")
+        if cell_seeds and auto:  # the band's seeds are the pairs' other half: measure them up front
+            seeds, auto = max(cell_seeds, auto), 0
     cells = parse_cells(args.image) if single else parse_cells(args.cells)
     out, resume = resume_options(args)
     return RunOptions(bundle=args.bundle, backend=backend, single=single, cells=cells, axes=axes,
@@ -151,7 +158,8 @@ def run_options(args: argparse.Namespace, *, single: bool, band_only: bool = Fal
                       progress=not args.no_progress,
                       resume=resume, force=args.force, jobs=parse_jobs(args.jobs), strict_config=getattr(args, "strict_config", False),
                       timeout=parse_timeout(args.timeout) if args.timeout is not None else DEFAULT_TIMEOUT_S,
-                      band=band, band_seeds=seeds, band_from=band_from, band_only=band_only,
+                      band=band, band_seeds=seeds, auto_seeds=auto, cell_seeds=cell_seeds, band_from=band_from,
+                      band_only=band_only,
                       slurm=slurm_flags(args),
                       data_feed=getattr(args, "data_feed", None))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_DRIFTED, EXIT_OK, EXIT_RUN_FAILED
-from ..options import ImageOptions, ReportOptions, SlurmFlags, base_image_overrides
+from ..options import ImageOptions, ReportOptions, SlurmFlags, base_image_overrides, parse_alpha
 
 EXIT_CODES_HELP = """exit codes:
   0    every cell that ran reproduced (skipped cells are listed, not counted against it),
@@ -20,8 +20,9 @@ EXIT_CODES_HELP = """exit codes:
        (interrupted, or planned cells left no record), or a cell is not comparable
        (its data does not match the digest the bundle records; see --allow-data-change)
   2    bad input or usage: one line names the file, key and fix
-  3    everything ran, and at least one metric is outside its tolerance, or beyond the
-       band (the spread of one-ulp retrains: --band N, harness band, --band-from DIR)
+  3    everything ran, and a cell drifted: outside the seed band's prediction interval
+       at the false-alarm rate --alpha (a retrain in the reference environment would not
+       plausibly give it), or outside an explicit --tol
   130  interrupted (Ctrl-C): finished records, an interrupted record and report.json stay
   143  terminated (SIGTERM): as for Ctrl-C; running containers and workers are removed"""
 
@@ -82,22 +83,36 @@ def add_data_dir(p: argparse.ArgumentParser) -> None:
                         "(read-only, at /harness/data) and hashed into the record; the data must lie inside it")
 def add_common(p: argparse.ArgumentParser) -> None:
     add_inputs(p)
-    p.add_argument("--tol", action="append", default=[], metavar="METRIC=abs:X[,rel:Y]",
-                   help="tolerance for val_loss, r2, mse or mae (repeatable), e.g. --tol r2=abs:1e-4")
-    p.add_argument("--tolerances", metavar="FILE", help="YAML file of tolerances: {r2: {abs: 1e-4}, mse: {rel: 0.01}}")
+    add_tolerance_flags(p)
     p.add_argument("--repeats", default=1,
                    help="run each cell N times; repeats with one distinct result mark the cell deterministic, "
-                        "otherwise their spread is shown (and is the cell's band when no band was measured)")
+                        "otherwise their spread is shown (and is the cell's numerical noise when no ulp band was measured)")
     add_allow_data_change(p)
-    g = p.add_argument_group("instability band")
+    g = p.add_argument_group("bands: the yardsticks of a verdict (docs/verdicts.md)")
     g.add_argument("--band", default=0, metavar="N",
-                   help="first retrain the baseline (first) cell N times (e.g. 8), each with one initial weight moved "
-                        "by one ulp, and judge every cell's difference against that spread")
-    g.add_argument("--band-seeds", default=0, metavar="N",
-                   help="with --band: also retrain the baseline with N other training seeds (seed+1 ...), for context")
+                   help="first retrain the baseline cell N times (e.g. 8), each with one initial weight moved "
+                        "by one ulp: the numerical noise of one trajectory (numerically equal)")
+    g.add_argument("--band-seeds", default="auto", metavar="N",
+                   help="retrain the baseline with N other training seeds (seed+1 ...): the distribution a cell is "
+                        "judged against (same distribution or drifted); auto (default): 8, only when a cell differs "
+                        "from its reference beyond numerical noise; 0: never")
+    g.add_argument("--cell-seeds", default=0, metavar="K",
+                   help="also retrain every cell with the first K of the band's seeds: its shift is then tested "
+                        "seed by seed (paired), with far more power than one retrain (see docs/verdicts.md)")
     g.add_argument("--band-from", metavar="DIR",
                    help="judge against a band measured earlier (harness band ... -o DIR, or a run with --band); "
                         "it must be of this bundle's config and data")
+
+
+def add_tolerance_flags(p: argparse.ArgumentParser) -> None:
+    """--alpha, --tol and --tolerances: how a verdict is reached (run, matrix, compare)."""
+    p.add_argument("--alpha", default=None, metavar="A",
+                   help="the false-alarm rate of 'drifted' per cell (default 0.01): a cell from the same distribution "
+                        "as its reference is called drifted with at most this probability")
+    p.add_argument("--tol", action="append", default=[], metavar="METRIC=abs:X[,rel:Y]",
+                   help="an explicit tolerance gate for val_loss, r2, mse or mae (repeatable), e.g. --tol r2=abs:1e-4: "
+                        "a cell outside it is drifted whatever the bands say")
+    p.add_argument("--tolerances", metavar="FILE", help="YAML file of tolerance gates: {r2: {abs: 1e-4}, mse: {rel: 0.01}}")
 
 
 def add_allow_data_change(p: argparse.ArgumentParser) -> None:
@@ -176,6 +191,7 @@ def report_options(args: argparse.Namespace) -> ReportOptions:
         check_target(html)
     return ReportOptions(json_out=getattr(args, "json_out", None), markdown=getattr(args, "markdown", None),
                          allow_data_change=bool(getattr(args, "allow_data_change", False)),
+                         alpha=parse_alpha(getattr(args, "alpha", None)),
                          html=html, command=str(getattr(args, "command", "") or ""),
                          trace_dirs=tuple(p for p in getattr(args, "paths", None) or () if Path(p).is_dir()))
 
@@ -197,7 +213,7 @@ def verdict_exit(comparison: Any) -> int:
     from ..judge import Verdict
 
     return {
-        Verdict.REPRODUCED: EXIT_OK, Verdict.UNRECORDED: EXIT_OK,
+        Verdict.REPRODUCED: EXIT_OK, Verdict.UNRECORDED: EXIT_OK, Verdict.UNJUDGED: EXIT_OK,
         Verdict.DRIFTED: EXIT_DRIFTED,
         Verdict.FAILED: EXIT_RUN_FAILED, Verdict.INCOMPLETE: EXIT_RUN_FAILED, Verdict.SKIPPED: EXIT_RUN_FAILED,
         Verdict.NOT_COMPARABLE: EXIT_RUN_FAILED,  # trained on other data; --allow-data-change judges it anyway
