@@ -28,6 +28,7 @@ class Parting(str, enum.Enum):
     NEVER = "never part"  # identical traces and identical metrics
     TRAINING = "training"  # a loss or a parameter digest differs at some step
     EVALUATION_ONLY = "evaluation-only drift"  # identical traces, different metrics
+    BEYOND_TRACE = "beyond the trace"  # identical as far as a truncated trace goes, different metrics
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class Divergence:
     first_tensor: dict[str, Any] | None = None  # {"name", "at_step"}
     metrics: dict[str, float | None] = field(default_factory=dict)  # metric -> |A - B| at the end
     notes: list[str] = field(default_factory=list)
+    cause: dict[str, Any] | None = None  # harness.causes.Finding: the cause class the evidence supports
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -195,7 +197,8 @@ def diverge(a: Trace, b: Trace, metrics_a: Mapping[str, Any], metrics_b: Mapping
         out.first_tensor = _first_tensor(a, b, out.parts_at["step"])
     out.metrics = metric_distances(metrics_a, metrics_b)
     if out.parting is Parting.NEVER and any(v is None or v > 0 for v in out.metrics.values()):
-        out.parting = Parting.EVALUATION_ONLY
+        # a truncated trace cannot tell training from evaluation: they may part after it stops
+        out.parting = Parting.BEYOND_TRACE if (a.truncated or b.truncated) else Parting.EVALUATION_ONLY
     for t, n in ((a, name_a), (b, name_b)):
         if t.truncated:
             out.notes.append(f"{n}'s trace was truncated at step {len(t.steps)} ({TRACE_MAX_BYTES} bytes): "
@@ -229,8 +232,15 @@ def render(d: Divergence) -> list[str]:
                          f"(per-tensor digests of step {d.first_tensor['at_step']})")
     elif d.parting is Parting.EVALUATION_ONLY:
         lines.append("evaluation-only drift: losses and parameters agree at every step, the metrics differ")
+    elif d.parting is Parting.BEYOND_TRACE:
+        lines.append(f"beyond the trace: losses and parameters agree for all {min(d.steps)} traced steps, the metrics "
+                     "differ: they part after a trace stops")
     else:
         lines.append("never part: losses, parameters and metrics agree")
+    if d.cause:
+        lines.append(f"cause: {d.cause['cause']}: {d.cause['evidence']}")
+    elif d.parting is not Parting.NEVER:
+        lines.append("cause: none the evidence supports (the records and traces name no class)")
     moved = {k: v for k, v in d.metrics.items() if v is None or v > 0}
     if moved:
         lines.append("apart at the end (|A - B|, retrained): " + ", ".join(

@@ -77,6 +77,7 @@ class MetricRung:
 
     rung: Rung
     delta: float | None  # cell − reference
+    reference: float | None = None  # the reference's value
     limit: float | None = None  # the numerical-noise limit |Δ| was held against
     limit_from: str | None = None  # what set it: "ulp band (n=8)" | "float32 rounding"
     delta_sd: float | None = None  # |Δ| in seed standard deviations
@@ -147,20 +148,20 @@ def climb(reference: str, deltas: Mapping[str, tuple[float, float | None]], stic
     for key, (ref, new) in deltas.items():
         seed = sticks.seeds.get(key)
         if new is None or not math.isfinite(new):
-            metrics[key] = MetricRung(Rung.DRIFTED, None, why=f"{key} is not a finite number here; the reference has "
+            metrics[key] = MetricRung(Rung.DRIFTED, None, ref, why=f"{key} is not a finite number here; the reference has "
                                                               f"{ref:.7g}")
             continue
         d = new - ref
         dsd = abs(d) / seed.sd if seed is not None and seed.sd > 0 else None
         if weights_identical and d == 0:
-            metrics[key] = MetricRung(Rung.BITWISE, d, delta_sd=dsd, why="identical")
+            metrics[key] = MetricRung(Rung.BITWISE, d, ref, delta_sd=dsd, why="identical")
             continue
         limit, src = noise_limit_for(key, ref, new, sticks)
         if abs(d) <= limit:
-            metrics[key] = MetricRung(Rung.EQUAL, d, limit, src, dsd,
+            metrics[key] = MetricRung(Rung.EQUAL, d, ref, limit, src, dsd,
                                       why=f"|Δ| {_g(abs(d))} ≤ {_g(limit)}, the numerical noise ({src})")
             continue
-        metrics[key] = MetricRung(Rung.DIFFERS, d, limit, src, dsd,
+        metrics[key] = MetricRung(Rung.DIFFERS, d, ref, limit, src, dsd,
                                   why=f"|Δ| {_g(abs(d))} > {_g(limit)}, the numerical noise ({src})")
         beyond.append(key)
     tests: dict[str, stats.Test] = {}

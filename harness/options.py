@@ -147,6 +147,17 @@ def parse_count(value: Any, flag: str, *, minimum: int = 0, example: str = "8") 
     return n
 
 
+AUTO_BAND = 4  # --band auto: the ulp band measured when a cell differs from its reference beyond float32 rounding
+
+
+def parse_band_auto(value: Any, flag: str = "--band") -> tuple[int, int]:
+    """``--band``: (ulp members to run up front, ulp members to run only if a cell differs); ``auto`` is
+    (0, AUTO_BAND), a number N is (N, 0), 0 never."""
+    if str(value).strip().lower() == "auto":
+        return 0, AUTO_BAND
+    return parse_band(value, flag), 0
+
+
 def parse_band(value: Any, flag: str = "--band") -> int:
     """Ulp band members: 0 (no band) or at least 2 (a range needs two values)."""
     n = parse_count(value, flag)
@@ -290,6 +301,7 @@ class RunOptions:
     strict_config: bool = False  # refuse keys the reference trainer does not read (exit 2)
     band: int = 0  # ulp band members to run for the baseline cell first (0: none)
     band_seeds: int = 0  # seed band members (other training seeds) to run with them
+    auto_band: int = 0  # ulp members to run after the cells, only when one differs beyond float32 rounding
     auto_seeds: int = 0  # seed members to run after the cells, only when one differs beyond numerical noise
     cell_seeds: int = 0  # every cell also retrains with the first K band seeds (a paired test of its shift)
     band_from: str | None = None  # a band measured earlier, reused

@@ -347,7 +347,8 @@ def results_table(data: list[dict[str, str]], columns: list[tuple[str, str]] | N
     columns = columns or RESULT_COLUMNS
     t = Table(title=RESULTS_TITLE, box=box.SIMPLE_HEAD, title_justify="left")
     for key, head in columns:
-        t.add_column(head, justify="left" if key in ("cell", "weights", "verdict", "evidence", "loss_curve") else "right", no_wrap=True)
+        t.add_column(head, justify="left" if key in ("cell", "weights", "verdict", "evidence", "cause", "loss_curve")
+                     else "right", no_wrap=True)
     for r in data:
         cells: list[Any] = [r[k] for k, _ in columns]
         cells[-1] = Text(r["verdict"], style=verdict_style(r["verdict"]))
@@ -651,7 +652,7 @@ def summary_line(comparison: Comparison) -> Text:
 def renderable(records: list[ResultRecord], comparison: Comparison, *, per_target: bool = True,
                out: Console | None = None, trial_environment: Mapping[str, Any] | None = None,
                width: WidthFn | None = None, parts_at: Mapping[str, str] | None = None,
-               reused: Mapping[str, str] | None = None) -> Group:
+               reused: Mapping[str, str] | None = None, causes: Mapping[str, str] | None = None) -> Group:
     """The report; each table narrower than ``out`` is printed as is, a wider one stacked (one block per row).
 
     ``trial_environment``: what trial_info.yaml recorded of the trial's environment, shown as a
@@ -669,6 +670,9 @@ def renderable(records: list[ResultRecord], comparison: Comparison, *, per_targe
     if parts_at:  # traced cells: where each parts from the baseline (harness.diverge.parts_at_column)
         data = [{**r, "parts_at": parts_at.get(r["cell"], "—")} for r in data]
         cols[-1:-1] = [("parts_at", "parts at")]
+    if causes:  # why each cell parts from the first, where the evidence supports a class (harness.causes)
+        data = [{**r, "cause": causes.get(r["cell"], "—")} for r in data]
+        cols[-1:-1] = [("cause", "cause")]
     if reused:  # --resume: which rows are records of an earlier run, taken as they were
         data = [{**r, "run": "reused" if r["cell"] in reused else "ran"} for r in data]
         cols[-1:-1] = [("run", "run")]
@@ -756,10 +760,11 @@ def notes(data: list[dict[str, str]], records: list[ResultRecord], comparison: C
 
 def print_report(out: Console, records: list[ResultRecord], comparison: Comparison, *,
                  trial_environment: Mapping[str, Any] | None = None, width: WidthFn | None = None,
-                 parts_at: Mapping[str, str] | None = None, reused: Mapping[str, str] | None = None) -> None:
+                 parts_at: Mapping[str, str] | None = None, reused: Mapping[str, str] | None = None,
+                 causes: Mapping[str, str] | None = None) -> None:
     """The tables, then the note lines unwrapped: a reason often ends in a command to copy whole."""
     group = renderable(records, comparison, out=out, trial_environment=trial_environment, width=width,
-                       parts_at=parts_at, reused=reused)
+                       parts_at=parts_at, reused=reused, causes=causes)
     n = len(notes(rows(records, comparison), records, comparison))
     tables, lines = group.renderables[:-n], group.renderables[-n:]
     out.print(Group(*tables))
@@ -944,8 +949,11 @@ def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str
     return "\n".join(lines) + "\n"
 
 
-def json_report(records: list[ResultRecord], comparison: Comparison, width: WidthFn | None = None) -> dict[str, Any]:
+def json_report(records: list[ResultRecord], comparison: Comparison, width: WidthFn | None = None,
+                causes: Mapping[str, Any] | None = None) -> dict[str, Any]:
     out = {"schema": REPORT_SCHEMA, "records": [r.to_dict() for r in records], "comparison": _jsonable(comparison)}
+    if causes:  # why each cell parts from the first (harness.causes), where the evidence supports a class
+        out["causes"] = dict(causes)
     attr = attribution_of(records, width, comparison)
     if attr is not None:
         out["attribution"] = _jsonable(attr)

@@ -374,6 +374,7 @@ class RunPage:
     trial_environment: Mapping[str, Any] | None = None
     traces: Mapping[str, Any] = field(default_factory=dict)  # cell -> Trace | refusal reason | None
     parts_at: Mapping[str, str] = field(default_factory=dict)
+    causes: Mapping[str, str] = field(default_factory=dict)  # cell -> why it parts from the first (harness.causes)
 
 
 def run_page(p: RunPage) -> str:
@@ -409,7 +410,10 @@ def run_page(p: RunPage) -> str:
         if p.parts_at:
             data = [{**r, "parts_at": p.parts_at.get(r["cell"], "—")} for r in data]
             cols[-1:-1] = [("parts_at", "parts at")]
-        body.append(table(cols, data, left=("cell", "weights", "evidence", "parts_at", "verdict"), verdict_key="verdict"))
+        if p.causes:
+            data = [{**r, "cause": p.causes.get(r["cell"], "—")} for r in data]
+            cols[-1:-1] = [("cause", "cause")]
+        body.append(table(cols, data, left=("cell", "weights", "evidence", "parts_at", "cause", "verdict"), verdict_key="verdict"))
     else:
         body.append(none("no cell ran"))
     notes = [t.plain.removeprefix("- ") for t in rp.notes(data, records, comparison)[:-1]]
@@ -562,32 +566,6 @@ def diverge_page(result: Any, trace_a: Any, trace_b: Any) -> str:
 # --------------------------------------------------------------------------- effects: traces in, the page out
 
 
-def traces_beside(records: Iterable[ResultRecord], roots: Iterable[str | Path]) -> dict[str, Any]:
-    """Each cell's parsed ``trace.jsonl`` from the first root that holds ``ROOT/<cell>/trace.jsonl``: a Trace,
-    the reason it was refused (a link, too large, malformed), or None without one. Never follows a link."""
-    from .backends.base import read_no_follow
-    from .diverge import TRACE_FILE, TRACE_MAX_BYTES, parse_trace
-
-    roots = [Path(r) for r in roots]
-    out: dict[str, Any] = {}
-    for rec in records:
-        if not (rec.trace and rec.trace.get("file")) or "/" in rec.cell or rec.cell in ("", ".", ".."):
-            out[rec.cell] = None
-            continue
-        found: Any = None
-        for root in roots:
-            path = root / rec.cell / TRACE_FILE
-            try:
-                text = read_no_follow(path, TRACE_MAX_BYTES)
-                found = None if text is None else parse_trace(text, str(path))
-            except HarnessError as exc:
-                found = exc.one_line()
-            if found is not None:
-                break
-        out[rec.cell] = found
-    return out
-
-
 def check_target(path: str) -> None:
     """Refuse, before anything runs, an ``--html`` FILE that is a directory or a symbolic link (exit 2)."""
     p = Path(path)
@@ -613,17 +591,13 @@ def write_page(path: str, text: str, records_at: str | None = None) -> None:
 
 
 def write_run_page(opts: Any, records: list[ResultRecord], comparison: Comparison, results: Path | None,
-                   bundle_dir: str | None, trial_environment: Mapping[str, Any] | None) -> None:
-    """``--html FILE`` of run/matrix/band/compare: read the traces beside the records, build, write."""
-    from .diverge import parts_at_column
-
-    roots = [results] if results is not None else list(opts.trace_dirs)
-    traces = traces_beside(records, roots) if roots else {}
-    cells = [r.cell for r in records if not r.band]
-    parts = parts_at_column(traces, cells)
+                   bundle_dir: str | None, trial_environment: Mapping[str, Any] | None,
+                   traces: Mapping[str, Any], parts: Mapping[str, str], causes: Mapping[str, str]) -> None:
+    """``--html FILE`` of run/matrix/band/compare: build the page from what the runner read, and write it."""
     bundle = Path(bundle_dir).name if bundle_dir else _bundle_name(records)
     page = run_page(RunPage(command=opts.command or "run", records=records, comparison=comparison, bundle=bundle,
-                            trial_environment=trial_environment, traces=traces, parts_at=parts))
+                            trial_environment=trial_environment, traces=dict(traces), parts_at=dict(parts),
+                            causes=dict(causes)))
     write_page(opts.html, page, str(results) if results is not None else None)
 
 

@@ -393,15 +393,18 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
     comparison = compare(records, tol, missing, allow_data_change=report_opts.allow_data_change,
                          alpha=report_opts.alpha)
     trial_env = recorded_environment(bundle_dir)
+    roots = [results] if results is not None else [Path(p) for p in report_opts.trace_dirs]
+    traces = read_traces(records, roots) if roots else {}
+    parts, causes = parting(records, traces)
     if records and not missing and all(r.status is Status.SKIPPED for r in records):
         print_nothing_ran(console(), records, bundle_dir)
     else:
         print_report(console(), records, comparison, trial_environment=trial_env,
-                     parts_at=_parts_at(records, results), reused=reused)
+                     parts_at=parts, causes={k: f.short for k, f in causes.items()}, reused=reused)
     if reused:
         console().print(f"Reused {len(reused)} of {len(records)} cell(s) from earlier runs (inputs unchanged; "
                         f"--force reruns them): {', '.join(reused)}", soft_wrap=True, markup=False, highlight=False)
-    report = record.dumps(json_report(records, comparison))
+    report = record.dumps(json_report(records, comparison, causes={k: f.to_dict() for k, f in causes.items()}))
     if results is not None:
         try:
             record.atomic_write_text(results / "report.json", report)
@@ -422,30 +425,54 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
     if report_opts.html:  # last: a page that cannot be written leaves every record and report above
         from .report_html import write_run_page
 
-        write_run_page(report_opts, records, comparison, results, bundle_dir, trial_env)
+        write_run_page(report_opts, records, comparison, results, bundle_dir, trial_env, traces, parts,
+                       {k: f.short for k, f in causes.items()})
     return comparison
 
 
-def _parts_at(records: list[ResultRecord], results: Path | None) -> dict[str, str]:
-    """The Results table's "parts at" column, from the traces beside the records (--trace); {} without them."""
+def read_traces(records: list[ResultRecord], roots: list[Path]) -> dict[str, Any]:
+    """Each cell's parsed ``trace.jsonl`` from the first root that holds ``ROOT/<cell>/trace.jsonl``: a Trace,
+    the reason it was refused (a link, too large, malformed), or None without one. Never follows a link."""
     from .backends.base import read_no_follow
     from .diverge import TRACE_FILE, TRACE_MAX_BYTES, parse_trace
-    from .errors import HarnessError
 
-    cells = [r.cell for r in records if not r.band]
-    if results is None or not any(r.trace and r.trace.get("file") for r in records):
-        return {}
-    traces: dict[str, Any] = {}
-    for cell in cells:
-        path = results / cell / TRACE_FILE
-        try:
-            text = read_no_follow(path, TRACE_MAX_BYTES)
-            traces[cell] = None if text is None else parse_trace(text, str(path))
-        except HarnessError:
-            traces[cell] = "unreadable trace"
-    from .diverge import parts_at_column
+    out: dict[str, Any] = {}
+    for rec in records:
+        if not (rec.trace and rec.trace.get("file")) or "/" in rec.cell or rec.cell in ("", ".", ".."):
+            out[rec.cell] = None
+            continue
+        found: Any = None
+        for root in roots:
+            path = root / rec.cell / TRACE_FILE
+            try:
+                text = read_no_follow(path, TRACE_MAX_BYTES)
+                found = None if text is None else parse_trace(text, str(path))
+            except HarnessError as exc:
+                found = exc.one_line()
+            if found is not None:
+                break
+        out[rec.cell] = found
+    return out
 
-    return parts_at_column(traces, cells)
+
+def parting(records: list[ResultRecord], traces: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+    """The Results table's "parts at" column (from the traces; {} without them), and why each cell parts
+    from the first (harness.causes.Finding), where its settings and traces support a class."""
+    from .causes import classify
+    from .diverge import Trace, diverge, parts_at_column
+
+    cells = [r for r in records if not r.band and r.ok]
+    parts = parts_at_column(traces, [r.cell for r in records if not r.band])
+    causes: dict[str, Any] = {}
+    if cells:
+        first = cells[0]
+        for rec in cells[1:]:
+            ta, tb = traces.get(first.cell), traces.get(rec.cell)
+            d = diverge(ta, tb, {}, {}) if isinstance(ta, Trace) and isinstance(tb, Trace) else None
+            found = classify(first, rec, d)
+            if found is not None:
+                causes[rec.cell] = found
+    return parts, causes
 
 
 def print_nothing_ran(out: Any, records: list[ResultRecord], bundle_dir: str | None = None) -> None:
@@ -495,50 +522,77 @@ def load_band(path: str, bundle: Any, data_sha256: str | None) -> list[ResultRec
 
 
 @dataclass(frozen=True)
-class AutoSeeds:
-    """``--band-seeds auto``: the seed band to measure after the cells, only when one differs beyond numerical
-    noise from its reference and nothing says whether that matters."""
+class AutoBands:
+    """``--band auto`` and ``--band-seeds auto``: the bands to measure after the cells, only when a cell differs
+    from its reference beyond what the bands measured so far can judge."""
 
-    n: int
+    n_ulp: int  # ulp members, when a difference is small enough to be numerical noise and none was measured
+    n_seed: int  # seed members, when a difference remains and no seed band was measured
     training_seed: int
     trial_environment: dict[str, Any] | None = None
 
 
-def _auto_seed_plan(plan: Plan, auto: AutoSeeds, records: list[ResultRecord], report_opts: ReportOptions,
+# A cell every metric of which is within this relative difference of its reference may differ by numerical
+# noise alone (one trajectory's rounding reaches about 1e-6 in the examples; another seed moves them by 1e-2
+# and more): measuring the ulp band first can then show it numerically equal. This decides what is measured,
+# never a verdict.
+PLAUSIBLY_NUMERICAL = 1e-4
+
+
+def _plausibly_numerical(cell: Any) -> bool:
+    """Every metric of ``cell`` within PLAUSIBLY_NUMERICAL of its reference's value (relative)."""
+    lad = cell.ladder
+    if lad is None or not lad.metrics:
+        return False
+    return all(m.delta is not None and m.reference is not None
+               and abs(m.delta) <= PLAUSIBLY_NUMERICAL * max(abs(m.reference), 1e-12) for m in lad.metrics.values())
+
+
+def _auto_band_plan(plan: Plan, auto: AutoBands, records: list[ResultRecord], report_opts: ReportOptions,
                     tol: Tolerances) -> tuple[Plan, str] | None:
-    """The seed members to run now (and why, in one line), or None when the cells need none."""
+    """The band members to run now (and why, in one line), or None when the cells need none."""
     from .judge import TRIAL
     from .ladder import Rung
 
     comparison = compare(records, tol, allow_data_change=report_opts.allow_data_change, alpha=report_opts.alpha)
-    if not comparison.differing or (comparison.band is not None and comparison.band.n_seed >= 2):
+    if not comparison.differing:
+        return None
+    band = comparison.band
+    differing = [c for c in comparison.cells if c.cell in comparison.differing]
+    if auto.n_ulp and (band is None or not band.measured) and any(_plausibly_numerical(c) for c in differing):
+        n_ulp, n_seed, what = auto.n_ulp, 0, "the numerical noise (ulp band)"
+    elif auto.n_seed and (band is None or band.n_seed < 2):
+        n_ulp, n_seed, what = 0, auto.n_seed, "the seed band"
+    else:
         return None
     cells = [c for c in plan.runnable if not c.band]
-    # The seed band is the distribution of retrains where the trial ran: on a cell that reproduces the
-    # trial to numerical noise when one does, else on the cell the trial's recorded environment names.
+    # The bands describe where the trial ran: a cell that reproduces the trial to numerical noise when one
+    # does, else the cell the trial's recorded environment names.
     equal = [c.cell for c in comparison.cells if c.ladder is not None and c.ladder.reference == TRIAL
              and c.rung in (Rung.BITWISE, Rung.EQUAL)]
     base = next((c for c in cells if c.name in equal), None) or choose_baseline(cells, auto.trial_environment)
     if base is None:
         return None
-    members = band_cells(base, 0, auto.n, auto.training_seed)
+    members = band_cells(base, n_ulp, n_seed, auto.training_seed)
     from dataclasses import replace
 
     blocked = {m.name: plan.blocked[base.name] for m in members if base.name in plan.blocked}
     took = next((r.launcher_wall_s or r.wall_s for r in records if r.cell == base.name and r.ok), None)
-    cost = f", about {auto.n} x {took:.0f} s" if took else ""
-    why = (f"{len(comparison.differing)} cell(s) differ from their reference beyond numerical noise: measuring the "
-           f"seed band to judge them: {auto.n} retrains of {base.name} with seeds {auto.training_seed + 1}..."
-           f"{auto.training_seed + auto.n}{cost} (--band-seeds 0 skips this; --band-seeds N measures it up front)")
+    n = n_ulp + n_seed
+    cost = f", about {n} x {took:.0f} s" if took else ""
+    flag = "--band" if n_ulp else "--band-seeds"
+    why = (f"{len(differing)} cell(s) differ from their reference beyond {'float32 rounding' if n_ulp else 'numerical noise'}"
+           f": measuring {what} to judge them: {n} retrains of {base.name}{cost} ({flag} 0 skips this; "
+           f"{flag} N measures it up front)")
     return replace(plan, cells=members, blocked=blocked), why
 
 
 def execute_plan(plan: Plan, backend: Any, job: Job, report_opts: ReportOptions, tol: Tolerances,
                  progress_enabled: bool = True, extra_records: list[ResultRecord] | None = None, *,
-                 jobs: int = 1, cache: Any = None, auto_seeds: AutoSeeds | None = None) -> Comparison:
+                 jobs: int = 1, cache: Any = None, auto_bands: AutoBands | None = None) -> Comparison:
     """Run a plan on a backend (``jobs`` cells at once; ``cache``: harness.cache.CellCache) and judge it;
-    on Ctrl-C, judge and report what exists, then re-raise. With ``auto_seeds``, a seed band follows
-    the cells when one of them needs it to be judged."""
+    on Ctrl-C, judge and report what exists, then re-raise. With ``auto_bands``, the bands a cell needs
+    to be judged follow the cells: the ulp band, then the seed band."""
     from .report import CellProgress, console
 
     start(plan, job, job.bundle_dir)
@@ -546,14 +600,16 @@ def execute_plan(plan: Plan, backend: Any, job: Job, report_opts: ReportOptions,
     try:
         with CellProgress(len(plan.runnable), enabled=progress_enabled) as progress:
             outcome = run_cells(plan, backend, job, progress, jobs=jobs, cache=cache)
-        more = _auto_seed_plan(plan, auto_seeds, before + outcome.records, report_opts, tol) if auto_seeds else None
-        if more is not None:
-            seed_plan, why = more
+        for _ in range(2):  # the ulp band, then the seed band, each only when still needed
+            more = _auto_band_plan(plan, auto_bands, before + outcome.records, report_opts, tol) if auto_bands else None
+            if more is None:
+                break
+            band_plan, why = more
             console(stderr=True).print(f"[dim]{why}[/dim]", soft_wrap=True)
-            plan = replace_cells(plan, seed_plan.cells + plan.cells, seed_plan.blocked)
-            start(plan, job, job.bundle_dir, outcome.reused)  # run.json lists the seed members too
-            with CellProgress(len(seed_plan.runnable), enabled=progress_enabled) as progress:
-                extra = run_cells(seed_plan, backend, job, progress, jobs=jobs, cache=cache)
+            plan = replace_cells(plan, band_plan.cells + plan.cells, band_plan.blocked)
+            start(plan, job, job.bundle_dir, outcome.reused)  # run.json lists the band members too
+            with CellProgress(len(band_plan.runnable), enabled=progress_enabled) as progress:
+                extra = run_cells(band_plan, backend, job, progress, jobs=jobs, cache=cache)
             outcome = Outcome(extra.records + outcome.records, extra.missing + outcome.missing,
                               {**outcome.reused, **extra.reused})
     except Interrupted as exc:
@@ -603,8 +659,8 @@ def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances) -> Co
                   f"{bundle.training.seed + opts.cell_seeds}, paired with the band's ({opts.cell_seeds} x "
                   f"{sum(1 for c in plan.runnable if not c.band)} cells)[/dim]", soft_wrap=True)
     auto = None
-    if opts.auto_seeds and not opts.band_only and bundle.training.seed is not None:
-        auto = AutoSeeds(opts.auto_seeds, bundle.training.seed, trial_env)
+    if (opts.auto_band or opts.auto_seeds) and not opts.band_only and bundle.training.seed is not None:
+        auto = AutoBands(opts.auto_band, opts.auto_seeds, bundle.training.seed, trial_env)
     out = results_dir(opts.out, bundle.root, prefix="band-" if opts.band_only else "")
     check_writable(out)
     lock = ResultsLock(out)
@@ -616,14 +672,14 @@ def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances) -> Co
 
             before_run = functools.partial(check_weights, bundle, pre.layout)  # only once a cell must train
         return _execute_locked(opts, bundle, plan, out, report_opts, tol, band, data_sha256=pre.data_sha256,
-                               before_run=before_run, auto_seeds=auto)
+                               before_run=before_run, auto_bands=auto)
     finally:
         lock.release()
 
 
 def _execute_locked(opts: RunOptions, bundle: Any, plan: Plan, out: Path, report_opts: ReportOptions,
                     tol: Tolerances, band: list[ResultRecord] | None = None, data_sha256: str | None = None,
-                    before_run: Any = None, auto_seeds: AutoSeeds | None = None) -> Comparison:
+                    before_run: Any = None, auto_bands: AutoBands | None = None) -> Comparison:
     from .cache import CellCache
 
     job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, data_dir=bundle.data.dir, results_dir=str(out),
@@ -637,4 +693,4 @@ def _execute_locked(opts: RunOptions, bundle: Any, plan: Plan, out: Path, report
     cache = CellCache(bundle.root, data_sha256, job.trainer_path or (), reuse=opts.resume and not opts.force,
                       before_run=before_run)
     return execute_plan(plan, backend, job, report_opts, tol, progress_enabled=opts.progress, extra_records=band,
-                        jobs=opts.jobs, cache=cache, auto_seeds=auto_seeds)
+                        jobs=opts.jobs, cache=cache, auto_bands=auto_bands)

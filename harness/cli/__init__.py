@@ -17,7 +17,8 @@ from typing import Any
 
 from .. import __version__
 from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, HarnessError, InputError, Interrupted, UsageError
-from ..options import (DEFAULT_TIMEOUT_S, Axes, RunOptions, parse_band, parse_band_seeds, parse_cells, parse_count,
+from ..options import (DEFAULT_TIMEOUT_S, Axes, RunOptions, parse_band, parse_band_auto, parse_band_seeds, parse_cells,
+                       parse_count,
                        parse_devices, parse_isa, parse_jobs, parse_modes, parse_repeats, parse_tf32, parse_threads,
                        parse_timeout)
 from .common import (EXIT_CODES_HELP, add_allow_data_change, add_common, add_docker, add_html, add_inputs, add_slurm,
@@ -136,14 +137,14 @@ def run_options(args: argparse.Namespace, *, single: bool, band_only: bool = Fal
         repeats=parse_repeats(getattr(args, "repeats", 1)),
         isa=parse_isa(args.isa) if getattr(args, "isa", None) else None,
     )
-    cell_seeds = 0
+    cell_seeds, auto_band = 0, 0
     if band_only:
         band, (seeds, auto), band_from = parse_band(args.n, "--n"), parse_band_seeds(args.band_seeds), None
         if band < 2 and seeds < 2:
             raise UsageError("harness band measures nothing: --n 0 and no --band-seeds",
                              hint="e.g. --n 8, or --n 0 --band-seeds 8")
     else:
-        band, (seeds, auto) = parse_band(args.band), parse_band_seeds(args.band_seeds)
+        (band, auto_band), (seeds, auto) = parse_band_auto(args.band), parse_band_seeds(args.band_seeds)
         band_from = args.band_from
         cell_seeds = parse_count(args.cell_seeds, "--cell-seeds", example="8")
         if cell_seeds == 1:
@@ -158,7 +159,8 @@ def run_options(args: argparse.Namespace, *, single: bool, band_only: bool = Fal
                       progress=not args.no_progress,
                       resume=resume, force=args.force, jobs=parse_jobs(args.jobs), strict_config=getattr(args, "strict_config", False),
                       timeout=parse_timeout(args.timeout) if args.timeout is not None else DEFAULT_TIMEOUT_S,
-                      band=band, band_seeds=seeds, auto_seeds=auto, cell_seeds=cell_seeds, band_from=band_from,
+                      band=band, band_seeds=seeds, auto_band=auto_band, auto_seeds=auto, cell_seeds=cell_seeds,
+                      band_from=band_from,
                       band_only=band_only,
                       slurm=slurm_flags(args),
                       data_feed=getattr(args, "data_feed", None))

@@ -89,9 +89,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
                         "otherwise their spread is shown (and is the cell's numerical noise when no ulp band was measured)")
     add_allow_data_change(p)
     g = p.add_argument_group("bands: the yardsticks of a verdict (docs/verdicts.md)")
-    g.add_argument("--band", default=0, metavar="N",
+    g.add_argument("--band", default="auto", metavar="N",
                    help="first retrain the baseline cell N times (e.g. 8), each with one initial weight moved "
-                        "by one ulp: the numerical noise of one trajectory (numerically equal)")
+                        "by one ulp: the numerical noise of one trajectory (numerically equal); auto (default): 4, "
+                        "only when a cell differs from its reference beyond float32 rounding by less than 1e-4; 0: never")
     g.add_argument("--band-seeds", default="auto", metavar="N",
                    help="retrain the baseline with N other training seeds (seed+1 ...): the distribution a cell is "
                         "judged against (same distribution or drifted); auto (default): 8, only when a cell differs "
@@ -224,4 +225,5 @@ def parting_exit(parting: Any) -> int:
     """The exit code of ``harness diverge``: 0 when the runs never part, 3 when they do (or only evaluation drifts)."""
     from ..diverge import Parting
 
-    return {Parting.NEVER: EXIT_OK, Parting.TRAINING: EXIT_DRIFTED, Parting.EVALUATION_ONLY: EXIT_DRIFTED}[parting]
+    return {Parting.NEVER: EXIT_OK, Parting.TRAINING: EXIT_DRIFTED, Parting.EVALUATION_ONLY: EXIT_DRIFTED,
+            Parting.BEYOND_TRACE: EXIT_DRIFTED}[parting]

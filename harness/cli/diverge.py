@@ -63,6 +63,10 @@ def cmd_diverge(args: argparse.Namespace) -> int:
     rec_b, trace_b = _cell(args.b, "B")
     result = diverge(trace_a, trace_b, rec_a.retrained, rec_b.retrained, f"{rec_a.cell} ({args.a})",
                      f"{rec_b.cell} ({args.b})")
+    from ..causes import classify
+
+    finding = classify(rec_a, rec_b, result)
+    result.cause = finding.to_dict() if finding is not None else None
     out = console()
     for line in render(result):
         out.print(line, soft_wrap=True, markup=False, highlight=False)
