@@ -882,9 +882,12 @@ def _md_escape(s: str) -> str:
 
 
 def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str | None = None,
-             trial_environment: Mapping[str, Any] | None = None, width: WidthFn | None = None) -> str:
+             trial_environment: Mapping[str, Any] | None = None, width: WidthFn | None = None,
+             causes: Mapping[str, str] | None = None) -> str:
     """A compact report fit for a pull-request comment: verdict, environments, results, per-target detail."""
     data = rows(records, comparison)
+    if causes:
+        data = [{**r, "cause": causes.get(r["cell"], "—")} for r in data]
     of = f" `{_md_escape(bundle)}`" if bundle else ""
     lines = [f"### harness{of}: **{comparison.overall.value}** — {_md_escape(comparison.reason)}", ""]
 
@@ -905,6 +908,8 @@ def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str
         lines += [RESULTS_TITLE, ""]
         cols = [("cell", "cell"), ("torch", "torch"), ("cuda", "cuda"), ("device", "device"), ("isa", "isa"),
                 ("determinism", "determinism")] + result_columns(comparison)[1:]
+        if causes:
+            cols[-1:-1] = [("cause", "cause")]
         table(cols, data)
     members = member_rows(records)
     if members and not data:

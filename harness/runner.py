@@ -419,7 +419,8 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
         record.atomic_write_text(report_opts.json_out, report)
     if report_opts.markdown:
         record.atomic_write_text(report_opts.markdown, markdown(
-            records, comparison, bundle=Path(bundle_dir).name if bundle_dir else None, trial_environment=trial_env))
+            records, comparison, bundle=Path(bundle_dir).name if bundle_dir else None, trial_environment=trial_env,
+            causes={k: f.short for k, f in causes.items()}))
     if results is not None:
         console(stderr=True).print(f"[dim]records: {results}[/dim]")
     if report_opts.html:  # last: a page that cannot be written leaves every record and report above
@@ -555,13 +556,13 @@ def _auto_band_plan(plan: Plan, auto: AutoBands, records: list[ResultRecord], re
     from .ladder import Rung
 
     comparison = compare(records, tol, allow_data_change=report_opts.allow_data_change, alpha=report_opts.alpha)
-    if not comparison.differing:
-        return None
     band = comparison.band
+    # beyond float32 rounding by so little that an ulp band could show them numerically equal
+    small = [c for c in comparison.cells if c.rung in (Rung.DIFFERS, Rung.SAME) and _plausibly_numerical(c)]
     differing = [c for c in comparison.cells if c.cell in comparison.differing]
-    if auto.n_ulp and (band is None or not band.measured) and any(_plausibly_numerical(c) for c in differing):
-        n_ulp, n_seed, what = auto.n_ulp, 0, "the numerical noise (ulp band)"
-    elif auto.n_seed and (band is None or band.n_seed < 2):
+    if auto.n_ulp and (band is None or not band.measured) and small:
+        n_ulp, n_seed, what, differing = auto.n_ulp, 0, "the numerical noise (ulp band)", small
+    elif differing and auto.n_seed and (band is None or band.n_seed < 2):
         n_ulp, n_seed, what = 0, auto.n_seed, "the seed band"
     else:
         return None

@@ -15,6 +15,7 @@ the cell's own environment, the paired differences test the shift directly.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ def check_alpha(alpha: float) -> float:
     return a
 
 
+@functools.lru_cache(maxsize=4096)
 def t_quantile(q: float, df: int) -> float:
     """The ``q`` quantile of Student's t with ``df`` degrees of freedom."""
     from scipy.stats import t

@@ -100,3 +100,9 @@ def test_only_the_slurm_backend_imports_submitit() -> None:
     _, external = import_graph()
     users = sorted(m for m, pkgs in external.items() if "submitit" in pkgs)
     assert users == ["harness.backends.slurm"]
+
+
+def test_the_statistics_of_a_verdict_live_in_one_module() -> None:
+    """Every distribution a verdict reads (t quantiles and tails) comes from harness.stats."""
+    _, external = import_graph()
+    assert sorted(m for m, pkgs in external.items() if "scipy" in pkgs) == ["harness.stats"]

@@ -12,8 +12,8 @@ R=$(mktemp -d)
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ! python -c "import yaml" 2>/dev/null && [ -d .devwheels ]; then  # a bare GPU host: pure wheels carried along
-  mkdir -p "$R/site" && for w in .devwheels/*.whl; do python -m zipfile -e "$w" "$R/site"; done
+if ! python3 -c "import yaml" 2>/dev/null && [ -d .devwheels ]; then  # a bare GPU host: pure wheels carried along
+  mkdir -p "$R/site" && for w in .devwheels/*.whl; do python3 -m zipfile -e "$w" "$R/site"; done
   export PYTHONPATH="$PYTHONPATH:$R/site"
 fi
 devices=$([ "$DEV" = cpu ] && echo cpu || echo "$DEV,cpu")
@@ -25,12 +25,12 @@ step() {  # step NAME NEEDS_SECONDS harness-args...
   if [ "$(left)" -lt "$needs" ]; then echo "== $name: skipped, $(left) s left of $BUDGET" | tee -a "$LOG"; return; fi
   echo "== $name [$(( $(date +%s) - t0 )) s]: harness $*" | tee -a "$LOG"
   local s=$(date +%s)
-  timeout "$(left)" python -m harness "$@" >>"$LOG" 2>&1
+  timeout "$(left)" python3 -m harness "$@" >>"$LOG" 2>&1
   echo "== $name: exit $? in $(( $(date +%s) - s )) s" | tee -a "$LOG"
   tar -C "$R" --exclude='*.pt' -czf "$OUT/$name.tar.gz" "$name" 2>/dev/null
 }
 
-{ python -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+{ python3 -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', 'python', sys.version.split()[0])"
   nproc; } >>"$LOG" 2>&1
 
@@ -41,7 +41,7 @@ step conv-matrix 120 matrix examples/optuna_best_conv --backend local --devices 
 
 # 2. A model without random ops (the MLP with dropout 0) on both devices, traced: where kernels alone part.
 mkdir -p "$R/bundles" && cp -r examples/optuna_best examples/data "$R/bundles/"
-python - "$R/bundles/optuna_best/config.yaml" <<'PY'
+python3 - "$R/bundles/optuna_best/config.yaml" <<'PY'
 import sys, yaml
 p = sys.argv[1]; c = yaml.safe_load(open(p)); c["model"]["dropout_rate"] = 0.0; yaml.safe_dump(c, open(p, "w"))
 PY
