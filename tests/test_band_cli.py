@@ -208,3 +208,43 @@ def test_compare_refuses_a_band_of_another_config_and_counts_a_band_once(tmp_pat
     p = harness("compare", str(cells), str(band), str(band), "--json", str(tmp_path / "r.json"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert json.loads((tmp_path / "r.json").read_text())["comparison"]["band"]["n_ulp"] == len(members)
+
+
+def test_a_seed_band_is_measured_after_the_cells_only_when_one_needs_it(make_bundle, tmp_path: Path) -> None:
+    """--band-seeds auto: a trial no retrain here could give gets 8 seed retrains, announced, then a verdict."""
+    far = make_bundle("far", trial_info={"value": 123.0})
+    out = tmp_path / "far"
+    p = harness("run", str(far), "--device", "cpu", "--threads", "1", "--out", str(out), "--no-progress")
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert "measuring the seed band to judge them: 8 retrains of run" in " ".join(p.stderr.split())
+    cells = json.loads((out / "run.json").read_text())["cells"]
+    assert cells == [f"band-seed-{i}" for i in range(1, 9)] + ["run"]  # run.json lists what ran, in table order
+    assert "trial tested" in p.stdout and "drifted" in p.stdout
+    # a trial with nothing to judge numbers against (no metric recorded): nothing follows
+    near = make_bundle("near", trial_info={"number": 3})
+    p = harness("run", str(near), "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "near"), "--no-progress")
+    assert p.returncode == 0 and "measuring" not in p.stderr, p.stdout + p.stderr
+    # --band-seeds 0: never; the difference is reported, not judged
+    p = harness("run", str(far), "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "never"),
+                "--band-seeds", "0", "--no-progress")
+    assert p.returncode == 0 and "measuring" not in p.stderr and "not judged" in p.stdout, p.stdout + p.stderr
+
+
+def test_cell_seeds_retrain_each_cell_with_the_bands_seeds(make_bundle, tmp_path: Path) -> None:
+    root = make_bundle()
+    out = tmp_path / "o"
+    p = harness("matrix", str(root), "--backend", "local", "--devices", "cpu", "--determinism", "strict,default",
+                "--threads", "1", "--band-seeds", "2", "--cell-seeds", "2", "--out", str(out), "--no-progress")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert json.loads((out / "run.json").read_text())["cells"] == [
+        "band-seed-1", "band-seed-2", "cpu-strict-t1", "cpu-default-t1",
+        "cpu-strict-t1-seed-1", "cpu-strict-t1-seed-2", "cpu-default-t1-seed-1", "cpu-default-t1-seed-2"]
+    recs = {r.cell: r for r in record.load(out).records}
+    for cell in ("cpu-strict-t1", "cpu-default-t1"):
+        for i in (1, 2):
+            mine = recs[f"{cell}-seed-{i}"]
+            assert mine.band == {"kind": "cell-seed", "member": i, "of": cell, "seed": 7 + i}
+            # the band ran where this cell runs: its seed-i retrain is the band's, bit for bit
+            assert mine.weights_sha256 == recs[f"band-seed-{i}"].weights_sha256
+    results = p.stdout[p.stdout.index("Results"):]
+    assert "cpu-strict-t1-seed-1" not in results.split("Band")[0]  # a cell's seeds are its evidence, not rows
