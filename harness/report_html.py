@@ -416,7 +416,8 @@ def run_page(p: RunPage) -> str:
         body.append(table(cols, data, left=("cell", "weights", "evidence", "parts_at", "cause", "verdict"), verdict_key="verdict"))
     else:
         body.append(none("no cell ran"))
-    notes = [t.plain.removeprefix("- ") for t in rp.notes(data, records, comparison)[:-1]]
+    notes = rp.legend_lines(comparison) + rp.beyond_lines(comparison)  # what each rung means; who drifted, and why
+    notes += [t.plain.removeprefix("- ") for t in rp.notes(data, records, comparison)[:-1]]
     body.append(notes_list(notes))
 
     body += _curves_section(records, members_only, p.traces)
