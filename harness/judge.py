@@ -363,6 +363,8 @@ def nonfinite_keys(rec: ResultRecord, split: str = "val") -> list[str]:
     """The flat metric keys (``val_loss``, ``r2/target`` ...) the run produced as NaN or infinity."""
     out = []
     for path in rec.nonfinite:
+        if not isinstance(path, str):
+            continue  # a hostile record may hold anything there
         parts = path.split(".")
         if parts[:2] != ["metrics", "retrained"]:
             continue

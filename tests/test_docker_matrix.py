@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import default_signals
+from .conftest import ON_TRIAL_CPU, assert_reproduces, default_signals
 
 from harness import record
 from harness.record import ImageInfo, Status
@@ -226,8 +226,11 @@ def test_compose_runs_a_cell_without_the_harness(matrix_run, tmp_path: Path) -> 
     rec = record.read(results / "cpu-torch2.13" / "record.json")
     assert rec.status is Status.OK and rec.env.torch == "2.13.0+cpu" and rec.env.in_container
     assert rec.determinism["PYTHONHASHSEED"] == "0" and rec.env.extra["net_interfaces"] == ["lo"]
-    assert rec.retrained["val_loss"] == rec.recorded["value"]
-    assert rec.weights_sha256 == rec.recorded["weights_sha256"]
+    if ON_TRIAL_CPU:  # bit for bit on the trial's CPU model; to float32 noise on another
+        assert rec.retrained["val_loss"] == rec.recorded["value"]
+        assert rec.weights_sha256 == rec.recorded["weights_sha256"]
+    else:
+        assert abs(rec.retrained["val_loss"] - rec.recorded["value"]) < 1e-6 * rec.recorded["value"]
 
 
 def test_gpu_request_without_nvidia_runtime_is_a_clear_row(matrix_run, docker_client, engine, tmp_path: Path) -> None:
@@ -380,8 +383,7 @@ def test_a_user_project_reproduces_unmodified_in_a_ci_image(matrix_run, wheelhou
     assert p.returncode == 0, p.stdout + p.stderr
     (rec,) = record.load(out).records
     assert rec.status is Status.OK and rec.backend == "docker" and rec.env.in_container
-    assert rec.weights_vs_archived["identical"] is True and "=archived" in p.stdout
-    assert "reproduced" in p.stdout
+    assert_reproduces(rec, p.stdout)  # bit for bit on the trial's CPU model, to numerical noise elsewhere
     # with its optional glue, the seed's checks run in the image too (hooks from the mounted code)
     from .test_userproj import add_glue, assert_seed_checks
 

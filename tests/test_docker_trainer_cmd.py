@@ -11,6 +11,7 @@ import pytest
 from harness import record
 from harness.record import Status
 
+from .conftest import assert_reproduces
 from .test_docker_matrix import docker_args, harness
 
 pytestmark = pytest.mark.docker
@@ -26,10 +27,9 @@ def test_a_command_trainer_reproduces_in_a_ci_image(docker_client, wheelhouse_ro
                 "--trainer-cmd", "{python} -m userproj.cli {bundle} --out {out_dir} --data {data} --report yaml",
                 "--trainer-path", str(proj), "--out", str(out), *docker_args(wheelhouse_root, base_image))
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "reproduced" in p.stdout and "=archived" in p.stdout
     (rec,) = record.load(out).records
     assert rec.status is Status.OK and rec.backend == "docker" and rec.env.in_container
-    assert rec.weights_vs_archived["identical"] is True
+    assert_reproduces(rec, p.stdout)  # bit for bit on the trial's CPU model, to numerical noise elsewhere
     # the command ran in the container, with the image's Python and the container's paths, seeded by the harness
     assert rec.trainer["argv"][0] == "/opt/venv/bin/python" and rec.trainer["cwd"] == "/harness/out"
     assert rec.trainer["seeded_by_harness"] is True

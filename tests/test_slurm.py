@@ -21,7 +21,7 @@ from harness.record import Status
 from harness.slurm_site import (SlurmSettings, gres_of, parse_settings, parse_time, settings, split_gpu, state_word,
                                 status_of)
 
-from .conftest import REPO
+from .conftest import REPO, default_signals
 
 TRAINERS = Path(__file__).parent / "trainers"
 CELL = "cpu-torch2.13"  # a CPU cell: the fake GPUs of the CI cluster are routing targets, not devices
@@ -189,6 +189,15 @@ def _read(path: Path) -> str:
         return ""
 
 
+def _end(proc: subprocess.Popen, out: Path) -> None:
+    """A CLI the test gave up on: killed and reaped, and its jobs cancelled, so that no job blocks the next test."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+        for job_id in jobs_of(out).values():
+            subprocess.run(["scancel", job_id], capture_output=True)
+
+
 def hang_args(example: Path, out: Path, cells: str, partition: str, *more: str) -> list[str]:
     return ["matrix", str(example), "--backend", "slurm", "--cells", cells, "--partition", partition,
             "--trainer", "hang:train", "--trainer-path", str(TRAINERS), "--no-progress", "-o", str(out), *more]
@@ -241,14 +250,13 @@ def test_a_cancelled_job_is_a_cancelled_row_and_the_run_exits_1(slurm_cluster, e
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "harness", *hang_args(example, out, f"{CELL}@alpha", slurm_cluster)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, COLUMNS="220", PYTHONPATH=str(REPO)))
+                            env=dict(os.environ, COLUMNS="220", PYTHONPATH=str(REPO)), preexec_fn=default_signals)
     try:
         jobs = wait_running(out, 1)
         subprocess.run(["scancel", jobs[f"{CELL}-alpha"]], check=True)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _end(proc, out)
     assert proc.returncode == 1, stdout + stderr
     rec = records(out)[f"{CELL}-alpha"]
     assert rec.status is Status.INTERRUPTED and rec.slurm["state"] == "CANCELLED"
@@ -262,14 +270,13 @@ def test_ctrl_c_cancels_the_jobs_the_run_submitted(slurm_cluster, example, tmp_p
     proc = subprocess.Popen([sys.executable, "-m", "harness",
                              *hang_args(example, out, f"{CELL}@alpha,{CELL}@beta", slurm_cluster)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, COLUMNS="220", PYTHONPATH=str(REPO)))
+                            env=dict(os.environ, COLUMNS="220", PYTHONPATH=str(REPO)), preexec_fn=default_signals)
     try:
         jobs = wait_running(out, 2)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _end(proc, out)
     assert proc.returncode == 130, stdout + stderr
     for job_id in jobs.values():
         assert f"cancelled Slurm job {job_id}" in stderr
