@@ -552,14 +552,16 @@ def _plausibly_numerical(cell: Any) -> bool:
 def _auto_band_plan(plan: Plan, auto: AutoBands, records: list[ResultRecord], report_opts: ReportOptions,
                     tol: Tolerances) -> tuple[Plan, str] | None:
     """The band members to run now (and why, in one line), or None when the cells need none."""
-    from .judge import TRIAL
+    from .judge import TRIAL, Verdict
     from .ladder import Rung
 
     comparison = compare(records, tol, allow_data_change=report_opts.allow_data_change, alpha=report_opts.alpha)
     band = comparison.band
+    # a cell trained on other data than the trial is not comparable: no band would make it so
+    judged = [c for c in comparison.cells if c.verdict is not Verdict.NOT_COMPARABLE]
     # beyond float32 rounding by so little that an ulp band could show them numerically equal
-    small = [c for c in comparison.cells if c.rung in (Rung.DIFFERS, Rung.SAME) and _plausibly_numerical(c)]
-    differing = [c for c in comparison.cells if c.cell in comparison.differing]
+    small = [c for c in judged if c.rung in (Rung.DIFFERS, Rung.SAME) and _plausibly_numerical(c)]
+    differing = [c for c in judged if c.rung is Rung.DIFFERS]
     if auto.n_ulp and (band is None or not band.measured) and small:
         n_ulp, n_seed, what, differing = auto.n_ulp, 0, "the numerical noise (ulp band)", small
     elif differing and auto.n_seed and (band is None or band.n_seed < 2):

@@ -14,8 +14,9 @@ from ..errors import EXIT_DRIFTED, EXIT_OK, EXIT_RUN_FAILED
 from ..options import ImageOptions, ReportOptions, SlurmFlags, base_image_overrides, parse_alpha
 
 EXIT_CODES_HELP = """exit codes:
-  0    every cell that ran reproduced (skipped cells are listed, not counted against it),
-       or nothing was recorded to judge against
+  0    every cell that ran reproduced: bitwise, numerically equal or the same distribution
+       (skipped cells are listed, not counted against it); or nothing was recorded to judge
+       against, or a difference was not judged (no seed band: --band-seeds 0)
   1    a cell, an image build or a container failed, the run is incomplete
        (interrupted, or planned cells left no record), or a cell is not comparable
        (its data does not match the digest the bundle records; see --allow-data-change)
