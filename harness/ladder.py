@@ -207,7 +207,7 @@ def climb(reference: str, deltas: Mapping[str, tuple[float, float | None]], stic
     return CellRung(rung=cell, reference=reference, alpha=alpha, metrics=metrics, bitwise_to=weights_identical,
                     tested=("pairs" if pairs is not None else tested) if tests else None, n_seed=sticks.n_seed,
                     n_tested=distinct_hypotheses(list(tests)), deciding=deciding,
-                    evidence=_evidence(cell, reference, metrics, deciding, weights_identical, sticks))
+                    evidence=_evidence(cell, metrics, deciding, weights_identical))
 
 
 def same_test(key: str, keys: Sequence[str]) -> str:
@@ -256,8 +256,7 @@ def _deciding(metrics: Mapping[str, MetricRung], cell: Rung) -> str | None:
     return max(at, key=lambda k: (ratio(k), k))
 
 
-def _evidence(cell: Rung, reference: str, metrics: Mapping[str, MetricRung], deciding: str | None,
-              bitwise_to: str | None, sticks: Yardsticks) -> str:
+def _evidence(cell: Rung, metrics: Mapping[str, MetricRung], deciding: str | None, bitwise_to: str | None) -> str:
     n = len(metrics)
     if cell is Rung.BITWISE:
         return f"its weights are identical to the {bitwise_to}'s, and so are all {n} metric(s)"
@@ -266,8 +265,4 @@ def _evidence(cell: Rung, reference: str, metrics: Mapping[str, MetricRung], dec
         if m is None:
             return "no metric to compare"
         return f"all {n} metric(s) within the numerical noise; closest to its edge: {deciding} {m.why}"
-    if m is None:
-        return ""
-    if cell is Rung.DIFFERS:
-        return f"{deciding}: {m.why}"
-    return f"{deciding}: {m.why}"
+    return f"{deciding}: {m.why}" if m is not None else ""

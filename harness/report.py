@@ -580,9 +580,6 @@ def legend_lines(comparison: Comparison) -> list[str]:
     return lines
 
 
-NO_BAND = "no band measured: cells beyond float32 rounding are not judged (measure one: --band 8 --band-seeds 8)"
-
-
 def band_note(comparison: Comparison) -> str | None:
     """The line under the tables when cells differ and nothing judged them: what was measured, how to judge it."""
     differing = comparison.differing

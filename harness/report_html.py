@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from . import __version__
-from .errors import HarnessError, InputError
+from .errors import InputError
 from .judge import Comparison, Verdict, flat_val
 from .record import ResultRecord
 

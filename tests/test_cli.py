@@ -16,7 +16,7 @@ import yaml
 from harness import record
 from harness.record import ResultRecord, Status
 
-from .conftest import DELETE, ON_TRIAL_CPU, REPO, assert_reproduces, default_signals, tiny_config
+from .conftest import DELETE, ON_TRIAL_CPU, assert_reproduces, default_signals, tiny_config
 
 TRAINERS = Path(__file__).parent / "trainers"
 

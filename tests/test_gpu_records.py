@@ -19,7 +19,7 @@ from harness.cli import main
 from harness.diverge import diverge, parse_trace
 from harness.judge import TRIAL, Verdict, compare, merge
 from harness.ladder import Rung
-from harness.record import RecordSet, Status
+from harness.record import Status
 
 DATA = Path(__file__).parent / "data" / "gpu-h200"
 CONV = DATA / "conv-matrix"
