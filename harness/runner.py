@@ -645,6 +645,12 @@ def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances) -> Co
         err.print(f"[bold red]! {w}[/bold red]" if loud else f"[yellow]! {w}[/yellow]", soft_wrap=True)
     plan = make_plan(opts)
     band = load_band(opts.band_from, bundle, pre.data_sha256) if opts.band_from else []
+    if opts.cell_seeds and opts.band_from:  # the cells' seeds pair with the band's: refused before anything trains
+        have = sum(1 for r in band if r.ok and (r.band or {}).get("kind") == "seed")
+        if have < opts.cell_seeds:
+            raise InputError(opts.band_from, f"holds {have} seed member(s); --cell-seeds {opts.cell_seeds} pairs each "
+                             "cell's seeds with as many of the band's",
+                             hint=f"measure them: `harness band {bundle.root} --band-seeds {opts.cell_seeds} -o DIR`")
     trial_env = recorded_environment(bundle.root)
     if opts.band or opts.band_seeds or opts.band_only:
         baseline = None if opts.band_only else choose_baseline(plan.runnable, trial_env)

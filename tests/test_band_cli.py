@@ -248,3 +248,14 @@ def test_cell_seeds_retrain_each_cell_with_the_bands_seeds(make_bundle, tmp_path
             assert mine.weights_sha256 == recs[f"band-seed-{i}"].weights_sha256
     results = p.stdout[p.stdout.index("Results"):]
     assert "cpu-strict-t1-seed-1" not in results.split("Band")[0]  # a cell's seeds are its evidence, not rows
+
+
+def test_cell_seeds_against_a_saved_band_without_enough_seeds_is_refused_before_training(
+        example_band, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    p = harness("run", str(example_band["bundle"]), "--device", "cpu", "--band-from", str(example_band["out"]),
+                "--cell-seeds", "4", "-o", str(out))
+    assert p.returncode == 2, p.stdout + p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    assert "holds 2 seed member(s); --cell-seeds 4" in line and "--band-seeds 4" in line
+    assert not list(out.glob("*/record.json"))  # nothing trained

@@ -149,7 +149,7 @@ def run_options(args: argparse.Namespace, *, single: bool, band_only: bool = Fal
         cell_seeds = parse_count(args.cell_seeds, "--cell-seeds", example="8")
         if cell_seeds == 1:
             raise UsageError("--cell-seeds 1 gives one pair: a paired test needs at least 2", hint="e.g. --cell-seeds 8")
-        if cell_seeds and auto:  # the band's seeds are the pairs' other half: measure them up front
+        if cell_seeds and auto and not band_from:  # the band's seeds are the pairs' other half: measure them first
             seeds, auto = max(cell_seeds, auto), 0
     cells = parse_cells(args.image) if single else parse_cells(args.cells)
     out, resume = resume_options(args)
