@@ -92,8 +92,63 @@ def _spreads(rows: Sequence[Mapping[str, float]]) -> dict[str, Spread]:
     return out
 
 
+SEED_HINT = ("declare where the trainer reads its seed (config.yaml trainer.seed_key), or pass {seed} to a trainer "
+             "command")
+
+
+def _same(a: Member, b: Member) -> bool:
+    """Whether two members trained the same thing: their weights, else (none recorded) their metrics."""
+    if a.weights_sha256 and b.weights_sha256:
+        return a.weights_sha256 == b.weights_sha256
+    return bool(a.values) and a.values == b.values
+
+
+def seeds_without_effect(members: Sequence[Member]) -> str | None:
+    """Why the seed members do not measure seeds: two of them, with different seeds, trained the same (pure).
+
+    A seed band is the spread of retrains with other seeds; members that come out identical
+    show that the seed never reached the trainer, and a band of them would be a band of one.
+    """
+    used = [m for m in members if m.kind == "seed" and m.used]
+    for i, a in enumerate(used):
+        for b in used[i + 1:]:
+            if a.seed != b.seed and _same(a, b):
+                what = "weights" if a.weights_sha256 and b.weights_sha256 else "metrics"
+                return (f"{a.cell} (seed {a.seed}) and {b.cell} (seed {b.seed}) trained identical {what}: the seed "
+                        f"does not reach the trainer; {SEED_HINT}")
+    return None
+
+
+def gate(kind: str, member: int, planned: Sequence[int], finished: Mapping[int, Member]) -> tuple[str, str | None]:
+    """Whether band member ``member`` of ``kind`` starts now: ``("run" | "hold" | "skip", why)`` (pure).
+
+    The first members of a band are its probes: the others wait for them, and are not run
+    at all when a probe shows that every member would come out the same way. An ulp band
+    waits for member 1 (was it perturbed?); a seed band for member 1 (did it run?) and
+    then member 2 (did another seed train something else?). ``planned`` are the members of
+    that kind in the plan, ``finished`` those already done.
+    """
+    probes = [1] if kind == "ulp" else [1, 2]
+    needed = [m for m in probes if m < member and m in planned]
+    if any(m not in finished for m in needed):
+        return "hold", None
+    for m in needed:
+        if not finished[m].used:
+            return "skip", f"not run: {finished[m].cell} was not usable, and every {kind} member would be the same"
+    if kind == "seed" and len(needed) == 2 and seeds_without_effect([finished[1], finished[2]]) is not None:
+        return "skip", f"not run: {finished[1].cell} and {finished[2].cell} trained the same, whatever the seed"
+    return "run", None
+
+
 def measure(members: Sequence[Member], environment: str | None = None) -> Band:
-    """The band of ``members``: per key, the spread of the ulp members used, and of the seed members."""
+    """The band of ``members``: per key, the spread of the ulp members used, and of the seed members.
+
+    Seed members that trained identically (:func:`seeds_without_effect`) are all left out.
+    """
+    no_effect = seeds_without_effect(members)
+    if no_effect is not None:
+        members = [Member(**{**m.__dict__, "used": False, "why_not": no_effect}) if m.kind == "seed" and m.used else m
+                   for m in members]
     used_ulp = [m for m in members if m.kind == "ulp" and m.used]
     used_seed = [m for m in members if m.kind == "seed" and m.used]
     ulp_members = [m for m in members if m.kind == "ulp"]

@@ -67,6 +67,8 @@ class TrainingSpec:
     optimizer: str = "adam"
     scale_targets: bool = True
     split_seed: int | None = None  # seeds the data split when it is not ``seed``: a seed band member keeps the trial's
+    # where config.yaml holds the seed (dotted): a custom trainer's trainer.seed_key, else training.seed or seed
+    seed_key: str = "training.seed"
 
     @property
     def data_split_seed(self) -> int:
@@ -82,6 +84,8 @@ class TrainerSpec:
     command: str | None = None  # a command line with {placeholders} (harness.worker.trainer_cmd); then no entrypoint
     model_fn: str | None = None  # trainer.model_fn: module:function building the nn.Module from the config
     predict: str | None = None  # trainer.predict: module:function evaluating a model (the archived weights)
+    objective: str | None = None  # trainer.objective: the metric trial_info's value is (val_loss, val.mse, test.r2.a)
+    weights: str | None = None  # trainer.weights: the file the trainer writes its weights to, relative to its out_dir
 
     @property
     def code_dir(self) -> str | None:
@@ -120,14 +124,13 @@ class Bundle:
         return asdict(self)
 
     def with_seed(self, seed: int) -> "Bundle":
-        """This bundle trained with another ``training.seed`` (a seed band member), in the config too:
-        a custom trainer reads its seed from either. The data split keeps the trial's seed
-        (``split_seed``; the reference trainer and ``ctx.split``), so every seed is scored
-        on the same validation samples."""
+        """This bundle trained with another seed (a seed band member), in the config too, at the key the
+        seed was read from (``training.seed_key``): a custom trainer reads its seed from either. The data
+        split keeps the trial's seed (``split_seed``; the reference trainer and ``ctx.split``), so every
+        seed is scored on the same validation samples."""
         from dataclasses import replace
 
-        training_cfg = self.config.get("training")
-        config = {**self.config, "training": {**(training_cfg if isinstance(training_cfg, Mapping) else {}), "seed": seed}}
+        config = with_value(self.config, self.training.seed_key, seed)
         return replace(self, config=config,
                        training=replace(self.training, seed=seed, split_seed=self.training.data_split_seed))
 
@@ -144,6 +147,15 @@ def _lookup(cfg: Mapping[str, Any], dotted: str) -> Any:
             return _MISSING
         node = node[part]
     return node
+
+
+def with_value(cfg: Mapping[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A copy of ``cfg`` with ``value`` at the dotted key, intermediate mappings copied or created (pure)."""
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        return {**cfg, head: value}
+    inner = cfg.get(head)
+    return {**cfg, head: with_value(inner if isinstance(inner, Mapping) else {}, rest, value)}
 
 
 def _typename(value: Any) -> str:
@@ -290,23 +302,33 @@ def load_yaml(path: Path, label: str | None = None) -> Any:
 
 
 def parse_config(cfg: Any, root: Path, data_override: str | None = None,
-                 custom_trainer: bool = False) -> tuple[DataSpec, ModelSpec, TrainingSpec, TrainerSpec | None]:
+                 custom_trainer: bool = False,
+                 seed_key: str | None = None) -> tuple[DataSpec, ModelSpec, TrainingSpec, TrainerSpec | None]:
     """Validate a parsed config.yaml. Pure apart from resolving paths.
 
     With a custom trainer (a ``trainer`` section, or ``custom_trainer`` when one is
     named with --trainer) only what the harness itself reads is validated:
-    ``training.seed``, ``data.path`` (and ``data.sha256``) and the trainer section;
-    every other key is the user's and is passed through untouched. The reference
-    trainer's keys are validated by :func:`parse_reference_config`.
+    the seed (:func:`_custom_seed`: ``seed_key`` from --seed-key, else ``trainer.seed_key``,
+    else ``training.seed``, else a top-level ``seed``), ``data.path`` (and ``data.sha256``)
+    and the trainer section; every other key is the user's and is passed through
+    untouched. The reference trainer's keys (``training.seed`` among them) are
+    validated by :func:`parse_reference_config`.
     """
     if not isinstance(cfg, Mapping):
-        raise InputError(CONFIG, f"must be a mapping of sections (data, model, training), got {_typename(cfg)}",
+        what = "your trainer's settings and its seed" if custom_trainer else "sections (data, model, training)"
+        raise InputError(CONFIG, f"must be a mapping of {what}, got {_typename(cfg)}",
                          hint="see README 'The optuna_best schema'")
     r = _Reader(cfg, CONFIG)
     trainer = _parse_trainer_section(r, entrypoint_required=not custom_trainer)
-    r.get("training", "mapping", example="training: {seed: 42, batch_size: 32, epochs: 20, learning_rate: 0.001}")
-    seed = r.get("training.seed", "int", why="to seed every RNG and the split", example="training: {seed: 42}")
     custom = trainer is not None or custom_trainer
+    if custom:
+        seed, seed_key = _custom_seed(r, seed_key)
+    else:
+        if seed_key is not None:
+            raise InputError("--seed-key", f"{seed_key} names where a custom trainer reads its seed; the reference "
+                             "trainer reads training.seed", hint="drop --seed-key, or name your trainer with --trainer")
+        r.get("training", "mapping", example="training: {seed: 42, batch_size: 32, epochs: 20, learning_rate: 0.001}")
+        seed = r.get("training.seed", "int", why="to seed every RNG and the split", example="training: {seed: 42}")
     # a custom trainer may find its data itself: then data.path is optional (nothing is hashed)
     r.get("data", "mapping", default={} if custom else _MISSING, example="data: {path: data/signals.npz}")
     if data_override is not None:
@@ -325,7 +347,7 @@ def parse_config(cfg: Any, root: Path, data_override: str | None = None,
         data = DataSpec(path=None if data_path is None else str(data_path),
                         resolved=None if resolved is None else str(resolved), sha256=sha.lower() if sha else None,
                         split=split, split_note=split_note)
-        return data, ModelSpec(), TrainingSpec(seed=seed, epochs=epochs), trainer
+        return data, ModelSpec(), TrainingSpec(seed=seed, epochs=epochs, seed_key=seed_key), trainer
     assert data_path is not None and resolved is not None
     data, model, training = parse_reference_config(r, seed, str(data_path), str(resolved), sha)
     return data, model, training, None
@@ -345,6 +367,7 @@ def _parse_trainer_section(r: _Reader, entrypoint_required: bool = True) -> Trai
         default=_MISSING if entrypoint_required else "")
     hooks = {k: r.get(f"trainer.{k}", "str", default=None, example=f"trainer: {{{k}: 'mypkg.model:{k}'}}")
              for k in TRAINER_HOOKS}
+    hooks.update(_trainer_settings(r))
     raw = _lookup(tcfg, "code_dir")
     if isinstance(raw, list):
         if not raw or not all(isinstance(v, str) and v for v in raw):
@@ -355,6 +378,76 @@ def _parse_trainer_section(r: _Reader, entrypoint_required: bool = True) -> Trai
 
 
 TRAINER_HOOKS = ("model_fn", "predict")  # optional trainer.* functions that evaluate the archived weights
+# optional trainer.* settings: what trial_info's value is, and where the trainer writes its weights; like the
+# hooks, they describe the bundle and stay when --trainer/--trainer-cmd names the trainer (trainer.seed_key is
+# read into TrainingSpec.seed_key by _custom_seed)
+TRAINER_SETTINGS = ("objective", "weights")
+TRAINER_KEYS = ("entrypoint", "command", "code_dir", *TRAINER_HOOKS, *TRAINER_SETTINGS, "seed_key")
+OBJECTIVE_SPLITS = ("val", "test")
+OBJECTIVE_METRICS = ("r2", "mse", "mae")
+OBJECTIVE_EXAMPLE = "trainer: {objective: val.mse}"
+
+
+def objective_parts(text: str) -> tuple[str, str, str | None] | None:
+    """``val.mse.target_a`` -> ("val", "mse", "target_a"); ``test.r2`` -> ("test", "r2", None); ``val_loss``
+    -> ("val", "val_loss", None); the flat names a trainer returns are taken too (``val_mse`` is ``val.mse``,
+    ``test_r2.target_a`` is ``test.r2.target_a``); None when ``text`` is not a metric path of the record (pure)."""
+    if text == "val_loss":
+        return "val", "val_loss", None
+    head, dot, tail = text.partition(".")
+    for split in OBJECTIVE_SPLITS:
+        if head.startswith(split + "_") and head[len(split) + 1:] in OBJECTIVE_METRICS:
+            text = f"{split}.{head[len(split) + 1:]}{dot}{tail}"
+    split, _, rest = text.partition(".")
+    metric, _, target = rest.partition(".")
+    if split not in OBJECTIVE_SPLITS or metric not in OBJECTIVE_METRICS or (rest.endswith(".") and not target):
+        return None
+    return split, metric, target or None
+
+
+def _trainer_settings(r: _Reader) -> dict[str, str | None]:
+    """``trainer.objective`` and ``trainer.weights``, checked: a bad one is one line, before anything trains."""
+    objective = r.get("trainer.objective", "str", default=None, example=OBJECTIVE_EXAMPLE)
+    if objective is not None and objective_parts(objective) is None:
+        raise r.err("trainer.objective", f"{objective!r} is not a metric of the record: write val_loss, or "
+                    f"SPLIT.METRIC[.TARGET] with SPLIT one of {', '.join(OBJECTIVE_SPLITS)} and METRIC one of "
+                    f"{', '.join(OBJECTIVE_METRICS)}", hint=f"e.g. `{OBJECTIVE_EXAMPLE}` or `objective: test.r2.target_a`")
+    weights = r.get("trainer.weights", "str", default=None, example="trainer: {weights: model.pt}")
+    if weights is not None:
+        from pathlib import PurePosixPath
+
+        path = PurePosixPath(weights)
+        if path.is_absolute() or ".." in path.parts or "\\" in weights or not path.parts or path.parts == (".",):
+            raise r.err("trainer.weights", f"{weights!r} must be a path inside the cell's output directory "
+                        "(relative, without ..)", hint="write e.g. `weights: model.pt` or `weights: checkpoints/best.ckpt`")
+        weights = path.as_posix()
+    return {"objective": objective, "weights": weights}
+
+
+def _custom_seed(r: _Reader, override: str | None) -> tuple[int, str]:
+    """A custom trainer's seed and the dotted key it was read from: ``override`` (--seed-key), else
+    ``trainer.seed_key``, else ``training.seed``, else a top-level ``seed``; one line when none is there."""
+    declared = override if override is not None else r.get("trainer.seed_key", "str", default=None,
+                                                           example="trainer: {seed_key: seed}")
+    where = "--seed-key" if override is not None else "trainer.seed_key"
+    if declared is not None:
+        if not all(part.strip() for part in declared.split(".")):
+            raise InputError(CONFIG, f"{where} {declared!r} is not a dotted key of config.yaml",
+                             hint="write e.g. `seed_key: seed` or `seed_key: train.random_state`")
+        value = _lookup(r.data, declared)
+        if value is _MISSING or value is None:
+            raise InputError(CONFIG, f"{where} names {declared}, which config.yaml does not have",
+                             hint=f"add `{declared}: 42`, or name the key your trainer reads its seed from")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(CONFIG, f"{declared} (the seed, {where}) must be an integer, got {_typename(value)} "
+                                     f"{value!r}", hint=f"write e.g. `{declared}: 42`")
+        return value, declared
+    for key in ("training.seed", "seed"):
+        value = _lookup(r.data, key)
+        if value is not _MISSING and value is not None:
+            return r._check(key, value, "int", "training: {seed: 42}" if key == "training.seed" else "seed: 42"), key
+    raise InputError(CONFIG, "no seed found (looked for training.seed and seed)",
+                     hint="declare where your trainer reads it with trainer: {seed_key: KEY}")
 
 
 def _custom_split(r: _Reader) -> tuple[tuple[float, float, float], str | None]:
@@ -482,6 +575,23 @@ def unknown_config_keys(cfg: Any) -> list[str]:
     return out
 
 
+def unknown_trainer_keys(cfg: Any) -> list[str]:
+    """One message per key of config.yaml's ``trainer`` section the harness does not read (:data:`TRAINER_KEYS`):
+    a misspelt ``trainer.seed_kye`` would otherwise leave the seed where the harness looks by default."""
+    tcfg = cfg.get("trainer") if isinstance(cfg, Mapping) else None
+    if not isinstance(tcfg, Mapping):
+        return []
+    import difflib
+
+    out = []
+    for key in tcfg:
+        if key not in TRAINER_KEYS:
+            close = difflib.get_close_matches(str(key), TRAINER_KEYS, n=1)
+            guess = f" (did you mean trainer.{close[0]}?)" if close else ""
+            out.append(f"{CONFIG}: trainer.{key} is not a key of the trainer section{guess}; it was ignored")
+    return out
+
+
 # --------------------------------------------------------------------------- trial_info.yaml
 
 
@@ -606,11 +716,13 @@ def config_digest(config: Mapping[str, Any]) -> str:
 def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = None,
                 trainer_override: str | None = None,
                 trainer_path: str | list[str] | tuple[str, ...] | None = None,
-                trainer_cmd_override: str | None = None, data_dir: str | None = None) -> Bundle:
+                trainer_cmd_override: str | None = None, data_dir: str | None = None,
+                seed_key_override: str | None = None) -> Bundle:
     """Read and validate an optuna_best directory (no training, no code execution).
 
     ``trainer_override`` (``--trainer``) or ``trainer_cmd_override`` (``--trainer-cmd``)
     replaces config.yaml's trainer section, whichever of the two it names.
+    ``seed_key_override`` (``--seed-key``) replaces ``trainer.seed_key``.
     """
     root = Path(path).expanduser()
     if not root.exists():
@@ -620,18 +732,23 @@ def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = Non
     root = root.resolve()
     cfg_path = root / CONFIG
     if not cfg_path.is_file():
-        raise InputError(str(cfg_path), "not found", hint="an optuna_best/ directory needs config.yaml with data, model and training sections")
+        raise InputError(str(cfg_path), "not found",
+                         hint="an optuna_best/ directory needs config.yaml: your trainer's settings and its seed"
+                         if trainer_override or trainer_cmd_override else
+                         "an optuna_best/ directory needs config.yaml with data, model and training sections")
     cfg = load_yaml(cfg_path, CONFIG)
     if trainer_override and trainer_cmd_override:
         raise InputError("--trainer-cmd", "cannot be combined with --trainer", hint="name one trainer: a function or a command")
     data, model, training, trainer = parse_config(cfg, root, data_override,
-                                                  custom_trainer=bool(trainer_override or trainer_cmd_override))
+                                                  custom_trainer=bool(trainer_override or trainer_cmd_override),
+                                                  seed_key=seed_key_override)
     if data_dir is not None:
         data = within_data_dir(data, data_dir, given=data_override is not None)
 
     paths = tuple([trainer_path] if isinstance(trainer_path, str) else (trainer_path or ()))
-    # config.yaml's hooks describe the archived model: they stay when --trainer names another entrypoint
-    hooks = {k: getattr(trainer, k) for k in TRAINER_HOOKS} if trainer is not None else {}
+    # config.yaml's hooks describe the archived model (its settings the bundle): they stay when --trainer
+    # names another entrypoint
+    hooks = {k: getattr(trainer, k) for k in (*TRAINER_HOOKS, *TRAINER_SETTINGS)} if trainer is not None else {}
     if trainer_override:
         trainer = TrainerSpec(entrypoint=trainer_override, code_dirs=paths, **hooks)
     elif trainer_cmd_override:

@@ -1,6 +1,8 @@
 """Why two runs part: the cause class the evidence supports, or none. Pure.
 
-Two kinds of evidence, each named in the finding:
+First what the runs were told to do differently: two band members with different one-ulp
+changes were *perturbed differently*, two runs with different seeds have *seeds that differ*
+(both from their records). Then two kinds of evidence, each named in the finding:
 
 * the settings both records measured (:mod:`harness.attribution`'s axes): two runs whose
   settings are all equal and still differ had a nondeterministic reduction; two that differ
@@ -34,6 +36,8 @@ DRAWS = 1e-3  # relative: TF32 keeps 10 mantissa bits (2^-11 ≈ 4.9e-4 per prod
 
 
 class Cause(str, enum.Enum):
+    PERTURBED = "perturbed differently"
+    SEEDS = "seeds differ"
     RANDOM = "random draws differ"
     KERNELS = "kernels differ"
     PRECISION = "reduced precision"
@@ -71,6 +75,18 @@ def _settings(a: ResultRecord, b: ResultRecord) -> list[str] | None:
     return None if uncertain else differ
 
 
+def _perturbation(rec: ResultRecord) -> str | None:
+    """The one-ulp change ``rec`` trained with, in words (None: none was applied)."""
+    p = rec.perturbation or {}
+    if not p.get("applied"):
+        return None
+    return f"{p.get('tensor')}[{p.get('index')}] {p.get('direction')}"
+
+
+def _seed(rec: ResultRecord) -> Any:
+    return (rec.spec or {}).get("seed")
+
+
 def _first_loss(divergence: Any) -> tuple[int | None, float | None]:
     """(the step the losses first differ at, their relative difference there)."""
     d = getattr(divergence, "loss_differs_at", None)
@@ -97,9 +113,16 @@ def classify(a: ResultRecord, b: ResultRecord, divergence: Any = None) -> Findin
     if divergence is not None and divergence.parting is Parting.EVALUATION_ONLY:
         return Finding(Cause.EVALUATION, "losses and parameters agree at every traced step, the metrics do not: "
                                          "the evaluation's kernels differ")
-    differ = _settings(a, b)
     parts = (divergence.parts_at or {}) if divergence is not None else {}
     step = parts.get("step")
+    moved = (_perturbation(a), _perturbation(b))
+    if moved[0] != moved[1]:  # ulp band members: they were made to part
+        said = [f"{r.cell} moved {m} by one ulp" if m else f"{r.cell} was not perturbed" for r, m in zip((a, b), moved)]
+        return Finding(Cause.PERTURBED, "; ".join(said), step)
+    if _seed(a) != _seed(b):
+        sa, sb = (f"seed {_seed(r)}" if _seed(r) is not None else "the trial's seed" for r in (a, b))
+        return Finding(Cause.SEEDS, f"{a.cell} trained with {sa}, {b.cell} with {sb}", step)
+    differ = _settings(a, b)
     loss_step, rel = _first_loss(divergence)
     at_first = loss_step == 1
     relw = f"{rel:.1g}" if rel is not None else "?"

@@ -380,9 +380,10 @@ def _weights_digest(path: Path) -> str:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure: not weights the run wrote
         raise InputError(str(path), f"cannot be loaded as weights ({exc.__class__.__name__})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(hasattr(v, "detach") for v in state.values()):
+    from .worker.checkpoint import tensors_of
+
+    state, _ = tensors_of(state)  # a trainer's own checkpoint (its model sub-mapping), as the worker digested it
+    if not state:
         raise InputError(str(path), "does not hold a state_dict")
     return state_sha256(state)
 
@@ -431,6 +432,9 @@ def export(results_dir: str | Path, out: str | Path, cell: str | None = None, *,
             raise InputError(where, "names a trainer whose folders cannot be found on this host")
         trainer = (entry, [Path(d).resolve() for d in dirs if d is not None])
     new_cfg = export_config(cfg, src_bundle, data.resolve() if data else None, rec.data_sha256, trainer)
+    seed_key = (rec.spec or {}).get("seed_key")
+    if trainer is not None and isinstance(seed_key, str):  # --seed-key: the new bundle says it itself
+        new_cfg["trainer"]["seed_key"] = seed_key
     info = trial_info(rec, res.root, now_utc())
 
     warnings = list(res.warnings)
@@ -469,7 +473,8 @@ def export(results_dir: str | Path, out: str | Path, cell: str | None = None, *,
             files.append(f"{WEIGHTS_DIR}/{name}")
         if not any(f.startswith(WEIGHTS_DIR + "/") for f in files):
             (tmp / WEIGHTS_DIR).rmdir()
-            warnings.append(f"cell {rec.cell} left no weights: the bundle has none")
+            warnings.append(f"cell {rec.cell} left no weights in its output: the exported bundle has no "
+                            f"{WEIGHTS_DIR}/ (the source bundle's are not copied: they are not this cell's)")
         # The new bundle must load as any bundle does (data.path, trainer folders).
         load_bundle(tmp, data_dir=str(data_dir) if data_dir else None)
         _move_into_place(tmp, out)

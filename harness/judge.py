@@ -154,13 +154,15 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def flatten_recorded(recorded: Mapping[str, Any] | None) -> dict[str, float]:
-    """The recorded trial in the same shape (its metrics are on the validation split)."""
+def flatten_recorded(recorded: Mapping[str, Any] | None, value_at: str | None = "val_loss") -> dict[str, float]:
+    """The recorded trial in the same shape (its metrics are on the validation split).
+
+    ``value_at``: the flat key the trial's objective ``value`` is compared as (:func:`value_key`; None:
+    not compared). A metric trial_info.yaml records itself under that key stays as recorded.
+    """
     if not recorded:
         return {}
     out: dict[str, float] = {}
-    if _number(recorded.get("value")):
-        out["val_loss"] = float(recorded["value"])
     for fam in ("r2", "mse", "mae"):
         values = recorded.get(fam) or {}
         if not isinstance(values, Mapping):
@@ -168,7 +170,72 @@ def flatten_recorded(recorded: Mapping[str, Any] | None) -> dict[str, float]:
         for target, v in values.items():
             if _number(v):  # a recorded null (written for NaN) is nothing to compare with
                 out[f"{fam}/{target}"] = float(v)
+    if value_at is not None and _number(recorded.get("value")):
+        out.setdefault(value_at, float(recorded["value"]))
     return out
+
+
+OBJECTIVE_NOTE = ("trial_info.yaml's value was not compared: the trainer returns no val_loss, and config.yaml does "
+                  "not say which metric the value is; declare it, e.g. trainer: {objective: val.mse}")
+
+
+def objective_of(rec: ResultRecord) -> str | None:
+    """Which metric trial_info.yaml's ``value`` is for this record: ``val_loss`` for the reference trainer (the
+    seed document defines it so), a custom trainer's ``trainer.objective``, or None when it declared none."""
+    if rec.trainer is None:
+        return "val_loss"
+    objective = rec.trainer.get("objective") if isinstance(rec.trainer, Mapping) else None
+    return objective if isinstance(objective, str) else None
+
+
+def value_key(objective: str | None, produced: Mapping[str, float] | None) -> tuple[str | None, str | None]:
+    """The flat key (``val_loss``, ``mse/*``, ``test:r2/a``) the trial's value is compared as, and the warning
+    when the declared objective names no metric of ``produced`` (None: the value is not compared) (pure).
+
+    Undeclared (None): ``val_loss`` when the run produced it (a trainer's val_loss, loss, best_val_loss or
+    objective), else nothing, without a warning (the report's note says how to declare it). A declared
+    metric without a target takes the run's aggregate ``*`` or its one target. ``produced`` None: keys only.
+    """
+    from .bundle import objective_parts
+
+    if objective == "val_loss" or (objective is None and (produced is None or "val_loss" in produced)):
+        return "val_loss", None
+    if objective is None:
+        return None, None
+    parts = objective_parts(objective)
+    if parts is None:  # a record from elsewhere: the worker validated its own
+        return None, f"trainer.objective {objective!r} is not a metric path: trial_info.yaml's value was not compared"
+    split, metric, target = parts
+    prefix = "test:" if split == "test" else ""
+    if target is not None or produced is None:
+        key = f"{prefix}{metric}/{target if target is not None else AGGREGATE}"
+        if produced is None or key in produced:
+            return key, None
+        return None, (f"trainer.objective {objective} names {split} {metric}"
+                      f"{f' of target {target}' if target is not None else ''}, which this run does not produce: "
+                      "trial_info.yaml's value was not compared")
+    targets = sorted(k.split("/", 1)[1] for k in produced if k.startswith(f"{prefix}{metric}/"))
+    if AGGREGATE in targets or len(targets) == 1:
+        return f"{prefix}{metric}/{AGGREGATE if AGGREGATE in targets else targets[0]}", None
+    if not targets:
+        return None, (f"trainer.objective {objective} names {split} {metric}, which this run does not produce: "
+                      "trial_info.yaml's value was not compared")
+    return None, (f"trainer.objective {objective} names no single metric: the run has {split} {metric} for "
+                  f"{', '.join(targets[:4])}{' ...' if len(targets) > 4 else ''}; name one, e.g. "
+                  f"{objective}.{targets[0]}: trial_info.yaml's value was not compared")
+
+
+def judged_values(rec: ResultRecord) -> tuple[dict[str, float], dict[str, float], str | None, str | None]:
+    """The recorded trial flat (its value at the record's objective), what the run produced to compare with
+    (validation metrics, and test metrics as ``test:...`` when the objective is a test metric), the key the
+    value is compared as, and the warning when the declared objective cannot be compared."""
+    flat = flatten_split(rec.retrained, "val")
+    test = {f"test:{k}": v for k, v in flatten_split(rec.retrained, "test").items()}
+    objective = objective_of(rec)
+    at, problem = value_key(objective, {**flat, **test})
+    if at is not None and at.startswith("test:"):
+        flat = {**flat, at: test[at]}
+    return flatten_recorded(rec.recorded, at), flat, at, problem
 
 
 AGGREGATE = "*"  # the target name of a metric over all targets (one number); see README
@@ -255,6 +322,8 @@ class CellJudgement:
     archived_inference: dict[str, MetricDiff] = field(default_factory=dict)  # archived weights evaluated here vs recorded
     out_of_tolerance: list[str] = field(default_factory=list)  # metrics outside an explicit --tol (the user's gate)
     unmatched_recorded: list[str] = field(default_factory=list)  # recorded metrics this run produced nothing to compare with
+    objective: str | None = None  # the flat key trial_info.yaml's value was compared as (None: not compared)
+    objective_problem: str | None = None  # why a declared trainer.objective could not be compared
     weights_vs_archived: dict[str, Any] | None = None  # the retrained best weights vs weights/best.pt, tensor by tensor
     user_weights_identical_to_recorded: bool | None = None  # the trainer's own digest vs trial_info's, its convention
     ladder: CellRung | None = None  # its rung against the reference (None: it is the reference, or did not run)
@@ -378,9 +447,8 @@ def nonfinite_keys(rec: ResultRecord, split: str = "val") -> list[str]:
 
 def _judge_ok(rec: ResultRecord, first: ResultRecord | None, tol: Tolerances) -> CellJudgement:
     """The diffs of an ok cell against the recorded trial and the first cell; its verdict comes from the ladder."""
-    flat = flatten_split(rec.retrained, "val")
     recorded = rec.recorded
-    wanted = flatten_recorded(recorded)
+    wanted, flat, objective, objective_problem = judged_values(rec)
     produced = with_aggregates(flat, wanted)
     bad_numbers = [k for k in nonfinite_keys(rec) if k in wanted]
     unmatched = sorted(k for k in wanted if k not in produced and k not in bad_numbers)
@@ -417,6 +485,8 @@ def _judge_ok(rec: ResultRecord, first: ResultRecord | None, tol: Tolerances) ->
         archived_inference=arch, out_of_tolerance=bad, unmatched_recorded=unmatched,
         weights_vs_archived=rec.weights_vs_archived, user_weights_identical_to_recorded=user.get("identical_to_recorded"),
         nonfinite=bad_numbers,
+        objective=objective if recorded and objective in wanted else None,
+        objective_problem=objective_problem if recorded and _number(recorded.get("value")) else None,
     )
 
 
@@ -502,6 +572,12 @@ def where_words(rec: ResultRecord) -> str:
 def is_band_member(rec: ResultRecord) -> bool:
     """Whether ``rec`` is a member of the band (an ulp or seed retrain of the baseline), not a cell's own seed."""
     return bool(rec.band) and (rec.band or {}).get("kind") in ("ulp", "seed")
+
+
+def is_row(rec: ResultRecord) -> bool:
+    """Whether ``rec`` is a row of the results: a cell, or a band member that failed (one that ran, or that its
+    band's probes left out, :func:`harness.band.gate`, belongs to the band and its notes)."""
+    return not (rec.band and (rec.ok or rec.status is Status.SKIPPED))
 
 
 def band_member(rec: ResultRecord) -> band_mod.Member:
@@ -636,6 +712,8 @@ def _climb(j: CellJudgement, rec: ResultRecord, first: ResultRecord | None, stic
            baseline: dict[str, float] | None, pairs: dict[str, list[float]] | None, tol: Tolerances) -> CellJudgement:
     """The cell's rung against its reference, and its verdict from it (explicit tolerances gate on top)."""
     cell_vals = flat_val(rec)
+    if j.objective is not None and j.objective.startswith("test:"):  # trainer.objective: a test metric
+        cell_vals[j.objective] = judged_values(rec)[1][j.objective]
     if j.vs_recorded:
         reference = TRIAL
         ref_vals = {k: d.old for k, d in j.vs_recorded.items()}
@@ -687,7 +765,7 @@ def reference_in_band(records: list[ResultRecord], sticks: Yardsticks) -> Refere
     rec = next((r for r in records if r.ok and r.recorded), None)
     if rec is None or sticks.n_seed < band_mod.MIN_MEMBERS:
         return None
-    values = flatten_recorded(rec.recorded)
+    values = judged_values(rec)[0]
     tests = {k: t for k, v in values.items() if k in sticks.seeds
              and (t := stats.prediction_test(v, sticks.seeds[k], sticks.alpha)) is not None}
     if not tests:
@@ -732,7 +810,7 @@ def compare(records: list[ResultRecord], tol: Tolerances | None = None, missing:
     verdict ladder, with the band among ``records`` as the yardsticks and ``tol`` as an explicit gate.
 
     Band members (records with ``band``) that ran make the band and are not cells; one
-    that failed is a failed row like any cell. Skipped cells are ``skipped`` and do not
+    that failed is a failed row like any cell, one that was skipped is a note of the band. Skipped cells are ``skipped`` and do not
     fail the run; interrupted cells and ``missing`` ones (planned, never recorded) make the
     run ``incomplete``. A cell whose data does not match the digest the bundle records is
     ``not comparable`` unless ``allow_data_change`` (then it is judged, and the mismatch is
@@ -743,7 +821,7 @@ def compare(records: list[ResultRecord], tol: Tolerances | None = None, missing:
     alpha = stats.check_alpha(alpha)
     band = measure_band(records)
     members = [r for r in records if r.band and r.ok]
-    table = [r for r in records if not (r.band and r.ok)]
+    table = [r for r in records if is_row(r)]
     groups = repeat_groups(table)
     own = {g.name: band_mod.from_values(g.name, [flat_val(r) for r in table if r.cell in g.cells and r.ok])
            for g in groups if not g.deterministic}
@@ -781,6 +859,8 @@ def compare(records: list[ResultRecord], tol: Tolerances | None = None, missing:
         if c.unmatched_recorded:
             warnings.setdefault(f"{c.cell}: trial_info.yaml records {', '.join(c.unmatched_recorded)}, which this run "
                                 "does not produce: not compared", None)
+        if c.objective_problem:
+            warnings.setdefault(f"{c.cell}: {c.objective_problem}", None)
     ref_in_band = reference_in_band(table, sticks)
     if band is not None:
         for note in band.notes:

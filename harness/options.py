@@ -293,6 +293,7 @@ class RunOptions:
     trainer: str | None = None
     trainer_path: list[str] | None = None
     trainer_cmd: str | None = None  # a command as the trainer, instead of `trainer` (module:function)
+    seed_key: str | None = None  # --seed-key: where the custom trainer reads its seed in config.yaml
     out: str | None = None
     trace: bool = False
     progress: bool = True

@@ -60,6 +60,7 @@ class Job:
     data_dir: str | None = None  # --data-dir: holds data_path; mounted whole and hashed
     band_from: str | None = None  # a band measured earlier that this run's cells are judged against
     data_feed: str | None = None  # --data-path: the reference trainer's data path (None: the default)
+    seed_key: str | None = None  # --seed-key: where a custom trainer reads its seed (None: config.yaml says)
 
     def cell_dir(self, cell: Cell) -> Path:
         return Path(self.results_dir) / cell.name

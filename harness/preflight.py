@@ -53,10 +53,9 @@ def check(bundle: Bundle, weights: bool = True) -> Preflight:
     warnings = data_mismatches(bundle, digest) if digest is not None else []
     if digest is None:
         warnings.append("config.yaml has no data.path: the trainer finds its own data, which is not hashed or checked")
-    if bundle.trainer is None:
-        from .bundle import unknown_config_keys
+    from .bundle import unknown_config_keys, unknown_trainer_keys
 
-        warnings += unknown_config_keys(bundle.config)
+    warnings += unknown_config_keys(bundle.config) if bundle.trainer is None else unknown_trainer_keys(bundle.config)
     if bundle.recorded is None:
         warnings.append("no trial_info.yaml: the runs go ahead, but there is nothing recorded to compare with")
     if bundle.scaler_path is not None:

@@ -2,7 +2,7 @@
 
 * :class:`RunSpec` -- what a backend hands the worker (one cell, one run),
   schema ``harness.runspec/4`` (4: ``trainer_cmd``; ``seed``, ``perturb`` and ``band`` for band members;
-  later, optional: ``data_dir``, ``data_feed``)
+  later, optional: ``data_dir``, ``data_feed``, ``seed_key``)
 * :class:`ResultRecord` -- one JSON file per run, ``OUT/<cell>/record.json``,
   schema ``harness.result/3`` (3: ``trace``, what ``--trace`` wrote or why nothing; records of
   ``harness.result/2`` are still read: they have no trace)
@@ -233,6 +233,7 @@ class RunSpec:
     # --data-path: the reference trainer's data path, "loader" | "fast"; None: the default
     # (options.DEFAULT_DATA_PATH). Not ``data_path``: that name is the dataset file's.
     data_feed: str | None = None
+    seed_key: str | None = None  # --seed-key: where a custom trainer reads its seed in config.yaml (trainer.seed_key)
     schema: str = SPEC_SCHEMA
 
     def to_json(self) -> str:
@@ -248,7 +249,7 @@ class RunSpec:
     # Added to runspec/4 after its first release, all optional and left out when unset, so a spec
     # that does not use them reads the same to every /4 worker (an image built before them, a snapshot).
     # A worker that predates a key refuses a spec that sets it (one line, exit 2) rather than ignore it.
-    LATER_KEYS = ("data_dir", "data_feed")
+    LATER_KEYS = ("data_dir", "data_feed", "seed_key")
 
     @classmethod
     def from_json(cls, data: Any, where: str = "spec.json") -> "RunSpec":

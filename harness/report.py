@@ -19,7 +19,7 @@ from rich.text import Text
 
 from .attribution import CONFOUNDED, NOT_ENOUGH, Attribution, AxisEffect, WidthFn, attribute
 from .band import Band
-from .judge import Comparison, MetricDiff, Verdict, max_abs
+from .judge import Comparison, MetricDiff, Verdict, is_row, max_abs
 from .ladder import RUNG_LINES, RUNG_ORDER, Rung
 from .record import REPORT_SCHEMA, ResultRecord, _jsonable
 
@@ -207,8 +207,8 @@ def _diff(d: Mapping[str, MetricDiff], key: str) -> float | None:
 
 
 def table_records(records: list[ResultRecord]) -> list[ResultRecord]:
-    """The records that are rows of the tables: every one but the band members that ran (the band's)."""
-    return [r for r in records if not (r.band and r.ok)]
+    """The records that are rows of the tables (:func:`harness.judge.is_row`)."""
+    return [r for r in records if is_row(r)]
 
 
 def band_members(records: list[ResultRecord]) -> list[ResultRecord]:
@@ -624,6 +624,18 @@ def archived_notes(records: Iterable[ResultRecord]) -> list[str]:
             for why, cells in by_why.items()]
 
 
+def objective_notes(records: Iterable[ResultRecord]) -> list[str]:
+    """The one note for custom-trainer cells whose trial value was not compared: no val_loss, no trainer.objective."""
+    from .judge import OBJECTIVE_NOTE, objective_of
+
+    cells = [r.cell for r in records if r.ok and not r.band and r.trainer is not None and objective_of(r) is None
+             and isinstance((r.recorded or {}).get("value"), (int, float)) and "val_loss" not in r.retrained]
+    if not cells:
+        return []
+    ok = [r for r in records if r.ok and not r.band]
+    return [f"{OBJECTIVE_NOTE}{'' if len(cells) == len(ok) else ' (' + ', '.join(cells[:5]) + ')'}"]
+
+
 def trace_notes(records: Iterable[ResultRecord]) -> list[str]:
     """Why a --trace cell has no trace (the record's ``trace.why``), each reason once, naming its cells."""
     by_why: dict[str, list[str]] = {}
@@ -746,7 +758,7 @@ def notes(data: list[dict[str, str]], records: list[ResultRecord], comparison: C
             parts.append(Text(f"✗ {r['cell']} not comparable: {r['reason']}", style="red"))
     for w in warnings(records, comparison):
         parts.append(Text(f"! {w}", style="bold red"))
-    for n in weights_notes(comparison) + archived_notes(records) + trace_notes(records):
+    for n in weights_notes(comparison) + archived_notes(records) + trace_notes(records) + objective_notes(records):
         parts.append(Text(f"- {n}", style="dim"))
     note = band_note(comparison)
     if note:
@@ -939,7 +951,8 @@ def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str
     notes += [f"- {_md_escape(w)}" for w in legend_lines(comparison)]
     notes += [f"- {_md_escape(w)}" for w in beyond_lines(comparison)]
     notes += [f"- {_md_escape(w)}" for w in warnings(records, comparison)]
-    notes += [f"- {_md_escape(n)}" for n in weights_notes(comparison) + archived_notes(records) + trace_notes(records)]
+    notes += [f"- {_md_escape(n)}" for n in weights_notes(comparison) + archived_notes(records) + trace_notes(records)
+              + objective_notes(records)]
     note = band_note(comparison)
     if note:
         notes.append(f"- {_md_escape(note)}")

@@ -465,7 +465,7 @@ def _curves_section(records: list[ResultRecord], members_only: bool, traces: Map
 
 def _deltas_section(records: list[ResultRecord], comparison: Comparison, members_only: bool) -> list[str]:
     from . import stats
-    from .judge import flatten_recorded
+    from .judge import judged_values
     from .report import band_rows, band_title, BAND_COLUMNS, SEED_COLUMNS
 
     band = comparison.band
@@ -479,7 +479,7 @@ def _deltas_section(records: list[ResultRecord], comparison: Comparison, members
                 return None
             t = stats.prediction_test(s.mean, stats.Summary(s.n, s.mean, s.sd), comparison.alpha)
             return None if t is None else (s.mean - t.half_width, s.mean + t.half_width)
-    recorded = next((flatten_recorded(r.recorded) for r in cells if r.recorded), None)
+    recorded = next((judged_values(r)[0] for r in cells if r.recorded), None)
     if members_only and band is not None:
         reference, ref_name = {k: s.mean for k, s in (band.ulp or band.seed).items()}, "the band's mean"
     elif recorded:

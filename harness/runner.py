@@ -50,7 +50,8 @@ def load_and_check(opts: RunOptions, weights: bool = True) -> tuple[Any, Any]:
     from .bundle import load_bundle
 
     bundle = load_bundle(opts.bundle, data_override=opts.data, trainer_override=opts.trainer,
-                         trainer_path=opts.trainer_path, trainer_cmd_override=opts.trainer_cmd, data_dir=opts.data_dir)
+                         trainer_path=opts.trainer_path, trainer_cmd_override=opts.trainer_cmd, data_dir=opts.data_dir,
+                         seed_key_override=opts.seed_key)
     if opts.strict_config and bundle.trainer is None:
         from .bundle import CONFIG, unknown_config_keys
 
@@ -307,9 +308,19 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any, *, jobs: int = 
         executor = ThreadPoolExecutor(max_workers=max(1, len(waiting)), thread_name_prefix="harness-cell")
         stop: ResultRecord | None = None
         while waiting or running:
-            starts = next_to_start(waiting, pool) if stop is None else []
-            if stop is None and not starts and not running and waiting:
-                starts = [(waiting[0], Slot())]  # nothing fits an idle host (e.g. no GPU id to give): run it as is
+            while True:  # what the band's probes showed is not worth running (a skip may decide the next one)
+                ready, skips = band_gates(waiting, records, plan.cells)
+                if not skips:
+                    break
+                for cell in [c for c in waiting if c.name in skips]:
+                    waiting.remove(cell)
+                    progress.start(cell.name)
+                    keep(cell, ResultRecord.without_metrics(cell.name, Status.SKIPPED, "skipped", skips[cell.name],
+                                                            backend=backend.name, started_at=now_utc()))
+                    progress.done(records[cell.name])
+            starts = next_to_start(ready, pool) if stop is None else []
+            if stop is None and not starts and not running and ready:
+                starts = [(ready[0], Slot())]  # nothing fits an idle host (e.g. no GPU id to give): run it as is
                 pool.running += 1
             for cell, slot in starts:
                 waiting.remove(cell)
@@ -332,8 +343,10 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any, *, jobs: int = 
                     stop = rec  # start nothing more; the cells running now end as they will
         if stop is not None and stop.error is not None:
             # The worker found bad input (the bundle, its data): every cell would fail the same
-            # way, so stop, keep what ran, exit 2.
-            raise InputError("", stop.error.message)
+            # way, so stop, keep what ran, exit 2 (after the report of what ran: execute_plan).
+            refused = InputError("", stop.error.message)
+            refused.outcome = outcome()  # type: ignore[attr-defined]
+            raise refused
     except KeyboardInterrupt as stop_signal:
         backend.close()  # every running worker or container is stopped
         if running:
@@ -358,6 +371,37 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any, *, jobs: int = 
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
     return outcome()
+
+
+def band_gates(waiting: list[Cell], records: dict[str, ResultRecord],
+               cells: list[Cell]) -> tuple[list[Cell], dict[str, str]]:
+    """The waiting cells that may start now, and the band members not to run at all, with why.
+
+    A band's first members are its probes (:func:`harness.band.gate`): the others wait for
+    them, so a trainer the perturbation cannot reach, or a seed that does not reach the
+    trainer, costs one or two retrains, not the whole band.
+    """
+    from .band import gate
+    from .judge import band_member
+
+    ready: list[Cell] = []
+    skip: dict[str, str] = {}
+    for cell in waiting:
+        b = cell.band or {}
+        if b.get("kind") not in ("ulp", "seed"):
+            ready.append(cell)
+            continue
+        of = (cell.labels or {}).get("band_of")
+        mine = [c for c in cells if (c.band or {}).get("kind") == b["kind"] and (c.labels or {}).get("band_of") == of]
+        planned = [int(c.band["member"]) for c in mine if c.band]
+        finished = {int(c.band["member"]): band_member(records[c.name]) for c in mine
+                    if c.band and c.name in records}
+        what, why = gate(str(b["kind"]), int(b.get("member") or 0), planned, finished)
+        if what == "run":
+            ready.append(cell)
+        elif what == "skip" and why is not None:
+            skip[cell.name] = why
+    return ready, skip
 
 
 def cell_keys(cells: list[Cell], backend: Any, job: Job, cache: Any) -> dict[str, str]:
@@ -600,6 +644,7 @@ def execute_plan(plan: Plan, backend: Any, job: Job, report_opts: ReportOptions,
 
     start(plan, job, job.bundle_dir)
     before = list(extra_records or [])
+    outcome = Outcome([], [])
     try:
         with CellProgress(len(plan.runnable), enabled=progress_enabled) as progress:
             outcome = run_cells(plan, backend, job, progress, jobs=jobs, cache=cache)
@@ -622,6 +667,18 @@ def execute_plan(plan: Plan, backend: Any, job: Job, report_opts: ReportOptions,
                    reused=got.reused)
         except HarnessError:
             pass  # the interrupt is what the user needs to hear about
+        raise
+    except InputError as exc:
+        # A cell's worker refused the input (exit 2): the records that exist are reported as on any
+        # other path (the table, report.json), then the one line and exit 2.
+        got = getattr(exc, "outcome", None)
+        if got is None:
+            raise
+        try:
+            render(before + got.records + outcome.records, got.missing + outcome.missing, tol, Path(job.results_dir),
+                   report_opts, bundle_dir=job.bundle_dir, reused={**outcome.reused, **got.reused})
+        except HarnessError:
+            pass  # the refusal is what the user needs to hear about
         raise
     return render(before + outcome.records, outcome.missing, tol, Path(job.results_dir), report_opts,
                   bundle_dir=job.bundle_dir, reused=outcome.reused)
@@ -695,7 +752,7 @@ def _execute_locked(opts: RunOptions, bundle: Any, plan: Plan, out: Path, report
               trainer=bundle.trainer.entrypoint if bundle.trainer else None,
               trainer_cmd=bundle.trainer.command if bundle.trainer else None,
               trainer_path=list(bundle.trainer.code_dirs) if bundle.trainer and bundle.trainer.code_dirs else None,
-              trace=opts.trace, data_feed=opts.data_feed,
+              trace=opts.trace, data_feed=opts.data_feed, seed_key=opts.seed_key,
               run_id=new_run_id(), timeout_s=opts.timeout,
               band_from=str(Path(opts.band_from).resolve()) if opts.band_from else None)
     backend = make_backend(plan)

@@ -51,7 +51,8 @@ def test_band_of_the_example_end_to_end(example_band) -> None:
         assert r.weights_sha256 != trial["user_attrs"]["weights_sha256"]  # one ulp is enough to move the result
         assert r.bundle["config_sha256"] and r.spec["perturb"] == {"kind": "ulp", "seed": i}
     seed = recs["band-seed-1"]
-    assert seed.band == {"kind": "seed", "member": 1, "seed": 43} and seed.perturbation is None
+    assert seed.band == {"kind": "seed", "member": 1, "seed": 43, "seed_via": [
+        "training.seed", "the global RNGs (random, numpy, torch) seeded before training"]} and seed.perturbation is None
     assert seed.determinism["seed"] == 43 and seed.spec["seed"] == 43
     # another seed trains differently, on the trial's split: scored on the same validation samples
     assert seed.split["indices_sha256"] == recs["band-ulp-1"].split["indices_sha256"]
@@ -146,7 +147,11 @@ def test_band_first_in_a_matrix(make_bundle, tmp_path: Path) -> None:
 
 
 def _custom_bundle(make_bundle, **cfg_extra) -> Path:
-    root = make_bundle("custom")
+    return _custom_bundle_named(make_bundle, "custom", **cfg_extra)
+
+
+def _custom_bundle_named(make_bundle, name: str, **cfg_extra) -> Path:
+    root = make_bundle(name)
     cfg = yaml.safe_load((root / "config.yaml").read_text())
     cfg["trainer"] = {"entrypoint": "seed_style:train", "code_dir": str(TRAINERS)}
     cfg.update(cfg_extra)
@@ -164,17 +169,46 @@ def test_a_custom_trainer_that_calls_the_hook_gets_its_band(make_bundle, tmp_pat
     assert recs[0].weights_sha256 != recs[1].weights_sha256
 
 
-def test_a_custom_trainer_that_never_calls_the_hook_has_no_ulp_band(make_bundle, tmp_path: Path) -> None:
-    root = _custom_bundle(make_bundle)
-    p = harness("band", str(root), "--n", "2", "--device", "cpu", "-o", str(tmp_path / "b"), "--no-progress")
+def test_a_custom_trainer_that_never_calls_the_hook_is_perturbed_through_torch_hooks(make_bundle,
+                                                                                     tmp_path: Path) -> None:
+    runs = {}
+    for hook in (True, False):
+        root = _custom_bundle(make_bundle, perturb_hook=hook) if hook else _custom_bundle_named(make_bundle, "plain")
+        p = harness("band", str(root), "--n", "2", "--device", "cpu", "-o", str(tmp_path / f"b{hook}"),
+                    "--no-progress")
+        assert p.returncode == 0, p.stdout + p.stderr
+        runs[hook] = record.load(tmp_path / f"b{hook}").records
+    for a, b in zip(runs[True], runs[False]):
+        assert a.perturbation["via"] == "ctx.perturb" and "forward pre-hook" in b.perturbation["via"]
+        assert b.perturbation["applied"] is True and b.perturbation["updated"] is True
+        keys = ("tensor", "index", "direction", "old", "new")
+        assert {k: a.perturbation[k] for k in keys} == {k: b.perturbation[k] for k in keys}
+        assert a.weights_sha256 == b.weights_sha256  # the same one-ulp change, the same training
+
+
+def test_a_band_whose_first_member_cannot_be_perturbed_stops_there(make_bundle, tmp_path: Path) -> None:
+    root = _custom_bundle(make_bundle, functional=True)  # bare tensors: no nn.Module for the hooks to find
+    p = harness("band", str(root), "--n", "4", "--device", "cpu", "-o", str(tmp_path / "b"), "--no-progress")
     assert p.returncode == 1, p.stdout + p.stderr  # asked for a band, got none: never an unperturbed "band"
     text = " ".join(p.stdout.split())
-    assert "ulp band skipped: the trainer never called ctx.perturb(model)" in text
-    recs = record.load(tmp_path / "b").records
-    for r in recs:
-        assert r.status is Status.OK and r.perturbation["applied"] is False
-        assert "never called ctx.perturb(model)" in r.perturbation["skipped"]
-        assert any("not perturbed" in w for w in r.warnings)
+    assert "ulp band skipped" in text and "no module holding trainable parameters" in text
+    recs = {r.cell: r for r in record.load(tmp_path / "b").records}
+    assert recs["band-ulp-1"].status is Status.OK and recs["band-ulp-1"].perturbation["applied"] is False
+    for n in (2, 3, 4):  # one retrain spent, not four
+        assert recs[f"band-ulp-{n}"].status is Status.SKIPPED and recs[f"band-ulp-{n}"].wall_s is None
+
+
+def test_a_seed_band_whose_seed_does_not_reach_the_trainer_stops_after_two(make_bundle, tmp_path: Path) -> None:
+    root = _custom_bundle(make_bundle, ignore_seed=True)
+    p = harness("band", str(root), "--n", "0", "--band-seeds", "5", "--device", "cpu", "-o", str(tmp_path / "b"),
+                "--no-progress")
+    text = " ".join(p.stdout.split())
+    assert p.returncode == 1 and "the seed does not reach the trainer" in text, p.stdout + p.stderr
+    recs = {r.cell: r for r in record.load(tmp_path / "b").records}
+    assert [recs[f"band-seed-{n}"].status for n in (1, 2)] == [Status.OK, Status.OK]
+    assert recs["band-seed-1"].weights_sha256 == recs["band-seed-2"].weights_sha256
+    assert recs["band-seed-1"].band["seed_via"][0] == "config.yaml training.seed, as the trainer is handed it"
+    assert all(recs[f"band-seed-{n}"].status is Status.SKIPPED for n in (3, 4, 5))
 
 
 @pytest.mark.parametrize("args, words", [
@@ -243,7 +277,9 @@ def test_cell_seeds_retrain_each_cell_with_the_bands_seeds(make_bundle, tmp_path
     for cell in ("cpu-strict-t1", "cpu-default-t1"):
         for i in (1, 2):
             mine = recs[f"{cell}-seed-{i}"]
-            assert mine.band == {"kind": "cell-seed", "member": i, "of": cell, "seed": 7 + i}
+            assert {k: v for k, v in mine.band.items() if k != "seed_via"} == {
+                "kind": "cell-seed", "member": i, "of": cell, "seed": 7 + i}
+            assert mine.band["seed_via"][0] == "training.seed"
             # the band ran where this cell runs: its seed-i retrain is the band's, bit for bit
             assert mine.weights_sha256 == recs[f"band-seed-{i}"].weights_sha256
     results = p.stdout[p.stdout.index("Results"):]

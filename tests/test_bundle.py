@@ -117,3 +117,29 @@ def test_trainer_override_needs_module_function(make_bundle) -> None:
     root = make_bundle()
     with pytest.raises(InputError, match="is not `module:function`"):
         load_bundle(root, trainer_override="justamodule")
+
+
+@pytest.mark.parametrize("trainer, needle", [
+    ({"objective": "val.foo"}, "config.yaml: trainer.objective 'val.foo' is not a metric of the record"),
+    ({"objective": "train.r2"}, "config.yaml: trainer.objective 'train.r2' is not a metric of the record"),
+    ({"objective": 3}, "config.yaml: trainer.objective must be a non-empty string"),
+    ({"weights": "/abs/model.pt"}, "config.yaml: trainer.weights '/abs/model.pt' must be a path inside the cell's output"),
+    ({"weights": "ckpt/../../x.pt"}, "config.yaml: trainer.weights 'ckpt/../../x.pt' must be a path inside"),
+])
+def test_a_bad_objective_or_weights_path_is_refused_at_load(tmp_path: Path, trainer: dict, needle: str) -> None:
+    import yaml
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"seed": 1, "trainer": {"entrypoint": "m:f", **trainer}}))
+    with pytest.raises(InputError) as info:
+        load_bundle(tmp_path)
+    line = info.value.one_line()
+    assert line.startswith(needle) and "\n" not in line
+
+
+def test_objective_and_weights_are_kept_under_a_command_line_trainer(tmp_path: Path) -> None:
+    import yaml
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
+        {"seed": 1, "trainer": {"objective": "test.r2.a", "weights": "./ckpt/best.ckpt"}}))
+    b = load_bundle(tmp_path, trainer_cmd_override="sh -c true")
+    assert (b.trainer.objective, b.trainer.weights, b.trainer.command) == ("test.r2.a", "ckpt/best.ckpt", "sh -c true")

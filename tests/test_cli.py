@@ -267,6 +267,46 @@ def test_trainer_path_at_the_package_itself_is_pointed_out(make_bundle, tmp_path
     assert f"--trainer-path {pkg.parent}" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_a_refusal_after_training_still_writes_the_report(make_bundle, tmp_path: Path) -> None:
+    root = make_bundle("plain", trial_info={"number": 1, "value": 0.5, "params": {}})
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "refused_after_training.py").write_text(
+        "def train(config, out_dir):\n"
+        "    open(out_dir + '/trained', 'w').close()\n"
+        "    return {'val_loss': 0.5, 'val': {'r2': 'high'}}\n")
+    out = tmp_path / "o"
+    p = harness("run", str(root), "--trainer", "refused_after_training:train", "--trainer-path", str(code),
+                "--out", str(out), "--device", "cpu", "--no-progress")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stdout + p.stderr
+    assert (out / "run" / "trained").exists()  # it trained, then its result was refused
+    (line,) = [ln for ln in p.stderr.splitlines() if ln.startswith("harness: error:")]
+    assert "returned val.r2 as str, not a number" in line
+    report = json.loads((out / "report.json").read_text())
+    assert [r["cell"] for r in report["records"]] == ["run"] and report["comparison"]["overall"] == "failed"
+    assert "✗ run:" in p.stdout and "Overall: failed" in p.stdout
+
+
+def test_seed_key_names_where_the_trainer_reads_its_seed(make_bundle, tmp_path: Path) -> None:
+    root = make_bundle("plain")
+    (root / "config.yaml").write_text(yaml.safe_dump({"data": {"path": "signals.npz"}, "train": {"rs": 4}}))
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "reads_rs.py").write_text("def train(config, seed):\n"
+                                      "    return {'val_loss': 0.5, 'extra': {'seed': seed, 'rs': config['train']['rs']}}\n")
+    out = tmp_path / "o"
+    p = harness("run", str(root), "--trainer", "reads_rs:train", "--trainer-path", str(code), "--seed-key", "train.rs",
+                "--out", str(out), "--device", "cpu", "--no-progress")
+    assert p.returncode == 0, p.stdout + p.stderr
+    (rec,) = records(out)
+    assert rec.extra == {"seed": 4, "rs": 4} and rec.trainer["seed_key"] == "train.rs" and rec.spec["seed_key"] == "train.rs"
+    p = harness("run", str(root), "--trainer", "reads_rs:train", "--trainer-path", str(code),
+                "--out", str(tmp_path / "o2"), "--device", "cpu", "--no-progress")
+    assert p.returncode == 2 and not (tmp_path / "o2").exists()
+    assert ("harness: error: config.yaml: no seed found (looked for training.seed and seed); declare where your "
+            "trainer reads it with trainer: {seed_key: KEY}") in p.stderr.splitlines()
+
+
 def test_failed_cell_keeps_the_others(make_bundle, tmp_path: Path) -> None:
     root = _custom_bundle(make_bundle, fail_when_single_threaded=True)
     out = tmp_path / "o"

@@ -251,7 +251,8 @@ def test_diverge_on_an_ulp_band_member_of_the_example_names_where_the_loss_bits_
     _diverge_names_where_the_loss_bits_part(base, member, tmp_path)
 
 
-def test_a_custom_trainer_traces_through_ctx_on_step_or_says_it_did_not(make_bundle, tmp_path: Path) -> None:
+def test_a_custom_trainer_is_traced_with_or_without_ctx_on_step(make_bundle, tmp_path: Path) -> None:
+    cells = {}
     for hook in (True, False):
         root = make_bundle(f"custom-{hook}")
         cfg = yaml.safe_load((root / "config.yaml").read_text())
@@ -264,13 +265,30 @@ def test_a_custom_trainer_traces_through_ctx_on_step_or_says_it_did_not(make_bun
         assert p.returncode == 0, p.stdout + p.stderr
         (cell,) = [c for c in out.iterdir() if (c / "record.json").is_file()]
         rec = json.loads((cell / "record.json").read_text())
-        if hook:
-            trace = parse_trace((cell / "trace.jsonl").read_text(), "t")
-            assert trace.source == "ctx.on_step" and len(trace.steps) == rec["trace"]["steps"] > 0
-            assert trace.steps[-1].epoch == 2
-        else:
-            assert not (cell / "trace.jsonl").exists()
-            assert rec["trace"]["file"] is None and "never called ctx.on_step" in rec["trace"]["why"]
-            assert "no trace for" in p.stdout and "never called ctx.on_step" in p.stdout  # the report says it too
-            p = harness("diverge", str(cell), str(cell))
-            assert p.returncode == 2 and "never called ctx.on_step" in p.stderr
+        cells[hook] = (cell, parse_trace((cell / "trace.jsonl").read_text(), "t"), rec)
+    (_, explicit, rec_e), (unedited, hooked, rec_h) = cells[True], cells[False]
+    assert explicit.source == "ctx.on_step" and explicit.steps[-1].epoch == 2
+    assert hooked.source == "hooks" and len(hooked.steps) == rec_h["trace"]["steps"] == rec_e["trace"]["steps"] > 0
+    # the same training, seen from inside (ctx.on_step) and from torch's hooks: the same bits at every step
+    assert [(s.loss, s.state) for s in explicit.steps] == [(s.loss, s.state) for s in hooked.steps]
+    p = harness("diverge", str(cells[True][0]), str(unedited))
+    assert p.returncode == 0 and "never part" in p.stdout, p.stdout + p.stderr
+
+
+def test_a_trainer_whose_optimizer_the_hooks_cannot_see_says_why_it_has_no_trace(make_bundle,
+                                                                                  tmp_path: Path) -> None:
+    root = make_bundle("bare")
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    cfg["trainer"] = {"entrypoint": "seed_style:train", "code_dir": str(TRAINERS)}
+    cfg["hand_written_update"] = True
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "o"
+    p = harness("run", str(root), "--device", "cpu", "--threads", "1", "--trace", "--out", str(out), "--no-progress")
+    assert p.returncode == 0, p.stdout + p.stderr
+    (cell,) = [c for c in out.iterdir() if (c / "record.json").is_file()]
+    rec = json.loads((cell / "record.json").read_text())
+    assert not (cell / "trace.jsonl").exists()
+    assert rec["trace"]["file"] is None and "no torch.optim optimizer step" in rec["trace"]["why"]
+    assert "no trace for" in p.stdout  # the report says it too
+    p = harness("diverge", str(cell), str(cell))
+    assert p.returncode == 2 and "no torch.optim optimizer step" in p.stderr

@@ -112,6 +112,43 @@ def test_a_custom_trainer_cell_keeps_its_trainer(tmp_path: Path) -> None:
     assert rec.weights_sha256 == orig.weights_sha256 and rec.user_weights["identical_to_recorded"] is True
 
 
+def test_a_cell_that_left_no_weights_says_so_plainly(make_bundle, tmp_path: Path) -> None:
+    bundle = make_bundle()
+    (bundle / "weights").mkdir()
+    torch.save({"w": torch.ones(2)}, bundle / "weights" / "best.pt")  # the source bundle has weights
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "metrics_only.py").write_text("def train(config):\n    return {'val_loss': 0.5}\n")
+    res = tmp_path / "res"
+    run_ok("run", str(bundle), "--trainer", "metrics_only:train", "--trainer-path", str(code), "--device", "cpu",
+           "--out", str(res), "--no-progress")
+    p = harness("export", str(res), "-o", str(tmp_path / "exp"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "[yellow]" not in p.stderr and "[/yellow]" not in p.stderr
+    assert ("! cell run left no weights in its output: the exported bundle has no weights/ (the source bundle's are "
+            "not copied: they are not this cell's)") in p.stderr
+    assert not (tmp_path / "exp" / "weights").exists()
+
+
+def test_a_trainers_own_checkpoint_is_exported_as_it_wrote_it(make_bundle, tmp_path: Path) -> None:
+    bundle = make_bundle()
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "own_ckpt.py").write_text(
+        "import os, torch\n"
+        "def train(config, out_dir):\n"
+        "    os.makedirs(os.path.join(out_dir, 'weights'))\n"
+        "    torch.save({'epoch': 2, 'model': {'w': torch.arange(3.0)}}, os.path.join(out_dir, 'weights', 'best.pt'))\n"
+        "    return {'val_loss': 0.5}\n")
+    res = tmp_path / "res"
+    run_ok("run", str(bundle), "--trainer", "own_ckpt:train", "--trainer-path", str(code), "--device", "cpu",
+           "--out", str(res), "--no-progress")
+    (rec,) = record.load(res).records
+    assert rec.trainer["weights"]["file"] == "weights/best.pt" and rec.trainer["weights"]["tensors_from"] == "model"
+    run_ok("export", str(res), "-o", str(tmp_path / "exp"))
+    assert torch.load(tmp_path / "exp" / "weights" / "best.pt", weights_only=True)["epoch"] == 2
+
+
 def test_the_cell_is_chosen_and_a_failed_one_is_refused(make_bundle, tmp_path: Path) -> None:
     bundle = make_bundle()
     (bundle / "config.yaml").write_text(yaml.safe_dump({

@@ -254,6 +254,14 @@ def test_the_harness_seeds_a_python_child_as_set_seed_does(make_bundle, tmp_path
         assert rec.determinism[key] == value, key
 
 
+def test_a_python_processes_argv_is_its_whole_command_line(make_bundle, tmp_path: Path) -> None:
+    p, rec = _probe(make_bundle, tmp_path, cmd="{python} -m cmd_probe --config {config}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    (proc,) = rec.trainer["python_processes"]
+    config = str((tmp_path / "bundle").resolve() / "config.yaml")
+    assert proc["argv"] == [sys.executable, "-m", "cmd_probe", "--config", config, "seed"]  # the module's name kept
+
+
 def test_threads_and_mode_reach_the_child(make_bundle, tmp_path: Path) -> None:
     p, rec = _probe(make_bundle, tmp_path, "--determinism", "warn", "--threads", "1")
     assert p.returncode == 0, p.stdout + p.stderr

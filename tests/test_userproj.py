@@ -122,7 +122,37 @@ def test_a_model_fn_that_does_not_fit_the_archived_weights_is_one_line(tmp_path:
     p = harness("run", str(bundle), "--trainer", "userproj.train:retrain", "--trainer-path", str(proj),
                 "--out", str(tmp_path / "out"), "--device", "cpu")
     assert p.returncode == 2, p.stdout + p.stderr
-    (line,) = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    (line,) = [ln for ln in p.stderr.splitlines() if ln.startswith("harness: error:")]  # besides "records: OUT"
     assert line.startswith("harness: error: config.yaml: trainer.model_fn userproj.narrow:build builds a model whose "
                            "state does not fit weights/best.pt: shape net.0.bias (32,) vs (16,)")
     assert "Traceback" not in p.stdout + p.stderr
+
+
+def test_the_project_unedited_gets_a_band_and_traces_as_a_function_and_as_a_command(tmp_path: Path) -> None:
+    """PyTorch's hooks reach the project in the worker (function) and in the command's own process
+    (sitecustomize): the same perturbation, the same trace, bit for bit; and diverge reads them."""
+    proj = _copy(tmp_path)
+    ways = {"function": ["--trainer", "userproj.train:retrain"],
+            "command": ["--trainer-cmd", "{python} -m userproj.cli {bundle} --out {out_dir} --data {data}"]}
+    got = {}
+    for way, args in ways.items():
+        out = tmp_path / way
+        p = harness("band", str(proj / "optuna_best"), *args, "--trainer-path", str(proj), "--n", "2", "--trace",
+                    "--device", "cpu", "--threads", "1", "-o", str(out), "--no-progress")
+        assert p.returncode == 0, p.stdout + p.stderr
+        got[way] = {r.cell: r for r in record.load(out).records}
+        for r in got[way].values():
+            assert r.perturbation["applied"] is True and r.perturbation["updated"] is True
+            assert "forward pre-hook on MLP" in r.perturbation["via"]
+            assert r.trace["steps"] > 0 and r.trace["file"] == "trace.jsonl"
+    assert "process" in got["command"]["band-ulp-1"].perturbation  # it happened in the command's own process
+    keys = ("tensor", "index", "direction", "old", "new")
+    for cell in ("band-ulp-1", "band-ulp-2"):
+        f, c = got["function"][cell], got["command"][cell]
+        assert {k: f.perturbation[k] for k in keys} == {k: c.perturbation[k] for k in keys}
+        assert f.weights_sha256 == c.weights_sha256
+        assert (tmp_path / "function" / cell / "trace.jsonl").read_text() == \
+            (tmp_path / "command" / cell / "trace.jsonl").read_text()
+    p = harness("diverge", str(tmp_path / "function" / "band-ulp-1"), str(tmp_path / "command" / "band-ulp-2"))
+    assert p.returncode == 3 and "first differ at" in p.stdout, p.stdout + p.stderr  # 3: they part
+    assert "cause: perturbed differently" in p.stdout

@@ -186,7 +186,7 @@ def container_run_spec(cell: Cell, job: Job, image: ImageInfo) -> RunSpec:
         trainer_path=[f"{TRAINER}/{i}" for i in range(len(job.trainer_path))] if job.trainer_path else None,
         trainer_cmd=job.trainer_cmd, trace=job.trace,
         backend="docker", image={"id": image.id, "tag": image.tag}, labels=cell.labels,
-        seed=cell.seed, perturb=cell.perturb, band=cell.band, data_feed=job.data_feed,
+        seed=cell.seed, perturb=cell.perturb, band=cell.band, data_feed=job.data_feed, seed_key=job.seed_key,
     )
 
 

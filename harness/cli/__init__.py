@@ -155,7 +155,8 @@ def run_options(args: argparse.Namespace, *, single: bool, band_only: bool = Fal
     out, resume = resume_options(args)
     return RunOptions(bundle=args.bundle, backend=backend, single=single, cells=cells, axes=axes,
                       images=image_options(args), data=args.data, data_dir=args.data_dir, trainer=args.trainer,
-                      trainer_path=args.trainer_path, trainer_cmd=args.trainer_cmd, out=out, trace=args.trace,
+                      trainer_path=args.trainer_path, trainer_cmd=args.trainer_cmd,
+                      seed_key=getattr(args, "seed_key", None), out=out, trace=args.trace,
                       progress=not args.no_progress,
                       resume=resume, force=args.force, jobs=parse_jobs(args.jobs), strict_config=getattr(args, "strict_config", False),
                       timeout=parse_timeout(args.timeout) if args.timeout is not None else DEFAULT_TIMEOUT_S,

@@ -42,11 +42,15 @@ def add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trainer-cmd", metavar="CMD",
                    help='your own trainer as a command, e.g. "{python} -m mypkg.retrain {bundle} --out {out_dir}" '
                         "(overrides config.yaml trainer.command; not with --trainer)")
+    p.add_argument("--seed-key", metavar="KEY",
+                   help="the dotted key of config.yaml your trainer reads its seed from, e.g. seed or "
+                        "train.random_state (overrides config.yaml trainer.seed_key; default training.seed, else seed; "
+                        "a seed band writes each member's seed there)")
     p.add_argument("-o", "--out", help="results directory (default: harness-results/<bundle>-<time>)")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="write all records plus the comparison as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write a Markdown table (for a pull-request comment)")
     add_html(p)
-    p.add_argument("--trace", action="store_true", help="write each training step's loss bits and parameter digests to trace.jsonl in the cell's directory (for harness diverge; custom trainers call ctx.on_step(model, loss))")
+    p.add_argument("--trace", action="store_true", help="write each training step's loss bits and parameter digests to trace.jsonl in the cell's directory (for harness diverge; a custom trainer is traced through torch's optimizer hooks, docs/hooks.md)")
     p.add_argument("--data-path", dest="data_feed", choices=("loader", "fast"), default=None,
                    help="the reference trainer's batches: fast (the default: the train split held on the device, "
                         "batches taken by index in the seeded DataLoader's exact order, used only after a real "

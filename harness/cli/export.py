@@ -34,7 +34,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     done = export(args.results, args.output, args.cell, force=args.force)
     err = console(stderr=True)
     for w in done.warnings:
-        err.print(f"[yellow]! {w}[/yellow]", soft_wrap=True, markup=False)
+        err.print(f"! {w}", style="yellow", soft_wrap=True, markup=False, highlight=False)
     out = console()
     out.print(f"exported cell {done.cell} to {done.out}: {', '.join(done.files)}", soft_wrap=True, markup=False,
               highlight=False)

@@ -452,6 +452,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         record.write(out / archived.cell / record.RECORD_FILE, archived)
         job = Job(bundle_dir=str(bundle_dir), data_path=str(data_path), data_dir=str(data_dir) if data_dir else None,
                   results_dir=str(out), trainer=spec.get("trainer"), trainer_cmd=spec.get("trainer_cmd"),
+                  seed_key=spec.get("seed_key"),
                   run_id=runner.new_run_id())
         comparison = runner.execute_plan(Plan("docker", [cell]), backend, job, report_options(args), tol,
                                          progress_enabled=not args.no_progress, extra_records=[archived])

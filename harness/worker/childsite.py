@@ -11,6 +11,11 @@ that the worker reads, so the record says which processes the harness seeded.
 A ``sitecustomize`` of the user's own (a project's, a distribution's) is then
 imported as if this one were not there.
 
+In an ulp band member (``HARNESS_PERTURB``) or under ``--trace`` (``HARNESS_TRACE``)
+it also installs PyTorch's process-wide hooks (:mod:`harness.worker.hooks`, copied
+beside it as the package ``_harness_hooks``), and at exit adds what they did to the
+process's marker.
+
 Self-contained on purpose: the command may run an interpreter that cannot
 import harness. Nothing happens unless ``HARNESS_CHILD_MARKERS`` is set.
 """
@@ -101,13 +106,43 @@ def _write_marker(folder: str, facts: dict) -> None:
         pass
 
 
+def _install_hooks(folder: str, facts: dict) -> None:
+    """The band member's perturbation and the trace, through torch's hooks; their outcome joins the marker at exit."""
+    perturb = os.environ.get("HARNESS_PERTURB") or ""
+    trace = os.environ.get("HARNESS_TRACE") or ""
+    if not (perturb or trace) or "torch" not in sys.modules:  # a process without torch trains nothing
+        return
+    try:
+        import atexit
+        from pathlib import Path
+
+        from _harness_hooks.hooks import TorchHooks
+        from _harness_hooks.perturb import Perturber
+
+        hooks = TorchHooks(perturber=Perturber(json.loads(perturb)) if perturb else None,
+                           trace=Path(trace) if trace else None, trace_exclusive=True).install()
+    except Exception as exc:  # noqa: BLE001 - recorded; the command still runs
+        facts["hooks"] = {"error": f"{exc.__class__.__name__}: {exc}"}
+        return
+
+    def at_exit() -> None:
+        try:
+            facts["hooks"] = hooks.close()
+        except Exception as exc:  # noqa: BLE001
+            facts["hooks"] = {"error": f"{exc.__class__.__name__}: {exc}"}
+        _write_marker(folder, facts)
+
+    atexit.register(at_exit)
+
+
 def _run() -> None:
     folder = os.environ.get("HARNESS_CHILD_MARKERS")
     if not folder:
         return
     _die_with_the_worker()
     facts: dict = {"pid": os.getpid(), "ppid": os.getppid(), "executable": sys.executable,
-                   "argv": list(sys.argv), "python": sys.version.split()[0],
+                   # the whole command line: sys.argv is not filled yet here (``-m pkg.main`` reads as ``-m``)
+                   "argv": list(getattr(sys, "orig_argv", None) or sys.argv), "python": sys.version.split()[0],
                    "hash_randomization": bool(sys.flags.hash_randomization)}
     try:
         seed = int(os.environ["HARNESS_SEED"])
@@ -122,6 +157,7 @@ def _run() -> None:
     except Exception as exc:  # noqa: BLE001 - recorded, and said on stderr; the command still runs
         facts["error"] = f"{exc.__class__.__name__}: {exc}"
         print(f"harness: the seeding hook failed in {sys.executable}: {facts['error']}", file=sys.stderr)
+    _install_hooks(folder, facts)
     _write_marker(folder, facts)
 
 

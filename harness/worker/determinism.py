@@ -78,9 +78,16 @@ def missing_launch_env(mode: str) -> list[str]:
     return missing
 
 
-def capture(mode: str, seed: int | None) -> dict[str, Any]:
-    """The determinism settings actually in effect in this process."""
+def capture(mode: str, seed: int | None, reference: bool = True) -> dict[str, Any]:
+    """The determinism settings actually in effect in this process.
+
+    The data loading facts (``num_workers``, ``pin_memory``, the seeded split and loader
+    generators) are the reference trainer's, which the harness wrote; for a custom trainer
+    (``reference=False``) they are its own, unknown here: None, never a guess.
+    """
     import torch
+
+    known = True if reference else None
 
     return {
         "mode": mode,
@@ -96,8 +103,8 @@ def capture(mode: str, seed: int | None) -> dict[str, Any]:
         "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED"),
         "hash_randomization": bool(sys.flags.hash_randomization),
         "num_threads": int(torch.get_num_threads()),
-        "num_workers": 0,
-        "pin_memory": False,
-        "split_generator_seeded": True,
-        "loader_generator_seeded": True,
+        "num_workers": 0 if reference else None,
+        "pin_memory": False if reference else None,
+        "split_generator_seeded": known,
+        "loader_generator_seeded": known,
     }

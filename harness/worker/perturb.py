@@ -38,19 +38,30 @@ def choose(sizes: Sequence[tuple[str, int]], seed: int) -> tuple[str, int, str]:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def apply(model: Any, request: Mapping[str, Any]) -> dict[str, Any]:
-    """Move one parameter value of ``model`` by one ulp, in place; what was done, for the record.
+def apply(model: Any, request: Mapping[str, Any], params: Sequence[tuple[str, Any]] | None = None,
+          via: str = "ctx.perturb") -> dict[str, Any]:
+    """Move one parameter value of ``model`` by one ulp, in place; what was done, for the record (:func:`apply_to`)."""
+    return apply_to(model, request, params, via)[0]
 
-    ``request`` is the run spec's ``perturb``: ``{"kind": "ulp", "seed": s}``. A model
-    without floating-point parameters is left as it is and the result says why.
+
+def apply_to(model: Any, request: Mapping[str, Any], params: Sequence[tuple[str, Any]] | None = None,
+             via: str = "ctx.perturb") -> tuple[dict[str, Any], Any]:
+    """Move one parameter value of ``model`` by one ulp, in place; what was done (for the record) and the parameter.
+
+    ``request`` is the run spec's ``perturb``: ``{"kind": "ulp", "seed": s}``. ``params``
+    are the candidates, ``(name, parameter)`` in the model's order (default: every
+    floating-point parameter of the model); ``via`` says who applied it. A model without
+    candidates is left as it is and the result says why (the parameter is then None).
     """
     import torch
 
     seed = int(request["seed"])
-    params = [(name, p) for name, p in model.named_parameters() if p.is_floating_point() and p.numel()]
-    out: dict[str, Any] = {"kind": "ulp", "seed": seed}
+    if params is None:
+        params = [(name, p) for name, p in model.named_parameters() if p.is_floating_point() and p.numel()]
+    params = list(params)
+    out: dict[str, Any] = {"kind": "ulp", "seed": seed, "via": via}
     if not params:
-        return {**out, "applied": False, "skipped": "the model has no floating-point parameters"}
+        return {**out, "applied": False, "skipped": "the model has no floating-point parameters to perturb"}, None
     name, index, direction = choose([(n, p.numel()) for n, p in params], seed)
     param = dict(params)[name]
     where = tuple(int(i) for i in _unravel(index, tuple(param.shape)))
@@ -62,9 +73,9 @@ def apply(model: Any, request: Mapping[str, Any]) -> dict[str, Any]:
             direction = DIRECTIONS[1 - DIRECTIONS.index(direction)]
             new = torch.nextafter(old, -towards)
         param[where] = new
-    return {**out, "applied": True, "tensor": name, "index": index, "shape": list(param.shape),
-            "dtype": str(param.dtype).removeprefix("torch."), "old": float(old).hex(), "new": float(new).hex(),
-            "direction": direction}
+    return {**out, "applied": True, "module": type(model).__qualname__, "tensor": name, "index": index,
+            "shape": list(param.shape), "dtype": str(param.dtype).removeprefix("torch."), "old": float(old).hex(),
+            "new": float(new).hex(), "direction": direction}, param
 
 
 def _unravel(index: int, shape: tuple[int, ...]) -> list[int]:
@@ -77,19 +88,31 @@ def _unravel(index: int, shape: tuple[int, ...]) -> list[int]:
 
 
 class Perturber:
-    """The perturbation one run asked for, applied at most once (a no-op for a run that asked for none)."""
+    """The perturbation one run asked for, applied at most once (a no-op for a run that asked for none).
+
+    Called by the trainer (``ctx.perturb``), by the reference trainer, or by the process-wide
+    hooks (:mod:`harness.worker.hooks`), whichever comes first; the others find it done.
+    """
 
     def __init__(self, request: Mapping[str, Any] | None) -> None:
         self.request = dict(request) if request else None
         self.outcome: dict[str, Any] | None = None
+        self.param: Any = None  # the parameter moved, once applied
 
-    def __call__(self, model: Any) -> dict[str, Any] | None:
+    def __call__(self, model: Any, params: Sequence[tuple[str, Any]] | None = None,
+                 via: str = "ctx.perturb") -> dict[str, Any] | None:
         """Apply it to ``model`` (the first call only); what was done, or None when nothing was asked."""
         if self.request is None:
             return None
         if self.outcome is None:
-            self.outcome = apply(model, self.request)
+            self.outcome, self.param = apply_to(model, self.request, params, via)
         return self.outcome
+
+    def skip(self, why: str) -> None:
+        """It will not be applied in this run, for ``why``."""
+        if self.request is not None and self.outcome is None:
+            self.outcome = {"kind": self.request.get("kind"), "seed": self.request.get("seed"), "applied": False,
+                            "skipped": why}
 
     def record(self, why_not: str) -> dict[str, Any] | None:
         """The record's ``perturbation``: what was done, or that it was skipped and ``why_not``."""

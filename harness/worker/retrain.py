@@ -71,8 +71,13 @@ def disk_failure(exc: OSError) -> str | None:
 # --------------------------------------------------------------------------- scaler
 
 
-def _load_scaler(path: str) -> Any:
-    """Load the archived scaler. joblib files are pickles: this executes code from the bundle."""
+def _load_scaler(path: str, custom: bool = False) -> Any:
+    """Load the archived scaler. joblib files are pickles: this executes code from the bundle.
+
+    The reference trainer needs ``transform()``/``inverse_transform()``; a custom trainer's
+    file is its own business (``custom``): the object is handed over as it is (``ctx.scaler``),
+    and the scaler check says in the record what it could not do with it.
+    """
     import joblib
 
     try:
@@ -80,7 +85,7 @@ def _load_scaler(path: str) -> Any:
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
         raise InputError(path, f"cannot be loaded as a joblib scaler ({exc.__class__.__name__}: {exc})",
                          hint="re-export it with joblib.dump(scaler, path), or remove it to refit on the train split") from None
-    for attr in ("transform", "inverse_transform"):
+    for attr in (() if custom else ("transform", "inverse_transform")):
         if not callable(getattr(scaler, attr, None)):
             raise InputError(path, f"holds a {type(scaler).__name__}, which has no {attr}()",
                              hint="archive the fitted target scaler (e.g. sklearn StandardScaler)")
@@ -164,11 +169,15 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
         emit("epoch", cell=spec.cell, epoch=epoch, epochs=epochs, val_loss=row.get("val_loss"))
 
     perturber = Perturber(spec.perturb)
+
+    def perturb(model: Any) -> None:
+        perturber(model, via="the reference trainer, right after building the model")
+
     t0 = time.perf_counter()
     try:
         net, result = train_reference(data, split, y_scaled, bundle.model, bundle.training, device,
                                       progress=progress, on_step=on_step if tracer else None,
-                                      perturb=perturber if spec.perturb else None, data_path=spec.data_feed)
+                                      perturb=perturb if spec.perturb else None, data_path=spec.data_feed)
     finally:
         if tracer is not None:
             rec.trace = tracer.close()
@@ -272,6 +281,11 @@ def _archived_through_hooks(ctx: Any, predict: Any, bundle: Any, device: Any) ->
     return metrics, info
 
 
+NO_STEP_SEEN = ("{trainer} made no torch.optim optimizer step the hooks could see (an optimizer that is not a "
+                "torch.optim.Optimizer, e.g. a hand-written or C++ update): no trace was written; calling "
+                "ctx.on_step(model, loss) after each step gives one")
+
+
 def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultRecord) -> None:
     import copy
 
@@ -288,7 +302,7 @@ def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultR
     func = resolve(entry, trainer.code_dirs)
     model_fn = resolve(trainer.model_fn, trainer.code_dirs, "config.yaml trainer.model_fn") if trainer.model_fn else None
     predict = resolve(trainer.predict, trainer.code_dirs, "config.yaml trainer.predict") if trainer.predict else None
-    scaler = _load_scaler(bundle.scaler_path) if bundle.scaler_path else None
+    scaler = _load_scaler(bundle.scaler_path, custom=True) if bundle.scaler_path else None
     history: list[dict[str, float]] = []
 
     def progress(epoch: int, epochs: int, row: dict[str, float]) -> None:
@@ -307,32 +321,38 @@ def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultR
     archived_metrics, archived_info = _archived_through_hooks(context(), predict, bundle, device)
     determinism.set_seed(bundle.training.seed)
     ctx = context(Perturber(spec.perturb) if spec.perturb else None)  # what the hooks did is not what the trainer did
-    if spec.trace:
-        from .trace import TRACE_FILE, TraceWriter, no_trace
+    from .hooks import TorchHooks
+    from .trace import TRACE_FILE, no_trace
 
-        ctx._tracer = TraceWriter(out / TRACE_FILE, "ctx.on_step")
+    # A band member or --trace without ctx: PyTorch's process-wide hooks do it (harness.worker.hooks).
+    ctx._trace_path = str(out / TRACE_FILE) if spec.trace else None
+    hooks = ctx._hooks = TorchHooks(perturber=ctx._perturber, trace=out / TRACE_FILE if spec.trace else None)
     t0 = time.perf_counter()
+    hooked: dict[str, Any] = {"perturbation": None, "trace": None}
     try:
+        hooks.install()
         result = call_hook(func, ctx, f"trainer {entry}")
     finally:
+        hooked = hooks.close()
         if ctx._tracer is not None:
             rec.trace = ctx._tracer.close()
-            if not ctx._tracer.steps:
+        elif spec.trace:
+            rec.trace = hooked["trace"]
+            if not (rec.trace or {}).get("steps"):
                 (out / TRACE_FILE).unlink(missing_ok=True)
-                rec.trace = no_trace(f"the trainer {entry} never called ctx.on_step(model, loss): no trace was "
-                                     "written (call it after each optimizer step)")
+                rec.trace = no_trace(NO_STEP_SEEN.format(trainer=f"the trainer {entry}"))
     rec.train_s = time.perf_counter() - t0
-    rec.perturbation = ctx.perturbation()
+    rec.perturbation = hooked["perturbation"]
     got = normalise_result(result, entry)
     rec.history = history
-    _keep_custom_result(bundle, out, rec, got, archived_metrics)
+    facts = _keep_custom_result(bundle, out, rec, got, archived_metrics)
     checks = ctx._checks
     _returned_checks(checks, got, ctx._scaler_reference)
     rec.split = seed_checks.split_record(checks, bundle.data.split, bundle.data.split_note, bundle.training.data_split_seed)
     rec.scaler = checks.scaler or {"archived": scaler is not None, "refit_matches": None, "max_abs_diff": None,
                                    "why": seed_checks.NO_SCALER_CHECK}
     rec.trainer = {"entrypoint": entry, "code_dir": trainer.code_dir, "code_dirs": list(trainer.code_dirs),
-                   "archived": archived_info}
+                   "archived": archived_info, **facts}
 
 
 def _returned_checks(checks: Any, got: dict[str, Any], scaler_reference: Any) -> None:
@@ -348,32 +368,79 @@ def _returned_checks(checks: Any, got: dict[str, Any], scaler_reference: Any) ->
         checks.scaler = seed_checks.custom_scaler_check(scaler_reference, y_train, f"returned {key}")
 
 
-def _keep_custom_result(bundle: Any, out: Path, rec: ResultRecord, got: dict[str, Any], archived: Any = None) -> None:
-    """A custom trainer's normalised result into the record: metrics, weights against the archive, its own digest."""
+def _keep_custom_result(bundle: Any, out: Path, rec: ResultRecord, got: dict[str, Any],
+                        archived: Any = None) -> dict[str, Any]:
+    """A custom trainer's normalised result into the record: metrics, weights against the archive, its own digest.
+
+    Returns the facts for the record's ``trainer`` section: ``seed_key`` (where the seed was read and,
+    in a seed band member, written), ``objective`` (trainer.objective, None when not declared) and
+    ``weights`` (which file was compared with which archived one and how it was chosen, or why not).
+    """
+    from . import checkpoint
     from .model import state_sha256
 
     rec.metrics = {"retrained": got["metrics"], "archived": archived}
+    trainer = bundle.trainer
     state = got["state"]
-    written = out / "weights" / "best.pt"
-    if state is None and written.is_symlink():
-        rec.warnings.append(f"{written} is a link; it was not followed, so the weights were not compared")
-    elif state is None and written.is_file():  # a trainer that saved its best weights into out_dir
-        state = _load_archived_state(str(written))
+    weights: dict[str, Any] = {"file": None, "archived": None, "how": None}
+    if trainer.weights is None and state is not None:
+        weights["how"] = "returned"
+    else:
+        found = checkpoint.find(out, trainer.weights)
+        weights.update(file=found.file, how=found.how, why=found.why)
+        for link in found.links:
+            rec.warnings.append(f"{link} in the output directory is a link; it was not followed")
+        state = None
+        if found.file is not None:
+            try:
+                state, source = checkpoint.load(out, found.file)
+            except checkpoint.Unreadable as exc:
+                weights["why"] = f"{exc}: the weights were not compared"
+                if found.how == "declared":
+                    rec.warnings.append(f"trainer.weights: {weights['why']}")
+            else:
+                weights["tensors_from"] = source  # the checkpoint's sub-mapping compared (None: the whole file)
     if state is not None:
         state = {k: v.detach().cpu() for k, v in state.items()}
-        (out / "weights").mkdir(parents=True, exist_ok=True)
-        save_weights(state, written)
+        if weights["file"] != checkpoint.BEST and not (out / "weights").is_symlink():
+            (out / "weights").mkdir(parents=True, exist_ok=True)
+            save_weights(state, out / checkpoint.BEST)  # what export carries; the trainer's own file stays as written
+            weights["saved"] = checkpoint.BEST
         rec.weights_sha256 = state_sha256(state)
-        if bundle.best_weights:
-            archived = _load_archived_state(bundle.best_weights)
-            if archived is not None:
-                rec.archived_weights_sha256 = state_sha256(archived)
-                rec.weights_vs_archived = compare_state(state, archived)
+        name = Path(weights["file"]).name if weights["file"] else None
+        weights["archived"] = checkpoint.archived_counterpart(bundle.root, name, bundle.best_weights)
+        if weights["archived"] is None:
+            weights["why"] = "the bundle has no weights to compare with"
+        else:
+            try:
+                kept, _ = checkpoint.load(Path(bundle.root), weights["archived"], follow=True)
+            except checkpoint.Unreadable as exc:
+                weights["why"] = f"the bundle's {exc}: the weights were not compared"
+            else:
+                rec.archived_weights_sha256 = state_sha256(kept)
+                rec.weights_vs_archived = compare_state(state, kept)
     if got["user_digest"]:
         recorded = bundle.recorded.weights_sha256 if bundle.recorded else None
         rec.user_weights = {"sha256": got["user_digest"], "recorded": recorded,
                             "identical_to_recorded": None if recorded is None else got["user_digest"] == recorded}
     rec.extra = got["extra"] if isinstance(got["extra"], dict) else {"value": got["extra"]}
+    return {"seed_key": bundle.training.seed_key, "objective": trainer.objective, "weights": weights}
+
+
+def _member_config(bundle: Any, out: Path) -> str:
+    """A seed band member's config.yaml for a trainer command (``{config}``, ``$HARNESS_CONFIG``): the bundle's,
+    with the member's seed at the key it was read from (``training.seed_key``); written into the cell's directory."""
+    import yaml
+
+    path = out / "harness-config.yaml"
+    from ..record import atomic_write_text
+
+    config = dict(bundle.config)
+    data = config.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str) and bundle.data.resolved is not None:
+        config["data"] = {**data, "path": bundle.data.resolved}  # the copy lies elsewhere: its data path, absolute
+    atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
+    return str(path)
 
 
 def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultRecord) -> None:
@@ -387,12 +454,16 @@ def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: Result
 
     trainer = bundle.trainer
     code_dirs = list(trainer.code_dirs)
-    config = str(Path(bundle.root) / CONFIG)
+    config = str(Path(bundle.root) / CONFIG) if spec.seed is None else _member_config(bundle, out)
+    # every check of the bundle that can refuse the run happens before the command trains
+    scaler = _load_scaler(bundle.scaler_path, custom=True) if bundle.scaler_path else None
     values = {"bundle": bundle.root, "config": config, "data": bundle.data.resolved, "out_dir": str(out),
               "seed": str(bundle.training.seed), "device": str(device), "python": sys.executable,
               "code_dir": code_dirs[0] if code_dirs else None}
     argv = tc.substitute(tc.split_command(trainer.command), values)
-    for stale in (tc.METRICS_FILE, "weights/best.pt"):
+    from .trace import TRACE_FILE, no_trace
+
+    for stale in (tc.METRICS_FILE, "weights/best.pt", TRACE_FILE):
         tc.remove_stale(out / stale)  # a standalone worker's --out may hold an earlier run's
     history: list[dict[str, float]] = []
 
@@ -411,7 +482,8 @@ def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: Result
         env = tc.command_env(os.environ, seed=bundle.training.seed, device=str(device), bundle=bundle.root,
                              config=config, data=bundle.data.resolved, out_dir=str(out), determinism=spec.determinism,
                              threads=spec.threads, tf32=spec.tf32, code_dirs=code_dirs, site_dir=str(site),
-                             markers=str(markers), worker_pid=os.getpid())
+                             markers=str(markers), worker_pid=os.getpid(), perturb=spec.perturb,
+                             trace=str(out / TRACE_FILE) if spec.trace else None)
         t0 = time.perf_counter()
         done = tc.run_command(argv, cwd=str(out), env=env, out_dir=out, on_line=on_line)
         rec.train_s = time.perf_counter() - t0
@@ -441,16 +513,18 @@ def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: Result
         raise RunFailed(f"the trainer command's {source} holds no metric (keys: {', '.join(map(str, mapping)) or 'none'}); "
                         "see README 'A script as the trainer' for the accepted names")
     rec.history = history
+    rec.perturbation, hook_warnings = tc.hooks_outcome(processes, spec.perturb)
+    rec.warnings.extend(hook_warnings)
     if spec.trace:
-        from .trace import no_trace
-
-        rec.trace = no_trace("a trainer command has no ctx.on_step hook: no trace (use a trainer function, "
-                             "trainer.entrypoint, and call ctx.on_step(model, loss) after each optimizer step)")
-    _keep_custom_result(bundle, out, rec, got)
+        traced = next((h["trace"] for h in ((p.get("hooks") or {}) for p in processes)
+                       if (h.get("trace") or {}).get("steps")), None)
+        rec.trace = traced or no_trace(NO_STEP_SEEN.format(trainer="the trainer command"))
+        if traced is None:
+            tc.remove_stale(out / TRACE_FILE)
+    facts = _keep_custom_result(bundle, out, rec, got)
     # What the command returned for the seed's checks (it has no ctx to call): split, length, train targets.
     from . import seed_checks
 
-    scaler = _load_scaler(bundle.scaler_path) if bundle.scaler_path else None
     checks = seed_checks.Checks()
     _returned_checks(checks, got, scaler)
     rec.split = seed_checks.split_record(checks, bundle.data.split, bundle.data.split_note, bundle.training.data_split_seed)
@@ -460,7 +534,7 @@ def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: Result
     rec.trainer = {
         "command": trainer.command, "argv": argv, "cwd": str(out), "code_dir": trainer.code_dir, "code_dirs": code_dirs,
         "exit_status": done.exit_status, "metrics_from": source, "stdout_log": tc.STDOUT_LOG, "stderr_log": tc.STDERR_LOG,
-        "seeded_by_harness": bool(seeded), "python_processes": processes[:tc.MARKERS_KEPT],
+        "seeded_by_harness": bool(seeded), "python_processes": processes[:tc.MARKERS_KEPT], "config": config, **facts,
     }
     if not processes:
         rec.warnings.append("the trainer command started no Python process the harness could seed (a non-Python "
@@ -469,6 +543,22 @@ def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: Result
     for p in processes:
         if p.get("error"):
             rec.warnings.append(f"the seeding hook failed in {p.get('executable')} (pid {p.get('pid')}): {p['error']}")
+
+
+def seed_via(bundle: Any) -> list[str]:
+    """Where a seed member's seed reaches its trainer, in words, for the record (pure)."""
+    rngs = "the global RNGs (random, numpy, torch) seeded before training"
+    if bundle.trainer is None:
+        return ["training.seed", rngs]
+    if bundle.trainer.command is not None:
+        from .trainer_cmd import placeholders, split_command
+
+        used = placeholders(split_command(bundle.trainer.command))
+        return [*(["{seed} in the command"] if "seed" in used else []),
+                f"{{config}} and HARNESS_CONFIG: a copy of config.yaml with the seed at {bundle.training.seed_key}",
+                "HARNESS_SEED", "the global RNGs of every Python process of the command, seeded at interpreter start"]
+    return [f"config.yaml {bundle.training.seed_key}, as the trainer is handed it", "the seed argument and ctx.seed",
+            rngs]
 
 
 def run(spec: RunSpec) -> ResultRecord:
@@ -489,7 +579,8 @@ def run(spec: RunSpec) -> ResultRecord:
                         "Python starts (start it through `harness`, or export them first)")
     bundle = load_bundle(spec.bundle_dir, data_override=spec.data_path,
                          trainer_override=spec.trainer, trainer_path=spec.trainer_path,
-                         trainer_cmd_override=spec.trainer_cmd, data_dir=spec.data_dir)
+                         trainer_cmd_override=spec.trainer_cmd, data_dir=spec.data_dir,
+                         seed_key_override=spec.seed_key)
     config_sha256 = config_digest(bundle.config)  # the bundle's own: a seed band member's too
     if spec.seed is not None:
         bundle = bundle.with_seed(spec.seed)
@@ -510,7 +601,8 @@ def run(spec: RunSpec) -> ResultRecord:
         bundle={"path": bundle.root, "trial": bundle.recorded.number if bundle.recorded else None,
                 "config_sha256": config_sha256},
         env=Env.from_json({**envinfo.measure(spec.device), **isa.capture(spec.isa)}, "env"),
-        band={**spec.band, "seed": bundle.training.seed} if spec.band else None,
+        band={**spec.band, "seed": bundle.training.seed,
+              **({"seed_via": seed_via(bundle)} if spec.seed is not None else {})} if spec.band else None,
     )
     isa_warning = isa.mismatch(spec.isa, rec.env.cpu_capability)
     if isa_warning:
@@ -530,6 +622,9 @@ def run(spec: RunSpec) -> ResultRecord:
                                 "this trainer feeds its own data")
         if bundle.data.resolved is not None:
             require_exists(bundle.data.resolved)
+        from .trainer_cmd import remove_stale
+
+        remove_stale(out / "weights" / "best.pt")  # a standalone worker's --out may hold an earlier run's
         if bundle.trainer.command is not None:
             _command_run(spec, bundle, device, out, rec)
         else:
@@ -544,7 +639,7 @@ def run(spec: RunSpec) -> ResultRecord:
     if rec.perturbation is not None and not rec.perturbation.get("applied"):
         rec.warnings.append(f"ulp band member not perturbed: {rec.perturbation.get('skipped')}; "
                             "it is left out of the band")
-    rec.determinism = determinism.capture(spec.determinism, bundle.training.seed)
+    rec.determinism = determinism.capture(spec.determinism, bundle.training.seed, reference=bundle.trainer is None)
     recorded = bundle.recorded
     rec.recorded = None if recorded is None else {
         "number": recorded.number, "value": recorded.value, "params": recorded.params, "r2": recorded.r2,
@@ -573,6 +668,7 @@ def _parse(argv: list[str] | None) -> RunSpec:
     p.add_argument("--trainer")
     p.add_argument("--trainer-path", action="append")
     p.add_argument("--trainer-cmd")
+    p.add_argument("--seed-key")
     p.add_argument("--trace", action="store_true")
     p.add_argument("--data-path", dest="data_feed", choices=("loader", "fast"))
     a = p.parse_args(argv)
@@ -598,7 +694,8 @@ def _parse(argv: list[str] | None) -> RunSpec:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return RunSpec(cell=a.cell, bundle_dir=a.bundle, out_dir=a.out, data_path=a.data, data_dir=a.data_dir, device=device,
                    determinism=a.determinism, threads=a.threads, tf32=a.tf32, trainer=a.trainer,
-                   trainer_path=a.trainer_path, trainer_cmd=a.trainer_cmd, trace=a.trace, backend="standalone",
+                   trainer_path=a.trainer_path, trainer_cmd=a.trainer_cmd, seed_key=a.seed_key, trace=a.trace,
+                   backend="standalone",
                    data_feed=a.data_feed)
 
 

@@ -193,6 +193,12 @@ def custom_scaler_check(archived: Any, y_train: Any, source: str) -> dict[str, A
     if archived is None:
         return {"archived": False, "class": None, "refit_matches": None, "max_abs_diff": None, "source": source,
                 "why": "no target_scaler.joblib in the bundle: nothing to compare a refit with"}
+    lacks = [a for a in ("fit", "transform") if not callable(getattr(archived, a, None))]
+    if lacks:  # the project's own object (a dict of statistics ...): handed over as it is, not refused
+        return {"archived": True, "class": type(archived).__name__, "refit_matches": None, "max_abs_diff": None,
+                "source": source, "why": f"target_scaler.joblib holds a {type(archived).__name__}, which has no "
+                                         f"{'() or '.join(lacks)}(): the harness cannot refit it and compare (the "
+                                         "trainer got it as it is, ctx.scaler)"}
     _, info = scaler_check(archived, y)
     info.pop("used", None)  # which scaler a custom trainer used is its own business
     info["source"] = source

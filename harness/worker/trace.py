@@ -2,7 +2,7 @@
 
 ``OUT/trace.jsonl`` starts with a header line and then holds, per optimizer step::
 
-    {"schema": "harness.trace/1", "source": "reference" | "ctx.on_step", "digest": "blake2b-128", ...}
+    {"schema": "harness.trace/1", "source": "reference" | "ctx.on_step" | "hooks", "digest": "blake2b-128", ...}
     {"epoch": 1, "step": 1, "loss": "0x1.4a6a06p+0", "state": "<digest of every tensor of the model>"}
     {"tensors_at": 1, "tensors": {"blocks.0.linear.weight": "<digest>", ...}}
 
@@ -74,9 +74,10 @@ def is_checkpoint(step: int) -> bool:
 class TraceWriter:
     """Writes ``trace.jsonl`` step by step; :meth:`close` adds the last step's per-tensor digests."""
 
-    def __init__(self, path: Path, source: str, *, max_bytes: int = TRACE_MAX_BYTES) -> None:
+    def __init__(self, path: Path, source: str, *, max_bytes: int = TRACE_MAX_BYTES, exclusive: bool = False) -> None:
         self.path = path
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        how = os.O_EXCL if exclusive else os.O_TRUNC  # exclusive: FileExistsError when another process writes it
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | how | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         self.fh: TextIO | None = os.fdopen(fd, "w", encoding="utf-8")
         self.max_bytes = max_bytes
         self.written = 0

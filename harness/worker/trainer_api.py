@@ -77,27 +77,36 @@ class TrainerContext:
     _checks: Checks = field(default_factory=Checks, repr=False)
     _perturber: Any = field(default=None, repr=False)  # harness.worker.perturb.Perturber of this run
     _split_seed: int | None = field(default=None, repr=False)  # the split's seed, when not ``seed`` (a seed band member)
-    _tracer: Any = field(default=None, repr=False)  # harness.worker.trace.TraceWriter under --trace, else None
+    _tracer: Any = field(default=None, repr=False)  # harness.worker.trace.TraceWriter once ctx.on_step traces
+    _trace_path: str | None = field(default=None, repr=False)  # where the trace goes under --trace, else None
+    _hooks: Any = field(default=None, repr=False)  # harness.worker.hooks.TorchHooks of this run
 
     def on_step(self, model: Any, loss: Any, epoch: int | None = None) -> None:
-        """Call after each optimizer step with the model and that step's loss (a tensor or a float).
+        """Optional: call after each optimizer step with the model and that step's loss (a tensor or a float).
 
         Under ``--trace`` it writes the step's loss bits and the digests of the model's
         tensors to ``trace.jsonl`` (what ``harness diverge`` reads); otherwise it does nothing.
-        A trainer that never calls it gets no trace, and its record says so.
+        A trainer that never calls it is traced through PyTorch's process-wide hooks
+        (:mod:`harness.worker.hooks`); the first call takes the trace over from them.
         """
         if self._tracer is None:
-            return
+            if self._trace_path is None:
+                return
+            from .trace import TraceWriter
+
+            if self._hooks is not None:
+                self._hooks.yield_trace()
+            self._tracer = TraceWriter(Path(self._trace_path), "ctx.on_step")
         value = loss.detach().item() if hasattr(loss, "detach") else loss
         self._tracer.step(epoch, float(value), model)
 
     def perturb(self, model: Any) -> Any:
-        """Call right after building (and seeding) your model, before training: returns the model.
+        """Optional: call right after building (and seeding) your model, before training: returns the model.
 
         In an ulp band member (``harness band``, ``--band N``) it moves exactly one initial
         parameter value by one ulp, chosen by a private RNG (the global RNGs are untouched);
-        in every other run it does nothing. A trainer that never calls it gets its ulp band
-        skipped, with that reason in the record, rather than unperturbed runs counted as a band.
+        in every other run it does nothing. A trainer that never calls it is perturbed by
+        PyTorch's process-wide hooks before its model's first forward (:mod:`harness.worker.hooks`).
         """
         if self._perturber is not None:
             self._perturber(model)

@@ -43,7 +43,7 @@ PLACEHOLDERS: dict[str, str] = {
     "config": "its config.yaml",
     "data": "the data file or directory (--data, else data.path)",
     "out_dir": "this cell's results directory, also the command's working directory",
-    "seed": "training.seed",
+    "seed": "the seed (config.yaml at trainer.seed_key, else training.seed, else seed)",
     "device": "cpu, cuda or cuda:N",
     "python": "the worker's own Python interpreter (it has torch)",
     "code_dir": "the first --trainer-path folder (trainer.code_dir)",
@@ -119,7 +119,8 @@ def substitute(argv: list[str], values: Mapping[str, str | None], where: str = "
 
 def command_env(base: Mapping[str, str], *, seed: int, device: str, bundle: str, config: str, data: str | None,
                 out_dir: str, determinism: str, threads: int | None, tf32: bool, code_dirs: list[str],
-                site_dir: str, markers: str, worker_pid: int) -> dict[str, str]:
+                site_dir: str, markers: str, worker_pid: int, perturb: Mapping[str, Any] | None = None,
+                trace: str | None = None) -> dict[str, str]:
     """The command's environment: the worker's (determinism variables included), plus the run's facts.
 
     ``PYTHONPATH`` is the seeding hook's folder, then the trainer folders, then the inherited one.
@@ -139,6 +140,11 @@ def command_env(base: Mapping[str, str], *, seed: int, device: str, bundle: str,
         "HARNESS_WORKER_PID": str(worker_pid),
         "PYTHONUNBUFFERED": "1",  # progress lines arrive as they are printed
     })
+    for key, value in (("HARNESS_PERTURB", json.dumps(dict(perturb)) if perturb else None), ("HARNESS_TRACE", trace)):
+        if value:
+            env[key] = value
+        else:
+            env.pop(key, None)
     if data is not None:
         env["HARNESS_DATA"] = data
     else:
@@ -213,11 +219,45 @@ def metrics_from_stdout(text: str) -> tuple[dict[str, Any], str] | None:
 # --------------------------------------------------------------------------- effects
 
 
+HOOKS_PACKAGE = "_harness_hooks"  # harness.worker.hooks and its two siblings, beside the sitecustomize
+HOOKS_FILES = ("hooks.py", "perturb.py", "trace.py")
+
+
 def install_site(folder: Path) -> Path:
-    """Copy the seeding hook into ``folder`` as ``sitecustomize.py``; returns ``folder``."""
+    """Copy the seeding hook into ``folder`` as ``sitecustomize.py``, and the torch hooks as a package; returns ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / SITE_FILE).write_bytes((Path(__file__).with_name("childsite.py")).read_bytes())
+    here = Path(__file__).parent
+    (folder / SITE_FILE).write_bytes((here / "childsite.py").read_bytes())
+    package = folder / HOOKS_PACKAGE
+    package.mkdir(exist_ok=True)
+    (package / "__init__.py").write_text('"""harness.worker.hooks, copied for a trainer command\'s processes."""\n')
+    for name in HOOKS_FILES:
+        (package / name).write_bytes((here / name).read_bytes())
     return folder
+
+
+def hooks_outcome(processes: list[dict[str, Any]], asked: Mapping[str, Any] | None) -> tuple[Any, list[str]]:
+    """The command's perturbation, from what its processes' hooks reported (pure); and warnings.
+
+    One process applied it: that one. Several: the first, and a warning. None: why not,
+    from the first process that says, else that no process with torch reported one.
+    """
+    if not asked:
+        return None, []
+    reports = [(p.get("pid"), (p.get("hooks") or {})) for p in processes]
+    applied = [(pid, h["perturbation"]) for pid, h in reports if (h.get("perturbation") or {}).get("applied")]
+    warnings = [f"the torch hooks failed in process {pid}: {h['error']}" for pid, h in reports if h.get("error")]
+    if applied:
+        pid, first = applied[0]
+        if len(applied) > 1:
+            warnings.append(f"{len(applied)} Python processes of the command each perturbed a model; the band "
+                            f"member counts process {pid}'s")
+        return {**first, "process": pid}, warnings
+    why = next((h["perturbation"].get("skipped") for _, h in reports if (h.get("perturbation") or {}).get("skipped")),
+               None)
+    return {"kind": asked.get("kind"), "seed": asked.get("seed"), "applied": False,
+            "skipped": why or "no Python process of the command that imported torch reported a perturbation "
+                              "(none ran a torch.nn module, or it ended without running its exit handlers)"}, warnings
 
 
 def _read_no_follow(path: Path, limit: int) -> bytes | None:

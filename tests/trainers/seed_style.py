@@ -28,8 +28,46 @@ def split_dataset(dataset, seed, ratios):
     return random_split(dataset, [n_train, n_val, n - n_train - n_val], generator=g)
 
 
+class _HandSGD:
+    def __init__(self, params, lr):
+        self.params, self.lr = list(params), lr
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        with torch.no_grad():
+            for p in self.params:
+                p -= self.lr * p.grad
+
+
+class _Bare:
+    """A model as bare tensors and a function: what a trainer without nn.Module looks like."""
+
+    def __init__(self, net):
+        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in net.state_dict().items()}
+
+    def __call__(self, x):
+        p = self.params
+        return nn.functional.linear(torch.relu(nn.functional.linear(x, p["0.weight"], p["0.bias"])),
+                                    p["2.weight"], p["2.bias"])
+
+    def parameters(self):
+        return list(self.params.values())
+
+    def state_dict(self):
+        return {k: v.detach() for k, v in self.params.items()}
+
+    def train(self):
+        pass
+
+    def eval(self):
+        pass
+
+
 def train(cfg, ctx):
-    seed = cfg["training"]["seed"]
+    seed = 1234 if cfg.get("ignore_seed") else cfg["training"]["seed"]  # a project with its seed hard-coded
     set_seed(seed)
     data = np.load(ctx.data_path)
     X = torch.tensor(data["X"], dtype=torch.float32).flatten(1)
@@ -39,9 +77,13 @@ def train(cfg, ctx):
                         generator=torch.Generator().manual_seed(seed), num_workers=0, pin_memory=False)
     set_seed(seed)
     model = nn.Sequential(nn.Linear(X.shape[1], 16), nn.ReLU(), nn.Linear(16, y.shape[1]))
+    if cfg.get("functional"):  # no nn.Module is ever called: the weights are bare tensors
+        model = _Bare(model)
     if cfg.get("perturb_hook"):  # the documented hook: a band member's one-ulp change, else nothing
         model = ctx.perturb(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["training"]["learning_rate"])
+    if cfg.get("hand_written_update"):  # plain SGD by hand: no torch.optim step for the hooks to see
+        opt = _HandSGD(model.parameters(), cfg["training"]["learning_rate"])
     epochs = cfg["training"]["epochs"]
     for epoch in range(1, epochs + 1):
         model.train()
