@@ -14,13 +14,18 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
-def interleaved(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-    """Each round runs every variant once, in order (ABAB...), so machine noise hits all alike."""
+def interleaved(variants: dict[str, Callable[[], float]], rounds: int, unit: str = "s") -> dict[str, list[float]]:
+    """Each round runs every variant once, in order (ABAB...), so machine noise hits all alike.
+
+    ``unit`` is how the round lines print the values: ``s`` (seconds) or ``ms``.
+    """
     times: dict[str, list[float]] = {k: [] for k in variants}
+    scale, fmt = (1e3, "{:.3f}ms") if unit == "ms" else (1.0, "{:.2f}s")
     for r in range(rounds):
         for name, fn in variants.items():
             times[name].append(fn())
-        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} " + fmt.format(v[-1] * scale) for k, v in times.items()),
+              flush=True)
     return times
 
 
