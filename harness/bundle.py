@@ -682,12 +682,19 @@ def within_data_dir(data: DataSpec, data_dir: str, given: bool) -> DataSpec:
     ``--data`` (``given``) must name a path inside it; a ``data.path`` resolved from the
     bundle must lie inside it, or, when relative, is taken relative to the directory. With
     no data path at all (a custom trainer) the directory itself is the data.
+
+    A link inside the directory whose target is absolute or lies outside it is refused: the
+    host would hash the file it points to here, a container (which mounts the directory
+    alone) or a rerun elsewhere would read another one.
     """
+    from .safeio import refuse_links_leaving
+
     d = Path(data_dir).expanduser()
     if not d.is_dir():
         raise InputError("--data-dir", f"{data_dir} is not a directory",
                          hint="pass the directory that holds the data file and the files beside it")
     d = d.resolve()
+    refuse_links_leaving(d, f"--data-dir {d}")
     if data.resolved is None:
         return replace(data, path=str(d), resolved=str(d), dir=str(d))
     p = Path(data.resolved)

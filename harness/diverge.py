@@ -1,8 +1,9 @@
 """Where two runs part: the first training step whose loss bits or parameters differ.
 
 Pure: :func:`parse_trace` reads the text of a ``trace.jsonl`` (written by a container or a
-user's trainer, so hostile input: strictly parsed, every field checked) and :func:`diverge`
-compares two traces and their records. Reading the files is the CLI's (``harness diverge``).
+user's trainer, so hostile input: strictly parsed, every field checked, line by line) and
+:func:`diverge` compares two traces and their records. :func:`read_trace` streams a file into
+it through :mod:`harness.safeio` (no link followed, bounded in bytes, lines and line size).
 """
 
 from __future__ import annotations
@@ -12,16 +13,23 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
 
 from .errors import InputError
 from .worker.trace import TRACE_FILE, TRACE_MAX_BYTES, TRACE_SCHEMA
 
-__all__ = ["Parting", "Divergence", "Trace", "parse_trace", "diverge", "render", "TRACE_FILE", "TRACE_MAX_BYTES"]
+__all__ = ["Parting", "Divergence", "Trace", "parse_trace", "read_trace", "diverge", "render", "TRACE_FILE",
+           "TRACE_MAX_BYTES"]
 
 _HEX_DIGEST = re.compile(r"[0-9a-f]{32}")
 MAX_TENSORS = 100_000  # per checkpoint line: no model of a trial has more named tensors
 MAX_NAME = 1000
+# A line is read (and parsed) alone: one per-tensor line of 50,000 tensors with 100-character names fits.
+MAX_LINE_BYTES = 8 << 20
+# A step line is at least 64 bytes and each step has at most one per-tensor line besides it, so no trace
+# within TRACE_MAX_BYTES has more lines than this (a file of short lines is refused at the first anyway).
+MAX_LINES = 2 * (TRACE_MAX_BYTES // 64) + 2
 
 
 class Parting(str, enum.Enum):
@@ -31,7 +39,7 @@ class Parting(str, enum.Enum):
     BEYOND_TRACE = "beyond the trace"  # identical as far as a truncated trace goes, different metrics
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a long trace holds one per step
 class Step:
     epoch: int | None
     step: int
@@ -55,29 +63,68 @@ def _int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def parse_trace(text: str, where: str) -> Trace:
-    """A ``harness.trace/1`` file's steps and per-tensor digests; anything else is one InputError."""
-    if len(text) > TRACE_MAX_BYTES:
-        raise InputError(where, f"is larger than a trace can be ({TRACE_MAX_BYTES} bytes)")
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    if not lines:
-        raise InputError(where, "is empty, not a harness trace")
-    rows: list[Any] = []
+def _text_lines(text: str) -> Iterator[str]:
+    """The lines of ``text`` one at a time (no list of them all), without their newlines."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        if end < 0:
+            yield text[start:]
+            return
+        yield text[start:end]
+        start = end + 1
+
+
+def read_trace(path: str | Path, *, within: str | Path | None = None) -> "Trace | None":
+    """The trace at ``path`` (None when there is none), streamed through :func:`harness.safeio.read_lines`:
+    no link followed (below ``within`` neither), at most TRACE_MAX_BYTES, one line of at most
+    MAX_LINE_BYTES in memory at a time; the first bad line is refused as it is read."""
+    from . import safeio
+
+    lines = safeio.read_lines(path, TRACE_MAX_BYTES, MAX_LINE_BYTES, within=within)
+    return None if lines is None else parse_trace(lines, str(path))
+
+
+def parse_trace(text: str | Iterable[str | bytes], where: str) -> Trace:
+    """A ``harness.trace/1`` file's steps and per-tensor digests; anything else is one InputError.
+
+    ``text`` is the whole file, or its lines as they are read (:func:`read_trace`): each line is
+    checked as it comes, so a file of bad lines is refused at its first one, and the number of lines
+    is capped (MAX_LINES) whatever their size.
+    """
+    if isinstance(text, str):
+        if len(text) > TRACE_MAX_BYTES:
+            raise InputError(where, f"is larger than a trace can be ({TRACE_MAX_BYTES} bytes)")
+        lines: Iterable[str | bytes] = _text_lines(text)
+    else:
+        lines = text
+    try:
+        return _parse_lines(lines, where)
+    finally:
+        close = getattr(lines, "close", None)
+        if close is not None:
+            close()
+
+
+def _parse_lines(lines: Iterable[str | bytes], where: str) -> Trace:
+    trace: Trace | None = None
     for i, ln in enumerate(lines, 1):
+        if i > MAX_LINES:
+            raise _bad(where, i, f"is beyond the {MAX_LINES} lines a trace of {TRACE_MAX_BYTES} bytes can hold")
         try:
-            rows.append(json.loads(ln))
+            row = json.loads(ln.decode("utf-8") if isinstance(ln, bytes) else ln)
+        except UnicodeDecodeError:
+            raise _bad(where, i, "is not UTF-8 text") from None
         except (ValueError, RecursionError):
             raise _bad(where, i, "is not one JSON object") from None
-        if not isinstance(rows[-1], dict):
+        if not isinstance(row, dict):
             raise _bad(where, i, "is not one JSON object")
-    head = rows[0]
-    if head.get("schema") != TRACE_SCHEMA:
-        raise _bad(where, 1, f"is not a harness trace header (schema {head.get('schema')!r}, expected {TRACE_SCHEMA})")
-    source = head.get("source")
-    trace = Trace(source=source if isinstance(source, str) else "?", steps=[], tensors={})
-    for i, row in enumerate(rows[1:], 2):
+        if trace is None:
+            if row.get("schema") != TRACE_SCHEMA:
+                raise _bad(where, 1, f"is not a harness trace header (schema {row.get('schema')!r}, expected {TRACE_SCHEMA})")
+            source = row.get("source")
+            trace = Trace(source=source if isinstance(source, str) else "?", steps=[], tensors={})
+            continue
         if trace.truncated:
             raise _bad(where, i, "follows the truncation line")
         keys = set(row)
@@ -106,6 +153,8 @@ def parse_trace(text: str, where: str) -> Trace:
             trace.truncated = True
         else:
             raise _bad(where, i, f"has unexpected keys {', '.join(sorted(map(str, keys))) or 'none'}")
+    if trace is None:
+        raise InputError(where, "is empty, not a harness trace")
     return trace
 
 

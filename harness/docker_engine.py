@@ -18,12 +18,17 @@ The SDK itself is imported lazily, so ``import harness`` stays quick.
 
 from __future__ import annotations
 
+import copy
 import functools
 import gc
+import hashlib
+import json
 import os
+import posixpath
 import re
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import threading
 import warnings
@@ -32,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .errors import BackendError, BuildFailed
+from .errors import BackendError, BuildFailed, InputError
 
 # Builds stream output, but a layer commit of a multi-GB venv can be silent for minutes.
 DOCKER_TIMEOUT_S = 3600
@@ -125,6 +130,11 @@ class ContainerRequest:
     cell: str = ""  # for messages: whose container this is
     tag: str | None = None  # for messages: the image's tag when ``image`` is an id
     cpuset: str | None = None  # cores it may run on ("0,1"; --jobs), None: any
+    # Writable mounts that get noexec,nosuid,nodev: target -> an empty host folder on the same file system as
+    # the mount's source, for the overlay's work folders (a bind mount cannot be noexec; see :func:`overlay_mount`)
+    noexec: dict[str, str] = field(default_factory=dict)
+    log_max_size: str | None = "10m"  # the container's json-file log is rotated at this size ...
+    log_max_files: int = 3  # ... keeping this many files (None size: the engine's default log, uncapped)
 
 
 @dataclass(frozen=True)
@@ -135,6 +145,7 @@ class ContainerExit:
     oom_killed: bool = False
     error: str | None = None
     timed_out: bool = False  # killed at the request's timeout
+    notes: tuple[str, ...] = ()  # what the caller should say (a mount that lost its noexec)
 
 
 @dataclass(frozen=True)
@@ -258,13 +269,54 @@ def device_requests(gpus: str) -> list[Any]:
     return [docker.types.DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
 
 
+LONGEST_LINE = 1 << 20  # container output: a longer line without a newline is passed on in pieces
+
+
+def _mount_refused(error: str) -> bool:
+    """Whether an engine's refusal is of a volume it could not mount (pure)."""
+    return "mounting volume" in error or "failed to mount local volume" in error
+
+
+OVERLAY_LOWER = "lower"  # in a noexec mount's work folder: the overlay's empty lower layer ...
+OVERLAY_WORK = "work"  # ... and its work folder (the kernel makes work/work, owned by root, left empty)
+_OVERLAY_UNSAFE = frozenset(",:\\=\n")  # what mount options cannot carry in a path
+
+
+def overlay_mount(source: str, target: str, work: str) -> Any:
+    """A writable mount of ``source`` at ``target`` that is ``noexec,nosuid,nodev``.
+
+    Docker gives a bind mount no such flags, so it is an anonymous volume of the engine's ``local``
+    driver: an overlay whose upper layer is ``source`` itself (what the container writes lands there,
+    as with a bind mount) over an empty lower layer, with ``work`` (same file system) for its work
+    folder. The engine mounts it when the container starts and removes it with the container.
+    """
+    docker = _sdk()
+    options = (f"lowerdir={work}/{OVERLAY_LOWER},upperdir={source},workdir={work}/{OVERLAY_WORK},"
+               "noexec,nosuid,nodev")
+    return docker.types.Mount(target, None, type="volume", no_copy=True, driver_config=docker.types.DriverConfig(
+        "local", {"type": "overlay", "device": "overlay", "o": options}))  # no_copy: nothing of the image lands there
+
+
+def overlay_possible(source: str, work: str) -> bool:
+    """Whether mount options can name ``source`` and ``work`` (pure): no comma, colon, backslash, = or newline."""
+    return not (_OVERLAY_UNSAFE & set(source + work))
+
+
+def _mount(req: ContainerRequest, source: str, target: str, ro: bool) -> Any:
+    docker = _sdk()
+    work = req.noexec.get(target)
+    if work is not None and not ro:
+        return overlay_mount(source, target, work)
+    return docker.types.Mount(target, source, type="bind", read_only=ro)
+
+
 def create_kwargs(req: ContainerRequest) -> dict[str, Any]:
     """``client.containers.create`` keyword arguments for a request."""
     docker = _sdk()
     kwargs: dict[str, Any] = {
         "image": req.image,
         "command": list(req.command),
-        "mounts": [docker.types.Mount(target, source, type="bind", read_only=ro) for source, target, ro in req.mounts],
+        "mounts": [_mount(req, source, target, ro) for source, target, ro in req.mounts],
         "environment": dict(req.environment),
         "network_mode": req.network,
         "read_only": req.read_only,
@@ -289,6 +341,9 @@ def create_kwargs(req: ContainerRequest) -> dict[str, Any]:
         kwargs["security_opt"] = list(req.security_opt)
     if req.pids_limit:
         kwargs["pids_limit"] = req.pids_limit
+    if req.log_max_size:
+        kwargs["log_config"] = docker.types.LogConfig(
+            type="json-file", config={"max-size": req.log_max_size, "max-file": str(req.log_max_files)})
     return kwargs
 
 
@@ -301,6 +356,208 @@ def refusal(request: ContainerRequest, text: str) -> str:
     if "No such image" in text:
         return f"image {what} vanished from the engine: {text}"
     return f"Docker engine refused to run {what}: {text}"
+
+
+# ----------------------------------------------------------------------------- a saved image, without its names (pure)
+
+
+SAVE_MANIFEST = "manifest.json"  # docker save: [{"Config": ..., "RepoTags": [...], "Layers": [...]}]
+SAVE_REPOSITORIES = "repositories"  # the legacy {repository: {tag: id}} map; docker load tags from it too
+SAVE_INDEX = "index.json"  # OCI layout (docker 25+): its manifests' name annotations name the image too
+NAME_ANNOTATIONS = ("org.opencontainers.image.ref.name", "io.containerd.image.name")
+SAVE_JSON_MAX = 1 << 20  # manifest.json, index.json of one image: a few KB
+CONFIG_MAX = 16 << 20  # an image config is JSON of a few KB; larger members are layers and are not hashed
+_SAVE_HINT = "the image archive was altered or was not written by `docker save`"
+
+
+class ImageStreamRefused(InputError):
+    """A ``docker save`` stream that :func:`untagged` does not pass on; ``problem`` says why, naming no file."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+        super().__init__("", problem, hint=_SAVE_HINT)
+
+
+@dataclass(frozen=True)
+class SavedImage:
+    """A ``docker save`` stream and the id of the one image it must hold (:meth:`Engine.load` checks it)."""
+
+    chunks: Iterable[bytes]
+    image_id: str
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.chunks)
+
+
+class _ChunkReader:
+    """A ``read()``-only file over an iterator of byte chunks, for tarfile's stream mode."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._it = iter(chunks)
+        self._buf = bytearray()
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self._buf) < n:
+            nxt = next(self._it, None)
+            if nxt is None:
+                break
+            self._buf += nxt
+        if n < 0:
+            n = len(self._buf)
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def drain(self) -> None:
+        """Read the rest (the padding after the end-of-archive blocks), so the source's own checks run."""
+        self._buf.clear()
+        for _ in self._it:
+            pass
+
+
+def _unpacked_name(name: str) -> str:
+    """A member's path as the engine unpacks it: ``./a//b``, ``/a/b`` and ``c/../a/b`` are all ``a/b``."""
+    return posixpath.normpath("/" + name).lstrip("/")
+
+
+def _parents(name: str) -> list[str]:
+    parts = name.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _pad(size: int) -> bytes:
+    return b"\0" * (-size % tarfile.BLOCKSIZE)
+
+
+def _json_member(raw: bytes, name: str) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ImageStreamRefused(f"holds a {name} that is not JSON") from None
+
+
+def _without_repo_tags(raw: bytes) -> tuple[bytes, str]:
+    """``manifest.json`` with empty ``RepoTags``, and the member it names as the image config."""
+    doc = _json_member(raw, SAVE_MANIFEST)
+    if not isinstance(doc, list) or len(doc) != 1 or not isinstance(doc[0], dict):
+        count = len(doc) if isinstance(doc, list) else type(doc).__name__
+        raise ImageStreamRefused(f"holds a {SAVE_MANIFEST} that does not list exactly one image ({count})")
+    entry = dict(doc[0])
+    config = entry.get("Config")
+    if not isinstance(config, str) or not config:
+        raise ImageStreamRefused(f"holds a {SAVE_MANIFEST} that names no Config")
+    entry["RepoTags"] = []
+    return json.dumps([entry]).encode(), _unpacked_name(config)
+
+
+def _without_names(raw: bytes) -> bytes:
+    """OCI ``index.json`` without the annotations that name (tag) its images."""
+    doc = _json_member(raw, SAVE_INDEX)
+    manifests = doc.get("manifests") if isinstance(doc, dict) else None
+    if not isinstance(manifests, list):
+        raise ImageStreamRefused(f"holds a {SAVE_INDEX} that is not an OCI index")
+    for node in [doc, *manifests]:
+        notes = node.get("annotations") if isinstance(node, dict) else None
+        if isinstance(notes, dict):
+            for key in NAME_ANNOTATIONS:
+                notes.pop(key, None)
+    return json.dumps(doc).encode()
+
+
+def _refuse_mismatch(got: str, want: str) -> ImageStreamRefused:
+    return ImageStreamRefused(f"holds image {got}, not the expected {want}")
+
+
+def untagged(chunks: Iterable[bytes], image_id: str | None = None) -> Iterator[bytes]:
+    """A ``docker save`` tar stream as the engine may load it: without its names, holding ``image_id``.
+
+    Rewritten member by member as it streams (memory holds a chunk, and manifest.json or
+    index.json of at most 1 MB): ``manifest.json`` gets empty ``RepoTags``, ``repositories``
+    is left out, ``index.json`` loses its name annotations; every other member passes with
+    its metadata and bytes unchanged. The image id is the sha256 of the config member that
+    ``manifest.json`` names (``<hex>.json``, or ``blobs/sha256/<hex>`` in OCI layout).
+
+    Refused with :class:`ImageStreamRefused`, before the end-of-archive blocks are sent (so
+    the engine loads nothing): input that is not a tar, a name twice, an entry below a link
+    or a link in place of a directory, manifest.json or index.json that is not a small
+    regular file, a manifest.json that lists other than one image, and, with ``image_id``,
+    a config that is missing, not a regular file or of another id. Errors of ``chunks``
+    itself reach the caller as they are, also before the end of the stream.
+    """
+    src = _ChunkReader(chunks)
+    seen: set[str] = set()
+    links: set[str] = set()
+    parents: set[str] = set()
+    digests: dict[str, str] = {}  # regular members up to CONFIG_MAX -> "sha256:..." of their bytes
+    config: str | None = None
+    try:
+        tf = tarfile.open(fileobj=src, mode="r|")  # type: ignore[call-overload]  # noqa: SIM115 - read to its end below
+        while True:
+            info = tf.next()
+            if info is None:
+                break
+            name = _unpacked_name(info.name)
+            shown = repr(info.name)[1:-1][:200]
+            if name in seen:
+                raise ImageStreamRefused(f"holds {shown} twice")
+            seen.add(name)
+            above = _parents(name)
+            link = next((p for p in above if p in links), None)
+            if link is not None:
+                raise ImageStreamRefused(f"holds {shown} below the link {link}")
+            if info.issym() or info.islnk():
+                if name in parents:
+                    raise ImageStreamRefused(f"holds the link {shown} in place of a directory with entries")
+                links.add(name)
+            parents.update(above)
+            if name == SAVE_REPOSITORIES:
+                continue  # the legacy name map: left out, names and all
+            if name in (SAVE_MANIFEST, SAVE_INDEX):
+                if not info.isreg() or info.size > SAVE_JSON_MAX:
+                    what = f"{info.size} bytes" if info.isreg() else "not a regular file"
+                    raise ImageStreamRefused(f"holds a {name} that is {what} (a small regular file expected)")
+                fobj = tf.extractfile(info)
+                raw = fobj.read() if fobj is not None else b""
+                if name == SAVE_MANIFEST:
+                    raw, config = _without_repo_tags(raw)
+                else:
+                    raw = _without_names(raw)
+                out = copy.copy(info)
+                out.size = len(raw)
+                out.pax_headers = {k: v for k, v in info.pax_headers.items() if k != "size"}
+                yield out.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape") + raw + _pad(len(raw))
+            else:
+                yield info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+                if info.isreg():
+                    sha = hashlib.sha256() if info.size <= CONFIG_MAX else None
+                    fobj = tf.extractfile(info)
+                    left = info.size
+                    while left and fobj is not None:
+                        block = fobj.read(min(CHUNK, left))
+                        if not block:
+                            raise ImageStreamRefused(f"ends inside {shown}")
+                        left -= len(block)
+                        if sha is not None:
+                            sha.update(block)
+                        yield block
+                    yield _pad(info.size)
+                    if sha is not None:
+                        digests[name] = "sha256:" + sha.hexdigest()
+        src.drain()
+    except (tarfile.TarError, EOFError, ValueError, UnicodeError) as exc:
+        text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ImageStreamRefused(f"is not a readable tar ({text})") from None
+    if config is None:
+        raise ImageStreamRefused(f"holds no {SAVE_MANIFEST} (every `docker save` writes one)")
+    if image_id is not None:
+        if config not in digests:
+            raise ImageStreamRefused(f"holds no image config {config} (its {SAVE_MANIFEST}'s Config) "
+                                     f"as a regular file of at most {CONFIG_MAX >> 20} MB")
+        # the classic store's id is its config's digest; the containerd store's, that of a manifest or index blob
+        blobs = {d for n, d in digests.items() if n.startswith("blobs/sha256/") and n != config}
+        if digests[config] != image_id and image_id not in blobs:
+            raise _refuse_mismatch(digests[config], image_id)
+    yield b"\0" * (2 * tarfile.BLOCKSIZE)
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -316,6 +573,7 @@ class Engine:
         self.builder = builder
         self._running: list[Any] = []  # containers started by run() and not yet removed
         self._lock = threading.Lock()  # run() is called from several threads at once (--jobs)
+        self._no_overlay: str | None = None  # why this engine mounted no noexec overlay (then: bind mounts)
 
     @classmethod
     def connect(cls) -> "Engine":
@@ -603,16 +861,24 @@ class Engine:
             raise BackendError(f"Docker engine failed to save image {tag or image_id}: {exc}") from exc
 
     def load(self, chunks: Iterable[bytes]) -> Iterator[str]:
-        """``docker load`` of a saved image; yields each image ref the engine reports loaded.
+        """``docker load`` of a saved image, without its names; yields each image ref the engine reports loaded.
+
+        The stream reaches the engine through :func:`untagged`: the names it carries
+        (``RepoTags``, ``repositories``, OCI name annotations) are dropped, so a load never
+        points a tag at the image (containers are started by id). ``chunks`` that is a
+        :class:`SavedImage` also has its image id checked while it streams: a stream that
+        holds another image stops before its end, so the engine loads nothing.
 
         A generator, so a caller that has to clean up after a failure knows what was
         loaded before it. An error the engine reports is raised as a BackendError once
-        the stream is read; errors of ``chunks`` itself reach the caller as they are.
+        the stream is read; errors of ``chunks`` itself (and :class:`ImageStreamRefused`)
+        reach the caller as they are.
         """
         docker = _sdk()
         problem: str | None = None
+        stream = untagged(chunks, chunks.image_id if isinstance(chunks, SavedImage) else None)
         try:
-            for msg in self.client.api.load_image(chunks):
+            for msg in self.client.api.load_image(stream):
                 if not isinstance(msg, dict):
                     continue
                 if msg.get("error") and problem is None:
@@ -670,7 +936,29 @@ class Engine:
         The container is removed afterwards whatever happened; while it runs,
         :meth:`stop_all` (Ctrl-C) stops and removes it. An engine refusal is
         returned as ``error``, in one line that says the way out.
+
+        An engine that cannot mount a ``noexec`` overlay there (the results directory on NFS, on
+        an overlay file system; a rootless engine) runs the container again with bind mounts, and
+        ``notes`` says so; it is not tried again on this engine.
         """
+        from dataclasses import replace
+
+        if request.noexec and self._no_overlay is None:
+            ended = self._run(request, on_line)
+            if ended.status is not None or ended.error is None or not _mount_refused(ended.error):
+                return ended
+            self._no_overlay = ended.error
+        if not request.noexec:
+            return self._run(request, on_line)
+        note = (f"{', '.join(sorted(request.noexec))} is mounted without noexec,nosuid,nodev: the engine cannot "
+                f"mount an overlay over the cell's directory ({self._no_overlay.rsplit(': ', 1)[-1][:200]}; "
+                "its file system may be NFS or an overlay, or the engine rootless)")
+        if on_line:
+            on_line(f"harness: {note}")
+        ended = self._run(replace(request, noexec={}), on_line)
+        return replace(ended, notes=(*ended.notes, note))
+
+    def _run(self, request: ContainerRequest, on_line: Callable[[str], None] | None) -> ContainerExit:
         docker = _sdk()
         what = request.tag or request.image
         container = None
@@ -696,8 +984,9 @@ class Engine:
             buf = b""
             for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=True):
                 buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
+                while b"\n" in buf or len(buf) > LONGEST_LINE:  # a line without end is passed on in pieces
+                    line, _, buf = buf.partition(b"\n") if b"\n" in buf[:LONGEST_LINE + 1] else \
+                        (buf[:LONGEST_LINE], b"", buf[LONGEST_LINE:])
                     if on_line:
                         on_line(line.decode("utf-8", "replace"))
             if buf and on_line:
@@ -729,7 +1018,7 @@ class Engine:
         """Stop and remove one container; False when it was already gone."""
         docker = _sdk()
         try:
-            self.client.containers.get(container_id).remove(force=True)
+            self.client.containers.get(container_id).remove(force=True, v=True)  # v: its anonymous volumes too
             return True
         except docker.errors.NotFound:
             return False
@@ -759,6 +1048,6 @@ def _remove_container(container: Any) -> None:
     if container is None:
         return
     try:
-        container.remove(force=True)
+        container.remove(force=True, v=True)  # v: its anonymous volumes (a noexec overlay) too
     except Exception:  # noqa: BLE001 - already gone
         pass

@@ -13,6 +13,13 @@ against the record's tensor digest after the copy. Paths are never taken from a 
 what lies in the results directory: the cell directory is ``RESULTS/<cell>``, and a local
 record whose ``spec.out_dir`` names anything else is refused.
 
+What the export copies is read from the source bundle alone, the one the run's ``run.json``
+names (the CLI writes it; a worker cannot), and only while its ``config.yaml`` still has the
+digest the record carries; a record naming another bundle is refused. That bundle is copied
+without following a link (a link, FIFO, device or socket in it is left out, with a warning).
+A scaler the run refitted is never copied: whatever a worker wrote is data, and a pickle is
+code. The data is hashed only when it is a regular file (or a directory) reached without a link.
+
 Pure parts (choosing the cell, the new ``trial_info.yaml`` and ``config.yaml``) are plain
 functions of records and mappings; effects are in :func:`export` and the readers.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import hashlib
 import json
 import math
 import os
@@ -34,7 +42,8 @@ from typing import Any, Mapping
 import yaml
 
 from . import __version__, record
-from .bundle import AGGREGATE, CONFIG, SCALER, TRIAL_INFO, WEIGHTS_DIR, load_bundle, load_yaml
+from .bundle import (AGGREGATE, CONFIG, MAX_YAML_BYTES, SCALER, TRIAL_INFO, WEIGHTS_DIR, config_digest, load_bundle,
+                     parse_yaml_text)
 from .errors import InputError
 from .record import ResultRecord, RunManifest
 
@@ -97,14 +106,63 @@ def read_text_no_follow(root: Path, *parts: str, limit: int = 64 << 20) -> str |
         return fh.read(limit + 1).decode("utf-8", "replace")
 
 
-def copy_no_follow(root: Path, parts: tuple[str, ...], dest: Path) -> bool:
-    """Copy the regular file ``root/parts...`` (no link followed) to ``dest``; False when it is absent."""
+WEIGHTS_LIMIT_ENV = "HARNESS_WEIGHTS_LIMIT"
+DEFAULT_WEIGHTS_LIMIT = 16 << 30  # the largest file export copies out of a cell directory
+SPARSE_FLOOR = 16 << 20  # a file at least this long ...
+SPARSE_RATIO = 4  # ... with less than 1/SPARSE_RATIO of it allocated is sparse: torch.save never writes one
+
+
+def weights_limit() -> int:
+    """``$HARNESS_WEIGHTS_LIMIT`` (``32G``, ``500M``, bytes), else 16 GiB."""
+    from .worker.data import parse_size
+
+    raw = os.environ.get(WEIGHTS_LIMIT_ENV)
+    return parse_size(raw, f"${WEIGHTS_LIMIT_ENV}", f"{WEIGHTS_LIMIT_ENV}=64G") if raw else DEFAULT_WEIGHTS_LIMIT
+
+
+def check_copy_size(st: os.stat_result, where: str, dest_dir: Path, limit: int) -> None:
+    """Refuse, before a byte is copied, a file over ``limit``, a sparse one, or one the destination has no room for."""
+    from .worker.data import human_size
+
+    size, allocated = st.st_size, st.st_blocks * 512
+    if size > limit:
+        raise InputError(where, f"is {human_size(size)}, over the {human_size(limit)} export copies",
+                         hint=f"raise it with {WEIGHTS_LIMIT_ENV}=SIZE if these weights really are that large")
+    if size >= SPARSE_FLOOR and allocated * SPARSE_RATIO < size:
+        raise InputError(where, f"is sparse: {human_size(size)} long, {human_size(allocated)} of it on disk; "
+                                "the worker never writes such a file (something else made it in the cell directory)",
+                         hint="rerun the cell, then export")
+    free = shutil.disk_usage(dest_dir).free
+    if size > free:
+        raise InputError(where, f"is {human_size(size)}, but only {human_size(free)} is free at {dest_dir}",
+                         hint="free space, or export to -o on another disk")
+
+
+def copy_no_follow(root: Path, parts: tuple[str, ...], dest: Path, limit: int | None = None) -> bool:
+    """Copy the regular file ``root/parts...`` (no link followed) to ``dest``; False when it is absent.
+
+    Its size is checked on the open file first (:func:`check_copy_size`, ``limit`` default
+    :func:`weights_limit`), and no more than it said is copied: a file that grows meanwhile is refused.
+    """
+    limit = weights_limit() if limit is None else limit
     try:
         fd = _open_no_follow(root, parts, directory=False)
     except FileNotFoundError:
         return False
-    with os.fdopen(fd, "rb") as src, open(dest, "xb") as out:
-        shutil.copyfileobj(src, out, 1 << 20)
+    with os.fdopen(fd, "rb") as src:
+        st = os.fstat(src.fileno())
+        where = str(root.joinpath(*parts))
+        check_copy_size(st, where, dest.parent, limit)
+        with open(dest, "xb") as out:
+            left = st.st_size
+            while left > 0:
+                block = src.read(min(left, 1 << 20))
+                if not block:
+                    break
+                out.write(block)
+                left -= len(block)
+            if src.read(1):
+                raise InputError(where, "grew while it was copied", hint="export when no run is writing to it")
     return True
 
 
@@ -354,20 +412,142 @@ def _check_out(out: Path, force: bool, keep: dict[str, Path]) -> None:
             raise InputError(str(out), f"overlaps {what} ({there})", hint="export to a directory of its own")
 
 
-def _copy_source_files(src: Path, dest: Path) -> list[str]:
-    """Everything of the source bundle but what export writes itself (config, trial info, scaler, weights)."""
+_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _open_regular(path: Path, hint: str) -> int | None:
+    """A read-only fd of the regular file ``path``, a link in its place refused, not followed, and a FIFO
+    not waited for; None when nothing is there. (The directories above it are the caller's to trust.)"""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(str(path), "is a symbolic link; export follows no links", hint=hint) from None
+        raise InputError(str(path), f"cannot be opened ({exc.strerror or exc})", hint=hint) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise InputError(str(path), f"is {_kind(mode)}, not a regular file; not read", hint=hint)
+    return fd
+
+
+def _run_bundle(res: Results, rec: ResultRecord, named: Path, where: str) -> tuple[Path, Mapping[str, Any]]:
+    """The bundle the run ran, as its ``run.json`` names it, and its parsed config.yaml: only while that
+    config still has the digest the record carries, never reached through a link, and only when the
+    record names the same bundle (a record is the worker's; run.json is the CLI's)."""
+    run_file = str(res.root / record.RUN_FILE)
+    hint = "export a results directory written by harness"
+    if res.manifest is None:
+        raise InputError(run_file, "not found; export reads the bundle the run's own run.json names", hint=hint)
+    if rec.run_id != res.manifest.run_id:
+        raise InputError(where, f"is of run {rec.run_id!r}, not of run {res.manifest.run_id} that {record.RUN_FILE} "
+                                "describes", hint=hint)
+    bundle = Path(res.manifest.bundle)
+    if not bundle.is_absolute():
+        raise InputError(run_file, f"names bundle {str(bundle)!r}, not an absolute path", hint=hint)
+    if os.path.normpath(named) != os.path.normpath(bundle):
+        raise InputError(where, f"names bundle {named}, but {record.RUN_FILE} says the run ran {bundle}",
+                         hint="export a results directory written by harness (records are not moved or edited)")
+    real = os.path.realpath(bundle)
+    if real != os.path.normpath(bundle):
+        raise InputError(str(bundle), f"is reached through a symbolic link (it resolves to {real}); export follows "
+                                      "no links", hint="export a run of the bundle by its real path")
+    gone = "export on the machine where the run was made, with its bundle in place"
+    fd = _open_regular(bundle / CONFIG, hint=gone)
+    if fd is None:
+        raise InputError(str(bundle), f"the bundle cell {rec.cell} ran has no {CONFIG} any more", hint=gone)
+    with os.fdopen(fd, "rb") as fh:
+        raw = fh.read(MAX_YAML_BYTES + 1)
+    if len(raw) > MAX_YAML_BYTES:
+        raise InputError(str(bundle / CONFIG), f"is over {MAX_YAML_BYTES >> 20} MB", hint="bundle files are small")
+    try:
+        cfg = parse_yaml_text(raw.decode("utf-8"), str(bundle / CONFIG))
+    except UnicodeDecodeError:
+        raise InputError(str(bundle / CONFIG), "is not UTF-8 text", hint=gone) from None
+    if not isinstance(cfg, Mapping):
+        raise InputError(str(bundle / CONFIG), "is not a mapping")
+    want = (rec.bundle or {}).get("config_sha256")
+    if not isinstance(want, str):
+        raise InputError(where, "records no config digest (bundle.config_sha256) to check the bundle against",
+                         hint="run the cell again with this harness, then export that run")
+    got = config_digest(cfg)
+    if got != want:
+        raise InputError(str(bundle / CONFIG), f"has changed since the run (config digest {got[:12]}…, the run's "
+                                               f"{want[:12]}…)", hint="restore the bundle the run used, or run it "
+                                                                      "again and export that run")
+    return bundle, cfg
+
+
+def _data_digest(path: Path) -> str:
+    """The digest of the data a record names (as :func:`harness.worker.data.sha256_path`): a regular file
+    or a directory, reached without a link. A device, FIFO or socket is refused, never read."""
+    from .worker.data import sha256_path
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(str(path), "the data the run trained on is gone", hint="restore it, then export") from None
+    real = os.path.realpath(path)
+    if real != os.path.normpath(path):
+        raise InputError(str(path), f"is reached through a symbolic link (it resolves to {real}); export follows no "
+                                    "links", hint="export a results directory written by harness")
+    if stat.S_ISDIR(mode):
+        return sha256_path(path)
+    fd = _open_regular(path, hint="a run trains on a regular file or a directory; export a results directory "
+                                  "written by harness")
+    if fd is None:
+        raise InputError(str(path), "the data the run trained on is gone", hint="restore it, then export")
+    h = hashlib.sha256()
+    with os.fdopen(fd, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _copy_entry(path: Path, target: Path, rel: str, skipped: list[str]) -> bool:
+    """Copy a regular file, or a directory of them, never through a link; anything else is named in ``skipped``."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(mode):
+        target.mkdir()
+        with os.scandir(path) as entries:
+            names = sorted(e.name for e in entries if e.name != "__pycache__")
+        for name in names:
+            _copy_entry(path / name, target / name, f"{rel}/{name}", skipped)
+        shutil.copystat(path, target, follow_symlinks=False)
+        return True
+    if not stat.S_ISREG(mode):
+        skipped.append(f"{rel} ({_kind(mode)})")
+        return False
+    fd = _open_regular(path, hint="export again once nothing changes the bundle")  # a file a moment ago, a link now?
+    if fd is None:
+        return False
+    with os.fdopen(fd, "rb") as src, open(target, "xb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
+    shutil.copystat(path, target, follow_symlinks=False)
+    return True
+
+
+def _copy_source_files(src: Path, dest: Path, skipped: list[str]) -> list[str]:
+    """Everything of the source bundle but what export writes itself (config, trial info, scaler, weights):
+    regular files and directories, never through a link; what is neither is named in ``skipped``."""
     copied = []
-    for entry in sorted(src.iterdir()):
-        if entry.name in MANAGED or entry.name == "__pycache__":
+    with os.scandir(src) as entries:
+        names = sorted(e.name for e in entries)
+    for name in names:
+        if name in MANAGED or name == "__pycache__":
             continue
-        target = dest / entry.name
-        if entry.is_dir():
-            shutil.copytree(entry, target, ignore=shutil.ignore_patterns("__pycache__"))
-        elif entry.is_file():
-            shutil.copy2(entry, target)
-        else:
-            continue
-        copied.append(entry.name + ("/" if entry.is_dir() else ""))
+        if _copy_entry(src / name, dest / name, name, skipped):
+            copied.append(name + ("/" if (dest / name).is_dir() else ""))
     return copied
 
 
@@ -394,34 +574,27 @@ def now_utc() -> str:
 
 def export(results_dir: str | Path, out: str | Path, cell: str | None = None, *, force: bool = False) -> Exported:
     """Write one ok cell of ``results_dir`` as a new optuna_best directory ``out``."""
-    from .worker.data import sha256_path
-
     res = read_results(results_dir)
     rec = pick_cell(res.records, cell, str(res.root))
     cell_dir = res.root / rec.cell
     where = str(cell_dir / record.RECORD_FILE)
     if not _plain(rec.cell):
         raise InputError(where, f"cell {rec.cell!r} is not a plain directory name")
-    src_bundle, data, data_dir, host_trainer = _source_paths(rec, cell_dir)
-    if not (src_bundle / CONFIG).is_file():
-        raise InputError(str(src_bundle), f"the bundle cell {rec.cell} ran has no {CONFIG} any more",
-                         hint="export on the machine where the run was made, with its bundle in place")
-    src_bundle = src_bundle.resolve()
+    named, data, data_dir, host_trainer = _source_paths(rec, cell_dir)
+    src_bundle, cfg = _run_bundle(res, rec, named, where)
+    if data_dir is not None and (os.path.realpath(data_dir) != os.path.normpath(data_dir) or not data_dir.is_dir()):
+        raise InputError(str(data_dir), "is not a directory reached without a link (the run's --data-dir)",
+                         hint="export a results directory written by harness")
     out = Path(out).expanduser().absolute()
     keep = {"the bundle the run came from": src_bundle, "the results directory": res.root}
     keep.update({f"the data {p}": p for p in (data, data_dir) if p is not None})
     keep.update({f"the trainer folder {t}": Path(t) for t in host_trainer or []})
     _check_out(out, force, keep)
     if data is not None and rec.data_sha256:
-        if not data.exists():
-            raise InputError(str(data), "the data the run trained on is gone", hint="restore it, then export")
-        now = sha256_path(data)
+        now = _data_digest(data)
         if now != rec.data_sha256:
             raise InputError(str(data), f"hashes to {now[:12]}…, but the run trained on {rec.data_sha256[:12]}…",
                              hint="restore the data the run used, then export")
-    cfg = load_yaml(src_bundle / CONFIG, str(src_bundle / CONFIG))
-    if not isinstance(cfg, Mapping):
-        raise InputError(str(src_bundle / CONFIG), "is not a mapping")
     trainer = None
     if rec.trainer:
         entry = rec.trainer.get("entrypoint")
@@ -441,21 +614,23 @@ def export(results_dir: str | Path, out: str | Path, cell: str | None = None, *,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
-        files = _copy_source_files(src_bundle, tmp)
+        skipped: list[str] = []
+        files = _copy_source_files(src_bundle, tmp, skipped)
         record.atomic_write_text(tmp / CONFIG, yaml.safe_dump(new_cfg, sort_keys=False))
         record.atomic_write_text(tmp / TRIAL_INFO, yaml.safe_dump(info, sort_keys=False))
         files[:0] = [CONFIG, TRIAL_INFO]
         used = (rec.scaler or {}).get("used")
-        if used == "refit":  # the run fitted its scaler on the train split and wrote it beside its record
-            if not copy_no_follow(res.root, (rec.cell, SCALER), tmp / SCALER):
-                raise InputError(str(cell_dir / SCALER), "is missing, but the run refitted its scaler there")
-            scaler = f"refitted by the run ({rec.cell}/{SCALER})"
-        elif used != "none" and (src_bundle / SCALER).is_file():
-            shutil.copyfile(src_bundle / SCALER, tmp / SCALER)
+        if used != "none" and _copy_entry(src_bundle / SCALER, tmp / SCALER, SCALER, skipped):
             scaler = f"the bundle's ({src_bundle / SCALER})"
+        elif used == "refit":  # a pickle the run wrote (in its container, or by its trainer) is data, never code here
+            scaler = (f"not exported: the run refitted it ({rec.cell}/{SCALER}), and what a run writes is data, never "
+                      "code the host loads; a run of the export refits it on the same train split")
         else:
             scaler = "none"
-        if scaler != "none":
+        if skipped:
+            warnings.append(f"not copied from the source bundle {src_bundle}: {', '.join(skipped)} (export copies "
+                            "regular files and directories only, never through a link)")
+        if (tmp / SCALER).is_file():
             files.append(SCALER)
         (tmp / WEIGHTS_DIR).mkdir()
         for name, digest in (("best.pt", rec.weights_sha256), ("last.pt", rec.last_weights_sha256)):

@@ -2,7 +2,9 @@
 
 Nothing here executes content from the bundle: YAML is safe-loaded, the data
 is never loaded here: its shapes are read from the ``.npy`` headers inside the
-``.npz`` (the worker loads the arrays, with ``allow_pickle=False``), and weights
+``.npz``, and what its members would expand to is bounded from those headers and the
+zip's directory (:func:`harness.worker.data.check_expansion`: zip bombs, crafted sizes,
+``$HARNESS_DATA_LIMIT``); the worker loads the arrays, with ``allow_pickle=False``. Weights
 are loaded with ``weights_only=True``.
 The scaler (a pickle) is left to the worker, which loads it before training.
 """

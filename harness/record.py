@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
+from . import safeio
 from .errors import InputError
 from .options import DATA_PATHS
 
@@ -39,6 +40,9 @@ RUN_SCHEMA = "harness.run/1"
 REPORT_SCHEMA = "harness.report/2"
 RECORD_FILE = "record.json"
 RUN_FILE = "run.json"  # what one invocation planned, in order: the basis for "missing"
+# `harness rerun` runs cell X as "X@rerun" and writes the archived run's record beside it as "X@archived"
+RERUN_SUFFIX = "@rerun"
+ARCHIVED_SUFFIX = "@archived"
 LOG_TAIL_CHARS = 4000
 
 
@@ -563,16 +567,14 @@ def write(path: str | Path, record: ResultRecord) -> None:
     atomic_write_text(path, record.to_json())
 
 
-def read(path: str | Path) -> ResultRecord:
-    """One ``record.json``; a missing, unreadable or foreign file is one clear line (exit 2)."""
+def read(path: str | Path, *, within: str | Path | None = None) -> ResultRecord:
+    """One ``record.json``; a missing, unreadable or foreign file is one clear line (exit 2).
+
+    Read as hostile input (:mod:`harness.safeio`): a link in its place (or, below ``within``, anywhere
+    on its path), a FIFO, a device or a file over 64 MiB is refused, never followed or read whole.
+    """
     p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(str(p), "not found") from None
-    except (OSError, ValueError, RecursionError) as exc:
-        raise InputError(str(p), f"cannot be read as JSON ({exc.__class__.__name__}: {exc})") from None
-    return ResultRecord.from_json(data, str(p))
+    return ResultRecord.from_json(safeio.read_json(p, safeio.JSON_MAX_BYTES, within=within), str(p))
 
 
 def write_manifest(results_dir: str | Path, manifest: RunManifest) -> None:
@@ -580,14 +582,10 @@ def write_manifest(results_dir: str | Path, manifest: RunManifest) -> None:
 
 
 def read_manifest(results_dir: str | Path) -> RunManifest | None:
+    """``run.json`` of a results directory, None when it has none (read as hostile input, like a record)."""
     p = Path(results_dir) / RUN_FILE
-    if not p.is_file():
-        return None
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
-        raise InputError(str(p), f"cannot be read as JSON ({exc.__class__.__name__}: {exc})") from None
-    return RunManifest.from_json(data, str(p))
+    data = safeio.read_json(p, safeio.JSON_MAX_BYTES, missing_ok=True)
+    return None if data is None else RunManifest.from_json(data, str(p))
 
 
 @dataclass
@@ -620,38 +618,71 @@ def load(path: str | Path, *, follow_band: bool = True) -> RecordSet:
     """
     p = Path(path)
     if p.is_dir():
-        files = sorted(p.glob(f"*/{RECORD_FILE}"))
-        manifest = read_manifest(p)
-        if not files and manifest is None:
-            raise InputError(str(p), "holds no record.json files", hint="point at a results directory written by harness")
-        found = [read(f) for f in files]
         warnings: list[str] = []
+        found = _cell_records(p, warnings)
+        manifest = read_manifest(p)
+        if not found and manifest is None:
+            raise InputError(str(p), "holds no record.json files", hint="point at a results directory written by harness")
+        archived: list[ResultRecord] = []
         if manifest is not None:
+            # A rerun judged its cell against the archived run's record, which it wrote beside it:
+            # that record is of the run being reproduced, and of this comparison.
+            archived = [r for r in found if r.cell.endswith(ARCHIVED_SUFFIX)
+                        and r.cell[: -len(ARCHIVED_SUFFIX)] + RERUN_SUFFIX in manifest.cells]
             # Only the records of the run that run.json describes: another run's (a --resume
-            # into this directory, or an older harness) are not this run's results.
-            other = [r for r in found if r.run_id is not None and r.run_id != manifest.run_id
-                     and manifest.reused.get(r.cell) != r.run_id]
+            # into this directory, or an older harness) are not this run's results, nor is a record
+            # without a run id: the harness gives every record it keeps its run's id, so one without was
+            # written by a worker whose harness never finished it (the worker of a killed run). A record
+            # --resume reused carries the earlier run's id, and run.json names it.
+            other = [r for r in found if r.run_id != manifest.run_id
+                     and (r.run_id is None or manifest.reused.get(r.cell) != r.run_id)
+                     and not any(r is a for a in archived)]
             if other:
                 found = [r for r in found if r not in other]
-                runs = ", ".join(sorted({str(r.run_id) for r in other}))
+                runs = ", ".join(sorted({r.run_id or "no run id" for r in other}))
                 warnings.append(f"{p}: ignored {len(other)} record(s) of another run ({runs}), not run "
                                 f"{manifest.run_id} of run.json: {', '.join(r.cell for r in other)}")
-        records, missing = _ordered(found, manifest)
+        records, missing = _ordered([r for r in found if not any(r is a for a in archived)], manifest)
+        records = sorted(archived, key=lambda r: r.cell) + records  # first, as the rerun judged them
         if follow_band and manifest is not None and manifest.band_from:
             records += _band_from(manifest.band_from, {r.cell for r in records}, warnings)
         return RecordSet(records, missing, str(p), warnings)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(str(p), "not found") from None
-    except (OSError, ValueError, RecursionError) as exc:
-        raise InputError(str(p), f"cannot be read as JSON ({exc.__class__.__name__}: {exc})") from None
+    data = safeio.read_json(p, safeio.JSON_MAX_BYTES if p.name == RECORD_FILE else safeio.REPORT_MAX_BYTES)
     if isinstance(data, dict) and isinstance(data.get("records"), list):
         _refuse_schema(data, REPORT_SCHEMA, str(p), "harness report")
         records = [ResultRecord.from_json(r, f"{p}: records[{i}]") for i, r in enumerate(data["records"])]
         missing = [str(c) for c in (data.get("comparison") or {}).get("missing") or []]
         return RecordSet(records, missing, str(p))
     return RecordSet([ResultRecord.from_json(data, str(p))], [], str(p))
+
+
+def _cell_records(results: Path, warnings: list[str]) -> list[ResultRecord]:
+    """The record of each cell directory of ``results`` (``<cell>/record.json``), by cell directory name.
+
+    Every file is read as hostile input (:mod:`harness.safeio`, no link followed below ``results``); a cell
+    directory that is a link is left out, named in a warning, never followed.
+    """
+    try:
+        with os.scandir(results) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        raise InputError(str(results), f"cannot be listed ({exc.strerror or exc})") from None
+    out: list[ResultRecord] = []
+    links: list[str] = []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink():
+            links.append(entry.name)
+        elif entry.is_dir(follow_symlinks=False):
+            path = results / entry.name / RECORD_FILE
+            data = safeio.read_json(path, safeio.JSON_MAX_BYTES, within=results, missing_ok=True)
+            if data is not None:
+                out.append(ResultRecord.from_json(data, str(path)))
+    if links:
+        warnings.append(f"{results}: left out {len(links)} link(s), not followed: {', '.join(links[:5])}"
+                        f"{', ...' if len(links) > 5 else ''}")
+    return out
 
 
 def _band_from(path: str, have: set[str], warnings: list[str]) -> list[ResultRecord]:

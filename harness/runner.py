@@ -17,6 +17,7 @@ import datetime as _dt
 import errno
 import functools
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,12 +76,29 @@ _WHY_NOT_WRITABLE = {errno.EROFS: "read-only file system", errno.EACCES: "permis
                      errno.EDQUOT: "disk quota exceeded"}
 
 
+def _refuse_in_the_way(path: Path) -> InputError:
+    """Something is already where the harness creates a file of its own in ``--out``: it is never written
+    through (a link there could point anywhere); one line naming it (exit 2)."""
+    try:
+        link = stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        link = False
+    what = "is a symbolic link; the harness never follows a link in --out" if link else \
+        "is in the way (not a file of this harness: a hard link, a FIFO, a directory ...); it is not written to"
+    return InputError(str(path), what, hint="remove it, or pass another --out")
+
+
 def check_writable(out: Path) -> None:
-    """Create ``out`` and write and remove a probe file in it, before anything trains (exit 2 if that fails)."""
+    """Create ``out`` and write and remove a probe file in it, before anything trains (exit 2 if that fails).
+
+    The probe is created afresh (``O_EXCL | O_NOFOLLOW``): a link or file planted under its name is refused."""
+    probe = out / f".harness-probe-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".harness-probe-{os.getpid()}"
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise _refuse_in_the_way(probe) from None
         try:
             os.write(fd, b"probe\n")
             os.fsync(fd)
@@ -107,7 +125,16 @@ class ResultsLock:
         import fcntl
 
         self.path = out / LOCK_FILE
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link planted there: it would be truncated and written (the pid)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EISDIR):
+                raise _refuse_in_the_way(self.path) from None
+            raise InputError(str(out), f"cannot be locked ({exc.strerror})", hint="pass --out DIR on a writable disk") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise _refuse_in_the_way(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -123,10 +150,14 @@ class ResultsLock:
     def _holder(self) -> str:
         for _ in range(20):  # the holder writes its pid right after it locks
             try:
-                pid = self.path.read_text().strip()
+                fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                try:
+                    pid = os.read(fd, 32).decode("ascii", "replace").strip()
+                finally:
+                    os.close(fd)
             except OSError:
                 pid = ""
-            if pid:
+            if pid.isdigit():
                 return pid
             time.sleep(0.05)
         return "unknown"
@@ -405,14 +436,38 @@ def band_gates(waiting: list[Cell], records: dict[str, ResultRecord],
 
 
 def cell_keys(cells: list[Cell], backend: Any, job: Job, cache: Any) -> dict[str, str]:
-    """Each cell's cache key (harness.cache), for the cells whose environment the backend can name."""
+    """Each cell's cache key (harness.cache), for the cells whose environment the backend can name.
+
+    The backend's ``key_inputs`` (when it has one) add what else can change the cell's numbers: the
+    worker's environment, the files a trainer command names. A cell they cannot key is left out (it is
+    never reused). With ``--resume``, each finished cell that reruns is said, with what changed."""
     if cache is None:
         return {}
     keys = {}
+    said: list[str] = []
+    key_inputs = getattr(backend, "key_inputs", None)
     for cell in cells:
         env = backend.environment_digest(cell)
-        if env:
-            keys[cell.name] = cache.key(env, backend.spec_document(cell, job))
+        if not env:
+            continue
+        inputs = dict(key_inputs(cell, job)) if key_inputs is not None else None
+        never = inputs.pop("never_reused", None) if inputs else None
+        if never is not None:
+            said.append(f"{cell.name}: never reused: {never}")
+            continue
+        keys[cell.name] = cache.key(env, backend.spec_document(cell, job), inputs)
+        cache.remember(job.results_dir, keys[cell.name])  # for a later --resume to say what changed
+        why = cache.why_rerun(job.results_dir, job.cell_dir(cell), cell.name, keys[cell.name]) if cache.reuse else None
+        if why is not None:
+            said.append(f"{cell.name}: rerun: {why}")
+    if said and cache.reuse:
+        from rich.text import Text
+
+        from .report import console
+
+        err = console(stderr=True)
+        for line in said:
+            err.print(Text(line, style="yellow"), soft_wrap=True)
     return keys
 
 
@@ -477,9 +532,9 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
 
 def read_traces(records: list[ResultRecord], roots: list[Path]) -> dict[str, Any]:
     """Each cell's parsed ``trace.jsonl`` from the first root that holds ``ROOT/<cell>/trace.jsonl``: a Trace,
-    the reason it was refused (a link, too large, malformed), or None without one. Never follows a link."""
-    from .backends.base import read_no_follow
-    from .diverge import TRACE_FILE, TRACE_MAX_BYTES, parse_trace
+    the reason it was refused (a link, too large, malformed), or None without one. Never follows a link, not
+    even ``ROOT/<cell>`` (harness.safeio), and streams the file line by line (harness.diverge.read_trace)."""
+    from .diverge import TRACE_FILE, read_trace
 
     out: dict[str, Any] = {}
     for rec in records:
@@ -490,8 +545,7 @@ def read_traces(records: list[ResultRecord], roots: list[Path]) -> dict[str, Any
         for root in roots:
             path = root / rec.cell / TRACE_FILE
             try:
-                text = read_no_follow(path, TRACE_MAX_BYTES)
-                found = None if text is None else parse_trace(text, str(path))
+                found = read_trace(path, within=root)
             except HarnessError as exc:
                 found = exc.one_line()
             if found is not None:
@@ -550,7 +604,8 @@ def start(plan: Plan, job: Job, bundle_root: str, reused: dict[str, str] | None 
 
 
 def load_band(path: str, bundle: Any, data_sha256: str | None) -> list[ResultRecord]:
-    """The band members saved in ``path`` (``--band-from``), refused in one line unless measured for this bundle."""
+    """The band members saved in ``path`` (``--band-from``), refused in one line unless measured for this bundle.
+    Its files are read as hostile input (record.load: no link followed, no FIFO opened, sizes capped)."""
     from .bundle import config_digest
     from .judge import band_conflict
 

@@ -19,7 +19,8 @@ be read without decompressing the others. Members, in order::
     data.gz                   the data file (absent with --no-data; its sha256 is in the manifest)
     data.tar.gz               instead of data.gz, when the data is a directory or was run with
                               --data-dir: a tar of that directory (manifest ``data.kind``/``data.dir``)
-    image.tar.gz              ``docker save`` of the image, tagged with its content tag only
+    image.tar.gz              ``docker save`` of the image, tagged with its content tag only (a load
+                              drops every name the member lists and checks its id: :func:`load_image`)
     manifest.sig              optional, last, *not* compressed and not listed in the manifest:
                               an OpenSSH signature (``ssh-keygen -Y sign``, namespace
                               ``harness-snapshot``, armored text) of the manifest's canonical
@@ -37,6 +38,8 @@ names) must be a plain name that stays inside the extraction directory; the tar 
 inside ``bundle.tar.gz`` and ``build/harness-src.tar.gz`` are unpacked with tarfile's
 ``data`` filter after a check that refuses absolute names, ``..``, devices and links that
 leave the directory. Every refusal is one :class:`~harness.errors.InputError` (exit 2).
+A command that uses an archive opens it once (:class:`Archive`), verifies that open file and
+reads every member from it, each checked against the verified manifest again as it is read.
 
 Signatures: the signed message is the manifest's canonical JSON (sorted keys, no
 whitespace, ASCII, ``manifest_sha256`` included). The manifest lists every member's
@@ -56,6 +59,7 @@ import io
 import json
 import os
 import re
+import stat
 import tarfile
 import tempfile
 import time
@@ -302,6 +306,7 @@ class Verified:
     members: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     signature: bytes | None = None  # the armored SSH signature, when the archive carries one (unchecked)
+    archive: Archive | None = None  # the open file that was verified, when verify was given one
 
     @property
     def total_size(self) -> int:
@@ -311,15 +316,87 @@ class Verified:
         return next((m for m in self.members if m["name"] == name), None)
 
 
-def _open_tar(path: Path) -> tarfile.TarFile:
-    if not path.exists():
-        raise InputError(str(path), "not found", hint="pass a .harness.tar file written by `harness snapshot`")
-    if not path.is_file():
-        raise InputError(str(path), "is not a file", hint="pass a .harness.tar file written by `harness snapshot`")
+class _PinnedRaw(io.RawIOBase):
+    """Reads of one descriptor at this reader's own offset (``pread``): readers never move each other."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        data = os.pread(self._fd, len(buf), self._pos)
+        buf[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: os.fstat(self._fd).st_size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+class Archive:
+    """A snapshot file opened once: what :func:`verify` checks and every later read is this one file.
+
+    The path is looked up once. A file moved, replaced or re-created at the path afterwards is
+    not read (the descriptor still names the file that was opened), and reads through a
+    :class:`Verified` check each member's bytes against the verified manifest again, so a
+    file written in place after the check is refused rather than used. Close it (or use it
+    as a context manager) when done.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        where = str(self.path)
+        hint = "pass a .harness.tar file written by `harness snapshot`"
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO cannot block the open
+        except FileNotFoundError:
+            raise InputError(where, "not found", hint=hint) from None
+        except OSError as exc:
+            raise InputError(where, f"cannot be opened ({exc.strerror or exc})", hint=hint) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InputError(where, "is not a file", hint=hint)
+        self.fd: int | None = fd
+
+    def reader(self) -> BinaryIO:
+        """A new buffered reader of the file, at offset 0 (its own offset)."""
+        if self.fd is None:
+            raise ValueError(f"{self.path} was closed")
+        return io.BufferedReader(_PinnedRaw(self.fd), CHUNK)  # type: ignore[return-value]
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> "Archive":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+
+def _where(source: Any) -> str:
+    return str(source.path if isinstance(source, Verified) else source)
+
+
+def _open_tar(fileobj: BinaryIO, where: str) -> tarfile.TarFile:
     try:
-        return tarfile.open(path, mode="r:")
+        return tarfile.open(fileobj=fileobj, mode="r:")
     except (tarfile.TarError, OSError, ValueError, UnicodeError, EOFError) as exc:
-        raise InputError(str(path), f"is not a harness snapshot (not a tar archive: {_short(exc)})") from None
+        raise InputError(where, f"is not a harness snapshot (not a tar archive: {_short(exc)})") from None
 
 
 def _short(exc: BaseException) -> str:
@@ -511,20 +588,28 @@ def _check_member(tf: tarfile.TarFile, info: tarfile.TarInfo, want: dict[str, An
                          hint="the archive is damaged or was altered")
 
 
-def verify(path: str | Path) -> Verified:
+def verify(source: str | Path | Archive) -> Verified:
     """Check every member against the manifest; raise an InputError naming the first that differs.
 
-    A signature member is read (not checked: see :func:`check_signature`).
+    A signature member is read (not checked: see :func:`check_signature`). Given an open
+    :class:`Archive`, the returned :class:`Verified` reads its members from that file
+    alone (pass it, not its path, to the readers below).
     """
     t0 = time.perf_counter()
-    p = Path(path)
-    where = str(p)
-    with _open_tar(p) as tf:
-        try:
-            manifest, signature = _verify_members(tf, where)
-        except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeError, zlib.error, RecursionError) as exc:
-            raise InputError(where, f"cannot be read as a snapshot ({_short(exc)})", hint="the archive is damaged") from None
-    return Verified(p, manifest, list(manifest["members"]), time.perf_counter() - t0, signature)
+    archive = source if isinstance(source, Archive) else Archive(source)
+    where = str(archive.path)
+    try:
+        with archive.reader() as fh, _open_tar(fh, where) as tf:
+            try:
+                manifest, signature = _verify_members(tf, where)
+            except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeError, zlib.error, RecursionError) as exc:
+                raise InputError(where, f"cannot be read as a snapshot ({_short(exc)})",
+                                 hint="the archive is damaged") from None
+    finally:
+        if archive is not source:
+            archive.close()
+    return Verified(archive.path, manifest, list(manifest["members"]), time.perf_counter() - t0, signature,
+                    archive=source if isinstance(source, Archive) else None)
 
 
 def _verify_members(tf: tarfile.TarFile, where: str) -> tuple[dict[str, Any], bytes | None]:
@@ -611,41 +696,66 @@ def check_signature(v: Verified, allowed_signers: str | Path, identity: str | No
 # ------------------------------------------------------------------------------ reading members (after verify)
 
 
-def member_chunks(path: str | Path, name: str) -> Iterator[bytes]:
-    """The decompressed bytes of one member, chunk by chunk (verify the archive first)."""
-    where = str(path)
+CHANGED = "the file changed after it was verified; copy it where nobody else writes, and rerun"
+
+
+def member_chunks(source: str | Path | Verified, name: str) -> Iterator[bytes]:
+    """The decompressed bytes of one member, chunk by chunk (verify the archive first).
+
+    ``source`` is a path, or what :func:`verify` returned: then the member is read from the
+    very file that was verified (when verify was given an :class:`Archive`), and its stored
+    bytes must hash to the manifest's sha256 again. The last bytes are held back until they
+    do, so a consumer never sees the end of a member that differs from what was verified.
+    """
+    where = _where(source)
+    want = source.member(name) if isinstance(source, Verified) else None
+    if isinstance(source, Verified) and want is None:
+        raise InputError(where, f"member {name} is not in the manifest", hint=ALTERED)
     try:
-        with tarfile.open(path, mode="r:") as tf:
-            try:
-                info = tf.getmember(name)
-            except KeyError:
-                raise InputError(where, f"member {name} is missing") from None
-            src = tf.extractfile(info) if info.isreg() else None
-            if src is None:
-                raise InputError(where, f"member {name} is {_kind(info)}, not a file", hint=ALTERED)
-            dec = zlib.decompressobj(_GZIP_WBITS)
-            for chunk in iter(lambda: src.read(CHUNK), b""):
-                out = dec.decompress(chunk)
-                if out:
-                    yield out
-            tail = dec.flush()
-            if tail:
-                yield tail
+        with (source.archive.reader() if isinstance(source, Verified) and source.archive is not None
+              else open(source.path if isinstance(source, Verified) else source, "rb")) as fh:
+            with _open_tar(fh, where) as tf:
+                try:
+                    info = tf.getmember(name)
+                except KeyError:
+                    raise InputError(where, f"member {name} is missing") from None
+                src = tf.extractfile(info) if info.isreg() else None
+                if src is None:
+                    raise InputError(where, f"member {name} is {_kind(info)}, not a file", hint=ALTERED)
+                if want is not None and info.size != want["size"]:
+                    raise InputError(where, f"member {name} is {info.size} bytes, not the {want['size']} verified",
+                                     hint=CHANGED)
+                sha = hashlib.sha256()
+                dec = zlib.decompressobj(_GZIP_WBITS)
+                held = b""
+                for chunk in iter(lambda: src.read(CHUNK), b""):
+                    sha.update(chunk)
+                    out = dec.decompress(chunk)
+                    if out:
+                        if held:
+                            yield held
+                        held = out
+                held += dec.flush()
+                if want is not None and sha.hexdigest() != want["sha256"]:
+                    raise InputError(where, f"member {name} differs from the verified manifest "
+                                            f"(sha256 {sha.hexdigest()[:12]}…)", hint=CHANGED)
+                if held:
+                    yield held
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise InputError(where, f"member {name} cannot be read ({_short(exc)})", hint="the archive is damaged") from None
 
 
-def read_member(path: str | Path, name: str) -> bytes:
+def read_member(source: str | Path | Verified, name: str) -> bytes:
     """A small member's decompressed bytes."""
-    return b"".join(member_chunks(path, name))
+    return b"".join(member_chunks(source, name))
 
 
-def read_json_member(path: str | Path, name: str) -> Any:
+def read_json_member(source: str | Path | Verified, name: str) -> Any:
     """A JSON member, parsed; not JSON is an InputError naming the member."""
     try:
-        return json.loads(read_member(path, name).decode("utf-8"))
+        return json.loads(read_member(source, name).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
-        raise InputError(str(path), f"member {name} is not valid JSON", hint=ALTERED) from None
+        raise InputError(_where(source), f"member {name} is not valid JSON", hint=ALTERED) from None
 
 
 def inside(path: str | Path, root: str | Path, where: str, what: str) -> Path:
@@ -656,14 +766,14 @@ def inside(path: str | Path, root: str | Path, where: str, what: str) -> Path:
     return p
 
 
-def extract_file(path: str | Path, name: str, dest: str | Path, root: str | Path | None = None) -> Path:
+def extract_file(source: str | Path | Verified, name: str, dest: str | Path, root: str | Path | None = None) -> Path:
     """Decompress one member to ``dest`` (which must lie inside ``root`` when given)."""
     dest = Path(dest)
     if root is not None:
-        inside(dest, root, str(path), f"member {name}'s destination")
+        inside(dest, root, _where(source), f"member {name}'s destination")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest, "wb") as out:
-        for chunk in member_chunks(path, name):
+        for chunk in member_chunks(source, name):
             out.write(chunk)
     return dest
 
@@ -694,15 +804,15 @@ def _check_entry(info: tarfile.TarInfo, root: str, where: str, member: str) -> N
             raise refuse(f"linking to {link!r}, outside its directory")
 
 
-def extract_tree(path: str | Path, name: str, dest: str | Path) -> Path:
+def extract_tree(source: str | Path | Verified, name: str, dest: str | Path) -> Path:
     """Unpack a tar member (bundle, sources) into ``dest``: every entry checked to stay inside,
     then tarfile's ``data`` filter, then every extracted path resolved under ``dest``."""
-    where = str(path)
+    where = _where(source)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     root = str(dest.resolve())
     with tempfile.TemporaryFile() as spool:
-        for chunk in member_chunks(path, name):
+        for chunk in member_chunks(source, name):
             spool.write(chunk)
         spool.seek(0)
         try:
@@ -727,11 +837,11 @@ def extract_tree(path: str | Path, name: str, dest: str | Path) -> Path:
     return dest
 
 
-def extract_bundle(path: str | Path, manifest: dict[str, Any], dest: str | Path) -> Path:
+def extract_bundle(source: str | Path | Verified, manifest: dict[str, Any], dest: str | Path) -> Path:
     """Unpack the archived optuna_best directory under ``dest``; returns its (real) directory."""
-    where = str(path)
+    where = _where(source)
     name = plain_name(manifest["bundle"]["name"], where, "bundle.name")
-    root = extract_tree(path, BUNDLE, dest)
+    root = extract_tree(source, BUNDLE, dest)
     bundle = root / name
     if bundle.is_symlink() or not bundle.is_dir():
         raise InputError(where, f"member {BUNDLE} holds no directory {name} (the manifest's bundle.name)", hint=ALTERED)
@@ -866,13 +976,18 @@ def image_packages(engine: Engine, image_id: str) -> dict[str, str]:
     return packages
 
 
-def load_image(engine: Engine, archive: str | Path, manifest: dict[str, Any],
+def load_image(engine: Engine, archive: str | Path | Verified, manifest: dict[str, Any],
                say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Load the archived image into the engine unless it is there; check its id.
 
-    Returns ``{"loaded": bool, "seconds": float}``. On any failure whatever this call
-    loaded is removed again, and a one-line error says why.
+    The image is loaded without a name (:meth:`Engine.load` drops the tags the archive
+    lists: no existing tag is ever moved), and its id is checked as it streams (an
+    archive of another image is refused before the engine has loaded it) and again
+    after the load. Returns ``{"loaded": bool, "seconds": float}``. On any failure
+    whatever this call loaded is removed again, and a one-line error says why.
     """
+    from .docker_engine import ImageStreamRefused, SavedImage
+
     image = manifest["image"]
     want = image["id"]
     t0 = time.perf_counter()
@@ -880,7 +995,7 @@ def load_image(engine: Engine, archive: str | Path, manifest: dict[str, Any],
         return {"loaded": False, "seconds": 0.0}
     entry = next((m for m in manifest["members"] if m["name"] == IMAGE), None)
     if entry is None:
-        raise InputError(str(archive), f"member {IMAGE} is missing")
+        raise InputError(_where(archive), f"member {IMAGE} is missing")
     root, free = engine.free_bytes()
     short = disk_shortfall(free, int(entry.get("raw_size") or 0))
     if short:
@@ -893,8 +1008,11 @@ def load_image(engine: Engine, archive: str | Path, manifest: dict[str, Any],
     loaded: list[str] = []
     problem: str | None = None
     try:
-        for ref in engine.load(member_chunks(archive, IMAGE)):
+        for ref in engine.load(SavedImage(member_chunks(archive, IMAGE), want)):
             loaded.append(ref)
+    except ImageStreamRefused as exc:
+        _cleanup_loaded(engine, loaded, before)
+        raise InputError(_where(archive), f"member {IMAGE} {exc.problem}", hint=ALTERED) from None
     except BackendError as exc:
         problem = exc.message
     except (zlib.error, OSError, tarfile.TarError) as exc:
@@ -908,7 +1026,7 @@ def load_image(engine: Engine, archive: str | Path, manifest: dict[str, Any],
                    if got else f"the engine does not hold {want} after the load")
     if problem is not None:
         _cleanup_loaded(engine, loaded, before)
-        raise BackendError(f"loading image {image.get('tag') or want[:19]} from {archive} failed: {problem}",
+        raise BackendError(f"loading image {image.get('tag') or want[:19]} from {_where(archive)} failed: {problem}",
                            hint="nothing was left in the engine")
     return {"loaded": True, "seconds": time.perf_counter() - t0}
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from harness import record
-from harness.cache import CellCache, cell_key, reusable, tree_digest
+from harness.backends.local import LocalBackend
+from harness.cache import CellCache, cell_key, numeric_environment, reusable, trainer_command_files, tree_digest
+from harness.plan import Cell, Job
 from harness.record import ResultRecord, Status
 
 from .records import record as compare_record
@@ -79,3 +82,139 @@ def test_a_linked_record_or_cell_directory_is_not_read(tmp_path: Path) -> None:
     assert reusable(tmp_path / "a", "a", "k") is None
     os.symlink(tmp_path / "elsewhere", tmp_path / "b")
     assert reusable(tmp_path / "b", "a", "k") is None
+
+
+# --------------------------------------------------------------------------- what a backend adds to the key
+
+
+def test_the_key_changes_with_the_inputs_a_backend_adds() -> None:
+    key = cell_key(**BASE, inputs={"environ": {"ATEN_CPU_CAPABILITY": "avx512"}})
+    assert cell_key(**BASE, inputs={"environ": {"ATEN_CPU_CAPABILITY": "avx512"}}) == key
+    assert cell_key(**BASE, inputs={"environ": {}}) != key
+    assert cell_key(**BASE, inputs={"environ": {}, "files": {"/x/train.py": "1"}}) != cell_key(**BASE)
+
+
+def test_the_variables_that_can_change_the_numbers_are_taken_and_only_they() -> None:
+    env = {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "4", "OMP_PROC_BIND": "true", "MKL_CBWR": "AVX2",
+           "OPENBLAS_CORETYPE": "Haswell", "CUBLAS_WORKSPACE_CONFIG": ":16:8", "NVIDIA_TF32_OVERRIDE": "0",
+           "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE": "1", "CUDA_VISIBLE_DEVICES": "1,0", "ONEDNN_MAX_CPU_ISA": "AVX2",
+           "LD_PRELOAD": "/x/libblas.so", "LD_LIBRARY_PATH": "/cuda/lib64",
+           "HOME": "/root", "PWD": "/w", "HARNESS_CELL_TOKEN": "abc", "TERM": "xterm", "COLUMNS": "220",
+           "PYTHONPATH": "/repo"}
+    taken = numeric_environment(env)
+    assert set(taken) == set(env) - {"HOME", "PWD", "HARNESS_CELL_TOKEN", "TERM", "COLUMNS", "PYTHONPATH"}
+    assert list(taken) == sorted(taken)
+
+
+def test_a_local_cells_key_follows_the_environment_its_worker_inherits(monkeypatch, tmp_path: Path) -> None:
+    backend = LocalBackend()
+    job = Job(bundle_dir=str(tmp_path), data_path=None, results_dir=str(tmp_path / "r"))
+    cache = CellCache(str(tmp_path), None)
+
+    def key(cell: Cell) -> str:
+        return cache.key("local:x", {"cell": cell.name}, backend.key_inputs(cell, job))
+
+    default_threads, one_thread, isa_axis = Cell("a", device="cpu"), Cell("b", device="cpu", threads=1), \
+        Cell("c", device="cpu", isa="avx2")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    before = {c.name: key(c) for c in (default_threads, one_thread, isa_axis)}
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")
+    assert key(default_threads) != before["a"] and key(one_thread) != before["b"]
+    assert key(isa_axis) == before["c"]  # an --isa cell's level replaces the inherited one
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert key(default_threads) != before["a"]  # its thread pool is the inherited one
+    assert key(one_thread) == before["b"]  # --threads 1 sets OMP_NUM_THREADS itself
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert key(default_threads) == before["a"]  # a variable that cannot change the numbers changes nothing
+
+
+def test_a_docker_cells_key_follows_the_gpus_it_is_given(tmp_path: Path) -> None:
+    from harness.backends.docker import DockerBackend
+    from harness.record import ImageInfo
+
+    from .fake_engine import FakeEngine
+
+    job = Job(bundle_dir=str(tmp_path), data_path=None, results_dir=str(tmp_path / "r"))
+    cell = Cell("g", device="cuda")
+    inputs = {}
+    for gpus in ("0,1", "1,0", "0,1"):
+        backend = DockerBackend(FakeEngine(), {}, gpus=gpus)  # type: ignore[arg-type]
+        backend.use_image("g", ImageInfo(id="sha256:1", tag="t"))
+        inputs[gpus] = backend.key_inputs(cell, job)
+    assert inputs["0,1"] != inputs["1,0"] and inputs["0,1"]["environ"]["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def _command_job(tmp_path: Path, command: str) -> tuple[Cell, Job]:
+    (tmp_path / "b").mkdir(exist_ok=True)
+    (tmp_path / "code").mkdir(exist_ok=True)
+    return Cell("c", device="cpu"), Job(bundle_dir=str(tmp_path / "b"), data_path=str(tmp_path / "b" / "d.npz"),
+                                        results_dir=str(tmp_path / "r"), trainer_cmd=command,
+                                        trainer_path=[str(tmp_path / "code")])
+
+
+def test_the_files_a_trainer_command_names_are_in_the_key(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "train.py").write_text("x = 1\n")
+    (elsewhere / "conf").mkdir()
+    (elsewhere / "conf" / "a.yaml").write_text("a: 1\n")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "prep.sh").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "prep.sh").chmod(0o755)
+    cell, job = _command_job(tmp_path, f"{{python}} {elsewhere}/train.py --cfg={elsewhere}/conf {{bundle}}/x.py "
+                                       "--out {out_dir} --log /dev/null --data {data} {code_dir}/m.py prep.sh results")
+    files, why = trainer_command_files(job.trainer_cmd, python=sys.executable, cell=cell, job=job,
+                                       path=str(tmp_path / "bin"))
+    assert why is None
+    named = {os.path.realpath(p) for p in (elsewhere / "train.py", elsewhere / "conf", tmp_path / "bin" / "prep.sh",
+                                           sys.executable)}
+    assert set(files) == named  # the bundle, the data, the trainer folder, the cell's own folder, /dev/null: not
+    (elsewhere / "conf" / "a.yaml").write_text("a: 2\n")
+    again, _ = trainer_command_files(job.trainer_cmd, python=sys.executable, cell=cell, job=job,
+                                     path=str(tmp_path / "bin"))
+    changed = {p for p in files if files[p] != again[p]}
+    assert changed == {os.path.realpath(elsewhere / "conf")}
+
+
+def test_a_trainer_command_whose_files_cannot_be_hashed_is_never_keyed(tmp_path: Path, monkeypatch) -> None:
+    from harness import cache
+
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(3):
+        (big / f"{i}.txt").write_text("x")
+    cell, job = _command_job(tmp_path, f"sh -c true {big}")
+    monkeypatch.setattr(cache, "COMMAND_FILES_MAX", 2)
+    _, why = trainer_command_files(job.trainer_cmd, python=sys.executable, cell=cell, job=job, path=None)
+    assert why is not None and str(big) in why and "more than 2 files" in why
+    cell, job = _command_job(tmp_path, f"{{python}} {tmp_path}/run-{{seed}}/train.py")
+    _, why = trainer_command_files(job.trainer_cmd, python=sys.executable, cell=cell, job=job, path=None)
+    assert why is not None and "{seed}" in why
+
+
+def test_why_a_finished_cell_reruns_is_said_from_what_its_key_covered(tmp_path: Path) -> None:
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    results = tmp_path / "r"
+    results.mkdir()
+    old = CellCache(str(bundle), "d")
+    key = old.key("local:x", {"cell": "a", "threads": 1}, {"environ": {"ATEN_CPU_CAPABILITY": "avx512"}})
+    old.remember(results, key)
+    rec = compare_record("a", sha="w")
+    rec.cache_key = key
+    _write(results / "a", rec)
+    new = CellCache(str(bundle), "d")
+    same = new.key("local:x", {"cell": "a", "threads": 1}, {"environ": {"ATEN_CPU_CAPABILITY": "avx512"}})
+    assert new.why_rerun(results, results / "a", "a", same) is None  # it stands
+    other = new.key("local:x", {"cell": "a", "threads": 2}, {"environ": {"OMP_PROC_BIND": "true"}})
+    assert new.why_rerun(results, results / "a", "a", other) == (
+        "the run spec's threads changed (1 -> 2); ATEN_CPU_CAPABILITY changed (avx512 -> unset); "
+        "OMP_PROC_BIND changed (unset -> true)")
+    (results / ".harness-keys" / f"{key}.json").unlink()  # an older run's record: what it covered is unknown
+    assert new.why_rerun(results, results / "a", "a", other) == "its inputs changed since it ran"
+    rec.cache_key = "../../etc/passwd"  # a container could write any record: its key never names a path
+    _write(results / "a", rec)
+    assert new.why_rerun(results, results / "a", "a", other) == "its record carries no cache key of this harness"

@@ -16,16 +16,17 @@ import yaml
 from harness import record
 from harness.record import ResultRecord, Status
 
-from .conftest import DELETE, ON_TRIAL_CPU, assert_reproduces, default_signals, tiny_config
+from .conftest import DELETE, ON_TRIAL_CPU, assert_reproduces, default_signals, patience, tiny_config
 
 TRAINERS = Path(__file__).parent / "trainers"
 
 
-def harness(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+def harness(*args: str, cwd: Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI in a subprocess; ``timeout`` (default 300 s, scaled by the machine's load) only stops a hang."""
     env = dict(os.environ, COLUMNS="220")
     env.pop("HARNESS_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+                          cwd=cwd, env=env, timeout=patience(300) if timeout is None else timeout)
 
 
 def records(out: Path) -> list[ResultRecord]:
@@ -404,7 +405,7 @@ def test_interrupt_leaves_an_interrupted_record_and_compare_says_incomplete(exam
         time.sleep(0.2)
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=patience(120))
     assert proc.returncode == 130, stdout + stderr
     assert "cells not run: cpu-default-t1-r1, cpu-default-t1-r2" in stderr
     assert str(out) in stderr

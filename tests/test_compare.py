@@ -16,6 +16,7 @@ from harness.ladder import Rung
 from harness.record import Env, RecordSet, Status
 
 from .records import record, seed_band
+from .test_docker_fake import patched  # noqa: F401 - a fixture: the fake Docker engine, for a rerun
 
 
 def test_flatten() -> None:
@@ -135,3 +136,43 @@ def test_merge_keeps_names_unique() -> None:
     merged = merge([RecordSet([record("cpu")]), RecordSet([b], missing=["gpu"])])
     assert [r.cell for r in merged.records] == ["cpu", "cpu@gpu-node"]
     assert merged.missing == ["gpu"]
+
+
+def test_compare_of_a_rerun_directory_judges_as_the_rerun_did(patched, make_bundle, tmp_path: Path, capsys) -> None:
+    """`harness rerun` judges its cell against the archived run's record, which it writes beside it (a record of
+    another run: the one being reproduced). `harness compare` of that directory keeps it, first, as the rerun did."""
+    import dataclasses
+    import json
+
+    from harness import record as records
+    from harness.cli import main
+
+    from .fake_engine import Outcome
+    from .test_docker_fake import CPU, PACKAGES, make_archive
+
+    fake = patched  # the fake Docker engine (tests/fake_engine.py)
+    archived = record(CPU, r2=0.9)
+    archived.run_id = "20260101-000000-archived"  # the run the snapshot was made of
+    archived.spec = {"device": "cpu", "determinism": "strict", "cell": CPU}
+    archive, _, _ = make_archive(tmp_path, fake, packages=PACKAGES, bundle=make_bundle(), record=archived)
+
+    def worker(out: Path, req) -> None:  # the rerun drifts from the archived run
+        spec = json.loads((out / "spec.json").read_text())
+        records.write(out / "record.json", dataclasses.replace(record(spec["cell"], r2=0.5, sha="w2"),
+                                                               spec=spec))
+
+    fake.outcomes.append(Outcome(0, worker=worker))
+    out = tmp_path / "rerun"
+    rerun_rc = main(["rerun", str(archive), "--out", str(out), "--no-progress"])
+    said = capsys.readouterr()
+    assert (out / "report.json").is_file(), said.out + said.err
+    printed = json.loads((out / "report.json").read_text())
+    assert [r["cell"] for r in printed["records"]] == [f"{CPU}@archived", f"{CPU}@rerun"]
+    again = tmp_path / "again.json"
+    rc = main(["compare", str(out), "--json", str(again)])
+    err = capsys.readouterr().err
+    assert "another run" not in err, err
+    assert rc == rerun_rc
+    compared = json.loads(again.read_text())
+    assert [r["cell"] for r in compared["records"]] == [r["cell"] for r in printed["records"]]
+    assert compared["comparison"] == printed["comparison"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import default_signals
+from .conftest import default_signals, patience
 
 from harness import record as records
 from harness.backends import docker as dockerbackend
@@ -167,7 +167,7 @@ def test_sigterm_writes_an_interrupted_record_and_exits_143(make_bundle, tmp_pat
             time.sleep(0.2)
         assert "about to hang" in log.read_text()
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=patience(60))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -188,7 +188,7 @@ def test_a_hanging_local_trainer_times_out_with_its_output(make_bundle, tmp_path
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "harness", "run", str(root), "--trainer", "hang:train",
                         "--trainer-path", str(TRAINERS), "--out", str(out), "--device", "cpu", "--no-progress",
-                        "--timeout", "20"], capture_output=True, text=True, env=env, timeout=180)
+                        "--timeout", "20"], capture_output=True, text=True, env=env, timeout=patience(180))
     took = time.monotonic() - t0
     assert p.returncode == 1, p.stdout + p.stderr
     rec = records.read(out / "run" / "record.json")
@@ -286,7 +286,7 @@ def test_concurrent_builds_of_one_tag_build_once(tmp_path: Path, monkeypatch) ->
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=30)
+        t.join(timeout=patience(30))
     assert len(fake.builds) == 1
     assert sorted(r.built for r in results) == [False, True]
 
@@ -316,3 +316,121 @@ def test_prune_lists_and_removes_dead_containers() -> None:
     assert [f.id for f in remove_dead_containers(fake, dry_run=True)] == ["gone"] and "gone" in fake.leftover
     assert [f.id for f in remove_dead_containers(fake)] == ["gone"]
     assert list(fake.leftover) == ["mine"]
+
+
+# ----------------------------------------------------------------------------- the cell's directory: noexec, bounded
+
+
+def test_a_cells_directory_is_a_noexec_overlay_and_its_log_is_capped(tmp_path: Path) -> None:
+    req = container_spec(Cell("c"), job(tmp_path), "img", memory="1g", overlay_work="/w/c-1")
+    assert req.noexec == {dockerbackend.OUT: "/w/c-1"}
+    assert (req.log_max_size, req.log_max_files) == ("10m", 3)
+    kw = create_kwargs(req)
+    assert kw["log_config"]["Type"] == "json-file" and kw["log_config"]["Config"] == {"max-size": "10m",
+                                                                                     "max-file": "3"}
+    mounts = {m["Target"]: m for m in kw["mounts"]}
+    out = mounts[dockerbackend.OUT]
+    assert out["Type"] == "volume" and out["VolumeOptions"]["NoCopy"] is True
+    driver = out["VolumeOptions"]["DriverConfig"]
+    assert driver["Name"] == "local" and driver["Options"]["type"] == "overlay"
+    options = driver["Options"]["o"].split(",")
+    assert {"noexec", "nosuid", "nodev"} <= set(options)
+    assert f"upperdir={tmp_path / 'r' / 'c'}" in options  # what the container writes lands in the cell's directory
+    assert "lowerdir=/w/c-1/lower" in options and "workdir=/w/c-1/work" in options
+    bundle = mounts[dockerbackend.BUNDLE]
+    assert bundle["Type"] == "bind" and bundle["ReadOnly"] is True
+    # without a work folder (a path mount options cannot carry) it is a plain bind mount
+    plain = {m["Target"]: m for m in create_kwargs(container_spec(Cell("c"), job(tmp_path), "img", memory="1g"))["mounts"]}
+    assert plain[dockerbackend.OUT]["Type"] == "bind"
+
+
+def test_each_launch_gets_its_own_overlay_work_folder_and_leaves_none(tmp_path: Path) -> None:
+    fake, cell = FakeEngine(), Cell("c")
+    backend = backend_with_image(fake, cell)
+    seen = []
+
+    def look(out: Path, req) -> None:
+        work = Path(req.noexec[dockerbackend.OUT])
+        seen.append((work.parent == out.parent / dockerbackend.MOUNTS_DIR, sorted(os.listdir(work))))
+        (out / "record.json").write_text(compare_record("c", sha="w").to_json())
+
+    fake.outcomes += [Outcome(0, worker=look), Outcome(0, worker=look)]
+    backend.run(cell, job(tmp_path))
+    backend.run(cell, job(tmp_path))
+    assert seen == [(True, ["lower", "work"])] * 2
+    assert len({r.noexec[dockerbackend.OUT] for r in fake.runs}) == 2
+    assert not (tmp_path / "r" / dockerbackend.MOUNTS_DIR).exists()
+
+
+def test_a_cell_that_writes_more_than_its_disk_limit_fails_in_one_line(tmp_path: Path) -> None:
+    fake, cell = FakeEngine(), Cell("c")
+    backend = backend_with_image(fake, cell, disk=256 << 10)
+
+    def fill(out: Path, req) -> None:  # an ok record, and a megabyte beside it
+        (out / "record.json").write_text(compare_record("c", sha="w").to_json())
+        (out / "blob.bin").write_bytes(os.urandom(1 << 20))
+
+    fake.outcomes.append(Outcome(0, worker=fill))
+    rec = backend.run(cell, job(tmp_path))
+    assert rec.status is Status.FAILED and rec.error.kind == "disk"
+    assert "wrote more than 256 KiB into its directory" in rec.error.message and "HARNESS_CELL_DISK_LIMIT" in rec.error.message
+    assert "\n" not in rec.error.message
+    assert records.read(tmp_path / "r" / "c" / "record.json").error.kind == "disk"  # the worker's record is not it
+    fake.outcomes.append(Outcome(0, worker=lambda out, req: (out / "record.json").write_text(
+        compare_record("c", sha="w").to_json())))
+    assert backend.run(cell, job(tmp_path)).status is Status.OK  # within the limit
+
+
+def test_the_disk_limit_is_read_from_the_environment_and_a_bad_one_is_one_line() -> None:
+    from harness.backends.docker import DISK_LIMIT, disk_limit
+    from harness.errors import InputError
+
+    assert disk_limit({}) == DISK_LIMIT == 20 << 30
+    assert disk_limit({"HARNESS_CELL_DISK_LIMIT": "5g"}) == 5 << 30
+    assert disk_limit({"HARNESS_CELL_DISK_LIMIT": "512MiB"}) == 512 << 20
+    assert disk_limit({"HARNESS_CELL_DISK_LIMIT": "4096"}) == 4096
+    for bad in ("lots", "-1g", "0"):
+        with pytest.raises(InputError) as exc:
+            disk_limit({"HARNESS_CELL_DISK_LIMIT": bad})
+        assert "HARNESS_CELL_DISK_LIMIT" in exc.value.one_line() and "20g" in exc.value.one_line()
+
+
+def test_a_container_that_floods_its_output_keeps_the_first_part_and_the_last_lines(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    monkeypatch.setattr(dockerbackend, "OUTPUT_KEEP", 1000)
+    fake, cell = FakeEngine(), Cell("c")
+    backend = backend_with_image(fake, cell)
+    fake.outcomes.append(Outcome(1, lines=[f"line {i:05d}" for i in range(5000)]))
+    rec = backend.run(cell, job(tmp_path))
+    log = (tmp_path / "r" / "c" / "worker.log").read_text().splitlines()
+    assert log[0] == "line 00000" and log[-1] == "line 04999" and len(log) < 200
+    assert any("not kept, the last 40 follow" in line for line in log)
+    assert "line 04999" in rec.error.message  # the failure still names the last thing it printed
+
+
+def test_a_bad_disk_limit_stops_the_run_in_one_line(make_bundle, tmp_path: Path, monkeypatch, capsys) -> None:
+    from harness.cli import main
+    from harness.docker_engine import Engine
+
+    fake = FakeEngine()
+    fake.add_image("cpu-built", f"harness:{CPU}")
+    monkeypatch.setattr(Engine, "connect", classmethod(lambda cls: fake))
+    monkeypatch.setenv("HARNESS_CELL_DISK_LIMIT", "plenty")
+    rc = main(["matrix", str(make_bundle()), "--cells", CPU, "--out", str(tmp_path / "out"), "--no-progress",
+               "--gpus", "none"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "HARNESS_CELL_DISK_LIMIT" in line]
+    assert rc == 2 and len(errors) == 1 and "'plenty' is not a size" in errors[0] and "Traceback" not in err
+    assert fake.runs == []
+
+
+def test_a_directory_mounted_without_noexec_is_said_once_on_stderr(tmp_path: Path, capsys) -> None:
+    from harness.docker_engine import ContainerExit
+
+    fake, cell = FakeEngine(), Cell("c")
+    backend = backend_with_image(fake, cell)
+    note = "/harness/out is mounted without noexec,nosuid,nodev: the engine cannot mount an overlay (test)"
+    fake.run = lambda request, on_line=None: ContainerExit(1, notes=(note,))  # type: ignore[method-assign]
+    backend.run(cell, job(tmp_path))
+    backend.run(cell, job(tmp_path))
+    assert capsys.readouterr().err.count(note) == 1

@@ -131,3 +131,31 @@ def test_within_data_dir_is_checked_in_the_worker_too(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="lies outside --data-dir"):
         load_bundle(bundle, trainer_override="m:f", data_override=str(tmp_path / "data" / "points.npz"),
                     data_dir=str(bundle))
+
+
+def test_a_link_that_leaves_the_data_dir_is_refused_before_anything_trains(tmp_path: Path) -> None:
+    bundle = make_project(tmp_path)
+    data = tmp_path / "data"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "vocab.txt").write_text("the host's own file")
+    (data / "vocab.txt").symlink_to(elsewhere / "vocab.txt")  # absolute: a container resolves it to its own file
+    (data / "sub").mkdir()
+    (data / "sub" / "up.txt").symlink_to(Path("..") / ".." / "elsewhere" / "vocab.txt")  # relative, leaving
+    (data / "same.json").symlink_to("meta.json")  # relative and inside: resolves alike everywhere
+    out = tmp_path / "out"
+    p = harness("run", str(bundle), *trainer_args(), "--data-dir", str(data), "--device", "cpu", "--out", str(out))
+    assert p.returncode == 2, p.stdout + p.stderr
+    line = error_line(p)
+    assert f"--data-dir {data.resolve()}: holds a link that leaves it" in line
+    assert f"vocab.txt -> {elsewhere / 'vocab.txt'}" in line and "sub/up.txt -> ../../elsewhere/vocab.txt" in line
+    assert "same.json" not in line
+    assert not out.exists()  # refused before anything ran
+    # data that is a directory is hashed only without such links, with or without --data-dir
+    with pytest.raises(InputError, match="holds a link that leaves it or is absolute"):
+        sha256_path(data)
+    (data / "vocab.txt").unlink()
+    (data / "sub" / "up.txt").unlink()
+    b = load_bundle(bundle, trainer_override="siblings:train", trainer_path=[str(TRAINERS)], data_dir=str(data))
+    assert b.data.dir == str(data.resolve())
+    assert len(sha256_path(data)) == 64  # the link that stays inside is hashed as the file it names

@@ -292,3 +292,51 @@ def test_a_trainer_whose_optimizer_the_hooks_cannot_see_says_why_it_has_no_trace
     assert "no trace for" in p.stdout  # the report says it too
     p = harness("diverge", str(cell), str(cell))
     assert p.returncode == 2 and "no torch.optim optimizer step" in p.stderr
+
+
+# --------------------------------------------------------------------------- a hostile trace costs its first bad line
+
+
+def test_a_large_trace_of_empty_objects_is_refused_at_its_first_line_in_bounded_memory(tmp_path: Path) -> None:
+    import resource
+
+    from .conftest import patience
+
+    good = _cell(tmp_path, "good", _trace(["0x1p+0"], [_d("a")], {}))
+    bad = _cell(tmp_path, "bad", None)
+    with open(bad / "trace.jsonl", "w") as fh:  # a header, then 63 MiB of "{}" lines: under TRACE_MAX_BYTES
+        fh.write(_header() + "\n")
+        for _ in range(21):
+            fh.write("{}\n" * (1 << 20))
+    size = (bad / "trace.jsonl").stat().st_size
+    assert 60 << 20 < size < TRACE_MAX_BYTES
+
+    def limit() -> None:  # a reader that held the file whole would fail here, not take the machine
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    # the peak resident memory of this process alone (VmHWM; ru_maxrss would include the parent's at fork)
+    code = ("import sys; from harness.cli import main; rc = main(sys.argv[1:]); "
+            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))); sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, "diverge", str(bad), str(good)], capture_output=True, text=True,
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=patience(30), preexec_fn=limit)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.count("\n") == 1 and f"{bad / 'trace.jsonl'}:2: has unexpected keys none" in p.stderr, p.stderr
+    peak = int(p.stdout.split()[-1]) * 1024
+    assert peak < size, f"peak {peak >> 20} MiB for a {size >> 20} MiB trace: it was held whole"
+
+
+def test_trace_lines_are_bounded_in_size_and_number(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness import diverge as dv
+
+    path = tmp_path / "trace.jsonl"
+    path.write_text(_header() + "\n" + '{"x": "' + "a" * dv.MAX_LINE_BYTES + '"}\n')
+    with pytest.raises(InputError, match=rf"trace.jsonl:2: is longer than {dv.MAX_LINE_BYTES} bytes"):
+        dv.read_trace(path)
+    steps = 5
+    path.write_text(_trace(["0x1p+0"] * steps, [_d("a")] * steps, {}))
+    assert len(dv.read_trace(path).steps) == steps
+    monkeypatch.setattr(dv, "MAX_LINES", steps)  # the header and steps - 1 step lines
+    with pytest.raises(InputError, match=rf"trace.jsonl:{steps + 1}: is beyond the {steps} lines"):
+        dv.read_trace(path)
+    with pytest.raises(InputError, match=rf":{steps + 1}: is beyond the {steps} lines"):
+        dv.parse_trace(path.read_text(), "t")

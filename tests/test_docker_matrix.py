@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ON_TRIAL_CPU, assert_reproduces, default_signals
+from .conftest import ON_TRIAL_CPU, assert_reproduces, default_signals, patience
 
 from harness import record
 from harness.record import ImageInfo, Status
@@ -189,7 +189,7 @@ def test_ctrl_c_removes_the_containers(matrix_run, docker_client, wheelhouse_roo
         assert running, "no container started"
         time.sleep(2)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=patience(120))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -273,7 +273,7 @@ def _wait_for_container(docker_client, proc: subprocess.Popen[str], label: str, 
         if running:
             return running[0]
         time.sleep(0.5)
-    _, err = proc.communicate(timeout=60) if proc.poll() is not None else ("", "")
+    _, err = proc.communicate(timeout=patience(60)) if proc.poll() is not None else ("", "")
     raise AssertionError(f"no container started: {err[-2000:]}")
 
 
@@ -292,7 +292,7 @@ def test_a_running_cell_is_locked_down_and_times_out(matrix_run, docker_client, 
         assert "noexec" in host["Tmpfs"]["/tmp"] and host["ReadonlyRootfs"] is True
         labels = container.labels
         assert labels["org.harness.pid"] == str(proc.pid) and labels["org.harness.host"] and labels["org.harness.run"]
-        _, err = proc.communicate(timeout=300)
+        _, err = proc.communicate(timeout=patience(300))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -312,7 +312,7 @@ def test_sigterm_removes_the_container_and_exits_143(matrix_run, docker_client, 
         _wait_for_container(docker_client, proc, "org.harness.cell=cpu-torch2.13")
         time.sleep(2)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=patience(120))
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -7,6 +7,8 @@ Marked `docker`: skipped locally without an engine, required under CI=true.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from harness import snapshot as snap
+from harness.errors import InputError
 
 pytestmark = pytest.mark.docker
 
@@ -79,12 +82,18 @@ def snapped(tmp_path_factory, docker_client, engine, wheelhouse_root, base_image
     assert p.returncode == 0, p.stdout + p.stderr
     record = json.loads((root / "out" / CELL / "record.json").read_text())
     image_id = record["image"]["id"]
-    yield {"root": root, "archive": archive, "record": record, "image_id": image_id, "seconds": seconds, "proc": p}
+    tags = docker_client.images.get(image_id).tags
+    yield {"root": root, "archive": archive, "record": record, "image_id": image_id, "seconds": seconds, "proc": p,
+           "tags": tags}
     if not image_present(docker_client, image_id):
         try:  # the pristine archive first; a rebuild when it cannot serve
             snap.load_image(engine, archive, snap.verify(archive).manifest)
         except Exception:  # noqa: BLE001
             harness("images", "build", "--cells", CELL, "--wheelhouse", str(wheelhouse_root), "--base-image", base_image)
+    if image_present(docker_client, image_id):  # a load brings the image back by id alone: its tags, as they were
+        for tag in tags:
+            if not image_present(docker_client, tag):
+                docker_client.images.get(image_id).tag(*tag.rsplit(":", 1))
 
 
 def test_snapshot_holds_every_member(snapped) -> None:
@@ -146,6 +155,9 @@ def test_rerun_loads_the_deleted_image_and_reproduces(snapped, docker_client) ->
     seconds = time.perf_counter() - t0
     assert p.returncode == 0, p.stdout + p.stderr
     assert image_present(docker_client, image_id)  # loaded, and the very same id
+    assert docker_client.images.get(image_id).tags == []  # by id alone: the archive's tag is not applied
+    for tag in snapped["tags"]:  # the tags this test removed, back for the tests that build or snapshot the cell
+        docker_client.images.get(image_id).tag(*tag.rsplit(":", 1))
     rerun = json.loads((out / f"{CELL}@rerun" / "record.json").read_text())
     original = snapped["record"]
     assert rerun["status"] == "ok"
@@ -171,14 +183,20 @@ def _image_member(path: Path) -> tuple[int, int]:
         return info.offset_data, info.size
 
 
+def _untagged(docker_client) -> set[str]:
+    """The engine's images without a name: what a load leaves (a load never names an image)."""
+    return {i.id for i in docker_client.images.list() if not i.tags}
+
+
 def _refused_naming(snapped, docker_client, path: Path, words: str) -> None:
-    before = len(docker_client.images.list(all=True))
+    # counted by what a load would leave, not by every image: the engine may be building others meanwhile
+    before = _untagged(docker_client)
     for cmd in (["snapshot", "verify", str(path)], ["rerun", str(path), "--out", str(path) + ".out", "--no-progress"]):
         p = harness(*cmd)
         assert p.returncode == 2, p.stdout + p.stderr
         line = error_line(p)
         assert f"member {snap.IMAGE} {words}" in line, line
-    assert len(docker_client.images.list(all=True)) == before  # nothing loaded
+    assert _untagged(docker_client) <= before  # nothing loaded
     assert not Path(str(path) + ".out").exists()
 
 
@@ -314,3 +332,92 @@ def test_signed_snapshot_verifies_and_a_forged_one_does_not(snapped, wheelhouse_
     assert p.returncode == 2, p.stdout + p.stderr
     assert "manifest.sig does not verify" in error_line(p)
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- an archive that names tags
+
+
+def _forged_save(repo_tags: list[str]) -> tuple[bytes, str]:
+    """A `docker save` tar of a one-file image made here (in no engine yet) whose names claim ``repo_tags``;
+    returns (the tar, the image's id)."""
+    payload = f"planted by a forged snapshot {os.urandom(8).hex()}\n".encode()  # a new image id every run
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tf:
+        info = tarfile.TarInfo("forged.txt")
+        info.size = len(payload)
+        tf.addfile(info, io.BytesIO(payload))
+    layer_tar = layer.getvalue()
+    diff_id = "sha256:" + hashlib.sha256(layer_tar).hexdigest()
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {}, "created": "2020-01-01T00:00:00Z",
+                         "history": [{"created": "2020-01-01T00:00:00Z"}],
+                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+    hexid = hashlib.sha256(config).hexdigest()
+    layer_dir = hashlib.sha256(b"layer " + layer_tar).hexdigest()
+    repositories: dict[str, dict[str, str]] = {}
+    for t in repo_tags:
+        repo, tag = t.rsplit(":", 1)
+        repositories.setdefault(repo, {})[tag] = layer_dir
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tf:
+        for name, data in ((f"{layer_dir}/layer.tar", layer_tar), (f"{hexid}.json", config),
+                           ("manifest.json", json.dumps([{"Config": f"{hexid}.json", "RepoTags": repo_tags,
+                                                          "Layers": [f"{layer_dir}/layer.tar"]}]).encode()),
+                           ("repositories", json.dumps(repositories).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return out.getvalue(), "sha256:" + hexid
+
+
+def _image_archive(path: Path, image_tar: bytes, image_id: str) -> Path:
+    """An unsigned snapshot holding ``image_tar`` whose manifest names ``image_id``: what any forger can seal."""
+    with snap.SnapshotWriter(path) as w:
+        w.add_bytes(snap.RECORD, b"{}")
+        w.add_bytes(snap.IMAGE, image_tar)
+        w.finish({"cell": CELL, "image": {"id": image_id, "tag": "harness:victim-test"}, "bundle": {"name": "optuna_best"},
+                  "data": {"file": "signals.npz", "sha256": "0" * 64, "included": False}})
+    return path
+
+
+@pytest.fixture
+def victim(docker_client, base_image):
+    """``harness:victim-test`` pointing at the base image; afterwards that tag is removed, and every image a test
+    loaded (``victim["loaded"]``) with it."""
+    original = docker_client.images.get(base_image)
+    original.tag("harness", "victim-test")
+    state = {"tag": "harness:victim-test", "id": original.id, "loaded": []}
+    yield state
+    for ref in [state["tag"], "harness:brand-new-name", *state["loaded"]]:
+        try:
+            docker_client.images.remove(ref, force=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+
+def test_an_archive_naming_an_existing_tag_loads_without_moving_it(engine, docker_client, victim, tmp_path: Path) -> None:
+    """The issue: a snapshot whose image member lists RepoTags took over any tag. Loaded now by id, untagged."""
+    image_tar, forged_id = _forged_save([victim["tag"], "harness:brand-new-name"])
+    victim["loaded"].append(forged_id)
+    archive = _image_archive(tmp_path / "forged.harness.tar", image_tar, forged_id)
+    with snap.Archive(archive) as a:
+        v = snap.verify(a)
+        result = snap.load_image(engine, v, v.manifest)
+    assert result["loaded"] is True and image_present(docker_client, forged_id)  # it is there, by id
+    assert docker_client.images.get(victim["tag"]).id == victim["id"]  # the existing tag did not move
+    assert docker_client.images.get(forged_id).tags == []  # and the image got no name at all:
+    assert not image_present(docker_client, "harness:brand-new-name")  # not a new one either
+
+
+def test_an_archive_of_another_image_is_refused_before_the_engine_loads_it(engine, docker_client, victim,
+                                                                            tmp_path: Path) -> None:
+    image_tar, forged_id = _forged_save([victim["tag"]])
+    victim["loaded"].append(forged_id)
+    claimed = "sha256:" + "e" * 64
+    archive = _image_archive(tmp_path / "other.harness.tar", image_tar, claimed)
+    with snap.Archive(archive) as a:
+        v = snap.verify(a)
+        with pytest.raises(InputError) as err:
+            snap.load_image(engine, v, v.manifest)
+    assert f"member {snap.IMAGE} holds image {forged_id}, not the expected {claimed}" in str(err.value)
+    assert not image_present(docker_client, forged_id)  # stopped mid-stream: nothing was loaded
+    assert docker_client.images.get(victim["tag"]).id == victim["id"]

@@ -15,7 +15,7 @@ from harness.bundle import load_bundle
 from harness.worker.data import sha256_file
 from harness.worker.isa import read_host_levels
 
-from .conftest import EXAMPLE, EXAMPLE_CONV, REPO
+from .conftest import EXAMPLE, EXAMPLE_CONV, REPO, patience
 
 
 def test_example_data_is_the_recorded_data() -> None:
@@ -67,7 +67,7 @@ def test_committed_reference_results_still_render(tmp_path: Path) -> None:
     results = sorted((REPO / "examples" / "results").glob("*.json"))
     assert results
     p = subprocess.run([sys.executable, "-m", "harness", "compare", *map(str, results), "--json", str(tmp_path / "m.json")],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=patience(300))
     assert p.returncode == 0, p.stdout + p.stderr
     import json
 

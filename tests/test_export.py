@@ -22,6 +22,7 @@ from harness.export import export_config, pick_cell, trial_info
 from harness.record import Status
 
 from .records import record as make_record
+from .conftest import patience
 from .test_cli import TRAINERS, harness
 
 USERPROJ = Path(__file__).parent / "userproj"
@@ -75,18 +76,40 @@ def test_the_example_exports_and_reruns_reproduced_with_identical_weights(exampl
         assert a.keys() == b2.keys() and all(torch.equal(a[k], b2[k]) for k in a)
 
 
-def test_a_scaler_the_run_refitted_is_exported(tiny_run, tmp_path: Path) -> None:
+class _Planted:
+    """What a container (or a trainer) can leave as target_scaler.joblib: a pickle that runs code when loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_scaler_the_run_wrote_is_never_exported(tiny_run, tmp_path: Path) -> None:
+    """The issue: a cell directory held a planted pickle and its record said `scaler.used: refit`; export
+    copied it "refitted by the run", and a local run of the export executed it. The scaler comes from
+    the bundle alone; a run of the export refits its own and reproduces."""
+    import joblib
+
     bundle, res = tiny_run
     assert not (bundle / "target_scaler.joblib").exists()
+    (rec,) = record.load(res).records
+    assert rec.scaler["used"] == "refit"  # the claim the planted file rides on
+    marker = tmp_path / "the-planted-pickle-ran"
+    (res / "run" / "target_scaler.joblib").unlink(missing_ok=True)
+    joblib.dump(_Planted(marker), res / "run" / "target_scaler.joblib")
     out = tmp_path / "exp"
     p = harness("export", str(res), "-o", str(out))
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "refitted by the run" in p.stdout
-    assert (out / "target_scaler.joblib").read_bytes() == (res / "run" / "target_scaler.joblib").read_bytes()
-    run_ok("run", str(out), "--device", "cpu", "--out", str(tmp_path / "again"), "--no-progress")
-    (rec,) = record.load(tmp_path / "again").records
-    assert rec.scaler["used"] == "archived" and rec.scaler["refit_matches"] is True
-    assert rec.weights_vs_archived["identical"] is True
+    assert not (out / "target_scaler.joblib").exists()
+    assert "target_scaler.joblib" not in p.stdout.splitlines()[0]  # not among the exported files
+    assert "target_scaler.joblib: not exported: the run refitted it" in p.stdout and "never code the host loads" in p.stdout
+    again = harness("run", str(out), "--device", "cpu", "--out", str(tmp_path / "again"), "--no-progress")
+    assert not marker.exists()  # the host never loaded what the run wrote
+    assert again.returncode == 0, again.stdout + again.stderr
+    (rerun,) = record.load(tmp_path / "again").records
+    assert rerun.scaler["used"] == "refit" and rerun.weights_vs_archived["identical"] is True
 
 
 def test_a_custom_trainer_cell_keeps_its_trainer(tmp_path: Path) -> None:
@@ -321,3 +344,84 @@ def test_a_results_directory_with_no_records(tmp_path: Path) -> None:
     (tmp_path / "r" / "c").mkdir(parents=True)
     os.symlink(tmp_path / "fifo", tmp_path / "r" / "c" / "record.json")
     _refused(tmp_path / "r", tmp_path / "x", "symbolic link")
+
+
+# ----------------------------------------------------------------------------- sizes, before a byte is copied
+
+
+def test_sparse_weights_are_refused_before_they_are_copied(tiny_run, tmp_path: Path) -> None:
+    _, res = tiny_run
+    best = res / "run" / "weights" / "best.pt"
+    best.unlink()
+    with open(best, "wb") as fh:
+        fh.truncate(3 << 30)  # 3 GiB long, nothing allocated: what a container could leave
+    assert os.stat(best).st_blocks * 512 < 1 << 20
+    _refused(res, tmp_path / "x", "weights/best.pt", "is sparse: 3.0 GiB long", "rerun the cell")
+
+
+def test_weights_over_the_limit_are_refused(tiny_run, tmp_path: Path, monkeypatch) -> None:
+    _, res = tiny_run
+    size = (res / "run" / "weights" / "best.pt").stat().st_size
+    monkeypatch.setenv("HARNESS_WEIGHTS_LIMIT", str(size - 1))
+    _refused(res, tmp_path / "x", "weights/best.pt", "over the", "HARNESS_WEIGHTS_LIMIT=SIZE")
+    monkeypatch.setenv("HARNESS_WEIGHTS_LIMIT", "lots")
+    _refused(res, tmp_path / "x", "$HARNESS_WEIGHTS_LIMIT: is 'lots', not a size")
+    monkeypatch.setenv("HARNESS_WEIGHTS_LIMIT", str(size))
+    run_ok("export", str(res), "-o", str(tmp_path / "x"))
+
+
+def test_a_record_naming_another_bundle_is_refused(tiny_run, tmp_path: Path) -> None:
+    """The bundle export copies is the one run.json names (the CLI wrote it), never one a record names."""
+    bundle, res = tiny_run
+    host = tmp_path / "host-dir"
+    host.mkdir()
+    shutil.copyfile(bundle / "config.yaml", host / "config.yaml")  # passes for a bundle
+    (host / "id_ed25519").write_text("a private key of this host")
+    _edit_record(res, lambda d: d["spec"].update(bundle_dir=str(host)))
+    _refused(res, tmp_path / "x", "record.json", f"names bundle {host}", f"run.json says the run ran {bundle}")
+
+
+def test_a_bundle_changed_since_the_run_is_refused(tiny_run, tmp_path: Path) -> None:
+    bundle, res = tiny_run
+    cfg = yaml.safe_load((bundle / "config.yaml").read_text())
+    cfg["training"]["epochs"] = 5
+    (bundle / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _refused(res, tmp_path / "x", str(bundle / "config.yaml"), "has changed since the run (config digest")
+
+
+def test_the_bundle_is_copied_without_following_a_link(tiny_run, tmp_path: Path) -> None:
+    bundle, res = tiny_run
+    secret = tmp_path / "secret.txt"
+    secret.write_text("a file of this host, outside the bundle")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "more.txt").write_text("also outside")
+    (bundle / "notes.txt").symlink_to(secret)
+    (bundle / "extra").mkdir()
+    (bundle / "extra" / "kept.txt").write_text("a file of the bundle")
+    (bundle / "extra" / "inner").symlink_to(elsewhere, target_is_directory=True)
+    os.mkfifo(bundle / "extra" / "pipe")
+    out = tmp_path / "exp"
+    p = harness("export", str(res), "-o", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (out / "extra" / "kept.txt").read_text() == "a file of the bundle"
+    for name in ("notes.txt", "extra/inner", "extra/pipe"):
+        assert not os.path.lexists(out / name), name
+    warning = " ".join(ln for ln in p.stderr.splitlines() if ln.startswith("!"))
+    for part in ("notes.txt (a symbolic link)", "extra/inner (a symbolic link)", "extra/pipe (a FIFO)",
+                 "never through a link"):
+        assert part in warning, p.stderr
+
+
+def test_data_a_record_names_is_read_only_as_a_regular_file(tiny_run, tmp_path: Path) -> None:
+    """`data_path: /dev/zero` made export hash forever; a link was followed. Both are refused, not read."""
+    bundle, res = tiny_run
+    _edit_record(res, lambda d: d["spec"].update(data_path="/dev/zero"))
+    p = harness("export", str(res), "-o", str(tmp_path / "x"), timeout=patience(60))
+    assert p.returncode == 2, p.stdout + p.stderr
+    line = error_line(p)
+    assert "/dev/zero: is a character device, not a regular file; not read" in line, line
+    link = tmp_path / "data-link.npz"
+    link.symlink_to(bundle / "signals.npz")
+    _edit_record(res, lambda d: d["spec"].update(data_path=str(link)))
+    _refused(res, tmp_path / "y", str(link), "is reached through a symbolic link")

@@ -4,7 +4,6 @@ build path (log parsing, CLI choice) driven through a stand-in docker CLI run as
 from __future__ import annotations
 
 import json
-import os
 import stat
 import sys
 from pathlib import Path

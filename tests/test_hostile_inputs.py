@@ -22,7 +22,7 @@ from harness.errors import InputError
 from harness.judge import Verdict, compare
 from harness.record import ResultRecord, Status
 
-from .conftest import REPO, write_dataset
+from .conftest import REPO, write_dataset, patience
 from .records import record as ok_record
 
 BILLION_LAUGHS = "\n".join(
@@ -334,7 +334,7 @@ def test_two_runs_into_one_out(make_bundle, tmp_path: Path) -> None:
     env.pop("HARNESS_DEBUG", None)
     procs = [subprocess.Popen([sys.executable, "-m", "harness", *_matrix_args(x, out)], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for x in (a, b)]
-    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    results = [(p.wait(timeout=patience(300)), *p.communicate()) for p in procs]
     codes = sorted(r[0] for r in results)
     assert codes == [0, 2], results
     loser = next(r for r in results if r[0] == 2)
@@ -375,3 +375,186 @@ def test_compare_ignores_records_of_other_runs(tmp_path: Path) -> None:
     assert rs.warnings and "b" in rs.warnings[0] and "run-2" in rs.warnings[0]
     p = harness("compare", str(out))
     assert "ignored" in p.stderr and "run-2" in p.stderr, p.stderr
+
+
+# --------------------------------------------------------------------------- results read as hostile files
+
+HOSTILE = ("fifo", "dev-zero", "outside", "oversized")
+REFUSAL = {"fifo": "is a FIFO, not a regular file", "dev-zero": "is a symbolic link; not followed",
+           "outside": "is a symbolic link; not followed", "oversized": "bytes, more than the"}
+
+
+def bounded_harness(*args: str, memory: int = 1 << 30) -> subprocess.CompletedProcess[str]:
+    """The CLI in a subprocess that can neither hang the test (a timeout) nor take the machine's memory
+    (an address-space limit: the CLI itself maps about 100 MB)."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+    env = dict(os.environ, COLUMNS="220", PYTHONPATH=str(REPO), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    env.pop("HARNESS_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, env=env,
+                          timeout=patience(60), preexec_fn=limit)
+
+
+def make_hostile(path: Path, kind: str, limit: int, outside: Path) -> None:
+    """Put at ``path`` what a container, a trainer or a copied results directory may leave instead of a file."""
+    path.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)  # opening it to read blocks until a writer comes: none will
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")  # endless
+    elif kind == "outside":
+        path.symlink_to(outside)  # a valid file of the right kind, but not this one
+    else:
+        with open(path, "wb") as fh:
+            fh.truncate(limit + 1)  # sparse: costs nothing to make
+
+
+def assert_refused(p: subprocess.CompletedProcess[str], path: Path, kind: str) -> None:
+    """Exit 2 and one error line that names ``path`` and says what it is (warnings before it aside)."""
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr and "internal error" not in p.stderr, p.stderr
+    (line,) = [ln for ln in p.stderr.splitlines() if ln.startswith("harness:")]
+    assert line.startswith(f"harness: error: {path}: ") and REFUSAL[kind] in line, line
+
+
+def results_dir(root: Path) -> Path:
+    """Two cells of run ``r`` and its run.json."""
+    for name in ("a", "b"):
+        rec = ok_record(name)
+        rec.run_id = "r"
+        record.write(root / name / "record.json", rec)
+    record.write_manifest(root, record.RunManifest(run_id="r", cells=["a", "b"], backend="local", bundle="x",
+                                                   started_at="now"))
+    return root
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_compare_and_diverge_refuse_a_hostile_record_promptly(tmp_path: Path, kind: str) -> None:
+    out = results_dir(tmp_path / "out")
+    elsewhere = results_dir(tmp_path / "elsewhere")
+    target = out / "b" / "record.json"
+    make_hostile(target, kind, 64 << 20, elsewhere / "b" / "record.json")
+    assert_refused(bounded_harness("compare", str(out)), target, kind)
+    assert_refused(bounded_harness("diverge", str(out / "b"), str(out / "a")), target, kind)
+    assert_refused(bounded_harness("compare", str(target)), target, kind)
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_a_hostile_run_json_or_report_json_is_refused_promptly(tmp_path: Path, kind: str) -> None:
+    out = results_dir(tmp_path / "out")
+    elsewhere = results_dir(tmp_path / "elsewhere")
+    assert bounded_harness("compare", str(elsewhere), "--json", str(elsewhere / "report.json")).returncode == 0
+    make_hostile(out / "run.json", kind, 64 << 20, elsewhere / "run.json")
+    assert_refused(bounded_harness("compare", str(out)), out / "run.json", kind)
+    report = tmp_path / "report.json"
+    make_hostile(report, kind, 256 << 20, elsewhere / "report.json")
+    assert_refused(bounded_harness("compare", str(report)), report, kind)
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_band_from_refuses_a_hostile_band_record_before_anything_trains(tmp_path: Path, kind: str) -> None:
+    from .records import ulp_band
+    from .test_data_dir import make_project, trainer_args
+
+    bundle = make_project(tmp_path)
+    band, elsewhere = tmp_path / "band", tmp_path / "elsewhere"
+    for rec in ulp_band(n=2):
+        record.write(band / rec.cell / "record.json", rec)
+        record.write(elsewhere / rec.cell / "record.json", rec)
+    target = band / "band-ulp-2" / "record.json"
+    make_hostile(target, kind, 64 << 20, elsewhere / "band-ulp-2" / "record.json")
+    out = tmp_path / "out"
+    p = bounded_harness("run", str(bundle), *trainer_args(), "--device", "cpu", "--band-from", str(band),
+                        "--out", str(out), "--no-progress", memory=4 << 30)
+    assert_refused(p, target, kind)
+    assert not list(out.glob("*/record.json"))  # nothing trained
+
+
+# --------------------------------------------------------------------------- a record that is not the run's
+
+
+def test_a_record_without_the_runs_id_is_not_judged_as_the_runs(tmp_path: Path) -> None:
+    # The worker of a killed run wrote its record (run_id null, val loss 45) over the record of the
+    # --resume run after it; compare judged it as that run's result, silently.
+    from harness.record import RunManifest
+
+    out = tmp_path / "out"
+    recs = {"a": "run-2", "b": None, "c": "run-1", "d": "run-0"}
+    for name, run_id in recs.items():
+        rec = ok_record(name)
+        rec.run_id = run_id
+        record.write(out / name / "record.json", rec)
+    # c is reused from run-1 (--resume) and run.json says so; d names a run run.json does not reuse
+    record.write_manifest(out, RunManifest(run_id="run-2", cells=["a", "b", "c", "d"], backend="local", bundle="x",
+                                           started_at="now", reused={"c": "run-1"}))
+    rs = record.load(out)
+    assert [r.cell for r in rs.records] == ["a", "c"] and rs.missing == ["b", "d"]
+    (line,) = rs.warnings
+    assert "ignored 2 record(s) of another run (no run id, run-0)" in line and "b, d" in line and "\n" not in line
+    p = harness("compare", str(out), "--json", str(tmp_path / "r.json"))
+    assert "ignored 2 record(s)" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [r["cell"] for r in report["records"]] == ["a", "c"]
+
+
+# --------------------------------------------------------------------------- links planted in --out
+
+
+def test_a_lock_file_link_in_out_is_refused_not_followed(make_bundle, tmp_path: Path) -> None:
+    out, target = tmp_path / "out", tmp_path / "precious.txt"
+    out.mkdir()
+    target.write_text("keep me\n")
+    (out / ".harness.lock").symlink_to(target)
+    p = harness("run", str(make_bundle()), "--out", str(out), "--device", "cpu", "--no-progress",
+                timeout=int(patience(120)))
+    assert p.returncode == 2, p.stderr
+    assert target.read_text() == "keep me\n"  # it used to be truncated and to hold the harness's pid
+    assert f"{out / '.harness.lock'}: is a symbolic link" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not list(out.glob("*/record.json"))  # nothing trained
+
+
+def test_the_lock_refuses_a_hard_link_or_a_fifo(tmp_path: Path) -> None:
+    from harness.runner import LOCK_FILE, ResultsLock
+
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    for name, plant in (("hard", lambda p: os.link(target, p)), ("fifo", os.mkfifo),
+                        ("dir", lambda p: p.mkdir())):
+        out = tmp_path / name
+        out.mkdir()
+        plant(out / LOCK_FILE)
+        with pytest.raises(InputError) as exc:
+            ResultsLock(out)
+        assert exc.value.one_line().startswith(f"{out / LOCK_FILE}: is in the way"), exc.value.one_line()
+    assert target.read_text() == "keep me\n"
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    lock = ResultsLock(ok)  # a fresh directory, and the same one again once released
+    lock.release()
+    ResultsLock(ok).release()
+    assert (ok / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+
+
+def test_a_probe_file_link_in_out_is_refused_not_followed(tmp_path: Path) -> None:
+    from harness.runner import check_writable
+
+    out, target = tmp_path / "out", tmp_path / "precious.txt"
+    out.mkdir()
+    target.write_text("keep me\n")
+    probe = out / f".harness-probe-{os.getpid()}"
+    probe.symlink_to(target)
+    with pytest.raises(InputError) as exc:
+        check_writable(out)
+    assert exc.value.one_line().startswith(f"{probe}: is a symbolic link"), exc.value.one_line()
+    assert target.read_text() == "keep me\n" and probe.is_symlink()
+    probe.unlink()
+    probe.symlink_to(tmp_path / "nowhere")  # a dangling link would have created its target
+    with pytest.raises(InputError, match="is a symbolic link"):
+        check_writable(out)
+    assert not (tmp_path / "nowhere").exists()
+    probe.unlink()
+    check_writable(out)
+    assert not probe.exists()

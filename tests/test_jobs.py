@@ -16,7 +16,7 @@ from harness import record
 from harness.backends.local import pinned
 from harness.record import Status
 
-from .conftest import REPO, default_signals
+from .conftest import REPO, default_signals, patience
 from .test_cli import harness
 
 LOCAL = ("--backend", "local", "--devices", "cpu", "--threads", "1")
@@ -34,7 +34,7 @@ def stamp(out: Path, cell: str) -> tuple[int, int]:
 def test_pinned_runs_a_process_on_the_given_core_only() -> None:
     core = sorted(os.sched_getaffinity(0))[-1]
     argv = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
-    p = subprocess.run(pinned(argv, (core,)), capture_output=True, text=True, timeout=60)
+    p = subprocess.run(pinned(argv, (core,)), capture_output=True, text=True, timeout=patience(60))
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == f"[{core}]"
 
@@ -141,23 +141,90 @@ def test_an_interrupted_matrix_resumed_runs_only_the_missing_cells(make_bundle, 
                             preexec_fn=default_signals, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     first = out / "cpu-strict-t1" / "record.json"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + patience(240)
     while time.monotonic() < deadline and '"cache_key": "' not in (first.read_text() if first.exists() else ""):
         time.sleep(0.1)  # the host has keyed the first cell's record: it finished
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=patience(120))
     assert proc.returncode == 130, stdout + stderr
     recs = by_cell(out)
     assert recs["cpu-strict-t1"].status is Status.OK
-    assert "cpu-warn-t1" not in recs  # never started
-    kept = stamp(out, "cpu-strict-t1")
+    # what finished before the interrupt is the machine's business (a loaded one is slower to stop): the
+    # resume must reuse exactly that and run exactly the rest
+    done = {c for c, r in recs.items() if r.status is Status.OK}
+    todo = {"cpu-strict-t1", "cpu-default-t1", "cpu-warn-t1"} - done
+    assert todo, "every cell finished before the interrupt: nothing left to resume"
+    kept = {c: stamp(out, c) for c in done}
 
     resumed = harness("matrix", *args, "--resume", str(out))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert stamp(out, "cpu-strict-t1") == kept  # reused: the very file, untouched
+    assert {c: stamp(out, c) for c in done} == kept  # reused: the very files, untouched
     manifest = record.read_manifest(out)
-    assert set(manifest.reused) == {"cpu-strict-t1"}
+    assert set(manifest.reused) == done
     recs = by_cell(out)
     assert [r.cell for r in record.load(out).records] == ["cpu-strict-t1", "cpu-default-t1", "cpu-warn-t1"]
-    for cell in ("cpu-default-t1", "cpu-warn-t1"):  # the interrupted one and the missing one ran
+    for cell in todo:  # the interrupted one and the missing ones ran
         assert recs[cell].status is Status.OK and recs[cell].run_id == manifest.run_id
+
+
+# --------------------------------------------------------------------------- --resume: what else is in a cell's key
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The CLI in a subprocess with exactly ``env`` (plus the repository on PYTHONPATH)."""
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
+                          env=dict(env, COLUMNS="220", PYTHONPATH=str(REPO)), timeout=patience(300))
+
+
+def _base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "HARNESS_DEBUG")}
+    return env
+
+
+def test_resume_reruns_a_cell_when_an_inherited_isa_variable_changes(make_bundle, tmp_path: Path) -> None:
+    """A record measured under ATEN_CPU_CAPABILITY=default does not stand for a run without it: the cell reruns,
+    and the run says why; with the environment unchanged it is reused."""
+    bundle = make_bundle()
+    out = tmp_path / "out"
+    args = ("matrix", str(bundle), *LOCAL, "--determinism", "strict", "--out", str(out), "--no-progress")
+    pinned_isa = dict(_base_env(), ATEN_CPU_CAPABILITY="default")
+    first = _cli(*args, env=pinned_isa)
+    assert first.returncode == 0, first.stdout + first.stderr
+    kept = stamp(out, "cpu-strict-t1")
+
+    same = _cli(*args, "--resume", env=pinned_isa)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert set(record.read_manifest(out).reused) == {"cpu-strict-t1"} and stamp(out, "cpu-strict-t1") == kept
+
+    changed = _cli(*args, "--resume", env=_base_env())
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+    assert record.read_manifest(out).reused == {} and stamp(out, "cpu-strict-t1") != kept
+    assert "cpu-strict-t1: rerun: ATEN_CPU_CAPABILITY changed (default -> unset)" in changed.stderr
+    assert by_cell(out)["cpu-strict-t1"].run_id == record.read_manifest(out).run_id
+
+
+def test_resume_reruns_a_command_trainer_whose_script_outside_the_trainer_path_changed(make_bundle,
+                                                                                      tmp_path: Path) -> None:
+    """``--trainer-cmd "{python} /elsewhere/train.py"``: the script is in the cell's key, so an edit reruns the
+    cell instead of reporting the old script's result."""
+    bundle = make_bundle()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = elsewhere / "train.py"
+    script.write_text('import json\nprint(json.dumps({"val_loss": 0.5, "r2": 0.9}))\n')
+    out = tmp_path / "out"
+    args = ("matrix", str(bundle), *LOCAL, "--determinism", "strict", "--trainer-cmd", f"{{python}} {script}",
+            "--out", str(out), "--no-progress")
+    first = _cli(*args, env=_base_env())
+    assert first.returncode == 0, first.stdout + first.stderr
+    rec = by_cell(out)["cpu-strict-t1"]
+    assert rec.status is Status.OK and rec.retrained["val_loss"] == 0.5, first.stdout + first.stderr
+
+    same = _cli(*args, "--resume", env=_base_env())
+    assert set(record.read_manifest(out).reused) == {"cpu-strict-t1"}, same.stdout + same.stderr
+
+    script.write_text('import json\nprint(json.dumps({"val_loss": 0.25, "r2": 0.9}))\n')
+    edited = _cli(*args, "--resume", env=_base_env())
+    assert record.read_manifest(out).reused == {}, edited.stdout + edited.stderr
+    assert by_cell(out)["cpu-strict-t1"].retrained["val_loss"] == 0.25  # the edited script's result
+    assert f"cpu-strict-t1: rerun: {script} (named by --trainer-cmd) changed" in edited.stderr

@@ -168,7 +168,7 @@ def test_site_config(tmp_path):
     path = tmp_path / "site.yaml"
     path.write_text('base_images:\n  "*": local/debian-py:bookworm\n  cu124-torch2.5: site/cuda:12.4\n')
     assert load_site_config(path) == {"base_images": {"*": "local/debian-py:bookworm", "cu124-torch2.5": "site/cuda:12.4"},
-                                      "slurm": None}
+                                      "slurm": None, "host": None}
     path.write_text("bases: {}\n")
     with pytest.raises(InputError, match="unknown key.*bases"):
         load_site_config(path)
@@ -196,12 +196,27 @@ def test_old_driver_runs_newer_minor_with_a_warning_and_skips_newer_major():
     # CUDA 12.6 wheels run on a 12.x driver through minor-version compatibility.
     assert host_skip_reason(cells["cu126-torch2.6"], host) is None
     warning = host_warning(cells["cu126-torch2.6"], host)
-    assert "driver 550.54.14 is older than 560.28.03" in warning and "CUDA 12.6" in warning
+    assert "driver 550.54.14 is older than 560.35.05" in warning and "CUDA 12.6" in warning
     # Numeric, not string, comparison: 570.26 < 570.124.06 < 580.
     host["driver"] = "570.124.06"
     assert host_skip_reason(cells["cu128-torch2.7"], host) is None
+    assert host_warning(cells["cu128-torch2.7"], host) is None  # exactly the minimum
     assert host_skip_reason(cells["cu130-torch2.9"], host) is not None
     assert host_skip_reason(cells["cpu-torch2.13"], host) is None
+
+
+def test_the_minimums_are_those_of_the_base_images_cuda_updates():
+    # NVIDIA's release notes, Table 3 (Linux x86_64): the cells' bases are 12.6.3 and 12.8.1, whose
+    # toolkits (12.6 Update 3, 12.8 Update 1) need 560.35.05 and 570.124.06; the GA numbers
+    # (560.28.03, 570.26) are older. Between a GA and its update's minimum the cell now warns.
+    cells = cells_by_name()
+    cu126, cu128 = cells["cu126-torch2.6"], cells["cu128-torch2.7"]
+    assert cu126.base_image.startswith("nvidia/cuda:12.6.3-") and cu126.min_driver == "560.35.05"
+    assert cu128.base_image.startswith("nvidia/cuda:12.8.1-") and cu128.min_driver == "570.124.06"
+    for cell, ga in ((cu126, "560.28.03"), (cu128, "570.26")):
+        host = {"driver": ga, "gpus": [{"name": "NVIDIA H200", "capability": "9.0"}]}
+        assert host_skip_reason(cell, host) is None
+        assert f"driver {ga} is older than {cell.min_driver} (CUDA {cell.cuda}'s own minimum)" in host_warning(cell, host)
 
 
 def test_gpu_arch_not_in_the_wheel_skips():
@@ -391,7 +406,7 @@ def test_ptx_only_cell_between_floor_and_minimum_is_skipped():
     # sm_120 cubins cover a 12.1 GPU (same major): no PTX JIT needed, so only a warning.
     cu128 = cells_by_name()["cu128-torch2.7"]
     assert host_skip_reason(cu128, gpu("550.54.14", "12.1", "GB10")) is None
-    assert "570.26" in host_warning(cu128, gpu("550.54.14", "12.1", "GB10"))
+    assert "570.124.06" in host_warning(cu128, gpu("550.54.14", "12.1", "GB10"))
 
 
 def test_archived_cells_without_compat_floor_derive_it_from_the_major():

@@ -74,7 +74,9 @@ def test_directory_is_read_in_the_run_order_not_alphabetically(tmp_path: Path) -
     # The run's baseline is its first cell; reading alphabetically made cpu-default-t1 the baseline.
     names = ["cpu-strict-t1", "cpu-strict-tdef", "cpu-default-t1"]
     for n in names[:2]:
-        record.write(tmp_path / n / "record.json", make(n))
+        rec = make(n)
+        rec.run_id = "r"  # the run's own records
+        record.write(tmp_path / n / "record.json", rec)
     record.write_manifest(tmp_path, RunManifest(run_id="r", cells=names, backend="local", bundle="b", started_at="t"))
     rs = record.load(tmp_path)
     assert [r.cell for r in rs.records] == ["cpu-strict-t1", "cpu-strict-tdef"]
@@ -90,3 +92,14 @@ def test_without_a_manifest_the_start_times_give_the_order(tmp_path: Path) -> No
 def test_an_empty_directory_is_bad_input(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="holds no record.json files"):
         record.load(tmp_path)
+
+
+def test_a_cell_directory_that_is_a_link_is_left_out_not_followed(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    record.write(elsewhere / "x" / "record.json", make("x"))
+    out = tmp_path / "out"
+    record.write(out / "a" / "record.json", make("a"))
+    (out / "x").symlink_to(elsewhere / "x")  # a copied results directory may hold anything
+    rs = record.load(out)
+    assert [r.cell for r in rs.records] == ["a"]
+    assert rs.warnings == [f"{out}: left out 1 link(s), not followed: x"]

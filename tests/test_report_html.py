@@ -23,7 +23,7 @@ from harness.report_html import (NO_BAND, NO_TRACES, RunPage, check_target, dive
                                  write_page)
 from harness.worker.trace import TRACE_SCHEMA
 
-from .conftest import REPO
+from .conftest import REPO, patience
 from .records import record, with_env
 
 HOSTILE = '<script>alert("x")</script>$\\frac{'  # HTML and matplotlib's mathtext both read this
@@ -228,7 +228,7 @@ def test_a_page_that_cannot_be_written_exits_2_and_keeps_the_records(tmp_path: P
 def test_matplotlib_is_imported_only_for_a_page() -> None:
     code = ("import sys, harness.cli, harness.runner, harness.report, harness.report_html, harness.cli.diverge; "
             "from harness.cli import build_parser; build_parser(); assert 'matplotlib' not in sys.modules, 'imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=patience(120))
 
 
 def test_every_command_that_judges_has_html(capsys) -> None:

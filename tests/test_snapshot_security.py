@@ -7,6 +7,7 @@ may be written outside the rerun's temp directory nor any container started.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -25,7 +26,7 @@ from harness import snapshot as snap
 from harness.cli import main
 from harness.errors import InputError
 
-from .fake_engine import FakeEngine
+from .fake_engine import FakeEngine, Outcome
 from .test_docker_fake import PACKAGES, make_archive, patched  # noqa: F401 - patched is a fixture
 
 # ----------------------------------------------------------------------------- helpers
@@ -577,3 +578,85 @@ def test_rerun_checks_the_signature_before_anything_runs(patched: FakeEngine, tm
                "--no-progress"])
     assert rc == 2 and "is not signed" in error_line(capsys.readouterr().err)
     assert patched.runs == [] and not any(c[0] == "load" for c in patched.calls)
+
+
+# ----------------------------------------------------------------------------- 4. what was verified is what is used
+
+
+@needs_ssh_keygen
+def test_rerun_runs_the_verified_archive_not_one_swapped_in_after_the_check(patched: FakeEngine, make_bundle, keys,
+                                                                            tmp_path: Path, monkeypatch, capsys) -> None:
+    """The issue: verify, then read the bundle again from the path. An archive swapped in between
+    (unsigned, another bundle) ran after `signature: good`. The rerun reads only the file it checked."""
+    from harness import record as records
+
+    from .records import record as compare_record
+    from .records import with_env
+
+    archived = with_env(compare_record("cpu-torch2.13"), "2.13.0+cpu", None)
+    archived.spec = {"device": "cpu", "determinism": "strict", "schema": "harness.runspec/3", "cell": "cpu-torch2.13"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    made, _, _ = make_archive(tmp_path / "a", patched, packages=PACKAGES, record=archived,
+                              bundle=make_bundle("signed", training__epochs=2))
+    signed = tmp_path / "signed.harness.tar"  # the same members, signed by alice
+    m = snap.verify(made).manifest
+    with snap.SnapshotWriter(signed) as w:
+        for e in m["members"]:
+            w.add_bytes(e["name"], snap.read_member(made, e["name"]))
+        w.finish({k: v for k, v in m.items() if k not in ("members", "manifest_sha256", "schema")},
+                 sign=lambda message: signing.sign(message, keys["alice"]))
+    swapped, _, _ = make_archive(tmp_path / "b", patched, packages=PACKAGES, record=archived,
+                                 bundle=make_bundle("swapped", training__epochs=9))
+    real_verify = snap.verify
+
+    def verify_then_swap(source):  # the file at the path is replaced right after the check
+        v = real_verify(source)
+        os.replace(swapped, signed)
+        return v
+
+    monkeypatch.setattr(snap, "verify", verify_then_swap)
+    seen: list[str] = []
+
+    def worker(out: Path, req) -> None:  # notes the bundle it was given; reproduces the archived run
+        bundle = next(Path(src) for src, target, _ in req.mounts if target == "/harness/bundle")
+        seen.append((bundle / "config.yaml").read_text())
+        spec = json.loads((out / "spec.json").read_text())
+        records.write(out / "record.json", dataclasses.replace(archived, cell=spec["cell"]))
+
+    patched.outcomes.append(Outcome(0, worker=worker))
+    rc = main(["rerun", str(signed), "--allowed-signers", str(keys["allowed"]), "--out", str(tmp_path / "o"),
+               "--no-progress"])
+    captured = capsys.readouterr()
+    assert "signature: good, signed by alice@example" in captured.err
+    assert not swapped.exists()  # the swap happened
+    if rc == 2:  # refusing is allowed; running the swapped bundle is not
+        assert patched.runs == [] and "verified" in error_line(captured.err)
+    else:
+        assert rc == 0, captured.out + captured.err
+        (config,) = seen
+        assert "epochs: 2" in config and "epochs: 9" not in config  # the signed bundle trained, not the swapped one
+
+
+def test_a_member_changed_in_place_after_the_check_is_refused_not_read(tmp_path: Path) -> None:
+    path = minimal_archive(tmp_path / "s.tar")
+    other = tmp_path / "other.tar"
+    with snap.SnapshotWriter(other) as w:
+        w.add_bytes(snap.RECORD, b'{"swapped": true}')
+        w.finish(base_manifest())
+    with snap.Archive(path) as archive:
+        v = snap.verify(archive)
+        os.replace(other, path)  # another file at the path: the open one is still read
+        assert snap.read_member(v, snap.RECORD) == b"{}"
+    path = minimal_archive(tmp_path / "t.tar")
+    with tarfile.open(path, "r:") as tf:
+        info = tf.getmember(snap.RECORD)
+    with snap.Archive(path) as archive:
+        v = snap.verify(archive)
+        with open(path, "r+b") as f:  # the same file, written in place after the check
+            f.seek(info.offset_data + info.size - 9)
+            b = f.read(1)
+            f.seek(info.offset_data + info.size - 9)
+            f.write(bytes([b[0] ^ 0x01]))
+        with pytest.raises(InputError, match=f"member {snap.RECORD} differs from the verified manifest"):
+            snap.read_member(v, snap.RECORD)

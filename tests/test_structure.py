@@ -106,3 +106,21 @@ def test_the_statistics_of_a_verdict_live_in_one_module() -> None:
     """Every distribution a verdict reads (t quantiles and tails) comes from harness.stats."""
     _, external = import_graph()
     assert sorted(m for m, pkgs in external.items() if "scipy" in pkgs) == ["harness.stats"]
+
+
+def test_every_module_the_worker_runs_is_in_the_cache_key() -> None:
+    # --resume reuses a cell only while the sources its worker ran are unchanged: a module the worker imports
+    # (directly or through another) that the key leaves out would let an edit reuse a stale result
+    from harness.cache import WORKER_SOURCES
+
+    graph, _ = import_graph()
+    seen: set[str] = set()
+    todo = [m for m in graph if m.startswith("harness.worker")]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(graph[m])
+    outside = {m.removeprefix("harness.") + ".py" for m in seen if not m.startswith("harness.worker")}
+    outside = {"__init__.py" if m == "harness.py" else m for m in outside}
+    assert outside <= set(WORKER_SOURCES), sorted(outside - set(WORKER_SOURCES))

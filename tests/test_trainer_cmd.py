@@ -32,7 +32,7 @@ from harness.plan import Cell
 from harness.record import RunSpec, Status
 from harness.worker import trainer_cmd as tc
 
-from .conftest import ON_TRIAL_CPU, assert_reproduces
+from .conftest import ON_TRIAL_CPU, assert_reproduces, patience
 from .test_cli import TRAINERS, harness, records
 
 USERPROJ = Path(__file__).parent / "userproj"
@@ -354,7 +354,7 @@ def test_the_child_dies_with_a_worker_signalled_alone(make_bundle, tmp_path: Pat
         child = int(pid_file.read_text())
         assert _alive(child)
         os.kill(worker.pid, sig)
-        assert worker.wait(timeout=30) == -sig
+        assert worker.wait(timeout=patience(30)) == -sig
         deadline = time.monotonic() + 15
         while _alive(child) and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -36,6 +36,7 @@ from harness import record
 from harness.record import Status
 
 from .test_cli import harness
+from .conftest import patience
 
 USERPROJ2 = Path(__file__).parent / "userproj2"
 FUNCTION = "fitproj.api:train_and_eval"
@@ -100,7 +101,7 @@ def test_the_project_itself_is_seeded_by_its_top_level_seed(tmp_path: Path) -> N
         "train_and_eval({**cfg, 'seed': cfg['seed'] + 1}, data_path=data, out_dir=out + '/c', verbose=False)\n"
     )
     p = subprocess.run([sys.executable, "-c", script, str(bundle / "config.yaml"), str(data), str(tmp_path)],
-                       check=False, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+                       check=False, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=patience(120))
     assert p.returncode == 0, p.stdout + p.stderr
     metrics = json.loads(p.stdout.strip().splitlines()[-1])  # the CLI's last stdout line: its scores
     assert set(metrics) >= {"val_mse", "val_mae", "test_mse", "test_mae"}

@@ -12,15 +12,16 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
-from ..docker_engine import ContainerFacts, ContainerRequest, Engine
+from ..docker_engine import OVERLAY_LOWER, OVERLAY_WORK, ContainerFacts, ContainerRequest, Engine, overlay_possible
 from ..errors import BackendError, HarnessError, InputError
 from ..plan import Cell, Job
-from ..record import ImageInfo, RunSpec
-from ..worker import determinism, isa
-from .base import Backend, Launch, LineFn, fresh_dir
+from ..record import ImageInfo, RunSpec, Status
+from ..worker import EVENT_PREFIX, determinism, isa
+from .base import TAIL_LINES, Backend, Launch, LineFn, fresh_dir
 
 BUNDLE = "/harness/bundle"
 DATA_DIR = "/harness/data"
@@ -33,6 +34,12 @@ IMAGE_UID = 10001  # the image's non-root user (Dockerfile.cuda)
 PIDS_LIMIT = 4096
 MEMORY_SHARE = 0.9  # of the host's memory, when --memory is not given
 TMPFS = "rw,noexec,nosuid,nodev,size=2g"  # the worker compiles nothing, so nothing runs from /tmp
+LOG_MAX_SIZE, LOG_MAX_FILES = "10m", 3  # the engine's log of a container: rotated, at most 30 MB
+OUTPUT_KEEP = 64 << 20  # bytes of a container's output the host keeps in worker.log (then its last lines)
+DISK_LIMIT_VAR = "HARNESS_CELL_DISK_LIMIT"
+DISK_LIMIT = 20 << 30  # what a cell may leave in its directory (allocated bytes), unless $HARNESS_CELL_DISK_LIMIT
+DISK_FILES_MAX = 1_000_000  # ... and how many files and folders
+MOUNTS_DIR = ".harness-mounts"  # in the results directory: the work folders of the cells' noexec overlays
 
 
 # --------------------------------------------------------------------------- pure: what a container gets
@@ -118,12 +125,15 @@ def remove_dead_containers(engine: Engine, *, dry_run: bool = False) -> list[Con
 
 
 def container_spec(cell: Cell, job: Job, image: str, *, gpus: str = "all", memory: str | None = None,
-                   host_uid: int | None = None, run_id: str = "", tag: str | None = None) -> ContainerRequest:
+                   host_uid: int | None = None, run_id: str = "", tag: str | None = None,
+                   overlay_work: str | None = None) -> ContainerRequest:
     """What the cell's container gets (plain data, testable without Docker).
 
     Whatever a trainer or a pickle does in there: no network, no capabilities, no
     privilege gain through setuid files, a read-only root, a PID and a memory limit
-    (``memory``, else 90% of the host's), and a time limit (``job.timeout_s``).
+    (``memory``, else 90% of the host's), a time limit (``job.timeout_s``) and a capped log.
+    ``overlay_work``: an empty folder beside the cell's directory, for the overlay that mounts
+    that directory ``noexec,nosuid,nodev`` (:func:`harness.docker_engine.overlay_mount`).
     """
     mounts = [(job.bundle_dir, BUNDLE, True)]
     if job.data_dir is not None:
@@ -163,7 +173,148 @@ def container_spec(cell: Cell, job: Job, image: str, *, gpus: str = "all", memor
         timeout_s=job.timeout_s,
         cell=cell.name,
         tag=tag,
+        noexec={OUT: overlay_work} if overlay_work else {},
+        log_max_size=LOG_MAX_SIZE,
+        log_max_files=LOG_MAX_FILES,
     )
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes from ``20g``, ``512m``, ``100k``, ``4096`` (binary units, any case); None when it is not a size (pure)."""
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}.get(t[-1:], 1)
+    number = t[:-1] if scale > 1 else t
+    try:
+        value = float(number)
+    except ValueError:
+        return None
+    return int(value * scale) if value > 0 and value * scale < 1 << 62 else None
+
+
+def disk_limit(env: Mapping[str, str]) -> int:
+    """What a cell may leave in its directory: ``$HARNESS_CELL_DISK_LIMIT`` or 20 GiB (pure)."""
+    text = env.get(DISK_LIMIT_VAR)
+    if text is None or not text.strip():
+        return DISK_LIMIT
+    size = parse_size(text)
+    if size is None:
+        raise InputError(DISK_LIMIT_VAR, f"{text!r} is not a size", hint="give one like 20g, 500m or a byte count")
+    return size
+
+
+def cell_usage(root: Path, most_bytes: int, most_files: int) -> tuple[int, int, str | None]:
+    """The bytes (allocated blocks) and files under ``root``, never following a link, and a folder it could not
+    read (then the usage is unknown); the walk stops once over either bound."""
+    used = files = 0
+    seen: set[tuple[int, int]] = set()
+    unreadable: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=lambda e: unreadable.append(
+            os.path.relpath(e.filename, root) if e.filename else "?")):
+        if unreadable:
+            break
+        for name in dirnames + filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            files += 1
+            if st.st_nlink > 1:
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+            used += st.st_blocks * 512
+            if used > most_bytes or files > most_files:
+                return used, files, None
+    return used, files, unreadable[0] if unreadable else None
+
+
+def disk_failure(used: int, files: int, unreadable: str | None, limit: int, most_files: int = DISK_FILES_MAX) -> str | None:
+    """One line when a cell's directory holds more than it may, or cannot be measured; None when within (pure)."""
+    if unreadable is not None:
+        return f"the cell made {unreadable!r} in its directory unreadable, so its size cannot be checked"
+    if used > limit:
+        return f"the cell wrote more than {_human(limit)} into its directory (its limit; ${DISK_LIMIT_VAR} raises it)"
+    if files > most_files:
+        return f"the cell wrote more than {most_files} files into its directory"
+    return None
+
+
+def _human(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.3g} {unit}"
+    return f"{n} bytes"
+
+
+class CappedOutput:
+    """A container's output lines, passed on until ``keep`` bytes, then only its last lines (at the end).
+
+    Progress events always pass (they are not kept on disk); what is dropped is counted, and
+    :meth:`close` passes on a line that says so and then the last :data:`TAIL_LINES` lines.
+    """
+
+    def __init__(self, on_line: LineFn, keep: int | None = None) -> None:
+        self.on_line, self.keep = on_line, OUTPUT_KEEP if keep is None else keep
+        self.left = self.keep
+        self.dropped, self.dropped_bytes = 0, 0
+        self.last: deque[str] = deque(maxlen=TAIL_LINES)
+
+    def line(self, text: str) -> None:
+        if text.startswith(EVENT_PREFIX) or len(text) + 1 <= self.left:
+            if not text.startswith(EVENT_PREFIX):
+                self.left -= len(text) + 1
+            self.on_line(text + "\n")
+            return
+        self.left = 0
+        self.dropped += 1
+        self.dropped_bytes += len(text) + 1
+        self.last.append(text[:4096])
+
+    def close(self) -> None:
+        if not self.dropped:
+            return
+        shown = len(self.last)
+        self.on_line(f"harness: output beyond its first {self.keep / (1 << 20):g} MiB: {self.dropped - shown} "
+                     f"line(s) ({self.dropped_bytes} bytes in all) not kept, the last {shown} follow\n")
+        for text in self.last:
+            self.on_line(text + "\n")
+
+
+def make_overlay_work(out: Path, cell: str) -> tuple[Path | None, str | None]:
+    """An empty folder beside the results (same file system as ``out``) with the overlay's lower and work
+    folders; or None and why the cell's directory cannot be mounted noexec."""
+    work = out.parent / MOUNTS_DIR / f"{cell}-{os.getpid()}-{time.time_ns()}"
+    if not overlay_possible(str(out), str(work)):
+        return None, f"its path cannot be a mount option (it holds , : = or \\): {out}"
+    try:
+        (work / OVERLAY_LOWER).mkdir(parents=True)
+        (work / OVERLAY_WORK).mkdir()
+    except OSError as exc:
+        return None, f"{work} cannot be made ({exc.strerror or exc})"
+    return work, None
+
+
+def remove_overlay_work(work: Path) -> None:
+    """Remove what :func:`make_overlay_work` made, once the container is gone (the kernel's empty, root-owned
+    ``work/work`` is removed as any empty folder in a folder of ours); best effort."""
+    for folder in (work / OVERLAY_WORK, work):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            names = []
+        for name in names:
+            try:
+                os.rmdir(folder / name)
+            except OSError:
+                pass
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+    try:
+        os.rmdir(work.parent)  # the last cell's: the folder of them all
+    except OSError:
+        pass
 
 
 def container_data_path(job: Job) -> str | None:
@@ -209,8 +360,10 @@ class DockerBackend(Backend):
     name = "docker"
 
     def __init__(self, engine: Engine, plans: dict[str, Any], *, gpus: str = "all", memory: str | None = None,
-                 aliases: dict[str, str] | None = None, offline: bool = False) -> None:
+                 aliases: dict[str, str] | None = None, offline: bool = False, disk: int | None = None) -> None:
         self.engine = engine
+        self.disk = disk if disk is not None else disk_limit(os.environ)  # what a cell may leave in its directory
+        self._said: set[str] = set()  # notes already printed (one engine, many cells)
         self.offline = offline  # a missing base pinned by digest is not pulled (the cell is skipped)
         self.plans = plans  # cell name -> images.build.BuildPlan
         self.aliases = dict(aliases or {})  # image cell name -> harness:<cell>, used as found (no wheelhouse given)
@@ -265,6 +418,16 @@ class DockerBackend(Backend):
     def environment_digest(self, cell: Cell) -> str | None:
         info = self.images.get(cell.name)
         return f"image:{info.id}" if info is not None and info.id else None
+
+    def key_inputs(self, cell: Cell, job: Job) -> dict[str, object]:
+        """What the cell's key adds (harness.cache): the container's variables that can change its numbers (the
+        image's own are in its id) and the GPUs it is given. A trainer command's words name paths in the
+        container: the image's (its id) or the mounted folders (in the key already)."""
+        from ..cache import numeric_environment
+
+        # (a memory limit changes no number: "-" spares reading the host's)
+        request = container_spec(cell, job, self.images[cell.name].id, gpus=self.gpus, memory=self.memory or "-")
+        return {"environ": numeric_environment(request.environment), "gpus": request.gpus}
 
     def host_slots(self) -> tuple[list[int] | None, list[str] | None]:
         """This host's cores and GPUs, when the engine runs here (a remote engine's are unknown: one at a time)."""
@@ -356,15 +519,43 @@ class DockerBackend(Backend):
     def launch(self, cell: Cell, job: Job, spec_path: Path, on_line: LineFn) -> Launch:
         info = self.images[cell.name]
         uid = _uid()
+        out = job.cell_dir(cell)
+        work, why_not = make_overlay_work(out, cell.name)  # the cell's directory: noexec,nosuid,nodev
         request = container_spec(cell, job, info.id, gpus=self.gpus, memory=self.memory,
-                                 host_uid=uid or None, run_id=self.run_id, tag=info.tag)
-        ended = self.engine.run(request, lambda line: on_line(line + "\n"))
+                                 host_uid=uid or None, run_id=self.run_id, tag=info.tag,
+                                 overlay_work=str(work) if work is not None else None)
+        output = CappedOutput(on_line)
+        if why_not is not None:
+            output.line(f"harness: {OUT} is mounted without noexec,nosuid,nodev: {why_not}")
+        try:
+            ended = self.engine.run(request, output.line)
+        finally:
+            output.close()
+            if work is not None:
+                remove_overlay_work(work)
+        self._say([*ended.notes, *([f"{OUT} is mounted without noexec,nosuid,nodev: {why_not}"] if why_not else [])])
         rc, reason = ended.status, ended.error
         if reason is None and rc is not None and rc != 0 and (ended.oom_killed or rc == 137):
             reason = exit_reason(rc, ended.oom_killed, request.memory)
-        return Launch(rc, reason=reason, image=info, timed_out=ended.timed_out,
+        status = kind = None
+        if ended.status is not None and not ended.timed_out:
+            over = disk_failure(*cell_usage(out, self.disk, DISK_FILES_MAX), self.disk)
+            if over is not None:
+                # the cell fails whatever its worker wrote: its record is not read
+                _remove_record(out)
+                reason, status, kind = over, Status.FAILED, "disk"
+        return Launch(rc, reason=reason, image=info, timed_out=ended.timed_out, status=status, kind=kind,
                       extra={"host_paths": {"bundle": job.bundle_dir, "data": job.data_path, "data_dir": job.data_dir,
                                             "trainer_path": list(job.trainer_path or []) or None}})
+
+    def _say(self, notes: Iterable[str]) -> None:
+        """Each note once per run, on stderr."""
+        from rich.console import Console
+
+        for note in notes:
+            if note not in self._said:
+                self._said.add(note)
+                Console(stderr=True, highlight=False).print(f"! {note}", style="yellow", markup=False, soft_wrap=True)
 
     def close(self) -> None:
         """Stop and remove every container this backend started that is still there (Ctrl-C)."""
@@ -373,3 +564,13 @@ class DockerBackend(Backend):
 
 def _uid() -> int:
     return os.getuid() if hasattr(os, "getuid") else 0
+
+
+def _remove_record(out: Path) -> None:
+    """Unlink the worker's record in ``out`` (a name in a folder the cell wrote: never followed)."""
+    from ..record import RECORD_FILE
+
+    try:
+        os.unlink(out / RECORD_FILE)
+    except OSError:
+        pass

@@ -10,12 +10,18 @@ interpreter is too late), and so that one cell's torch state
 
 from __future__ import annotations
 
+import codecs
+import io
 import os
+import secrets
+import selectors
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import Iterable
 
 from ..plan import Cell, Job
 from ..worker import determinism, isa
@@ -60,12 +66,47 @@ def pinned(argv: list[str], cpus: tuple[int, ...]) -> list[str]:
     return [argv[0], "-c", code]
 
 
+# Run first in the worker's process, before it becomes the worker (``execv``): ask the kernel for SIGKILL
+# when the launcher dies (PR_SET_PDEATHSIG, Linux; it survives execv), then make sure the launcher was
+# still there once that took effect -- when it died first, the process was already handed to init and
+# no signal would ever come.
+_DIE_WITH_LAUNCHER = """import os, signal, sys
+if sys.platform.startswith("linux"):
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+if os.getppid() != {parent}:
+    os._exit(137)
+"""
+
+
+def guarded_command(python: str, spec_path: Path, cpus: tuple[int, ...] | None, parent: int) -> list[str]:
+    """:func:`worker_command` as the local backend starts it: the process dies with ``parent`` (the
+    launcher, this process) even when that is killed with SIGKILL, and is pinned to ``cpus`` first (pure)."""
+    worker = worker_command(python, spec_path)
+    code = _DIE_WITH_LAUNCHER.format(parent=int(parent))
+    if cpus is not None:
+        code += f"os.sched_setaffinity(0, {sorted(cpus)!r})\n"
+    code += f"os.execv({python!r}, {worker!r})\n"
+    return [python, "-c", code]
+
+
+# Every process a cell starts inherits this variable, with a value of its own for each cell, so that
+# what left the worker's session and process tree (setsid, a double fork) is still found and stopped.
+CELL_TOKEN_VAR = "HARNESS_CELL_TOKEN"
+_LOOK_EVERY_S = 1.0  # how often a running worker's process tree is walked
+_LONGEST_LINE = 1 << 20  # a longer line without a newline is passed on in pieces
+_DRAIN_MAX_BYTES = 64 << 20  # at most this much output still in the pipe is read once the worker ended
+
+
 class LocalBackend(Backend):
     name = "local"
 
     def __init__(self, python: str | None = None) -> None:
         self.python = python or sys.executable
-        self._procs: set[subprocess.Popen[str]] = set()  # one per running cell (--jobs runs several)
+        self._procs: dict[subprocess.Popen[bytes], _Tree] = {}  # one per running cell (--jobs runs several)
         self._lock = threading.Lock()
         self._env_digest: str | None = None
 
@@ -76,6 +117,21 @@ class LocalBackend(Backend):
             self._env_digest = local_environment_digest(self.python)
         return self._env_digest
 
+    def key_inputs(self, cell: Cell, job: Job) -> dict[str, object]:
+        """What the cell's key adds (harness.cache): the variables of the worker's environment that can change
+        its numbers, and the files a trainer command names; ``never_reused``: why the cell cannot be keyed."""
+        from ..cache import numeric_environment, trainer_command_files
+
+        env = child_env(cell)
+        inputs: dict[str, object] = {"environ": numeric_environment(env)}
+        if job.trainer_cmd:
+            files, why = trainer_command_files(job.trainer_cmd, python=self.python, cell=cell, job=job,
+                                               path=env.get("PATH", os.defpath))
+            inputs["files"] = files
+            if why is not None:
+                inputs["never_reused"] = why
+        return inputs
+
     def host_slots(self) -> tuple[list[int] | None, list[str] | None]:
         from .base import usable_cpus
 
@@ -83,63 +139,226 @@ class LocalBackend(Backend):
 
     def launch(self, cell: Cell, job: Job, spec_path: Path, on_line: LineFn) -> Launch:
         cpus = cell.slot.cpus if cell.slot is not None else None
+        env = child_env(cell)
+        env[CELL_TOKEN_VAR] = secrets.token_hex(16)
         try:
             # Its own session, so that stopping it (timeout, Ctrl-C, SIGTERM) also stops what it started
-            # (DataLoader workers) and none of them keeps the output pipe open.
+            # (DataLoader workers); what leaves that session is found by its process tree and its token.
             proc = subprocess.Popen(
-                worker_command(self.python, spec_path, cpus),
-                env=child_env(cell), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                stdin=subprocess.DEVNULL, bufsize=1, start_new_session=True,
+                guarded_command(self.python, spec_path, cpus, os.getpid()),
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, bufsize=0,
+                start_new_session=True,
             )
         except OSError as exc:
             return Launch(None, reason=f"cannot start {self.python}: {exc}")
+        tree = _Tree(proc, env[CELL_TOKEN_VAR])
         with self._lock:
-            self._procs.add(proc)
-        expired = threading.Event()
-
-        def expire() -> None:
-            expired.set()
-            _kill_group(proc, signal.SIGKILL)
-
-        timer = threading.Timer(job.timeout_s, expire) if job.timeout_s else None
+            self._procs[proc] = tree
         try:
-            if timer is not None:
-                timer.daemon = True
-                timer.start()
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                on_line(line)
-            return Launch(proc.wait(), timed_out=expired.is_set())
+            expired = _relay_until_exit(proc, tree, job.timeout_s, on_line)
+            return Launch(proc.wait(), timed_out=expired)
         finally:
-            if timer is not None:
-                timer.cancel()
-            self._stop(proc)
+            self._stop(proc, tree)
 
     def close(self) -> None:
         """Stop every worker still running (Ctrl-C, SIGTERM); the thread that launched each one then reaps it."""
         with self._lock:
-            procs = list(self._procs)
-        for proc in procs:
-            _terminate(proc)
+            trees = list(self._procs.values())
+        for tree in trees:
+            _terminate(tree)
 
-    def _stop(self, proc: subprocess.Popen[str]) -> None:
+    def _stop(self, proc: subprocess.Popen[bytes], tree: _Tree) -> None:
         with self._lock:
-            self._procs.discard(proc)
-        _terminate(proc)
+            self._procs.pop(proc, None)
+        _terminate(tree)
         if proc.stdout is not None:
             proc.stdout.close()
 
 
-def _terminate(proc: subprocess.Popen[str]) -> None:
-    """Stop a worker and what it started: SIGTERM, then SIGKILL after 10 s; nothing when it has ended."""
+def _relay_until_exit(proc: subprocess.Popen[bytes], tree: _Tree, timeout_s: float | None, on_line: LineFn) -> bool:
+    """Pass the worker's output to ``on_line`` line by line until the worker itself ends; True when it was
+    killed at ``timeout_s``.
+
+    The end of the output is not waited for: a process the worker started and left behind may hold the
+    pipe open for ever. What the worker wrote before it ended is still read (it is in the pipe).
+    """
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    lines = _Lines(on_line)
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    expired = False
+    look_at = time.monotonic()
+    open_pipe = True
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while proc.poll() is None:
+            now = time.monotonic()
+            if now >= look_at:
+                tree.collect()
+                look_at = now + _LOOK_EVERY_S
+            if deadline is not None and now >= deadline and not expired:
+                expired = True
+                tree.collect()  # what it runs right now, however recently started
+                tree.signal(signal.SIGKILL)
+            wait = 0.2 if deadline is None or expired else max(0.0, min(0.2, deadline - now))
+            if open_pipe:
+                if sel.select(wait) and not lines.read(fd):
+                    open_pipe = False  # every writer closed it: wait for the worker alone
+                    sel.unregister(fd)
+            else:
+                try:
+                    proc.wait(timeout=wait)
+                except subprocess.TimeoutExpired:
+                    pass
+    drained = 0
+    while open_pipe and drained < _DRAIN_MAX_BYTES:  # what the worker wrote before it ended
+        got = lines.read(fd)
+        if not got:
+            break
+        drained += got
+    lines.flush()
+    return expired
+
+
+class _Lines:
+    """Bytes from the worker's pipe to text lines: UTF-8 (bad bytes replaced), newlines as text mode reads them."""
+
+    def __init__(self, on_line: LineFn) -> None:
+        self.on_line = on_line
+        self.decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")("replace"), translate=True)
+        self.partial = ""
+
+    def read(self, fd: int) -> int:
+        """Read what the pipe holds now and pass on its whole lines; the bytes read, 0 at the end of the output
+        (or when nothing is there now: the caller reads only after the selector said there is)."""
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            return 0
+        if chunk:
+            self._feed(self.decoder.decode(chunk))
+        return len(chunk)
+
+    def _feed(self, text: str) -> None:
+        text = self.partial + text
+        *whole, self.partial = text.split("\n")
+        for line in whole:
+            self.on_line(line + "\n")
+        while len(self.partial) > _LONGEST_LINE:
+            self.on_line(self.partial[:_LONGEST_LINE])
+            self.partial = self.partial[_LONGEST_LINE:]
+
+    def flush(self) -> None:
+        self._feed(self.decoder.decode(b"", final=True))
+        if self.partial:
+            self.on_line(self.partial)
+            self.partial = ""
+
+
+class _Tree:
+    """What one cell's worker started, to stop it all: the worker's process group, every process seen below
+    the worker (walked in /proc while it runs, also through ``setsid``), and every process that carries the
+    cell's token in its environment (what a double fork handed to init before any walk could see it).
+
+    A process is known by its pid and start time, so that a pid the system has since given to another
+    process is never signalled.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], token: str) -> None:
+        self.proc = proc
+        self.token = f"{CELL_TOKEN_VAR}={token}".encode()
+        self.seen: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def collect(self) -> None:
+        """Add every process now below the worker, or below a process seen before (Linux /proc; else nothing)."""
+        table = _process_table()
+        with self.lock:
+            roots = {pid for pid, started in self.seen.items() if table.get(pid, (0, -1))[1] == started}
+            if self.proc.poll() is None and self.proc.pid in table:
+                roots.add(self.proc.pid)
+            children: dict[int, list[int]] = {}
+            for pid, (ppid, _) in table.items():
+                children.setdefault(ppid, []).append(pid)
+            todo = list(roots)
+            while todo:
+                for child in children.get(todo.pop(), ()):
+                    if child not in roots and child != os.getpid():
+                        roots.add(child)
+                        todo.append(child)
+            self.seen = {pid: table[pid][1] for pid in roots if pid != self.proc.pid and pid in table}
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the worker's group, to every process seen below it that still lives, and to every
+        process carrying the cell's token."""
+        _kill_group(self.proc, sig)
+        table = _process_table()
+        with self.lock:
+            seen = dict(self.seen)
+        targets = {pid for pid, started in seen.items() if table.get(pid, (0, -1))[1] == started}
+        targets.update(_carrying(self.token, table))
+        for pid in sorted(targets):
+            if pid in (os.getpid(), self.proc.pid):
+                continue
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """Every process: pid -> (parent pid, start time in clock ticks), from /proc; {} where there is none."""
+    table: dict[int, tuple[int, int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return table
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                raw = fh.read()
+            fields = raw[raw.rindex(b")") + 2:].split()
+            if fields[0] in (b"Z", b"X"):
+                continue  # already dead: nothing to stop, and its pid is not a parent of anything
+            table[int(name)] = (int(fields[1]), int(fields[19]))
+        except (OSError, ValueError, IndexError):
+            continue
+    return table
+
+
+def _carrying(token: bytes, table: Iterable[int]) -> list[int]:
+    """The processes whose environment holds ``token`` (the ones this user may read)."""
+    found = []
+    for pid in table:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = fh.read()
+        except OSError:
+            continue
+        if b"\0" + token + b"\0" in b"\0" + env + b"\0":
+            found.append(pid)
+    return found
+
+
+def _terminate(tree: _Tree) -> None:
+    """Stop a worker and what it started: SIGTERM, then SIGKILL after 10 s; then SIGKILL to whatever it left
+    behind (its group, the processes seen below it, those carrying its token)."""
+    proc = tree.proc
     if proc.poll() is None:
-        _kill_group(proc, signal.SIGTERM)
+        tree.collect()
+        tree.signal(signal.SIGTERM)
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            _kill_group(proc, signal.SIGKILL)
+            tree.signal(signal.SIGKILL)
             proc.wait()
-    _kill_group(proc, signal.SIGKILL)  # what the worker started and left behind
+    tree.collect()  # what the processes seen below it started since
+    tree.signal(signal.SIGKILL)
 
 
 def visible_gpus() -> list[str] | None:
@@ -159,7 +378,7 @@ def visible_gpus() -> list[str] | None:
         return None
 
 
-def _kill_group(proc: subprocess.Popen[str], sig: int) -> None:
+def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
     """Signal the worker's process group (its session); nothing when it is gone."""
     try:
         os.killpg(proc.pid, sig)

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..errors import HarnessError, InputError
+from ..errors import InputError
 from .common import add_html, parting_exit
 
 
@@ -30,24 +30,23 @@ def register(subparsers: Any) -> None:
 
 def _cell(path: str, label: str) -> tuple[Any, Any]:
     """The record and parsed trace of one cell; one line naming which and how when there is no trace."""
-    from ..backends.base import read_no_follow
-    from ..diverge import TRACE_FILE, TRACE_MAX_BYTES, parse_trace
+    from ..diverge import TRACE_FILE, read_trace
     from ..record import RECORD_FILE, read
 
     p = Path(path)
     rec_path = p / RECORD_FILE if p.is_dir() else p
-    rec = read(rec_path)
+    rec = read(rec_path)  # hostile input, like the trace: harness.safeio
     trace_path = rec_path.parent / TRACE_FILE
     how = "rerun the cell with --trace (harness run/matrix ... --trace)"
     if rec.trace is not None and rec.trace.get("file") is None and rec.trace.get("why"):
         raise InputError(f"{label} {path}", f"has no trace: {rec.trace['why']}", hint=how)
     try:
-        text = read_no_follow(trace_path, TRACE_MAX_BYTES)
-    except HarnessError as exc:
-        raise InputError(str(trace_path), f"refused: {exc}", hint=how) from None
-    if text is None:
+        trace = read_trace(trace_path)
+    except InputError as exc:
+        raise InputError("", exc.message, hint=exc.hint or how) from None
+    if trace is None:
         raise InputError(f"{label} {path}", f"has no {TRACE_FILE} (the run was made without --trace)", hint=how)
-    return rec, parse_trace(text, str(trace_path))
+    return rec, trace
 
 
 def cmd_diverge(args: argparse.Namespace) -> int:

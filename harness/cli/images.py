@@ -18,7 +18,7 @@ from ..images import compose as compose_mod
 from ..images import build as imagebuild
 from ..images import footprint
 from ..images import matrix
-from ..errors import EXIT_OK, EXIT_RUN_FAILED, BackendError, HarnessError
+from ..errors import EXIT_OK, EXIT_RUN_FAILED, BackendError, HarnessError, InputError
 from ..images.matrix import ImageCell
 from ..options import parse_cells
 from ..plan import load_image_cells, wheelhouse_dirs
@@ -62,13 +62,40 @@ def _console(stderr: bool = False) -> Any:
 # ----------------------------------------------------------------------------- handlers
 
 
+def stated_host(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The driver and GPUs stated by ``--driver``/``--gpu`` (each wins over its key), else by the site file's
+    ``host:``; None when nothing is stated (then ``nvidia-smi`` measures this machine)."""
+    site = matrix.load_site_config(args.site_config)["host"] if args.site_config else None
+    driver, gpus = getattr(args, "driver", None), getattr(args, "gpu", None) or []
+    if not driver and not gpus:
+        return site
+    host = dict(site or {"driver": None, "gpus": []})
+    stated = [f"{args.site_config} host"] if site else []
+    if driver:
+        host["driver"] = matrix.stated_driver(driver, "--driver")
+        stated.append("--driver")
+    if gpus:
+        host["gpus"] = []
+        for value in gpus:
+            name, _, rest = value.partition(",")
+            cap, _, count = rest.partition(",")
+            if count.strip() and not count.strip().isdigit():
+                raise InputError("--gpu", f"{value!r}: count {count.strip()!r} is not a number",
+                                 hint="--gpu NAME[,CAPABILITY[,COUNT]], e.g. --gpu 'NVIDIA H100,9.0,8'")
+            host["gpus"] += matrix.stated_gpu(name, cap.strip() or None, int(count) if count.strip() else 1, "--gpu")
+        stated.append("--gpu")
+    host["stated"] = " and ".join(stated)
+    return host
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    """Table of cells: pins, source, base image, built or missing, skip reason on this host."""
+    """Table of cells: pins, source, base image, built or missing, skip reason or warning on this host
+    (or on the host ``--driver``/``--gpu`` or the site file's ``host:`` describe)."""
     from rich.table import Table
 
     cells = load_cells(args)
     wh = wheelhouses(args, cells)
-    host = matrix.detect_host()
+    host = stated_host(args) or matrix.detect_host()
     engine: Engine | None
     try:
         engine = Engine.connect()
@@ -79,12 +106,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     table = Table(title="harness images")
     for col in ("cell", "torch", "variant", "python", "source"):
         table.add_column(col, no_wrap=True)
-    for col in ("base image", "image", "on this host"):
+    for col in ("base image", "image", "on the stated host" if host.get("stated") else "on this host"):
         table.add_column(col, overflow="fold")
+    warnings: list[tuple[str, str]] = []
     for c in cells:
         state = _image_state(engine, c, wh.get(c.name))
         skip = matrix.host_skip_reason(c, host)
+        warning = None if skip else matrix.host_warning(c, host)
         where = f"skip: {skip}" if skip else f"runs ({matrix.effective_device(c, host)})"
+        if warning:
+            warnings.append((c.name, warning))
+            where += " [yellow]with a warning (below)[/yellow]"
         source = "wheelhouse" if c.name in wh else c.source
         base = c.base_image + (f" @{c.base_digest[:19]}… (pinned)" if c.base_digest else "")
         if engine is not None and not engine.image_exists(c.base_ref):
@@ -92,10 +124,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         table.add_row(c.name, c.torch, c.variant, c.python, source, base, state, where)
     out = _console()
     out.print(table)
+    for name, warning in warnings:  # as a matrix run notes them before its cells start
+        out.print(f"[yellow]! {name}: {warning}[/yellow]", soft_wrap=True)
     if engine is not None:
         _print_footprint(out, engine, *_current_tags(cells, wh))
-    gpus = ", ".join(f"{g['name']} ({g.get('capability')})" for g in host["gpus"]) or "none"
-    out.print(f"host: driver {host['driver'] or '-'}, GPUs: {gpus}")
+    out.print(matrix.describe_host(host), soft_wrap=True)
     if engine_note:
         out.print(f"[yellow]{engine_note}[/yellow]")
     return EXIT_OK
@@ -303,6 +336,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="cells, pins, base images, built or missing, skips on this host")
     _common(p)
+    p.add_argument("--driver", metavar="VERSION",
+                   help="plan for this NVIDIA driver instead of running nvidia-smi here (e.g. on a login node "
+                        "without GPUs); shown as stated, not measured")
+    p.add_argument("--gpu", action="append", metavar="NAME[,CAPABILITY[,COUNT]]",
+                   help="plan for these GPUs instead of this machine's, e.g. 'NVIDIA H100 80GB HBM3,9.0,8' "
+                        "(repeatable; the site file's host: gpus says the same)")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("build", help="build missing images (content-addressed; unchanged cells are skipped)")

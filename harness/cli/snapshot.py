@@ -167,10 +167,15 @@ def _archived_run(args: argparse.Namespace, plan: Any, backend: Any, bundle: Any
                              hint="snapshot a run made with this image, or drop --results to run the cell now")
         return rec
     out = runner.results_dir(args.out, bundle.root)
-    job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, data_dir=bundle.data.dir, results_dir=str(out),
-              run_id=runner.new_run_id())
-    runner.execute_plan(plan, backend, job, report_options(args), tol, progress_enabled=not args.no_progress)
-    rec = record.read(job.cell_dir(cell) / record.RECORD_FILE)
+    runner.check_writable(out)
+    lock = runner.ResultsLock(out)  # as `run` does: one harness run writes a results directory at a time
+    try:
+        job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, data_dir=bundle.data.dir,
+                  results_dir=str(out), run_id=runner.new_run_id())
+        runner.execute_plan(plan, backend, job, report_options(args), tol, progress_enabled=not args.no_progress)
+        rec = record.read(job.cell_dir(cell) / record.RECORD_FILE)
+    finally:
+        lock.release()
     if not rec.ok:
         raise RunFailed(f"cell {args.cell} {rec.status.value}, nothing was archived: {rec.error.message if rec.error else ''}")
     return rec
@@ -356,8 +361,8 @@ def _data_for(args: argparse.Namespace, v: snap.Verified, tmp: Path) -> tuple[Pa
             raise UsageError("--data and --data-dir are only for snapshots made with --no-data; this one holds its data")
         name = snap.plain_name(data["file"], where, "data.file")
         if not tree:
-            return snap.extract_file(v.path, snap.DATA, tmp / "data" / name, root=tmp / "data"), None
-        root = snap.extract_tree(v.path, snap.DATA_TREE, tmp / "data")
+            return snap.extract_file(v, snap.DATA, tmp / "data" / name, root=tmp / "data"), None
+        root = snap.extract_tree(v, snap.DATA_TREE, tmp / "data")
         if around is None:
             path, data_dir = root / name, None
         else:
@@ -407,7 +412,18 @@ def _check_digest(path: Path, want: Any, name: Any, what: str) -> None:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    """Steps: verify -> load the image -> extract bundle + data -> rerun offline -> compare -> render."""
+    """Open the archive once; everything the rerun uses is read from that open file (see :func:`_rerun`)."""
+    with snap.Archive(args.archive) as archive:
+        return _rerun(args, archive)
+
+
+def _rerun(args: argparse.Namespace, archive: snap.Archive) -> int:
+    """Steps: verify -> load the image -> extract bundle + data -> lock the results -> rerun offline -> compare.
+
+    Every member (record, data, image, bundle) is read from ``archive``, the file that was
+    verified, and checked against the verified manifest again as it is read: a file swapped
+    at the path, or written in place, after the check is never what runs.
+    """
     from .. import record, runner
     from ..backends.docker import DockerBackend
     from ..bundle import load_bundle
@@ -417,20 +433,21 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
     tol = tolerances(args)
     _check_signature_flags(args, writing=False)
-    v = snap.verify(args.archive)
+    v = snap.verify(archive)
     signature = _signature(args, v)  # a bad signature stops here, before anything is loaded or run
     m = v.manifest
     _say(f"{args.archive}: {len(v.members) + 1} members verified in {v.seconds:.1f}s; {signature}")
     # The archived record is read first: a snapshot of another record schema is refused before any load.
-    archived = ResultRecord.from_json(snap.read_json_member(v.path, snap.RECORD), f"{args.archive}: {snap.RECORD}")
+    archived = ResultRecord.from_json(snap.read_json_member(v, snap.RECORD), f"{args.archive}: {snap.RECORD}")
     tmp = Path(tempfile.mkdtemp(prefix="harness-rerun-"))
+    lock = None
     try:
         data_path, data_dir = _data_for(args, v, tmp)
         engine = Engine.connect()
-        loaded = snap.load_image(engine, v.path, m, _say)
+        loaded = snap.load_image(engine, v, m, _say)
         if loaded["loaded"]:
             _say(f"image {m['image']['id'][:19]} loaded in {loaded['seconds']:.1f}s")
-        bundle_dir = snap.extract_bundle(v.path, m, tmp / "bundle")
+        bundle_dir = snap.extract_bundle(v, m, tmp / "bundle")
         # the archived bundle still validates here
         load_bundle(bundle_dir, data_override=str(data_path), data_dir=str(data_dir) if data_dir else None)
         cell_name = m["cell"]
@@ -449,6 +466,8 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         out = runner.results_dir(args.out, f"rerun-{cell_name}-{stamp}")
         if not args.out:
             out = (Path.cwd() / "harness-results" / f"rerun-{cell_name}-{stamp}").resolve()
+        runner.check_writable(out)
+        lock = runner.ResultsLock(out)  # as `run` does: one harness run writes a results directory at a time
         record.write(out / archived.cell / record.RECORD_FILE, archived)
         job = Job(bundle_dir=str(bundle_dir), data_path=str(data_path), data_dir=str(data_dir) if data_dir else None,
                   results_dir=str(out), trainer=spec.get("trainer"), trainer_cmd=spec.get("trainer_cmd"),
@@ -469,6 +488,8 @@ def cmd_rerun(args: argparse.Namespace) -> int:
                           else f"host: same as the archived run's ({now.get('hostname')}, {now.get('cpu')})")
         return verdict_exit(comparison)
     finally:
+        if lock is not None:
+            lock.release()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -525,22 +546,28 @@ def _archived_cell(v: snap.Verified) -> Any:
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
+    """Open the archive once; the recipe, sources and image are read from that open file (see :func:`_rebuild`)."""
+    with snap.Archive(args.archive) as archive:
+        return _rebuild(args, archive)
+
+
+def _rebuild(args: argparse.Namespace, archive: snap.Archive) -> int:
     """Rebuild the archived image offline from its recipe and compare the installed packages."""
     from ..docker_engine import Engine
     from ..errors import BaseImageMissing
     from ..images import build as imagebuild
 
     t0 = time.perf_counter()
-    v = snap.verify(args.archive)
+    v = snap.verify(archive)
     _say(_signature(args, v))
     m = v.manifest
     cell = _archived_cell(v)
-    dockerfile = snap.read_member(v.path, snap.DOCKERFILE)
+    dockerfile = snap.read_member(v, snap.DOCKERFILE)
     try:
-        lock = snap.read_member(v.path, snap.LOCK).decode()
+        lock = snap.read_member(v, snap.LOCK).decode()
     except UnicodeDecodeError:
         raise InputError(args.archive, f"member {snap.LOCK} is not text", hint=snap.ALTERED) from None
-    buildargs = snap.read_json_member(v.path, snap.BUILDARGS)
+    buildargs = snap.read_json_member(v, snap.BUILDARGS)
     if not isinstance(buildargs, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in buildargs.items()) \
             or "BASE_IMAGE" not in buildargs:
         raise InputError(args.archive, f"member {snap.BUILDARGS} is not an object of strings with BASE_IMAGE",
@@ -563,11 +590,11 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     new_id: str | None = None
     plan = None
     try:
-        src = snap.extract_tree(v.path, snap.SOURCES, tmp / "src")  # -> src/harness/...
+        src = snap.extract_tree(v, snap.SOURCES, tmp / "src")  # -> src/harness/...
         sources = {p.relative_to(src).as_posix(): p for p in sorted((src / "harness").rglob("*")) if p.is_file()}
         plan = imagebuild.recipe_plan(cell, f"harness-rebuild:{cell.name}-{int(time.time())}", dockerfile, buildargs,
                                       lock, wheels, sources)
-        loaded = snap.load_image(engine, v.path, m, _say)
+        loaded = snap.load_image(engine, v, m, _say)
         archived_id = m["image"]["id"]
         _say(f"rebuilding {cell.name} from the archived recipe, without cache (base {buildargs['BASE_IMAGE']})")
         new_id = imagebuild.build_plan_image(engine, plan, nocache=True)

@@ -360,19 +360,88 @@ def apply_base_images(cells: list[ImageCell], overrides: dict[str, str]) -> list
 
 
 def parse_site_config(data: Any, where: str) -> dict[str, Any]:
-    """Check a site config: ``{base_images: {"*": IMAGE, CELL: IMAGE}, slurm: {...}}``
-    (``slurm`` is checked by :mod:`harness.slurm_site`)."""
+    """Check a site config: ``{base_images: {"*": IMAGE, CELL: IMAGE}, slurm: {...}, host: {...}}``
+    (``slurm`` is checked by :mod:`harness.slurm_site`, ``host`` by :func:`parse_stated_host`)."""
     if data is None:
-        return {"base_images": {}, "slurm": None}
+        return {"base_images": {}, "slurm": None, "host": None}
     if not isinstance(data, dict):
         raise InputError(where, "must be a mapping", hint='e.g. base_images: {"*": local/debian-py:bookworm}')
-    unknown = sorted(set(data) - {"base_images", "slurm"})
+    unknown = sorted(map(str, set(data) - {"base_images", "slurm", "host"}))
     if unknown:
-        raise InputError(where, f"unknown key(s) {', '.join(unknown)}", hint="allowed: base_images, slurm")
+        raise InputError(where, f"unknown key(s) {', '.join(unknown)}", hint="allowed: base_images, slurm, host")
     bases = data.get("base_images") or {}
     if not isinstance(bases, dict) or not all(isinstance(v, str) and v for v in bases.values()):
         raise InputError(where, "base_images must map a cell name or \"*\" to an image name")
-    return {"base_images": {str(k): v for k, v in bases.items()}, "slurm": data.get("slurm")}
+    host = parse_stated_host(data["host"], f"{where} host") if data.get("host") is not None else None
+    return {"base_images": {str(k): v for k, v in bases.items()}, "slurm": data.get("slurm"), "host": host}
+
+
+_DRIVER_RE = re.compile(r"^[0-9]{2,4}(\.[0-9]{1,4}){0,2}$")
+_CAPABILITY_RE = re.compile(r"^[0-9]{1,2}\.[0-9]{1,2}$")
+MAX_STATED_GPUS = 1024
+STATED_HINT = 'e.g. host: {driver: "570.124.06", gpus: [{name: NVIDIA H100 80GB HBM3, capability: "9.0", count: 8}]}'
+
+
+def stated_driver(value: Any, where: str) -> str:
+    """A driver version as ``nvidia-smi`` prints it (``570.124.06``); one line naming ``where`` otherwise."""
+    if not isinstance(value, str) or not _DRIVER_RE.match(value.strip()):
+        raise InputError(where, f"driver {value!r} is not a driver version such as \"570.124.06\"",
+                         hint="write it as nvidia-smi prints it, in quotes")
+    return value.strip()
+
+
+def stated_gpu(name: Any, capability: Any, count: Any, where: str) -> list[dict[str, Any]]:
+    """``count`` GPUs named ``name`` of compute capability ``capability`` (``"9.0"``; None: not stated)."""
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise InputError(where, f"a GPU needs a name, got {name!r}", hint=STATED_HINT)
+    if isinstance(capability, (int, float)) and not isinstance(capability, bool):
+        capability = f"{float(capability):.1f}"  # YAML reads 9.0 as a number
+    if capability is not None and (not isinstance(capability, str) or not _CAPABILITY_RE.match(capability)):
+        raise InputError(where, f"GPU {name.strip()}: capability {capability!r} is not a compute capability "
+                                "such as \"9.0\"", hint="nvidia-smi --query-gpu=compute_cap prints it")
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_STATED_GPUS:
+        raise InputError(where, f"GPU {name.strip()}: count {count!r} is not a number of GPUs from 1 to "
+                                f"{MAX_STATED_GPUS}", hint=STATED_HINT)
+    return [{"name": name.strip(), "capability": capability} for _ in range(count)]
+
+
+def parse_stated_host(data: Any, where: str) -> dict[str, Any]:
+    """A site file's ``host:``: the driver and GPUs of the machines the cells are meant for, as a user states them.
+
+    ``nvidia-smi`` is the only source of these facts that is measured; on a login node without
+    GPUs ``harness images list`` plans with these instead. The result has :func:`detect_host`'s
+    shape, and ``stated``: where they were stated (what was stated is never shown as measured).
+    """
+    if not isinstance(data, dict):
+        raise InputError(where, "must be a mapping", hint=STATED_HINT)
+    unknown = sorted(map(str, set(data) - {"driver", "gpus"}))
+    if unknown:
+        raise InputError(where, f"unknown key(s) {', '.join(unknown)}", hint="allowed: driver, gpus")
+    driver = stated_driver(data["driver"], where) if data.get("driver") is not None else None
+    entries = data.get("gpus") or []
+    if not isinstance(entries, list):
+        raise InputError(where, "gpus must be a list of {name, capability, count}", hint=STATED_HINT)
+    gpus: list[dict[str, Any]] = []
+    for entry in entries:
+        if not isinstance(entry, dict) or set(map(str, entry)) - {"name", "capability", "count"}:
+            raise InputError(where, f"each of gpus is {{name, capability, count}}, got {entry!r}", hint=STATED_HINT)
+        gpus += stated_gpu(entry.get("name"), entry.get("capability"), entry.get("count", 1), where)
+        if len(gpus) > MAX_STATED_GPUS:
+            raise InputError(where, f"states more than {MAX_STATED_GPUS} GPUs", hint=STATED_HINT)
+    return {"driver": driver, "gpus": gpus, "stated": where}
+
+
+def describe_host(host: dict[str, Any]) -> str:
+    """``driver 570.124.06, GPUs: 8 x NVIDIA H100 (9.0)``, and whether that was stated or measured."""
+    counts: dict[str, int] = {}
+    for g in host.get("gpus") or []:
+        label = f"{g.get('name', 'GPU')} ({g.get('capability') or 'capability not stated'})"
+        counts[label] = counts.get(label, 0) + 1
+    gpus = ", ".join(label if n == 1 else f"{n} x {label}" for label, n in counts.items()) or "none"
+    facts = f"driver {host.get('driver') or '-'}, GPUs: {gpus}"
+    if host.get("stated"):
+        return f"host (stated in {host['stated']}, not measured): {facts}"
+    return f"host (measured): {facts}"
 
 
 def load_site_config(path: str | Path) -> dict[str, Any]:

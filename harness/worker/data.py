@@ -13,6 +13,9 @@ It is read with ``allow_pickle=False``, so loading it never executes code.
 from __future__ import annotations
 
 import hashlib
+import math
+import os
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +62,16 @@ def sha256_path(path: str | Path, chunk: int = 1 << 20) -> str:
 
     A file: the sha256 of its bytes (as ``sha256sum`` prints it). A directory: a
     sorted walk of its files, hashing each relative path (``/``-separated) and
-    its bytes, so renaming, adding or changing any file changes the digest.
+    its bytes, so renaming, adding or changing any file changes the digest. A directory
+    holding a link that leaves it (or is absolute) is refused (InputError): its target is
+    this machine's file, not the one a container mounting the directory would read.
     """
+    from ..safeio import refuse_links_leaving
+
     p = Path(path)
     if not p.is_dir():
         return sha256_file(p, chunk)
+    refuse_links_leaving(p, str(p))
     h = hashlib.sha256()
     files = sorted((f for f in p.rglob("*") if f.is_file()), key=lambda f: f.relative_to(p).as_posix())
     for f in files:
@@ -130,19 +138,127 @@ def _require_file(p: Path) -> None:
         raise InputError(str(p), "data path is not a file", hint="point data.path at the .npz file")
 
 
+# --------------------------------------------------------------------------- how big the data may expand
+
+DATA_LIMIT_ENV = "HARNESS_DATA_LIMIT"
+DEFAULT_DATA_LIMIT = 16 << 30  # what a dataset's members may expand to, in all (the pre-check's bound)
+MAX_RATIO = 100  # a member this many times larger than its compressed bytes ...
+RATIO_FLOOR = 64 << 20  # ... and at least this large is refused: ordinary numbers never compress so far
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def human_size(n: int) -> str:
+    """``2.0 GiB``: binary units, one decimal."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover - the loop returns
+
+
+def parse_size(text: str, where: str, example: str) -> int:
+    """``16G``, ``500M``, ``1.5T`` or plain bytes (binary units); one line naming ``where`` otherwise."""
+    m = _SIZE_RE.match(text)
+    if not m or float(m.group(1)) <= 0:
+        raise InputError(where, f"is {text!r}, not a size", hint=f"give bytes or a size such as {example}")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def data_limit() -> int:
+    """The bound on a dataset's expanded size: ``$HARNESS_DATA_LIMIT``, else 16 GiB."""
+    raw = os.environ.get(DATA_LIMIT_ENV)
+    return parse_size(raw, f"${DATA_LIMIT_ENV}", f"{DATA_LIMIT_ENV}=64G") if raw else DEFAULT_DATA_LIMIT
+
+
+def available_memory() -> int | None:
+    """What this process could still allocate: ``MemAvailable``, lowered by a cgroup's limit (a container's)."""
+    found: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            cap, used = Path(limit).read_text().strip(), int(Path(usage).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if cap.isdigit() and int(cap) < 1 << 60:  # "max", or v1's "no limit" (a huge number)
+            found.append(max(0, int(cap) - used))
+        break
+    return min(found) if found else None
+
+
+def _npy_header(fh: Any) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset of the ``.npy`` stream ``fh`` is at the start of (its header only)."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, _fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+    else:
+        shape, _fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    return tuple(int(v) for v in shape), dtype, fh.tell()
+
+
+def check_expansion(zf: zipfile.ZipFile, where: str, limit: int | None, memory: int | None = None) -> int:
+    """Refuse an ``.npz`` whose members would expand beyond reason, before any array is read; the total.
+
+    From the zip's directory and each ``.npy`` header only: a member whose declared size is not
+    what its header's shape and dtype need (more: bytes hidden beside the array; less: truncated,
+    and numpy would allocate the header's size first), a large member that expands more than
+    ``MAX_RATIO`` times (a zip bomb), and a total over ``limit`` or over ``memory`` (what this
+    process could allocate). ``hint`` names the way out in each case.
+    """
+    hint = "write it with np.savez(path, X=X, y=y, target_names=names)"
+    total = 0
+    for info in zf.infolist():
+        name, size = info.filename, info.file_size
+        if size >= RATIO_FLOOR and size > MAX_RATIO * max(info.compress_size, 1):
+            raise InputError(where, f"member {name} expands {size // max(info.compress_size, 1)}-fold, from "
+                                    f"{human_size(info.compress_size)} to {human_size(size)}: refused as a zip bomb",
+                             hint="if the data really is that redundant, save it uncompressed with np.savez "
+                                  "(not savez_compressed)")
+        if name.endswith(".npy"):
+            with zf.open(info) as fh:
+                shape, dtype, offset = _npy_header(fh)
+            need = offset + math.prod(shape) * dtype.itemsize
+            if size != need and not dtype.hasobject:  # pickled objects: refused by name where they are read
+                said = f"its header (shape {shape}, {dtype}) describes {need} bytes"
+                raise InputError(where, f"member {name} declares {size} bytes uncompressed, but {said}" +
+                                 ("" if size > need else ": truncated or crafted"), hint=hint)
+        total += size
+        if limit is not None and total > limit:
+            raise InputError(where, f"expands to more than {human_size(limit)} (at member {name}, "
+                                    f"{human_size(size)}), the bound on a dataset's size",
+                             hint=f"raise it with {DATA_LIMIT_ENV}=SIZE (e.g. 64G) if the machines have the memory")
+    if memory is not None and total > memory:
+        raise InputError(where, f"expands to {human_size(total)}, but this process can allocate only "
+                                f"{human_size(memory)} here", hint="free memory, or run it where there is more "
+                                                                  "(a container: a larger --memory)")
+    return total
+
+
 def load_raw(path: str | Path) -> dict[str, np.ndarray]:
-    """Load the arrays of a dataset file, with no pickled objects allowed."""
+    """Load the arrays of a dataset file, with no pickled objects allowed.
+
+    Its members' expanded sizes are checked first (:func:`check_expansion`): against the
+    memory this process can allocate, and against ``$HARNESS_DATA_LIMIT`` when it is set.
+    """
     p = Path(path)
     where = str(p)
     require_npz(p)
     try:
+        with zipfile.ZipFile(p) as zf:
+            check_expansion(zf, where, data_limit() if os.environ.get(DATA_LIMIT_ENV) else None, available_memory())
         with np.load(p, allow_pickle=False) as npz:
             if not isinstance(npz, np.lib.npyio.NpzFile):
                 raise InputError(where, "is a single .npy array, not an .npz with X and y", hint="save with np.savez(path, X=X, y=y, target_names=names)")
             return {k: npz[k] for k in npz.files}
     except InputError:
         raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
         raise InputError(where, f"cannot be read as an .npz dataset ({exc.__class__.__name__}: {exc})",
                          hint="write it with np.savez(path, X=X, y=y, target_names=names)") from None
 
@@ -222,16 +338,13 @@ def read_layout(spec: DataSpec) -> Layout:
                     raise InputError(where, "is a single .npy array, not an .npz with X and y", hint="save with np.savez(path, X=X, y=y, target_names=names)")
             raise InputError(where, "cannot be read as an .npz dataset (not a zip file)", hint=hint)
         with zipfile.ZipFile(p) as zf:
+            check_expansion(zf, where, data_limit())  # the machines that load it may differ: no memory bound here
             for member in zf.namelist():
                 if not member.endswith(".npy"):
                     continue
                 key = member[:-4]
                 with zf.open(member) as fh:
-                    version = np.lib.format.read_magic(fh)
-                    if version == (1, 0):
-                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-                    else:
-                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+                    shape, dtype, _ = _npy_header(fh)
                     if dtype.hasobject:
                         raise InputError(where, f"array {key!r} holds Python objects (pickles), which are refused", hint=hint)
                     shapes[key], dtypes[key] = tuple(shape), dtype

@@ -49,10 +49,35 @@ def _now() -> str:
 
 
 def save_weights(state: Any, path: Path) -> None:
-    """``torch.save`` atomically (:func:`harness.record.atomic_write`): never a truncated file."""
+    """``torch.save`` atomically (:func:`harness.record.atomic_write`): never a truncated file.
+
+    torch's zip writer turns a short write (a full disk, a quota, a file size limit) into
+    ``RuntimeError: ... unexpected pos``, which names no cause. On a RuntimeError the same
+    bytes are serialised in memory and written through the file object, whose ``write``
+    raises the ``OSError`` with its errno; a RuntimeError that is not the disk's is raised
+    again by that second ``torch.save``. An OSError without a file name gets ``path``.
+    """
+    import io
+
     import torch
 
-    atomic_write(path, lambda fh: torch.save(state, fh))
+    def write(fh: Any) -> None:
+        try:
+            torch.save(state, fh)
+        except RuntimeError:
+            fh.seek(0)  # flushes what torch left buffered: a full disk raises its OSError here
+            fh.truncate()
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            if fh.write(buf.getbuffer()) != buf.getbuffer().nbytes:  # a short write that raised nothing
+                raise
+
+    try:
+        atomic_write(path, write)
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
+        raise
 
 
 DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
@@ -61,10 +86,13 @@ DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quot
 
 def disk_failure(exc: OSError) -> str | None:
     """The one line for a write that failed because of the disk, or None for any other OSError."""
+    where = f" writing {exc.filename}" if exc.filename else ""
+    if exc.errno == errno.EFBIG:  # not a full disk: a file size limit (ulimit -f) or the file system's
+        return (f"file too large{where} (over this process's file size limit, `ulimit -f`, or the file "
+                "system's); raise the limit or pass --out DIR on another disk, then rerun the cell")
     what = DISK_ERRNOS.get(exc.errno or 0)
     if what is None:
         return None
-    where = f" writing {exc.filename}" if exc.filename else ""
     return f"{what}{where}; free space or pass --out DIR on another disk, then rerun the cell"
 
 

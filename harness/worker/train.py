@@ -31,11 +31,37 @@ from torch.utils.data import DataLoader, Subset, TensorDataset, random_split
 from . import feed as feed_mod
 from . import model as model_mod
 from ..bundle import ModelSpec, TrainingSpec
+from ..errors import RunFailed
 from .data import Dataset, split_sizes
 from .determinism import set_seed
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 StepFn = Callable[[int, int, float, torch.nn.Module], None]  # epoch, step, loss, model after the step
+
+
+class Diverged(RunFailed):
+    """The training diverged: no epoch had a finite validation loss, so there are no best weights."""
+
+    kind = "diverged"
+
+
+def _diverged(spec: TrainingSpec, first_bad: tuple[int, int, float] | None, history: list[dict[str, float]],
+              stopped: bool) -> Diverged:
+    """The one line for a training whose every validation loss was NaN or infinite."""
+    epochs = spec.epochs
+    if first_bad is not None:  # the first training step whose loss was not finite
+        epoch, step, loss = first_bad
+        row = history[epoch - 1] if len(history) >= epoch else {}
+        what = (f"its loss was {loss!r} at step {step} (epoch {epoch} of {epochs}; "
+                f"validation loss {row.get('val_loss', float('nan'))!r})")
+    else:
+        row = next(r for r in history if not math.isfinite(r["val_loss"]))
+        what = f"its validation loss was {row['val_loss']!r} at epoch {row['epoch']} of {epochs}"
+    end = (f"stopped after epoch {len(history)}: the weights are no longer finite, so no later epoch can give "
+           "a finite validation loss" if stopped else "no epoch had a finite validation loss, so there are no best weights")
+    return Diverged(f"the training diverged: {what}; {end}",
+                    hint=f"lower training.learning_rate in config.yaml (now {spec.learning_rate!r}), "
+                         "or check the data and its scaling")
 
 
 @dataclass
@@ -157,6 +183,7 @@ def train_reference(
     best_epoch: int | None = None
     history: list[dict[str, float]] = []
     step = 0
+    first_bad: tuple[int, int, float] | None = None  # (epoch, step, loss): the first step whose loss was not finite
     for epoch in range(1, spec.epochs + 1):
         net.train()
         total, count = 0.0, 0
@@ -168,6 +195,8 @@ def train_reference(
             opt.step()
             step += 1
             lv = float(loss.detach())
+            if first_bad is None and not math.isfinite(lv):
+                first_bad = (epoch, step, lv)
             total += lv * len(xb)
             count += len(xb)
             if on_step is not None:
@@ -180,6 +209,12 @@ def train_reference(
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
         if progress is not None:
             progress(epoch, spec.epochs, row)
+        if best_state is None and not math.isfinite(val_loss) and epoch < spec.epochs and not all(
+                bool(torch.isfinite(p).all()) for p in net.parameters()):
+            # A NaN or infinite weight stays so under every optimizer here: the rest would be NaN too.
+            raise _diverged(spec, first_bad, history, stopped=True)
+    if best_state is None:
+        raise _diverged(spec, first_bad, history, stopped=False)
     last_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     return net, TrainOutput(
         best_state=best_state,
