@@ -14,6 +14,20 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
+def patience(seconds: float) -> float:
+    """How long a test waits for an event that takes ``seconds`` on an idle machine: scaled by the load.
+
+    Tests wait on events (a record appearing, a job's state), never on the clock; a timeout
+    is only the point where waiting stops making sense, and a loaded machine (load average
+    above its cores) is slower by about that ratio. Never less than ``seconds``, at most 10x.
+    """
+    try:
+        load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        load = 1.0
+    return seconds * min(10.0, max(1.0, 2.0 * load))
+
+
 def default_signals() -> None:
     """``preexec_fn`` for a CLI the test will signal: SIGINT/SIGTERM at their defaults.
 

@@ -21,7 +21,7 @@ from harness.record import Status
 from harness.slurm_site import (SlurmSettings, gres_of, parse_settings, parse_time, settings, split_gpu, state_word,
                                 status_of)
 
-from .conftest import REPO, default_signals
+from .conftest import REPO, default_signals, patience
 
 TRAINERS = Path(__file__).parent / "trainers"
 CELL = "cpu-torch2.13"  # a CPU cell: the fake GPUs of the CI cluster are routing targets, not devices
@@ -172,7 +172,7 @@ def squeue_state(job_id: str) -> str:
 
 def wait_running(out: Path, cells: int, timeout: float = 120) -> dict[str, str]:
     """The cells' job ids, once every job runs and its worker has started (the hang trainer printed)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patience(timeout)
     while time.monotonic() < deadline:
         jobs = jobs_of(out)
         if len(jobs) == cells and all(squeue_state(j) == "RUNNING" for j in jobs.values()) and \
@@ -254,7 +254,7 @@ def test_a_cancelled_job_is_a_cancelled_row_and_the_run_exits_1(slurm_cluster, e
     try:
         jobs = wait_running(out, 1)
         subprocess.run(["scancel", jobs[f"{CELL}-alpha"]], check=True)
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=patience(120))
     finally:
         _end(proc, out)
     assert proc.returncode == 1, stdout + stderr
@@ -274,13 +274,13 @@ def test_ctrl_c_cancels_the_jobs_the_run_submitted(slurm_cluster, example, tmp_p
     try:
         jobs = wait_running(out, 2)
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=patience(120))
     finally:
         _end(proc, out)
     assert proc.returncode == 130, stdout + stderr
     for job_id in jobs.values():
         assert f"cancelled Slurm job {job_id}" in stderr
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + patience(30)
     while any(squeue_state(j) for j in jobs.values()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not any(squeue_state(j) for j in jobs.values()), "a job outlived the run that submitted it"
@@ -291,7 +291,7 @@ def test_ctrl_c_cancels_the_jobs_the_run_submitted(slurm_cluster, example, tmp_p
 def test_a_job_past_its_time_limit_is_a_timeout_row(slurm_cluster, example, tmp_path):
     # Slurm's time limits are whole minutes: this test takes a little over one.
     out = tmp_path / "out"
-    res = harness(*hang_args(example, out, f"{CELL}@beta", slurm_cluster, "--time", "1"), timeout=300)
+    res = harness(*hang_args(example, out, f"{CELL}@beta", slurm_cluster, "--time", "1"), timeout=patience(300))
     assert res.returncode == 1, res.stdout + res.stderr
     rec = records(out)[f"{CELL}-beta"]
     assert rec.status is Status.TIMEOUT and rec.slurm["state"] == "TIMEOUT"
@@ -331,12 +331,12 @@ def test_a_rerun_waits_again_for_a_job_a_killed_run_left_running(slurm_cluster, 
         second = subprocess.Popen([sys.executable, "-m", "harness", *args, "--resume"], stdout=subprocess.PIPE,
                                   stderr=err, text=True, env=env)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + patience(120)
         while "still queued or running" not in _read(err_path) and second.poll() is None \
                 and time.monotonic() < deadline:
             time.sleep(0.5)
         subprocess.run(["scancel", job_id], check=True)
-        second.communicate(timeout=120)
+        second.communicate(timeout=patience(120))
     finally:
         if second.poll() is None:
             second.kill()
