@@ -46,6 +46,7 @@ from .bundle import (AGGREGATE, CONFIG, MAX_YAML_BYTES, SCALER, TRIAL_INFO, WEIG
                      parse_yaml_text)
 from .errors import InputError
 from .record import ResultRecord, RunManifest
+from .safeio import kind_of, open_regular
 
 CONTAINER_BUNDLE = "/harness/bundle"  # harness.backends.docker.BUNDLE
 CONTAINER_TRAINER = "/harness/trainer"  # harness.backends.docker.TRAINER
@@ -412,30 +413,9 @@ def _check_out(out: Path, force: bool, keep: dict[str, Path]) -> None:
             raise InputError(str(out), f"overlaps {what} ({there})", hint="export to a directory of its own")
 
 
-_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
-
-
-def _kind(mode: int) -> str:
-    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
-
-
 def _open_regular(path: Path, hint: str) -> int | None:
-    """A read-only fd of the regular file ``path``, a link in its place refused, not followed, and a FIFO
-    not waited for; None when nothing is there. (The directories above it are the caller's to trust.)"""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise InputError(str(path), "is a symbolic link; export follows no links", hint=hint) from None
-        raise InputError(str(path), f"cannot be opened ({exc.strerror or exc})", hint=hint) from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise InputError(str(path), f"is {_kind(mode)}, not a regular file; not read", hint=hint)
-    return fd
+    """:func:`harness.safeio.open_regular`: a link in its place refused, a FIFO not waited for, None when absent."""
+    return open_regular(path, hint=hint)
 
 
 def _run_bundle(res: Results, rec: ResultRecord, named: Path, where: str) -> tuple[Path, Mapping[str, Any]]:
@@ -526,7 +506,7 @@ def _copy_entry(path: Path, target: Path, rel: str, skipped: list[str]) -> bool:
         shutil.copystat(path, target, follow_symlinks=False)
         return True
     if not stat.S_ISREG(mode):
-        skipped.append(f"{rel} ({_kind(mode)})")
+        skipped.append(f"{rel} ({kind_of(mode)})")
         return False
     fd = _open_regular(path, hint="export again once nothing changes the bundle")  # a file a moment ago, a link now?
     if fd is None:
