@@ -87,7 +87,9 @@ def test_drift_exits_3(example: Path, tmp_path: Path) -> None:
     """A trial whose recorded loss no retrain here could give: judged against a seed band, drifted."""
     info_path = example / "trial_info.yaml"
     info = yaml.safe_load(info_path.read_text())
-    info["value"] *= 3
+    # far outside: with 4 seeds (3 degrees of freedom) and Holm over every metric that moved beyond
+    # float32 rounding (how many do depends on the CPU), ×3 sits at p≈0.003 at worst, above α=0.001
+    info["value"] *= 10
     info_path.write_text(yaml.safe_dump(info))
     p = harness("run", str(example), "--out", str(tmp_path / "o"), "--device", "cpu", "--band-seeds", "4")
     assert p.returncode == 3, p.stdout + p.stderr
