@@ -18,7 +18,9 @@ from __future__ import annotations
 import html
 import io
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -31,6 +33,7 @@ from .record import ResultRecord
 MAX_POINTS = 2000  # per curve: a longer trace is drawn every Nth step (the page stays small)
 MAX_TARGETS = 8  # per metric family in the deltas figure; the rest are named, not drawn
 MAX_LABEL = 48  # characters of a cell name in a figure (tables show it whole)
+NAME_CH = 22  # characters a line a table's cell-name column is given before the others (it wraps beyond)
 NO_TRACES = "no traces: pass --trace to draw the loss of every training step"
 NO_BAND = "no seed band measured: no interval to read the points against (measure one: --band-seeds 8)"
 FAMILIES = ("val_loss", "r2", "mse", "mae")
@@ -38,19 +41,36 @@ FAMILY_TITLE = {"val_loss": "val loss", "r2": "R²", "mse": "MSE", "mae": "MAE"}
 VERDICT_CLASS = {Verdict.REPRODUCED: "ok", Verdict.DRIFTED: "drift", Verdict.FAILED: "bad",
                  Verdict.NOT_COMPARABLE: "bad", Verdict.INCOMPLETE: "incomplete", Verdict.SKIPPED: "dim",
                  Verdict.UNRECORDED: "unrec", Verdict.UNJUDGED: "unrec"}
+# The Results table's order: what a reader looks for first, then the numbers behind it; the columns
+# rarely needed to judge a cell sit behind its name (a disclosure), so the table fits a 1280 px window.
+RESULT_LEAD = ("verdict", "cell", "evidence")
+RESULT_MORE = ("mse", "mae", "weights", "d_archived", "wall")
+# Columns of names, tags, digests and paths: they may break anywhere (prose breaks between words only).
+IDENTIFIERS = frozenset({"cell", "where", "weights", "member", "change", "metric", "values", "parts_at", "value"})
 RUNG_CLASS = {"bitwise": "ok", "numerically equal": "ok", "same distribution": "ok", "drifted": "drift",
               "drifted (--tol)": "drift", "differs": "unrec"}
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:1.5em auto;
-max-width:1600px;padding:0 1em;color:#1d2330;background:#fff;line-height:1.4}
+max-width:1600px;padding:0 1em;color:#1d2330;background:#fff;line-height:1.4;overflow-wrap:break-word}
 h1{font-size:1.45em;margin:.2em 0}h2{font-size:1.15em;margin:1.6em 0 .4em;border-bottom:1px solid #d8dce4;
 padding-bottom:.2em}
 .meta{color:#4a5468;font-size:.92em}
-table{border-collapse:collapse;font-size:.82em;margin:.4em 0 .8em;display:block;overflow-x:auto}
-th,td{padding:.22em .55em;border-bottom:1px solid #e6e9ef;text-align:right;white-space:nowrap}
-th{background:#f3f5f9;font-weight:600}td.l,th.l{text-align:left}
-.verdict{font-weight:700;padding:.05em .45em;border-radius:.3em}
+.wide{max-width:100%;overflow-x:auto;margin:.4em 0 .8em}
+table{border-collapse:collapse;font-size:.82em}
+th,td{padding:.22em .55em;border-bottom:1px solid #e6e9ef;text-align:right;white-space:nowrap;vertical-align:top}
+th{background:#f3f5f9;font-weight:600;white-space:normal}td.l,th.l{text-align:left}
+td.l{white-space:normal}td.id{overflow-wrap:anywhere}
+td:first-child{position:sticky;left:0;background:#fff}th:first-child{position:sticky;left:0}
+.verdict{font-weight:700;padding:.05em .45em;border-radius:.3em;white-space:nowrap}
+details.more summary{cursor:pointer}
+details.more dl{margin:.15em 0 .1em;width:0;min-width:100%;color:#4a5468}
+details.more dl>div{display:inline-block;margin-right:.9em}
+details.more dt{display:inline;font-weight:600}details.more dd{display:inline;margin:0 0 0 .3em}
+@media (max-width:760px){.wide table,.wide tbody,.wide tr,.wide td{display:block}.wide thead{display:none}
+.wide tr{border-bottom:2px solid #d8dce4;padding:.25em 0}
+.wide td{position:static;border:0;text-align:left;white-space:normal;overflow-wrap:anywhere}
+.wide td::before{content:attr(data-label);display:inline-block;min-width:9em;font-weight:600;color:#4a5468}}
 .ok{color:#0d6b2f;background:#dcf5e3}.drift{color:#7a5200;background:#fff0c7}.bad{color:#9b1020;background:#fde0e3}
 .incomplete{color:#6b1a78;background:#f4e1f7}.dim{color:#5c6370;background:#eceef2}.unrec{color:#0b5f73;background:#d9f1f7}
 .none{color:#5c6370;font-style:italic}
@@ -148,9 +168,24 @@ def _parts_step(base: Any, trace: Any) -> int | None:
 def curves_svg(traces: Sequence[tuple[str, Any]]) -> str:
     """Every traced cell's loss per step, overlaid (top), and |loss - the first cell's| per step (bottom,
     log scale: a cell identical to the first draws nothing there). A dashed vertical line in the cell's
-    colour marks the step where it parts from the first cell."""
-    fig = _figure(11, 6.2)
-    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    colour marks the step where it parts from the first cell. Many cells, or long names, put the legend
+    in a row of its own below the plots, as wide as the figure: inside the plot it would cover the curves
+    and, wider than the figure, be cut off."""
+    firsts: dict[tuple[str, ...], str] = {}
+    same_of = [firsts.setdefault(tuple(s.loss for s in t.steps), n) for n, t in traces]
+    longest = max(len(plot_label(n)) + 24 + (len(plot_label(s)) + 11 if s != n else 0)
+                  for (n, _), s in zip(traces, same_of))  # a label's length, at most (its tag: 24)
+    below = len(traces) > 6 or longest > 60
+    ncols = max(1, min(3, 170 // (longest + 8)))
+    key_h = 0.25 + 0.165 * math.ceil(len(traces) / ncols) if below else 0.0
+    fig = _figure(11, 6.2 + key_h)
+    if below:
+        top, bottom, key = fig.subplots(3, 1, height_ratios=[3.72, 2.48, key_h])
+        top.sharex(bottom)
+        top.tick_params(labelbottom=False)
+        key.axis("off")
+    else:
+        top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
     base_name, base = traces[0]
     base_steps, base_loss = _losses(base)
     base_at = dict(zip(base_steps, base_loss))
@@ -183,7 +218,11 @@ def curves_svg(traces: Sequence[tuple[str, Any]]) -> str:
     top.set_ylabel("training loss (per step)")
     top.set_title(f"Loss per optimizer step; dashed line: where a cell parts from {plot_label(base_name)}",
                   fontsize=10, loc="left")
-    top.legend(fontsize=7.5, ncols=2 if len(traces) > 6 else 1, loc="upper right", framealpha=0.85)
+    if below:
+        key.legend(*top.get_legend_handles_labels(), fontsize=7.5, ncols=ncols, loc="upper left", frameon=False,
+                   borderaxespad=0)
+    else:
+        top.legend(fontsize=7.5, loc="upper right", framealpha=0.85)
     top.grid(alpha=0.3)
     if bottom.lines:
         bottom.set_yscale("log")
@@ -316,26 +355,46 @@ def attribution_svg(attr: Any) -> str | None:
 
 
 def table(columns: Sequence[tuple[str, str]], rows: Iterable[Mapping[str, Any]], *, left: Iterable[str] = ("cell",),
-          verdict_key: str | None = None) -> str:
-    """An HTML table of display strings; every cell escaped; the verdict column coloured."""
-    left = set(left)
-    head = "".join(f'<th class="{"l" if k in left else ""}">{esc(h)}</th>' for k, h in columns)
+          verdict_key: str | None = None, more: Sequence[tuple[str, str]] = (), more_in: str | None = None) -> str:
+    """An HTML table of display strings; every cell escaped; the verdict column coloured.
+
+    It fits the page's width: left-aligned (text) cells wrap, anywhere if they must (cell names,
+    image tags, digests); ``more``: columns shown not as columns but in a disclosure (``<details>``)
+    in each row's ``more_in`` cell. Every cell carries its header (``data-label``) for the stacked
+    layout of a narrow window, and the table sits in a ``.wide`` box that scrolls, its first column
+    staying in view, rather than widen the page where even wrapping is not enough."""
+    left, rows = set(left), list(rows)
+    head = "".join(f'<th class="{"l" if k in left else ""}"{_name_width(k, rows)}>{esc(h)}</th>' for k, h in columns)
     body = []
     for r in rows:
         tds = []
-        for k, _ in columns:
+        for k, h in columns:
             v = r.get(k, "—")
-            cls = "l" if k in left else ""
+            cls = ("l id" if k in IDENTIFIERS else "l") if k in left else ""
             if k == verdict_key:
                 try:
                     vc = RUNG_CLASS.get(v) or VERDICT_CLASS.get(Verdict(v), "")
                 except ValueError:
                     vc = ""
-                tds.append(f'<td class="{cls}"><span class="verdict {vc}">{esc(v)}</span></td>')
+                inner = f'<span class="verdict {vc}">{esc(v)}</span>'
+            elif k == more_in and more:
+                extra = "".join(f"<div><dt>{esc(mh)}</dt><dd>{esc(r.get(mk, '—'))}</dd></div>" for mk, mh in more)
+                inner = f'<details class="more"><summary>{esc(v)}</summary><dl>{extra}</dl></details>'
             else:
-                tds.append(f'<td class="{cls}">{esc(v)}</td>')
+                inner = esc(v)
+            tds.append(f'<td class="{cls}" data-label="{esc(h)}">{inner}</td>')
         body.append("<tr>" + "".join(tds) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return ('<div class="wide"><table><thead><tr>' + head + "</tr></thead><tbody>" + "".join(body)
+            + "</tbody></table></div>")
+
+
+def _name_width(key: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    """A name column is given room for up to :data:`NAME_CH` characters a line before the other columns: a long
+    cell name (``cu130-torch2.14-cuda-strict-tdef-baseline``) reads in two lines, not in four."""
+    if key not in ("cell", "member") or not rows:
+        return ""
+    longest = max(len(str(r.get(key, ""))) for r in rows)
+    return f' style="min-width:{min(longest, NAME_CH) + 2}ch"'  # + the disclosure's marker
 
 
 def none(text: str) -> str:
@@ -413,7 +472,13 @@ def run_page(p: RunPage) -> str:
         if p.causes:
             data = [{**r, "cause": p.causes.get(r["cell"], "—")} for r in data]
             cols[-1:-1] = [("cause", "cause")]
-        body.append(table(cols, data, left=("cell", "weights", "evidence", "parts_at", "cause", "verdict"), verdict_key="verdict"))
+        lead = [c for k in RESULT_LEAD for c in cols if c[0] == k]
+        more = [c for c in cols if c[0] in RESULT_MORE]
+        cols = lead + [c for c in cols if c not in lead and c not in more]
+        body.append(table(cols, data, left=("cell", "weights", "evidence", "parts_at", "cause", "verdict"),
+                          verdict_key="verdict", more=more, more_in="cell"))
+        if more:
+            body.append(f'<p class="meta">▸ beside a cell\'s name opens its {esc(", ".join(h for _, h in more))}</p>')
     else:
         body.append(none("no cell ran"))
     notes = rp.legend_lines(comparison) + rp.beyond_lines(comparison)  # what each rung means; who drifted, and why
@@ -578,7 +643,8 @@ def check_target(path: str) -> None:
 
 
 def write_page(path: str, text: str, records_at: str | None = None) -> None:
-    """Write the page atomically (temp file, then rename); one line when that fails, the records stay."""
+    """Write the page atomically (temp file, then rename), then say where on stderr (``report: /abs/path``, one
+    line, plain: a path to click or copy); one line when that fails, the records stay."""
     from .record import atomic_write_text
 
     check_target(path)
@@ -589,6 +655,7 @@ def write_page(path: str, text: str, records_at: str | None = None) -> None:
         again = f" (`harness compare {records_at} --html FILE` writes it again)" if records_at else ""
         raise InputError(str(path), f"the HTML report could not be written ({(exc.strerror or str(exc)).lower()})"
                          f"{kept}", hint=f"pass --html a writable path{again}") from None
+    print(f"report: {os.path.abspath(path)}", file=sys.stderr, flush=True)
 
 
 def write_run_page(opts: Any, records: list[ResultRecord], comparison: Comparison, results: Path | None,

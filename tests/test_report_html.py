@@ -5,7 +5,9 @@ The page in a real browser is tests/test_html_browser.py.
 
 from __future__ import annotations
 
+import html
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from harness.diverge import Step, Trace, diverge
 from harness.errors import InputError
 from harness.judge import Tolerances, compare
 from harness.record import ResultRecord, Status
-from harness.report_html import (NO_BAND, NO_TRACES, RunPage, check_target, diverge_page, plot_label, run_page,
+from harness.report_html import (NO_BAND, NO_TRACES, RunPage, check_target, diverge_page, esc, plot_label, run_page,
                                  write_page)
 from harness.worker.trace import TRACE_SCHEMA
 
@@ -265,3 +267,54 @@ def test_a_long_trace_keeps_the_page_small() -> None:
     page = _page(recs, {recs[0].cell: _trace(long), recs[1].cell: _trace([v * (1 + 1e-6) for v in long])})
     assert "one step in 50 drawn" in page
     assert len(page.encode()) < 600_000, len(page.encode())
+
+
+def _abs_report_line(err: str, page: Path) -> list[str]:
+    return [ln for ln in err.splitlines() if ln == f"report: {page}"]
+
+
+def test_compare_says_where_it_wrote_the_page_as_an_absolute_path(tmp_path: Path) -> None:
+    # A real process, given a relative --html, as a user types it: the line names the absolute path.
+    out = _results(tmp_path, [record("cpu-a"), record("cpu-b")], {})
+    run = subprocess.run([sys.executable, "-m", "harness", "compare", str(out), "--html", "pages/report.html"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=patience(120),
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    page = tmp_path / "pages" / "report.html"
+    assert page.is_file() and _abs_report_line(run.stderr, page), run.stderr[-2000:]
+    assert "report:" not in run.stdout  # stdout stays the report itself
+
+
+def test_diverge_says_where_it_wrote_the_page_and_nothing_when_refused(tmp_path: Path, capsys,
+                                                                        monkeypatch) -> None:
+    a, b = record("cpu-a"), record("cpu-b", r2=0.91)
+    for r in (a, b):
+        r.trace = {"file": "trace.jsonl", "steps": 3}
+    out = _results(tmp_path, [a, b], {"cpu-a": [1.0, 0.5, 0.25], "cpu-b": [1.0, 0.5, 0.3]})
+    monkeypatch.chdir(tmp_path)
+    main(["diverge", str(out / "cpu-a"), str(out / "cpu-b"), "--html", "./sub/../d.html"])
+    assert _abs_report_line(capsys.readouterr().err, tmp_path / "d.html")
+    assert main(["diverge", str(out / "cpu-a"), str(out / "cpu-b"), "--html", str(tmp_path)]) == 2
+    assert "report:" not in capsys.readouterr().err  # refused: no page, no line saying there is one
+
+
+def _header_of(page: str, heading: str) -> list[str]:
+    """The header cells of the first table after ``heading``."""
+    rest = page[page.index(heading):]
+    head = rest[rest.index("<thead>"):rest.index("</thead>")]
+    return [html.unescape(h) for h in re.findall(r"<th(?:\s[^>]*)?>(.*?)</th>", head)]
+
+
+def test_the_results_table_leads_with_the_verdict_and_keeps_rare_columns_behind_each_name() -> None:
+    recs = _cells()
+    page = _page(recs, {r.cell: _trace([1.0, 0.5, 0.4, 0.3]) for r in recs},
+                 {recs[0].cell: "baseline", recs[1].cell: "ep 1 step 4 (loss)"})
+    head = _header_of(page, "Results (validation split")
+    assert head[:3] == ["verdict", "cell", "evidence"], head
+    assert "parts at" in head and "max|Δ| first" in head  # the evidence stays in view
+    for rare in ("MSE val", "MAE val", "weights", "archived Δ", "wall"):
+        assert rare not in head, rare
+        assert f"<dt>{esc(rare)}</dt>" in page, rare  # ... one click away, in each row's disclosure
+    assert page.count('<details class="more"><summary>') == 2
+    assert "<summary>&lt;script&gt;" in page  # the hostile name is text in the disclosure too
+    assert 'data-label="verdict"' in page  # each cell names its column, for the stacked (narrow) layout
