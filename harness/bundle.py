@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import InputError
+from .options import trainer_cwd_error
 
 CONFIG = "config.yaml"
 TRIAL_INFO = "trial_info.yaml"
@@ -86,6 +87,10 @@ class TrainerSpec:
     predict: str | None = None  # trainer.predict: module:function evaluating a model (the archived weights)
     objective: str | None = None  # trainer.objective: the metric trial_info's value is (val_loss, val.mse, test.r2.a)
     weights: str | None = None  # trainer.weights: the file the trainer writes its weights to, relative to its out_dir
+    # trainer.cwd (or --trainer-cwd): where the trainer runs, "bundle" (the optuna_best directory) or "project"
+    # (code_dirs[0]; a relative data.path is resolved there too); None: a function runs in the worker's working
+    # directory, a command in its cell's directory (harness.worker.retrain.trainer_workdir)
+    cwd: str | None = None
 
     @property
     def code_dir(self) -> str | None:
@@ -168,6 +173,7 @@ class _Reader:
     def __init__(self, data: Mapping[str, Any], filename: str) -> None:
         self.data = data
         self.filename = filename
+        self.missing_hint: str | None = None  # said after a required key's "add ...": BYOT_HINT for the reference keys
 
     def err(self, key: str, message: str, hint: str | None = None) -> InputError:
         return InputError(self.filename, f"{key} {message}", hint=hint)
@@ -177,10 +183,31 @@ class _Reader:
         if value is _MISSING or value is None:
             if default is not _MISSING:
                 return default
+            near = self.misspelt(key)
+            if near is not None:
+                leaf = key.rpartition(".")[2]
+                raise InputError(self.filename, f"{key} is missing; {near} is there: did you mean {leaf}? (rename it)")
             reason = f" (needed {why})" if why else ""
             return_hint = f"add e.g. `{example}`" if example else f"add `{key}`"
+            if self.missing_hint:
+                return_hint += f"; {self.missing_hint}"
             raise self.err(key, f"is missing{reason}", return_hint)
         return self._check(key, value, kind, example)
+
+    def misspelt(self, key: str) -> str | None:
+        """The key beside a missing ``key`` that looks like it misspelt (``training.learnig_rate`` for
+        ``training.learning_rate``), dotted; None when none is close. A sibling that is itself a key the
+        harness reads is not a misspelling of another."""
+        import difflib
+
+        parent, _, leaf = key.rpartition(".")
+        node = _lookup(self.data, parent) if parent else self.data
+        if not isinstance(node, Mapping):
+            return None
+        known = set(KNOWN_KEYS.get(parent, ()))
+        others = [str(k) for k in node if str(k) != leaf and str(k) not in known]
+        close = difflib.get_close_matches(leaf, others, n=1, cutoff=0.8)
+        return f"{parent}.{close[0]}" if close and parent else (close[0] if close else None)
 
     def _check(self, key: str, value: Any, kind: str, example: str) -> Any:
         fix = f"write e.g. `{example}`" if example else None
@@ -327,6 +354,7 @@ def parse_config(cfg: Any, root: Path, data_override: str | None = None,
         if seed_key is not None:
             raise InputError("--seed-key", f"{seed_key} names where a custom trainer reads its seed; the reference "
                              "trainer reads training.seed", hint="drop --seed-key, or name your trainer with --trainer")
+        r.missing_hint = BYOT_HINT  # a required key of the reference trainer is missing: maybe it is not its config
         r.get("training", "mapping", example="training: {seed: 42, batch_size: 32, epochs: 20, learning_rate: 0.001}")
         seed = r.get("training.seed", "int", why="to seed every RNG and the split", example="training: {seed: 42}")
     # a custom trainer may find its data itself: then data.path is optional (nothing is hashed)
@@ -381,7 +409,7 @@ TRAINER_HOOKS = ("model_fn", "predict")  # optional trainer.* functions that eva
 # optional trainer.* settings: what trial_info's value is, and where the trainer writes its weights; like the
 # hooks, they describe the bundle and stay when --trainer/--trainer-cmd names the trainer (trainer.seed_key is
 # read into TrainingSpec.seed_key by _custom_seed)
-TRAINER_SETTINGS = ("objective", "weights")
+TRAINER_SETTINGS = ("objective", "weights", "cwd")
 TRAINER_KEYS = ("entrypoint", "command", "code_dir", *TRAINER_HOOKS, *TRAINER_SETTINGS, "seed_key")
 OBJECTIVE_SPLITS = ("val", "test")
 OBJECTIVE_METRICS = ("r2", "mse", "mae")
@@ -421,7 +449,12 @@ def _trainer_settings(r: _Reader) -> dict[str, str | None]:
             raise r.err("trainer.weights", f"{weights!r} must be a path inside the cell's output directory "
                         "(relative, without ..)", hint="write e.g. `weights: model.pt` or `weights: checkpoints/best.ckpt`")
         weights = path.as_posix()
-    return {"objective": objective, "weights": weights}
+    cwd = _lookup(r.data, "trainer.cwd")
+    cwd = None if cwd is _MISSING else cwd
+    why = trainer_cwd_error(cwd, "trainer.cwd")
+    if why is not None:
+        raise InputError(CONFIG, why, hint="write e.g. `trainer: {cwd: project}`, or leave it out")
+    return {"objective": objective, "weights": weights, "cwd": cwd}
 
 
 def _custom_seed(r: _Reader, override: str | None) -> tuple[int, str]:
@@ -548,12 +581,27 @@ REFERENCE_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def unknown_config_keys(cfg: Any) -> list[str]:
+# Every key the harness reads, per section ("" the top level): a key beside a missing one that is
+# not among these may be its misspelling (_Reader.misspelt).
+KNOWN_KEYS: dict[str, tuple[str, ...]] = {
+    "": ("data", "model", "training", "trainer"),
+    **REFERENCE_KEYS,
+    "trainer": TRAINER_KEYS,
+}
+
+# Said with a missing required key of the reference trainer when no trainer is named: the config may be
+# another project's, whose keys the reference trainer was never meant to read.
+BYOT_HINT = ("is this your own project? name its trainer with --trainer module:function or --trainer-cmd CMD "
+             "(README.md#bring-your-own-trainer)")
+
+
+def unknown_config_keys(cfg: Any, strict: bool = False) -> list[str]:
     """One message per key of ``data``/``model``/``training`` the reference trainer does not read.
 
     A misspelt key (``model.hiden``) used to be ignored silently: the run trained with the
     default and could report ``reproduced``. A config naming its own ``trainer`` is left
-    alone: its keys are that trainer's.
+    alone: its keys are that trainer's. ``strict`` (--strict-config refuses the keys): the
+    messages do not end in "it was ignored"; the caller says they were refused.
     """
     if not isinstance(cfg, Mapping) or cfg.get("trainer") is not None:
         return []
@@ -571,7 +619,8 @@ def unknown_config_keys(cfg: Any) -> list[str]:
                 continue
             close = difflib.get_close_matches(str(key), known, n=1)
             guess = f" (did you mean {section}.{close[0]}?)" if close else ""
-            out.append(f"{CONFIG}: {section}.{key} is not a key the reference trainer reads{guess}; it was ignored")
+            out.append(f"{CONFIG}: {section}.{key} is not a key the reference trainer reads{guess}"
+                       + ("" if strict else "; it was ignored"))
     return out
 
 
@@ -707,6 +756,21 @@ def within_data_dir(data: DataSpec, data_dir: str, given: bool) -> DataSpec:
     where, what = ("--data", f"{p}") if given else (CONFIG, f"data.path {data.path} ({p})")
     raise InputError(where, f"{what} lies outside --data-dir {d}",
                      hint="give a --data inside that directory, or a --data-dir that holds the data")
+
+
+def _project_data(trainer: TrainerSpec, data: DataSpec, where: str, given: bool) -> DataSpec:
+    """``trainer.cwd: project`` needs a code directory to run in, and resolves a relative ``data.path`` there
+    (``given``: ``--data`` named the data, relative to where harness was started, as always)."""
+    if trainer.cwd != "project":
+        return data
+    if not trainer.code_dirs:
+        raise InputError(where, "project runs the trainer in its code directory, but no --trainer-path "
+                         "(trainer.code_dir) names one", hint="pass --trainer-path DIR, or use trainer.cwd: bundle")
+    if given or data.path is None or Path(data.path).expanduser().is_absolute():
+        return data
+    return replace(data, resolved=str((Path(trainer.code_dirs[0]) / Path(data.path).expanduser()).resolve()))
+
+
 def config_digest(config: Mapping[str, Any]) -> str:
     """sha256 of the parsed config.yaml (canonical JSON): what a band was measured for.
 
@@ -724,12 +788,14 @@ def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = Non
                 trainer_override: str | None = None,
                 trainer_path: str | list[str] | tuple[str, ...] | None = None,
                 trainer_cmd_override: str | None = None, data_dir: str | None = None,
-                seed_key_override: str | None = None) -> Bundle:
+                seed_key_override: str | None = None, trainer_cwd_override: str | None = None) -> Bundle:
     """Read and validate an optuna_best directory (no training, no code execution).
 
     ``trainer_override`` (``--trainer``) or ``trainer_cmd_override`` (``--trainer-cmd``)
     replaces config.yaml's trainer section, whichever of the two it names.
-    ``seed_key_override`` (``--seed-key``) replaces ``trainer.seed_key``.
+    ``seed_key_override`` (``--seed-key``) replaces ``trainer.seed_key``, ``trainer_cwd_override``
+    (``--trainer-cwd``) ``trainer.cwd``; with ``project``, a relative ``data.path`` is resolved
+    against the trainer's code directory instead of the bundle.
     """
     root = Path(path).expanduser()
     if not root.exists():
@@ -749,8 +815,9 @@ def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = Non
     data, model, training, trainer = parse_config(cfg, root, data_override,
                                                   custom_trainer=bool(trainer_override or trainer_cmd_override),
                                                   seed_key=seed_key_override)
-    if data_dir is not None:
-        data = within_data_dir(data, data_dir, given=data_override is not None)
+    why = trainer_cwd_error(trainer_cwd_override, "--trainer-cwd")
+    if why is not None:
+        raise InputError("", why, hint="e.g. --trainer-cwd project")
 
     paths = tuple([trainer_path] if isinstance(trainer_path, str) else (trainer_path or ()))
     # config.yaml's hooks describe the archived model (its settings the bundle): they stay when --trainer
@@ -785,7 +852,15 @@ def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = Non
                 raise InputError(CONFIG if not paths else "--trainer-path",
                                  f"trainer code directory {cd} does not exist", hint="point it at the folder holding your module")
             resolved_dirs.append(str(cd))
-        trainer = replace(trainer, code_dirs=tuple(resolved_dirs))
+        trainer = replace(trainer, code_dirs=tuple(resolved_dirs), cwd=trainer_cwd_override or trainer.cwd)
+        data = _project_data(trainer, data, "--trainer-cwd" if trainer_cwd_override else f"{CONFIG}: trainer.cwd",
+                             given=data_override is not None)
+    elif trainer_cwd_override is not None:
+        raise InputError("--trainer-cwd", "sets where your own trainer runs (--trainer, --trainer-cmd or config.yaml "
+                         "trainer); the reference trainer reads data.path itself",
+                         hint="drop --trainer-cwd, or name your trainer with --trainer")
+    if data_dir is not None:
+        data = within_data_dir(data, data_dir, given=data_override is not None)
 
     recorded = None
     info_path = root / TRIAL_INFO

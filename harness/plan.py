@@ -61,6 +61,7 @@ class Job:
     band_from: str | None = None  # a band measured earlier that this run's cells are judged against
     data_feed: str | None = None  # --data-path: the reference trainer's data path (None: the default)
     seed_key: str | None = None  # --seed-key: where a custom trainer reads its seed (None: config.yaml says)
+    trainer_cwd: str | None = None  # where a custom trainer runs, bundle | project (--trainer-cwd, else trainer.cwd)
 
     def cell_dir(self, cell: Cell) -> Path:
         return Path(self.results_dir) / cell.name
@@ -358,13 +359,15 @@ def _skip_unsupported_isa(cells: list[Cell]) -> None:
     isa_skips(cells, read_host_levels(), platform.machine())
 
 
-def load_image_cells(images: ImageOptions, names: Sequence[str] | None) -> list[Any]:
-    """The selected, validated image cells with base images substituted (site config, then flags)."""
+def load_image_cells(images: ImageOptions, names: Sequence[str] | None, flag: str = "--cells") -> list[Any]:
+    """The selected, validated image cells with base images substituted (site config, then flags);
+    ``flag`` is the option that named the cells (``--cells``, ``--image``, ``--cell``), said in its error."""
     from .images import matrix
 
-    cells = matrix.select(matrix.load_matrix(images.matrix, images.compat), list(names) if names else None)
+    cells = matrix.select(matrix.load_matrix(images.matrix, images.compat), list(names) if names else None, flag)
     if images.site_config:
-        cells = matrix.apply_base_images(cells, matrix.load_site_config(images.site_config)["base_images"])
+        cells = matrix.apply_base_images(cells, matrix.load_site_config(images.site_config)["base_images"],
+                                         f"{images.site_config} base_images")
     return matrix.apply_base_images(cells, dict(images.base_images))
 
 
@@ -395,7 +398,7 @@ def _image_plan(opts: RunOptions) -> Plan:
     from .images import build as imagebuild
     from .images import matrix
 
-    image_cells = load_image_cells(opts.images, opts.cells)
+    image_cells = load_image_cells(opts.images, opts.cells, opts.cells_flag)
     wheelhouses = wheelhouse_dirs(opts.images.wheelhouses, image_cells)
     host = matrix.detect_host()
     builds: dict[str, Any] = {}
@@ -454,7 +457,7 @@ def _slurm_plan(opts: RunOptions) -> Plan:
     for t in opts.slurm.gpu_types or ():
         slurm_site.split_gpu(f"cell@{t}")  # a GPU type becomes part of a cell's name: checked as one
     wanted = [slurm_site.split_gpu(entry) for entry in opts.cells or ()]
-    image_cells = load_image_cells(opts.images, list(dict.fromkeys(n for n, _ in wanted)) or None)
+    image_cells = load_image_cells(opts.images, list(dict.fromkeys(n for n, _ in wanted)) or None, opts.cells_flag)
     by_name = {ic.name: ic for ic in image_cells}
     chosen = [(by_name[n], g) for n, g in wanted] if wanted else [(ic, None) for ic in image_cells]
     pairs: list[tuple[Any, str | None, bool]] = []

@@ -338,6 +338,7 @@ def container_run_spec(cell: Cell, job: Job, image: ImageInfo) -> RunSpec:
         trainer_cmd=job.trainer_cmd, trace=job.trace,
         backend="docker", image={"id": image.id, "tag": image.tag}, labels=cell.labels,
         seed=cell.seed, perturb=cell.perturb, band=cell.band, data_feed=job.data_feed, seed_key=job.seed_key,
+        trainer_cwd=job.trainer_cwd,  # the worker resolves it to /harness/bundle or /harness/trainer/0
     )
 
 
@@ -389,8 +390,9 @@ class DockerBackend(Backend):
                 err.print(f"[red]image {cell}: {text}[/red]", soft_wrap=True)
             elif event == "log" and text.startswith("pulling base image"):
                 err.print(f"[dim]image {cell}: {text}[/dim]", soft_wrap=True)
-            elif event == "skipped":
-                err.print(f"[yellow]image {cell}: cannot be built here, skipped: {text}[/yellow]", soft_wrap=True)
+            elif event == "skipped":  # why, and the command that makes it buildable: once, in the report
+                err.print(f"[yellow]image {cell}: cannot be built here, skipped (why: below)[/yellow]",
+                          soft_wrap=True)
 
         try:
             for f in remove_dead_containers(self.engine):

@@ -233,7 +233,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     from ..plan import make_plan
 
     tol = tolerances(args)
-    opts = RunOptions(bundle=args.target, backend="docker", cells=(args.cell,), images=image_options(args),
+    opts = RunOptions(bundle=args.target, backend="docker", cells=(args.cell,), cells_flag="--cell",
+                      images=image_options(args),
                       data=args.data, data_dir=args.data_dir, out=args.out, progress=not args.no_progress)
     bundle, _ = runner.load_and_check(opts)
     if bundle.data.resolved is None:
@@ -471,7 +472,7 @@ def _rerun(args: argparse.Namespace, archive: snap.Archive) -> int:
         record.write(out / archived.cell / record.RECORD_FILE, archived)
         job = Job(bundle_dir=str(bundle_dir), data_path=str(data_path), data_dir=str(data_dir) if data_dir else None,
                   results_dir=str(out), trainer=spec.get("trainer"), trainer_cmd=spec.get("trainer_cmd"),
-                  seed_key=spec.get("seed_key"),
+                  seed_key=spec.get("seed_key"), trainer_cwd=spec.get("trainer_cwd"),
                   run_id=runner.new_run_id())
         comparison = runner.execute_plan(Plan("docker", [cell]), backend, job, report_options(args), tol,
                                          progress_enabled=not args.no_progress, extra_records=[archived])

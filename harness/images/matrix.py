@@ -328,26 +328,41 @@ def load_matrix(matrix_path: str | Path | None = None, compat_path: str | Path |
     return parse_matrix(_read_yaml(mpath), compat, str(mpath))
 
 
-def select(cells: list[ImageCell], names: list[str] | None) -> list[ImageCell]:
-    """The named cells in the order asked (all cells when ``names`` is empty)."""
+def unknown_cells(where: str, unknown: list[str], known: list[str]) -> InputError:
+    """Cells the matrix does not have, named under the flag (or file) they were given with, each with the
+    closest known cell when one is close (a transposed ``cpu-torch2.31``), and every known cell as the hint."""
+    import difflib
+
+    said = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        said.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return InputError(where, f"unknown cell{'s' if len(unknown) > 1 else ''} {', '.join(said)}",
+                      hint=f"known: {', '.join(known)}")
+
+
+def select(cells: list[ImageCell], names: list[str] | None, flag: str = "--cells") -> list[ImageCell]:
+    """The named cells in the order asked (all cells when ``names`` is empty); ``flag`` is the option
+    the names came from (``--cells``, ``--image``, ``--cell``), named in the error."""
     if not names:
         return list(cells)
     by_name = {c.name: c for c in cells}
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        raise InputError("--cells", f"unknown cell(s) {', '.join(unknown)}", hint=f"known: {', '.join(by_name)}")
+        raise unknown_cells(flag, unknown, list(by_name))
     seen: dict[str, ImageCell] = {}
     for n in names:
         seen.setdefault(n, by_name[n])
     return list(seen.values())
 
 
-def apply_base_images(cells: list[ImageCell], overrides: dict[str, str]) -> list[ImageCell]:
-    """Substitute base images: key ``"*"`` applies to every cell, a cell name wins over it."""
+def apply_base_images(cells: list[ImageCell], overrides: dict[str, str], where: str = "--base-image") -> list[ImageCell]:
+    """Substitute base images: key ``"*"`` applies to every cell, a cell name wins over it (``where``: the flag
+    or site file the overrides came from, named in the error)."""
     known = {c.name for c in cells}
     unknown = sorted(k for k in overrides if k != "*" and k not in known)
     if unknown:
-        raise InputError("--base-image", f"unknown cell(s) {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
+        raise unknown_cells(where, unknown, sorted(known))
     out = []
     for c in cells:
         base = overrides.get(c.name) or overrides.get("*")

@@ -190,11 +190,26 @@ def resolve(entrypoint: str, code_dirs: str | list[str] | tuple[str, ...] | None
                          hint=_import_hint(module_name, dirs)) from None
     except Exception as exc:  # noqa: BLE001 - user code failed at import time
         tb = traceback.format_exc(limit=-3)
-        raise RunFailed(f"{where} module {module_name!r} raised on import: {exc.__class__.__name__}: {exc}\n{tb}") from None
+        failure = RunFailed(f"{where} module {module_name!r} raised on import: {exc.__class__.__name__}: {exc}\n{tb}")
+        failure.missing_file = isinstance(exc, FileNotFoundError)  # type: ignore[attr-defined]
+        raise failure from None
     func = getattr(module, func_name, None)
     if not callable(func):
-        raise InputError(where, f"{module_name!r} has no function {func_name!r}", hint="name an existing function as module:function")
+        close = closest_callables(module, func_name)
+        guess = f" (did you mean {module_name}:{close[0]}?)" if close else ""
+        raise InputError(where, f"{module_name!r} has no function {func_name!r}{guess}",
+                         hint="name an existing function as module:function")
     return func
+
+
+def closest_callables(module: Any, name: str) -> list[str]:
+    """The public callable of ``module`` (a function or class it defines or imports) whose name is closest
+    to ``name`` (a misspelt ``trian``), as a list of at most one; empty when none is close. Only names are
+    read: nothing is called."""
+    import difflib
+
+    public = [k for k, v in vars(module).items() if not k.startswith("_") and callable(v)]
+    return difflib.get_close_matches(name, public, n=1)
 
 
 def _import_hint(module_name: str, dirs: list[str]) -> str:
@@ -290,6 +305,8 @@ def call_hook(func: Callable[..., Any], ctx: TrainerContext, what: str, extra: M
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-6:])
         failure = RunFailed(f"{what} raised {exc.__class__.__name__}: {exc}")
         failure.user_traceback = tb  # type: ignore[attr-defined]
+        # a file it looked for is not where it looked: the worker adds the working directory to the reason
+        failure.missing_file = isinstance(exc, FileNotFoundError)  # type: ignore[attr-defined]
         raise failure from None
 
 
