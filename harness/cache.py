@@ -123,7 +123,7 @@ def command_files(words: Iterable[str], *, cwd: str, path: str | None,
 def trainer_command_files(command: str, *, python: str, cell: Any, job: Any,
                           path: str | None) -> tuple[dict[str, str], str | None]:
     """:func:`command_files` of a trainer command as a worker on this host runs it: its placeholders filled
-    with this host's paths, in the cell's directory, on the worker's ``path``."""
+    with this host's paths, in its working directory (the cell's, or trainer.cwd's), on the worker's ``path``."""
     from .errors import InputError
     from .worker import trainer_cmd as tc
 
@@ -141,7 +141,8 @@ def trainer_command_files(command: str, *, python: str, cell: Any, job: Any,
         if unknown in word and os.sep in word:
             return {}, f"--trainer-cmd names a path through {{seed}} or {{device}} ({word.replace(unknown, '?')!r})"
     covered = [job.bundle_dir, job.data_path, job.data_dir, out_dir, *(job.trainer_path or ())]
-    return command_files([w for w in words if unknown not in w], cwd=out_dir, path=path, covered=covered)
+    cwd = {"bundle": job.bundle_dir, "project": (job.trainer_path or [out_dir])[0]}.get(job.trainer_cwd or "", out_dir)
+    return command_files([w for w in words if unknown not in w], cwd=cwd, path=path, covered=covered)
 
 
 def _path_candidates(word: str, cwd: str, path: str | None) -> list[str]:

@@ -588,6 +588,11 @@ def export(results_dir: str | Path, out: str | Path, cell: str | None = None, *,
     seed_key = (rec.spec or {}).get("seed_key")
     if trainer is not None and isinstance(seed_key, str):  # --seed-key: the new bundle says it itself
         new_cfg["trainer"]["seed_key"] = seed_key
+    trainer_cwd = (rec.spec or {}).get("trainer_cwd")
+    if trainer is not None and trainer_cwd in ("bundle", "project"):  # where it ran: the new bundle says it too
+        new_cfg["trainer"]["cwd"] = trainer_cwd
+        if trainer_cwd == "project" and data is not None:  # a relative data.path would be the project's
+            new_cfg["data"]["path"] = str(data.resolve())
     info = trial_info(rec, res.root, now_utc())
 
     warnings = list(res.warnings)

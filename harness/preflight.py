@@ -50,7 +50,8 @@ def check(bundle: Bundle, weights: bool = True) -> Preflight:
     if bundle.trainer is None:
         data = read_layout(bundle.data)  # the reference trainer's .npz, checked from its headers
     elif bundle.data.resolved is not None:
-        require_exists(bundle.data.resolved)
+        require_exists(bundle.data.resolved, "the trainer's code directory, as trainer.cwd: project says"
+                       if bundle.trainer.cwd == "project" else "the optuna_best directory")
     digest = sha256_path(bundle.data.resolved) if bundle.data.resolved is not None else None
     warnings = data_mismatches(bundle, digest) if digest is not None else []
     if digest is None:

@@ -2,7 +2,7 @@
 
 * :class:`RunSpec` -- what a backend hands the worker (one cell, one run),
   schema ``harness.runspec/4`` (4: ``trainer_cmd``; ``seed``, ``perturb`` and ``band`` for band members;
-  later, optional: ``data_dir``, ``data_feed``, ``seed_key``)
+  later, optional: ``data_dir``, ``data_feed``, ``seed_key``, ``trainer_cwd``)
 * :class:`ResultRecord` -- one JSON file per run, ``OUT/<cell>/record.json``,
   schema ``harness.result/3`` (3: ``trace``, what ``--trace`` wrote or why nothing; records of
   ``harness.result/2`` are still read: they have no trace)
@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
 from . import safeio
 from .errors import InputError
-from .options import DATA_PATHS
+from .options import DATA_PATHS, trainer_cwd_error
 
 SCHEMA = "harness.result/3"
 READS_RESULT = (SCHEMA, "harness.result/2")  # /2 is /3 without ``trace``
@@ -238,6 +238,7 @@ class RunSpec:
     # (options.DEFAULT_DATA_PATH). Not ``data_path``: that name is the dataset file's.
     data_feed: str | None = None
     seed_key: str | None = None  # --seed-key: where a custom trainer reads its seed in config.yaml (trainer.seed_key)
+    trainer_cwd: str | None = None  # where a custom trainer runs: bundle | project (--trainer-cwd, else trainer.cwd)
     schema: str = SPEC_SCHEMA
 
     def to_json(self) -> str:
@@ -253,7 +254,7 @@ class RunSpec:
     # Added to runspec/4 after its first release, all optional and left out when unset, so a spec
     # that does not use them reads the same to every /4 worker (an image built before them, a snapshot).
     # A worker that predates a key refuses a spec that sets it (one line, exit 2) rather than ignore it.
-    LATER_KEYS = ("data_dir", "data_feed", "seed_key")
+    LATER_KEYS = ("data_dir", "data_feed", "seed_key", "trainer_cwd")
 
     @classmethod
     def from_json(cls, data: Any, where: str = "spec.json") -> "RunSpec":
@@ -264,6 +265,9 @@ class RunSpec:
         check_band(spec.band, where)
         if spec.data_feed is not None and spec.data_feed not in DATA_PATHS:
             raise InputError(where, f"data_feed must be one of {', '.join(DATA_PATHS)}, got {spec.data_feed!r}")
+        why = trainer_cwd_error(spec.trainer_cwd, "trainer_cwd")
+        if why is not None:
+            raise InputError(where, why)
         return spec
 
     @property
@@ -419,6 +423,9 @@ class ResultRecord:
     # {"sha256": str, "recorded": str | None, "identical_to_recorded": bool | None}
     user_weights: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    # a custom trainer: what ran and how ({entrypoint | command, code_dirs, seed_key, weights, ...}); since
+    # trainer.cwd, also "cwd" (the working directory it ran in, as the worker saw it: a container path in a
+    # container) and "cwd_mode" ("bundle" | "project" | "default"), in a failed record too; older records lack them
     trainer: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)

@@ -194,7 +194,7 @@ class Backend(ABC):
             repeat=cell.repeat, isa=cell.isa, trainer=job.trainer, trainer_path=job.trainer_path,
             trainer_cmd=job.trainer_cmd, trace=job.trace,
             backend=self.name, labels=cell.labels, seed=cell.seed, perturb=cell.perturb, band=cell.band,
-            data_feed=job.data_feed, seed_key=job.seed_key,
+            data_feed=job.data_feed, seed_key=job.seed_key, trainer_cwd=job.trainer_cwd,
         )
 
     def spec_document(self, cell: Cell, job: Job) -> dict[str, Any]:

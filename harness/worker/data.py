@@ -122,12 +122,17 @@ def _names(arr: np.ndarray | None, n: int, prefix: str, key: str, where: str) ->
     return names
 
 
-def require_exists(path: str | Path) -> None:
-    """A custom trainer's data: a file or a directory, in any format; only its existence is checked here."""
+def require_exists(path: str | Path, relative_to: str = "the optuna_best directory") -> None:
+    """A custom trainer's data: a file or a directory, in any format; only its existence is checked here.
+
+    ``relative_to``: where a relative data.path was resolved from, in words (trainer.cwd: project moves it)."""
     p = Path(path)
     if not p.exists():
+        other = "" if "trainer.cwd" in relative_to else \
+            "; trainer.cwd: project resolves them from your trainer's code directory"
         raise InputError(str(p), "data not found",
-                         hint="fix data.path in config.yaml (relative paths are resolved from the optuna_best directory) or pass --data")
+                         hint=f"fix data.path in config.yaml (relative paths are resolved from {relative_to}{other}) "
+                              "or pass --data")
 
 
 def _require_file(p: Path) -> None:

@@ -42,7 +42,7 @@ PLACEHOLDERS: dict[str, str] = {
     "bundle": "the optuna_best directory",
     "config": "its config.yaml",
     "data": "the data file or directory (--data, else data.path)",
-    "out_dir": "this cell's results directory, also the command's working directory",
+    "out_dir": "this cell's results directory, also the command's working directory unless trainer.cwd says otherwise",
     "seed": "the seed (config.yaml at trainer.seed_key, else training.seed, else seed)",
     "device": "cpu, cuda or cuda:N",
     "python": "the worker's own Python interpreter (it has torch)",
