@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import stat
 import subprocess
@@ -176,6 +177,11 @@ def test_sigterm_writes_an_interrupted_record_and_exits_143(make_bundle, tmp_pat
     rec = records.read(out / "run" / "record.json")
     assert rec.status is Status.INTERRUPTED and "about to hang" in rec.error.log_tail
     assert (out / "report.json").exists()
+    assert not (out / ".harness.lock").exists()  # the run removed its lock file on its way out
+    assert err.splitlines()[-2].startswith("harness: terminated (SIGTERM)"), err
+    assert err.splitlines()[-1] == "resume with: " + shlex.join([
+        "harness", "run", str(root), "--trainer", "hang:train", "--trainer-path", str(TRAINERS), "--device", "cpu",
+        "--no-progress", "--resume", str(out)]), err
 
 
 # ----------------------------------------------------------------------------- 3. timeouts

@@ -340,6 +340,7 @@ def test_two_runs_into_one_out(make_bundle, tmp_path: Path) -> None:
     loser = next(r for r in results if r[0] == 2)
     assert "is in use by another harness run (pid " in loser[2]
     winner = next(r for r in results if r[0] == 0)
+    assert not (out / ".harness.lock").exists()  # the winner removed it; the loser never held it
     manifest = record.read_manifest(out)
     recs = record.load(out).records
     assert {r.run_id for r in recs} == {manifest.run_id}
@@ -533,9 +534,10 @@ def test_the_lock_refuses_a_hard_link_or_a_fifo(tmp_path: Path) -> None:
     ok = tmp_path / "ok"
     ok.mkdir()
     lock = ResultsLock(ok)  # a fresh directory, and the same one again once released
+    assert (ok / LOCK_FILE).read_text() == f"{os.getpid()}\n"  # the holder's pid, while it holds it
     lock.release()
     ResultsLock(ok).release()
-    assert (ok / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    assert not (ok / LOCK_FILE).exists()  # its holder removes it when done
 
 
 def test_a_probe_file_link_in_out_is_refused_not_followed(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import yaml
 from harness import record
 from harness.backends.local import pinned
 from harness.record import Status
+from harness.runner import LOCK_FILE
 
 from .conftest import REPO, default_signals, patience
 from .test_cli import harness
@@ -147,6 +149,7 @@ def test_an_interrupted_matrix_resumed_runs_only_the_missing_cells(make_bundle, 
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=patience(120))
     assert proc.returncode == 130, stdout + stderr
+    assert not (out / LOCK_FILE).exists(), "an interrupted run left its lock file"
     recs = by_cell(out)
     assert recs["cpu-strict-t1"].status is Status.OK
     # what finished before the interrupt is the machine's business (a loaded one is slower to stop): the
@@ -156,8 +159,16 @@ def test_an_interrupted_matrix_resumed_runs_only_the_missing_cells(make_bundle, 
     assert todo, "every cell finished before the interrupt: nothing left to resume"
     kept = {c: stamp(out, c) for c in done}
 
-    resumed = harness("matrix", *args, "--resume", str(out))
+    # it said, in one line after the one of what it kept, the command that finishes the run: the user's own
+    # (here `python -m harness ...`, said as `harness ...`) with --out OUT turned into --resume OUT
+    (line,) = [ln for ln in stderr.splitlines() if ln.startswith("resume with: ")]
+    assert stderr.splitlines()[-1] == line and "interrupted" in stderr.splitlines()[-2], stderr
+    words = shlex.split(line.removeprefix("resume with: "))
+    assert words == ["harness", "matrix", *args, "--no-progress", "--resume", str(out)], words
+    resumed = subprocess.run([sys.executable, "-m", "harness", *words[1:]], capture_output=True, text=True, env=env,
+                             timeout=patience(300))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resume with:" not in resumed.stderr and not (out / LOCK_FILE).exists()
     assert {c: stamp(out, c) for c in done} == kept  # reused: the very files, untouched
     manifest = record.read_manifest(out)
     assert set(manifest.reused) == done

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -209,7 +210,7 @@ def test_two_cells_on_two_gpu_types_then_a_rerun_reuses_their_records(slurm_clus
     site = tmp_path / "site.yaml"
     site.write_text(f"slurm:\n  partition: {slurm_cluster}\n  time: 10m\n  runtime: python\n  python: {sys.executable}\n")
     args = ["matrix", str(example), "--backend", "slurm", "--cells", f"{CELL}@alpha,{CELL}@beta",
-            "--site-config", str(site), "--no-progress", "-o", str(out)]
+            "--site-config", str(site), "--no-progress", "-o", str(out), "--detail"]  # the Environment table
     res = harness(*args)
     assert res.returncode == 0, res.stdout + res.stderr
     recs = records(out)
@@ -262,6 +263,10 @@ def test_a_cancelled_job_is_a_cancelled_row_and_the_run_exits_1(slurm_cluster, e
     assert rec.status is Status.INTERRUPTED and rec.slurm["state"] == "CANCELLED"
     assert "CANCELLED" in rec.error.message and "hang: about to hang" in (rec.error.log_tail or "")
     assert "CANCELLED" in stdout
+    # the run is incomplete without a Ctrl-C here: it says the command that finishes it, -o OUT as --resume OUT
+    args = hang_args(example, out, f"{CELL}@alpha", slurm_cluster)
+    (line,) = [ln for ln in stderr.splitlines() if ln.startswith("resume with: ")]
+    assert shlex.split(line.removeprefix("resume with: ")) == ["harness", *args[:-2], "--resume", str(out)], line
 
 
 @pytest.mark.slurm
@@ -344,3 +349,43 @@ def test_a_rerun_waits_again_for_a_job_a_killed_run_left_running(slurm_cluster, 
     assert f"Slurm job {job_id} of an earlier run is still queued or running" in stderr, stderr
     assert jobs_of(out)[f"{CELL}-alpha"] == job_id  # not resubmitted
     assert second.returncode == 1 and records(out)[f"{CELL}-alpha"].slurm["state"] == "CANCELLED"
+
+
+
+@pytest.mark.slurm
+def test_the_jobs_a_failing_test_leaves_are_cancelled_when_it_ends_and_no_others(slurm_cluster, tmp_path):
+    """conftest's engine_tidy, after every slurm test: a test that fails with its job still running (here in a
+    pytest run of its own) has the job cancelled, and off the node, by the time it has ended; a job this
+    session did not submit (one whose script and working directory lie elsewhere) is left alone."""
+    import shutil
+    import tempfile
+
+    from .conftest import inner_pytest
+
+    elsewhere = Path(tempfile.mkdtemp(prefix="harness-not-this-session-"))
+    other = subprocess.run(["sbatch", "--parsable", "--partition", slurm_cluster, "--time", "2", "--chdir",
+                            str(elsewhere), "--wrap", "sleep 600"], capture_output=True, text=True, timeout=60)
+    assert other.returncode == 0, other.stderr
+    other_id = other.stdout.strip().split(";")[0]
+    try:
+        res = inner_pytest(tmp_path, "slurm_cluster", f"""
+            import subprocess
+
+            import pytest
+
+            @pytest.mark.slurm
+            def test_fails_with_its_job_running(slurm_cluster, tmp_path):
+                sub = subprocess.run(["sbatch", "--parsable", "--partition", slurm_cluster, "--time", "2",
+                                      "--chdir", str(tmp_path), "--wrap", "sleep 600"],
+                                     capture_output=True, text=True, check=True)
+                open({str(tmp_path / "job")!r}, "w").write(sub.stdout.strip().split(";")[0])
+                assert False, "a test that fails with its job still running"
+            """)
+        job = (tmp_path / "job").read_text()
+        assert res.returncode == 1 and "1 failed" in res.stdout, res.stdout + res.stderr
+        assert f"engine_tidy: cancelled Slurm job(s) {job} left by" in res.stdout, res.stdout
+        assert squeue_state(job) == ""  # gone, not merely cancelling: the node is free for the next test
+        assert squeue_state(other_id) in ("PENDING", "RUNNING")
+    finally:
+        subprocess.run(["scancel", other_id], capture_output=True)
+        shutil.rmtree(elsewhere, ignore_errors=True)

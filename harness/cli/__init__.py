@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shlex
 import signal
 import sys
 import threading
@@ -21,7 +23,7 @@ from ..options import (DEFAULT_TIMEOUT_S, Axes, RunOptions, parse_band, parse_ba
                        parse_count,
                        parse_devices, parse_isa, parse_jobs, parse_modes, parse_repeats, parse_tf32, parse_threads,
                        parse_timeout)
-from .common import (EXIT_CODES_HELP, add_allow_data_change, add_common, add_docker, add_html, add_inputs, add_slurm,
+from .common import (EXIT_CODES_HELP, add_allow_data_change, add_common, add_detail, add_docker, add_html, add_inputs, add_slurm,
                      add_tolerance_flags, image_options, report_options, slurm_flags, tolerances, verdict_exit)
 
 ISA_HELP = ("CPU instruction sets the CPU kernels may use, e.g. native,avx2,baseline (native, avx512, avx2, "
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--json", dest="json_out", metavar="FILE", help="write the records plus the comparison as JSON")
     p_cmp.add_argument("--markdown", metavar="FILE", help="write a Markdown table (for a pull-request comment)")
     add_html(p_cmp)
+    add_detail(p_cmp)
     add_tolerance_flags(p_cmp)
     add_allow_data_change(p_cmp)
     p_cmp.set_defaults(func=cmd_compare)
@@ -153,10 +156,12 @@ def run_options(args: argparse.Namespace, *, single: bool, band_only: bool = Fal
             seeds, auto = max(cell_seeds, auto), 0
     cells = parse_cells(args.image) if single else parse_cells(args.cells)
     out, resume = resume_options(args)
-    return RunOptions(bundle=args.bundle, backend=backend, single=single, cells=cells, axes=axes,
+    return RunOptions(bundle=args.bundle, backend=backend, single=single, cells=cells,
+                      cells_flag="--image" if single else "--cells", axes=axes,
                       images=image_options(args), data=args.data, data_dir=args.data_dir, trainer=args.trainer,
                       trainer_path=args.trainer_path, trainer_cmd=args.trainer_cmd,
-                      seed_key=getattr(args, "seed_key", None), out=out, trace=args.trace,
+                      seed_key=getattr(args, "seed_key", None), trainer_cwd=getattr(args, "trainer_cwd", None),
+                      out=out, trace=args.trace,
                       progress=not args.no_progress,
                       resume=resume, force=args.force, jobs=parse_jobs(args.jobs), strict_config=getattr(args, "strict_config", False),
                       timeout=parse_timeout(args.timeout) if args.timeout is not None else DEFAULT_TIMEOUT_S,
@@ -185,22 +190,80 @@ def resume_options(args: argparse.Namespace) -> tuple[str | None, bool]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ..runner import execute
-
-    return verdict_exit(execute(run_options(args, single=True), report_options(args), tolerances(args)))
+    return _execute(args, run_options(args, single=True), tolerances(args))
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
-    from ..runner import execute
-
-    return verdict_exit(execute(run_options(args, single=False), report_options(args), tolerances(args)))
+    return _execute(args, run_options(args, single=False), tolerances(args))
 
 
 def cmd_band(args: argparse.Namespace) -> int:
     from ..judge import Tolerances
+
+    return _execute(args, run_options(args, single=True, band_only=True), Tolerances())
+
+
+def _execute(args: argparse.Namespace, opts: RunOptions, tol: Any) -> int:
+    """Run, and when the run stops short (Ctrl-C, SIGTERM, cells interrupted or never recorded), say on
+    stderr the command that finishes it: this one with ``--resume DIR``."""
+    from ..record import Status
     from ..runner import execute
 
-    return verdict_exit(execute(run_options(args, single=True, band_only=True), report_options(args), Tolerances()))
+    held: list[Any] = []
+
+    def command() -> str:  # the results directory as the user named it, else the one the harness chose
+        return resume_command(getattr(args, "argv", None) or [], opts.out or str(held[-1]))
+
+    try:
+        comparison = execute(opts, report_options(args), tol, on_results_dir=held.append)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        if held:  # said by _dispatch, after the line that says what was kept
+            exc.resume_with = command()  # type: ignore[attr-defined]
+        raise
+    if held and (comparison.missing or any(c.status is Status.INTERRUPTED for c in comparison.cells)):
+        _say_resume(command())
+    return verdict_exit(comparison)
+
+
+_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
+
+
+def _is_value(word: str) -> bool:
+    """Whether argparse takes ``word`` as a value rather than an option (a negative number, or words with a space)."""
+    return not word.startswith("-") or word == "-" or " " in word or bool(_NUMBER.match(word))
+
+
+def resume_command(argv: list[str], results: str) -> str:
+    """The command that finishes an unfinished run, shell-quoted: ``harness`` and the user's own arguments,
+    less ``--out``/``-o``, ``--resume [DIR]`` and ``--force`` (each with its value), plus ``--resume RESULTS``.
+
+    ``argv`` is a line argparse accepted, so an abbreviated long option (``--res``) is unambiguous."""
+    words: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        i += 1
+        if word == "--":  # the rest is positional: --resume goes before it
+            words += ["--resume", results, *argv[i - 1:]]
+            return shlex.join(["harness", *words])
+        name, eq, _ = word.partition("=")
+        if len(name) > 2 and word.startswith("--") and "--out".startswith(name):
+            i += 0 if eq else 1
+        elif len(name) > 2 and word.startswith("--") and "--resume".startswith(name):
+            i += 1 if not eq and i < len(argv) and _is_value(argv[i]) else 0
+        elif len(name) > 2 and word.startswith("--") and "--force".startswith(name):
+            pass
+        elif word.startswith("-o") and not word.startswith("--"):  # -o DIR, -oDIR, -o=DIR
+            i += 1 if word == "-o" else 0
+        else:
+            words.append(word)
+    return shlex.join(["harness", *words, "--resume", results])
+
+
+def _say_resume(command: str) -> None:
+    """One plain line on stderr, never wrapped: a terminal or a log shows the command whole, to copy."""
+    sys.stderr.write(f"resume with: {command}\n")
+    sys.stderr.flush()
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -261,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     debug = args.debug or os.environ.get("HARNESS_DEBUG") == "1"
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the line as given: what "resume with" repeats
     with _SigtermAsInterrupt() as term:
         try:
             return _dispatch(args, debug)
@@ -274,12 +338,15 @@ def _dispatch(args: argparse.Namespace, debug: bool) -> int:
     except Interrupted as exc:
         terminated = isinstance(exc.__context__, Terminated)
         print(f"harness: {'terminated (SIGTERM); ' if terminated else ''}{exc.one_line()}", file=sys.stderr)
+        _say_resume_of(exc)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
-    except Terminated:
+    except Terminated as exc:
         print("harness: terminated (SIGTERM); records already written are kept", file=sys.stderr)
+        _say_resume_of(exc)
         return EXIT_TERMINATED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("harness: interrupted; records already written are kept", file=sys.stderr)
+        _say_resume_of(exc)
         return EXIT_INTERRUPTED
     except HarnessError as exc:
         if debug:
@@ -291,6 +358,12 @@ def _dispatch(args: argparse.Namespace, debug: bool) -> int:
             traceback.print_exc()
         print(f"harness: internal error: {exc.__class__.__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _say_resume_of(exc: BaseException) -> None:
+    command = getattr(exc, "resume_with", None)
+    if command:
+        _say_resume(command)
 
 
 if __name__ == "__main__":
