@@ -26,6 +26,21 @@ BACKENDS = ("docker", "local", "slurm")
 # torch, falling back to the DataLoader when it does not hold. The worker reads these too.
 DATA_PATHS = ("loader", "fast")
 DEFAULT_DATA_PATH = "fast"
+# Where a custom trainer runs (config.yaml trainer.cwd, --trainer-cwd): the optuna_best directory, or its
+# code directory (the first --trainer-path / trainer.code_dir), against which a relative data.path is then
+# resolved too. Unset: a function runs in the worker's working directory, a command in its cell's directory
+# (docs/trainer-cwd.md). The worker reads these too.
+TRAINER_CWDS = ("bundle", "project")
+
+
+def trainer_cwd_error(value: object, where: str) -> str | None:
+    """One line when ``value`` is not a trainer.cwd (``where`` names the setting); None when it is (pure)."""
+    if value is None or value in TRAINER_CWDS:
+        return None
+    return (f"{where} {value!r} is not one of {', '.join(TRAINER_CWDS)} (trainer.cwd: where your trainer runs, "
+            "the optuna_best directory or its code directory)")
+
+
 THREADS_ALL = ("all", "default", "auto")
 DEFAULT_TIMEOUT_S = 6 * 3600.0  # per cell; generous, so only a hung trainer meets it
 _UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -286,6 +301,7 @@ class RunOptions:
     backend: str = "local"
     single: bool = False  # `harness run`: one cell, named "run"
     cells: tuple[str, ...] | None = None  # docker: matrix cells to run
+    cells_flag: str = "--cells"  # the option that named them (--image on run and band), said in its errors
     axes: Axes = field(default_factory=Axes)
     images: ImageOptions = field(default_factory=ImageOptions)
     data: str | None = None
@@ -294,6 +310,7 @@ class RunOptions:
     trainer_path: list[str] | None = None
     trainer_cmd: str | None = None  # a command as the trainer, instead of `trainer` (module:function)
     seed_key: str | None = None  # --seed-key: where the custom trainer reads its seed in config.yaml
+    trainer_cwd: str | None = None  # --trainer-cwd: bundle | project (TRAINER_CWDS); None: config.yaml trainer.cwd
     out: str | None = None
     trace: bool = False
     progress: bool = True
@@ -324,6 +341,9 @@ class RunOptions:
         if self.data_feed is not None and self.data_feed not in DATA_PATHS:
             raise UsageError(f"--data-path {self.data_feed!r} is not one of {', '.join(DATA_PATHS)}",
                              hint="e.g. --data-path fast")
+        why = trainer_cwd_error(self.trainer_cwd, "--trainer-cwd")
+        if why is not None:
+            raise UsageError(why, hint="e.g. --trainer-cwd project")
         if self.cell_seeds and self.band_only:
             raise UsageError("harness band measures the band; --cell-seeds retrains the cells of run and matrix",
                              hint="use --band-seeds N here, and --cell-seeds K on harness matrix")
@@ -343,5 +363,6 @@ class ReportOptions:
     allow_data_change: bool = False  # judge cells whose data digest differs from the trial's (else "not comparable")
     alpha: float = 0.01  # the false-alarm rate of "drifted" per cell (harness.stats.DEFAULT_ALPHA)
     html: str | None = None  # --html FILE: the self-contained page (harness.report_html)
+    detail: bool = False  # --detail: every table on the terminal, not the first screen (harness.report_compact)
     command: str = ""  # the command that writes it (its title)
     trace_dirs: tuple[str, ...] = ()  # where else to look for OUT/<cell>/trace.jsonl (compare: the directories given)

@@ -187,14 +187,23 @@ def _weights(j: Any, is_first: bool) -> str:
 
 
 def weights_notes(comparison: Comparison) -> list[str]:
-    """Per cell whose retrained weights differ from the archived ones: the first differing tensor and max |Δ|."""
-    out = []
+    """Where the retrained weights first differ from the archived ones: one line per first differing tensor.
+
+    Information, not a warning: off the trial's hardware or kernels the weights are expected to differ
+    (the verdict says whether it matters).
+    """
+    by_tensor: dict[str, list[tuple[str, float | None]]] = {}
     for j in comparison.cells:
         arch = getattr(j, "weights_vs_archived", None)
         if arch and not arch.get("identical"):
-            delta = arch.get("max_abs_diff")
-            out.append(f"≠archived {j.cell}: first differs at {arch.get('first_difference')}"
-                       + (f", max |Δ| {delta:.2g}" if delta is not None else ""))
+            by_tensor.setdefault(str(arch.get("first_difference")), []).append((j.cell, arch.get("max_abs_diff")))
+    out = []
+    for tensor, cells in by_tensor.items():
+        deltas = sorted(d for _, d in cells if d is not None)
+        size = "" if not deltas else (f", max |Δ| {deltas[0]:.2g}" if len(set(deltas)) == 1 or len(cells) == 1 else
+                                      f", max |Δ| {deltas[0]:.2g} to {deltas[-1]:.2g}")
+        who = cells[0][0] if len(cells) == 1 else f"{len(cells)} cells"
+        out.append(f"retrained weights ≠ archived weights/best.pt in {who}: first at {tensor}{size}")
     return out
 
 
@@ -326,7 +335,8 @@ def result_columns(comparison: Comparison) -> list[tuple[str, str]]:
 
 
 FREE_TEXT = ("where", "device", "determinism")  # may be shortened with an ellipsis; names and numbers never are
-RESULTS_TITLE = "Results (validation split, original units; Δ rec = vs trial_info.yaml, Δ first = vs first cell)"
+RESULTS_TITLE = ("Results (validation split; val loss in the trainer's units, for the reference trainer the MSE of the "
+                 "scaled targets; R², MSE, MAE in original units; Δ rec = vs trial_info.yaml, Δ first = vs first cell)")
 PER_TARGET_TITLE = "Per target (validation): value and Δ vs recorded"
 PER_TARGET_COLUMNS = ("R²", "ΔR² rec", "MSE", "ΔMSE rec", "MAE", "ΔMAE rec", "test R²")
 
@@ -993,7 +1003,10 @@ def finished_line(rec: ResultRecord, reused: bool = False) -> str:
         parts.append("cpus " + ",".join(str(c) for c in slot["cpus"]))
     if not reused and slot.get("gpu") is not None:
         parts.append(f"gpu {slot['gpu']}")
-    if not rec.ok and rec.error is not None and rec.status.value not in ("interrupted",):
+    # a skipped cell's reason (with the command that makes it run) is said once, under the results; a band
+    # member is not a row there, so its line keeps the reason
+    said_below = rec.status.value == "skipped" and is_row(rec)
+    if not rec.ok and rec.error is not None and rec.status.value not in ("interrupted",) and not said_below:
         parts.append(rec.error.message.splitlines()[0][:160] if rec.error.message else rec.error.kind)
     return "  ".join(parts)
 

@@ -21,7 +21,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import __version__, record
 from .errors import HarnessError, InputError, Interrupted
@@ -52,14 +52,16 @@ def load_and_check(opts: RunOptions, weights: bool = True) -> tuple[Any, Any]:
 
     bundle = load_bundle(opts.bundle, data_override=opts.data, trainer_override=opts.trainer,
                          trainer_path=opts.trainer_path, trainer_cmd_override=opts.trainer_cmd, data_dir=opts.data_dir,
-                         seed_key_override=opts.seed_key)
+                         seed_key_override=opts.seed_key, trainer_cwd_override=opts.trainer_cwd)
     if opts.strict_config and bundle.trainer is None:
         from .bundle import CONFIG, unknown_config_keys
 
-        unknown = unknown_config_keys(bundle.config)
+        unknown = unknown_config_keys(bundle.config, strict=True)
         if unknown:
-            raise InputError(CONFIG, "; ".join(m.removeprefix(f"{CONFIG}: ") for m in unknown),
-                             hint="fix or remove the key(s), or drop --strict-config to run with a warning")
+            it = "it" if len(unknown) == 1 else "them"
+            raise InputError(CONFIG, "; ".join(m.removeprefix(f"{CONFIG}: ") for m in unknown)
+                             + f"; --strict-config refused {it}",
+                             hint=f"rename {it} (or remove {it}), or drop --strict-config to ignore {it} with a warning")
     return bundle, preflight.check(bundle, weights=weights)
 
 
@@ -118,34 +120,69 @@ class ResultsLock:
 
     Two runs writing one directory used to report each other's records. The lock is
     not blocking: a second run is refused at once, naming the pid that holds it.
-    The kernel drops it when the process ends, however it ends.
+    The kernel drops it when the process ends, however it ends; :meth:`release` also
+    removes the file, while it still holds the lock and only when the name is still its file.
+
+    Removing it opens a race the lock must survive: a run that opened the file just before
+    its holder removed it would lock a file no longer in the directory, while a third run
+    creates a fresh one and locks that. So a lock counts only once the name in the directory
+    is the very file locked (same inode); otherwise that file is let go and the name opened
+    again. Every step goes through a descriptor of the directory: never through a link, and
+    the same directory to the end, whatever is renamed meanwhile.
     """
 
     def __init__(self, out: Path) -> None:
+        self.path = out / LOCK_FILE
+        self.fd: int | None = None
+        self._dir_fd: int | None = None
+        try:
+            dir_fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _refuse_in_the_way(out) from None
+            raise InputError(str(out), f"cannot be locked ({exc.strerror})", hint="pass --out DIR on a writable disk") from None
+        try:
+            fd = self._acquire(out, dir_fd)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        self._dir_fd, self.fd = dir_fd, fd
+
+    def _acquire(self, out: Path, dir_fd: int) -> int:
+        """A descriptor of the lock file, flock'ed, that is the file named ``LOCK_FILE`` in ``dir_fd``."""
         import fcntl
 
-        self.path = out / LOCK_FILE
-        try:  # never through a link planted there: it would be truncated and written (the pid)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.EISDIR):
-                raise _refuse_in_the_way(self.path) from None
-            raise InputError(str(out), f"cannot be locked ({exc.strerror})", hint="pass --out DIR on a writable disk") from None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-            os.close(fd)
-            raise _refuse_in_the_way(self.path)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise InputError(str(out), f"cannot be locked ({exc.strerror})", hint="pass --out DIR on a local disk") from None
-            raise InputError(str(out), f"is in use by another harness run (pid {self._holder()})",
-                             hint="wait for it to finish, or pass another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd: int | None = fd
+        for _ in range(100):
+            try:  # never through a link planted there: it would be truncated and written (the pid)
+                fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644,
+                             dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.EISDIR):
+                    raise _refuse_in_the_way(self.path) from None
+                raise InputError(str(out), f"cannot be locked ({exc.strerror})",
+                                 hint="pass --out DIR on a writable disk") from None
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 0:  # its holder removed it since: open the name again
+                os.close(fd)
+                continue
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                os.close(fd)
+                raise _refuse_in_the_way(self.path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise InputError(str(out), f"cannot be locked ({exc.strerror})",
+                                     hint="pass --out DIR on a local disk") from None
+                raise InputError(str(out), f"is in use by another harness run (pid {self._holder()})",
+                                 hint="wait for it to finish, or pass another --out") from None
+            if _same_file(fd, dir_fd):
+                return fd
+            os.close(fd)  # it locked a file its holder removed (or that was replaced) after it was opened
+        raise InputError(str(out), "cannot be locked (its lock file keeps being replaced)", hint="pass another --out")
 
     def _holder(self) -> str:
         for _ in range(20):  # the holder writes its pid right after it locks
@@ -163,9 +200,30 @@ class ResultsLock:
         return "unknown"
 
     def release(self) -> None:
+        """Remove the lock file (still holding it, and only if the name is still this file), then let go."""
         fd, self.fd = self.fd, None
-        if fd is not None:
-            os.close(fd)  # closing the descriptor drops the flock
+        dir_fd, self._dir_fd = self._dir_fd, None
+        try:
+            if fd is not None and dir_fd is not None and _same_file(fd, dir_fd):
+                try:
+                    os.unlink(LOCK_FILE, dir_fd=dir_fd)
+                except OSError:
+                    pass  # a disk gone read-only, say: the file stays, and the next run locks it as it is
+        finally:
+            if fd is not None:
+                os.close(fd)  # closing the descriptor drops the flock
+            if dir_fd is not None:
+                os.close(dir_fd)
+
+
+def _same_file(fd: int, dir_fd: int) -> bool:
+    """Whether ``LOCK_FILE`` in the directory ``dir_fd`` is (not a link to) the file open as ``fd``."""
+    try:
+        named = os.stat(LOCK_FILE, dir_fd=dir_fd, follow_symlinks=False)
+        held = os.fstat(fd)
+    except OSError:
+        return False
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def refuse_another_runs_records(out: Path, resume: bool) -> None:
@@ -484,6 +542,16 @@ def recorded_environment(bundle_dir: str | None) -> dict[str, Any] | None:
         return None  # the run already said what is wrong with it
 
 
+def recorded_environment_of(records: list[ResultRecord]) -> dict[str, Any] | None:
+    """The trial's environment as the records carry it (``recorded.environment``): what ``compare`` shows
+    without the bundle at hand."""
+    for rec in records:
+        env = (rec.recorded or {}).get("environment")
+        if isinstance(env, dict) and env:
+            return env
+    return None
+
+
 def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, results: Path | None,
            report_opts: ReportOptions, bundle_dir: str | None = None, reused: dict[str, str] | None = None) -> Comparison:
     """Judge, print, and write the reports (``report.json`` in the results directory, --json, --markdown)."""
@@ -491,15 +559,20 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
 
     comparison = compare(records, tol, missing, allow_data_change=report_opts.allow_data_change,
                          alpha=report_opts.alpha)
-    trial_env = recorded_environment(bundle_dir)
+    trial_env = recorded_environment(bundle_dir) or recorded_environment_of(records)
     roots = [results] if results is not None else [Path(p) for p in report_opts.trace_dirs]
     traces = read_traces(records, roots) if roots else {}
     parts, causes = parting(records, traces)
     if records and not missing and all(r.status is Status.SKIPPED for r in records):
         print_nothing_ran(console(), records, bundle_dir)
-    else:
+    elif report_opts.detail:
         print_report(console(), records, comparison, trial_environment=trial_env,
                      parts_at=parts, causes={k: f.short for k, f in causes.items()}, reused=reused)
+    else:
+        from .report_compact import print_compact
+
+        print_compact(console(), records, comparison, trial_environment=trial_env,
+                      parts_at=parts, causes={k: f.short for k, f in causes.items()}, reused=reused)
     if reused:
         console().print(f"Reused {len(reused)} of {len(records)} cell(s) from earlier runs (inputs unchanged; "
                         f"--force reruns them): {', '.join(reused)}", soft_wrap=True, markup=False, highlight=False)
@@ -745,8 +818,11 @@ def replace_cells(plan: Plan, cells: list[Cell], blocked: dict[str, Any]) -> Pla
     return replace(plan, cells=cells, blocked={**plan.blocked, **blocked})
 
 
-def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances) -> Comparison:
-    """``harness run`` / ``harness matrix``: every step, from the bundle to the verdict."""
+def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances,
+            on_results_dir: Callable[[Path], None] | None = None) -> Comparison:
+    """``harness run`` / ``harness matrix``: every step, from the bundle to the verdict.
+
+    ``on_results_dir`` is told the results directory once this run holds it (the CLI says how to resume it)."""
     from .report import console
 
     deferred = opts.resume and not opts.force
@@ -786,6 +862,8 @@ def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances) -> Co
     check_writable(out)
     lock = ResultsLock(out)
     try:
+        if on_results_dir is not None:
+            on_results_dir(out)
         refuse_another_runs_records(out, opts.resume)
         before_run = None
         if deferred and pre.layout is not None:
@@ -808,6 +886,7 @@ def _execute_locked(opts: RunOptions, bundle: Any, plan: Plan, out: Path, report
               trainer_cmd=bundle.trainer.command if bundle.trainer else None,
               trainer_path=list(bundle.trainer.code_dirs) if bundle.trainer and bundle.trainer.code_dirs else None,
               trace=opts.trace, data_feed=opts.data_feed, seed_key=opts.seed_key,
+              trainer_cwd=bundle.trainer.cwd if bundle.trainer else None,  # config.yaml's too: the cache needs it
               run_id=new_run_id(), timeout_s=opts.timeout,
               band_from=str(Path(opts.band_from).resolve()) if opts.band_from else None)
     backend = make_backend(plan)

@@ -382,7 +382,8 @@ def test_report_shows_weights_vs_archived() -> None:
     assert text.startswith("≠archived") and "≠trial" not in text and "=trial(own sha)" in text
     from harness.report import weights_notes
 
-    assert weights_notes(judge.compare([rec])) == [f"≠archived {rec.cell}: first differs at net.0.weight, max |Δ| 0.25"]
+    assert weights_notes(judge.compare([rec])) == [
+        f"retrained weights ≠ archived weights/best.pt in {rec.cell}: first at net.0.weight, max |Δ| 0.25"]
 
 
 def test_custom_trainer_may_find_its_own_data(tmp_path: Path) -> None:

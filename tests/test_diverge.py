@@ -225,11 +225,13 @@ def _diverge_names_where_the_loss_bits_part(a: Path, b: Path, tmp_path: Path) ->
 def test_diverge_on_two_isa_cells_of_the_example_names_where_the_loss_bits_part(tmp_path: Path) -> None:
     out = tmp_path / "r"
     p = harness("matrix", str(EXAMPLE), "--backend", "local", "--isa", "native,baseline", "--threads", "1",
-                "--determinism", "strict", "--trace", "--out", str(out), "--no-progress")
+                "--determinism", "strict", "--trace", "--out", str(out), "--no-progress", "--detail")
     assert p.returncode == 0, p.stdout + p.stderr
     a, b = out / "cpu-strict-t1-native", out / "cpu-strict-t1-baseline"
     assert json.loads((a / "record.json").read_text())["trace"]["steps"] > 0
     assert "parts at" in p.stdout  # the matrix's Results table: where each cell parts from the baseline
+    first = harness("compare", str(out))  # the first screen says it in a line per cell that parts
+    assert "↳ cpu-strict-t1-baseline parts from cpu-strict-t1-native at" in " ".join(first.stdout.split()), first.stdout
     _diverge_names_where_the_loss_bits_part(a, b, tmp_path)
 
 

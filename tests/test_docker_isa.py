@@ -33,7 +33,7 @@ def test_two_isa_cells_of_one_image_run_other_kernels(tmp_path: Path, docker_cli
                         "--cells", "cpu-torch2.13", "--isa", "native,baseline", "--threads", "1", "--out", str(out),
                         "--band", "0", "--band-seeds", "0",  # the kernels are compared, not judged
                         "--json", str(tmp_path / "r.json"), "--wheelhouse", str(wheelhouse_root),
-                        "--base-image", base_image, "--no-progress"],
+                        "--base-image", base_image, "--no-progress", "--detail"],
                        capture_output=True, text=True, env=dict(os.environ, COLUMNS="230"), timeout=1800)
     assert p.returncode == 0, p.stdout + p.stderr
     recs = {r.cell: r for r in record.load(out).records}

@@ -52,7 +52,7 @@ def matrix_run(tmp_path_factory, docker_client, wheelhouse_root, base_image):
         t0 = time.perf_counter()
         p = harness("matrix", str(bundle), "--cells", CELLS, "--out", str(root / f"out{i}"),
                     "--json", str(root / f"report{i}.json"), "--markdown", str(root / f"report{i}.md"),
-                    *docker_args(wheelhouse_root, base_image))
+                    *docker_args(wheelhouse_root, base_image), "--detail")
         runs.append({"proc": p, "seconds": time.perf_counter() - t0,
                      "report": json.loads((root / f"report{i}.json").read_text()) if (root / f"report{i}.json").exists() else None})
     return {"root": root, "bundle": bundle, "runs": runs}

@@ -141,7 +141,7 @@ def test_native_and_baseline_record_different_capabilities(tmp_path: Path) -> No
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, "-m", "harness", "matrix", str(EXAMPLE), "--backend", "local",
                         "--isa", "native,baseline", "--threads", "1", "--determinism", "strict", "--out", str(out),
-                        "--no-progress", "--json", str(tmp_path / "r.json")],
+                        "--no-progress", "--detail", "--json", str(tmp_path / "r.json")],
                        capture_output=True, text=True, timeout=600, cwd=REPO)
     assert p.returncode == 0, p.stdout + p.stderr
     records = {r["cell"]: r for r in json.loads((tmp_path / "r.json").read_text())["records"]}

@@ -109,7 +109,7 @@ def test_markdown_carries_caption_bundle_per_target_and_the_trial_environment() 
 
     recs = [with_env(record("cpu-torch2.13"), "2.13.0+cpu", None)]
     md = markdown(recs, compare(recs), bundle="optuna_best", trial_environment=TRIAL_ENV)
-    assert "optuna_best" in md and "validation split, original units" in md
+    assert "optuna_best" in md and "validation split;" in md and "original units" in md
     assert "trial (recorded)" in md and "2.12.0+cpu" in md
     per_target = [ln for ln in md.splitlines() if ln.startswith("| cpu-torch2.13 | a |")]
     assert per_target, md
@@ -122,7 +122,21 @@ def test_render_reads_the_trials_environment_from_the_bundle(make_bundle, tmp_pa
 
     root = make_bundle(trial_info={"number": 0, "value": 0.1, "environment": TRIAL_ENV})
     recs = [with_env(record("cpu-torch2.13"), "2.13.0+cpu", None)]
-    run_render(recs, [], Tolerances(), None, ReportOptions(), bundle_dir=str(root))
+    run_render(recs, [], Tolerances(), None, ReportOptions(detail=True), bundle_dir=str(root))
+    assert "trial (recorded)" in capsys.readouterr().out
+    run_render(recs, [], Tolerances(), None, ReportOptions(), bundle_dir=str(root))  # the first screen
+    assert "the trial (as trial_info.yaml records it)" in capsys.readouterr().out
+
+
+def test_compare_reads_the_trials_environment_from_the_records(capsys) -> None:
+    """Without the bundle at hand (harness compare), the trial's environment comes from the records."""
+    from harness.judge import Tolerances
+    from harness.options import ReportOptions
+    from harness.runner import render as run_render
+
+    rec = with_env(record("cpu-torch2.13"), "2.13.0+cpu", None)
+    rec.recorded = {**(rec.recorded or {}), "environment": TRIAL_ENV}
+    run_render([rec], [], Tolerances(), None, ReportOptions(detail=True))
     assert "trial (recorded)" in capsys.readouterr().out
 
 

@@ -29,7 +29,7 @@ def test_user_project_reproduces_with_run(tmp_path: Path) -> None:
     proj = _copy(tmp_path)
     out = tmp_path / "out"
     p = harness("run", str(proj / "optuna_best"), "--trainer", "userproj.train:retrain", "--trainer-path", str(proj),
-                "--out", str(out), "--device", "cpu")
+                "--out", str(out), "--device", "cpu", "--detail")
     assert p.returncode == 0, p.stdout + p.stderr
     (rec,) = record.load(out).records
     assert rec.status is Status.OK
@@ -48,7 +48,7 @@ def test_user_project_reproduces_in_a_matrix(tmp_path: Path) -> None:
     out = tmp_path / "out"
     p = harness("matrix", str(proj / "optuna_best"), "--trainer", "userproj.train:retrain", "--trainer-path", str(proj),
                 "--backend", "local", "--devices", "cpu", "--threads", "1,all", "--determinism", "strict",
-                "--out", str(out))
+                "--out", str(out), "--detail")
     assert p.returncode == 0, p.stdout + p.stderr
     recs = record.load(out).records
     assert len(recs) == 2 and all(r.status is Status.OK for r in recs)
@@ -104,7 +104,7 @@ def test_user_project_with_its_optional_glue_gets_the_seed_checks(tmp_path: Path
     bundle = add_glue(_copy(tmp_path))
     out = tmp_path / "out"
     p = harness("run", str(bundle), "--trainer", "userproj.checks:retrain_checked", "--trainer-path",
-                str(bundle.parent), "--out", str(out), "--device", "cpu")
+                str(bundle.parent), "--out", str(out), "--device", "cpu", "--detail")
     assert p.returncode == 0, p.stdout + p.stderr
     (rec,) = record.load(out).records
     assert_seed_checks(rec, p.stdout)

@@ -46,10 +46,16 @@ def add_inputs(p: argparse.ArgumentParser) -> None:
                    help="the dotted key of config.yaml your trainer reads its seed from, e.g. seed or "
                         "train.random_state (overrides config.yaml trainer.seed_key; default training.seed, else seed; "
                         "a seed band writes each member's seed there)")
+    p.add_argument("--trainer-cwd", metavar="bundle|project",
+                   help="where your trainer runs (overrides config.yaml trainer.cwd): bundle, the optuna_best directory, "
+                        "or project, its code directory (the first --trainer-path), against which a relative data.path "
+                        "is then resolved too (default: a function runs where harness runs, a command in its cell's "
+                        "directory; docs/trainer-cwd.md)")
     p.add_argument("-o", "--out", help="results directory (default: harness-results/<bundle>-<time>)")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="write all records plus the comparison as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write a Markdown table (for a pull-request comment)")
     add_html(p)
+    add_detail(p)
     p.add_argument("--trace", action="store_true", help="write each training step's loss bits and parameter digests to trace.jsonl in the cell's directory (for harness diverge; a custom trainer is traced through torch's optimizer hooks, docs/hooks.md)")
     p.add_argument("--data-path", dest="data_feed", choices=("loader", "fast"), default=None,
                    help="the reference trainer's batches: fast (the default: the train split held on the device, "
@@ -80,6 +86,12 @@ HTML_HELP = ("write one self-contained HTML page (opens offline: inline SVG, no 
 
 def add_html(p: argparse.ArgumentParser, help: str = HTML_HELP) -> None:
     p.add_argument("--html", metavar="FILE", help=help)
+
+
+def add_detail(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--detail", action="store_true",
+                   help="print every table (environment, results, per-target metrics, band, attribution, weights) "
+                        "instead of the first screen: the verdict, one line per cell, which axis moved what")
 
 
 def add_data_dir(p: argparse.ArgumentParser) -> None:
@@ -199,6 +211,7 @@ def report_options(args: argparse.Namespace) -> ReportOptions:
                          allow_data_change=bool(getattr(args, "allow_data_change", False)),
                          alpha=parse_alpha(getattr(args, "alpha", None)),
                          html=html, command=str(getattr(args, "command", "") or ""),
+                         detail=bool(getattr(args, "detail", False)),
                          trace_dirs=tuple(p for p in getattr(args, "paths", None) or () if Path(p).is_dir()))
 
 

@@ -17,6 +17,7 @@ scikit-learn: it runs inside the minimal images.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import errno
 import json
@@ -25,7 +26,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .. import __version__
 from . import EVENT_PREFIX
@@ -327,7 +328,10 @@ def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultR
     trainer = bundle.trainer
     entry = trainer.entrypoint
     _USER_CODE_IN_PROCESS.append(entry)  # its atexit handlers and open files are its own: exit in full
-    func = resolve(entry, trainer.code_dirs)
+    # the job always passes the entrypoint on: it is config.yaml's when it is what config.yaml says, else --trainer's
+    written = bundle.config.get("trainer")
+    from_config = isinstance(written, dict) and written.get("entrypoint") == entry
+    func = resolve(entry, trainer.code_dirs, "config.yaml trainer.entrypoint" if from_config else "--trainer")
     model_fn = resolve(trainer.model_fn, trainer.code_dirs, "config.yaml trainer.model_fn") if trainer.model_fn else None
     predict = resolve(trainer.predict, trainer.code_dirs, "config.yaml trainer.predict") if trainer.predict else None
     scaler = _load_scaler(bundle.scaler_path, custom=True) if bundle.scaler_path else None
@@ -471,8 +475,8 @@ def _member_config(bundle: Any, out: Path) -> str:
     return str(path)
 
 
-def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultRecord) -> None:
-    """A command as the trainer (harness.worker.trainer_cmd): run it, then read its metrics and weights."""
+def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultRecord, workdir: str) -> None:
+    """A command as the trainer (harness.worker.trainer_cmd): run it in ``workdir``, then read its metrics and weights."""
     import shutil
     import tempfile
 
@@ -513,7 +517,7 @@ def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: Result
                              markers=str(markers), worker_pid=os.getpid(), perturb=spec.perturb,
                              trace=str(out / TRACE_FILE) if spec.trace else None)
         t0 = time.perf_counter()
-        done = tc.run_command(argv, cwd=str(out), env=env, out_dir=out, on_line=on_line)
+        done = tc.run_command(argv, cwd=workdir, env=env, out_dir=out, on_line=on_line)
         rec.train_s = time.perf_counter() - t0
         processes = tc.read_markers(markers)
     finally:
@@ -523,6 +527,7 @@ def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: Result
         failure = RunFailed(f"the trainer command {done.how}" + (f": {last}" if last else "")
                             + f" (stderr in {tc.STDERR_LOG})")
         failure.log_tail = done.stderr_tail or None  # type: ignore[attr-defined]
+        failure.missing_file = any(w in done.stderr_tail for w in MISSING_FILE_WORDS)  # type: ignore[attr-defined]
         raise failure
     metrics_file = out / tc.METRICS_FILE
     mapping = tc.read_metrics_file(metrics_file)
@@ -560,7 +565,7 @@ def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: Result
                                    "why": seed_checks.NO_SCALER_CHECK}
     seeded = [p for p in processes if p.get("seeded") and not p.get("error")]
     rec.trainer = {
-        "command": trainer.command, "argv": argv, "cwd": str(out), "code_dir": trainer.code_dir, "code_dirs": code_dirs,
+        "command": trainer.command, "argv": argv, "cwd": workdir, "code_dir": trainer.code_dir, "code_dirs": code_dirs,
         "exit_status": done.exit_status, "metrics_from": source, "stdout_log": tc.STDOUT_LOG, "stderr_log": tc.STDERR_LOG,
         "seeded_by_harness": bool(seeded), "python_processes": processes[:tc.MARKERS_KEPT], "config": config, **facts,
     }
@@ -571,6 +576,76 @@ def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: Result
     for p in processes:
         if p.get("error"):
             rec.warnings.append(f"the seeding hook failed in {p.get('executable')} (pid {p.get('pid')}): {p['error']}")
+
+
+MISSING_FILE_WORDS = ("FileNotFoundError", "No such file")  # a command's stderr saying a file was not found
+
+
+def trainer_workdir(bundle: Any, out: Path) -> tuple[str | None, str]:
+    """Where a custom trainer runs, and the record's ``cwd_mode`` (pure).
+
+    ``trainer.cwd: bundle``: the optuna_best directory; ``project``: its first code directory
+    (``/harness/trainer/0`` in a container). Unset (``default``): a function stays in the worker's
+    own working directory (None), a command runs in its cell's directory.
+    """
+    trainer = bundle.trainer
+    if trainer.cwd == "bundle":
+        return bundle.root, "bundle"
+    if trainer.cwd == "project":
+        return trainer.code_dirs[0], "project"
+    return (str(out) if trainer.command is not None else None), "default"
+
+
+@contextlib.contextmanager
+def _working_dir(path: str | None) -> Iterator[None]:
+    """Run the block in ``path`` (None: where the worker is), then come back, whatever the block did."""
+    if path is None:
+        yield
+        return
+    before = os.getcwd()
+    try:
+        os.chdir(path)
+    except OSError as exc:
+        raise InputError(path, f"cannot be the trainer's working directory ({exc.strerror or exc})",
+                         hint="check trainer.cwd and the folder it names") from None
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+_CWD_WHY = {"bundle": "trainer.cwd: bundle, the optuna_best directory",
+            "project": "trainer.cwd: project, its code directory"}
+_CWD_FIX = {
+    "default": "set trainer.cwd: project in config.yaml (or --trainer-cwd project) to run it in its code directory, "
+               "where a relative data.path is looked up too, or trainer.cwd: bundle for the optuna_best directory; "
+               "or give the data with --data",
+    "bundle": "fix the path for that directory, or set trainer.cwd: project to run it in its code directory; "
+              "or give the data with --data",
+    "project": "fix the path for that directory, or set trainer.cwd: bundle to run it in the optuna_best directory; "
+               "or give the data with --data",
+}
+
+
+def missing_file_hint(cwd: str, mode: str, command: bool) -> str:
+    """The hint a trainer's FileNotFoundError gets: the directory it ran in, why that one, and the way out (pure)."""
+    why = _CWD_WHY.get(mode) or ("trainer.cwd unset: the cell's results directory" if command else
+                                 "trainer.cwd unset: the worker's own working directory")
+    return f"the trainer ran in {cwd} ({why}), where relative paths are looked up: {_CWD_FIX[mode]}"
+
+
+def _with_workdir(exc: HarnessError, cwd: str, mode: str, command: bool) -> HarnessError:
+    """``exc`` with the trainer's working directory for the failed record, and, when the trainer did not find a
+    file, the directory and the way out in its reason."""
+    facts = {"cwd": cwd, "cwd_mode": mode}
+    if getattr(exc, "missing_file", False) and exc.hint is None:
+        failure = RunFailed(exc.message, hint=missing_file_hint(cwd, mode, command))
+        for name in ("user_traceback", "log_tail"):
+            if hasattr(exc, name):
+                setattr(failure, name, getattr(exc, name))
+        exc = failure
+    exc.trainer_facts = facts  # type: ignore[attr-defined]
+    return exc
 
 
 def seed_via(bundle: Any) -> list[str]:
@@ -597,7 +672,7 @@ def run(spec: RunSpec) -> ResultRecord:
     from .data import prepare, require_exists, sha256_path
 
     t_start = time.perf_counter()
-    out = Path(spec.out_dir)
+    out = Path(spec.out_dir).absolute()  # a trainer may run elsewhere (trainer.cwd)
     out.mkdir(parents=True, exist_ok=True)
     if spec.determinism not in determinism.MODES:
         raise InputError("--determinism", f"unknown mode {spec.determinism!r}", hint=f"use one of {', '.join(determinism.MODES)}")
@@ -608,7 +683,7 @@ def run(spec: RunSpec) -> ResultRecord:
     bundle = load_bundle(spec.bundle_dir, data_override=spec.data_path,
                          trainer_override=spec.trainer, trainer_path=spec.trainer_path,
                          trainer_cmd_override=spec.trainer_cmd, data_dir=spec.data_dir,
-                         seed_key_override=spec.seed_key)
+                         seed_key_override=spec.seed_key, trainer_cwd_override=spec.trainer_cwd)
     config_sha256 = config_digest(bundle.config)  # the bundle's own: a seed band member's too
     if spec.seed is not None:
         bundle = bundle.with_seed(spec.seed)
@@ -653,10 +728,18 @@ def run(spec: RunSpec) -> ResultRecord:
         from .trainer_cmd import remove_stale
 
         remove_stale(out / "weights" / "best.pt")  # a standalone worker's --out may hold an earlier run's
-        if bundle.trainer.command is not None:
-            _command_run(spec, bundle, device, out, rec)
-        else:
-            _custom_run(spec, bundle, device, out, rec)
+        workdir, mode = trainer_workdir(bundle, out)
+        command = bundle.trainer.command is not None
+        ran_in = workdir or os.getcwd()
+        try:
+            if command:
+                _command_run(spec, bundle, device, out, rec, ran_in)
+            else:
+                with _working_dir(workdir):  # the function, its hooks and its module's import run there
+                    _custom_run(spec, bundle, device, out, rec)
+        except HarnessError as exc:
+            raise _with_workdir(exc, ran_in, mode, command) from None
+        rec.trainer = {**(rec.trainer or {}), "cwd": ran_in, "cwd_mode": mode}
     else:
         rec.data.update({"exclude_channels": list(bundle.data.exclude_channels), "downsample": bundle.data.downsample,
                          "split": list(bundle.data.split)})
@@ -673,6 +756,7 @@ def run(spec: RunSpec) -> ResultRecord:
         "number": recorded.number, "value": recorded.value, "params": recorded.params, "r2": recorded.r2,
         "mse": recorded.mse, "mae": recorded.mae, "data_sha256": recorded.data_sha256,
         "weights_sha256": recorded.weights_sha256,
+        **({"environment": dict(recorded.environment)} if recorded.environment else {}),
     }
     if recorded is None:
         rec.warnings.append("no trial_info.yaml: nothing recorded to compare with")
@@ -697,6 +781,7 @@ def _parse(argv: list[str] | None) -> RunSpec:
     p.add_argument("--trainer-path", action="append")
     p.add_argument("--trainer-cmd")
     p.add_argument("--seed-key")
+    p.add_argument("--trainer-cwd", choices=("bundle", "project"))
     p.add_argument("--trace", action="store_true")
     p.add_argument("--data-path", dest="data_feed", choices=("loader", "fast"))
     a = p.parse_args(argv)
@@ -722,7 +807,8 @@ def _parse(argv: list[str] | None) -> RunSpec:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return RunSpec(cell=a.cell, bundle_dir=a.bundle, out_dir=a.out, data_path=a.data, data_dir=a.data_dir, device=device,
                    determinism=a.determinism, threads=a.threads, tf32=a.tf32, trainer=a.trainer,
-                   trainer_path=a.trainer_path, trainer_cmd=a.trainer_cmd, seed_key=a.seed_key, trace=a.trace,
+                   trainer_path=a.trainer_path, trainer_cmd=a.trainer_cmd, seed_key=a.seed_key,
+                   trainer_cwd=a.trainer_cwd, trace=a.trace,
                    backend="standalone",
                    data_feed=a.data_feed)
 
@@ -768,7 +854,8 @@ def main(argv: list[str] | None = None) -> int:
         rec = ResultRecord.without_metrics(spec.cell, Status.FAILED, exc.kind, exc.one_line(), spec=spec.to_dict(),
                                            harness_version=__version__, wall_s=time.perf_counter() - t0,
                                            exit_status=exc.exit_code, traceback=getattr(exc, "user_traceback", None),
-                                           log_tail=getattr(exc, "log_tail", None))
+                                           log_tail=getattr(exc, "log_tail", None),
+                                           trainer=getattr(exc, "trainer_facts", None))
         code = exc.exit_code
     except Exception as exc:  # noqa: BLE001 - anything else is a failed run, with its traceback kept
         disk = disk_failure(exc) if isinstance(exc, OSError) else None
