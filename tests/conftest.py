@@ -6,6 +6,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+import re
 from typing import Any, Callable
 
 import numpy as np
@@ -394,18 +395,47 @@ def engine_tidy(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
                   f"{request.node.nodeid}", file=sys.stderr)
 
 
-# =============================================================================
-# Parallel runs (pytest-xdist, `-n auto --dist loadgroup` in pyproject.toml): the tests of
-# one file share a worker (their module fixtures are built once), and every Docker test,
-# every Slurm test, shares one: they drive one engine and one node, and build on each
-# other's images.
-# =============================================================================
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # an xdist worker inherits COLUMNS=80; the tests read the output a serial run gives (200 columns
+    # when not a terminal), and a test that needs a width sets it
+    os.environ.pop("COLUMNS", None)
 
 
+# =============================================================================
+# Parallel runs (pytest-xdist, `-n auto` in pyproject.toml). The tests of one file share a
+# worker, so a module's fixture (a trained band, a built image) is made once; every test that
+# drives the Docker engine or the Slurm node shares one worker, since they build on each
+# other's images and find containers and jobs by label. Scheduled here because xdist's own
+# `--dist loadgroup` relies on rewriting node ids, which pytest 9 no longer allows.
+# =============================================================================
+
+ENGINE_FILES = re.compile(r"tests/test_(docker_\w+|slurm)\.py")
+ENGINE_TESTS = {"tests/test_errors_typed.py::test_a_skipped_docker_cell_says_its_reason_once"}  # docker-marked
+
+
+def scope_of(nodeid: str) -> str:
+    """The unit of work a test belongs to: ``engines`` for the Docker and Slurm tests, else its file."""
+    file = nodeid.split("::", 1)[0]
+    if ENGINE_FILES.fullmatch(file) or nodeid.split("[", 1)[0] in ENGINE_TESTS:
+        return "engines"
+    return file
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFileAndEngine(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scope_of(nodeid)
+
+    return ByFileAndEngine(config, log)
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        group = ("docker" if item.get_closest_marker("docker") else
-                 "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::", 1)[0])
-        item.add_marker(pytest.mark.xdist_group(group))
+    """Every test marked docker or slurm is scheduled with the engines (scope_of): said here, checked at collection."""
+    stray = [i.nodeid for i in items if (i.get_closest_marker("docker") or i.get_closest_marker("slurm"))
+             and i.nodeid.startswith("tests/") and scope_of(i.nodeid) != "engines"]
+    if stray:
+        raise pytest.UsageError(f"tests/conftest.py: add {stray[0]} to ENGINE_TESTS (it uses the engine or the node, "
+                                "so it must share their worker)")

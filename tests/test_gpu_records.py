@@ -130,4 +130,9 @@ def test_the_table_and_the_report_name_each_cells_cause(tmp_path: Path, capsys) 
     assert causes["cuda-strict-tdef-tf32-r1"] == "reduced precision"
     assert causes["cuda-default-tdef-fp32-r1"] == "nondeterministic reduction"
     assert "cuda-strict-tdef-fp32-r2" not in causes  # bitwise with the first cell: nothing to explain
+    # the first screen: a line per cell that parts from the first, with its cause
+    parts = [ln for ln in out.splitlines() if ln.startswith("↳ ")]
+    assert sum("random draws differ" in ln for ln in parts) == 4, out  # the four CPU cells
+    assert main(["compare", str(CONV), str(DATA / "conv-seed-band.json"), "--detail"]) == 0
+    out = capsys.readouterr().out
     assert out.count("cause: random draws differ") == 4  # the four CPU cells, in the Results table
