@@ -244,12 +244,12 @@ def refuse_another_runs_records(out: Path, resume: bool) -> None:
                           "the others rerun and their records replaced), or pass another --out")
 
 
-def make_backend(plan: Plan) -> Any:
-    """The backend a plan runs on."""
+def make_backend(plan: Plan, *, cold: bool = False) -> Any:
+    """The backend a plan runs on; ``cold`` (``--cold``): local workers start as fresh interpreters, never warm."""
     if plan.backend == "local":
         from .backends.local import LocalBackend
 
-        return LocalBackend()
+        return LocalBackend(warm=not cold, cold_reason="--cold" if cold else None)
     if plan.backend == "slurm":
         from .backends.slurm import SlurmBackend
 
@@ -889,7 +889,7 @@ def _execute_locked(opts: RunOptions, bundle: Any, plan: Plan, out: Path, report
               trainer_cwd=bundle.trainer.cwd if bundle.trainer else None,  # config.yaml's too: the cache needs it
               run_id=new_run_id(), timeout_s=opts.timeout,
               band_from=str(Path(opts.band_from).resolve()) if opts.band_from else None)
-    backend = make_backend(plan)
+    backend = make_backend(plan, cold=opts.cold)
     cache = CellCache(bundle.root, data_sha256, job.trainer_path or (), reuse=opts.resume and not opts.force,
                       before_run=before_run)
     return execute_plan(plan, backend, job, report_opts, tol, progress_enabled=opts.progress, extra_records=band,

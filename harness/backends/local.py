@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from ..plan import Cell, Job
 from ..worker import determinism, isa
@@ -104,11 +104,19 @@ _DRAIN_MAX_BYTES = 64 << 20  # at most this much output still in the pipe is rea
 class LocalBackend(Backend):
     name = "local"
 
-    def __init__(self, python: str | None = None) -> None:
+    def __init__(self, python: str | None = None, *, warm: bool = False, cold_reason: str | None = None) -> None:
+        """``warm``: fork each cell's worker from a server that imported torch once (harness.backends.warm);
+        else every worker is a fresh interpreter, and ``cold_reason`` is what its record says why (``--cold``)."""
         self.python = python or sys.executable
-        self._procs: dict[subprocess.Popen[bytes], _Tree] = {}  # one per running cell (--jobs runs several)
+        self._procs: dict[Any, _Tree] = {}  # one per running cell (--jobs runs several)
         self._lock = threading.Lock()
         self._env_digest: str | None = None
+        self._cold_reason = cold_reason
+        self.warm = None
+        if warm:
+            from .warm import WarmPool
+
+            self.warm = WarmPool(self.python)
 
     def environment_digest(self, cell: Cell) -> str | None:
         if self._env_digest is None:
@@ -141,22 +149,37 @@ class LocalBackend(Backend):
         cpus = cell.slot.cpus if cell.slot is not None else None
         env = child_env(cell)
         env[CELL_TOKEN_VAR] = secrets.token_hex(16)
-        try:
-            # Its own session, so that stopping it (timeout, Ctrl-C, SIGTERM) also stops what it started
-            # (DataLoader workers); what leaves that session is found by its process tree and its token.
-            proc = subprocess.Popen(
-                guarded_command(self.python, spec_path, cpus, os.getpid()),
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, bufsize=0,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            return Launch(None, reason=f"cannot start {self.python}: {exc}")
+        proc: Any = None
+        start: dict[str, Any] = {"start": "cold", "start_reason": self._cold_reason}
+        if self.warm is not None:
+            from .warm import warm_unusable
+
+            why = warm_unusable(job)
+            if why is None:
+                # A child of the cell's warm server, which does what guarded_command does (its own session,
+                # its cores, death with its parent) and then runs the same worker; strays are found alike.
+                proc, why = self.warm.spawn(cell, env, spec_path)
+            start = {"start": "warm", "start_reason": None} if proc is not None else {"start": "cold", "start_reason": why}
+        if proc is None:
+            try:
+                # Its own session, so that stopping it (timeout, Ctrl-C, SIGTERM) also stops what it started
+                # (DataLoader workers); what leaves that session is found by its process tree and its token.
+                proc = subprocess.Popen(
+                    guarded_command(self.python, spec_path, cpus, os.getpid()),
+                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, bufsize=0,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                return Launch(None, reason=f"cannot start {self.python}: {exc}", extra=start)
         tree = _Tree(proc, env[CELL_TOKEN_VAR])
         with self._lock:
             self._procs[proc] = tree
         try:
             expired = _relay_until_exit(proc, tree, job.timeout_s, on_line)
-            return Launch(proc.wait(), timed_out=expired)
+            launched = Launch(proc.wait(), timed_out=expired, extra=start)
+            if getattr(proc, "lost", False):
+                launched.reason = "the warm worker's server ended while the cell ran, and the worker was killed with it"
+            return launched
         finally:
             self._stop(proc, tree)
 
@@ -166,16 +189,20 @@ class LocalBackend(Backend):
             trees = list(self._procs.values())
         for tree in trees:
             _terminate(tree)
+        if self.warm is not None:
+            self.warm.close()  # and the warm servers: none outlives the run (a later cell starts a new one)
 
-    def _stop(self, proc: subprocess.Popen[bytes], tree: _Tree) -> None:
+    def _stop(self, proc: Any, tree: _Tree) -> None:
         with self._lock:
             self._procs.pop(proc, None)
         _terminate(tree)
         if proc.stdout is not None:
             proc.stdout.close()
+        if hasattr(proc, "close"):  # a warm child: the socket its exit status came on
+            proc.close()
 
 
-def _relay_until_exit(proc: subprocess.Popen[bytes], tree: _Tree, timeout_s: float | None, on_line: LineFn) -> bool:
+def _relay_until_exit(proc: Any, tree: _Tree, timeout_s: float | None, on_line: LineFn) -> bool:
     """Pass the worker's output to ``on_line`` line by line until the worker itself ends; True when it was
     killed at ``timeout_s``.
 
@@ -267,8 +294,8 @@ class _Tree:
     process is never signalled.
     """
 
-    def __init__(self, proc: subprocess.Popen[bytes], token: str) -> None:
-        self.proc = proc
+    def __init__(self, proc: Any, token: str) -> None:
+        self.proc = proc  # a subprocess.Popen, or a warm child (harness.backends.warm.WarmChild) that acts as one
         self.token = f"{CELL_TOKEN_VAR}={token}".encode()
         self.seen: dict[int, int] = {}
         self.lock = threading.Lock()
@@ -378,7 +405,7 @@ def visible_gpus() -> list[str] | None:
         return None
 
 
-def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+def _kill_group(proc: Any, sig: int) -> None:
     """Signal the worker's process group (its session); nothing when it is gone."""
     try:
         os.killpg(proc.pid, sig)
