@@ -158,7 +158,7 @@ class LocalBackend(Backend):
             if why is None:
                 # A child of the cell's warm server, which does what guarded_command does (its own session,
                 # its cores, death with its parent) and then runs the same worker; strays are found alike.
-                proc, why = self.warm.spawn(cell, env, spec_path)
+                proc, why = self.warm.spawn(cell, env, spec_path, job.timeout_s)
             start = {"start": "warm", "start_reason": None} if proc is not None else {"start": "cold", "start_reason": why}
         if proc is None:
             try:

@@ -332,8 +332,13 @@ class WarmPool:
         self.started: list[WarmServer] = []  # every server this pool started, in order
         _POOLS.add(self)
 
-    def spawn(self, cell: Cell, env: dict[str, str], spec_path: Path) -> tuple[WarmChild | None, str | None]:
-        """The cell's worker forked from its server (started first when needed), or why it must start cold."""
+    def spawn(self, cell: Cell, env: dict[str, str], spec_path: Path,
+              timeout_s: float | None = None) -> tuple[WarmChild | None, str | None]:
+        """The cell's worker forked from its server (started first when needed), or why it must start cold.
+
+        The first cell of an environment waits for its server's imports, as a cold worker would import
+        for itself; at most the cell's ``timeout_s``: a server that takes longer (a hung import) leaves
+        the cell to start cold (the server goes on for the cells after it)."""
         key = server_key(self.python, env, cell)
         starter = False
         with self.lock:
@@ -346,8 +351,10 @@ class WarmPool:
                 self.started.append(server)
                 starter = True
         if starter:
-            server.start()  # the first cell of its environment waits for the imports, as a cold worker would
-        server.ready.wait()
+            threading.Thread(target=server.start, name="harness-warm-start", daemon=True).start()
+        wait = min(READY_TIMEOUT_S, timeout_s) if timeout_s else READY_TIMEOUT_S
+        if not server.ready.wait(timeout=wait):
+            return None, f"its warm server had not finished importing torch after {wait:g}s"
         if server.error is not None:
             return None, f"its warm server could not start: {server.error}"
         if cell.slot is not None and cell.slot.cpus:
