@@ -388,6 +388,9 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any, *, jobs: int = 
                 start(plan, job, job.bundle_dir, reused)  # run.json names the records it takes from earlier runs
         if waiting and cache is not None and cache.before_run is not None:
             cache.before_run()  # what was left unchecked in case nothing had to train (the weights)
+        expect = getattr(backend, "expect", None)
+        if waiting and expect is not None:
+            expect(list(waiting), job)  # the cells that will run, in order (local: their warm servers start)
         host = getattr(backend, "host_slots", None)
         pool = SlotPool(*host(), jobs) if jobs != 1 and host is not None else SlotPool(None, None, 1)
         if pool.pinning and len(waiting) > 1:

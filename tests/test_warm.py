@@ -381,3 +381,25 @@ def test_closing_the_backend_stops_its_cells_and_servers(tmp_path: Path, monkeyp
         for pid in pids:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_expected_cells_get_their_servers_early_and_a_server_stops_when_its_cells_are_done(tmp_path: Path) -> None:
+    # The runner says which cells will run: their servers start at once on idle cores (their imports
+    # overlap what runs), and a server whose expected cells have all run is stopped (its memory freed).
+    root = tiny_bundle(tmp_path / "b")
+    job = Job(bundle_dir=str(root), data_path=str(root / "signals.npz"), results_dir=str(tmp_path / "r"))
+    cells = [Cell("a", threads=1), Cell("b", threads=2)]
+    backend = LocalBackend(warm=True)
+    try:
+        backend.expect(cells, job)
+        early = list(backend.warm.started)
+        assert len(early) == min(2, len(usable_cpus() or [0]))  # one import per idle core, nothing runs yet
+        first = backend.run(cells[0], job)
+        assert first.ok and first.start == "warm", first.error
+        assert _gone([early[0].proc.pid], 10)  # no cell of its environment is left to run
+        second = backend.run(cells[1], job)
+        assert second.ok and second.start == "warm", second.error
+        assert len(backend.warm.started) == 2 and backend.warm.servers == {}
+        assert _gone([s.proc.pid for s in backend.warm.started], 10)
+    finally:
+        backend.close()

@@ -145,6 +145,16 @@ class LocalBackend(Backend):
 
         return usable_cpus(), visible_gpus()
 
+    def expect(self, cells: list[Cell], job: Job) -> None:
+        """The cells about to run, in order (the runner says so once it knows which will): the warm servers
+        of their environments start now, on cores no running cell uses (harness.backends.warm)."""
+        if self.warm is None or not cells:
+            return
+        from .warm import warm_unusable
+
+        if warm_unusable(job) is None:
+            self.warm.expect([(cell, child_env(cell)) for cell in cells])
+
     def launch(self, cell: Cell, job: Job, spec_path: Path, on_line: LineFn) -> Launch:
         cpus = cell.slot.cpus if cell.slot is not None else None
         env = child_env(cell)
@@ -182,6 +192,8 @@ class LocalBackend(Backend):
             return launched
         finally:
             self._stop(proc, tree)
+            if start["start"] == "warm" and self.warm is not None:
+                self.warm.finished(cell, proc)
 
     def close(self) -> None:
         """Stop every worker still running (Ctrl-C, SIGTERM); the thread that launched each one then reaps it."""

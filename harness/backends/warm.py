@@ -44,6 +44,7 @@ SERVER_MODULE = "harness.backends.warm_server"
 READY_TIMEOUT_S = 900.0  # importing torch took 9 s cold on a GPU host; a loaded machine is slower
 ANSWER_TIMEOUT_S = 120.0  # a running server answers a request at once (it forks and replies)
 _STDERR_TAIL = 2000
+GRACE_S = 1.0  # after a cell ends, how long its cores stay the next cell's before an import may take them
 
 
 def warm_unusable(job: Job) -> str | None:
@@ -84,6 +85,7 @@ class WarmChild:
         self.stdout = stdout
         self.returncode: int | None = None
         self.lost = False
+        self.claim = 0  # the pool's claim of cores for it (WarmPool.spawn)
         self.server = server
         self._answer = answer
         self._lock = threading.Lock()
@@ -241,6 +243,8 @@ class WarmServer:
         if sock is not None:
             sock.close()
         proc = self.proc
+        if proc is not None and proc.poll() is None and not self.facts:
+            proc.kill()  # still importing (it reads its socket only after): it has no child to stop
         if proc is not None and proc.poll() is None:
             try:
                 proc.wait(timeout=grace_s)
@@ -322,15 +326,127 @@ def _stop_every_pool() -> None:  # a caller that never closed its backend: no se
         pool.close()
 
 
-class WarmPool:
-    """The servers of one local backend, one per :func:`server_key`, started when a cell first needs one."""
+def _default_max_servers() -> int:
+    """How many servers may live at once: one per GiB of available memory (a server holds torch, its compiler
+    stack and scikit-learn: about 0.4 GiB, shared with its children), at least 2, at most 32."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return max(2, min(32, int(line.split()[1]) >> 20))
+    except (OSError, ValueError, IndexError):
+        pass
+    return 2
 
-    def __init__(self, python: str) -> None:
+
+class WarmPool:
+    """The servers of one local backend, one per :func:`server_key`.
+
+    A server starts when a cell first needs it, or earlier (:meth:`expect`): when the run's cells are known,
+    the servers of the environments coming next start on cores that neither a running cell nor another
+    importing server uses, in the order the cells come, so that their imports overlap the cells that run
+    now (at most ``max_servers`` live at once). A server whose environment has no cell left to run stops.
+    """
+
+    def __init__(self, python: str, max_servers: int | None = None) -> None:
+        from .base import usable_cpus
+
         self.python = python
         self.lock = threading.Lock()
         self.servers: dict[tuple[Any, ...], WarmServer] = {}
         self.started: list[WarmServer] = []  # every server this pool started, in order
+        self.max_servers = max_servers or _default_max_servers()
+        self.cores = usable_cpus()  # what a cold worker inherits from the launcher, and the budget of imports
+        self.pending: dict[tuple[Any, ...], int] = {}  # per environment: cells expected and not yet launched
+        self.upcoming: dict[tuple[Any, ...], tuple[dict[str, str], bool]] = {}  # its environment, pinnable import
+        # the cells launched and not ended: their key, pinned cores, cores held and server; a cell holds its
+        # cores (for the imports that may start) from when its server is ready (before that its import does)
+        self.claims: dict[int, tuple[tuple[Any, ...], tuple[int, ...] | None, int, WarmServer]] = {}
+        self._claim_ids = iter(range(1, 1 << 62))
         _POOLS.add(self)
+
+    def key(self, cell: Cell, env: dict[str, str]) -> tuple[Any, ...]:
+        key = server_key(self.python, env, cell)
+        if key[2] is not None and self.cores is not None and set(key[2]) == set(self.cores):
+            key = (key[0], key[1], None)  # every core the launcher has: as unpinned
+        return key
+
+    # ------------------------------------------------------------------ which servers, when
+
+    def expect(self, cells: list[tuple[Cell, dict[str, str]]]) -> None:
+        """The cells about to run, in order, with their workers' environments: start their servers early."""
+        with self.lock:
+            for cell, env in cells:
+                key = self.key(cell, env)
+                self.pending[key] = self.pending.get(key, 0) + 1
+                self.upcoming.setdefault(key, ({k: v for k, v in env.items() if k != TOKEN_VAR}, bool(cell.threads)))
+        self._prestart()
+
+    def _start(self, key: tuple[Any, ...], env: dict[str, str], cpus: tuple[int, ...] | None) -> WarmServer:
+        """A new server for ``key`` (the lock held): its imports run in a thread of their own."""
+        server = WarmServer(self.python, env, key[2] or cpus)
+        self.servers[key] = server
+        self.started.append(server)
+
+        def start() -> None:
+            server.start()
+            self._prestart()  # its core is free again
+
+        threading.Thread(target=start, name="harness-warm-start", daemon=True).start()
+        return server
+
+    def _prestart(self) -> None:
+        """Start the servers of the environments coming next on the cores nothing uses now."""
+        with self.lock:
+            n = len(self.cores) if self.cores else 1
+            busy: set[int] = set()
+            held = 0
+            for _key, cpus, cores, server in self.claims.values():
+                if server.ready.is_set() and server.error is None:
+                    held += cores
+                    busy.update(cpus or ())
+            importing = [sv for sv in self.servers.values() if not sv.ready.is_set()]
+            held += len(importing)
+            busy.update(c for sv in importing for c in (sv.cpus or ()) if len(sv.cpus or ()) == 1)
+            live = sum(1 for sv in self.servers.values() if sv.error is None)
+            for key, count in self.pending.items():
+                if held >= n or live >= self.max_servers:
+                    return
+                if count <= 0 or key in self.servers:
+                    continue
+                env, pinnable = self.upcoming[key]
+                free = [c for c in (self.cores or ()) if c not in busy]
+                # a cell's own thread count makes its libraries' thread counts independent of the cores the
+                # server imports on: pin the import to a free core; else the server needs the launcher's cores
+                core = (free[0],) if pinnable and free and key[2] is None else None
+                self._start(key, env, core)
+                held += 1
+                live += 1
+                busy.update(core or ())
+
+    def finished(self, cell: Cell, child: WarmChild) -> None:
+        """A cell's warm worker ended: its cores are free; its server stops when no cell of it is left."""
+        self._release(getattr(child, "claim", 0))
+
+    def _release(self, claim: int) -> None:
+        with self.lock:
+            got = self.claims.pop(claim, None)
+            retire = None
+            if got is not None:
+                key = got[0]
+                server = self.servers.get(key)
+                if (server is not None and key in self.upcoming and self.pending.get(key, 0) <= 0
+                        and server.ready.is_set() and not any(c[0] == key for c in self.claims.values())):
+                    retire = self.servers.pop(key)
+        if retire is not None:
+            retire.stop()
+        # The cores it held are the next cell's (the runner starts one at once): look again once it had time to
+        # claim them, so that an import does not take them first and make that cell wait.
+        timer = threading.Timer(GRACE_S, self._prestart)
+        timer.daemon = True
+        timer.start()
+
+    # ------------------------------------------------------------------ one cell
 
     def spawn(self, cell: Cell, env: dict[str, str], spec_path: Path,
               timeout_s: float | None = None) -> tuple[WarmChild | None, str | None]:
@@ -339,36 +455,55 @@ class WarmPool:
         The first cell of an environment waits for its server's imports, as a cold worker would import
         for itself; at most the cell's ``timeout_s``: a server that takes longer (a hung import) leaves
         the cell to start cold (the server goes on for the cells after it)."""
-        key = server_key(self.python, env, cell)
-        starter = False
+        key = self.key(cell, env)
+        own = tuple(cell.slot.cpus) if cell.slot is not None and cell.slot.cpus else None
+        n = len(self.cores) if self.cores else 1
+        cores = min(cell.slot.cores, n) if cell.slot is not None and cell.slot.cores else n  # unscheduled: every core
         with self.lock:
+            if self.pending.get(key, 0) > 0:
+                self.pending[key] -= 1
             server = self.servers.get(key)
             if server is None or (server.ready.is_set() and server.error is None and not server.alive()):
-                # none yet, or it died (killed from outside): a new one
-                cpus = key[2] or (tuple(cell.slot.cpus) if cell.slot is not None and cell.slot.cpus else None)
-                server = WarmServer(self.python, {k: v for k, v in env.items() if k != TOKEN_VAR}, cpus)
-                self.servers[key] = server
-                self.started.append(server)
-                starter = True
-        if starter:
-            threading.Thread(target=server.start, name="harness-warm-start", daemon=True).start()
-        wait = min(READY_TIMEOUT_S, timeout_s) if timeout_s else READY_TIMEOUT_S
-        if not server.ready.wait(timeout=wait):
-            return None, f"its warm server had not finished importing torch after {wait:g}s"
-        if server.error is not None:
-            return None, f"its warm server could not start: {server.error}"
-        if cell.slot is not None and cell.slot.cpus:
-            cpus = sorted(cell.slot.cpus)
-        else:
-            from .base import usable_cpus
+                # none yet, or it died (killed from outside): a new one, importing on the cell's own cores
+                server = self._start(key, {k: v for k, v in env.items() if k != TOKEN_VAR}, own)
+            claim = next(self._claim_ids)
+            self.claims[claim] = (key, own, cores, server)
+        child, why = None, None
+        try:
+            wait = min(READY_TIMEOUT_S, timeout_s) if timeout_s else READY_TIMEOUT_S
+            if not server.ready.wait(timeout=wait):
+                why = f"its warm server had not finished importing torch after {wait:g}s"
+                return None, why
+            if server.error is not None:
+                why = f"its warm server could not start: {server.error}"
+                return None, why
+            cpus = sorted(own) if own else self.cores
+            self._quiet(server, set(cpus or ()), time.monotonic() + wait)
+            child, why = server.spawn(env, spec_path, cpus)
+            if child is not None:
+                child.claim = claim
+            return child, why
+        finally:
+            if child is None:
+                self._release(claim)
 
-            cpus = usable_cpus()  # what a cold worker inherits from the launcher
-        return server.spawn(env, spec_path, cpus)
+    def _quiet(self, mine: WarmServer, cores: set[int], deadline: float) -> None:
+        """Wait until no other server imports on ``cores`` (one that imports unpinned may use any core): a cell
+        never shares its cores with an import, as it never shares them with another cell (harness.schedule)."""
+        while time.monotonic() < deadline:
+            with self.lock:
+                busy = [sv for sv in self.servers.values() if sv is not mine and not sv.ready.is_set()
+                        and (not sv.cpus or not cores or set(sv.cpus) & cores)]
+            if not busy:
+                return
+            busy[0].ready.wait(timeout=max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
-        """Stop every server (each kills what it still runs)."""
+        """Stop every server (each kills what it still runs); a later cell starts a new one."""
         with self.lock:
             servers = list(self.servers.values())
             self.servers.clear()
+            self.pending.clear()
+            self.claims.clear()
         for server in servers:
-            server.stop()  # one still importing ends too: its starter's wait for it fails, and it stops it
+            server.stop()
