@@ -6,6 +6,11 @@ The child is a fresh interpreter so that ``CUBLAS_WORKSPACE_CONFIG`` and
 are in its environment before it starts (setting them from inside a running
 interpreter is too late), and so that one cell's torch state
 (threads, determinism switches, CUDA context) cannot leak into the next.
+
+With ``warm=True`` (the CLI's default; ``--cold`` turns it off) that child is forked from a
+server started in the very same environment, which imported torch once for every cell of it
+(:mod:`harness.backends.warm`); the child is still a new process per cell, never a previous
+cell's, and is stopped, timed out and searched for exactly as a cold one.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..plan import Cell, Job
 from ..worker import determinism, isa
 from .base import Backend, Launch, LineFn
+from .proctable import carrying as _carrying, process_table as _process_table
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 _STRIPPED = ("CUBLAS_WORKSPACE_CONFIG", "PYTHONHASHSEED")
@@ -346,42 +352,6 @@ class _Tree:
                 os.kill(pid, sig)
             except OSError:
                 pass
-
-
-def _process_table() -> dict[int, tuple[int, int]]:
-    """Every process: pid -> (parent pid, start time in clock ticks), from /proc; {} where there is none."""
-    table: dict[int, tuple[int, int]] = {}
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return table
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                raw = fh.read()
-            fields = raw[raw.rindex(b")") + 2:].split()
-            if fields[0] in (b"Z", b"X"):
-                continue  # already dead: nothing to stop, and its pid is not a parent of anything
-            table[int(name)] = (int(fields[1]), int(fields[19]))
-        except (OSError, ValueError, IndexError):
-            continue
-    return table
-
-
-def _carrying(token: bytes, table: Iterable[int]) -> list[int]:
-    """The processes whose environment holds ``token`` (the ones this user may read)."""
-    found = []
-    for pid in table:
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                env = fh.read()
-        except OSError:
-            continue
-        if b"\0" + token + b"\0" in b"\0" + env + b"\0":
-            found.append(pid)
-    return found
 
 
 def _terminate(tree: _Tree) -> None:

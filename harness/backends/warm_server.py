@@ -179,9 +179,9 @@ class Server:
         # their own variables, as they do in a cold worker too), less the token
         self.base = {k: v for k, v in started_with.items() if k not in (TOKEN_VAR, GPU_VAR)}
         self.stopping = False
-        from .local import _carrying, _process_table  # imported now: stopping must not fail on an import
+        from .proctable import carrying, process_table  # imported now: stopping must not fail on an import
 
-        self._carrying, self._process_table = _carrying, _process_table
+        self._carrying, self._process_table = carrying, process_table
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
