@@ -328,6 +328,7 @@ class RunOptions:
     data_feed: str | None = None  # --data-path: "loader" | "fast" (None: DEFAULT_DATA_PATH)
     jobs: int = 0  # cells at once (harness.schedule); 0: as many as the host's cores and GPUs allow
     force: bool = False  # with --resume: rerun every cell, even those whose earlier record still stands
+    cold: bool = False  # --cold: local cells start as fresh interpreters, not forked from a warm server
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

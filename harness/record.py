@@ -457,6 +457,11 @@ class ResultRecord:
     # sha256 over what determines the result (harness.cache.cell_key): a rerun with --resume reuses the
     # record when its key is unchanged
     cache_key: str | None = None
+    # how the local backend started its worker: "warm" (forked from a server that imported torch once,
+    # harness.backends.warm) or "cold" (a fresh interpreter), and for "cold", why when it could have been
+    # warm (--cold, a trainer command, a server that failed to start); None: older records, other backends
+    start: str | None = None
+    start_reason: str | None = None
     schema: str = SCHEMA
 
     # ---- construction

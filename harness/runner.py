@@ -244,12 +244,12 @@ def refuse_another_runs_records(out: Path, resume: bool) -> None:
                           "the others rerun and their records replaced), or pass another --out")
 
 
-def make_backend(plan: Plan) -> Any:
-    """The backend a plan runs on."""
+def make_backend(plan: Plan, *, cold: bool = False) -> Any:
+    """The backend a plan runs on; ``cold`` (``--cold``): local workers start as fresh interpreters, never warm."""
     if plan.backend == "local":
         from .backends.local import LocalBackend
 
-        return LocalBackend()
+        return LocalBackend(warm=not cold, cold_reason="--cold" if cold else None)
     if plan.backend == "slurm":
         from .backends.slurm import SlurmBackend
 
@@ -388,6 +388,9 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any, *, jobs: int = 
                 start(plan, job, job.bundle_dir, reused)  # run.json names the records it takes from earlier runs
         if waiting and cache is not None and cache.before_run is not None:
             cache.before_run()  # what was left unchecked in case nothing had to train (the weights)
+        expect = getattr(backend, "expect", None)
+        if waiting and expect is not None:
+            expect(list(waiting), job)  # the cells that will run, in order (local: their warm servers start)
         host = getattr(backend, "host_slots", None)
         pool = SlotPool(*host(), jobs) if jobs != 1 and host is not None else SlotPool(None, None, 1)
         if pool.pinning and len(waiting) > 1:
@@ -889,7 +892,7 @@ def _execute_locked(opts: RunOptions, bundle: Any, plan: Plan, out: Path, report
               trainer_cwd=bundle.trainer.cwd if bundle.trainer else None,  # config.yaml's too: the cache needs it
               run_id=new_run_id(), timeout_s=opts.timeout,
               band_from=str(Path(opts.band_from).resolve()) if opts.band_from else None)
-    backend = make_backend(plan)
+    backend = make_backend(plan, cold=opts.cold)
     cache = CellCache(bundle.root, data_sha256, job.trainer_path or (), reuse=opts.resume and not opts.force,
                       before_run=before_run)
     return execute_plan(plan, backend, job, report_opts, tol, progress_enabled=opts.progress, extra_records=band,

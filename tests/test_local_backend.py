@@ -12,6 +12,8 @@ from harness.plan import Cell
 from harness.backends.local import child_env
 from harness import record
 from harness.record import RunSpec, Status
+import pytest
+
 from .conftest import patience
 
 
@@ -104,7 +106,9 @@ def _wait_for_file(path: Path, proc: subprocess.Popen, seconds: float) -> None:
 
 
 def _strays_cli(root: Path, out: Path, where: Path, *extra: str, mode: str = "", strays: str = "session,daemon",
-                **popen) -> subprocess.Popen:
+                start: str = "warm", **popen) -> subprocess.Popen:
+    """``harness run`` with the strays trainer; ``start``: its worker forked from a warm server (the default),
+    or a fresh interpreter (``cold``: ``--cold``)."""
     from .conftest import REPO
 
     env = dict(os.environ, PYTHONPATH=str(REPO), STRAYS_DIR=str(where), STRAYS_MODE=mode, STRAYS=strays)
@@ -112,7 +116,23 @@ def _strays_cli(root: Path, out: Path, where: Path, *extra: str, mode: str = "",
     where.mkdir(exist_ok=True)
     return subprocess.Popen([sys.executable, "-m", "harness", "run", str(root), "--trainer", "strays:train",
                              "--trainer-path", str(TRAINERS), "--out", str(out), "--device", "cpu", "--no-progress",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+                             *(["--cold"] if start == "cold" else []), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def _no_server_left(cli: subprocess.Popen) -> None:
+    """The CLI (ended) left no warm server running."""
+    import time
+
+    from .test_warm import servers_of
+
+    deadline = time.monotonic() + patience(10)
+    while servers_of(cli.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert servers_of(cli.pid) == []
+
+
+STARTS = pytest.mark.parametrize("start", ["cold", "warm"])
 
 
 def _finish(proc: subprocess.Popen, where: Path, seconds: float) -> tuple[str, str]:
@@ -131,47 +151,54 @@ def _finish(proc: subprocess.Popen, where: Path, seconds: float) -> tuple[str, s
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_a_run_ends_when_its_worker_ends_though_a_stray_holds_the_output(make_bundle, tmp_path: Path) -> None:
+@STARTS
+def test_a_run_ends_when_its_worker_ends_though_a_stray_holds_the_output(make_bundle, tmp_path: Path, start) -> None:
     # It used to read the output to its end, which the stray held for 1000 s: a trainer that returned
     # in seconds was recorded as timed out minutes later.
     where, out = tmp_path / "strays", tmp_path / "o"
-    proc = _strays_cli(make_bundle(), out, where, "--timeout", "120")
+    proc = _strays_cli(make_bundle(), out, where, "--timeout", "120", start=start)
     _, err = _finish(proc, where, 60)
     assert proc.returncode == 0, err
     rec = record.read(out / "run" / "record.json")
     assert rec.status is Status.OK and rec.launcher_wall_s < 60
+    assert rec.start == start and rec.start_reason == ("--cold" if start == "cold" else None)
+    _no_server_left(proc)
     log = (out / "run" / "worker.log").read_text()
     assert "strays: started session, daemon" in log
     strays = _pids(where, ["session", "daemon"])
     assert len(strays) == 2 and _still_alive(list(strays.values()), 10) == []
 
 
-def test_timeout_ends_a_cell_and_what_left_its_session(make_bundle, tmp_path: Path) -> None:
+@STARTS
+def test_timeout_ends_a_cell_and_what_left_its_session(make_bundle, tmp_path: Path, start) -> None:
     import time
 
     where, out = tmp_path / "strays", tmp_path / "o"
     limit = int(patience(6))  # time enough to start the worker and its strays
     t0 = time.monotonic()
     proc = _strays_cli(make_bundle(), out, where, "--timeout", str(limit), mode="hang",
-                       strays="session,daemon,scrubbed")
+                       strays="session,daemon,scrubbed", start=start)
     _, err = _finish(proc, where, limit + 30)
     took = time.monotonic() - t0
     assert proc.returncode == 1, err
     rec = record.read(out / "run" / "record.json")
     assert rec.status is Status.TIMEOUT and "strays: started" in rec.error.log_tail
+    assert rec.start == start
+    _no_server_left(proc)
     assert took < limit + patience(15)
     found = _pids(where, ["worker", "session", "daemon", "scrubbed"])
     assert len(found) == 4, found
     assert _still_alive(list(found.values()), 10) == [], found
 
 
-def test_sigterm_ends_a_cell_and_what_left_its_session_promptly(make_bundle, tmp_path: Path) -> None:
+@STARTS
+def test_sigterm_ends_a_cell_and_what_left_its_session_promptly(make_bundle, tmp_path: Path, start) -> None:
     import signal
 
     from .conftest import default_signals
 
     where, out = tmp_path / "strays", tmp_path / "o"
-    proc = _strays_cli(make_bundle(), out, where, mode="hang", preexec_fn=default_signals)
+    proc = _strays_cli(make_bundle(), out, where, mode="hang", preexec_fn=default_signals, start=start)
     try:
         _wait_for_file(where / "worker.pid", proc, 60)
         proc.send_signal(signal.SIGTERM)
@@ -181,14 +208,18 @@ def test_sigterm_ends_a_cell_and_what_left_its_session_promptly(make_bundle, tmp
     assert record.read(out / "run" / "record.json").status is Status.INTERRUPTED
     found = _pids(where, ["worker", "session", "daemon"])
     assert len(found) == 3 and _still_alive(list(found.values()), 10) == [], found
+    _no_server_left(proc)
 
 
-def test_a_worker_dies_with_its_cli_killed_with_sigkill(make_bundle, tmp_path: Path) -> None:
+@STARTS
+def test_a_worker_dies_with_its_cli_killed_with_sigkill(make_bundle, tmp_path: Path, start) -> None:
     # A worker left running used to write its record later, over the record of the next run (--resume).
     import signal
 
     where, out = tmp_path / "strays", tmp_path / "o"
-    proc = _strays_cli(make_bundle(), out, where, mode="hang", strays="")
+    # warm: the server, which outlives the CLI's SIGKILL for a moment, also stops what the worker started
+    proc = _strays_cli(make_bundle(), out, where, mode="hang", strays="session,daemon" if start == "warm" else "",
+                       start=start)
     try:
         _wait_for_file(where / "worker.pid", proc, 60)
         worker = int((where / "worker.pid").read_text())
@@ -196,6 +227,10 @@ def test_a_worker_dies_with_its_cli_killed_with_sigkill(make_bundle, tmp_path: P
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=patience(10))
         assert _still_alive([worker], 10) == []
+        if start == "warm":
+            strays = _pids(where, ["session", "daemon"])
+            assert len(strays) == 2 and _still_alive(list(strays.values()), 10) == [], strays
+            _no_server_left(proc)
     finally:
         _finish(proc, where, 10)
 

@@ -6,6 +6,11 @@ The child is a fresh interpreter so that ``CUBLAS_WORKSPACE_CONFIG`` and
 are in its environment before it starts (setting them from inside a running
 interpreter is too late), and so that one cell's torch state
 (threads, determinism switches, CUDA context) cannot leak into the next.
+
+With ``warm=True`` (the CLI's default; ``--cold`` turns it off) that child is forked from a
+server started in the very same environment, which imported torch once for every cell of it
+(:mod:`harness.backends.warm`); the child is still a new process per cell, never a previous
+cell's, and is stopped, timed out and searched for exactly as a cold one.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Any
 
 from ..plan import Cell, Job
 from ..worker import determinism, isa
 from .base import Backend, Launch, LineFn
+from .proctable import carrying as _carrying, process_table as _process_table
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 _STRIPPED = ("CUBLAS_WORKSPACE_CONFIG", "PYTHONHASHSEED")
@@ -104,11 +110,19 @@ _DRAIN_MAX_BYTES = 64 << 20  # at most this much output still in the pipe is rea
 class LocalBackend(Backend):
     name = "local"
 
-    def __init__(self, python: str | None = None) -> None:
+    def __init__(self, python: str | None = None, *, warm: bool = False, cold_reason: str | None = None) -> None:
+        """``warm``: fork each cell's worker from a server that imported torch once (harness.backends.warm);
+        else every worker is a fresh interpreter, and ``cold_reason`` is what its record says why (``--cold``)."""
         self.python = python or sys.executable
-        self._procs: dict[subprocess.Popen[bytes], _Tree] = {}  # one per running cell (--jobs runs several)
+        self._procs: dict[Any, _Tree] = {}  # one per running cell (--jobs runs several)
         self._lock = threading.Lock()
         self._env_digest: str | None = None
+        self._cold_reason = cold_reason
+        self.warm = None
+        if warm:
+            from .warm import WarmPool
+
+            self.warm = WarmPool(self.python)
 
     def environment_digest(self, cell: Cell) -> str | None:
         if self._env_digest is None:
@@ -137,28 +151,55 @@ class LocalBackend(Backend):
 
         return usable_cpus(), visible_gpus()
 
+    def expect(self, cells: list[Cell], job: Job) -> None:
+        """The cells about to run, in order (the runner says so once it knows which will): the warm servers
+        of their environments start now, on cores no running cell uses (harness.backends.warm)."""
+        if self.warm is None or not cells:
+            return
+        from .warm import warm_unusable
+
+        if warm_unusable(job) is None:
+            self.warm.expect([(cell, child_env(cell)) for cell in cells])
+
     def launch(self, cell: Cell, job: Job, spec_path: Path, on_line: LineFn) -> Launch:
         cpus = cell.slot.cpus if cell.slot is not None else None
         env = child_env(cell)
         env[CELL_TOKEN_VAR] = secrets.token_hex(16)
-        try:
-            # Its own session, so that stopping it (timeout, Ctrl-C, SIGTERM) also stops what it started
-            # (DataLoader workers); what leaves that session is found by its process tree and its token.
-            proc = subprocess.Popen(
-                guarded_command(self.python, spec_path, cpus, os.getpid()),
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, bufsize=0,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            return Launch(None, reason=f"cannot start {self.python}: {exc}")
+        proc: Any = None
+        start: dict[str, Any] = {"start": "cold", "start_reason": self._cold_reason}
+        if self.warm is not None:
+            from .warm import warm_unusable
+
+            why = warm_unusable(job)
+            if why is None:
+                # A child of the cell's warm server, which does what guarded_command does (its own session,
+                # its cores, death with its parent) and then runs the same worker; strays are found alike.
+                proc, why = self.warm.spawn(cell, env, spec_path, job.timeout_s)
+            start = {"start": "warm", "start_reason": None} if proc is not None else {"start": "cold", "start_reason": why}
+        if proc is None:
+            try:
+                # Its own session, so that stopping it (timeout, Ctrl-C, SIGTERM) also stops what it started
+                # (DataLoader workers); what leaves that session is found by its process tree and its token.
+                proc = subprocess.Popen(
+                    guarded_command(self.python, spec_path, cpus, os.getpid()),
+                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, bufsize=0,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                return Launch(None, reason=f"cannot start {self.python}: {exc}", extra=start)
         tree = _Tree(proc, env[CELL_TOKEN_VAR])
         with self._lock:
             self._procs[proc] = tree
         try:
             expired = _relay_until_exit(proc, tree, job.timeout_s, on_line)
-            return Launch(proc.wait(), timed_out=expired)
+            launched = Launch(proc.wait(), timed_out=expired, extra=start)
+            if getattr(proc, "lost", False):
+                launched.reason = "the warm worker's server ended while the cell ran, and the worker was killed with it"
+            return launched
         finally:
             self._stop(proc, tree)
+            if start["start"] == "warm" and self.warm is not None:
+                self.warm.finished(cell, proc)
 
     def close(self) -> None:
         """Stop every worker still running (Ctrl-C, SIGTERM); the thread that launched each one then reaps it."""
@@ -166,16 +207,20 @@ class LocalBackend(Backend):
             trees = list(self._procs.values())
         for tree in trees:
             _terminate(tree)
+        if self.warm is not None:
+            self.warm.close()  # and the warm servers: none outlives the run (a later cell starts a new one)
 
-    def _stop(self, proc: subprocess.Popen[bytes], tree: _Tree) -> None:
+    def _stop(self, proc: Any, tree: _Tree) -> None:
         with self._lock:
             self._procs.pop(proc, None)
         _terminate(tree)
         if proc.stdout is not None:
             proc.stdout.close()
+        if hasattr(proc, "close"):  # a warm child: the socket its exit status came on
+            proc.close()
 
 
-def _relay_until_exit(proc: subprocess.Popen[bytes], tree: _Tree, timeout_s: float | None, on_line: LineFn) -> bool:
+def _relay_until_exit(proc: Any, tree: _Tree, timeout_s: float | None, on_line: LineFn) -> bool:
     """Pass the worker's output to ``on_line`` line by line until the worker itself ends; True when it was
     killed at ``timeout_s``.
 
@@ -267,8 +312,8 @@ class _Tree:
     process is never signalled.
     """
 
-    def __init__(self, proc: subprocess.Popen[bytes], token: str) -> None:
-        self.proc = proc
+    def __init__(self, proc: Any, token: str) -> None:
+        self.proc = proc  # a subprocess.Popen, or a warm child (harness.backends.warm.WarmChild) that acts as one
         self.token = f"{CELL_TOKEN_VAR}={token}".encode()
         self.seen: dict[int, int] = {}
         self.lock = threading.Lock()
@@ -309,42 +354,6 @@ class _Tree:
                 pass
 
 
-def _process_table() -> dict[int, tuple[int, int]]:
-    """Every process: pid -> (parent pid, start time in clock ticks), from /proc; {} where there is none."""
-    table: dict[int, tuple[int, int]] = {}
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return table
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                raw = fh.read()
-            fields = raw[raw.rindex(b")") + 2:].split()
-            if fields[0] in (b"Z", b"X"):
-                continue  # already dead: nothing to stop, and its pid is not a parent of anything
-            table[int(name)] = (int(fields[1]), int(fields[19]))
-        except (OSError, ValueError, IndexError):
-            continue
-    return table
-
-
-def _carrying(token: bytes, table: Iterable[int]) -> list[int]:
-    """The processes whose environment holds ``token`` (the ones this user may read)."""
-    found = []
-    for pid in table:
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                env = fh.read()
-        except OSError:
-            continue
-        if b"\0" + token + b"\0" in b"\0" + env + b"\0":
-            found.append(pid)
-    return found
-
-
 def _terminate(tree: _Tree) -> None:
     """Stop a worker and what it started: SIGTERM, then SIGKILL after 10 s; then SIGKILL to whatever it left
     behind (its group, the processes seen below it, those carrying its token)."""
@@ -378,7 +387,7 @@ def visible_gpus() -> list[str] | None:
         return None
 
 
-def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+def _kill_group(proc: Any, sig: int) -> None:
     """Signal the worker's process group (its session); nothing when it is gone."""
     try:
         os.killpg(proc.pid, sig)

@@ -49,7 +49,7 @@ def inner_backend(runtime: str, python: str | None, cell: Cell, docker: Mapping[
         return DockerBackend(Engine.connect(), plans, gpus=gpus, offline=bool((docker or {}).get("offline")))
     from .local import LocalBackend
 
-    return LocalBackend(python)
+    return LocalBackend(python, cold_reason="a Slurm job runs one cell: a warm server would import torch for it alone")
 
 
 def _near_time_limit(signum: int, frame: Any) -> None:

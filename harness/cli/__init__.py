@@ -163,7 +163,7 @@ def run_options(args: argparse.Namespace, *, single: bool, band_only: bool = Fal
                       seed_key=getattr(args, "seed_key", None), trainer_cwd=getattr(args, "trainer_cwd", None),
                       out=out, trace=args.trace,
                       progress=not args.no_progress,
-                      resume=resume, force=args.force, jobs=parse_jobs(args.jobs), strict_config=getattr(args, "strict_config", False),
+                      resume=resume, force=args.force, jobs=parse_jobs(args.jobs), cold=bool(getattr(args, "cold", False)), strict_config=getattr(args, "strict_config", False),
                       timeout=parse_timeout(args.timeout) if args.timeout is not None else DEFAULT_TIMEOUT_S,
                       band=band, band_seeds=seeds, auto_band=auto_band, auto_seeds=auto, cell_seeds=cell_seeds,
                       band_from=band_from,

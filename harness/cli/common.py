@@ -78,6 +78,10 @@ def add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", default="auto", metavar="N",
                    help="cells run at once (default auto: as many as the cores allow, each cell holding as many "
                         "cores as its thread count, all of them for the default count; CUDA cells one GPU each)")
+    p.add_argument("--cold", action="store_true",
+                   help="local backend: start every cell's worker as a fresh interpreter instead of forking it from a "
+                        "warm server that imported torch once per worker environment (docs/warm-worker.md); the "
+                        "results are the same bit for bit, only slower")
 
 
 HTML_HELP = ("write one self-contained HTML page (opens offline: inline SVG, no script, no URL): the environment "
