@@ -397,6 +397,11 @@ def test_interrupt_leaves_an_interrupted_record_and_compare_says_incomplete(exam
 
     out = tmp_path / "m"
     env = dict(os.environ, COLUMNS="220")
+    # long enough that the second cell is still training a second after it starts: a warm worker
+    # starts at once, and 25 epochs of the example take well under a second
+    cfg = yaml.safe_load((example / "config.yaml").read_text())
+    cfg["training"]["epochs"] = 400
+    (example / "config.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen(preexec_fn=default_signals, args=[sys.executable, "-m", "harness", "matrix", str(example), "--backend", "local",
                              "--devices", "cpu", "--determinism", "strict,default", "--threads", "1", "--repeats", "2",
                              "--out", str(out), "--no-progress", "--jobs", "1"],
