@@ -577,14 +577,22 @@ def beyond_lines(comparison: Comparison) -> list[str]:
     return out
 
 
+def tested(comparison: Comparison) -> tuple[int, float] | None:
+    """With a cell on a seed-band rung: how many cells were tested, and the run-wide false-alarm bound."""
+    if not set(comparison.rung_counts()) & {Rung.SAME, Rung.DRIFTED}:
+        return None
+    judged = sum(1 for c in comparison.cells if c.ladder is not None and c.ladder.n_tested)
+    return judged, min(1.0, judged * comparison.alpha)
+
+
 def legend_lines(comparison: Comparison) -> list[str]:
     """One line per rung the cells reached (what it means), and the false-alarm rate behind "drifted"."""
     seen = set(comparison.rung_counts())
     lines = [RUNG_LINES[r] for r in RUNG_ORDER if r in seen]
-    if seen & {Rung.SAME, Rung.DRIFTED}:
-        judged = sum(1 for c in comparison.cells if c.ladder is not None and c.ladder.n_tested)
-        runwide = (f"; {judged} cell(s) were tested: at most {min(1.0, judged * comparison.alpha):.2g} for the run"
-                   if judged > 1 else "")
+    t = tested(comparison)
+    if t is not None:
+        judged, bound = t
+        runwide = f"; {judged} cell(s) were tested: at most {bound:.2g} for the run" if judged > 1 else ""
         lines.append(f"α = {comparison.alpha:g}: the chance that a cell from the same distribution is called drifted "
                      f"(Holm over its metrics){runwide}")
     return lines

@@ -20,7 +20,7 @@ from .judge import Comparison, Verdict
 from .ladder import RUNG_ORDER, Rung
 from .record import ResultRecord
 from .report import (_band_stacked, _fits, attribution_notes, attribution_of, attribution_rows, band_note, beyond_lines,
-                     band_table, has_seeds, objective_notes, rows, summary_line, trace_notes, trial_env_row,
+                     band_table, has_seeds, objective_notes, tested, rows, summary_line, trace_notes, trial_env_row,
                      verdict_style, warnings)
 
 CELLS_TITLE = ("Cells: validation split; val loss in the trainer's units (the reference trainer's: MSE of the "
@@ -55,9 +55,10 @@ def legend(comparison: Comparison) -> list[str]:
     """What each verdict word on this screen means, and the false-alarm rate behind "drifted"."""
     seen = set(comparison.rung_counts())
     lines = [RUNG_SHORT[r] for r in RUNG_ORDER if r in seen]
-    if seen & {Rung.SAME, Rung.DRIFTED}:
-        judged = sum(1 for c in comparison.cells if c.ladder is not None and c.ladder.n_tested)
-        run = f"; {judged} cells: ≤ {min(1.0, judged * comparison.alpha):.2g} for the run" if judged > 1 else ""
+    t = tested(comparison)
+    if t is not None:
+        judged, bound = t
+        run = f"; {judged} cells: ≤ {bound:.2g} for the run" if judged > 1 else ""
         lines.append(f"α = {comparison.alpha:g}: chance a cell of the trial's distribution is called drifted{run}")
     return lines
 
