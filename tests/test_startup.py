@@ -100,3 +100,25 @@ def test_a_custom_trainer_in_the_worker_gets_a_full_exit(make_bundle, tmp_path: 
     assert p.returncode == 0, p.stdout + p.stderr
     assert (out / "atexit").read_text() == "ran" and (out / "user.log").read_text() == "buffered"
     assert mark.read_text() == "torn down"
+
+
+def test_every_mode_pays_torchs_one_time_imports_before_the_timed_training() -> None:
+    """torch.optim imports torch._dynamo when the first optimizer is built (seconds on a cold host).
+
+    In strict mode torch.use_deterministic_algorithms did that import before the timer; default mode
+    paid it inside train_s and looked 8-10x slower than strict on a 16-core host (the H200 records:
+    same wall time per cell, the seconds counted on the other side of the timer). Every mode now
+    imports it while applying its switches, for the worker and for a command trainer's interpreter.
+    """
+    probe = ("import json, sys\n{apply}\nimport torch\nbefore = len(sys.modules)\n"
+             "torch.optim.Adam(torch.nn.Linear(2, 2).parameters())\n"
+             "print(json.dumps([len(sys.modules) - before, 'torch._dynamo' in sys.modules]))")
+    applies = {
+        "worker": "from harness.worker import determinism\ndeterminism.apply({mode!r}, tf32=False, threads=1)",
+        "command": "from harness.worker.childsite import _apply_and_seed\n_apply_and_seed(1, {mode!r}, 1, False)",
+    }
+    for via, apply in applies.items():  # default mode: strict's call to torch always did it
+        p = _python(probe.format(apply=apply.format(mode="default")))
+        assert p.returncode == 0, p.stderr
+        new_modules, dynamo = json.loads(p.stdout.splitlines()[-1])
+        assert dynamo and new_modules < 20, (via, new_modules)

@@ -64,7 +64,8 @@ def _apply_and_seed(seed: int, mode: str, threads: int | None, tf32: bool) -> di
         if mode in ("strict", "warn"):
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
-            torch.use_deterministic_algorithms(True, warn_only=(mode == "warn"))
+        # in every mode (False is torch's default): it imports torch._dynamo before the user's code
+        torch.use_deterministic_algorithms(mode in ("strict", "warn"), warn_only=(mode == "warn"))
         torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
         torch.backends.cudnn.allow_tf32 = bool(tf32)
         torch.set_float32_matmul_precision("high" if tf32 else "highest")
