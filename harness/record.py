@@ -462,6 +462,9 @@ class ResultRecord:
     # warm (--cold, a trainer command, a server that failed to start); None: older records, other backends
     start: str | None = None
     start_reason: str | None = None
+    # a CUDA cell's use of its GPU (harness.worker.envinfo.gpu_memory): {"total_mib", "peak_reserved_mib",
+    # "peak_allocated_mib", "device_used_mib", "context_mib"}; None: no CUDA, a trainer command, older records
+    gpu_memory: dict[str, Any] | None = None
     schema: str = SCHEMA
 
     # ---- construction

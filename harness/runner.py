@@ -345,6 +345,7 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any, *, jobs: int = 
         if c.warning:
             progress.note(f"! {c.name}: {c.warning}", "yellow")
     running: dict[Future[tuple[ResultRecord, bool]], tuple[Cell, Slot, float]] = {}
+    rerun_alone: dict[str, str] = {}  # cells that ran out of GPU memory beside others, and run again alone
     keys: dict[str, str] = {}
     executor: ThreadPoolExecutor | None = None
     try:
@@ -426,6 +427,22 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any, *, jobs: int = 
                 cell, slot, _t0 = running.pop(fut)
                 pool.give_back(slot, cell.device)
                 rec, unwritten = fut.result()
+                if slot.gpu_shared > 1 and cell.name not in rerun_alone and _out_of_gpu_memory(rec):
+                    # It ran out of GPU memory beside other cells: no cell shares a GPU from now on,
+                    # and this one runs again, alone; its record says so.
+                    why = f"{cell.name} ran out of GPU memory sharing its GPU with {slot.gpu_shared - 1} other cell(s)"
+                    pool.alone_on_gpus(why)
+                    rerun_alone[cell.name] = why
+                    progress.note(f"! {why}: it runs again alone, and no cells share a GPU for the rest of this run",
+                                  "yellow")
+                    waiting.insert(0, cell)
+                    continue
+                if rec.gpu_memory and slot.gpu is not None and pool.size_gpus(rec.gpu_memory, slot.gpu_shared == 1):
+                    getattr(progress, "info", progress.note)(f"gpu: up to {pool.per_gpu} cell(s) share a GPU "
+                                                             f"({pool.per_gpu_why})")
+                if cell.name in rerun_alone:
+                    rec.warnings.append(f"ran again alone on its GPU: {rerun_alone[cell.name]}")
+                    unwritten = True  # the record on disk must carry the warning
                 if unwritten:
                     keep(cell, rec)
                 else:
@@ -463,6 +480,14 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any, *, jobs: int = 
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
     return outcome()
+
+
+def _out_of_gpu_memory(rec: ResultRecord) -> bool:
+    """The cell failed because its GPU ran out of memory (torch's OutOfMemoryError, or CUDA's own words)."""
+    if rec.ok or rec.error is None:
+        return False
+    text = f"{rec.error.message}\n{rec.error.log_tail or ''}\n{rec.error.traceback or ''}".lower()
+    return "outofmemoryerror" in text or "cuda out of memory" in text or "cuda_error_out_of_memory" in text
 
 
 def band_gates(waiting: list[Cell], records: dict[str, ResultRecord],

@@ -8,10 +8,18 @@
   cores holds every core (it runs alone, as it would without ``--jobs``);
 - a CPU cell with the default thread count (``tdef``, ``--threads all``: torch's own default,
   every core) holds every core, so it runs alone;
-- a CUDA cell holds one GPU of its own (``CUDA_VISIBLE_DEVICES`` / ``device_ids``) and, with
+- a CUDA cell holds a share of one GPU (``CUDA_VISIBLE_DEVICES`` / ``device_ids``) and, with
   ``threads=N``, N cores as above; with the default thread count it holds one core of the
   budget (its host thread) but is not pinned, since pinning would change torch's default
-  thread count, which is what that cell measures. A ``cuda:N`` cell holds GPU N.
+  thread count, which is what that cell measures. A ``cuda:N`` cell holds a share of GPU N.
+
+``--jobs`` applies per device: up to N CPU cells at once, and up to N cells on each GPU. How
+many cells share a GPU is sized from what the run's finished CUDA cells measured
+(:func:`gpu_capacity`): until one has finished, a GPU holds one cell, so the first cell on
+each GPU runs alone and its peak memory sizes the rest. Each process gets its own CUDA
+context and the GPU time-slices between them; no kernel, algorithm or workspace setting
+changes, so a strict cell's numbers do not depend on its neighbours (checked on a device by
+``benchmarks/bench_gpu.py``), and the record keeps how many cells shared its GPU.
 
 Where the host's cores are unknown, or ``--jobs 1``, cells run one at a time and nothing is
 pinned, exactly as without this module. The pool hands out the lowest free cores first, so a
@@ -24,6 +32,38 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 AUTO = 0  # --jobs auto: as many as the slots allow
+AUTO_PER_GPU = 8  # --jobs auto: at most this many cells share one GPU, whatever its memory allows
+GPU_HEADROOM = 0.9  # the share of a GPU's memory that the cells sharing it may plan to fill
+PEAK_MARGIN = 1.25  # a cell's measured peak, times this: allocator and data-size variance between cells
+CONTEXT_MIB = 1024.0  # a CUDA context and its libraries, assumed until a cell that ran alone measures its own
+
+
+def gpu_capacity(measured: Sequence[dict[str, Any]], jobs: int) -> tuple[int, str]:
+    """How many cells may share one GPU, and why, from finished cells' ``gpu_memory`` (pure).
+
+    Each entry is a record's ``gpu_memory`` plus ``"alone": bool`` (it ran with the GPU to itself, so
+    its ``context_mib`` is its own). One cell needs its largest peak reserved by torch times
+    :data:`PEAK_MARGIN`, plus a context (the largest measured alone, else :data:`CONTEXT_MIB`); the
+    cells sharing a GPU may plan to fill :data:`GPU_HEADROOM` of the smallest device seen. Capped by
+    ``jobs`` (:data:`AUTO_PER_GPU` for auto). Nothing measured yet: one.
+    """
+    cap = jobs if jobs else AUTO_PER_GPU
+    usable = [m for m in measured if m.get("total_mib") and m.get("peak_reserved_mib") is not None]
+    if cap <= 1:
+        return 1, "--jobs 1"
+    if not usable:
+        return 1, "no CUDA cell has measured its memory yet"
+    total = min(float(m["total_mib"]) for m in usable)
+    contexts = [float(m["context_mib"]) for m in usable if m.get("alone") and m.get("context_mib") is not None]
+    context = max(contexts) if contexts else CONTEXT_MIB
+    peak = max(float(m["peak_reserved_mib"]) for m in usable)
+    per_cell = peak * PEAK_MARGIN + context
+    fits = max(1, int(total * GPU_HEADROOM // per_cell))
+    n = min(cap, fits)
+    why = (f"{peak:.0f} MiB peak x {PEAK_MARGIN} + {context:.0f} MiB context"
+           f"{'' if contexts else ' (assumed)'} per cell, {GPU_HEADROOM:.0%} of {total:.0f} MiB")
+    return n, why + (f"; capped by --jobs {cap}" if jobs and fits > cap else
+                     f"; at most {AUTO_PER_GPU} per GPU" if not jobs and fits > cap else "")
 
 
 @dataclass(frozen=True)
@@ -33,10 +73,15 @@ class Slot:
     cpus: tuple[int, ...] | None = None
     gpu: str | None = None
     cores: int = 0  # cores of the budget it holds (its CPU set's size, or 1 for an unpinned CUDA cell)
+    gpu_shared: int = 0  # cells on its GPU when it started, itself included (0: no GPU held)
 
     def to_record(self) -> dict[str, Any]:
-        """What a record keeps of it: ``{"cpus": [..] | None, "gpu": id | None}``."""
-        return {"cpus": list(self.cpus) if self.cpus is not None else None, "gpu": self.gpu}
+        """What a record keeps of it: ``{"cpus": [..] | None, "gpu": id | None}``, and ``"gpu_shared": n``
+        (the cells on that GPU when it started, itself included) for a cell that held a GPU."""
+        out: dict[str, Any] = {"cpus": list(self.cpus) if self.cpus is not None else None, "gpu": self.gpu}
+        if self.gpu_shared:
+            out["gpu_shared"] = self.gpu_shared
+        return out
 
     @property
     def cpuset(self) -> str | None:
@@ -82,10 +127,36 @@ class SlotPool:
         self.jobs = 1 if self.cpus is None else jobs
         self.pinning = self.jobs != 1  # --jobs 1 runs as it always did: nothing pinned
         self.free_cpus: list[int] = list(self.cpus or [])
-        self.free_gpus: list[str] = list(self.gpus or [])
+        self.gpu_load: dict[str, int] = {g: 0 for g in self.gpus or []}  # cells on each GPU now
+        self.per_gpu = 1  # cells that may share a GPU: one until a finished cell measured (size_gpus)
+        self.per_gpu_why = "no CUDA cell has measured its memory yet"
+        self.measured: list[dict[str, Any]] = []
+        self.packing_off: str | None = None  # why cells no longer share GPUs
         self.budget = len(self.cpus) if self.cpus else 1  # cores not yet held (pinned or not)
         self.gpu_turn_free = True  # gpus unknown: CUDA cells take turns
         self.running = 0
+        self.cpu_running = 0  # CPU cells now (--jobs caps them, and the cells on each GPU, separately)
+
+    @property
+    def free_gpus(self) -> list[str]:
+        """The GPUs with room for one more cell, least loaded first (then in the host's order)."""
+        room = [g for g in self.gpus or [] if self.gpu_load[g] < self.per_gpu]
+        return sorted(room, key=lambda g: self.gpu_load[g])
+
+    def size_gpus(self, gpu_memory: dict[str, Any], alone: bool) -> bool:
+        """A finished CUDA cell measured its GPU memory (a record's ``gpu_memory``); True when the
+        number of cells that may share a GPU changed."""
+        self.measured.append({**gpu_memory, "alone": alone})
+        if self.packing_off is not None:
+            return False
+        before = self.per_gpu
+        self.per_gpu, self.per_gpu_why = gpu_capacity(self.measured, self.jobs)
+        return self.per_gpu != before
+
+    def alone_on_gpus(self, why: str) -> None:
+        """One cell per GPU for the rest of the run (a cell sharing a GPU ran out of its memory)."""
+        self.per_gpu, self.per_gpu_why = 1, why
+        self.packing_off = why
 
     @property
     def n_cores(self) -> int:
@@ -96,9 +167,11 @@ class SlotPool:
 
     def take(self, device: str, threads: int | None) -> Slot | None:
         """A slot for a cell, or None when it must wait for one that runs now to end."""
-        if self.jobs and self.running >= self.jobs:
-            return None
         n = self.need(device, threads)
+        if self.jobs and n.gpu is None and self.cpu_running >= self.jobs:
+            return None
+        if self.jobs and n.gpu is not None and self.gpus is None and self.running >= self.jobs:
+            return None
         if self.cpus is None or not self.pinning:
             if self.running:
                 return None
@@ -119,11 +192,10 @@ class SlotPool:
             elif n.gpu == "any":
                 if not self.free_gpus:
                     return None
-                gpu = self.free_gpus.pop(0)
+                gpu = self.free_gpus[0]
             else:
                 if n.gpu not in self.free_gpus:
                     return None
-                self.free_gpus.remove(n.gpu)
                 gpu = n.gpu
         cpus: tuple[int, ...] | None = None
         if n.pinned:
@@ -131,7 +203,13 @@ class SlotPool:
             del self.free_cpus[:n.cores]
         self.budget -= n.cores
         self.running += 1
-        return Slot(cpus=cpus, gpu=gpu, cores=n.cores)
+        shared = 0
+        if gpu is not None:
+            self.gpu_load[gpu] += 1
+            shared = self.gpu_load[gpu]
+        elif n.gpu is None:
+            self.cpu_running += 1
+        return Slot(cpus=cpus, gpu=gpu, cores=n.cores, gpu_shared=shared)
 
     def give_back(self, slot: Slot, device: str) -> None:
         """The cell holding ``slot`` ended: its cores and GPU are free again."""
@@ -144,12 +222,15 @@ class SlotPool:
         if device.startswith("cuda"):
             if self.gpus is None:
                 self.gpu_turn_free = True
-            elif slot.gpu is not None:
-                self.free_gpus = [g for g in self.gpus if g in set(self.free_gpus) | {slot.gpu}]
+            elif slot.gpu is not None and slot.gpu in self.gpu_load:
+                self.gpu_load[slot.gpu] -= 1
+        else:
+            self.cpu_running -= 1
 
     def most_at_once(self, cells: Sequence[tuple[str, int | None]]) -> int:
         """How many of ``cells`` (device, threads) would start at once on an idle pool (for the start line)."""
         probe = SlotPool(self.cpus, self.gpus, self.jobs)
+        probe.per_gpu = self.per_gpu
         n = 0
         for device, threads in cells:
             if probe.take(device, threads) is not None:

@@ -53,3 +53,85 @@ def test_report_json_round_trips_through_compare(example: Path, tmp_path: Path) 
     rs = record.load(out / "report.json")
     assert [r.cell for r in rs.records] == ["a"] and rs.records[0].ok
     assert rs.records[0] == record.read(out / "a" / "record.json")
+
+
+def test_cuda_cells_share_a_gpu_once_the_first_measured_its_memory_and_an_oom_runs_again_alone(tmp_path: Path) -> None:
+    """The runner sizes GPU sharing from the first finished CUDA cell's record and backs off on an OOM.
+
+    An in-process backend stands in for the worker (what a CUDA worker records is tested with the
+    worker); it counts the cells on each GPU while they run.
+    """
+    import threading
+    import time
+
+    from harness import runner
+    from harness.record import ErrorInfo, ResultRecord
+
+    class OneGpu:
+        name = "local"
+
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.on_gpu: set[str] = set()
+            self.seen: list[tuple[str, int, int]] = []  # (cell, gpu_shared, cells on the GPU when it started)
+            self.oom = {"g3"}
+
+        def prepare(self, cells, job):
+            return {}
+
+        def host_slots(self):
+            return list(range(8)), ["0"]
+
+        def environment_digest(self, cell):
+            return None
+
+        def run(self, cell, job, on_event):
+            with self.lock:
+                self.on_gpu.add(cell.name)
+                self.seen.append((cell.name, cell.slot.gpu_shared, len(self.on_gpu)))
+            time.sleep(0.4)
+            with self.lock:
+                self.on_gpu.discard(cell.name)
+            job.cell_dir(cell).mkdir(parents=True, exist_ok=True)
+            if cell.name in self.oom and cell.slot.gpu_shared > 1:
+                self.oom.discard(cell.name)
+                return ResultRecord(cell=cell.name, status=Status.FAILED, error=ErrorInfo(
+                    kind="run", message="OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"))
+            return ResultRecord(cell=cell.name, status=Status.OK, slot=cell.slot.to_record(), gpu_memory={
+                "total_mib": 10000.0, "peak_reserved_mib": 2000.0, "context_mib": 500.0})
+
+        def close(self):
+            pass
+
+    class Progress:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def note(self, text, style=""):
+            self.lines.append(text)
+
+        info = note
+
+        def start(self, *a): pass
+        def event(self, *a): pass
+        def done(self, *a): pass
+
+    backend, progress = OneGpu(), Progress()
+    cells = [Cell(f"g{i}", device="cuda", threads=1) for i in range(6)]
+    job = Job(bundle_dir="b", data_path="d", results_dir=str(tmp_path), run_id="r1")
+    outcome = runner.run_cells(Plan(backend="local", cells=cells), backend, job, progress, jobs=0)
+    assert [r.cell for r in outcome.records] == [c.name for c in cells] and all(r.ok for r in outcome.records)
+    first = backend.seen[0]
+    assert first == ("g0", 1, 1)  # alone: nothing else started until it had measured
+    assert backend.seen[1][0] == "g1"
+    assert max(n for _, _, n in backend.seen) == 3  # 2000 MiB x 1.25 + 500 MiB a cell: 3 fit 90 % of 10000
+    assert any("up to 3 cell(s) share a GPU" in line for line in progress.lines)
+    # g3 ran out of memory beside others: it ran again alone, and nothing shared the GPU after that
+    runs = [(name, shared) for name, shared, _ in backend.seen if name == "g3"]
+    assert len(runs) == 2 and runs[0][1] > 1 and runs[1][1] == 1
+    second = [i for i, (name, _, _) in enumerate(backend.seen) if name == "g3"][1]
+    assert all(shared == 1 and n == 1 for _, shared, n in backend.seen[second:])
+    g3 = next(r for r in outcome.records if r.cell == "g3")
+    assert any("ran again alone on its GPU" in w for w in g3.warnings)
+    assert "ran again alone" in (tmp_path / "g3" / "record.json").read_text()
+    assert any("g3 ran out of GPU memory" in line for line in progress.lines)

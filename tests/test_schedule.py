@@ -7,7 +7,7 @@ import pytest
 from harness.errors import UsageError
 from harness.plan import Cell
 from harness.options import parse_jobs
-from harness.schedule import AUTO, Slot, SlotPool, need, next_to_start
+from harness.schedule import AUTO, AUTO_PER_GPU, CONTEXT_MIB, Slot, SlotPool, gpu_capacity, need, next_to_start
 
 
 def cpu(name: str, threads: int | None) -> Cell:
@@ -155,3 +155,64 @@ def test_backends_apply_a_slot(tmp_path) -> None:
     assert cmd[:2] == ["/py", "-c"] and "sched_setaffinity(0, [3])" in cmd[2] and "harness.worker" in cmd[2]
     assert worker_command("/py", tmp_path / "spec.json") == ["/py", "-m", "harness.worker", "--spec",
                                                               str(tmp_path / "spec.json")]
+
+
+# ---- several cells per GPU (--jobs applies per device)
+
+H200 = {"total_mib": 143771.0, "peak_reserved_mib": 40.0, "context_mib": 520.0}
+
+
+def test_a_gpu_holds_one_cell_until_a_finished_cell_measured_its_memory() -> None:
+    assert gpu_capacity([], AUTO) == (1, "no CUDA cell has measured its memory yet")
+    n, why = gpu_capacity([{**H200, "alone": True}], AUTO)
+    assert n == AUTO_PER_GPU and "520 MiB context per cell" in why and f"at most {AUTO_PER_GPU}" in why
+    assert gpu_capacity([{**H200, "alone": True}], 3)[0] == 3  # --jobs 3: three per GPU
+    assert gpu_capacity([{**H200, "alone": True}], 1)[0] == 1
+
+
+def test_the_capacity_is_what_fits_the_memory_with_a_margin() -> None:
+    big = {"total_mib": 10000.0, "peak_reserved_mib": 2000.0, "context_mib": 500.0, "alone": True}
+    # 2000 x 1.25 + 500 = 3000 MiB a cell; 90 % of 10000 MiB holds 3
+    assert gpu_capacity([big], 16)[0] == 3
+    # a context measured beside other cells counts all of them: not used, the assumed one is
+    shared = {**big, "alone": False, "context_mib": 4000.0}
+    n, why = gpu_capacity([shared], 16)
+    assert n == int(9000 // (2500 + CONTEXT_MIB)) and "(assumed)" in why
+    # the largest peak and the smallest device decide
+    assert gpu_capacity([big, {**big, "peak_reserved_mib": 3600.0}], 16)[0] == 1
+    assert gpu_capacity([{**big, "total_mib": 80000.0}, big], 16)[0] == 3
+    # a cell larger than the device still runs, alone
+    assert gpu_capacity([{**big, "peak_reserved_mib": 50000.0}], 16)[0] == 1
+
+
+def test_cells_share_a_gpu_once_sized_and_the_least_loaded_gpu_comes_first() -> None:
+    pool = SlotPool(cpus=range(16), gpus=["0", "1"], jobs=AUTO)
+    first = start_all(pool, [cuda(f"g{i}", 1) for i in range(6)])
+    assert [s.gpu for _, s in first] == ["0", "1"] and all(s.gpu_shared == 1 for _, s in first)
+    assert pool.size_gpus({"total_mib": 10000.0, "peak_reserved_mib": 2000.0, "context_mib": 500.0}, alone=True)
+    assert pool.per_gpu == 3
+    more = start_all(pool, [cuda(f"h{i}", 1) for i in range(6)])
+    assert [s.gpu for _, s in more] == ["0", "1", "0", "1"]  # two more on each: three per GPU
+    assert sorted(s.gpu_shared for _, s in more) == [2, 2, 3, 3]
+    assert more[0][1].to_record() == {"cpus": [2], "gpu": "0", "gpu_shared": 2}
+    pool.give_back(more[0][1], "cuda")
+    again = pool.take("cuda", 1)
+    assert again is not None and again.gpu == "0" and again.gpu_shared == 3
+    assert pool.take("cuda:1", 1) is None  # GPU 1 is full
+
+
+def test_jobs_caps_the_cells_on_each_gpu_and_the_cpu_cells_apart() -> None:
+    pool = SlotPool(cpus=range(16), gpus=["0"], jobs=2)
+    pool.size_gpus(H200, alone=True)
+    cells = [cuda(f"g{i}", 1) for i in range(4)] + [cpu(f"c{i}", 1) for i in range(4)]
+    started = start_all(pool, cells)
+    assert [c.name for c, _ in started] == ["g0", "g1", "c0", "c1"]
+
+
+def test_out_of_memory_beside_others_stops_the_sharing() -> None:
+    pool = SlotPool(cpus=range(8), gpus=["0"], jobs=AUTO)
+    pool.size_gpus(H200, alone=True)
+    assert pool.per_gpu == AUTO_PER_GPU
+    pool.alone_on_gpus("g3 ran out of GPU memory")
+    assert pool.per_gpu == 1 and not pool.size_gpus(H200, alone=True)  # stays off for the run
+    assert len(start_all(pool, [cuda("a", 1), cuda("b", 1)])) == 1

@@ -76,8 +76,10 @@ def add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="with --resume: rerun every cell, even those whose earlier record could be reused")
     p.add_argument("--jobs", default="auto", metavar="N",
-                   help="cells run at once (default auto: as many as the cores allow, each cell holding as many "
-                        "cores as its thread count, all of them for the default count; CUDA cells one GPU each)")
+                   help="cells run at once, per device: up to N CPU cells, and up to N cells sharing each GPU "
+                        "(default auto: as many as the cores allow, each cell holding as many cores as its thread "
+                        "count, all of them for the default count; on a GPU, as many as its memory holds by the "
+                        "first finished cell's peak, at most 8; docs/gpu-sharing.md)")
     p.add_argument("--cold", action="store_true",
                    help="local backend: start every cell's worker as a fresh interpreter instead of forking it from a "
                         "warm server that imported torch once per worker environment (docs/warm-worker.md); the "

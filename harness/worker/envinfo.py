@@ -115,3 +115,33 @@ def measure(device: str = "cpu") -> dict[str, Any]:
     elif torch.cuda.is_available():
         env["driver"] = _nvidia_driver()
     return env
+
+
+MIB = 1 << 20
+
+
+def gpu_memory(torch: Any) -> dict[str, Any] | None:
+    """What this process used of its GPU, measured after training (None when it never initialised CUDA).
+
+    ``peak_reserved_mib``: the most torch's caching allocator held at once (what the cell needs of the
+    device, beyond its CUDA context); ``peak_allocated_mib``: the most its tensors held;
+    ``device_used_mib``: the whole device's use now (every process on it: this one's context and its
+    cached blocks included); ``context_mib``: that use less what torch holds now, i.e. this process's
+    context and libraries *when it ran alone on the GPU* (the scheduler reads it only then);
+    ``total_mib``: the device's memory. The scheduler sizes how many cells share a GPU from these
+    (harness.schedule.gpu_capacity).
+    """
+    try:
+        if not torch.cuda.is_initialized():
+            return None
+        free, total = torch.cuda.mem_get_info()
+        reserved = torch.cuda.memory_reserved()
+        return {
+            "total_mib": round(total / MIB, 1),
+            "peak_reserved_mib": round(torch.cuda.max_memory_reserved() / MIB, 1),
+            "peak_allocated_mib": round(torch.cuda.max_memory_allocated() / MIB, 1),
+            "device_used_mib": round((total - free) / MIB, 1),
+            "context_mib": round(max(0, total - free - reserved) / MIB, 1),
+        }
+    except Exception:  # noqa: BLE001 - a fact the scheduler can do without; never a failed cell
+        return None

@@ -751,6 +751,7 @@ def run(spec: RunSpec) -> ResultRecord:
         rec.warnings.append(f"ulp band member not perturbed: {rec.perturbation.get('skipped')}; "
                             "it is left out of the band")
     rec.determinism = determinism.capture(spec.determinism, bundle.training.seed, reference=bundle.trainer is None)
+    rec.gpu_memory = envinfo.gpu_memory(torch)  # in-process trainers only: a command's GPU is its own process's
     recorded = bundle.recorded
     rec.recorded = None if recorded is None else {
         "number": recorded.number, "value": recorded.value, "params": recorded.params, "r2": recorded.r2,
