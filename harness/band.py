@@ -18,6 +18,7 @@ Plain data in, plain data out: :func:`measure` takes the members' flattened metr
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -61,6 +62,7 @@ class Member:
     why_not: str | None = None
     values: dict[str, float] = field(default_factory=dict)  # its flattened validation metrics
     weights_sha256: str | None = None
+    command: str | None = None  # a trainer command, as configured (None: a function, or the reference trainer)
 
 
 @dataclass
@@ -94,6 +96,29 @@ def _spreads(rows: Sequence[Mapping[str, float]]) -> dict[str, Spread]:
 
 SEED_HINT = ("declare where the trainer reads its seed (config.yaml trainer.seed_key), or pass {seed} to a trainer "
              "command")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")  # as harness.worker.trainer_cmd reads a command
+
+
+def seed_hint(command: str | None) -> str:
+    """What to do when the seed does not reach this trainer (pure).
+
+    A command's hint follows the placeholders it uses: one that reads the trial's own config.yaml
+    from ``{bundle}``, with neither ``{config}`` nor ``{seed}``, sees the trial's seed in every
+    member, and is told to take one of those instead.
+    """
+    if command is None:
+        return SEED_HINT
+    used = set(_PLACEHOLDER.findall(command))
+    copy = "{config} (a copy of config.yaml with the member's seed)"
+    if "seed" in used:
+        return "the command is given {seed}: check that its training is seeded with it"
+    if "config" in used:
+        return ("declare where the trainer reads its seed (config.yaml trainer.seed_key): {config} holds the "
+                "member's seed at that key; or pass {seed} to the command")
+    if "bundle" in used:
+        return (f"the command reads {{bundle}}, whose config.yaml holds the trial's seed in every member: pass "
+                f"{copy} or {{seed}} instead of reading {{bundle}}")
+    return f"pass {copy} or {{seed}} to the command"
 
 
 def _same(a: Member, b: Member) -> bool:
@@ -115,7 +140,7 @@ def seeds_without_effect(members: Sequence[Member]) -> str | None:
             if a.seed != b.seed and _same(a, b):
                 what = "weights" if a.weights_sha256 and b.weights_sha256 else "metrics"
                 return (f"{a.cell} (seed {a.seed}) and {b.cell} (seed {b.seed}) trained identical {what}: the seed "
-                        f"does not reach the trainer; {SEED_HINT}")
+                        f"does not reach the trainer; {seed_hint(a.command)}")
     return None
 
 

@@ -591,7 +591,8 @@ def band_member(rec: ResultRecord) -> band_mod.Member:
         used, why = False, ((rec.perturbation or {}).get("skipped") or "its record shows no perturbation applied")
     return band_mod.Member(cell=rec.cell, kind=kind, member=int(b.get("member") or 0), seed=b.get("seed"),
                            perturbation=rec.perturbation, used=used, why_not=why,
-                           values=flat_val(rec) if rec.ok else {}, weights_sha256=rec.weights_sha256)
+                           values=flat_val(rec) if rec.ok else {}, weights_sha256=rec.weights_sha256,
+                           command=(rec.trainer or {}).get("command"))
 
 
 def measure_band(records: Iterable[ResultRecord]) -> Band | None:

@@ -207,6 +207,30 @@ def test_unperturbed_members_are_left_out_and_the_band_says_so() -> None:
     assert not one.measured and any("needs at least 2" in n for n in one.notes)
 
 
+def _same_seed_members(command: str | None) -> str | None:
+    """Why two seed members that trained identical weights measure no seeds, for a trainer running ``command``."""
+    return band_mod.seeds_without_effect([
+        band_mod.Member(cell=f"band-seed-{i}", kind="seed", member=i, seed=7 + i, weights_sha256="w", command=command)
+        for i in (1, 2)])
+
+
+@pytest.mark.parametrize("command, hint", [
+    (None, band_mod.SEED_HINT),  # a function: where it reads its seed
+    ("{python} -m p.train {bundle} --out {out_dir}",
+     ("the command reads {bundle}, whose config.yaml holds the trial's seed in every member: pass {config} (a copy of "
+      "config.yaml with the member's seed) or {seed} instead of reading {bundle}")),
+    ("{python} -m p.train --config {config}",
+     ("declare where the trainer reads its seed (config.yaml trainer.seed_key): {config} holds the member's seed at "
+      "that key; or pass {seed} to the command")),
+    ("{python} -m p.train {bundle} --seed={seed}", "the command is given {seed}: check that its training is seeded with it"),
+    ("sh {code_dir}/train.sh", "pass {config} (a copy of config.yaml with the member's seed) or {seed} to the command"),
+])
+def test_the_seed_hint_names_what_the_trainer_can_take_instead(command: str | None, hint: str) -> None:
+    why = _same_seed_members(command)
+    assert why == (f"band-seed-1 (seed 8) and band-seed-2 (seed 9) trained identical weights: the seed does not reach "
+                   f"the trainer; {hint}")
+
+
 # --------------------------------------------------------------------------- which band a run measured
 
 

@@ -211,6 +211,61 @@ def test_a_seed_band_whose_seed_does_not_reach_the_trainer_stops_after_two(make_
     assert all(recs[f"band-seed-{n}"].status is Status.SKIPPED for n in (3, 4, 5))
 
 
+FIT = "{python} {code_dir}/cmd_fit.py --data {data} --out {out_dir}"  # tests/trainers/cmd_fit.py: trains, seeds itself
+COMMAND_SEED_VIA = ["the environment: HARNESS_SEED, and HARNESS_CONFIG (a copy of config.yaml with the seed at training.seed)",
+                    "the global RNGs of every Python process of the command, seeded at interpreter start"]
+
+
+def _command_band(root: Path, out: Path, command: str, *args: str):
+    return harness("band", str(root), "--trainer-cmd", command, "--trainer-path", str(TRAINERS), *args,
+                   "--device", "cpu", "--threads", "1", "-o", str(out), "--no-progress")
+
+
+def test_a_command_band_whose_first_member_cannot_be_perturbed_stops_there(make_bundle, tmp_path: Path) -> None:
+    root = make_bundle()
+    command = "{python} -c 'import json; print(json.dumps(dict(val_loss=0.5)))'"  # imports torch (the hook), trains nothing
+    p = _command_band(root, tmp_path / "b", command, "--n", "3")
+    assert p.returncode == 1, p.stdout + p.stderr  # asked for a band, got none
+    text = " ".join(p.stdout.split())
+    assert "ulp band skipped" in text and "no module holding trainable parameters was ever called" in text
+    recs = {r.cell: r for r in record.load(tmp_path / "b").records}
+    first = recs["band-ulp-1"]
+    assert first.status is Status.OK and first.perturbation["applied"] is False
+    assert first.trainer["python_processes"]  # the command's Python ran, with the hooks, and perturbed nothing
+    for n in (2, 3):  # one retrain spent, not three
+        r = recs[f"band-ulp-{n}"]
+        assert r.status is Status.SKIPPED and r.wall_s is None
+        assert r.error.message.startswith("not run: band-ulp-1 was not usable"), r.error.message
+
+
+def test_a_command_seed_band_whose_seed_does_not_reach_the_training_stops_after_two(make_bundle,
+                                                                                   tmp_path: Path) -> None:
+    """The command reads the trial's own {bundle}/config.yaml and seeds itself from it: every member trains the same."""
+    root = make_bundle()
+    p = _command_band(root, tmp_path / "b", FIT + " --bundle {bundle}", "--n", "0", "--band-seeds", "3")
+    text = " ".join(p.stdout.split())
+    assert p.returncode == 1 and "the seed does not reach the trainer" in text, p.stdout + p.stderr
+    assert ("the command reads {bundle}, whose config.yaml holds the trial's seed in every member: pass {config} (a "
+            "copy of config.yaml with the member's seed) or {seed} instead of reading {bundle}") in text
+    recs = {r.cell: r for r in record.load(tmp_path / "b").records}
+    one, two = recs["band-seed-1"], recs["band-seed-2"]
+    assert one.status is Status.OK and two.status is Status.OK and (one.band["seed"], two.band["seed"]) == (8, 9)
+    assert one.weights_sha256 == two.weights_sha256 and one.extra["seed"] == two.extra["seed"] == 7
+    assert one.band["seed_via"] == COMMAND_SEED_VIA  # neither {seed} nor {config} in this command
+    assert recs["band-seed-3"].status is Status.SKIPPED and recs["band-seed-3"].wall_s is None
+
+
+def test_a_command_seed_band_through_seed_trains_each_seed(make_bundle, tmp_path: Path) -> None:
+    root = make_bundle()
+    p = _command_band(root, tmp_path / "b", FIT + " --bundle {bundle} --seed {seed}", "--n", "0", "--band-seeds", "2")
+    assert p.returncode == 0, p.stdout + p.stderr
+    recs = {r.cell: r for r in record.load(tmp_path / "b").records}
+    one, two = recs["band-seed-1"], recs["band-seed-2"]
+    assert (one.extra["seed"], two.extra["seed"]) == (one.band["seed"], two.band["seed"]) == (8, 9)
+    assert one.weights_sha256 != two.weights_sha256  # another seed, other weights: the band has a spread
+    assert one.band["seed_via"] == ["{seed} in the command", *COMMAND_SEED_VIA]  # and no {config}: it has none
+
+
 @pytest.mark.parametrize("args, words", [
     (["band", "B", "--n", "1"], "--n 1 measures no spread"),
     (["band", "B", "--backend", "docker"], "needs the image"),

@@ -669,7 +669,29 @@ def test_a_command_seed_band_member_reads_its_seed_from_config(tmp_path: Path) -
                                                                               "code_dir": str(src)}}))
     rec = _run_worker(root, tmp_path / "o", seed=8, band={"kind": "seed", "member": 3})
     assert rec.extra == {"line": "seed: 8"} and rec.trainer["seed_key"] == "seed"
+    assert rec.band["seed_via"][0] == "{config} in the command: a copy of config.yaml with the seed at seed"
     assert rec.trainer["config"] == str(tmp_path / "o" / "harness-config.yaml")
     assert yaml.safe_load((root / "config.yaml").read_text())["seed"] == 5  # the bundle is untouched
     rec = _run_worker(root, tmp_path / "o2")
     assert rec.extra == {"line": "seed: 5"} and rec.trainer["config"] == str(root.resolve() / "config.yaml")
+
+
+_ENV_ROUTE = "the environment: HARNESS_SEED, and HARNESS_CONFIG (a copy of config.yaml with the seed at train.rs)"
+_CHILD_RNGS = "the global RNGs of every Python process of the command, seeded at interpreter start"
+
+
+@pytest.mark.parametrize("command, routes", [
+    ("{python} -m p.train {bundle} --out {out_dir}", []),
+    ("{python} -m p.train {bundle} --seed {seed}", ["{seed} in the command"]),
+    ("{python} -m p.train --config={config}",
+     ["{config} in the command: a copy of config.yaml with the seed at train.rs"]),
+    ("{python} -m p.train {config} {seed}",
+     ["{seed} in the command", "{config} in the command: a copy of config.yaml with the seed at train.rs"]),
+])
+def test_a_command_seed_members_record_names_only_the_routes_its_command_has(command: str, routes: list) -> None:
+    from types import SimpleNamespace
+
+    from harness.worker.retrain import seed_via
+
+    bundle = SimpleNamespace(trainer=SimpleNamespace(command=command), training=SimpleNamespace(seed_key="train.rs"))
+    assert seed_via(bundle) == [*routes, _ENV_ROUTE, _CHILD_RNGS]

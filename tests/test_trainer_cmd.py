@@ -71,10 +71,17 @@ def test_a_command_that_cannot_run_is_refused_before_anything_starts(command, ha
 
 
 def test_the_environment_adds_the_run_and_puts_the_hook_then_the_code_first() -> None:
-    base = {"PATH": "/bin", "PYTHONPATH": "/opt/harness", "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "HARNESS_DATA": "stale"}
+    base = {"PATH": "/bin", "PYTHONPATH": "/opt/harness", "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "HARNESS_DATA": "stale",
+            "HARNESS_PERTURB": '{"kind": "ulp", "seed": 9}', "HARNESS_TRACE": "/stale/trace.jsonl"}
     env = tc.command_env(base, seed=3, device="cpu", bundle="/b", config="/b/config.yaml", data=None, out_dir="/o",
                          determinism="warn", threads=None, tf32=True, code_dirs=["/c1", "/c2"], site_dir="/site",
                          markers="/m", worker_pid=42)
+    # no band member, no --trace: the command's processes install no hooks, whatever the worker's environment held
+    assert "HARNESS_PERTURB" not in env and "HARNESS_TRACE" not in env
+    asked = tc.command_env(base, seed=3, device="cpu", bundle="/b", config="/b/config.yaml", data=None, out_dir="/o",
+                           determinism="warn", threads=None, tf32=True, code_dirs=[], site_dir="/site", markers="/m",
+                           worker_pid=42, perturb={"kind": "ulp", "seed": 2}, trace="/o/trace.jsonl")
+    assert json.loads(asked["HARNESS_PERTURB"]) == {"kind": "ulp", "seed": 2} and asked["HARNESS_TRACE"] == "/o/trace.jsonl"
     assert env["PYTHONPATH"] == os.pathsep.join(["/site", "/c1", "/c2", "/opt/harness"])
     assert env["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # the worker's determinism variables are inherited
     assert (env["HARNESS_SEED"], env["HARNESS_METRICS_FILE"], env["HARNESS_THREADS"], env["HARNESS_TF32"]) == \
@@ -89,6 +96,64 @@ def test_only_well_formed_epoch_lines_are_progress() -> None:
     for line in ('HARNESS-EVENT {"event": "done", "status": "ok"}', "HARNESS-EVENT {not json", "epoch 2 loss 0.2",
                  'HARNESS-EVENT {"event": "epoch", "epoch": "2"}'):
         assert tc.child_event(line) is None
+
+
+# --------------------------------------------------------------------------- what the processes' hooks did (pure)
+
+ULP = {"kind": "ulp", "seed": 4}
+APPLIED = {"kind": "ulp", "seed": 4, "applied": True, "tensor": "0.weight", "index": 3, "updated": True}
+
+
+def _proc(pid: int, **hooks: object) -> dict:
+    """A process's marker, as the command's sitecustomize leaves it (``hooks``: what its torch hooks reported)."""
+    return {"pid": pid, "seed": 7, **({"hooks": hooks} if hooks else {})}
+
+
+def test_no_perturbation_asked_is_none_whatever_the_processes_say() -> None:
+    assert tc.hooks_outcome([_proc(10, perturbation=APPLIED)], None) == (None, [])
+
+
+def test_several_processes_that_perturbed_count_the_first_and_say_so() -> None:
+    got, warnings = tc.hooks_outcome([_proc(10), _proc(11, perturbation=APPLIED),
+                                      _proc(12, perturbation={**APPLIED, "index": 5})], ULP)
+    assert got == {**APPLIED, "process": 11}
+    assert warnings == ["2 Python processes of the command each perturbed a model; the band member counts process 11's"]
+
+
+def test_a_command_no_process_perturbed_says_why() -> None:
+    # no process reported a perturbation at all: a command without torch, or one killed before its exit handlers
+    got, warnings = tc.hooks_outcome([_proc(10), _proc(11, trace=None)], ULP)
+    assert got == {"kind": "ulp", "seed": 4, "applied": False,
+                   "skipped": "no Python process of the command that imported torch reported a perturbation (none ran "
+                              "a torch.nn module, or it ended without running its exit handlers)"}
+    assert warnings == []
+    # the first process that says why not
+    got, _ = tc.hooks_outcome([_proc(10, perturbation={**ULP, "applied": False, "skipped": "first reason"}),
+                               _proc(11, perturbation={**ULP, "applied": False, "skipped": "second reason"})], ULP)
+    assert got["applied"] is False and got["skipped"] == "first reason"
+
+
+def test_hooks_that_failed_in_a_process_are_a_warning() -> None:
+    got, warnings = tc.hooks_outcome([_proc(10, error="ImportError: cannot import name 'register_optimizer_step_pre_hook'"),
+                                      _proc(11, perturbation=APPLIED)], ULP)
+    assert got["process"] == 11
+    assert warnings == [("the torch hooks failed in process 10: ImportError: cannot import name "
+                         "'register_optimizer_step_pre_hook'")]
+    got, warnings = tc.hooks_outcome([_proc(10, error="RuntimeError: x")], ULP)
+    assert got["applied"] is False and warnings == ["the torch hooks failed in process 10: RuntimeError: x"]
+
+
+def test_the_trace_is_the_process_that_stepped_first_and_the_others_are_said() -> None:
+    written = {"file": "trace.jsonl", "schema": "harness.trace/1", "steps": 3, "truncated": False}
+    refused = {"file": None, "schema": "harness.trace/1", "steps": 0, "truncated": False,
+               "why": "another Python process of the command wrote the trace"}
+    assert tc.trace_outcome([_proc(9), _proc(10, trace=written), _proc(11, trace=None)]) == (
+        {**written, "process": 10}, [])  # 9 had no torch, 11 never stepped
+    got, warnings = tc.trace_outcome([_proc(10, trace=written), _proc(11, trace=refused), _proc(12, trace=refused)])
+    assert got == {**written, "process": 10}
+    assert warnings == [("2 other Python process(es) of the command (pid 11, 12) made optimizer steps too: the trace "
+                         "holds process 10's only")]
+    assert tc.trace_outcome([_proc(10, trace=None), _proc(11, error="RuntimeError: x")]) == (None, [])
 
 
 # --------------------------------------------------------------------------- metrics on stdout (pure)
@@ -320,6 +385,60 @@ def test_a_program_that_does_not_exist_is_bad_input(make_bundle, tmp_path: Path)
     assert p.returncode == 2 and "Traceback" not in p.stderr  # bad input, found by the cell's worker
     assert rec.status is Status.FAILED and rec.error.kind == "input"
     assert "'no-such-trainer-program' was not found" in rec.error.message
+
+
+# --------------------------------------------------------------------------- a command that trains: --trace, refusals
+
+FIT = "{python} {code_dir}/cmd_fit.py --config {config} --data {data} --out {out_dir}"  # tests/trainers/cmd_fit.py
+
+
+def _fit(make_bundle, tmp_path: Path, args: str, **spec: object) -> record.ResultRecord:
+    """The worker (in this process) running cmd_fit.py as the trainer command, for real."""
+    from harness.worker import retrain
+
+    root = make_bundle()
+    return retrain.run(RunSpec(cell="run", bundle_dir=str(root), out_dir=str(tmp_path / "o"), determinism="default",
+                               trainer_cmd=f"{FIT} {args}", trainer_path=[str(TRAINERS)], **spec))
+
+
+def test_the_trace_of_a_command_holds_the_first_process_that_steps(make_bundle, tmp_path: Path) -> None:
+    """Its Python trains 3 steps, then starts a child Python that trains 5: the trace is the parent's 3, and says so."""
+    rec = _fit(make_bundle, tmp_path, "--steps 3 --child-steps 5", trace=True)
+    procs = rec.trainer["python_processes"]
+    (parent,) = [p for p in procs if "--child-steps" in p["argv"]]
+    (child,) = [p for p in procs if p["ppid"] == parent["pid"]]
+    assert rec.trace == {"file": "trace.jsonl", "schema": "harness.trace/1", "steps": 3, "truncated": False,
+                         "process": parent["pid"]}
+    lines = [json.loads(line) for line in (tmp_path / "o" / "trace.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "step" in line] == [1, 2, 3]  # none of the child's 5 steps
+    assert child["hooks"]["trace"]["why"] == "another Python process of the command wrote the trace"
+    assert (f"1 other Python process(es) of the command (pid {child['pid']}) made optimizer steps too: the trace "
+            f"holds process {parent['pid']}'s only") in rec.warnings
+
+
+def test_a_command_with_a_hand_written_update_says_why_it_left_no_trace(make_bundle, tmp_path: Path) -> None:
+    from harness.worker.retrain import NO_STEP_SEEN
+    from harness.worker.trace import no_trace
+
+    rec = _fit(make_bundle, tmp_path, "--update hand", trace=True)
+    assert rec.status is Status.OK and rec.weights_sha256  # it trained, by hand: no torch.optim step
+    assert rec.trace == no_trace(NO_STEP_SEEN.format(trainer="the trainer command"))
+    assert "made no torch.optim optimizer step the hooks could see" in rec.trace["why"]
+    assert not (tmp_path / "o" / "trace.jsonl").exists()
+
+
+def test_a_commands_result_refused_after_training_still_writes_the_report(make_bundle, tmp_path: Path) -> None:
+    root = make_bundle("plain", trial_info={"number": 1, "value": 0.5, "params": {}})
+    out = tmp_path / "o"
+    command = """sh -c 'touch trained; echo "{\\"val_loss\\": 0.5, \\"val\\": {\\"r2\\": \\"high\\"}}"'"""
+    p = harness("run", str(root), "--trainer-cmd", command, "--out", str(out), "--device", "cpu", "--no-progress")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stdout + p.stderr
+    assert (out / "run" / "trained").exists()  # it trained, then its result was refused
+    (line,) = [ln for ln in p.stderr.splitlines() if ln.startswith("harness: error:")]
+    assert "val.r2 as str, not a number" in line
+    report = json.loads((out / "report.json").read_text())
+    assert [r["cell"] for r in report["records"]] == ["run"] and report["comparison"]["overall"] == "failed"
+    assert "✗ run:" in p.stdout and "Overall: failed" in p.stdout
 
 
 # --------------------------------------------------------------------------- the child dies with the worker

@@ -549,8 +549,8 @@ def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: Result
     rec.perturbation, hook_warnings = tc.hooks_outcome(processes, spec.perturb)
     rec.warnings.extend(hook_warnings)
     if spec.trace:
-        traced = next((h["trace"] for h in ((p.get("hooks") or {}) for p in processes)
-                       if (h.get("trace") or {}).get("steps")), None)
+        traced, trace_warnings = tc.trace_outcome(processes)
+        rec.warnings.extend(trace_warnings)
         rec.trace = traced or no_trace(NO_STEP_SEEN.format(trainer="the trainer command"))
         if traced is None:
             tc.remove_stale(out / TRACE_FILE)
@@ -657,9 +657,11 @@ def seed_via(bundle: Any) -> list[str]:
         from .trainer_cmd import placeholders, split_command
 
         used = placeholders(split_command(bundle.trainer.command))
+        copy = f"a copy of config.yaml with the seed at {bundle.training.seed_key}"
         return [*(["{seed} in the command"] if "seed" in used else []),
-                f"{{config}} and HARNESS_CONFIG: a copy of config.yaml with the seed at {bundle.training.seed_key}",
-                "HARNESS_SEED", "the global RNGs of every Python process of the command, seeded at interpreter start"]
+                *([f"{{config}} in the command: {copy}"] if "config" in used else []),
+                f"the environment: HARNESS_SEED, and HARNESS_CONFIG ({copy})",
+                "the global RNGs of every Python process of the command, seeded at interpreter start"]
     return [f"config.yaml {bundle.training.seed_key}, as the trainer is handed it", "the seed argument and ctx.seed",
             rngs]
 

@@ -260,6 +260,23 @@ def hooks_outcome(processes: list[dict[str, Any]], asked: Mapping[str, Any] | No
                               "(none ran a torch.nn module, or it ended without running its exit handlers)"}, warnings
 
 
+def trace_outcome(processes: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[str]]:
+    """The command's trace, from what its processes' hooks reported (pure); and warnings.
+
+    The first process to make an optimizer step writes the trace (the others find the file
+    taken): that one, with its pid. Another process that stepped too is said in a warning,
+    since the trace does not hold its steps. None when no process traced a step.
+    """
+    traces = [(p.get("pid"), (p.get("hooks") or {}).get("trace")) for p in processes]
+    pid, first = next(((pid, t) for pid, t in traces if (t or {}).get("steps")), (None, None))
+    if first is None:
+        return None, []
+    others = [str(q) for q, t in traces if t is not None and q != pid]  # they stepped; the file was taken
+    warnings = [(f"{len(others)} other Python process(es) of the command (pid {', '.join(others)}) made optimizer "
+                 f"steps too: the trace holds process {pid}'s only")] if others else []
+    return {**first, "process": pid}, warnings
+
+
 def _read_no_follow(path: Path, limit: int) -> bytes | None:
     """A regular file's bytes without following a link in its place; None when absent; RunFailed when too big."""
     try:
