@@ -3,7 +3,11 @@ that never heard of ctx, checked against the explicit ctx.perturb / ctx.on_step 
 
 from __future__ import annotations
 
+import copy
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +24,15 @@ from harness.worker.trace import TraceWriter
 from harness.worker.train import split_indices, train_reference
 
 
-def _installed() -> tuple[int, int, int, bool]:
-    """How many process-wide hooks are registered now, and whether autograd.backward is torch's own."""
+def _installed() -> tuple[int, int, int, bool, object]:
+    """How many process-wide hooks are registered now, whether autograd.backward is torch's own, and
+    torch.optim.Optimizer's own __init__ (the hooks wrap it while a perturbation is pending)."""
     from torch.nn.modules import module
     from torch.optim import optimizer
 
     return (len(module._global_forward_pre_hooks), len(optimizer._global_optimizer_pre_hooks),
-            len(optimizer._global_optimizer_post_hooks), torch.autograd.backward.__module__ == "torch.autograd")
+            len(optimizer._global_optimizer_post_hooks), torch.autograd.backward.__module__ == "torch.autograd",
+            torch.optim.Optimizer.__dict__["__init__"])
 
 
 CLEAN = _installed()
@@ -125,6 +131,126 @@ def test_a_frozen_submodule_is_never_perturbed() -> None:
         _loop(model, opt)
         done = hooks.close()["perturbation"]
         assert done["applied"] and done["tensor"].startswith("1.") and done["updated"] is True
+
+
+def test_a_frozen_layer_is_not_drawn_from_when_the_model_runs_before_its_optimizer_exists() -> None:
+    for seed in range(8):  # no optimizer to ask yet: requires_grad alone keeps the frozen layer out
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 1))
+        model[0].requires_grad_(False)
+        hooks = hooks_mod.TorchHooks(perturber=Perturber({"kind": "ulp", "seed": seed})).install()
+        model(torch.randn(2, 6))  # a dry run before the optimizer is built
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)  # it holds the frozen layer too, which it never moves
+        _loop(model, opt)
+        done = hooks.close()["perturbation"]
+        assert done["applied"] is True and done["tensor"].startswith("1."), (seed, done)
+        assert "no optimizer existed yet" in done["via"]
+
+
+def test_a_frozen_teacher_called_first_is_not_the_model_the_student_is() -> None:
+    for seed in range(5):
+        torch.manual_seed(0)
+        teacher = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 1)).requires_grad_(False)
+        student = nn.Linear(6, 1)
+        opt = torch.optim.SGD(student.parameters(), lr=0.1)
+        hooks = hooks_mod.TorchHooks(perturber=Perturber({"kind": "ulp", "seed": seed})).install()
+        for _ in range(3):  # distillation: the teacher's forward comes first in every step
+            x = torch.randn(4, 6)
+            with torch.no_grad():
+                target = teacher(x)
+            (student(x) - target).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        done = hooks.close()["perturbation"]
+        assert hooks.roots == [student]
+        assert (done["applied"], done["module"], done["updated"]) == (True, "Linear", True)
+        assert done["tensor"] in {"weight", "bias"}  # the student's names; the teacher's are 0.weight, 2.bias ...
+
+
+def test_a_perturbation_overwritten_before_the_first_step_leaves_the_member_out_with_the_reason() -> None:
+    def restore(model: nn.Module, init: dict) -> None:
+        model.load_state_dict(init)
+
+    def reinitialise(model: nn.Module, _init: dict) -> None:
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
+
+    for undo in (restore, reinitialise):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 1))
+        init = copy.deepcopy(model.state_dict())
+        hooks = hooks_mod.TorchHooks(perturber=Perturber({"kind": "ulp", "seed": 3})).install()
+        model(torch.randn(2, 6))  # a dry run (a shape check, a summary): the perturbation lands here
+        undo(model, init)  # ... and is gone
+        _loop(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        done = hooks.close()["perturbation"]
+        assert done["applied"] is False and done["updated"] is True, undo.__name__
+        assert "overwritten before the first optimizer step (e.g. load_state_dict after a first forward)" \
+            in done["skipped"] and done["tensor"] in done["skipped"]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 1))
+    hooks = hooks_mod.TorchHooks(perturber=Perturber({"kind": "ulp", "seed": 3})).install()
+    model(torch.randn(2, 6))  # the same dry run, nothing undone: the member counts
+    _loop(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    done = hooks.close()["perturbation"]
+    assert done["applied"] is True and "skipped" not in done
+
+
+OVERWRITES = '''
+import copy
+
+import torch
+
+
+def train(config):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    init = copy.deepcopy(model.state_dict())
+    model(torch.zeros(1, 3))  # checks the shapes
+    model.load_state_dict(init)  # starts from the initial weights again
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        loss = model(torch.randn(8, 3)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return {"val_loss": loss.item()}
+'''
+
+
+def test_a_trainer_that_overwrites_the_perturbation_gets_a_member_left_out_of_the_band(tmp_path: Path) -> None:
+    from .test_byot import _run_worker, _worker_bundle
+
+    root, _ = _worker_bundle(tmp_path, {"training": {"seed": 1}}, OVERWRITES)
+    rec = _run_worker(root, tmp_path / "o", perturb={"kind": "ulp", "seed": 2})
+    assert rec.perturbation["applied"] is False and "overwritten before the first optimizer step" \
+        in rec.perturbation["skipped"]
+    assert any(w.startswith("ulp band member not perturbed: the perturbed value") and "left out of the band" in w
+               for w in rec.warnings)
+
+
+def test_optimizers_built_after_install_are_found_without_scanning_the_process(monkeypatch) -> None:
+    scans = []
+    scan = hooks_mod._optimizers
+    monkeypatch.setattr(hooks_mod, "_optimizers", lambda: scans.append(1) or scan())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 1))
+    hooks = hooks_mod.TorchHooks(perturber=Perturber({"kind": "ulp", "seed": 0})).install()
+    assert torch.optim.Optimizer.__dict__["__init__"] is not CLEAN[-1]  # watching optimizers being built
+    opt = torch.optim.Adam(model[1].parameters(), lr=1e-3)  # only the head is trained
+    _loop(model, opt)
+    assert torch.optim.Optimizer.__dict__["__init__"] is CLEAN[-1]  # unwrapped once the perturbation was placed
+    done = hooks.close()["perturbation"]
+    assert (scans, hooks.scanned) == ([], False)
+    assert done["applied"] is True and done["tensor"].startswith("1.") and "no optimizer existed" not in done["via"]
+    # one built before install is not seen being built: one scan finds it
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 1))
+    opt = torch.optim.SGD(model[1].parameters(), lr=0.1)
+    hooks = hooks_mod.TorchHooks(perturber=Perturber({"kind": "ulp", "seed": 0})).install()
+    _loop(model, opt)
+    done = hooks.close()["perturbation"]
+    assert (len(scans), hooks.scanned) == (1, True) and done["tensor"].startswith("1.") and done["applied"] is True
 
 
 def test_only_what_an_existing_optimizer_updates_is_perturbed() -> None:
@@ -228,6 +354,77 @@ def test_an_optimizer_the_hooks_cannot_see_leaves_no_trace_and_says_why(tmp_path
             for p in model.parameters():
                 p -= 0.1 * p.grad
     assert hooks.close()["trace"]["steps"] == 0
+    # what the record says, for a trainer that updates by hand
+    from .test_byot import _run_worker, _worker_bundle
+
+    root, name = _worker_bundle(tmp_path, {"training": {"seed": 1}}, HAND_WRITTEN)
+    rec = _run_worker(root, tmp_path / "o", trace=True)
+    assert (rec.trace["steps"], rec.trace["file"]) == (0, None)
+    assert rec.trace["why"].startswith(f"the trainer {name}:train made no torch.optim optimizer step the hooks could "
+                                       "see") and "ctx.on_step(model, loss)" in rec.trace["why"]
+    assert not (tmp_path / "o" / hooks_mod.TRACE_FILE).exists()
+
+
+HAND_WRITTEN = '''
+import torch
+
+
+def train(config):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    for _ in range(2):
+        model(torch.randn(4, 3)).pow(2).mean().backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+    return {"val_loss": 0.5}
+'''
+
+
+def test_under_a_grad_scaler_the_traced_loss_is_the_scaled_one(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(6, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    hooks = hooks_mod.TorchHooks(trace=tmp_path / "t.jsonl").install()
+    scaled = []
+    for _ in range(2):
+        loss = model(torch.randn(4, 6)).pow(2).mean()
+        scaled.append(float(loss.detach() * 1024.0).hex())
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert hooks.close()["trace"]["steps"] == 2
+    assert [s.loss for s in read_trace(tmp_path / "t.jsonl", "t").steps] == scaled
+
+
+def test_a_backward_bound_before_install_is_not_seen_the_steps_are_traced_with_a_nan_loss(tmp_path: Path) -> None:
+    from torch.autograd import backward  # bound here, before the hooks wrap torch.autograd.backward
+
+    torch.manual_seed(0)
+    model = nn.Linear(6, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hooks = hooks_mod.TorchHooks(trace=tmp_path / "t.jsonl").install()
+    for _ in range(2):
+        backward(model(torch.randn(4, 6)).pow(2).mean())
+        opt.step()
+        opt.zero_grad()
+    assert hooks.close()["trace"]["steps"] == 2
+    steps = read_trace(tmp_path / "t.jsonl", "t").steps
+    assert [s.loss for s in steps] == ["nan", "nan"] and all(s.state for s in steps)
+
+
+def test_the_hooks_benchmark_runs_and_prints_its_ratios() -> None:
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_hooks.py"
+    run = subprocess.run([sys.executable, str(bench), "--epochs", "1", "--rounds", "1"], check=False,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for name, against in (("none", "none"), ("perturb", "none"), ("hooks only", "none"),
+                          ("trace hooks", "trace ctx"), ("trace ctx", "none")):
+        assert re.search(rf"^  {name} +[0-9.]+ ms +[0-9.]+x {against}$", run.stdout, re.MULTILINE), (name, run.stdout)
+    assert "the hooks' perturbation trains the same weights as ctx.perturb: True" in run.stdout
+    assert "searched the process for optimizers in 0 of 1 runs" in run.stdout  # it saw the optimizer being built
 
 
 def test_a_compiled_model_is_perturbed_and_traced(tmp_path: Path) -> None:

@@ -26,6 +26,13 @@ Which value is perturbed is drawn as :func:`harness.worker.perturb.choose` draws
 the model's floating-point parameters that require grad and that an existing optimizer
 holds (all that require grad when no optimizer exists yet): on the reference trainer the
 hooks perturb the value ``ctx.perturb`` would, and trace the steps ``ctx.on_step`` would.
+The existing optimizers are those built since ``install()`` (``torch.optim.Optimizer.__init__``
+is wrapped while a perturbation is pending: no search); only when none of those holds the
+model's parameters (none built yet, or one built before install) are the garbage collector's
+objects scanned, once.
+The first step of the optimizer that holds the perturbed parameter also checks that the
+perturbed value is still there: one restored or re-initialised in between (a dry-run forward,
+then ``load_state_dict``) leaves the member out, with the reason.
 
 Nothing is installed unless a run asks for it, and what is installed removes itself when
 its work is done: the perturbation's hooks after the first step, the trace's at the end.
@@ -75,6 +82,20 @@ def _optimizers() -> list[Any]:
     return [o for o in gc.get_objects() if issubclass(type(o), base)]
 
 
+OVERWRITTEN = "overwritten before the first optimizer step (e.g. load_state_dict after a first forward)"
+
+
+def _still_perturbed(param: Any, done: dict[str, Any]) -> bool:
+    """Whether ``param`` still holds, at the recorded index, the value the perturbation wrote (bit for bit)."""
+    from .perturb import _unravel
+
+    try:
+        where = tuple(_unravel(int(done["index"]), tuple(param.shape)))
+        return float(param.detach()[where]).hex() == done["new"]
+    except (KeyError, IndexError, RuntimeError, TypeError, ValueError):  # reshaped or resized since: not the same value
+        return False
+
+
 def _held(optimizer: Any) -> set[int]:
     return {id(p) for g in optimizer.param_groups for p in g["params"]}
 
@@ -112,6 +133,11 @@ class TorchHooks:
         self._loss: Any = None
         self._verified: set[int] = set()  # optimizers whose first step was checked
         self.updated: bool | None = None  # whether an optimizer updates the perturbed parameter
+        self.overwritten: bool = False  # the perturbed value was gone at that optimizer's first step
+        # the optimizers built since install (torch.optim.Optimizer.__init__ wrapped until the perturbation is done)
+        self._built: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._init: tuple[Callable[..., Any], Callable[..., Any]] | None = None  # (torch's __init__, the wrapper)
+        self.scanned = False  # whether the garbage collector's objects were scanned for an optimizer
 
     # ---------------------------------------------------------------- installing
 
@@ -130,6 +156,8 @@ class TorchHooks:
         # (the filter stays: it hides nothing once no global module hook is left)
         warnings.filterwarnings("ignore", message=_COMPILE_WARNING, category=UserWarning)
         self._handles["forward"] = register_module_forward_pre_hook(self._on_forward)
+        if self.perturber is not None and self.perturber.outcome is None:
+            self._watch_optimizers()
         self._handles["step_pre"] = register_optimizer_step_pre_hook(self._on_step_pre)
         if self.trace_path is not None:
             if not self.trace_exclusive:
@@ -138,6 +166,50 @@ class TorchHooks:
             self._backward = torch.autograd.backward
             torch.autograd.backward = self._on_backward  # Tensor.backward calls it by this name
         return self
+
+    def _watch_optimizers(self) -> None:
+        """Note every ``torch.optim.Optimizer`` built from now on (weakly), by wrapping the base class's ``__init__``.
+
+        Every optimizer of ``torch.optim``, and any subclass that calls ``super().__init__``, runs it.
+        """
+        import functools
+
+        import torch
+
+        base = torch.optim.Optimizer
+        original = base.__dict__["__init__"]
+        built = self._built
+
+        @functools.wraps(original)
+        def __init__(optimizer: Any, *args: Any, **kwargs: Any) -> None:
+            original(optimizer, *args, **kwargs)
+            try:
+                built.add(optimizer)
+            except TypeError:  # pragma: no cover - a subclass with __slots__ and no __weakref__: the scan finds it
+                pass
+
+        base.__init__ = __init__
+        self._init = (original, __init__)
+
+    def _unwatch_optimizers(self) -> None:
+        if self._init is None:
+            return
+        import torch
+
+        original, wrapper = self._init
+        if torch.optim.Optimizer.__dict__.get("__init__") is wrapper:  # another wrapper on top: leave it be
+            torch.optim.Optimizer.__init__ = original
+        self._init = None
+
+    def _holders(self, params: list[tuple[str, Any]]) -> list[Any]:
+        """The optimizers alive now that hold any of ``params``: among those seen being built since install; when
+        none of them does (none built yet, or one built before install), one scan of the process's objects."""
+        ids = {id(p) for _, p in params}
+        seen = [o for o in list(self._built) if _held(o) & ids]
+        if seen:
+            return seen
+        self.scanned = True
+        return [o for o in _optimizers() if _held(o) & ids]
 
     def _drop(self, name: str) -> None:
         handle = self._handles.pop(name, None)
@@ -148,6 +220,7 @@ class TorchHooks:
         """Unregister every hook still installed (safe to call twice)."""
         for name in list(self._handles):
             self._drop(name)
+        self._unwatch_optimizers()
         if self._backward is not None:
             import torch
 
@@ -186,7 +259,8 @@ class TorchHooks:
     def _perturb(self, module: Any, when: str) -> None:
         assert self.perturber is not None
         params = _trainable(module)
-        holders = [o for o in _optimizers() if _held(o) & {id(p) for _, p in params}]
+        holders = self._holders(params)
+        self._unwatch_optimizers()  # the last question the optimizers built answer
         if holders:
             held = set().union(*(_held(o) for o in holders))
             params = [(n, p) for n, p in params if id(p) in held]
@@ -213,6 +287,7 @@ class TorchHooks:
 
     def _on_step_pre(self, optimizer: Any, _args: Any, _kwargs: Any) -> None:
         self._drop("forward")  # the first step: a model not called by now was not found before training
+        self._unwatch_optimizers()
         if self.trace_path is not None and id(optimizer) not in self._adopted:
             self._adopted.add(id(optimizer))
             self._adopt(optimizer)
@@ -231,6 +306,8 @@ class TorchHooks:
         self._verified.add(id(optimizer))
         if any(p is param for g in optimizer.param_groups for p in g["params"]):
             self.updated = True
+            done = self.perturber.outcome or {}
+            self.overwritten = bool(done.get("applied")) and not _still_perturbed(param, done)
             if self.trace_path is None:
                 self._drop("step_pre")
 
@@ -288,6 +365,9 @@ class TorchHooks:
                 if not self.updated:
                     p = {**p, "applied": False,
                          "skipped": f"the perturbed parameter {p.get('tensor')} is not one any optimizer updates"}
+                elif self.overwritten:
+                    p = {**p, "applied": False,
+                         "skipped": f"the perturbed value {p.get('tensor')}[{p.get('index')}] was {OVERWRITTEN}"}
             out["perturbation"] = p
         if self.tracer is not None:
             out["trace"] = self.tracer.close()
