@@ -128,6 +128,26 @@ def _same(a: Member, b: Member) -> bool:
     return bool(a.values) and a.values == b.values
 
 
+def unreached_ulp(used: Sequence[Member]) -> str | None:
+    """Why an ulp band of ``used`` members is zero wide although they trained different weights (pure).
+
+    A one-ulp float32 change that training carries (the weights differ) but no metric shows
+    has been rounded away where the metrics are computed, typically by a forward pass in
+    bf16 or fp16. The band then measures no numerical noise at all, and "numerically equal"
+    rests on the float32 floor alone; the user should know.
+    """
+    if len(used) < MIN_MEMBERS or not all(m.values for m in used):
+        return None
+    digests = {m.weights_sha256 for m in used}
+    if None in digests or len(digests) < 2 or any(m.values != used[0].values for m in used[1:]):
+        return None
+    from .stats import FLOAT32_ULPS
+
+    return (f"the ulp band is zero wide: its {len(used)} members trained different weights but every metric is "
+            "identical, so a one-ulp change never reached the metrics (a forward pass in bf16 or fp16 rounds it "
+            f"away); 'numerically equal' then means within {FLOAT32_ULPS} float32 ulps of each metric")
+
+
 def seeds_without_effect(members: Sequence[Member]) -> str | None:
     """Why the seed members do not measure seeds: two of them, with different seeds, trained the same (pure).
 
@@ -189,6 +209,9 @@ def measure(members: Sequence[Member], environment: str | None = None) -> Band:
     notes += [f"left out of the band: {', '.join(cells)} ({why})" for why, cells in left_out.items()]
     if 0 < len(used_ulp) < MIN_MEMBERS:
         notes.append(f"the ulp band has {len(used_ulp)} member: a width needs at least {MIN_MEMBERS}")
+    zero = unreached_ulp(used_ulp)
+    if zero is not None:
+        notes.append(zero)
     return Band(ulp=_spreads([m.values for m in used_ulp]), seed=_spreads([m.values for m in used_seed]),
                 members=list(members), n_ulp=len(used_ulp), n_seed=len(used_seed), environment=environment,
                 notes=notes)

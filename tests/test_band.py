@@ -246,3 +246,17 @@ def test_band_conflict_names_what_differs() -> None:
     old = ulp_band()  # an older harness recorded no digest: refused where one is expected, not otherwise
     assert "records no config digest" in band_conflict(old, "a" * 64, None, None)
     assert band_conflict(old, None, None, None) is None
+
+
+def test_an_ulp_band_whose_change_never_reaches_the_metrics_says_so() -> None:
+    """bf16 autocast rounds a one-ulp float32 change away: the weights differ, no metric does."""
+    def m(i: int, sha: str, loss: float = 0.25) -> band_mod.Member:
+        return band_mod.Member(cell=f"band-ulp-{i}", kind="ulp", member=i, values={"val_loss": loss, "val.r2.a": 0.9},
+                               weights_sha256=sha)
+
+    zero = band_mod.measure([m(1, "a"), m(2, "b"), m(3, "c")])
+    assert any("the ulp band is zero wide" in n and "bf16" in n for n in zero.notes)
+    # weights identical too (nothing perturbed reached training), or metrics that moved: no such note
+    for members in ([m(1, "a"), m(2, "a"), m(3, "a")], [m(1, "a"), m(2, "b", 0.2500001), m(3, "c")],
+                    [m(1, "a"), m(2, None), m(3, "c")]):
+        assert not any("zero wide" in n for n in band_mod.measure(members).notes)
