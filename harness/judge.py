@@ -232,8 +232,11 @@ def judged_values(rec: ResultRecord) -> tuple[dict[str, float], dict[str, float]
     flat = flatten_split(rec.retrained, "val")
     test = {f"test:{k}": v for k, v in flatten_split(rec.retrained, "test").items()}
     objective = objective_of(rec)
-    at, problem = value_key(objective, {**flat, **test})
-    if at is not None and at.startswith("test:"):
+    # A metric the run produced as NaN or infinity is produced (and judged: never within a band), not
+    # missing: a val_loss of nan must not make trial_info.yaml's value "not compared".
+    bad = {**{k: math.nan for k in nonfinite_keys(rec)}, **{f"test:{k}": math.nan for k in nonfinite_keys(rec, "test")}}
+    at, problem = value_key(objective, {**bad, **flat, **test})
+    if at is not None and at.startswith("test:") and at in test:
         flat = {**flat, at: test[at]}
     return flatten_recorded(rec.recorded, at), flat, at, problem
 

@@ -280,7 +280,8 @@ def rows(records: list[ResultRecord], comparison: Comparison) -> list[dict[str, 
         out.append({
             "cell": rec.cell,
             **_env_summary(rec),
-            "val_loss": fnum(retrained.get("val_loss")),
+            "val_loss": ("non-finite" if "metrics.retrained.val_loss" in (rec.nonfinite or [])
+                         else fnum(retrained.get("val_loss"))),
             "d_rec_loss": fdelta(_diff(vs_rec, "val_loss")),
             "r2": fnum(_mean(val.get("r2")), 5),
             "d_rec_r2": fmag(max_abs(vs_rec, "r2")),

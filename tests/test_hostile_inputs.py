@@ -560,3 +560,35 @@ def test_a_probe_file_link_in_out_is_refused_not_followed(tmp_path: Path) -> Non
     probe.unlink()
     check_writable(out)
     assert not probe.exists()
+
+
+@pytest.mark.parametrize("recorded, nan_all", [("value", False), ("value and r2", True)])
+def test_a_trainer_returning_a_nan_val_loss_drifts_never_reproduces(tmp_path: Path, recorded: str,
+                                                                    nan_all: bool) -> None:
+    """A custom trainer's val_loss of NaN against a finite recorded value: drifted, exit 3.
+
+    It used to be read as "not produced": with only `value` recorded the cell was `unrecorded`,
+    with R² recorded too it was `reproduced`, both exit 0.
+    """
+    from .conftest import tiny_config
+
+    root = tmp_path / "bundle"
+    root.mkdir()
+    write_dataset(root / "signals.npz")
+    names = [str(t) for t in np.load(root / "signals.npz")["target_names"]]
+    cfg = tiny_config()
+    cfg["trainer"] = {"entrypoint": "nan_metrics:train"}
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    trial: dict = {"value": 0.5}
+    if recorded == "value and r2":
+        trial["user_attrs"] = {"r2": {n: 0.5 for n in names}}
+    (root / "trial_info.yaml").write_text(yaml.safe_dump(trial))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", "NAN_ALL": "1" if nan_all else ""}
+    p = subprocess.run([sys.executable, "-m", "harness", "run", str(root), "--trainer-path", str(REPO / "tests" / "trainers"),
+                        "--device", "cpu", "--out", str(tmp_path / "out"), "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 3, p.stdout + p.stderr
+    first = p.stdout.splitlines()[0]
+    assert first.startswith("Overall: drifted"), p.stdout
+    assert "val_loss is not a finite number here; the reference has 0.5" in p.stdout
+    assert "non-finite" in p.stdout  # the val loss column says what it was, not "—"
