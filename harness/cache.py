@@ -109,6 +109,14 @@ def command_files(words: Iterable[str], *, cwd: str, path: str | None,
                 budget[0] -= 1
                 budget[1] -= st.st_size
                 digest = _file_sha256_following(real) if budget[0] >= 0 and budget[1] >= 0 else None
+                if real.endswith(".py") and digest is not None and not digest.startswith("unreadable:"):
+                    # A script imports what lies beside it (its folder is sys.path[0]): its sibling
+                    # modules and packages are inputs too.
+                    siblings = _script_siblings(real, skip, budget)
+                    if siblings is None:
+                        return found, (f"--trainer-cmd names {word!r}, whose folder holds more than "
+                                       f"{COMMAND_FILES_MAX} files or {COMMAND_BYTES_MAX >> 30} GiB to hash")
+                    digest = f"{digest}+{siblings}" if siblings else digest
             else:
                 continue  # a device, a FIFO, a socket: no content to hash
             if digest is None:
@@ -118,6 +126,39 @@ def command_files(words: Iterable[str], *, cwd: str, path: str | None,
                 return found, f"--trainer-cmd names {word!r}, which cannot be read ({digest})"
             found[real] = digest
     return found, None
+
+
+def _script_siblings(script: str, skip: list[str], budget: list[int]) -> str | None:
+    """The digest of the modules a Python script can import from its own folder: its sibling ``*.py``
+    files and package folders (a folder with ``__init__.py``), "" when none; None over ``budget``."""
+    folder = os.path.dirname(script)
+    if any(folder == c or folder.startswith(c.rstrip(os.sep) + os.sep) for c in skip):
+        return ""  # in the key already (a trainer folder, the bundle)
+    h = hashlib.sha256()
+    hashed = 0
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        return f"unreadable:{exc.strerror or exc}"
+    for name in names:
+        full = os.path.join(folder, name)
+        if full == script:
+            continue
+        if name.endswith(".py") and os.path.isfile(full):
+            budget[0] -= 1
+            budget[1] -= os.path.getsize(full)
+            if budget[0] < 0 or budget[1] < 0:
+                return None
+            digest: str | None = _file_sha256_following(full)
+        elif os.path.isfile(os.path.join(full, "__init__.py")):
+            digest = _bounded_tree_digest(Path(full), budget)
+            if digest is None:
+                return None
+        else:
+            continue
+        h.update(f"{name}\0{digest}\0".encode())
+        hashed += 1
+    return h.hexdigest() if hashed else ""
 
 
 def trainer_command_files(command: str, *, python: str, cell: Any, job: Any,

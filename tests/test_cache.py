@@ -218,3 +218,29 @@ def test_why_a_finished_cell_reruns_is_said_from_what_its_key_covered(tmp_path: 
     rec.cache_key = "../../etc/passwd"  # a container could write any record: its key never names a path
     _write(results / "a", rec)
     assert new.why_rerun(results, results / "a", "a", other) == "its record carries no cache key of this harness"
+
+
+def test_a_trainer_scripts_sibling_modules_are_in_the_key(tmp_path: Path) -> None:
+    """A script outside the trainer folders imports what lies beside it: an edit there reruns the cell."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "pkg").mkdir(parents=True)
+    (elsewhere / "train.py").write_text("import helper, pkg\n")
+    (elsewhere / "helper.py").write_text("LR = 0.1\n")
+    (elsewhere / "pkg" / "__init__.py").write_text("")
+    (elsewhere / "pkg" / "layers.py").write_text("W = 1\n")
+    (elsewhere / "notes.txt").write_text("not code\n")
+    cell, job = _command_job(tmp_path, f"{{python}} {elsewhere}/train.py --out {{out_dir}}")
+
+    def digest() -> str:
+        files, why = trainer_command_files(job.trainer_cmd, python=sys.executable, cell=cell, job=job, path=None)
+        assert why is None
+        return files[os.path.realpath(elsewhere / "train.py")]
+
+    before = digest()
+    (elsewhere / "notes.txt").write_text("still not code\n")
+    assert digest() == before
+    (elsewhere / "helper.py").write_text("LR = 0.2\n")
+    after_helper = digest()
+    assert after_helper != before
+    (elsewhere / "pkg" / "layers.py").write_text("W = 2\n")
+    assert digest() != after_helper
