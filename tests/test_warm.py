@@ -103,6 +103,10 @@ def test_one_server_per_environment_but_not_per_token_or_gpu() -> None:
     assert key != server_key("/py", child_env(Cell("c", threads=2), base), Cell("c", threads=2))  # OMP_NUM_THREADS
     assert key != server_key("/py", child_env(Cell("d", threads=1, determinism="default"), base), Cell("d", threads=1))
     assert key != server_key("/other/python", t1, Cell("a", threads=1))
+    # every --isa level shares it: the child sets its level's variables, which the server never has
+    base_isa = child_env(Cell("i", threads=1, isa="baseline"), base)
+    assert base_isa["ATEN_CPU_CAPABILITY"] == "default" and key == server_key("/py", base_isa, Cell("i", threads=1))
+    assert "ATEN_CPU_CAPABILITY" not in server_env(base_isa)
     # a pinned cell with its own thread count shares a server whatever its cores; with torch's default
     # count its cores are what that default counts (when torch loads), so they are the server's too
     assert server_key("/py", t1, Cell("a", threads=1, slot=Slot(cpus=(0,)))) == \
@@ -405,3 +409,42 @@ def test_expected_cells_get_their_servers_early_and_a_server_stops_when_its_cell
         assert _gone([s.proc.pid for s in backend.warm.started], 10)
     finally:
         backend.close()
+
+
+# --------------------------------------------------------------------------- one server for every --isa level
+
+
+def test_the_isa_levels_of_an_environment_share_a_server_and_each_cell_gets_its_own(tmp_path: Path) -> None:
+    """ATen, oneDNN and MKL read their instruction-set switches at their first kernel, after the fork:
+    a cell forked from a native server with --isa baseline runs baseline kernels, by each library's own
+    verbose report, and trains the weights a cold baseline cell trains."""
+    root = tiny_bundle(tmp_path / "bundle")
+    common = ["--trainer", "isa_probe:train", "--trainer-path", str(TRAINERS), "--threads", "1",
+              "--band", "0", "--band-seeds", "0", "--no-progress"]
+    env = {**os.environ, "ONEDNN_VERBOSE": "1", "MKL_VERBOSE": "1"}
+    warm = harness_cli("matrix", str(root), "--backend", "local", "--determinism", "strict", "--isa", "native,baseline",
+                       "--out", str(tmp_path / "warm"), *common, cwd=tmp_path, env=env)
+    out, err = warm.communicate(timeout=patience(600))
+    assert warm.returncode == 0, out + err
+    cold = harness_cli("run", str(root), "--isa", "baseline", "--cold", "--out", str(tmp_path / "cold"), *common,
+                       cwd=tmp_path, env=env)
+    out2, err2 = cold.communicate(timeout=patience(300))
+    assert cold.returncode == 0, out2 + err2
+    cells = {p.parent.name: record.read(p) for p in (tmp_path / "warm").glob("*/record.json")}
+    native, baseline = (next(r for name, r in cells.items() if name.endswith(level)) for level in ("native", "baseline"))
+    cold_rec = record.read(tmp_path / "cold" / "run" / "record.json")
+    assert native.start == baseline.start == "warm" and cold_rec.start == "cold"
+    assert baseline.env.cpu_capability == cold_rec.env.cpu_capability == "DEFAULT"
+    assert native.env.cpu_capability != "DEFAULT"
+    assert not any("did not honour" in w for w in baseline.warnings)
+    log = {name: (tmp_path / "warm" / name / "worker.log").read_text() for name in cells}
+    base_log = next(text for name, text in log.items() if name.endswith("baseline"))
+    native_log = next(text for name, text in log.items() if name.endswith("native"))
+    assert "isa:Intel SSE4.1" in base_log and "isa:Intel SSE4.1" not in native_log  # oneDNN
+    if "MKL_VERBOSE oneMKL" in native_log:  # a torch build with MKL
+        assert "(Intel(R) SSE4.2) enabled processors" in base_log
+        assert "(Intel(R) SSE4.2) enabled processors" not in native_log
+    assert baseline.weights_sha256 == cold_rec.weights_sha256
+    probes = {name: json.loads((tmp_path / "warm" / name / "isa.json").read_text()) for name in cells}
+    assert {p["aten"] for p in probes.values()} == {native.env.cpu_capability, "DEFAULT"}
+    assert len({p["ppid"] for p in probes.values()}) == 1  # both forked from one server

@@ -9,8 +9,9 @@ worker does (its own session, its cores, death with its parent, its token, its o
 launcher's pipe) and runs the same ``harness.worker`` code, which seeds everything itself.
 
 One server per distinct worker environment (:func:`server_key`): the interpreter and every
-variable of the worker's environment but the cell's token and ``CUDA_VISIBLE_DEVICES`` (both
-are set in the child, before anything reads them), and, for a cell with the default thread
+variable of the worker's environment but the cell's token, ``CUDA_VISIBLE_DEVICES`` and the
+``--isa`` level's variables (all set in the child, before anything reads them: ATen, oneDNN and
+MKL read their instruction-set switches at their first kernel, not when torch loads), and, for a cell with the default thread
 count pinned to cores of its own, those cores (the OpenMP runtime counts them when torch
 loads). What the launcher gets back is a :class:`WarmChild`, which answers ``poll``, ``wait``,
 ``send_signal`` and ``pid`` as a ``subprocess.Popen`` does, so the local backend times it out,
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..plan import Cell, Job
-from .warm_server import GPU_VAR, TOKEN_PLACEHOLDER, TOKEN_VAR
+from .warm_server import CHILD_VARS, TOKEN_PLACEHOLDER, TOKEN_VAR
 
 SERVER_MODULE = "harness.backends.warm_server"
 READY_TIMEOUT_S = 900.0  # importing torch took 9 s cold on a GPU host; a loaded machine is slower
@@ -61,7 +62,7 @@ def warm_unusable(job: Job) -> str | None:
 def server_key(python: str, env: dict[str, str], cell: Cell) -> tuple[Any, ...]:
     """Which server a cell's worker is forked from (pure): the interpreter, the environment without the
     cell's token and GPU list, and, for a pinned cell with the default thread count, its cores."""
-    shared = tuple(sorted((k, v) for k, v in env.items() if k not in (TOKEN_VAR, GPU_VAR)))
+    shared = tuple(sorted((k, v) for k, v in env.items() if k not in CHILD_VARS))
     cpus = cell.slot.cpus if cell.slot is not None and cell.threads is None else None
     return (python, shared, tuple(sorted(cpus)) if cpus else None)
 
@@ -69,7 +70,7 @@ def server_key(python: str, env: dict[str, str], cell: Cell) -> tuple[Any, ...]:
 def server_env(env: dict[str, str]) -> dict[str, str]:
     """The server's environment: the cell's, without its GPU list, with a placeholder token each child
     overwrites in place (pure)."""
-    out = {k: v for k, v in env.items() if k != GPU_VAR}
+    out = {k: v for k, v in env.items() if k not in CHILD_VARS}
     out[TOKEN_VAR] = TOKEN_PLACEHOLDER
     return out
 

@@ -1,8 +1,8 @@
 """The warm worker's server: one interpreter that imported torch once, forking a fresh child per cell.
 
 Started by the local backend (:mod:`harness.backends.warm`) in exactly the environment a cold
-worker of its cells gets (``child_env`` without the per-cell ``HARNESS_CELL_TOKEN`` and
-``CUDA_VISIBLE_DEVICES``), so ``PYTHONHASHSEED``, the thread counts and the ISA variables are
+worker of its cells gets (``child_env`` without the per-cell ``HARNESS_CELL_TOKEN``,
+``CUDA_VISIBLE_DEVICES`` and ISA variables), so ``PYTHONHASHSEED`` and the thread counts are
 in effect before the interpreter and torch start, as for a cold worker::
 
     python -m harness.backends.warm_server --control FD --launcher PID [--cpus 0,1]
@@ -20,7 +20,7 @@ launcher's output pipe. For each, the server forks; the child
 * writes its stdout and stderr to the launcher's pipe,
 * writes the cell's token into its environment block (so that ``/proc/PID/environ`` of it
   and of whatever it forks carries the token, as a cold worker's does) and sets the cell's
-  token and ``CUDA_VISIBLE_DEVICES`` in ``os.environ``,
+  token, ``CUDA_VISIBLE_DEVICES`` and its ``--isa`` level's variables (:data:`ISA_VARS`) in ``os.environ``,
 * and becomes the worker: ``harness.worker.retrain.main`` on the cell's spec, which seeds
   everything itself exactly as in a cold worker.
 
@@ -48,11 +48,19 @@ import traceback
 import warnings
 from typing import Any
 
+from ..worker import isa
+
 TOKEN_VAR = "HARNESS_CELL_TOKEN"
 # The server starts with this value in place of a cell's token (the same length as
 # secrets.token_hex(16)), so that each child can overwrite it in its environment block.
 TOKEN_PLACEHOLDER = "0" * 32
 GPU_VAR = "CUDA_VISIBLE_DEVICES"
+# The instruction-set switches of ATen, oneDNN and MKL (harness.worker.isa.VARS). Each library reads its
+# own the first time it dispatches a kernel, which no server does (it runs no torch operation), so a
+# child sets them for its cell and one server serves every --isa level of an environment. Their own
+# verbose reports show each level taken in a forked child (tests/test_warm.py).
+ISA_VARS = isa.VARS
+CHILD_VARS = (TOKEN_VAR, GPU_VAR, *ISA_VARS)  # what each child sets itself; never part of a server's environment
 MAX_MESSAGE = 4 << 20
 
 # What a worker imports before and while it trains the reference model: importing them here once
@@ -177,7 +185,7 @@ class Server:
         self.children: dict[int, _Child] = {}
         # the environment every cell of this server shares: what it started with (before the imports set
         # their own variables, as they do in a cold worker too), less the token
-        self.base = {k: v for k, v in started_with.items() if k not in (TOKEN_VAR, GPU_VAR)}
+        self.base = {k: v for k, v in started_with.items() if k not in CHILD_VARS}
         self.stopping = False
         from .proctable import carrying, process_table  # imported now: stopping must not fail on an import
 
@@ -310,7 +318,7 @@ class Server:
         out = extra[0]
         env = req.get("env") or {}
         differs = sorted(k for k in set(env) | set(self.base)
-                         if k not in (TOKEN_VAR, GPU_VAR) and env.get(k) != self.base.get(k))
+                         if k not in CHILD_VARS and env.get(k) != self.base.get(k))
         if differs:
             _send(answer, {"error": f"the cell's environment is not this server's ({', '.join(differs[:5])} differ)"})
             answer.close()
@@ -382,10 +390,11 @@ class Server:
         if token:
             _write_token_in_place(token)
             os.environ[TOKEN_VAR] = token
-        if GPU_VAR in env:
-            os.environ[GPU_VAR] = env[GPU_VAR]
-        else:
-            os.environ.pop(GPU_VAR, None)
+        for var in (GPU_VAR, *ISA_VARS):  # before anything reads them: putenv, as the libraries getenv
+            if var in env:
+                os.environ[var] = env[var]
+            else:
+                os.environ.pop(var, None)
         if req.get("cwd"):
             os.chdir(req["cwd"])
         os.close(ready)
