@@ -146,6 +146,7 @@ class ContainerExit:
     error: str | None = None
     timed_out: bool = False  # killed at the request's timeout
     notes: tuple[str, ...] = ()  # what the caller should say (a mount that lost its noexec)
+    stopped: str | None = None  # killed because the caller's ``watch`` said why (e.g. a cell over its disk limit)
 
 
 @dataclass(frozen=True)
@@ -930,8 +931,12 @@ class Engine:
 
     # ------------------------------------------------------------------ containers
 
-    def run(self, request: ContainerRequest, on_line: Callable[[str], None] | None = None) -> ContainerExit:
+    def run(self, request: ContainerRequest, on_line: Callable[[str], None] | None = None, *,
+            watch: Callable[[], str | None] | None = None, watch_every_s: float = 1.0) -> ContainerExit:
         """Run a container to its end, passing each output line (without newline) to ``on_line``.
+
+        ``watch``: asked every ``watch_every_s`` while the container runs (from a thread that ends
+        with it); an answer kills the container as its timeout does, and ``stopped`` carries it.
 
         The container is removed afterwards whatever happened; while it runs,
         :meth:`stop_all` (Ctrl-C) stops and removes it. An engine refusal is
@@ -944,26 +949,34 @@ class Engine:
         from dataclasses import replace
 
         if request.noexec and self._no_overlay is None:
-            ended = self._run(request, on_line)
+            ended = self._run(request, on_line, watch, watch_every_s)
             if ended.status is not None or ended.error is None or not _mount_refused(ended.error):
                 return ended
             self._no_overlay = ended.error
         if not request.noexec:
-            return self._run(request, on_line)
+            return self._run(request, on_line, watch, watch_every_s)
         note = (f"{', '.join(sorted(request.noexec))} is mounted without noexec,nosuid,nodev: the engine cannot "
                 f"mount an overlay over the cell's directory ({self._no_overlay.rsplit(': ', 1)[-1][:200]}; "
                 "its file system may be NFS or an overlay, or the engine rootless)")
         if on_line:
             on_line(f"harness: {note}")
-        ended = self._run(replace(request, noexec={}), on_line)
+        ended = self._run(replace(request, noexec={}), on_line, watch, watch_every_s)
         return replace(ended, notes=(*ended.notes, note))
 
-    def _run(self, request: ContainerRequest, on_line: Callable[[str], None] | None) -> ContainerExit:
+    def _run(self, request: ContainerRequest, on_line: Callable[[str], None] | None,
+             watch: Callable[[], str | None] | None = None, watch_every_s: float = 1.0) -> ContainerExit:
         docker = _sdk()
         what = request.tag or request.image
         container = None
-        timer = None
-        expired = threading.Event()
+        timer = watcher = None
+        expired, finished = threading.Event(), threading.Event()
+        stopped: list[str] = []
+
+        def why_stopped() -> str | None:  # once the container is gone: the watcher is done, it kills nothing more
+            finished.set()
+            if watcher is not None:
+                watcher.join()
+            return next(iter(stopped), None)
 
         def expire() -> None:
             expired.set()
@@ -971,6 +984,20 @@ class Engine:
                 container.kill()  # the log stream below ends with it
             except Exception:  # noqa: BLE001 - it ended by itself meanwhile
                 pass
+
+        def watching() -> None:  # until the container ends, or the watch says why it must
+            while not finished.wait(watch_every_s):
+                try:
+                    why = watch()  # type: ignore[misc]
+                except Exception:  # noqa: BLE001 - a watch that fails stops nothing
+                    continue
+                if why:
+                    stopped.append(why)
+                    try:
+                        container.kill()  # as at the timeout: the log stream ends, the container is removed
+                    except Exception:  # noqa: BLE001 - it ended by itself meanwhile
+                        pass
+                    return
 
         try:
             container = self.client.containers.create(**create_kwargs(request))
@@ -981,6 +1008,9 @@ class Engine:
                 timer = threading.Timer(request.timeout_s, expire)
                 timer.daemon = True
                 timer.start()
+            if watch is not None:
+                watcher = threading.Thread(target=watching, name=f"watch {request.cell or what}", daemon=True)
+                watcher.start()
             buf = b""
             for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=True):
                 buf += chunk
@@ -994,13 +1024,15 @@ class Engine:
             status = int(container.wait().get("StatusCode", -1))
             container.reload()
             oom = bool((container.attrs.get("State") or {}).get("OOMKilled"))
-            return ContainerExit(status, oom_killed=oom, timed_out=expired.is_set())
+            return ContainerExit(status, oom_killed=oom, timed_out=expired.is_set(), stopped=why_stopped())
         except docker.errors.APIError as exc:
-            return ContainerExit(None, error=refusal(request, str(exc.explanation or exc)), timed_out=expired.is_set())
+            return ContainerExit(None, error=refusal(request, str(exc.explanation or exc)), timed_out=expired.is_set(),
+                                 stopped=why_stopped())
         except docker.errors.DockerException as exc:
             return ContainerExit(None, error=f"Docker engine failed while running {what}: {exc}",
-                                 timed_out=expired.is_set())
+                                 timed_out=expired.is_set(), stopped=why_stopped())
         finally:
+            why_stopped()
             if timer is not None:
                 timer.cancel()
             self._forget(container)

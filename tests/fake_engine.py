@@ -26,6 +26,7 @@ from harness import record as record_io
 from harness.docker_engine import ContainerExit, ContainerFacts, ContainerRequest, Engine, ImageFacts, refusal
 from harness.errors import BackendError, BuildFailed
 
+from .conftest import patience
 from .records import record as compare_record
 
 NO_NVIDIA = 'could not select device driver "" with capabilities: [[gpu]]'
@@ -52,7 +53,7 @@ class Outcome:
     error: str | None = None  # an engine refusal (raw engine text, e.g. NO_NVIDIA)
     lines: list[str] = field(default_factory=list)  # what the container prints
     worker: Callable[[Path, ContainerRequest], None] | None = None  # writes into the results dir
-    block: bool = False  # keep running until stop_all() (for Ctrl-C tests)
+    block: bool = False  # keep running until stop_all() (for Ctrl-C tests), its timeout or its watch says stop
 
 
 @dataclass
@@ -235,7 +236,8 @@ class FakeEngine:
     def free_bytes(self) -> tuple[str | None, int | None]:
         return "/var/lib/docker", self.free
 
-    def run(self, request: ContainerRequest, on_line: Callable[[str], None] | None = None) -> ContainerExit:
+    def run(self, request: ContainerRequest, on_line: Callable[[str], None] | None = None, *,
+            watch: Callable[[], str | None] | None = None, watch_every_s: float = 1.0) -> ContainerExit:
         self.runs.append(request)
         outcome = self.outcomes.pop(0) if self.outcomes else Outcome()
         if request.gpus != "none" and not self.nvidia:
@@ -248,6 +250,27 @@ class FakeEngine:
             self._seq += 1
             container = FakeContainer(f"c{self._seq}", request)
             self.running[container.id] = container
+        stopped: list[str] = []
+        finished = threading.Event()
+
+        def watching() -> None:  # as Engine: asked while the container runs; an answer kills it
+            while not finished.wait(watch_every_s):
+                why = watch()  # type: ignore[misc]
+                if why:
+                    stopped.append(why)
+                    container.stopped.set()
+                    return
+
+        watcher = threading.Thread(target=watching, daemon=True) if watch is not None else None
+        if watcher is not None:
+            watcher.start()
+
+        def why_stopped() -> str | None:
+            finished.set()
+            if watcher is not None:
+                watcher.join()
+            return next(iter(stopped), None)
+
         try:
             for line in outcome.lines:
                 if on_line:
@@ -256,14 +279,17 @@ class FakeEngine:
                 out = next(Path(src) for src, target, _ in request.mounts if target == OUT)
                 outcome.worker(out, request)
             if outcome.block:
+                # a --timeout under 30 s is the engine's own limit (a timed-out exit); otherwise the test
+                # stops the container, and a wait that long (scaled by the load) means it never will
                 limit = request.timeout_s if request.timeout_s and request.timeout_s < 30 else None
-                if not container.stopped.wait(timeout=limit or 30):
+                if not container.stopped.wait(timeout=limit or patience(30)):
                     if limit:
-                        return ContainerExit(137, timed_out=True)  # killed at its timeout
+                        return ContainerExit(137, timed_out=True, stopped=why_stopped())  # killed at its timeout
                     raise AssertionError("the blocked container was never stopped")
-                return ContainerExit(137)
-            return ContainerExit(outcome.status, oom_killed=outcome.oom_killed)
+                return ContainerExit(137, stopped=why_stopped())
+            return ContainerExit(outcome.status, oom_killed=outcome.oom_killed, stopped=why_stopped())
         finally:
+            why_stopped()
             self._remove(container)
 
     def containers(self, label: str) -> list[ContainerFacts]:

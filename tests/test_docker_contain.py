@@ -1,5 +1,5 @@
 """What a cell's container cannot do, on a real Docker engine: run a program it wrote into its own
-directory (mounted noexec,nosuid,nodev), or keep an uncapped log."""
+directory (mounted noexec,nosuid,nodev), keep an uncapped log, or write into its directory past its disk limit."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from harness.docker_engine import ContainerRequest, Engine, create_kwargs
 from harness.plan import Cell, Job
 from harness.record import Status
 
+from .conftest import patience
 from .test_docker_matrix import docker_args, harness
 
 pytestmark = pytest.mark.docker
@@ -40,6 +41,23 @@ def test_a_program_a_trainer_command_writes_into_its_directory_cannot_run(docker
     assert (out / "cpu-torch2.13" / "x.sh").is_file()  # written, where the host finds it; not run
     assert "ran" not in (out / "cpu-torch2.13" / "trainer.stdout.log").read_text().split()
     assert not (out / dockerbackend.MOUNTS_DIR).exists()  # the overlay's work folder went with the container
+
+
+def test_a_trainer_command_that_writes_forever_is_stopped_at_the_disk_limit(docker_client, wheelhouse_root, base_image,
+                                                                             make_bundle, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    forever = "sh -c 'while :; do head -c 1048576 /dev/zero >> grow.bin; sleep 0.1; done'"  # about 10 MB/s
+    # --timeout: without the watch, a timeout record (not this test's hang)
+    p = harness("run", str(make_bundle()), "--image", "cpu-torch2.13", "--trainer-cmd", forever,
+                "--timeout", str(int(patience(120))),
+                "--out", str(out), *docker_args(wheelhouse_root, base_image), env={"HARNESS_CELL_DISK_LIMIT": "8m"})
+    (rec,) = record.load(out).records
+    assert rec.status is Status.FAILED and rec.error.kind == "disk", p.stdout + p.stderr
+    cell = out / "cpu-torch2.13"
+    assert f"wrote more than 8 MiB into its directory {cell} and was stopped" in rec.error.message
+    assert "HARNESS_CELL_DISK_LIMIT=16m" in rec.error.message and rec.error.exit_status == 137
+    assert (cell / "grow.bin").stat().st_size > 8 << 20  # what it wrote stays there to look at
+    assert not (out / dockerbackend.MOUNTS_DIR).exists()  # removed as at a timeout, with the container
 
 
 def test_the_engine_mounts_the_cell_directory_noexec_and_caps_the_log(docker_client, base_image,

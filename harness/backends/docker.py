@@ -39,6 +39,8 @@ OUTPUT_KEEP = 64 << 20  # bytes of a container's output the host keeps in worker
 DISK_LIMIT_VAR = "HARNESS_CELL_DISK_LIMIT"
 DISK_LIMIT = 20 << 30  # what a cell may leave in its directory (allocated bytes), unless $HARNESS_CELL_DISK_LIMIT
 DISK_FILES_MAX = 1_000_000  # ... and how many files and folders
+DISK_WATCH_S = 1.0  # while a cell runs, its directory is measured about this often ...
+DISK_WATCH_SHARE = 0.2  # ... its walks taking at most this share of the time (a big directory: less often)
 MOUNTS_DIR = ".harness-mounts"  # in the results directory: the work folders of the cells' noexec overlays
 
 
@@ -202,14 +204,20 @@ def disk_limit(env: Mapping[str, str]) -> int:
     return size
 
 
-def cell_usage(root: Path, most_bytes: int, most_files: int) -> tuple[int, int, str | None]:
+def cell_usage(root: Path, most_bytes: int, most_files: int, *,
+               vanished_ok: bool = False) -> tuple[int, int, str | None]:
     """The bytes (allocated blocks) and files under ``root``, never following a link, and a folder it could not
-    read (then the usage is unknown); the walk stops once over either bound."""
+    read (then the usage is unknown); the walk stops once over either bound. ``vanished_ok``: a folder that
+    is gone (or no longer a folder) by the time it is read is no unreadable one (the cell is still running)."""
     used = files = 0
     seen: set[tuple[int, int]] = set()
     unreadable: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=lambda e: unreadable.append(
-            os.path.relpath(e.filename, root) if e.filename else "?")):
+
+    def failed(e: OSError) -> None:
+        if not (vanished_ok and isinstance(e, (FileNotFoundError, NotADirectoryError))):
+            unreadable.append(os.path.relpath(e.filename, root) if e.filename else "?")
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=failed):
         if unreadable:
             break
         for name in dirnames + filenames:
@@ -228,15 +236,49 @@ def cell_usage(root: Path, most_bytes: int, most_files: int) -> tuple[int, int, 
     return used, files, unreadable[0] if unreadable else None
 
 
-def disk_failure(used: int, files: int, unreadable: str | None, limit: int, most_files: int = DISK_FILES_MAX) -> str | None:
-    """One line when a cell's directory holds more than it may, or cannot be measured; None when within (pure)."""
+def disk_failure(used: int, files: int, unreadable: str | None, limit: int, most_files: int = DISK_FILES_MAX,
+                 where: Path | str | None = None, stopped: bool = False) -> str | None:
+    """One line when a cell's directory (``where``) holds more than it may, or cannot be measured; None when
+    within. ``stopped``: its container was stopped for it while running (pure)."""
+    at = f" {where}" if where is not None else ""
+    then = " and was stopped" if stopped else ""
     if unreadable is not None:
-        return f"the cell made {unreadable!r} in its directory unreadable, so its size cannot be checked"
+        return f"the cell made {unreadable!r} in its directory{at} unreadable, so its size cannot be checked{then}"
     if used > limit:
-        return f"the cell wrote more than {_human(limit)} into its directory (its limit; ${DISK_LIMIT_VAR} raises it)"
+        return (f"the cell wrote more than {_human(limit)} into its directory{at}{then} (its limit; "
+                f"{DISK_LIMIT_VAR}={_size_text(2 * limit)} in the environment of `harness` raises it)")
     if files > most_files:
-        return f"the cell wrote more than {most_files} files into its directory"
+        return f"the cell wrote more than {most_files} files into its directory{at}{then}"
     return None
+
+
+def _size_text(n: int) -> str:
+    """``n`` bytes as :func:`parse_size` reads them, rounded up to a whole unit (``40g``, ``512k``)."""
+    for unit, shift in (("g", 30), ("m", 20), ("k", 10)):
+        if n >= 1 << shift:
+            return f"{-(-n // (1 << shift))}{unit}"
+    return str(n)
+
+
+class DiskWatch:
+    """A running cell's directory, measured as after the run (:func:`cell_usage`: allocated blocks, no link
+    followed, at most :data:`DISK_FILES_MAX` entries a walk) each time the engine asks, but resting after a
+    walk so that walks take at most :data:`DISK_WATCH_SHARE` of the time; one line once it holds too much."""
+
+    def __init__(self, root: Path, limit: int, most_files: int = DISK_FILES_MAX,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.root, self.limit, self.most_files, self.clock = root, limit, most_files, clock
+        self.rest_until = float("-inf")
+        self.walks = 0
+
+    def __call__(self) -> str | None:
+        start = self.clock()
+        if start < self.rest_until:
+            return None
+        used, files, unreadable = cell_usage(self.root, self.limit, self.most_files, vanished_ok=True)
+        self.walks += 1
+        self.rest_until = start + (self.clock() - start) / DISK_WATCH_SHARE
+        return disk_failure(used, files, unreadable, self.limit, self.most_files, where=self.root, stopped=True)
 
 
 def _human(n: int) -> str:
@@ -529,8 +571,8 @@ class DockerBackend(Backend):
         output = CappedOutput(on_line)
         if why_not is not None:
             output.line(f"harness: {OUT} is mounted without noexec,nosuid,nodev: {why_not}")
-        try:
-            ended = self.engine.run(request, output.line)
+        try:  # over its disk limit while it runs, the container is killed as at its timeout, and removed
+            ended = self.engine.run(request, output.line, watch=DiskWatch(out, self.disk), watch_every_s=DISK_WATCH_S)
         finally:
             output.close()
             if work is not None:
@@ -540,13 +582,17 @@ class DockerBackend(Backend):
         if reason is None and rc is not None and rc != 0 and (ended.oom_killed or rc == 137):
             reason = exit_reason(rc, ended.oom_killed, request.memory)
         status = kind = None
-        if ended.status is not None and not ended.timed_out:
-            over = disk_failure(*cell_usage(out, self.disk, DISK_FILES_MAX), self.disk)
+        if ended.stopped is not None:  # over its disk limit while running: what it wrote is not read
+            _remove_record(out)
+            reason, status, kind = ended.stopped, Status.FAILED, "disk"
+        elif ended.status is not None and not ended.timed_out:
+            over = disk_failure(*cell_usage(out, self.disk, DISK_FILES_MAX), self.disk, where=out)
             if over is not None:
                 # the cell fails whatever its worker wrote: its record is not read
                 _remove_record(out)
                 reason, status, kind = over, Status.FAILED, "disk"
-        return Launch(rc, reason=reason, image=info, timed_out=ended.timed_out, status=status, kind=kind,
+        return Launch(rc, reason=reason, image=info, timed_out=ended.timed_out and ended.stopped is None,
+                      status=status, kind=kind,
                       extra={"host_paths": {"bundle": job.bundle_dir, "data": job.data_path, "data_dir": job.data_dir,
                                             "trainer_path": list(job.trainer_path or []) or None}})
 
