@@ -22,12 +22,33 @@ def patience(seconds: float) -> float:
     Tests wait on events (a record appearing, a job's state), never on the clock; a timeout
     is only the point where waiting stops making sense, and a loaded machine (load average
     above its cores) is slower by about that ratio. Never less than ``seconds``, at most 10x.
+
+    The load is the larger of the 1-minute load average and :func:`runnable_now`: the average
+    lags a sudden burst by a minute (20 s after six busy loops started it still read 2.2 on
+    two cores), the count of runnable tasks sees it at once.
     """
     try:
-        load = os.getloadavg()[0] / (os.cpu_count() or 1)
+        average = os.getloadavg()[0]
     except OSError:
-        load = 1.0
+        average = os.cpu_count() or 1.0
+    load = max(average, runnable_now()) / (os.cpu_count() or 1)
     return seconds * min(10.0, max(1.0, 2.0 * load))
+
+
+def runnable_now(samples: int = 3, gap_s: float = 0.01) -> float:
+    """Tasks runnable on this machine right now besides the caller: the least of ``samples`` readings of
+    the "running/total" field of /proc/loadavg, ``gap_s`` apart, minus the reading process itself.
+    The least, so that a short-lived process (a shell, a ``cat``) is not taken for load; 0 without /proc."""
+    seen = []
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as fh:
+                seen.append(int(fh.read().split()[3].split("/")[0]))
+        except (OSError, IndexError, ValueError):
+            return 0.0
+        if i + 1 < samples:
+            time.sleep(gap_s)
+    return float(max(0, min(seen) - 1))
 
 
 def default_signals() -> None:
@@ -238,7 +259,7 @@ def slurm_cluster() -> str:
     if missing:
         _docker_absent(f"Slurm is not installed here (no {', '.join(missing)}; .ci/slurm-up.sh starts one)")
     try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%P %G %T"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["sinfo", "-h", "-o", "%P %G %T"], capture_output=True, text=True, timeout=patience(30))
     except (OSError, subprocess.SubprocessError) as exc:
         _docker_absent(f"sinfo failed: {exc}")
     lines = out.stdout.split()
@@ -292,7 +313,7 @@ def slurm_jobs_under(root: Path) -> dict[str, str]:
 
     try:
         found = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%F|%T|%o|%Z"], capture_output=True,
-                               text=True, timeout=60)
+                               text=True, timeout=patience(60))
     except (OSError, subprocess.SubprocessError):
         return {}
     jobs: dict[str, str] = {}
@@ -311,7 +332,7 @@ def cancel_slurm_jobs_under(root: Path) -> list[str]:
     jobs = sorted(slurm_jobs_under(root))
     if not jobs:
         return []
-    subprocess.run(["scancel", *jobs], capture_output=True, timeout=60)
+    subprocess.run(["scancel", *jobs], capture_output=True, timeout=patience(60))
     deadline = time.monotonic() + patience(60)
     while set(jobs) & set(slurm_jobs_under(root)) and time.monotonic() < deadline:
         time.sleep(0.2)  # COMPLETING: the node is still busy ending them

@@ -397,8 +397,8 @@ def test_interrupt_leaves_an_interrupted_record_and_compare_says_incomplete(exam
 
     out = tmp_path / "m"
     env = dict(os.environ, COLUMNS="220")
-    # long enough that the second cell is still training a second after it starts: a warm worker
-    # starts at once, and 25 epochs of the example take well under a second
+    # long enough that the second cell is still running when the signal comes, however loaded the
+    # machine: a warm worker starts at once, and 25 epochs of the example take well under a second
     cfg = yaml.safe_load((example / "config.yaml").read_text())
     cfg["training"]["epochs"] = 400
     (example / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -406,13 +406,22 @@ def test_interrupt_leaves_an_interrupted_record_and_compare_says_incomplete(exam
                              "--devices", "cpu", "--determinism", "strict,default", "--threads", "1", "--repeats", "2",
                              "--out", str(out), "--no-progress", "--jobs", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    deadline = time.monotonic() + 240
-    # wait until the first cell finished and the second one is training
-    while time.monotonic() < deadline and not (out / "cpu-strict-t1-r2" / "spec.json").exists():
-        time.sleep(0.2)
-    time.sleep(1.0)
-    os.killpg(proc.pid, signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=patience(120))
+    try:
+        # The first cell finished and the second one started (its spec.json is written as it is launched,
+        # only once the first cell's record is in): signal now, while it runs. Whether its worker is still
+        # starting or already training, a running cell is recorded interrupted.
+        wait_s = patience(240)
+        deadline = time.monotonic() + wait_s
+        while not (out / "cpu-strict-t1-r2" / "spec.json").exists():
+            assert proc.poll() is None, "the matrix ended before its second cell started: " + proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, f"the second cell did not start within {wait_s:.0f}s"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=patience(120))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()  # reap it and close its pipes
     assert proc.returncode == 130, stdout + stderr
     assert "cells not run: cpu-default-t1-r1, cpu-default-t1-r2" in stderr
     assert str(out) in stderr

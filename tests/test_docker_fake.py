@@ -23,6 +23,7 @@ from harness.images.matrix import REPO_ROOT, load_matrix
 from harness.plan import Cell, Job
 from harness.record import ImageInfo, Status
 
+from .conftest import patience
 from .fake_engine import FakeEngine, Outcome, image_id_for, tar_of
 from .records import record as compare_record
 from .records import with_env
@@ -132,12 +133,12 @@ def test_close_stops_and_removes_running_containers(tmp_path: Path) -> None:
     result: dict = {}
     t = threading.Thread(target=lambda: result.update(rec=backend.run(cell, job(tmp_path))))
     t.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + patience(10)
     while not fake.running and time.monotonic() < deadline:
         time.sleep(0.01)
     assert list(fake.running) == ["c1"]
     backend.close()  # what Ctrl-C does
-    t.join(timeout=10)
+    t.join(timeout=patience(10))
     assert not t.is_alive() and fake.running == {}
     assert fake.stopped_containers == ["c1"] and fake.removed_containers == ["c1"]
     assert result["rec"].status is Status.FAILED and "137" in result["rec"].error.message

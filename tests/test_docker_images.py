@@ -14,6 +14,8 @@ import pytest
 from harness.images.build import BaseImageMissing, BuiltImage, ensure_images, plan_build
 from harness.images.matrix import REPO_ROOT, apply_base_images, load_matrix, select
 
+from .conftest import patience
+
 pytestmark = pytest.mark.docker
 
 CELLS = {"cpu-torch2.13": "2.13.0+cpu", "cu130-torch2.14": "2.14.1+cu130"}
@@ -70,7 +72,7 @@ def test_second_ensure_builds_nothing(built, plans, engine):
     print(f"\nensure_images (warm): {took:.2f}s")
     assert all(isinstance(r, BuiltImage) and not r.built for r in again.values())
     assert {r.id for r in again.values()} == {r.id for r in built.values()}
-    assert took < 30
+    assert took < patience(30)
 
 
 def test_missing_base_image_is_refused_without_pulling(engine, wheelhouse_root):
@@ -127,7 +129,7 @@ def _cli(*args: str, env_extra: dict[str, str] | None = None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "HARNESS_WHEELHOUSE"}
     env.update({"COLUMNS": "250", "PYTHONPATH": str(REPO_ROOT), **(env_extra or {})})
     res = subprocess.run([sys.executable, "-m", "harness", "images", *args], capture_output=True, text=True,
-                         env=env, timeout=300)
+                         env=env, timeout=patience(300))
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout
 

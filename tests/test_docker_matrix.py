@@ -29,7 +29,8 @@ CELLS = "cpu-torch2.13,cu130-torch2.14"
 
 def harness(*args: str, env: dict | None = None, timeout: int = 1800) -> subprocess.CompletedProcess[str]:
     e = dict(os.environ, COLUMNS="230", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, env=e, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, env=e,
+                          timeout=patience(timeout))
 
 
 def docker_args(wheelhouse_root: Path, base_image: str) -> list[str]:
@@ -180,14 +181,8 @@ def test_ctrl_c_removes_the_containers(matrix_run, docker_client, wheelhouse_roo
                              "--determinism", "strict,default", "--out", str(out), *docker_args(wheelhouse_root, base_image)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            running = docker_client.containers.list(filters={"label": "org.harness.cell=cpu-torch2.13-strict"})
-            if running:
-                break
-            time.sleep(0.5)
-        assert running, "no container started"
-        time.sleep(2)
+        container = _wait_for_container(docker_client, proc, "org.harness.cell=cpu-torch2.13-strict")
+        _wait_for_output(container, proc, '"event": "epoch"')  # it is training
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=patience(120))
     finally:
@@ -221,7 +216,7 @@ def test_compose_runs_a_cell_without_the_harness(matrix_run, tmp_path: Path) -> 
     if os.getuid() == 0:
         os.chmod(results / "cpu-torch2.13", 0o777)
     p = subprocess.run([exe, "-f", str(REPO / "compose.yaml"), "run", "--rm", "cpu-torch2.13"], capture_output=True,
-                       text=True, env=env, timeout=600)
+                       text=True, env=env, timeout=patience(600))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     rec = record.read(results / "cpu-torch2.13" / "record.json")
     assert rec.status is Status.OK and rec.env.torch == "2.13.0+cpu" and rec.env.in_container
@@ -267,21 +262,39 @@ def _hanging_cell(matrix_run, wheelhouse_root, base_image, out: Path, *extra: st
 
 
 def _wait_for_container(docker_client, proc: subprocess.Popen[str], label: str, seconds: int = 300):
-    deadline = time.time() + seconds
-    while time.time() < deadline and proc.poll() is None:
+    wait_s = patience(seconds)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and proc.poll() is None:
         running = docker_client.containers.list(filters={"label": label})
         if running:
             return running[0]
         time.sleep(0.5)
     _, err = proc.communicate(timeout=patience(60)) if proc.poll() is not None else ("", "")
-    raise AssertionError(f"no container started: {err[-2000:]}")
+    raise AssertionError(f"no container started within {wait_s:.0f}s: {err[-2000:]}")
+
+
+def _wait_for_output(container, proc: subprocess.Popen[str], text: str, seconds: int = 120) -> None:
+    """Until the running ``container`` has printed ``text`` (its own log, progress events included)."""
+    import docker.errors
+
+    wait_s = patience(seconds)
+    deadline = time.monotonic() + wait_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if text in container.logs().decode(errors="replace"):
+                return
+        except docker.errors.NotFound:
+            break  # it is gone: the run ended
+        time.sleep(0.5)
+    _, err = proc.communicate(timeout=patience(60)) if proc.poll() is not None else ("", "")
+    raise AssertionError(f"the container did not print {text!r} within {wait_s:.0f}s while the run lasted: {err[-2000:]}")
 
 
 def test_a_running_cell_is_locked_down_and_times_out(matrix_run, docker_client, wheelhouse_root, base_image) -> None:
     """`docker inspect` of a running cell: no capabilities, no-new-privileges, PID and memory limits,
     noexec /tmp; then --timeout kills it and the cell is a `timeout` row with the line it printed."""
     out = matrix_run["root"] / "timeout"
-    t0 = time.time()
+    t0 = time.monotonic()
     proc = _hanging_cell(matrix_run, wheelhouse_root, base_image, out, "--timeout", "40")
     try:
         container = _wait_for_container(docker_client, proc, "org.harness.cell=cpu-torch2.13")
@@ -298,7 +311,7 @@ def test_a_running_cell_is_locked_down_and_times_out(matrix_run, docker_client, 
             proc.kill()
             proc.communicate()  # reap it and close its pipes
     assert proc.returncode == 1, err
-    assert time.time() - t0 < 300
+    assert time.monotonic() - t0 < patience(300)  # ended by its --timeout 40, not left hanging
     rec = record.read(out / "cpu-torch2.13" / "record.json")
     assert rec.status is Status.TIMEOUT and rec.error.kind == "timeout" and rec.timeout_s == 40
     assert "about to hang" in (rec.error.log_tail or ""), rec.error
@@ -309,8 +322,8 @@ def test_sigterm_removes_the_container_and_exits_143(matrix_run, docker_client, 
     out = matrix_run["root"] / "sigterm"
     proc = _hanging_cell(matrix_run, wheelhouse_root, base_image, out)
     try:
-        _wait_for_container(docker_client, proc, "org.harness.cell=cpu-torch2.13")
-        time.sleep(2)
+        container = _wait_for_container(docker_client, proc, "org.harness.cell=cpu-torch2.13")
+        _wait_for_output(container, proc, "about to hang")  # its trainer runs
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=patience(120))
     finally:

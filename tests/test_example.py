@@ -52,12 +52,12 @@ def test_study_script_reruns_and_its_export_reproduces(tmp_path: Path) -> None:
     out = tmp_path / "optuna_best"
     env = {k: v for k, v in os.environ.items() if k not in ("CUBLAS_WORKSPACE_CONFIG", "PYTHONHASHSEED")}
     p = subprocess.run([sys.executable, str(REPO / "examples" / "optimize.py"), "--trials", "2", "--out", str(out)],
-                       capture_output=True, text=True, env=env, timeout=600)
+                       capture_output=True, text=True, env=env, timeout=patience(600))
     assert p.returncode == 0, p.stderr
     for name in ("config.yaml", "trial_info.yaml", "target_scaler.joblib", "weights/best.pt", "weights/last.pt"):
         assert (out / name).is_file(), name
     r = subprocess.run([sys.executable, "-m", "harness", "run", str(out), "--device", "cpu", "--out", str(tmp_path / "r"),
-                        "--no-progress"], capture_output=True, text=True, timeout=600)
+                        "--no-progress"], capture_output=True, text=True, timeout=patience(600))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "reproduced" in r.stdout
 
@@ -105,7 +105,7 @@ def test_readme_main_command_reproduces_and_its_first_screen_reads_in_ten_second
     assert cmd[:2] == ["harness", "matrix"]
     out = tmp_path / "r"
     r = subprocess.run([sys.executable, "-m", "harness", *cmd[1:], "--out", str(out), "--json", str(tmp_path / "r.json"),
-                        "--no-progress"], capture_output=True, text=True, timeout=900, cwd=REPO,
+                        "--no-progress"], capture_output=True, text=True, timeout=patience(900), cwd=REPO,
                        env={**os.environ, "COLUMNS": "100"})
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
@@ -115,12 +115,12 @@ def test_readme_main_command_reproduces_and_its_first_screen_reads_in_ten_second
     assert "Traceback" not in r.stderr
     for width in (80, 200):  # the same records re-rendered at other widths: nothing passes the terminal's edge
         c = subprocess.run([sys.executable, "-m", "harness", "compare", str(out)], capture_output=True, text=True,
-                           timeout=120, cwd=REPO, env={**os.environ, "COLUMNS": str(width)})
+                           timeout=patience(120), cwd=REPO, env={**os.environ, "COLUMNS": str(width)})
         assert c.returncode == 0 and c.stdout.startswith("Overall: reproduced"), c.stdout + c.stderr
         assert all(len(ln.rstrip()) <= width for ln in c.stdout.splitlines()), c.stdout
         assert "cpu-default-tdef-baseline" in c.stdout.split()
     c = subprocess.run([sys.executable, "-m", "harness", "compare", str(out), "--detail"], capture_output=True, text=True,
-                       timeout=120, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
+                       timeout=patience(120), cwd=REPO, env={**os.environ, "COLUMNS": "200"})
     assert "Environment" in c.stdout and "trial (recorded)" in c.stdout and "Per target" in c.stdout, c.stdout
     import json
 

@@ -23,6 +23,8 @@ from harness.worker.perturb import Perturber
 from harness.worker.trace import TraceWriter
 from harness.worker.train import split_indices, train_reference
 
+from .conftest import patience
+
 
 def _installed() -> tuple[int, int, int, bool, object]:
     """How many process-wide hooks are registered now, whether autograd.backward is torch's own, and
@@ -418,7 +420,7 @@ def test_a_backward_bound_before_install_is_not_seen_the_steps_are_traced_with_a
 def test_the_hooks_benchmark_runs_and_prints_its_ratios() -> None:
     bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_hooks.py"
     run = subprocess.run([sys.executable, str(bench), "--epochs", "1", "--rounds", "1"], check=False,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=patience(120))
     assert run.returncode == 0, run.stderr[-2000:]
     for name, against in (("none", "none"), ("perturb", "none"), ("hooks only", "none"),
                           ("trace hooks", "trace ctx"), ("trace ctx", "none")):

@@ -58,7 +58,7 @@ def test_billion_laughs_trial_info_is_refused_fast(make_bundle, tmp_path: Path) 
     t0 = time.perf_counter()
     with pytest.raises(InputError, match=r"trial_info.yaml: line \d+ uses a YAML alias"):
         load_bundle(root)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < patience(1.0)
 
 
 def test_billion_laughs_cli_exits_2_and_writes_nothing_big(make_bundle, tmp_path: Path) -> None:
@@ -69,7 +69,7 @@ def test_billion_laughs_cli_exits_2_and_writes_nothing_big(make_bundle, tmp_path
     p = harness("run", str(root), "--out", str(out), "--device", "cpu", "--no-progress")
     assert p.returncode == 2, p.stderr
     assert "uses a YAML alias" in p.stderr and "internal error" not in p.stderr
-    assert time.perf_counter() - t0 < 30  # interpreter start-up included; the load itself is instant
+    assert time.perf_counter() - t0 < patience(30)  # interpreter start-up included; the load itself is instant
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0
     assert total < 100_000
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, patience
 from .test_report_html import external_refs
 
 pytestmark = pytest.mark.browser
@@ -34,7 +34,7 @@ def browse(chromium: str, page: Path, profile: Path, *flags: str) -> subprocess.
     cmd = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
            "--hide-scrollbars", f"--user-data-dir={profile}", *NO_NETWORK, "--enable-logging=stderr", "--v=0", *flags,
            page.as_uri()]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=patience(180),
                           env={**os.environ, "HOME": str(profile)})
 
 
@@ -49,7 +49,7 @@ def test_the_report_of_a_real_run_renders_offline_in_chromium(chromium: str, exa
     run = subprocess.run([sys.executable, "-m", "harness", "matrix", str(example), "--backend", "local",
                           "--threads", "1,2", "--determinism", "strict", "--trace", "--no-progress",
                           "-o", str(out), "--html", str(page)],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=patience(600), cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert f"report: {page}" in run.stderr.splitlines()  # where the page is, to click or copy

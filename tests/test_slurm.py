@@ -122,10 +122,11 @@ def test_cells_name_a_gpu_type_with_at():
 
 
 def harness(*args: str, cwd: Path | None = None, timeout: int = 600, **kw) -> subprocess.CompletedProcess[str]:
+    """The CLI; ``timeout``: the seconds after which it hangs on an idle machine (scaled by the load)."""
     env = dict(os.environ, COLUMNS="220", PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     env.pop("HARNESS_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=timeout, **kw)
+                          timeout=patience(timeout), **kw)
 
 
 @pytest.mark.parametrize("args, words", [
@@ -168,7 +169,8 @@ def jobs_of(out: Path) -> dict[str, str]:
 
 
 def squeue_state(job_id: str) -> str:
-    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                          timeout=patience(60)).stdout.strip()
 
 
 def wait_running(out: Path, cells: int, timeout: float = 120) -> dict[str, str]:
@@ -296,7 +298,7 @@ def test_ctrl_c_cancels_the_jobs_the_run_submitted(slurm_cluster, example, tmp_p
 def test_a_job_past_its_time_limit_is_a_timeout_row(slurm_cluster, example, tmp_path):
     # Slurm's time limits are whole minutes: this test takes a little over one.
     out = tmp_path / "out"
-    res = harness(*hang_args(example, out, f"{CELL}@beta", slurm_cluster, "--time", "1"), timeout=patience(300))
+    res = harness(*hang_args(example, out, f"{CELL}@beta", slurm_cluster, "--time", "1"), timeout=300)
     assert res.returncode == 1, res.stdout + res.stderr
     rec = records(out)[f"{CELL}-beta"]
     assert rec.status is Status.TIMEOUT and rec.slurm["state"] == "TIMEOUT"
@@ -364,7 +366,8 @@ def test_the_jobs_a_failing_test_leaves_are_cancelled_when_it_ends_and_no_others
 
     elsewhere = Path(tempfile.mkdtemp(prefix="harness-not-this-session-"))
     other = subprocess.run(["sbatch", "--parsable", "--partition", slurm_cluster, "--time", "2", "--chdir",
-                            str(elsewhere), "--wrap", "sleep 600"], capture_output=True, text=True, timeout=60)
+                            str(elsewhere), "--wrap", "sleep 600"], capture_output=True, text=True,
+                           timeout=patience(60))
     assert other.returncode == 0, other.stderr
     other_id = other.stdout.strip().split(";")[0]
     try:
