@@ -116,6 +116,8 @@ def command_files(words: Iterable[str], *, cwd: str, path: str | None,
                     if siblings is None:
                         return found, (f"--trainer-cmd names {word!r}, whose folder holds more than "
                                        f"{COMMAND_FILES_MAX} files or {COMMAND_BYTES_MAX >> 30} GiB to hash")
+                    if siblings.startswith("unreadable:"):
+                        return found, f"--trainer-cmd names {word!r}, whose folder cannot be read ({siblings})"
                     digest = f"{digest}+{siblings}" if siblings else digest
             else:
                 continue  # a device, a FIFO, a socket: no content to hash
@@ -156,6 +158,8 @@ def _script_siblings(script: str, skip: list[str], budget: list[int]) -> str | N
                 return None
         else:
             continue
+        if digest.startswith("unreadable:"):
+            return digest  # never keyed: an input that cannot be read cannot be said unchanged
         h.update(f"{name}\0{digest}\0".encode())
         hashed += 1
     return h.hexdigest() if hashed else ""
