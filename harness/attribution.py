@@ -6,7 +6,7 @@ renders it. Every axis value is read from what a record *measured* (``env``,
 that planned it, so records merged from several machines are attributed the
 same way.
 
-Definitions (README, "Attribution"):
+Definitions (docs/verdicts.md, "Attribution: which axis moved the metrics"):
 
 * An axis has one value per cell, or none where it does not apply: the GPU
   model and its driver apply only to cells that ran on CUDA (a CPU cell and a

@@ -5,7 +5,7 @@ nothing executes content from the bundle. The target scaler (a joblib/pickle
 file, i.e. code) is only *located* here; it is loaded by the worker process,
 which is the process that would run inside a container.
 
-The accepted schema is documented in README.md ("The optuna_best schema").
+The accepted schema is documented in docs/your-own-project.md ("The optuna_best schema").
 """
 
 from __future__ import annotations
@@ -344,7 +344,7 @@ def parse_config(cfg: Any, root: Path, data_override: str | None = None,
     if not isinstance(cfg, Mapping):
         what = "your trainer's settings and its seed" if custom_trainer else "sections (data, model, training)"
         raise InputError(CONFIG, f"must be a mapping of {what}, got {_typename(cfg)}",
-                         hint="see README 'The optuna_best schema'")
+                         hint="see docs/your-own-project.md#the-optuna_best-schema")
     r = _Reader(cfg, CONFIG)
     trainer = _parse_trainer_section(r, entrypoint_required=not custom_trainer)
     custom = trainer is not None or custom_trainer
@@ -592,7 +592,7 @@ KNOWN_KEYS: dict[str, tuple[str, ...]] = {
 # Said with a missing required key of the reference trainer when no trainer is named: the config may be
 # another project's, whose keys the reference trainer was never meant to read.
 BYOT_HINT = ("is this your own project? name its trainer with --trainer module:function or --trainer-cmd CMD "
-             "(README.md#bring-your-own-trainer)")
+             "(docs/your-own-project.md#bring-your-own-trainer)")
 
 
 def unknown_config_keys(cfg: Any, strict: bool = False) -> list[str]:

@@ -241,7 +241,7 @@ def judged_values(rec: ResultRecord) -> tuple[dict[str, float], dict[str, float]
     return flatten_recorded(rec.recorded, at), flat, at, problem
 
 
-AGGREGATE = "*"  # the target name of a metric over all targets (one number); see README
+AGGREGATE = "*"  # the target name of a metric over all targets (one number); see docs/your-own-project.md
 
 
 def with_aggregates(flat: Mapping[str, float], wanted: Iterable[str]) -> dict[str, float]:

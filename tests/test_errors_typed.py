@@ -6,7 +6,6 @@ in a subprocess wherever a user would meet it.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from harness.errors import InputError
 from .conftest import REPO, tiny_config
 from .fake_engine import FakeEngine, Outcome, connected_engine, ok_worker  # noqa: F401 - the fake `engine` fixture
 from .test_cli import TRAINERS, harness
+from .test_docs import page_anchors
 
 
 def error_line(p) -> str:
@@ -156,11 +156,9 @@ def test_a_custom_project_without_trainer_is_told_to_name_it(make_bundle, tmp_pa
     line = error_line(p)
     assert line.startswith("harness: error: config.yaml: training.batch_size is missing"), line
     assert ("is this your own project? name its trainer with --trainer module:function or --trainer-cmd CMD "
-            "(README.md#bring-your-own-trainer)") in line
-    # the anchor named is a real section of the README
-    headings = re.findall(r"^#+ (.+)$", (REPO / "README.md").read_text(), flags=re.MULTILINE)
-    anchors = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
-    assert "bring-your-own-trainer" in anchors
+            "(docs/your-own-project.md#bring-your-own-trainer)") in line
+    # the anchor named is a real section of that page
+    assert "bring-your-own-trainer" in page_anchors(REPO / "docs" / "your-own-project.md")
 
 
 # --------------------------------------------------------------------------- 6: a skipped Docker cell's reason, once

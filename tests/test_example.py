@@ -1,4 +1,5 @@
-"""The bundled example is what the README says it is, and its study script reruns."""
+"""The bundled example is what docs/getting-started.md says it is, its study script reruns, and the README's
+main command does what it says."""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def test_strict_repeats_are_bitwise_and_default_ones_are_not() -> None:
 
 
 def test_the_mlp_on_cuda_is_the_same_distribution_as_its_cpu_trial() -> None:
-    """The README's small example on a GPU host: R² moves by 5e-2, and no cell is drifted."""
+    """The small example of docs/getting-started.md on a GPU host: R² moves by 5e-2, and no cell is drifted."""
     sets = [record.load(DATA / "mlp-matrix.json"), record.load(DATA / "mlp-seed-band.json")]
     recs = [r for r in merge(sets).records if r.status is not Status.INTERRUPTED]  # one seed member was stopped
     c = compare(recs)

@@ -1,6 +1,6 @@
 """The on-disk dataset format, its digest, and the preprocessing the config asks for.
 
-Format (documented in README.md, "The dataset format"): one ``.npz`` file with
+Format (documented in docs/your-own-project.md, "The dataset format"): one ``.npz`` file with
 
 * ``X``: float array, shape ``(samples, channels, time)``
 * ``y``: float array, shape ``(samples, targets)`` (or ``(samples,)`` for one target)

@@ -544,7 +544,7 @@ def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: Result
     got = normalise_result(mapping, f"the trainer command's {source}")
     if not got["metrics"]:
         raise RunFailed(f"the trainer command's {source} holds no metric (keys: {', '.join(map(str, mapping)) or 'none'}); "
-                        "see README 'A script as the trainer' for the accepted names")
+                        "see docs/your-own-project.md#a-script-as-the-trainer for the accepted names")
     rec.history = history
     rec.perturbation, hook_warnings = tc.hooks_outcome(processes, spec.perturb)
     rec.warnings.extend(hook_warnings)

@@ -56,7 +56,7 @@ class TrainerContext:
     """What a custom trainer gets besides its config.
 
     Besides the seeded helpers, it carries the seed's checks a trainer can feed
-    (each optional, each recorded; see README "Bring your own trainer"):
+    (each optional, each recorded; see docs/your-own-project.md, "Bring your own trainer"):
     :meth:`split` / :meth:`declare_length` / :meth:`report_split` for the split,
     :meth:`check_scaler` for the scaler refit. :attr:`model_fn` is config.yaml's
     ``trainer.model_fn`` hook (None without one); :meth:`build_model` calls it.
@@ -459,7 +459,7 @@ def normalise_result(result: Any, entry: str) -> dict[str, Any]:
 
     if not isinstance(result, Mapping):
         raise RunFailed(f"trainer {entry} returned {type(result).__name__}; the contract asks for a dict "
-                        "(see README 'Bring your own trainer')")
+                        "(see docs/your-own-project.md#bring-your-own-trainer)")
     metrics: dict[str, Any] = {}
     names = result.get("target_names")
     predictions = result.get("predictions") or {}
