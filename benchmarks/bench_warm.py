@@ -1,6 +1,12 @@
-"""Cold vs warm local workers, side by side: a cell's fixed overhead, and the README's main command.
+"""Cold vs warm workers, side by side: a cell's fixed overhead, and the README's main command.
 
     python benchmarks/bench_warm.py [--repeats 4] [--rounds 2] [--skip-readme]
+    python benchmarks/bench_warm.py --docker cpu-torch2.13 --wheelhouse wheelhouse \
+        --base-image local/debian-py:bookworm [--repeats 6] [--rounds 3]
+
+``--docker CELL``: the overhead matrix in that image cell's containers, cold (each container
+started at its cell's turn) and warm (started ahead, importing while the cell before it runs;
+harness.backends.docker_ahead). The README command is local and is skipped.
 
 Each round runs, interleaved (cold, warm, cold, warm), as separate `harness` processes of this Python:
 
@@ -59,19 +65,29 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=4, help="cells of the overhead matrix (repeats of one cell)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip-readme", action="store_true", help="only the per-cell overhead")
+    ap.add_argument("--docker", metavar="CELL", help="the overhead matrix in this image cell's containers")
+    ap.add_argument("--wheelhouse", help="with --docker: the wheelhouse its image builds from")
+    ap.add_argument("--base-image", help="with --docker: the base image its image builds on")
     a = ap.parse_args()
     print(f"{machine()}; load average {os.getloadavg()[0]:.1f} at start")
-    over = ["matrix", "examples/optuna_best", "--backend", "local", "--threads", "1", "--determinism", "strict",
+    where = ["--backend", "local"]
+    if a.docker:
+        where = ["--cells", a.docker, *(["--wheelhouse", a.wheelhouse] if a.wheelhouse else []),
+                 *(["--base-image", a.base_image] if a.base_image else [])]
+        a.skip_readme = True
+    over = ["matrix", "examples/optuna_best", *where, "--threads", "1", "--determinism", "strict",
             "--repeats", str(a.repeats), "--band", "0", "--band-seeds", "0", "--jobs", "1"]
     readme = ["matrix", "examples/optuna_best_conv", "--backend", "local", "--isa", "native,baseline", "--band", "4"]
     cells: dict[str, list[tuple[float, float, str]]] = {"cold": [], "warm first": [], "warm next": []}
     walls: dict[str, list[float]] = {"cold": [], "warm": []}
+    runs: dict[str, list[float]] = {"cold": [], "warm": []}  # the overhead matrix's wall time, from outside
     same = True
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             got = {}
             for start in ("cold", "warm"):
-                _, recs = harness(over + (["--cold"] if start == "cold" else []), Path(tmp) / f"o{r}{start}")
+                took, recs = harness(over + (["--cold"] if start == "cold" else []), Path(tmp) / f"o{r}{start}")
+                runs[start].append(took)
                 got[start] = recs
                 rows = overheads(recs)
                 assert all(s == start for *_, s in rows), rows
@@ -98,6 +114,8 @@ def main() -> None:
     print(f"{'':<12} {'cells':>5} {'launcher_wall_s - train_s':>26} {'wall_s - train_s':>17}")
     for k, v in cells.items():
         print(f"{k:<12} {len(v):>5} {median([x[0] for x in v]):>25.2f}s {median([x[1] for x in v]):>16.2f}s")
+    c, w = median(runs["cold"]), median(runs["warm"])
+    print(f"\noverhead matrix ({' '.join(over)}): cold {c:.1f}s, warm {w:.1f}s: warm / cold = {w / c:.2f}x")
     if walls["cold"]:
         c, w = median(walls["cold"]), median(walls["warm"])
         print(f"\nREADME command ({' '.join(readme)}):")

@@ -130,6 +130,7 @@ class ContainerRequest:
     cell: str = ""  # for messages: whose container this is
     tag: str | None = None  # for messages: the image's tag when ``image`` is an id
     cpuset: str | None = None  # cores it may run on ("0,1"; --jobs), None: any
+    cpu_shares: int | None = None  # its CPU weight against other containers (the engine's default: 1024)
     # Writable mounts that get noexec,nosuid,nodev: target -> an empty host folder on the same file system as
     # the mount's source, for the overlay's work folders (a bind mount cannot be noexec; see :func:`overlay_mount`)
     noexec: dict[str, str] = field(default_factory=dict)
@@ -336,6 +337,8 @@ def create_kwargs(req: ContainerRequest) -> dict[str, Any]:
         kwargs["mem_limit"] = req.memory
     if req.cpuset:
         kwargs["cpuset_cpus"] = req.cpuset
+    if req.cpu_shares:
+        kwargs["cpu_shares"] = req.cpu_shares
     if req.cap_drop:
         kwargs["cap_drop"] = list(req.cap_drop)
     if req.security_opt:
@@ -346,6 +349,47 @@ def create_kwargs(req: ContainerRequest) -> dict[str, Any]:
         kwargs["log_config"] = docker.types.LogConfig(
             type="json-file", config={"max-size": req.log_max_size, "max-file": str(req.log_max_files)})
     return kwargs
+
+
+def output_lines(chunks: Iterable[bytes]) -> Iterator[str]:
+    """A container's output, line by line without the newline; a line without end is passed on in pieces."""
+    buf = b""
+    for chunk in chunks:
+        buf += chunk
+        while b"\n" in buf or len(buf) > LONGEST_LINE:
+            line, _, buf = buf.partition(b"\n") if b"\n" in buf[:LONGEST_LINE + 1] else \
+                (buf[:LONGEST_LINE], b"", buf[LONGEST_LINE:])
+            yield line.decode("utf-8", "replace")
+    if buf:
+        yield buf.decode("utf-8", "replace")
+
+
+class Prestarted:
+    """A container started ahead of its turn: created, started, and read up to its ready line.
+
+    Its output before that line is kept (:attr:`before`) for the cell's log; the line itself is not.
+    A reader thread does the creating and reading, so starting one never blocks the caller.
+    """
+
+    def __init__(self, request: ContainerRequest, ready_line: str) -> None:
+        self.request = request
+        self.ready_line = ready_line
+        self.container: Any = None
+        self.lines: Iterator[str] | None = None  # the output stream, read up to the ready line
+        self.before: list[str] = []
+        self.error: str | None = None  # why it will never be ready (the engine refused it, it ended)
+        self.done = threading.Event()  # ready, or never will be
+        self.created = threading.Event()  # the container exists (or never will: see ``error``)
+        self.started_s: float | None = None
+        self.ready_s: float | None = None  # seconds from the request to the ready line
+
+    @property
+    def ready(self) -> bool:
+        return self.done.is_set() and self.error is None
+
+    def wait(self, timeout: float | None) -> bool:
+        """Whether it is ready within ``timeout`` seconds (False: not yet, or never)."""
+        return self.done.wait(timeout) and self.error is None
 
 
 def refusal(request: ContainerRequest, text: str) -> str:
@@ -932,7 +976,8 @@ class Engine:
     # ------------------------------------------------------------------ containers
 
     def run(self, request: ContainerRequest, on_line: Callable[[str], None] | None = None, *,
-            watch: Callable[[], str | None] | None = None, watch_every_s: float = 1.0) -> ContainerExit:
+            watch: Callable[[], str | None] | None = None, watch_every_s: float = 1.0,
+            prestarted: Prestarted | None = None) -> ContainerExit:
         """Run a container to its end, passing each output line (without newline) to ``on_line``.
 
         ``watch``: asked every ``watch_every_s`` while the container runs (from a thread that ends
@@ -948,6 +993,8 @@ class Engine:
         """
         from dataclasses import replace
 
+        if prestarted is not None:  # started ahead and given its turn (go): its mounts are settled
+            return self._run(request, on_line, watch, watch_every_s, prestarted)
         if request.noexec and self._no_overlay is None:
             ended = self._run(request, on_line, watch, watch_every_s)
             if ended.status is not None or ended.error is None or not _mount_refused(ended.error):
@@ -963,8 +1010,84 @@ class Engine:
         ended = self._run(replace(request, noexec={}), on_line, watch, watch_every_s)
         return replace(ended, notes=(*ended.notes, note))
 
+    def prestart(self, request: ContainerRequest, ready_line: str) -> Prestarted:
+        """Create and start a container now, and read its output until it prints ``ready_line``.
+
+        Returns at once; :meth:`Prestarted.wait` says when it is ready. Hand it to :meth:`run`
+        (after :meth:`go`) to run it to its end, or to :meth:`discard`. While it waits,
+        :meth:`stop_all` (Ctrl-C) stops and removes it like any container started here. An engine
+        that cannot mount the ``noexec`` overlay fails it (``error``): its caller runs the cell
+        with :meth:`run`, which knows the way around that.
+        """
+        import time as _time
+
+        docker = _sdk()
+        pre = Prestarted(request, ready_line)
+        t0 = _time.perf_counter()
+        if request.noexec and self._no_overlay is not None:  # run() mounts it another way, and says so
+            pre.error = "this engine cannot mount the noexec overlay"
+            pre.done.set()
+            return pre
+
+        def reading() -> None:
+            try:
+                container = self.client.containers.create(**create_kwargs(request))
+                with self._lock:
+                    self._running.append(container)
+                pre.container = container
+                pre.created.set()
+                container.start()
+                pre.started_s = _time.perf_counter() - t0
+                pre.lines = output_lines(container.logs(stream=True, follow=True, stdout=True, stderr=True))
+                for line in pre.lines:
+                    if line == ready_line:
+                        pre.ready_s = _time.perf_counter() - t0
+                        return
+                    pre.before.append(line)
+                    del pre.before[:-200]  # import warnings, at most: the tail is what a reader needs
+                pre.error = "it ended before it was ready" + (f": {pre.before[-1][:300]}" if pre.before else "")
+            except docker.errors.APIError as exc:
+                pre.error = refusal(request, str(exc.explanation or exc))
+            except docker.errors.DockerException as exc:
+                pre.error = f"Docker engine failed while starting {request.tag or request.image}: {_first_line(exc)}"
+            finally:
+                pre.created.set()
+                pre.done.set()
+
+        threading.Thread(target=reading, name=f"prestart {request.cell or request.image}", daemon=True).start()
+        return pre
+
+    def go(self, pre: Prestarted, signal: str | int, *, cpuset: str | None, cpu_shares: int | None,
+           wait_s: float | None) -> str | None:
+        """Give a container started ahead its turn: its cores and CPU weight now (an import still running
+        goes on at the cell's weight), then ``signal`` once it is ready; None, or why it cannot go."""
+        docker = _sdk()
+        pre.created.wait(wait_s)
+        if pre.container is None:
+            return pre.error or "its container was not created in time"
+        try:
+            changes: dict[str, Any] = {}
+            if cpuset != pre.request.cpuset and cpuset:
+                changes["cpuset_cpus"] = cpuset
+            if cpu_shares and cpu_shares != pre.request.cpu_shares:
+                changes["cpu_shares"] = cpu_shares
+            if changes:
+                pre.container.update(**changes)
+            if not pre.wait(wait_s):
+                return pre.error or f"it was still importing after {wait_s:.0f}s"
+            pre.container.kill(signal=signal)
+        except docker.errors.DockerException as exc:
+            return f"the engine could not give it its turn: {_first_line(exc)}"
+        return None
+
+    def discard(self, pre: Prestarted) -> None:
+        """Stop and remove a container started ahead that will not run (waits for it to exist, not to be ready)."""
+        pre.created.wait(60)
+        self._forget(pre.container)
+
     def _run(self, request: ContainerRequest, on_line: Callable[[str], None] | None,
-             watch: Callable[[], str | None] | None = None, watch_every_s: float = 1.0) -> ContainerExit:
+             watch: Callable[[], str | None] | None = None, watch_every_s: float = 1.0,
+             prestarted: Prestarted | None = None) -> ContainerExit:
         docker = _sdk()
         what = request.tag or request.image
         container = None
@@ -1000,10 +1123,18 @@ class Engine:
                     return
 
         try:
-            container = self.client.containers.create(**create_kwargs(request))
-            with self._lock:
-                self._running.append(container)
-            container.start()
+            if prestarted is None:
+                container = self.client.containers.create(**create_kwargs(request))
+                with self._lock:
+                    self._running.append(container)
+                container.start()
+                lines = output_lines(container.logs(stream=True, follow=True, stdout=True, stderr=True))
+            else:  # given its turn by go(): its output so far, then the rest of the same stream
+                container = prestarted.container
+                lines = prestarted.lines or iter(())
+                for line in prestarted.before:
+                    if on_line:
+                        on_line(line)
             if request.timeout_s:
                 timer = threading.Timer(request.timeout_s, expire)
                 timer.daemon = True
@@ -1011,16 +1142,9 @@ class Engine:
             if watch is not None:
                 watcher = threading.Thread(target=watching, name=f"watch {request.cell or what}", daemon=True)
                 watcher.start()
-            buf = b""
-            for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=True):
-                buf += chunk
-                while b"\n" in buf or len(buf) > LONGEST_LINE:  # a line without end is passed on in pieces
-                    line, _, buf = buf.partition(b"\n") if b"\n" in buf[:LONGEST_LINE + 1] else \
-                        (buf[:LONGEST_LINE], b"", buf[LONGEST_LINE:])
-                    if on_line:
-                        on_line(line.decode("utf-8", "replace"))
-            if buf and on_line:
-                on_line(buf.decode("utf-8", "replace"))
+            for line in lines:
+                if on_line:
+                    on_line(line)
             status = int(container.wait().get("StatusCode", -1))
             container.reload()
             oom = bool((container.attrs.get("State") or {}).get("OOMKilled"))

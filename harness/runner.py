@@ -245,7 +245,8 @@ def refuse_another_runs_records(out: Path, resume: bool) -> None:
 
 
 def make_backend(plan: Plan, *, cold: bool = False) -> Any:
-    """The backend a plan runs on; ``cold`` (``--cold``): local workers start as fresh interpreters, never warm."""
+    """The backend a plan runs on; ``cold`` (``--cold``): local workers start as fresh interpreters, never warm,
+    and Docker cells' containers start at their turn, never ahead of it."""
     if plan.backend == "local":
         from .backends.local import LocalBackend
 
@@ -259,7 +260,7 @@ def make_backend(plan: Plan, *, cold: bool = False) -> Any:
 
     im = plan.options
     return DockerBackend(Engine.connect(), plan.builds, gpus=im.gpus if im else "all", memory=im.memory if im else None,
-                         aliases=plan.aliases, offline=bool(im and im.offline))
+                         aliases=plan.aliases, offline=bool(im and im.offline), ahead=not cold)
 
 
 def _log_tail(path: Path, chars: int = 2000) -> str | None:

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections import deque
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from ..docker_engine import OVERLAY_LOWER, OVERLAY_WORK, ContainerFacts, ContainerRequest, Engine, overlay_possible
+from ..docker_engine import (OVERLAY_LOWER, OVERLAY_WORK, ContainerFacts, ContainerRequest, Engine, Prestarted,
+                             overlay_possible)
 from ..errors import BackendError, HarnessError, InputError
 from ..plan import Cell, Job
 from ..record import ImageInfo, RunSpec, Status
 from ..worker import EVENT_PREFIX, determinism, isa
+from ..worker.preload import GO_SIGNAL, READY_LINE
 from .base import TAIL_LINES, Backend, Launch, LineFn, fresh_dir
+from .docker_ahead import TURN_CPU_SHARES, WORKER_AWAITS, WORKER_LABEL, ahead_request
 
 BUNDLE = "/harness/bundle"
 DATA_DIR = "/harness/data"
@@ -128,7 +133,7 @@ def remove_dead_containers(engine: Engine, *, dry_run: bool = False) -> list[Con
 
 def container_spec(cell: Cell, job: Job, image: str, *, gpus: str = "all", memory: str | None = None,
                    host_uid: int | None = None, run_id: str = "", tag: str | None = None,
-                   overlay_work: str | None = None) -> ContainerRequest:
+                   overlay_work: str | None = None, cpu_shares: int | None = None) -> ContainerRequest:
     """What the cell's container gets (plain data, testable without Docker).
 
     Whatever a trainer or a pickle does in there: no network, no capabilities, no
@@ -162,6 +167,7 @@ def container_spec(cell: Cell, job: Job, image: str, *, gpus: str = "all", memor
         gpus=("none" if not cell.device.startswith("cuda") else
               cell.slot.gpu if cell.slot is not None and cell.slot.gpu is not None else gpu_spec(gpus)),
         cpuset=cell.slot.cpuset if cell.slot is not None else None,
+        cpu_shares=cpu_shares,
         memory=memory or host_memory_limit(),
         labels={LABEL_RUN: run_id, "org.harness.cell": cell.name, LABEL_PID: str(os.getpid()),
                 LABEL_HOST: hostname()},
@@ -403,8 +409,19 @@ class DockerBackend(Backend):
     name = "docker"
 
     def __init__(self, engine: Engine, plans: dict[str, Any], *, gpus: str = "all", memory: str | None = None,
-                 aliases: dict[str, str] | None = None, offline: bool = False, disk: int | None = None) -> None:
+                 aliases: dict[str, str] | None = None, offline: bool = False, disk: int | None = None,
+                 ahead: bool = True, cold_reason: str | None = None) -> None:
         self.engine = engine
+        self.cold_reason = cold_reason or "--cold"  # why no cell starts ahead, when ``ahead`` is off
+        # Cells' containers started ahead of their turn (harness.backends.docker_ahead); off with --cold.
+        self.ahead_on = ahead
+        self.queue: list[tuple[Cell, Job]] = []  # the cells about to run, in order (expect)
+        self.ahead: dict[str, Ahead] = {}  # cell -> its container started ahead
+        self.launched: set[str] = set()
+        self.turns = 0  # cells running now
+        self.busy = 0  # cores they hold (an unpinned cell with torch's default threads: all of them)
+        self._ahead_lock = threading.Lock()
+        self._awaits: dict[str, bool] = {}  # image id -> whether its worker can wait for its turn
         self.disk = disk if disk is not None else disk_limit(os.environ)  # what a cell may leave in its directory
         self._said: set[str] = set()  # notes already printed (one engine, many cells)
         self.offline = offline  # a missing base pinned by digest is not pulled (the cell is skipped)
@@ -556,27 +573,160 @@ class DockerBackend(Backend):
         return container_run_spec(cell, job, self.images[cell.name]).to_dict()
 
     def make_cell_dir(self, out: Path) -> None:
+        with self._ahead_lock:
+            started = [name for name, a in self.ahead.items() if a.out == out]
+        if started and _empty_dir(out):
+            return  # made fresh when its container was started ahead, and nothing of the cell has run since
+        for name in started:  # something is there: that container is not used, the directory is made anew
+            self._drop_ahead(name)
         fresh_dir(out)
         if _uid() == 0:
             os.chown(out, IMAGE_UID, IMAGE_UID)  # the image's non-root user writes here, nobody else
 
-    def launch(self, cell: Cell, job: Job, spec_path: Path, on_line: LineFn) -> Launch:
+    # ------------------------------------------------------------------ containers started ahead of their turn
+
+    def expect(self, cells: list[Cell], job: Job) -> None:
+        """The cells about to run, in order: the first gets its container now, the next ones as cells run."""
+        if not self.ahead_on:
+            return
+        with self._ahead_lock:
+            self.queue = [(c, job) for c in cells]
+        self._top_up()
+
+    def _request(self, cell: Cell, job: Job, work: Path | None) -> ContainerRequest:
+        """The container the cell gets (cold, with its slot's cores and GPU when it has one)."""
         info = self.images[cell.name]
         uid = _uid()
+        return container_spec(cell, job, info.id, gpus=self.gpus, memory=self.memory, host_uid=uid or None,
+                              run_id=self.run_id, tag=info.tag, overlay_work=str(work) if work is not None else None,
+                              cpu_shares=TURN_CPU_SHARES)
+
+    def _cannot_await(self, cell: Cell) -> str | None:
+        """Why the cell's container cannot be started ahead (its image's worker cannot wait); None: it can."""
+        info = self.images.get(cell.name)
+        if info is None:
+            return "its image is not ready"
+        if info.id not in self._awaits:
+            facts = self.engine.image(info.id)
+            self._awaits[info.id] = facts is not None and facts.labels.get(WORKER_LABEL) == WORKER_AWAITS
+        if not self._awaits[info.id]:
+            return (f"its image {info.tag or info.id[:19]} was built before its worker could wait for its turn "
+                    "(rebuild it to start its cells ahead)")
+        return None
+
+    def _top_up(self) -> None:
+        """Start the containers of the next cells in the queue: as many waiting as cells run (at least one)."""
+        from .docker_ahead import next_ahead
+        from .warm import _default_max_servers
+
+        with self._ahead_lock:
+            if not self.ahead_on:
+                return
+            names = next_ahead([c.name for c, _ in self.queue], self.launched, set(self.ahead), self.turns,
+                               _default_max_servers(), idle=max(0, self._cores() - self.busy))
+            jobs = {c.name: (c, j) for c, j in self.queue}
+            for name in names:
+                cell, job = jobs[name]
+                if self._cannot_await(cell) is not None:
+                    self.launched.add(name)  # it starts cold; launch() says why
+                    continue
+                out = job.cell_dir(cell)
+                self.make_cell_dir_fresh(out)
+                work, why_not = make_overlay_work(out, cell.name)
+                request = ahead_request(self._request(replace(cell, slot=None), job, work))
+                self.ahead[name] = Ahead(self.engine.prestart(request, READY_LINE), out, work, why_not)
+
+    def make_cell_dir_fresh(self, out: Path) -> None:
+        """The cell's directory, empty and the image user's, before its container is started ahead."""
+        fresh_dir(out)
+        if _uid() == 0:
+            os.chown(out, IMAGE_UID, IMAGE_UID)
+
+    def _drop_ahead(self, name: str) -> None:
+        """Remove a container started ahead that will not run, and its overlay's work folder."""
+        with self._ahead_lock:
+            got = self.ahead.pop(name, None)
+        if got is not None:
+            self.engine.discard(got.pre)
+            if got.work is not None:
+                remove_overlay_work(got.work)
+
+    def _take_ahead(self, cell: Cell, job: Job, now: ContainerRequest,
+                    timeout_s: float | None) -> tuple[Ahead | None, str | None]:
+        """The cell's container started ahead, given its turn; or None and why it starts cold."""
+        from .docker_ahead import mismatch
+
+        with self._ahead_lock:
+            got = self.ahead.pop(cell.name, None)
+            self.launched.add(cell.name)
+        if got is None:
+            if not self.ahead_on:
+                return None, self.cold_reason
+            queued = any(c.name == cell.name for c, _job in self.queue)
+            return None, self._cannot_await(cell) or (
+                "its turn came before a container was started ahead for it (the first cells of a run)" if queued
+                else "no cells were queued before it: it started at its turn")
+        why = mismatch(got.pre.request, now, threads=cell.threads, only_gpu=self._only_gpu())
+        if why is None:
+            why = self.engine.go(got.pre, GO_SIGNAL, cpuset=now.cpuset, cpu_shares=now.cpu_shares, wait_s=timeout_s)
+            if why is not None:
+                why = f"its container started ahead could not take its turn: {why}"
+        if why is not None:
+            self.engine.discard(got.pre)
+            if got.work is not None:
+                remove_overlay_work(got.work)
+            return None, why
+        return got, None
+
+    def _cores(self) -> int:
+        if not hasattr(self, "_n_cores"):
+            cpus = self.host_slots()[0]
+            self._n_cores = len(cpus) if cpus else (os.cpu_count() or 1)
+        return self._n_cores
+
+    def _only_gpu(self) -> str | None:
+        if not hasattr(self, "_one_gpu"):
+            gpus = self.host_slots()[1]
+            self._one_gpu = gpus[0] if gpus is not None and len(gpus) == 1 else None
+        return self._one_gpu
+
+    def launch(self, cell: Cell, job: Job, spec_path: Path, on_line: LineFn) -> Launch:
+        info = self.images[cell.name]
         out = job.cell_dir(cell)
-        work, why_not = make_overlay_work(out, cell.name)  # the cell's directory: noexec,nosuid,nodev
-        request = container_spec(cell, job, info.id, gpus=self.gpus, memory=self.memory,
-                                 host_uid=uid or None, run_id=self.run_id, tag=info.tag,
-                                 overlay_work=str(work) if work is not None else None)
+        with self._ahead_lock:
+            got = self.ahead.get(cell.name)
+        if got is None:
+            work, why_not = make_overlay_work(out, cell.name)  # the cell's directory: noexec,nosuid,nodev
+        else:
+            work, why_not = got.work, got.why_not
+        request = self._request(cell, job, work)
+        taken, cold_why = self._take_ahead(cell, job, request, job.timeout_s)
+        if taken is None and got is not None:  # its overlay work folder went with it: a new one for a cold start
+            work, why_not = make_overlay_work(out, cell.name)
+            request = self._request(cell, job, work)
+        start = ({"start": "warm", "start_reason": None} if taken is not None else
+                 {"start": "cold", "start_reason": cold_why})
         output = CappedOutput(on_line)
         if why_not is not None:
             output.line(f"harness: {OUT} is mounted without noexec,nosuid,nodev: {why_not}")
+        n = self._cores()
+        held = (len(cell.slot.cpus) if cell.slot is not None and cell.slot.cpus is not None else
+                1 if cell.device.startswith("cuda") else min(n, cell.threads or n))
+        with self._ahead_lock:
+            self.turns += 1
+            self.busy += held
+        self._top_up()  # the next cells' containers import while this one runs
         try:  # over its disk limit while it runs, the container is killed as at its timeout, and removed
-            ended = self.engine.run(request, output.line, watch=DiskWatch(out, self.disk), watch_every_s=DISK_WATCH_S)
+            ended = self.engine.run(request, output.line, watch=DiskWatch(out, self.disk), watch_every_s=DISK_WATCH_S,
+                                    **({"prestarted": taken.pre} if taken is not None else {}))
         finally:
+            with self._ahead_lock:
+                self.turns -= 1
+                self.busy -= held
             output.close()
             if work is not None:
                 remove_overlay_work(work)
+
         self._say([*ended.notes, *([f"{OUT} is mounted without noexec,nosuid,nodev: {why_not}"] if why_not else [])])
         rc, reason = ended.status, ended.error
         if reason is None and rc is not None and rc != 0 and (ended.oom_killed or rc == 137):
@@ -593,7 +743,7 @@ class DockerBackend(Backend):
                 reason, status, kind = over, Status.FAILED, "disk"
         return Launch(rc, reason=reason, image=info, timed_out=ended.timed_out and ended.stopped is None,
                       status=status, kind=kind,
-                      extra={"host_paths": {"bundle": job.bundle_dir, "data": job.data_path, "data_dir": job.data_dir,
+                      extra={**start, "host_paths": {"bundle": job.bundle_dir, "data": job.data_path, "data_dir": job.data_dir,
                                             "trainer_path": list(job.trainer_path or []) or None}})
 
     def _say(self, notes: Iterable[str]) -> None:
@@ -606,12 +756,39 @@ class DockerBackend(Backend):
                 Console(stderr=True, highlight=False).print(f"! {note}", style="yellow", markup=False, soft_wrap=True)
 
     def close(self) -> None:
-        """Stop and remove every container this backend started that is still there (Ctrl-C)."""
+        """Stop and remove every container this backend started that is still there (Ctrl-C), those started
+        ahead of a turn that never came included."""
+        with self._ahead_lock:
+            self.ahead_on = False  # nothing more starts ahead
+            names = list(self.ahead)
+        for name in names:
+            self._drop_ahead(name)
         self.engine.stop_all()
 
 
 def _uid() -> int:
     return os.getuid() if hasattr(os, "getuid") else 0
+
+
+@dataclass
+class Ahead:
+    """A cell's container started ahead of its turn (harness.backends.docker_ahead), and what it mounts."""
+
+    pre: Prestarted
+    out: Path  # the cell's directory, made empty for it
+    work: Path | None  # its noexec overlay's work folder (None: a bind mount, ``why_not``)
+    why_not: str | None = None
+
+
+def _empty_dir(out: Path) -> bool:
+    """Whether ``out`` is a directory (not a link to one) with nothing in it."""
+    try:
+        if not os.path.isdir(out) or os.path.islink(out):
+            return False
+        with os.scandir(out) as it:
+            return next(it, None) is None
+    except OSError:
+        return False
 
 
 def _remove_record(out: Path) -> None:

@@ -46,7 +46,8 @@ def inner_backend(runtime: str, python: str | None, cell: Cell, docker: Mapping[
         plans = dict((docker or {}).get("builds") or {})
         # The container gets the GPUs Slurm gave the job, no others.
         gpus = os.environ.get("CUDA_VISIBLE_DEVICES") or "none" if cell.gpu else "none"
-        return DockerBackend(Engine.connect(), plans, gpus=gpus, offline=bool((docker or {}).get("offline")))
+        return DockerBackend(Engine.connect(), plans, gpus=gpus, offline=bool((docker or {}).get("offline")),
+                             ahead=False, cold_reason="a Slurm job runs one cell: no cell runs before it")
     from .local import LocalBackend
 
     return LocalBackend(python, cold_reason="a Slurm job runs one cell: a warm server would import torch for it alone")

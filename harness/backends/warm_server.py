@@ -49,6 +49,7 @@ import warnings
 from typing import Any
 
 from ..worker import isa
+from ..worker import preload as preload_mod
 
 TOKEN_VAR = "HARNESS_CELL_TOKEN"
 # The server starts with this value in place of a cell's token (the same length as
@@ -63,64 +64,9 @@ ISA_VARS = isa.VARS
 CHILD_VARS = (TOKEN_VAR, GPU_VAR, *ISA_VARS)  # what each child sets itself; never part of a server's environment
 MAX_MESSAGE = 4 << 20
 
-# What a worker imports before and while it trains the reference model: importing them here once
-# is the point of the server. Importing runs no torch operation and touches no GPU. A module
-# that is not installed is left out (the worker fails, or does without it, as a cold one would).
-PRELOAD = (
-    "numpy", "torch", "torch.nn", "torch.optim", "torch.utils.data",
-    "torch._inductor.config",  # torch.use_deterministic_algorithms imports it (and torch._dynamo)
-    "yaml", "joblib", "sklearn.preprocessing",  # the archived target scaler is a scikit-learn pickle
-    "harness.bundle", "harness.preflight", "harness.worker.retrain", "harness.worker.determinism",
-    "harness.worker.envinfo", "harness.worker.isa", "harness.worker.data", "harness.worker.model",
-    "harness.worker.train", "harness.worker.metrics", "harness.worker.perturb", "harness.worker.trace",
-    "harness.worker.seed_checks", "harness.worker.trainer_api", "harness.worker.hooks",
-    "harness.worker.checkpoint", "harness.worker.trainer_cmd", "harness.worker.feed",
-)
-
-
-def preload(modules: tuple[str, ...] = PRELOAD) -> dict[str, Any]:
-    """Import ``modules``; what was imported, what was not (and why), and whether CUDA was asked for.
-
-    torch's CUDA device count is watched while importing: a module that asks for it initialises
-    the CUDA driver in this process, and a child forked from it could not use the GPU.
-    """
-    import importlib
-
-    asked: list[str] = []
-    missing: dict[str, str] = {}
-    watched = None
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001 - not installed, or broken: the worker says so itself
-            missing[name] = f"{type(exc).__name__}: {exc}"[:300]
-        if watched is None and "torch" in sys.modules:
-            watched = _watch_cuda(sys.modules["torch"], asked, name)
-    if watched is not None:
-        watched()
-    torch = sys.modules.get("torch")
-    initialised = bool(torch is not None and torch.cuda.is_initialized())
-    return {"modules": [m for m in modules if m not in missing], "missing": missing,
-            "cuda_asked": asked, "cuda_initialized": initialised}
-
-
-def _watch_cuda(torch: Any, asked: list[str], importing: str) -> Any:
-    """Note every call of torch's CUDA device count while the modules import; returns the undo."""
-    C = torch._C
-    original = getattr(C, "_cuda_getDeviceCount", None)
-    if original is None:  # a CPU-only torch: there is no CUDA to initialise
-        return lambda: None
-
-    def counting(*args: Any, **kw: Any) -> Any:
-        asked.append(importing)
-        return original(*args, **kw)
-
-    C._cuda_getDeviceCount = counting
-
-    def undo() -> None:
-        C._cuda_getDeviceCount = original
-
-    return undo
+PRELOAD = preload_mod.PRELOAD
+preload = preload_mod.preload
+_watch_cuda = preload_mod.watch_cuda
 
 
 def _die_with_parent(parent: int) -> None:

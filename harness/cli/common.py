@@ -81,9 +81,10 @@ def add_inputs(p: argparse.ArgumentParser) -> None:
                         "count, all of them for the default count; on a GPU, as many as its memory holds by the "
                         "first finished cell's peak, at most 8; docs/gpu-sharing.md)")
     p.add_argument("--cold", action="store_true",
-                   help="local backend: start every cell's worker as a fresh interpreter instead of forking it from a "
-                        "warm server that imported torch once per worker environment (docs/warm-worker.md); the "
-                        "results are the same bit for bit, only slower")
+                   help="start every cell cold: on the local backend a fresh interpreter instead of a fork of a "
+                        "warm server that imported torch once per worker environment; on Docker each cell's container "
+                        "at its turn instead of ahead of it, importing while the cells before it run "
+                        "(docs/warm-worker.md); the results are the same bit for bit, only slower")
 
 
 HTML_HELP = ("write one self-contained HTML page (opens offline: inline SVG, no script, no URL): the environment "
