@@ -367,3 +367,4 @@ class ReportOptions:
     detail: bool = False  # --detail: every table on the terminal, not the first screen (harness.report_compact)
     command: str = ""  # the command that writes it (its title)
     trace_dirs: tuple[str, ...] = ()  # where else to look for OUT/<cell>/trace.jsonl (compare: the directories given)
+    show: bool = True  # print the report on stdout (the CLI does; harness.api only when asked: show=True)

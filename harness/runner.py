@@ -583,7 +583,8 @@ def recorded_environment_of(records: list[ResultRecord]) -> dict[str, Any] | Non
 
 def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, results: Path | None,
            report_opts: ReportOptions, bundle_dir: str | None = None, reused: dict[str, str] | None = None) -> Comparison:
-    """Judge, print, and write the reports (``report.json`` in the results directory, --json, --markdown)."""
+    """Judge, print (on stdout unless ``report_opts.show`` is off), and write the reports (``report.json`` in the
+    results directory, --json, --markdown)."""
     from .report import console, json_report, markdown, print_report
 
     comparison = compare(records, tol, missing, allow_data_change=report_opts.allow_data_change,
@@ -592,7 +593,9 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
     roots = [results] if results is not None else [Path(p) for p in report_opts.trace_dirs]
     traces = read_traces(records, roots) if roots else {}
     parts, causes = parting(records, traces)
-    if records and not missing and all(r.status is Status.SKIPPED for r in records):
+    if not report_opts.show:  # harness.api: the caller has the comparison; stdout stays its own
+        pass
+    elif records and not missing and all(r.status is Status.SKIPPED for r in records):
         print_nothing_ran(console(), records, bundle_dir)
     elif report_opts.detail:
         print_report(console(), records, comparison, trial_environment=trial_env,
@@ -602,7 +605,7 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
 
         print_compact(console(), records, comparison, trial_environment=trial_env,
                       parts_at=parts, causes={k: f.short for k, f in causes.items()}, reused=reused)
-    if reused:
+    if reused and report_opts.show:
         console().print(f"Reused {len(reused)} of {len(records)} cell(s) from earlier runs (inputs unchanged; "
                         f"--force reruns them): {', '.join(reused)}", soft_wrap=True, markup=False, highlight=False)
     report = record.dumps(json_report(records, comparison, causes={k: f.to_dict() for k, f in causes.items()}))

@@ -73,6 +73,35 @@ def test_the_cycle_finder_finds_cycles() -> None:
     assert _cycles({"a": {"b"}, "b": {"a"}}) == [["a", "b", "a"]]
 
 
+def _is_cli(m: str) -> bool:
+    return m == "harness.cli" or m.startswith("harness.cli.")
+
+
+def _api_layer_breaches(graph: dict[str, set[str]]) -> list[str]:
+    """Where the Python API leaves its layer: above the runner (it drives it), below the CLI alone (the CLI
+    builds its options there and runs compare and diverge through it, never the other way round)."""
+    api = "harness.api"
+    out = [f"{api} imports {t}" for t in sorted(graph.get(api, ())) if _is_cli(t)]
+    if "harness.runner" not in graph.get(api, ()):
+        out.append(f"{api} does not drive harness.runner")
+    out += [f"{m} imports {api}" for m in sorted(graph) if api in graph[m] and not _is_cli(m)]
+    return out
+
+
+def test_the_api_sits_above_the_runner_and_below_the_cli_alone() -> None:
+    graph, _ = import_graph()
+    assert _api_layer_breaches(graph) == []
+
+
+def test_the_api_layer_rule_finds_a_breach() -> None:
+    graph = {"harness.api": {"harness.runner"}, "harness.cli": {"harness.api"}, "harness.runner": set()}
+    assert _api_layer_breaches(graph) == []
+    assert _api_layer_breaches({**graph, "harness.runner": {"harness.api"}}) == ["harness.runner imports harness.api"]
+    assert _api_layer_breaches({**graph, "harness.api": {"harness.runner", "harness.cli.common"}}) == [
+        "harness.api imports harness.cli.common"]
+    assert _api_layer_breaches({**graph, "harness.api": set()}) == ["harness.api does not drive harness.runner"]
+
+
 def test_backends_never_import_the_cli() -> None:
     graph, _ = import_graph()
     offenders = {m: sorted(t for t in targets if t == "harness.cli" or t.startswith("harness.cli."))

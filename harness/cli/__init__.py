@@ -18,13 +18,10 @@ import traceback
 from typing import Any
 
 from .. import __version__
-from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, HarnessError, InputError, Interrupted, UsageError
-from ..options import (DEFAULT_TIMEOUT_S, Axes, RunOptions, parse_band, parse_band_auto, parse_band_seeds, parse_cells,
-                       parse_count,
-                       parse_devices, parse_isa, parse_jobs, parse_modes, parse_repeats, parse_tf32, parse_threads,
-                       parse_timeout)
+from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, HarnessError, Interrupted
+from ..options import RunOptions
 from .common import (EXIT_CODES_HELP, add_allow_data_change, add_common, add_detail, add_docker, add_html, add_inputs, add_slurm,
-                     add_tolerance_flags, image_options, report_options, slurm_flags, tolerances, verdict_exit)
+                     add_tolerance_flags, image_values, report_options, slurm_values, tolerances, verdict_exit)
 
 ISA_HELP = ("CPU instruction sets the CPU kernels may use, e.g. native,avx2,baseline (native, avx512, avx2, "
             "baseline; default: no ISA axis); a level this CPU lacks is skipped")
@@ -118,72 +115,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_options(args: argparse.Namespace, *, single: bool, band_only: bool = False) -> RunOptions:
-    """``harness run`` / ``matrix`` / ``band`` arguments as :class:`RunOptions` (one parser per axis)."""
-    if band_only:
-        backend = "docker" if args.image else (args.backend or "local")
-        if backend == "docker" and not args.image:
-            raise UsageError("harness band --backend docker needs the image the baseline runs in",
-                             hint="add --image CELL (a cell of `harness images list`)")
-    else:
-        backend = "docker" if (single and args.image) else ("local" if single else args.backend)
-    devices = None
-    if single and args.device and not (args.image and args.device == "auto"):
-        devices = parse_devices(args.device, "--device")
-    elif not single and args.devices:
-        devices = parse_devices(args.devices)
-    tf32_text = ("on" if args.tf32 else "off") if single else (args.tf32 or "off,on")
-    axes = Axes(
-        devices=devices,
-        modes=parse_modes(args.determinism) if args.determinism else None,
-        threads=parse_threads(args.threads) if args.threads else None,
-        tf32=parse_tf32(tf32_text),
-        repeats=parse_repeats(getattr(args, "repeats", 1)),
-        isa=parse_isa(args.isa) if getattr(args, "isa", None) else None,
-    )
-    cell_seeds, auto_band = 0, 0
-    if band_only:
-        band, (seeds, auto), band_from = parse_band(args.n, "--n"), parse_band_seeds(args.band_seeds), None
-        if band < 2 and seeds < 2:
-            raise UsageError("harness band measures nothing: --n 0 and no --band-seeds",
-                             hint="e.g. --n 8, or --n 0 --band-seeds 8")
-    else:
-        (band, auto_band), (seeds, auto) = parse_band_auto(args.band), parse_band_seeds(args.band_seeds)
-        band_from = args.band_from
-        cell_seeds = parse_count(args.cell_seeds, "--cell-seeds", example="8")
-        if cell_seeds == 1:
-            raise UsageError("--cell-seeds 1 gives one pair: a paired test needs at least 2", hint="e.g. --cell-seeds 8")
-        if cell_seeds and auto and not band_from:  # the band's seeds are the pairs' other half: measure them first
-            seeds, auto = max(cell_seeds, auto), 0
-    cells = parse_cells(args.image) if single else parse_cells(args.cells)
-    out, resume = resume_options(args)
-    return RunOptions(bundle=args.bundle, backend=backend, single=single, cells=cells,
-                      cells_flag="--image" if single else "--cells", axes=axes,
-                      images=image_options(args), data=args.data, data_dir=args.data_dir, trainer=args.trainer,
-                      trainer_path=args.trainer_path, trainer_cmd=args.trainer_cmd,
-                      seed_key=getattr(args, "seed_key", None), trainer_cwd=getattr(args, "trainer_cwd", None),
-                      out=out, trace=args.trace,
-                      progress=not args.no_progress,
-                      resume=resume, force=args.force, jobs=parse_jobs(args.jobs), cold=bool(getattr(args, "cold", False)), strict_config=getattr(args, "strict_config", False),
-                      timeout=parse_timeout(args.timeout) if args.timeout is not None else DEFAULT_TIMEOUT_S,
-                      band=band, band_seeds=seeds, auto_band=auto_band, auto_seeds=auto, cell_seeds=cell_seeds,
-                      band_from=band_from,
-                      band_only=band_only,
-                      slurm=slurm_flags(args),
-                      data_feed=getattr(args, "data_feed", None))
+    """``harness run`` / ``matrix`` / ``band`` arguments as :class:`RunOptions` (harness.api builds them)."""
+    from ..api import build_run_options
+
+    return build_run_options(
+        args.bundle, command="band" if band_only else ("run" if single else "matrix"),
+        backend=getattr(args, "backend", None), image=getattr(args, "image", None),
+        device=getattr(args, "device", None), devices=getattr(args, "devices", None),
+        cells=getattr(args, "cells", None), determinism=args.determinism, threads=args.threads, tf32=args.tf32,
+        repeats=getattr(args, "repeats", 1), isa=getattr(args, "isa", None), n=getattr(args, "n", 8),
+        band=getattr(args, "band", "auto"), band_seeds=args.band_seeds, cell_seeds=getattr(args, "cell_seeds", 0),
+        band_from=getattr(args, "band_from", None), data=args.data, data_dir=args.data_dir, trainer=args.trainer,
+        trainer_path=args.trainer_path, trainer_cmd=args.trainer_cmd, seed_key=getattr(args, "seed_key", None),
+        trainer_cwd=getattr(args, "trainer_cwd", None), out=args.out, resume=args.resume, force=args.force,
+        trace=args.trace, progress=not args.no_progress, jobs=args.jobs, cold=bool(getattr(args, "cold", False)),
+        strict_config=getattr(args, "strict_config", False), timeout=args.timeout,
+        data_path=getattr(args, "data_feed", None), **image_values(args), **slurm_values(args))
 
 
 def resume_options(args: argparse.Namespace) -> tuple[str | None, bool]:
     """``--out`` and ``--resume [DIR]`` as (results directory, resume); ``--force`` needs ``--resume``."""
-    out, resume = args.out, args.resume
-    if isinstance(resume, str):
-        if out and os.path.abspath(out) != os.path.abspath(resume):
-            raise UsageError(f"--resume {resume} and --out {out} name two results directories",
-                             hint="give one: --resume DIR, or --out DIR --resume")
-        out, resume = resume, True
-    if args.force and not resume:
-        raise UsageError("--force reruns the cells --resume would reuse; without --resume every cell runs anyway",
-                         hint="drop --force, or add --resume")
-    return out, bool(resume)
+    from ..api import resume_options as resolve
+
+    return resolve(args.out, args.resume, args.force)
 
 
 # --------------------------------------------------------------------------- commands
@@ -267,20 +221,11 @@ def _say_resume(command: str) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..judge import merge
-    from ..record import load_many
-    from ..runner import render
+    from ..api import compare
 
-    from ..judge import band_fits
-
-    merged = merge(load_many(args.paths))
-    why = band_fits(merged.records)
-    if why:
-        raise InputError("harness compare", f"the band given is not of these cells: {why}",
-                         hint="compare the cells with a band measured for their bundle (harness band BUNDLE -o DIR)")
-    for w in merged.warnings:
-        print(f"harness: warning: {w}", file=sys.stderr)
-    return verdict_exit(render(merged.records, merged.missing, tolerances(args), None, report_options(args)))
+    return verdict_exit(compare(*args.paths, json_out=args.json_out, markdown=args.markdown, html=args.html,
+                                detail=args.detail, alpha=args.alpha, tol=args.tol, tolerances=args.tolerances,
+                                allow_data_change=args.allow_data_change, show=True))
 
 
 # --------------------------------------------------------------------------- entry point

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import EXIT_DRIFTED, EXIT_OK, EXIT_RUN_FAILED
-from ..options import ImageOptions, ReportOptions, SlurmFlags, base_image_overrides, parse_alpha
+from ..api import parting_exit, verdict_exit  # noqa: F401 - the exit code of a verdict and of diverge: one table each
+from ..options import ImageOptions, ReportOptions, SlurmFlags
 
 EXIT_CODES_HELP = """exit codes:
   0    every cell that ran reproduced: bitwise, numerically equal or the same distribution
@@ -177,14 +177,19 @@ def add_slurm(p: argparse.ArgumentParser) -> None:
                                                         "as CELL-T1, CELL-T2; or name one per cell: --cells CELL@T1")
 
 
+SLURM_KEYS = ("partition", "account", "qos", "time", "mem", "cpus_per_task", "runtime", "python", "gpu_types")
+
+
+def slurm_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The slurm backend's flags as given (None: left out), keyed as :func:`harness.api.build_slurm_flags` reads them."""
+    return {k: getattr(args, k, None) for k in SLURM_KEYS}
+
+
 def slurm_flags(args: argparse.Namespace) -> SlurmFlags:
     """The slurm backend's flags as typed options (a flag left out: the site file decides)."""
-    types = getattr(args, "gpu_types", None)
-    return SlurmFlags(partition=getattr(args, "partition", None), account=getattr(args, "account", None),
-                      qos=getattr(args, "qos", None), time=getattr(args, "time", None), mem=getattr(args, "mem", None),
-                      cpus_per_task=getattr(args, "cpus_per_task", None), runtime=getattr(args, "runtime", None),
-                      python=getattr(args, "python", None),
-                      gpu_types=tuple(dict.fromkeys(t.strip() for t in types.split(",") if t.strip())) if types else None)
+    from ..api import build_slurm_flags
+
+    return build_slurm_flags(**slurm_values(args))
 
 
 def add_offline(p: Any) -> None:
@@ -198,57 +203,34 @@ def add_offline(p: Any) -> None:
 
 
 def tolerances(args: argparse.Namespace) -> Any:
-    from ..judge import Tolerances, load_tolerances as load_file, parse_tolerance
+    """``--tolerances FILE`` and ``--tol`` as :class:`harness.judge.Tolerances` (harness.api builds them)."""
+    from ..api import build_tolerances
 
-    tol = Tolerances()
-    if getattr(args, "tolerances", None):
-        tol = load_file(args.tolerances, tol)
-    for t in getattr(args, "tol", []) or []:
-        tol = parse_tolerance(t, tol)
-    return tol
+    return build_tolerances(getattr(args, "tol", []), getattr(args, "tolerances", None))
 
 
 def report_options(args: argparse.Namespace) -> ReportOptions:
-    html = getattr(args, "html", None)
-    if html:  # a directory or a link is refused before anything trains
-        from ..report_html import check_target
+    """``--json``, ``--markdown``, ``--html``, ``--detail``, ``--alpha`` ... as :class:`ReportOptions` (harness.api
+    builds them; a bad ``--html`` target is refused there, before anything trains)."""
+    from ..api import build_report_options
 
-        check_target(html)
-    return ReportOptions(json_out=getattr(args, "json_out", None), markdown=getattr(args, "markdown", None),
-                         allow_data_change=bool(getattr(args, "allow_data_change", False)),
-                         alpha=parse_alpha(getattr(args, "alpha", None)),
-                         html=html, command=str(getattr(args, "command", "") or ""),
-                         detail=bool(getattr(args, "detail", False)),
-                         trace_dirs=tuple(p for p in getattr(args, "paths", None) or () if Path(p).is_dir()))
+    return build_report_options(command=str(getattr(args, "command", "") or ""),
+                                json_out=getattr(args, "json_out", None), markdown=getattr(args, "markdown", None),
+                                html=getattr(args, "html", None), detail=bool(getattr(args, "detail", False)),
+                                allow_data_change=bool(getattr(args, "allow_data_change", False)),
+                                alpha=getattr(args, "alpha", None), paths=getattr(args, "paths", None) or ())
+
+
+IMAGE_KEYS = ("matrix", "compat", "base_image", "site_config", "wheelhouse", "gpus", "memory", "offline")
+
+
+def image_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The docker backend's flags as given, keyed as :func:`harness.api.build_image_options` reads them."""
+    return {k: getattr(args, k, None) for k in IMAGE_KEYS}
 
 
 def image_options(args: argparse.Namespace) -> ImageOptions:
     """The docker backend's options, from the flags every image-using command shares."""
-    return ImageOptions(
-        matrix=getattr(args, "matrix", None), compat=getattr(args, "compat", None),
-        base_images=base_image_overrides(getattr(args, "base_image", None)),
-        site_config=getattr(args, "site_config", None),
-        wheelhouses=ImageOptions.wheelhouse_values(getattr(args, "wheelhouse", None)),
-        gpus=getattr(args, "gpus", None) or "all", memory=getattr(args, "memory", None),
-        offline=bool(getattr(args, "offline", False)),
-    )
+    from ..api import build_image_options
 
-
-def verdict_exit(comparison: Any) -> int:
-    """The exit code of a run's verdict: the one table of it."""
-    from ..judge import Verdict
-
-    return {
-        Verdict.REPRODUCED: EXIT_OK, Verdict.UNRECORDED: EXIT_OK, Verdict.UNJUDGED: EXIT_OK,
-        Verdict.DRIFTED: EXIT_DRIFTED,
-        Verdict.FAILED: EXIT_RUN_FAILED, Verdict.INCOMPLETE: EXIT_RUN_FAILED, Verdict.SKIPPED: EXIT_RUN_FAILED,
-        Verdict.NOT_COMPARABLE: EXIT_RUN_FAILED,  # trained on other data; --allow-data-change judges it anyway
-    }[comparison.overall]
-
-
-def parting_exit(parting: Any) -> int:
-    """The exit code of ``harness diverge``: 0 when the runs never part, 3 when they do (or only evaluation drifts)."""
-    from ..diverge import Parting
-
-    return {Parting.NEVER: EXIT_OK, Parting.TRAINING: EXIT_DRIFTED, Parting.EVALUATION_ONLY: EXIT_DRIFTED,
-            Parting.BEYOND_TRACE: EXIT_DRIFTED}[parting]
+    return build_image_options(**image_values(args))
