@@ -244,6 +244,12 @@ def print_compact(out: Console, records: list[ResultRecord], comparison: Compari
         out.print(_line(f"≠ {line}", "yellow"))
     for cell in sorted(set(parts_at or {}) | set(causes or {})):
         at, why = (parts_at or {}).get(cell), (causes or {}).get(cell)
+        if cell == comparison.first_cell or at == "baseline":
+            continue  # the cell the others are traced against parts from nothing
+        if at == "never":  # its trace is the baseline's, step for step: nothing parts (a cause may still be said)
+            if why:
+                out.print(_line(f"↳ {cell} never parts from {comparison.first_cell}: {why}", "cyan"))
+            continue
         if (at and at != "—") or why:
             out.print(_line(f"↳ {cell} parts from {comparison.first_cell}"
                             + (f" at {at}" if at and at != "—" else "") + (f": {why}" if why else ""), "cyan"))

@@ -88,3 +88,14 @@ def test_a_reproduced_run_prints_no_warning() -> None:
 def test_the_trial_environment_is_said_beside_the_cells() -> None:
     text = render(matrix(), 100)
     assert "AMD EPYC" in text and "NVIDIA H200" in text
+
+
+def test_only_a_cell_that_parts_gets_a_parting_line() -> None:
+    """The traced cells' lines: the baseline parts from nothing, and a cell whose trace never parts from it
+    gets no "parts from ... at never" line; one that parts is named with where."""
+    recs = [with_env(record(f"cpu-strict-t{i}", r2=0.9, sha="w1"), "2.13.0+cpu", None) for i in (1, 2, 3)]
+    console = Console(width=120, record=True, color_system=None, force_terminal=False)
+    print_compact(console, recs, compare(recs),
+                  parts_at={"cpu-strict-t1": "baseline", "cpu-strict-t2": "never", "cpu-strict-t3": "ep 2 (loss)"})
+    lines = [ln.strip() for ln in console.export_text().splitlines() if ln.strip().startswith("↳")]
+    assert lines == ["↳ cpu-strict-t3 parts from cpu-strict-t1 at ep 2 (loss)"], lines
