@@ -800,7 +800,8 @@ def execute_plan(plan: Plan, backend: Any, job: Job, report_opts: ReportOptions,
     """Run a plan on a backend (``jobs`` cells at once; ``cache``: harness.cache.CellCache) and judge it;
     on Ctrl-C, judge and report what exists, then re-raise. With ``auto_bands``, the bands a cell needs
     to be judged follow the cells: the ulp band, then the seed band."""
-    from .report import CellProgress, console
+    from .progress import CellProgress
+    from .report import console
 
     start(plan, job, job.bundle_dir)
     before = list(extra_records or [])
