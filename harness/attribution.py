@@ -39,8 +39,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .judge import flatten_split
-from .record import ResultRecord
+from .record import ResultRecord, flatten_split
 
 WidthFn = Callable[[str], "float | None"]
 

@@ -23,7 +23,8 @@ from . import stats
 from .band import Band
 from .errors import InputError
 from .ladder import CellRung, Rung, Yardsticks, climb, noise_limit_for
-from .record import RecordSet, ResultRecord, Status
+from .attribution import Attribution, attribute
+from .record import RecordSet, ResultRecord, Status, flatten_split
 
 FAMILIES = ("val_loss", "r2", "mse", "mae")
 TRIAL = "recorded trial"
@@ -127,26 +128,6 @@ def load_tolerances(path: str | Path, base: Tolerances | None = None) -> Toleran
 
 
 # --------------------------------------------------------------------------- flattening
-
-
-def flatten_split(metrics: Mapping[str, Any] | None, split: str = "val") -> dict[str, float]:
-    """``{"val_loss": .., "r2/t": .., "mse/t": .., "mae/t": ..}`` of one evaluation."""
-    if not metrics:
-        return {}
-    out: dict[str, float] = {}
-    if _number(metrics.get("val_loss")):
-        out["val_loss"] = float(metrics["val_loss"])
-    per = metrics.get(split) or {}
-    if not isinstance(per, Mapping):
-        return out
-    for fam in ("r2", "mse", "mae"):
-        values = per.get(fam) or {}
-        if not isinstance(values, Mapping):
-            continue
-        for target, v in values.items():
-            if _number(v):
-                out[f"{fam}/{target}"] = float(v)
-    return out
 
 
 def _number(v: Any) -> bool:
@@ -384,6 +365,9 @@ class Comparison:
                  "interval at α, Holm over the cell's metrics) → drifted")
     repeats: list[RepeatGroup] = field(default_factory=list)
     schema: str = "harness.comparison/4"
+    # Which axis moved the metrics (harness.attribution), judged with the seed band's widths where one was
+    # measured; None below two cells that ran. report.json keeps it beside the comparison, not inside.
+    attribution: Attribution | None = None
 
     def cell(self, name: str) -> CellJudgement | None:
         return next((c for c in self.cells if c.cell == name), None)
@@ -881,7 +865,22 @@ def compare(records: list[ResultRecord], tol: Tolerances | None = None, missing:
         first.cell if first is not None else None)
     return Comparison(overall=overall, reason=reason, first_cell=first.cell if first else None,
                       tolerances=tol.to_dict(), cells=cells, missing=missing, warnings=list(warnings),
-                      band=band, alpha=alpha, reference=reference, reference_in_band=ref_in_band, repeats=groups)
+                      band=band, alpha=alpha, reference=reference, reference_in_band=ref_in_band, repeats=groups,
+                      attribution=attribution_of(records, band))
+
+
+def attribution_of(records: list[ResultRecord], band: Band | None = None,
+                   width: Any = None) -> Attribution | None:
+    """Which axis moved the metrics among the cells of ``records`` (band members are the band, not cells);
+    None below two cells that ran. ``width``: each metric's yardstick, else the seed band's spread (two
+    seeds or more), else none."""
+    cells = [r for r in records if not r.band]
+    if sum(1 for r in cells if r.ok) < 2:
+        return None
+    if width is None and band is not None and band.n_seed >= 2:
+        seed = band.seed
+        width = lambda key: seed[key].sd if key in seed else None  # noqa: E731
+    return attribute(cells, width)
 
 
 def merge(sets: Iterable[RecordSet]) -> RecordSet:

@@ -141,6 +141,31 @@ def _check_type(key: str, value: Any, annotation: str, where: str) -> None:
                                 f"{' or null' if optional else ''}, got {type(value).__name__}")
 
 
+def flatten_split(metrics: Mapping[str, Any] | None, split: str = "val") -> dict[str, float]:
+    """``{"val_loss": .., "r2/t": .., "mse/t": .., "mae/t": ..}`` of one evaluation."""
+    if not metrics:
+        return {}
+    out: dict[str, float] = {}
+    if _metric_number(metrics.get("val_loss")):
+        out["val_loss"] = float(metrics["val_loss"])
+    per = metrics.get(split) or {}
+    if not isinstance(per, Mapping):
+        return out
+    for fam in ("r2", "mse", "mae"):
+        values = per.get(fam) or {}
+        if not isinstance(values, Mapping):
+            continue
+        for target, v in values.items():
+            if _metric_number(v):
+                out[f"{fam}/{target}"] = float(v)
+    return out
+
+
+def _metric_number(v: Any) -> bool:
+    """A metric value that can be judged: a number that is not bool (None, text ... are missing)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _jsonable(value: Any) -> Any:
     """Plain JSON data: enums by value, dataclasses as dicts (non-finite floats kept; see :func:`strict`)."""
     if isinstance(value, enum.Enum):

@@ -17,9 +17,10 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .attribution import CONFOUNDED, NOT_ENOUGH, Attribution, AxisEffect, WidthFn, attribute
+from .attribution import CONFOUNDED, NOT_ENOUGH, Attribution, AxisEffect, WidthFn
 from .band import Band
 from .judge import Comparison, MetricDiff, Verdict, is_row, max_abs
+from .judge import attribution_of as judged_attribution
 from .ladder import RUNG_LINES, RUNG_ORDER, Rung
 from .record import REPORT_SCHEMA, ResultRecord, _jsonable
 
@@ -811,18 +812,11 @@ ATTRIBUTION_COLUMNS = [("axis", "axis"), ("values", "values"), ("pairs", "pairs"
 
 def attribution_of(records: list[ResultRecord], width: WidthFn | None = None,
                    comparison: Comparison | None = None) -> Attribution | None:
-    """The attribution of a matrix with two or more ok cells; None below that (nothing to attribute).
-
-    Band members are the band, not cells: they are left out. Without an explicit ``width``,
-    the comparison's measured band gives each metric's width.
-    """
-    cells = [r for r in records if not r.band]
-    if sum(1 for r in cells if r.ok) < 2:
-        return None
-    if width is None and comparison is not None and comparison.band is not None and comparison.band.n_seed >= 2:
-        band = comparison.band
-        width = lambda key: band.seed[key].sd if key in band.seed else None  # noqa: E731
-    return attribute(cells, width)
+    """The attribution to show: the comparison's own (harness.judge computed it), or, with an explicit
+    ``width`` or no comparison, the one those widths give."""
+    if width is None and comparison is not None:
+        return comparison.attribution
+    return judged_attribution(records, comparison.band if comparison is not None else None, width)
 
 
 def _effect_row(e: AxisEffect) -> dict[str, str]:
@@ -985,7 +979,8 @@ def markdown(records: list[ResultRecord], comparison: Comparison, *, bundle: str
 
 def json_report(records: list[ResultRecord], comparison: Comparison, width: WidthFn | None = None,
                 causes: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    out = {"schema": REPORT_SCHEMA, "records": [r.to_dict() for r in records], "comparison": _jsonable(comparison)}
+    judged = {k: v for k, v in _jsonable(comparison).items() if k != "attribution"}  # kept beside it, below
+    out = {"schema": REPORT_SCHEMA, "records": [r.to_dict() for r in records], "comparison": judged}
     if causes:  # why each cell parts from the first (harness.causes), where the evidence supports a class
         out["causes"] = dict(causes)
     attr = attribution_of(records, width, comparison)

@@ -160,3 +160,18 @@ def test_markdown_and_json_carry_the_attribution() -> None:
     axes = {a["axis"]: a for a in data["attribution"]["axes"]}
     assert axes["isa"]["status"] == "measured" and axes["isa"]["max_abs"]["r2/a"] == pytest.approx(ISA_EFFECT)
     assert "attribution" not in json_report(recs[:1], compare(recs[:1]))
+
+
+def test_the_comparison_carries_its_attribution_and_the_renderers_only_show_it() -> None:
+    """harness.judge computes the attribution into the Comparison; the report renders that one."""
+    recs = factorial()
+    comparison = compare(recs)
+    assert comparison.attribution is not None
+    assert comparison.attribution == attribute(recs)  # no seed band: no widths
+    assert compare(recs[:1]).attribution is None  # one cell: nothing to attribute
+    report = json_report(recs, comparison)
+    assert "attribution" not in report["comparison"]  # report.json keeps it beside the comparison, as before
+    assert report["attribution"]["cells"] == comparison.attribution.cells
+    # what a renderer shows is the comparison's: change it and the page follows
+    comparison.attribution = None
+    assert "attribution" not in json_report(recs, comparison)

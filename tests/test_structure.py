@@ -153,3 +153,15 @@ def test_every_module_the_worker_runs_is_in_the_cache_key() -> None:
     outside = {m.removeprefix("harness.") + ".py" for m in seen if not m.startswith("harness.worker")}
     outside = {"__init__.py" if m == "harness.py" else m for m in outside}
     assert outside <= set(WORKER_SOURCES), sorted(outside - set(WORKER_SOURCES))
+
+
+def test_renderers_do_not_compute_the_attribution() -> None:
+    # harness.judge computes it into the Comparison; report, report_compact and report_html render it
+    # (an explicit width override in report.attribution_of goes through harness.judge too).
+    offenders = []
+    for name in ("report.py", "report_compact.py", "report_html.py"):
+        tree = ast.parse((HARNESS / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.endswith("attribution"):
+                offenders += [f"{name} imports {a.name}" for a in node.names if a.name == "attribute"]
+    assert offenders == []
