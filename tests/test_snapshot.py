@@ -12,7 +12,7 @@ import pytest
 
 from harness import snapshot as snap
 from harness.cli import main
-from harness.cli.snapshot import lock_entries
+from harness.snapshot import lock_entries
 from harness.errors import InputError
 
 
@@ -127,7 +127,7 @@ def test_truncation_between_members_names_the_missing_one(archive: Path) -> None
 def test_extra_member_is_refused(archive: Path) -> None:
     with open(archive, "r+b") as f:
         f.seek(-1024, 2)  # overwrite the end-of-archive marker with one more member
-        f.write(snap._header("evil.sh", 4, 0) + b"echo".ljust(512, b"\0") + b"\0" * 1024)
+        f.write(snap.container._header("evil.sh", 4, 0) + b"echo".ljust(512, b"\0") + b"\0" * 1024)
     with pytest.raises(InputError, match="member evil.sh is not in the manifest"):
         snap.verify(archive)
 

@@ -1,4 +1,4 @@
-"""Archived environment snapshots: one file that holds a run's image, recipe, inputs and records.
+"""The snapshot container: one file that holds a run's image, recipe, inputs and records.
 
 Container format (schema ``harness.snapshot/1``)
 -----------------------------------------------
@@ -58,7 +58,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import stat
 import tarfile
 import tempfile
@@ -68,14 +67,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
 
-from .errors import BackendError, HarnessError, InputError, RunFailed
+from ..errors import BackendError, HarnessError, InputError, RunFailed
+from .manifest import (ALTERED, MANIFEST, SCHEMA, SIGNATURE, Manifest, manifest_digest, parse_manifest, plain_name,
+                       signed_message)
 
 if TYPE_CHECKING:
-    from .docker_engine import Engine
+    from ..docker_engine import Engine
 
-SCHEMA = "harness.snapshot/1"
-SCHEMA_PREFIX = "harness.snapshot/"
-MANIFEST = "manifest.json"
 MANIFEST_SLOT = 64 * 1024
 CHUNK = 1 << 20
 GZIP_LEVEL = 1  # fast: an image is mostly already-compressed shared objects
@@ -92,28 +90,10 @@ DATA = "data.gz"
 DATA_TREE = "data.tar.gz"  # the data as a directory: a directory data.path, or the --data-dir around the data file
 IMAGE = "image.tar.gz"
 IMAGE_SOURCES_PATH = "/opt/harness/harness"  # where Dockerfile.cuda copies the package
-SIGNATURE = "manifest.sig"
 SIGNATURE_MAX = 64 * 1024
-CELL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,100}$")  # harness.images.matrix's cell names (a directory name here)
-ALTERED = "the archive was altered or was not written by harness; do not use it"
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 # =============================================================================== the container (pure)
-
-
-def _canonical(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
-def signed_message(manifest: dict[str, Any]) -> bytes:
-    """What a snapshot's signature signs: the manifest's canonical JSON, its digest included."""
-    return _canonical(manifest)
-
-
-def manifest_digest(manifest: dict[str, Any]) -> str:
-    """sha256 of the manifest's canonical JSON without its own ``manifest_sha256``."""
-    return hashlib.sha256(_canonical({k: v for k, v in manifest.items() if k != "manifest_sha256"})).hexdigest()
 
 
 class _Sink:
@@ -253,12 +233,14 @@ class SnapshotWriter:
             spool.seek(0)
             return self.add_chunks(name, iter(lambda: spool.read(CHUNK), b""))
 
-    def finish(self, manifest: dict[str, Any], sign: Callable[[bytes], bytes] | None = None) -> Path:
+    def finish(self, manifest: Manifest | dict[str, Any], sign: Callable[[bytes], bytes] | None = None) -> Path:
         """Write the manifest into its slot, close the tar, and move the file into place.
 
         ``sign`` (e.g. ``lambda msg: signing.sign(msg, key)``) gets :func:`signed_message` of
         the final manifest and returns the armored signature stored as :data:`SIGNATURE`.
         """
+        if isinstance(manifest, Manifest):
+            manifest = manifest.body()
         body = dict(manifest, schema=SCHEMA, members=list(self.members))
         body["manifest_sha256"] = manifest_digest(body)
         text = json.dumps(body, indent=1, sort_keys=True).encode() + b"\n"
@@ -307,6 +289,15 @@ class Verified:
     seconds: float = 0.0
     signature: bytes | None = None  # the armored SSH signature, when the archive carries one (unchecked)
     archive: Archive | None = None  # the open file that was verified, when verify was given one
+
+    @property
+    def parsed(self) -> Manifest:
+        """The manifest, typed (``manifest`` is the document as read: what its digest and signature cover)."""
+        if self._parsed is None:
+            self._parsed = Manifest.from_json(self.manifest, str(self.path))
+        return self._parsed
+
+    _parsed: Manifest | None = field(default=None, repr=False, compare=False)
 
     @property
     def total_size(self) -> int:
@@ -402,135 +393,6 @@ def _open_tar(fileobj: BinaryIO, where: str) -> tarfile.TarFile:
 def _short(exc: BaseException) -> str:
     text = str(exc).splitlines()[0][:200] if str(exc) else ""
     return text or type(exc).__name__
-
-
-# ------------------------------------------------------------------------------ the manifest's shape
-
-
-def _bad(where: str, key: str, problem: str) -> InputError:
-    return InputError(where, f"{MANIFEST}: key {key} {problem}", hint=ALTERED)
-
-
-def plain_name(value: Any, where: str, key: str) -> str:
-    """A name that becomes one path component: no ``/``, not ``.``/``..``, no NUL, not empty."""
-    if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value \
-            or "\0" in value or len(value) > 255:
-        raise _bad(where, key, f"is not a plain file name ({value!r})")
-    return value
-
-
-def relative_path(value: str, where: str, key: str) -> str:
-    """A ``/``-separated path below a directory: plain components, or ``.`` for the directory itself."""
-    if value == ".":
-        return value
-    if not value or len(value) > 4096 or value.startswith("/"):
-        raise _bad(where, key, f"is not a relative path ({value[:120]!r})")
-    for part in value.split("/"):
-        plain_name(part, where, key)
-    return value
-
-
-def member_name(value: Any, where: str, key: str) -> str:
-    """A member name of the outer tar: relative, each component plain, at most 100 characters."""
-    if not isinstance(value, str) or not value or len(value) > 100 or value in (MANIFEST, SIGNATURE):
-        raise _bad(where, key, f"is not a member name ({value!r})")
-    for part in value.split("/"):
-        if not part or part in (".", "..") or "\0" in part or "\\" in part:
-            raise _bad(where, key, f"is not a member name inside the archive ({value!r})")
-    return value
-
-
-def _typed(obj: dict[str, Any], key: str, types: tuple[type, ...], where: str, path: str, *, required: bool) -> Any:
-    if key not in obj:
-        if required:
-            raise _bad(where, path, "is missing")
-        return None
-    value = obj[key]
-    if type(value) not in types:  # bool is not an int here
-        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-        raise _bad(where, path, f"is {type(value).__name__ if value is not None else 'null'}, expected {names}")
-    return value
-
-
-def _hex64(obj: dict[str, Any], key: str, where: str, path: str, *, required: bool = True) -> None:
-    value = _typed(obj, key, (str,), where, path, required=required)
-    if value is not None and not _HEX64.match(value):
-        raise _bad(where, path, f"is not a sha256 ({value[:80]!r})")
-
-
-def _check_shape(m: dict[str, Any], where: str) -> None:
-    """Everything a reader of the manifest relies on, checked once; the first problem is an InputError."""
-    members = _typed(m, "members", (list,), where, "members", required=True)
-    names: set[str] = set()
-    for i, e in enumerate(members):
-        at = f"members[{i}]"
-        if not isinstance(e, dict):
-            raise _bad(where, at, "is not an object")
-        name = member_name(_typed(e, "name", (str,), where, f"{at}.name", required=True), where, f"{at}.name")
-        if name in names:
-            raise _bad(where, f"{at}.name", f"lists member {name} twice")
-        names.add(name)
-        for key, required in (("size", True), ("raw_size", False)):
-            n = _typed(e, key, (int,), where, f"{at}.{key}", required=required)
-            if n is not None and n < 0:
-                raise _bad(where, f"{at}.{key}", f"is negative ({n})")
-        _hex64(e, "sha256", where, f"{at}.sha256")
-        _hex64(e, "raw_sha256", where, f"{at}.raw_sha256", required=False)
-        if ("raw_size" in e) != ("raw_sha256" in e):
-            raise _bad(where, at, "has only one of raw_size and raw_sha256")
-        _typed(e, "compression", (str,), where, f"{at}.compression", required=False)
-    cell = _typed(m, "cell", (str,), where, "cell", required=True)
-    if not CELL_NAME.match(cell):
-        raise _bad(where, "cell", f"is not a matrix cell name ({cell[:120]!r})")
-    image = _typed(m, "image", (dict,), where, "image", required=True)
-    if not _typed(image, "id", (str,), where, "image.id", required=True):
-        raise _bad(where, "image.id", "is empty")
-    for key in ("tag", "input_hash"):
-        _typed(image, key, (str, type(None)), where, f"image.{key}", required=False)
-    bundle = _typed(m, "bundle", (dict,), where, "bundle", required=True)
-    plain_name(_typed(bundle, "name", (str,), where, "bundle.name", required=True), where, "bundle.name")
-    data = _typed(m, "data", (dict,), where, "data", required=True)
-    plain_name(_typed(data, "file", (str,), where, "data.file", required=True), where, "data.file")
-    _typed(data, "included", (bool,), where, "data.included", required=True)
-    _hex64(data, "sha256", where, "data.sha256")
-    _typed(data, "path", (str, type(None)), where, "data.path", required=False)
-    kind = _typed(data, "kind", (str,), where, "data.kind", required=False)
-    if kind is not None and kind not in ("file", "directory"):
-        raise _bad(where, "data.kind", f"is neither file nor directory ({kind[:40]!r})")
-    around = _typed(data, "dir", (dict,), where, "data.dir", required=False)
-    if around is not None:
-        plain_name(_typed(around, "name", (str,), where, "data.dir.name", required=True), where, "data.dir.name")
-        _hex64(around, "sha256", where, "data.dir.sha256")
-        relative_path(_typed(around, "in_dir", (str,), where, "data.dir.in_dir", required=True), where, "data.dir.in_dir")
-    for key in ("cell_spec", "host", "build", "record"):
-        _typed(m, key, (dict,), where, key, required=False)
-    for key in ("created", "harness_version"):
-        _typed(m, key, (str, type(None)), where, key, required=False)
-
-
-def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
-    """Check a manifest's schema, its own checksum and its shape; the first problem is an InputError."""
-    try:
-        manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise InputError(where, f"{MANIFEST} is damaged (not valid JSON)", hint="the archive cannot be trusted") from None
-    if not isinstance(manifest, dict):
-        raise InputError(where, f"{MANIFEST} is not a snapshot manifest (a JSON {type(manifest).__name__}, not an object)")
-    schema = manifest.get("schema")
-    if schema != SCHEMA:
-        if isinstance(schema, str) and schema.startswith(SCHEMA_PREFIX):
-            raise InputError(where, f"has schema {schema}, this harness reads {SCHEMA}",
-                             hint="upgrade harness to read it")
-        raise InputError(where, f"is not a harness snapshot ({MANIFEST} schema {str(schema)[:80]!r})")
-    try:
-        digest = manifest_digest(manifest)
-    except (ValueError, RecursionError):
-        digest = None
-    if manifest.get("manifest_sha256") != digest:
-        raise InputError(where, f"{MANIFEST} is damaged (its checksum does not match its content)",
-                         hint="the archive cannot be trusted")
-    _check_shape(manifest, where)
-    return manifest
 
 
 # ------------------------------------------------------------------------------ verify
@@ -683,7 +545,7 @@ def check_signature(v: Verified, allowed_signers: str | Path, identity: str | No
 
     A missing or bad signature is an InputError (exit 2).
     """
-    from . import signing
+    from .. import signing
 
     where = str(v.path)
     if v.signature is None:
@@ -860,14 +722,6 @@ def tar_bytes_files(data: bytes) -> dict[str, bytes]:
     return out
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def now_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
@@ -880,8 +734,8 @@ def host_facts() -> dict[str, Any]:
     import platform
     import socket
 
-    from .images import matrix
-    from .worker.envinfo import _cpu_model
+    from ..images import matrix
+    from ..worker.envinfo import _cpu_model
 
     host = matrix.detect_host()
     return {"hostname": socket.gethostname(), "cpu": _cpu_model(), "machine": platform.machine(),
@@ -986,7 +840,7 @@ def load_image(engine: Engine, archive: str | Path | Verified, manifest: dict[st
     after the load. Returns ``{"loaded": bool, "seconds": float}``. On any failure
     whatever this call loaded is removed again, and a one-line error says why.
     """
-    from .docker_engine import ImageStreamRefused, SavedImage
+    from ..docker_engine import ImageStreamRefused, SavedImage
 
     image = manifest["image"]
     want = image["id"]
