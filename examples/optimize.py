@@ -91,8 +91,8 @@ def main() -> None:
 
     import optuna
 
-    from harness.worker.data import sha256_file
     from harness.record import RunSpec
+    from harness.safeio import sha256_file
     from harness.worker.retrain import run
 
     data_sha = sha256_file(DATA)

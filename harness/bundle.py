@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import shlex
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -82,7 +84,7 @@ class TrainerSpec:
 
     entrypoint: str | None
     code_dirs: tuple[str, ...] = ()  # each goes on sys.path (and a command's PYTHONPATH), in order
-    command: str | None = None  # a command line with {placeholders} (harness.worker.trainer_cmd); then no entrypoint
+    command: str | None = None  # a command line with {placeholders} (check_command; harness.worker.trainer_cmd runs it)
     model_fn: str | None = None  # trainer.model_fn: module:function building the nn.Module from the config
     predict: str | None = None  # trainer.predict: module:function evaluating a model (the archived weights)
     objective: str | None = None  # trainer.objective: the metric trial_info's value is (val_loss, val.mse, test.r2.a)
@@ -715,6 +717,66 @@ def parse_trial_info(info: Any) -> RecordedTrial:
     )
 
 
+# --------------------------------------------------------------------------- a trainer command's words
+#
+# config.yaml trainer.command (or --trainer-cmd) is checked here, before anything runs; the worker
+# fills the placeholders and runs it (harness.worker.trainer_cmd).
+
+#: The placeholders a command may use, and what each becomes (one word each, never split further).
+PLACEHOLDERS: dict[str, str] = {
+    "bundle": "the optuna_best directory",
+    "config": "its config.yaml",
+    "data": "the data file or directory (--data, else data.path)",
+    "out_dir": "this cell's results directory, also the command's working directory unless trainer.cwd says otherwise",
+    "seed": "the seed (config.yaml at trainer.seed_key, else training.seed, else seed)",
+    "device": "cpu, cuda or cuda:N",
+    "python": "the worker's own Python interpreter (it has torch)",
+    "code_dir": "the first --trainer-path folder (trainer.code_dir)",
+}
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def split_command(command: str, where: str = "--trainer-cmd") -> list[str]:
+    """The command's words, as a POSIX shell would split them (no expansion, no shell)."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise InputError(where, f"cannot be split into words ({exc}): {command!r}",
+                         hint="balance the quotes; the command runs without a shell") from None
+    if not argv:
+        raise InputError(where, "is empty", hint='give the command, e.g. "{python} -m mypkg.retrain {bundle}"')
+    return argv
+
+
+def _accepted() -> str:
+    return ", ".join("{" + name + "}" for name in PLACEHOLDERS)
+
+
+def placeholders(argv: list[str], where: str = "--trainer-cmd") -> set[str]:
+    """The placeholders the words use; an unknown one is refused, naming it and the accepted ones."""
+    used: set[str] = set()
+    for word in argv:
+        for name in PLACEHOLDER.findall(word):
+            if name not in PLACEHOLDERS:
+                raise InputError(where, f"unknown placeholder {{{name}}} in {word!r}; accepted: {_accepted()}",
+                                 hint="use one of these, or move code with braces into a script")
+            used.add(name)
+    return used
+
+
+def check_command(command: str, where: str, *, has_data: bool, has_code_dir: bool) -> list[str]:
+    """Validate a command before anything runs: it splits, and every placeholder it uses can be filled."""
+    argv = split_command(command, where)
+    used = placeholders(argv, where)
+    if "data" in used and not has_data:
+        raise InputError(where, "uses {data}, but config.yaml has no data.path and no --data was given",
+                         hint="add data.path to config.yaml, pass --data FILE, or drop {data}")
+    if "code_dir" in used and not has_code_dir:
+        raise InputError(where, "uses {code_dir}, but no --trainer-path (trainer.code_dir) was given",
+                         hint="pass --trainer-path DIR")
+    return argv
+
+
 # --------------------------------------------------------------------------- the bundle
 
 
@@ -784,6 +846,13 @@ def config_digest(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def expected_data_digests(bundle: Bundle) -> dict[str, str]:
+    """Where the bundle records the data's sha256, and what it says (pure)."""
+    found = {"config.yaml data.sha256": bundle.data.sha256,
+             "trial_info.yaml data_sha256": bundle.recorded.data_sha256 if bundle.recorded else None}
+    return {source: want for source, want in found.items() if want}
+
+
 def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = None,
                 trainer_override: str | None = None,
                 trainer_path: str | list[str] | tuple[str, ...] | None = None,
@@ -831,8 +900,6 @@ def load_bundle(path: str | os.PathLike[str], *, data_override: str | None = Non
         trainer = replace(trainer, code_dirs=paths)
     if trainer is not None:
         if trainer.command is not None:
-            from .worker.trainer_cmd import check_command
-
             check_command(trainer.command, "--trainer-cmd" if trainer_cmd_override else f"{CONFIG}: trainer.command",
                           has_data=data.resolved is not None, has_code_dir=bool(trainer.code_dirs))
         elif trainer.entrypoint is None or ":" not in trainer.entrypoint or not all(trainer.entrypoint.split(":", 1)):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import HarnessError
+from .safeio import NotRegularFile, sha256_file
 
 KEY_VERSION = "harness.cellkey/2"
 SKIP_DIRS = frozenset({"__pycache__", ".git", ".hg", ".svn", ".venv", "venv", ".mypy_cache", ".pytest_cache",
@@ -169,8 +170,9 @@ def trainer_command_files(command: str, *, python: str, cell: Any, job: Any,
                           path: str | None) -> tuple[dict[str, str], str | None]:
     """:func:`command_files` of a trainer command as a worker on this host runs it: its placeholders filled
     with this host's paths, in its working directory (the cell's, or trainer.cwd's), on the worker's ``path``."""
+    from .bundle import split_command
     from .errors import InputError
-    from .worker import trainer_cmd as tc
+    from .worker.trainer_cmd import substitute
 
     unknown = "\0"  # a value known only to the worker: {seed} of the bundle's config, the device "auto" becomes
     out_dir = str(job.cell_dir(cell))
@@ -179,7 +181,7 @@ def trainer_command_files(command: str, *, python: str, cell: Any, job: Any,
               "seed": str(cell.seed) if cell.seed is not None else unknown,
               "device": cell.device if cell.device != "auto" else unknown}
     try:
-        words = tc.substitute(tc.split_command(command), values)
+        words = substitute(split_command(command), values)
     except InputError:
         return {}, None  # the worker refuses it before anything trains
     for word in words:
@@ -211,6 +213,8 @@ _HASHED: dict[tuple[str, int, int, int, int], str] = {}  # (path, device, inode,
 
 
 def _file_sha256_following(path: str) -> str:
+    """:func:`harness.safeio.sha256_file` of a file a command names (a link followed: the user's own),
+    once per run; ``unreadable:REASON`` when it cannot be read."""
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -218,14 +222,10 @@ def _file_sha256_following(path: str) -> str:
     seen = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if seen in _HASHED:
         return _HASHED[seen]  # every cell of a matrix names the same interpreter
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        _HASHED[seen] = sha256_file(path)
     except OSError as exc:
         return f"unreadable:{exc.strerror or exc}"
-    _HASHED[seen] = h.hexdigest()
     return _HASHED[seen]
 
 
@@ -286,24 +286,21 @@ def _files(root: Path, suffixes: tuple[str, ...] | None) -> Iterable[tuple[str, 
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    """:func:`harness.safeio.sha256_file` of a file in a tree, a link in its place never followed; for the key,
+    ``not-a-file`` (a FIFO, a device ...) or ``unreadable:ERRNO`` (a link, no permission) when it has no digest."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        return sha256_file(path, follow_links=False)
+    except NotRegularFile:
+        return "not-a-file"
     except OSError as exc:
         return f"unreadable:{exc.errno}"
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            return "not-a-file"
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 _HARNESS_ROOT = Path(__file__).resolve().parent
 
 
-WORKER_SOURCES = ("__init__.py", "bundle.py", "errors.py", "options.py", "preflight.py", "record.py", "safeio.py",
-                  "schedule.py", "stats.py")  # beside worker/: what the worker imports (tests/test_structure.py)
+WORKER_SOURCES = ("__init__.py", "bundle.py", "errors.py", "options.py", "record.py", "safeio.py", "schedule.py",
+                  "stats.py")  # beside worker/: what the worker imports (tests/test_structure.py)
 
 
 def harness_source_digest() -> str:
@@ -367,7 +364,7 @@ class CellCache:
         doc = self.documents.get(key)
         if doc is None:
             return
-        from .record import atomic_write_text
+        from .safeio import atomic_write_text
 
         path = Path(results_dir) / KEYS_DIR / f"{key}.json"
         try:
@@ -398,11 +395,11 @@ KEY_DOCUMENT_MAX = 4 << 20
 
 def _read_key_document(path: Path) -> dict[str, Any] | None:
     """A document :meth:`CellCache.remember` wrote; None when absent or unusable (read without following a link)."""
-    from .backends.base import read_no_follow
+    from .safeio import read_no_follow
 
     try:
-        text = read_no_follow(path, KEY_DOCUMENT_MAX)
-        doc = json.loads(text) if text is not None else None
+        raw = read_no_follow(path, KEY_DOCUMENT_MAX)
+        doc = json.loads(raw.decode("utf-8", "replace")) if raw is not None else None
     except (HarnessError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
@@ -462,8 +459,8 @@ def key_changes(old: Mapping[str, Any], new: Mapping[str, Any], most: int = 8) -
 
 def _finished_record(cell_dir: Path, cell: str) -> Any:
     """The ``ok`` record of ``cell`` in ``cell_dir``, else None (read as :func:`reusable` says)."""
-    from .backends.base import read_record_no_follow
-    from .record import RECORD_FILE, Status
+    from .record import Status, read_worker_record
+    from .safeio import CellPaths
 
     try:
         st = os.lstat(cell_dir)
@@ -472,7 +469,7 @@ def _finished_record(cell_dir: Path, cell: str) -> Any:
     if not stat.S_ISDIR(st.st_mode):
         return None
     try:
-        rec = read_record_no_follow(cell_dir / RECORD_FILE)
+        rec = read_worker_record(CellPaths(cell_dir).record)
     except HarnessError:
         return None
     if rec is None or rec.cell != cell or rec.status is not Status.OK:

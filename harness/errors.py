@@ -10,6 +10,7 @@ CLI with its kind intact.
 
 from __future__ import annotations
 
+import errno
 from typing import Any, Iterable
 
 # Exit codes, in one place.
@@ -138,3 +139,20 @@ class Interrupted(HarnessError):
 
     exit_code = EXIT_INTERRUPTED
     kind = "interrupted"
+
+
+# An OSError of the disk, not of the program: said in one line, without a traceback to read.
+DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system"}
+
+
+def disk_failure(exc: OSError) -> str | None:
+    """The one line for a write that failed because of the disk, or None for any other OSError."""
+    where = f" writing {exc.filename}" if exc.filename else ""
+    if exc.errno == errno.EFBIG:  # not a full disk: a file size limit (ulimit -f) or the file system's
+        return (f"file too large{where} (over this process's file size limit, `ulimit -f`, or the file "
+                "system's); raise the limit or pass --out DIR on another disk, then rerun the cell")
+    what = DISK_ERRNOS.get(exc.errno or 0)
+    if what is None:
+        return None
+    return f"{what}{where}; free space or pass --out DIR on another disk, then rerun the cell"

@@ -27,7 +27,6 @@ functions of records and mappings; effects are in :func:`export` and the readers
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import hashlib
 import json
 import math
@@ -46,7 +45,7 @@ from .bundle import (AGGREGATE, CONFIG, MAX_YAML_BYTES, SCALER, TRIAL_INFO, WEIG
                      parse_yaml_text)
 from .errors import InputError
 from .record import ResultRecord, RunManifest
-from .safeio import kind_of, open_regular
+from .safeio import CellPaths, atomic_write_text, hash_into, kind_of, open_regular, read_bytes
 
 CONTAINER_BUNDLE = "/harness/bundle"  # harness.backends.docker.BUNDLE
 CONTAINER_TRAINER = "/harness/trainer"  # harness.backends.docker.TRAINER
@@ -58,53 +57,14 @@ ENV_KEYS = ("python", "torch", "cuda", "cudnn", "device", "device_type", "driver
 # --------------------------------------------------------------------------- reading the results directory
 
 
-def _open_no_follow(root: Path, parts: tuple[str, ...], *, directory: bool) -> int:
-    """An fd for ``root/parts...``, opening each component with O_NOFOLLOW (a link anywhere is refused)."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-            if not last or directory:
-                flags |= os.O_DIRECTORY
-            try:
-                nxt = os.open(part, flags, dir_fd=fd)
-            except OSError as exc:
-                shown = "/".join(parts[: i + 1])
-                try:
-                    is_link = stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode)
-                except OSError:
-                    is_link = False
-                if exc.errno == errno.ELOOP or is_link:
-                    raise InputError(str(root / shown), "is a symbolic link; links in a results directory are not "
-                                                        "followed", hint="export a results directory written by harness") from None
-                if exc.errno == errno.ENOTDIR:
-                    raise InputError(str(root / shown), "is not a directory (a link or a file in its place)",
-                                     hint="export a results directory written by harness") from None
-                if exc.errno == errno.ENOENT:
-                    raise FileNotFoundError(str(root / shown)) from None
-                raise InputError(str(root / shown), f"cannot be opened ({exc.strerror})") from None
-            os.close(fd)
-            fd = nxt
-        if not directory and not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InputError(str(root.joinpath(*parts)), "is not a regular file",
-                             hint="export a results directory written by harness")
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
+RESULTS_HINT = "export a results directory written by harness"
 
 
 def read_text_no_follow(root: Path, *parts: str, limit: int = 64 << 20) -> str | None:
-    """A small regular file under ``root``, no link followed on the way; None when it is absent."""
-    try:
-        fd = _open_no_follow(root, parts, directory=False)
-    except FileNotFoundError:
-        return None
-    with os.fdopen(fd, "rb") as fh:
-        if os.fstat(fh.fileno()).st_size > limit:
-            raise InputError(str(root.joinpath(*parts)), f"is larger than {limit} bytes; not a harness file")
-        return fh.read(limit + 1).decode("utf-8", "replace")
+    """A small regular file under ``root``, no link followed on the way (:func:`harness.safeio.read_bytes`);
+    None when it is absent."""
+    raw = read_bytes(root.joinpath(*parts), limit, within=root, hint=RESULTS_HINT)
+    return None if raw is None else raw.decode("utf-8", "replace")
 
 
 WEIGHTS_LIMIT_ENV = "HARNESS_WEIGHTS_LIMIT"
@@ -146,9 +106,8 @@ def copy_no_follow(root: Path, parts: tuple[str, ...], dest: Path, limit: int | 
     :func:`weights_limit`), and no more than it said is copied: a file that grows meanwhile is refused.
     """
     limit = weights_limit() if limit is None else limit
-    try:
-        fd = _open_no_follow(root, parts, directory=False)
-    except FileNotFoundError:
+    fd = open_regular(root.joinpath(*parts), within=root, hint=RESULTS_HINT)
+    if fd is None:
         return False
     with os.fdopen(fd, "rb") as src:
         st = os.fstat(src.fileno())
@@ -413,11 +372,6 @@ def _check_out(out: Path, force: bool, keep: dict[str, Path]) -> None:
             raise InputError(str(out), f"overlaps {what} ({there})", hint="export to a directory of its own")
 
 
-def _open_regular(path: Path, hint: str) -> int | None:
-    """:func:`harness.safeio.open_regular`: a link in its place refused, a FIFO not waited for, None when absent."""
-    return open_regular(path, hint=hint)
-
-
 def _run_bundle(res: Results, rec: ResultRecord, named: Path, where: str) -> tuple[Path, Mapping[str, Any]]:
     """The bundle the run ran, as its ``run.json`` names it, and its parsed config.yaml: only while that
     config still has the digest the record carries, never reached through a link, and only when the
@@ -440,7 +394,7 @@ def _run_bundle(res: Results, rec: ResultRecord, named: Path, where: str) -> tup
         raise InputError(str(bundle), f"is reached through a symbolic link (it resolves to {real}); export follows "
                                       "no links", hint="export a run of the bundle by its real path")
     gone = "export on the machine where the run was made, with its bundle in place"
-    fd = _open_regular(bundle / CONFIG, hint=gone)
+    fd = open_regular(bundle / CONFIG, hint=gone)
     if fd is None:
         raise InputError(str(bundle), f"the bundle cell {rec.cell} ran has no {CONFIG} any more", hint=gone)
     with os.fdopen(fd, "rb") as fh:
@@ -480,14 +434,13 @@ def _data_digest(path: Path) -> str:
                                     "links", hint="export a results directory written by harness")
     if stat.S_ISDIR(mode):
         return sha256_path(path)
-    fd = _open_regular(path, hint="a run trains on a regular file or a directory; export a results directory "
-                                  "written by harness")
+    fd = open_regular(path, hint="a run trains on a regular file or a directory; export a results directory "
+                                 "written by harness")
     if fd is None:
         raise InputError(str(path), "the data the run trained on is gone", hint="restore it, then export")
     h = hashlib.sha256()
     with os.fdopen(fd, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+        hash_into(h, fh)  # the file checked, not whatever is at its name by now
     return h.hexdigest()
 
 
@@ -508,7 +461,7 @@ def _copy_entry(path: Path, target: Path, rel: str, skipped: list[str]) -> bool:
     if not stat.S_ISREG(mode):
         skipped.append(f"{rel} ({kind_of(mode)})")
         return False
-    fd = _open_regular(path, hint="export again once nothing changes the bundle")  # a file a moment ago, a link now?
+    fd = open_regular(path, hint="export again once nothing changes the bundle")  # a file a moment ago, a link now?
     if fd is None:
         return False
     with os.fdopen(fd, "rb") as src, open(target, "xb") as out:
@@ -601,8 +554,8 @@ def export(results_dir: str | Path, out: str | Path, cell: str | None = None, *,
     try:
         skipped: list[str] = []
         files = _copy_source_files(src_bundle, tmp, skipped)
-        record.atomic_write_text(tmp / CONFIG, yaml.safe_dump(new_cfg, sort_keys=False))
-        record.atomic_write_text(tmp / TRIAL_INFO, yaml.safe_dump(info, sort_keys=False))
+        atomic_write_text(tmp / CONFIG, yaml.safe_dump(new_cfg, sort_keys=False))
+        atomic_write_text(tmp / TRIAL_INFO, yaml.safe_dump(info, sort_keys=False))
         files[:0] = [CONFIG, TRIAL_INFO]
         used = (rec.scaler or {}).get("used")
         if used != "none" and _copy_entry(src_bundle / SCALER, tmp / SCALER, SCALER, skipped):
@@ -618,19 +571,19 @@ def export(results_dir: str | Path, out: str | Path, cell: str | None = None, *,
         if (tmp / SCALER).is_file():
             files.append(SCALER)
         (tmp / WEIGHTS_DIR).mkdir()
-        for name, digest in (("best.pt", rec.weights_sha256), ("last.pt", rec.last_weights_sha256)):
-            dest = tmp / WEIGHTS_DIR / name
-            if not copy_no_follow(res.root, (rec.cell, WEIGHTS_DIR, name), dest):
-                if name == "best.pt" and rec.weights_sha256:
-                    raise InputError(str(cell_dir / WEIGHTS_DIR / name), "is missing, but the record has its digest",
+        for rel, digest in ((CellPaths.BEST, rec.weights_sha256), (CellPaths.LAST, rec.last_weights_sha256)):
+            dest = tmp / rel  # the bundle's weights/ as the cell's: weights/best.pt, weights/last.pt
+            if not copy_no_follow(res.root, (rec.cell, *PurePosixPath(rel).parts), dest):
+                if rel == CellPaths.BEST and rec.weights_sha256:
+                    raise InputError(str(cell_dir / rel), "is missing, but the record has its digest",
                                      hint="export a results directory written by harness")
                 continue
             got = _weights_digest(dest)
             if digest and got != digest:
-                raise InputError(str(cell_dir / WEIGHTS_DIR / name), f"holds weights with digest {got[:12]}…, but the record "
-                                                                     f"says {digest[:12]}…",
+                raise InputError(str(cell_dir / rel), f"holds weights with digest {got[:12]}…, but the record "
+                                                      f"says {digest[:12]}…",
                                  hint="the weights were changed after the run; rerun the cell")
-            files.append(f"{WEIGHTS_DIR}/{name}")
+            files.append(rel)
         if not any(f.startswith(WEIGHTS_DIR + "/") for f in files):
             (tmp / WEIGHTS_DIR).rmdir()
             warnings.append(f"cell {rec.cell} left no weights in its output: the exported bundle has no "

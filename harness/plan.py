@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from .errors import HarnessError, InputError, UsageError
 from .options import ImageOptions, RunOptions
+from .safeio import CellPaths
 
 LOCAL_DEFAULT_MODES = ("strict", "default")
 IMAGE_DEFAULT_MODES = ("strict",)
@@ -65,6 +66,10 @@ class Job:
 
     def cell_dir(self, cell: Cell) -> Path:
         return Path(self.results_dir) / cell.name
+
+    def cell_paths(self, cell: Cell) -> CellPaths:
+        """The files of the cell's directory (``spec.json``, ``worker.log``, ``record.json`` ...)."""
+        return CellPaths(self.cell_dir(cell))
 
 
 @dataclass

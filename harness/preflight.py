@@ -14,16 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .bundle import Bundle
-from .worker.data import read_layout, require_exists, sha256_path
+from .bundle import Bundle, expected_data_digests
 from .errors import InputError
-
-
-def expected_data_digests(bundle: Bundle) -> dict[str, str]:
-    """Where the bundle records the data's sha256, and what it says (pure)."""
-    found = {"config.yaml data.sha256": bundle.data.sha256,
-             "trial_info.yaml data_sha256": bundle.recorded.data_sha256 if bundle.recorded else None}
-    return {source: want for source, want in found.items() if want}
+from .worker.data import read_layout, require_exists, sha256_path
 
 
 def data_mismatches(bundle: Bundle, digest: str) -> list[str]:

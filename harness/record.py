@@ -24,21 +24,21 @@ import enum
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from . import safeio
-from .errors import InputError
+from .errors import HarnessError, InputError
 from .options import DATA_PATHS, trainer_cwd_error
+from .safeio import CellPaths, atomic_write_text
 
 SCHEMA = "harness.result/3"
 READS_RESULT = (SCHEMA, "harness.result/2")  # /2 is /3 without ``trace``
 SPEC_SCHEMA = "harness.runspec/4"
 RUN_SCHEMA = "harness.run/1"
 REPORT_SCHEMA = "harness.report/2"
-RECORD_FILE = "record.json"
+RECORD_FILE = CellPaths.RECORD  # record.json
 RUN_FILE = "run.json"  # what one invocation planned, in order: the basis for "missing"
 # `harness rerun` runs cell X as "X@rerun" and writes the archived run's record beside it as "X@archived"
 RERUN_SUFFIX = "@rerun"
@@ -197,38 +197,6 @@ def dumps(data: Any) -> str:
     return json.dumps(strict(_jsonable(data)), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write a file so that readers see the old one or the new one, never half.
-
-    ``write`` fills a temp file in the same directory, which is fsynced and renamed
-    over ``path``: a full disk or a kill mid-write leaves the previous file (or none).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-            # mkstemp makes 0600; results are meant to be read by others. fchmod, not chmod:
-            # in a directory a container can write, the name may be a link by now.
-            os.fchmod(fh.fileno(), 0o644)
-        os.replace(tmp, path)  # replaces a link at ``path`` itself; never writes through it
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """:func:`atomic_write` of UTF-8 text."""
-    data = text.encode("utf-8")
-    atomic_write(path, lambda fh: fh.write(data))
-
-
 # --------------------------------------------------------------------------- the run spec
 
 
@@ -282,7 +250,7 @@ class RunSpec:
     LATER_KEYS = ("data_dir", "data_feed", "seed_key", "trainer_cwd")
 
     @classmethod
-    def from_json(cls, data: Any, where: str = "spec.json") -> "RunSpec":
+    def from_json(cls, data: Any, where: str = CellPaths.SPEC) -> "RunSpec":
         """A spec of this version; another version or an unknown key is refused (exit 2)."""
         data = _refuse_schema(data, SPEC_SCHEMA, where, "harness run spec")
         spec = cls(**_take(cls, data, where))
@@ -603,8 +571,26 @@ class RunManifest:
 
 
 def write(path: str | Path, record: ResultRecord) -> None:
-    """Write ``record.json`` atomically: the one place that does."""
+    """Write ``record.json`` atomically (:func:`harness.safeio.atomic_write`): the one place that does."""
     atomic_write_text(path, record.to_json())
+
+
+RECORD_MAX_BYTES = 64 << 20
+
+
+def read_worker_record(path: Path) -> ResultRecord | None:
+    """The record a worker left at ``path`` (a cell directory's ``record.json``), read without following a
+    link (:func:`harness.safeio.read_no_follow`); None when it left none. A link, a FIFO, an oversized file
+    or one that is not JSON is a :class:`~harness.errors.HarnessError` naming the file (the run's failure,
+    exit 1); a record of another schema an :class:`~harness.errors.InputError`."""
+    raw = safeio.read_no_follow(path, RECORD_MAX_BYTES, shown=path.name)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw.decode("utf-8", "replace"))
+    except ValueError as exc:
+        raise HarnessError(f"{path.name} is not JSON ({exc})") from None
+    return ResultRecord.from_json(data, str(path))
 
 
 def read(path: str | Path, *, within: str | Path | None = None) -> ResultRecord:

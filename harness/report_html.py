@@ -645,7 +645,7 @@ def check_target(path: str) -> None:
 def write_page(path: str, text: str, records_at: str | None = None) -> None:
     """Write the page atomically (temp file, then rename), then say where on stderr (``report: /abs/path``, one
     line, plain: a path to click or copy); one line when that fails, the records stay."""
-    from .record import atomic_write_text
+    from .safeio import atomic_write_text
 
     check_target(path)
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__, record
-from .errors import HarnessError, InputError, Interrupted
+from .errors import HarnessError, InputError, Interrupted, disk_failure
 from .judge import Comparison, Tolerances, compare
 from .options import ReportOptions, RunOptions
 from .plan import Cell, Job, Plan, band_cells, choose_baseline, make_plan, with_band, with_cell_seeds
@@ -264,9 +264,9 @@ def make_backend(plan: Plan, *, cold: bool = False) -> Any:
 
 
 def _log_tail(path: Path, chars: int = 2000) -> str | None:
-    from .backends.base import log_tail_no_follow  # a cell may have left a link there
+    from .safeio import tail_no_follow  # a cell may have left a link there
 
-    return log_tail_no_follow(path, chars)
+    return tail_no_follow(path, chars)
 
 
 @dataclass
@@ -297,7 +297,6 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any, *, jobs: int = 
     from dataclasses import replace
 
     from .schedule import Slot, SlotPool, next_to_start
-    from .worker.retrain import disk_failure
 
     records: dict[str, ResultRecord] = {}
     reused: dict[str, str] = {}
@@ -470,7 +469,7 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any, *, jobs: int = 
             keep(cell, ResultRecord.without_metrics(
                 cell.name, Status.INTERRUPTED, "interrupted",
                 f"{how} after {time.perf_counter() - t0:.1f}s; the run was stopped",
-                backend=backend.name, started_at=now_utc(), log_tail=_log_tail(job.cell_dir(cell) / "worker.log")))
+                backend=backend.name, started_at=now_utc(), log_tail=_log_tail(job.cell_paths(cell).log)))
         got = outcome()
         exc = Interrupted(f"interrupted; {len(got.records)} record(s) kept in {job.results_dir}",
                           hint=("cells not run: " + ", ".join(got.missing)) if got.missing else None)
@@ -613,8 +612,6 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
         try:
             record.atomic_write_text(results / "report.json", report)
         except OSError as exc:
-            from .worker.retrain import disk_failure
-
             disk = disk_failure(exc)
             if disk is None:
                 raise

@@ -143,3 +143,13 @@ def test_objective_and_weights_are_kept_under_a_command_line_trainer(tmp_path: P
         {"seed": 1, "trainer": {"objective": "test.r2.a", "weights": "./ckpt/best.ckpt"}}))
     b = load_bundle(tmp_path, trainer_cmd_override="sh -c true")
     assert (b.trainer.objective, b.trainer.weights, b.trainer.command) == ("test.r2.a", "ckpt/best.ckpt", "sh -c true")
+
+
+def test_expected_data_digests_names_where_the_bundle_records_the_datas_digest(make_bundle) -> None:
+    from harness.bundle import expected_data_digests
+
+    assert expected_data_digests(load_bundle(make_bundle("none"))) == {}
+    both = load_bundle(make_bundle("both", trial_info={"number": 1, "value": 0.5, "data_sha256": "AB" * 32},
+                                   data__sha256="cd" * 32))
+    assert expected_data_digests(both) == {"config.yaml data.sha256": "cd" * 32,
+                                           "trial_info.yaml data_sha256": "ab" * 32}

@@ -244,3 +244,19 @@ def test_a_trainer_scripts_sibling_modules_are_in_the_key(tmp_path: Path) -> Non
     assert after_helper != before
     (elsewhere / "pkg" / "layers.py").write_text("W = 2\n")
     assert digest() != after_helper
+
+
+def test_a_fifo_or_a_link_in_a_keyed_tree_is_never_read(tmp_path: Path) -> None:
+    import errno
+
+    from harness.cache import _file_sha256
+
+    root = tmp_path / "b"
+    root.mkdir()
+    (root / "config.yaml").write_text("a: 1\n")
+    os.mkfifo(root / "pipe")  # hashed as what it is, without waiting for a writer
+    assert _file_sha256(root / "pipe") == "not-a-file"
+    (root / "link").symlink_to(root / "config.yaml")
+    assert _file_sha256(root / "link") == f"unreadable:{errno.ELOOP}"  # ELOOP: a link in a file's place is not followed
+    first = tree_digest(root)
+    assert tree_digest(root) == first

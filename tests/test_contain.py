@@ -21,6 +21,7 @@ import pytest
 from .conftest import default_signals, patience
 
 from harness import record as records
+from harness import safeio
 from harness.backends import docker as dockerbackend
 from harness.backends.docker import DockerBackend, container_spec
 from harness.docker_engine import create_kwargs
@@ -98,7 +99,7 @@ def test_write_no_follow_replaces_a_symlink_instead_of_writing_through_it(tmp_pa
     victim = tmp_path / "victim"
     victim.write_text("keep")
     (tmp_path / "spec.json").symlink_to(victim)
-    records.atomic_write_text(tmp_path / "spec.json", "{}")
+    safeio.atomic_write_text(tmp_path / "spec.json", "{}")
     assert victim.read_text() == "keep" and (tmp_path / "spec.json").read_text() == "{}"
     assert not (tmp_path / "spec.json").is_symlink()
 
@@ -300,7 +301,7 @@ def test_concurrent_builds_of_one_tag_build_once(tmp_path: Path, monkeypatch) ->
 
 
 def test_a_stale_dir_the_worker_made_unreadable_is_moved_aside(tmp_path: Path) -> None:
-    from harness.backends.base import fresh_dir
+    from harness.safeio import fresh_dir
 
     out = tmp_path / "r" / "c"
     (out / "locked").mkdir(parents=True)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from harness.bundle import DataSpec
-from harness.worker.data import prepare, sha256_file, split_sizes
+from harness.safeio import sha256_file
+from harness.worker.data import prepare, split_sizes
 from harness.errors import InputError
 
 from .conftest import write_dataset
@@ -83,3 +85,11 @@ def test_sha256(tmp_path: Path) -> None:
     p = tmp_path / "f"
     p.write_bytes(b"abc")
     assert sha256_file(p) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_data_that_is_not_a_regular_file_is_refused_not_read(tmp_path: Path) -> None:
+    from harness.worker.data import sha256_path
+
+    os.mkfifo(tmp_path / "data.npz")  # would block a plain open(); /dev/zero would never end
+    with pytest.raises(InputError, match="data.npz: is a FIFO, not a regular file; the data is hashed before"):
+        sha256_path(tmp_path / "data.npz")

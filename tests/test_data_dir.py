@@ -19,7 +19,8 @@ from harness.bundle import load_bundle
 from harness.errors import InputError
 from harness.plan import Cell, Job
 from harness.record import ImageInfo, RunSpec, Status
-from harness.worker.data import sha256_file, sha256_path
+from harness.safeio import sha256_file
+from harness.worker.data import sha256_path
 
 from .test_cli import TRAINERS, harness
 

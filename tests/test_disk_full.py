@@ -111,7 +111,7 @@ def test_a_runtime_error_that_is_not_the_disk_stays_itself(tmp_path: Path, monke
 
 
 def test_disk_failure_lines() -> None:
-    from harness.worker.retrain import disk_failure
+    from harness.errors import disk_failure
 
     assert disk_failure(OSError(errno.ENOSPC, "No space left on device", "/o/w.pt")).startswith(
         "no space left on device writing /o/w.pt; free space or pass --out DIR")

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from harness.bundle import load_bundle
-from harness.worker.data import sha256_file
+from harness.safeio import sha256_file
 from harness.worker.isa import read_host_levels
 
 from .conftest import EXAMPLE, EXAMPLE_CONV, REPO, patience

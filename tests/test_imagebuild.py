@@ -211,7 +211,7 @@ def test_wheel_digests_are_cached(wheelhouse, monkeypatch):
     first = imagebuild.wheel_digests(wheelhouse)
     cache = json.loads((wheelhouse / DIGEST_CACHE).read_text())
     assert cache["wheels"]["joblib-1.6.0-py3-none-any.whl"]["sha256"] == hashlib.sha256(b"joblib").hexdigest()
-    monkeypatch.setattr(imagebuild, "_sha256_file", lambda p: pytest.fail(f"re-hashed {p}"))
+    monkeypatch.setattr(imagebuild, "sha256_file", lambda p: pytest.fail(f"re-hashed {p}"))
     assert imagebuild.wheel_digests(wheelhouse) == first
 
 

@@ -151,6 +151,26 @@ def test_a_bad_site_file_names_its_slurm_key(example, tmp_path):
     assert res.returncode == 2 and "site.yaml: slurm: unknown key(s) cpus" in res.stderr, res.stderr
 
 
+def test_the_jobs_file_and_a_jobs_log_are_read_without_following_a_link(tmp_path: Path) -> None:
+    from harness.backends.slurm import JOBS_FILE, JOBS_SCHEMA, LogFollower, read_jobs
+
+    (tmp_path / JOBS_FILE).write_text(json.dumps({"schema": JOBS_SCHEMA, "cells": {"a": {"job_id": "7"}}}))
+    assert read_jobs(tmp_path) == {"a": {"job_id": "7"}}
+    elsewhere = tmp_path / "elsewhere.json"
+    (tmp_path / JOBS_FILE).rename(elsewhere)
+    (tmp_path / JOBS_FILE).symlink_to(elsewhere)
+    assert read_jobs(tmp_path) == {}  # resubmitted, never read through the link
+    log = tmp_path / "job.out"
+    follow = LogFollower(log)
+    assert follow.lines() == []
+    log.write_text("one\ntw")
+    assert follow.lines() == ["one\n"]
+    assert follow.lines(final=True) == ["tw\n"]
+    log.unlink()
+    log.symlink_to(elsewhere)
+    assert LogFollower(log).lines() == []
+
+
 # --------------------------------------------------------------------------- on a real cluster
 
 

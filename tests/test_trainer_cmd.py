@@ -26,7 +26,7 @@ import yaml
 
 from harness import record
 from harness.backends.local import child_env
-from harness.bundle import load_bundle
+from harness.bundle import PLACEHOLDERS, check_command, load_bundle, split_command
 from harness.errors import InputError
 from harness.plan import Cell
 from harness.record import RunSpec, Status
@@ -44,19 +44,19 @@ SEED = 7  # tiny_config's training.seed
 
 
 def test_placeholders_are_filled_per_word_and_never_split() -> None:
-    argv = tc.split_command("{python} -m pkg.train --cfg={config} --out '{out_dir}/run a' --seed {seed}")
+    argv = split_command("{python} -m pkg.train --cfg={config} --out '{out_dir}/run a' --seed {seed}")
     values = {"python": "/py", "config": "/b/config.yaml", "out_dir": "/o o", "seed": "7"}
     assert tc.substitute(argv, values) == ["/py", "-m", "pkg.train", "--cfg=/b/config.yaml", "--out", "/o o/run a",
                                            "--seed", "7"]
     # braces that are not a {word} stay as they are (JSON arguments, dict literals)
-    assert tc.substitute(tc.split_command("""x '{"a": {"b": 1}}' {}"""), {}) == ["x", '{"a": {"b": 1}}', "{}"]
+    assert tc.substitute(split_command("""x '{"a": {"b": 1}}' {}"""), {}) == ["x", '{"a": {"b": 1}}', "{}"]
 
 
 def test_an_unknown_placeholder_is_named_with_the_accepted_ones() -> None:
     with pytest.raises(InputError) as exc:
-        tc.check_command("python train.py --epochs {epochs}", "--trainer-cmd", has_data=True, has_code_dir=True)
+        check_command("python train.py --epochs {epochs}", "--trainer-cmd", has_data=True, has_code_dir=True)
     msg = str(exc.value)
-    assert "{epochs}" in msg and all("{" + name + "}" in msg for name in tc.PLACEHOLDERS)
+    assert "{epochs}" in msg and all("{" + name + "}" in msg for name in PLACEHOLDERS)
 
 
 @pytest.mark.parametrize("command, has_data, has_code_dir, fragment", [
@@ -67,7 +67,7 @@ def test_an_unknown_placeholder_is_named_with_the_accepted_ones() -> None:
 ])
 def test_a_command_that_cannot_run_is_refused_before_anything_starts(command, has_data, has_code_dir, fragment) -> None:
     with pytest.raises(InputError, match=fragment):
-        tc.check_command(command, "--trainer-cmd", has_data=has_data, has_code_dir=has_code_dir)
+        check_command(command, "--trainer-cmd", has_data=has_data, has_code_dir=has_code_dir)
 
 
 def test_the_environment_adds_the_run_and_puts_the_hook_then_the_code_first() -> None:

@@ -11,11 +11,8 @@ host's, the spec the worker sees (:meth:`Backend.spec`).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import shutil
-import stat
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -26,7 +23,8 @@ from typing import Any, Callable, TextIO
 from .. import record
 from ..errors import HarnessError
 from ..plan import Cell, Job
-from ..record import ImageInfo, ResultRecord, RunSpec, Status
+from ..record import ImageInfo, ResultRecord, RunSpec, Status, read_worker_record
+from ..safeio import atomic_write_text, create_no_follow, fresh_dir
 from ..worker import EVENT_PREFIX
 
 EventFn = Callable[[dict[str, Any]], None]
@@ -74,98 +72,6 @@ def failure_reason(exit_status: int | None, log_tail: str) -> str:
     return reason + (f"; last output: {last[0][:300]}" if last else "")
 
 
-# --------------------------------------------------------------------------- files in a cell's directory
-#
-# A cell's directory is writable by what runs in the cell (a container runs untrusted
-# pickles), so the host never follows a link there: it starts every run from a fresh
-# directory, creates its files exclusively with O_NOFOLLOW, writes spec.json and
-# record.json through a temporary file and os.replace (which replaces a link rather
-# than writing through it), and reads a record only when it is a regular file.
-
-RECORD_MAX_BYTES = 64 << 20
-
-
-def fresh_dir(out: Path) -> None:
-    """Make ``out`` an empty directory, removing whatever a previous run's worker left there."""
-    try:
-        st = os.lstat(out)
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        if stat.S_ISDIR(st.st_mode):
-            try:
-                shutil.rmtree(out)  # fd-based on Linux: does not follow links inside
-            except OSError:
-                # e.g. a directory the worker made unreadable: move the lot out of the way
-                os.rename(out, out.with_name(f".{out.name}.stale-{time.time_ns()}"))
-        else:
-            out.unlink()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.mkdir(mode=0o755)
-    os.chmod(out, 0o755)  # whatever the umask says: writable by its owner alone
-
-
-def create_no_follow(path: Path) -> TextIO:
-    """Open a new file for writing; a link (or anything) already at ``path`` is replaced, never followed."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    return os.fdopen(fd, "w", encoding="utf-8", buffering=1)  # line-buffered: the log is current while it runs
-
-
-def read_no_follow(path: Path, limit: int = RECORD_MAX_BYTES) -> str | None:
-    """The text of a regular file at ``path``; None when nothing is there; a HarnessError when
-    something else is (a link, a FIFO, a directory) or it is larger than ``limit``."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise HarnessError(f"{path.name} is a symbolic link, not a regular file; not followed") from None
-        raise HarnessError(f"{path.name} cannot be opened ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise HarnessError(f"{path.name} is not a regular file")
-        if st.st_size > limit:
-            raise HarnessError(f"{path.name} is {st.st_size} bytes, more than a record can be")
-        return fh.read(limit + 1).decode("utf-8", "replace")
-
-
-def read_record_no_follow(path: Path) -> ResultRecord | None:
-    """The worker's record at ``path`` (None when it left none), read without following a link."""
-    text = read_no_follow(path)
-    if text is None:
-        return None
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise HarnessError(f"{path.name} is not JSON ({exc})") from None
-    return ResultRecord.from_json(data, str(path))
-
-
-def log_tail_no_follow(path: Path, chars: int = 2000) -> str | None:
-    """The end of a worker log, without following a link a worker may have put in its place."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            return None
-        fh.seek(0, os.SEEK_END)
-        fh.seek(max(0, fh.tell() - chars))
-        return fh.read().decode("utf-8", "replace") or None
-
-
 def usable_cpus() -> list[int] | None:
     """The cores this process may run on (its affinity), or None where the OS cannot say."""
     try:
@@ -202,7 +108,13 @@ class Backend(ABC):
         return self.spec(cell, job).to_dict()
 
     def make_cell_dir(self, out: Path) -> None:
-        """Create the directory the worker writes into, empty: nothing a previous run left stays."""
+        """Create the directory the worker writes into, empty: nothing a previous run left stays.
+
+        A cell's directory is writable by what runs in the cell (a container runs untrusted pickles),
+        so the host never follows a link there (:mod:`harness.safeio`): every run starts from a fresh
+        directory, ``worker.log`` is created exclusively, ``spec.json`` and ``record.json`` are written
+        through a temporary file and ``os.replace`` (which replaces a link rather than writing through
+        it), and a record is read only when it is a regular file."""
         fresh_dir(out)
 
     @abstractmethod
@@ -229,19 +141,18 @@ class Backend(ABC):
         """The first half of :meth:`run`: a fresh cell directory, ``spec.json``, the launch, the worker's
         output relayed into ``worker.log``. Returns how it ended, the log's tail and the wall time.
         (The Slurm backend runs this half on the node and :meth:`finish` where it was submitted.)"""
-        out = job.cell_dir(cell)
-        self.make_cell_dir(out)  # fresh: never read a previous run's record, never follow its links
-        spec_path = out / "spec.json"
-        record.atomic_write_text(spec_path, record.dumps(self.spec_document(cell, job)))
+        files = job.cell_paths(cell)
+        self.make_cell_dir(files.folder)  # fresh: never read a previous run's record, never follow its links
+        atomic_write_text(files.spec, record.dumps(self.spec_document(cell, job)))
         tail: deque[str] = deque(maxlen=TAIL_LINES)
         t0 = time.perf_counter()
-        with create_no_follow(out / "worker.log") as log:
-            launched = self.launch(cell, job, spec_path, lambda line: relay(line, on_event, log, tail))
+        with create_no_follow(files.log) as log:
+            launched = self.launch(cell, job, files.spec, lambda line: relay(line, on_event, log, tail))
         return launched, "".join(tail), time.perf_counter() - t0
 
     def finish(self, cell: Cell, job: Job, launched: Launch, log_tail: str, wall_s: float) -> ResultRecord:
         """The worker's record, or a failure record when it left none (crash, OOM kill, never started)."""
-        path = job.cell_dir(cell) / record.RECORD_FILE
+        path = job.cell_paths(cell).record
         rec: ResultRecord | None = None
         problem = None
         if launched.timed_out:
@@ -251,7 +162,7 @@ class Backend(ABC):
                 image=launched.image.tag if launched.image else None)
         else:
             try:
-                rec = read_record_no_follow(path)
+                rec = read_worker_record(path)
             except HarnessError as exc:
                 problem = f"the worker's record is unusable: {exc.one_line()}"
         if rec is None:

@@ -23,9 +23,10 @@ from ..docker_engine import (OVERLAY_LOWER, OVERLAY_WORK, ContainerFacts, Contai
 from ..errors import BackendError, HarnessError, InputError
 from ..plan import Cell, Job
 from ..record import ImageInfo, RunSpec, Status
+from ..safeio import CellPaths, fresh_dir
 from ..worker import EVENT_PREFIX, determinism, isa
 from ..worker.preload import GO_SIGNAL, READY_LINE
-from .base import TAIL_LINES, Backend, Launch, LineFn, fresh_dir
+from .base import TAIL_LINES, Backend, Launch, LineFn
 from .docker_ahead import TURN_CPU_SHARES, WORKER_AWAITS, WORKER_LABEL, ahead_request
 
 BUNDLE = "/harness/bundle"
@@ -158,7 +159,7 @@ def container_spec(cell: Cell, job: Job, image: str, *, gpus: str = "all", memor
         env["PYTHONHASHSEED"] = "random"
     return ContainerRequest(
         image=image,
-        command=("--spec", f"{OUT}/spec.json"),
+        command=("--spec", f"{OUT}/{CellPaths.SPEC}"),
         mounts=tuple(mounts),
         environment=env,
         # a non-root caller owns what the container writes
@@ -242,7 +243,7 @@ def cell_usage(root: Path, most_bytes: int, most_files: int, *,
     return used, files, unreadable[0] if unreadable else None
 
 
-def disk_failure(used: int, files: int, unreadable: str | None, limit: int, most_files: int = DISK_FILES_MAX,
+def over_disk_limit(used: int, files: int, unreadable: str | None, limit: int, most_files: int = DISK_FILES_MAX,
                  where: Path | str | None = None, stopped: bool = False) -> str | None:
     """One line when a cell's directory (``where``) holds more than it may, or cannot be measured; None when
     within. ``stopped``: its container was stopped for it while running (pure)."""
@@ -284,7 +285,7 @@ class DiskWatch:
         used, files, unreadable = cell_usage(self.root, self.limit, self.most_files, vanished_ok=True)
         self.walks += 1
         self.rest_until = start + (self.clock() - start) / DISK_WATCH_SHARE
-        return disk_failure(used, files, unreadable, self.limit, self.most_files, where=self.root, stopped=True)
+        return over_disk_limit(used, files, unreadable, self.limit, self.most_files, where=self.root, stopped=True)
 
 
 def _human(n: int) -> str:
@@ -736,7 +737,7 @@ class DockerBackend(Backend):
             _remove_record(out)
             reason, status, kind = ended.stopped, Status.FAILED, "disk"
         elif ended.status is not None and not ended.timed_out:
-            over = disk_failure(*cell_usage(out, self.disk, DISK_FILES_MAX), self.disk, where=out)
+            over = over_disk_limit(*cell_usage(out, self.disk, DISK_FILES_MAX), self.disk, where=out)
             if over is not None:
                 # the cell fails whatever its worker wrote: its record is not read
                 _remove_record(out)
@@ -793,9 +794,7 @@ def _empty_dir(out: Path) -> bool:
 
 def _remove_record(out: Path) -> None:
     """Unlink the worker's record in ``out`` (a name in a folder the cell wrote: never followed)."""
-    from ..record import RECORD_FILE
-
     try:
-        os.unlink(out / RECORD_FILE)
+        os.unlink(CellPaths(out).record)
     except OSError:
         pass

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shlex
-import stat
 import subprocess
 import sys
 import time
@@ -31,10 +30,11 @@ from typing import Any, Callable
 from .. import record
 from ..errors import BackendError, HarnessError
 from ..plan import Cell, Job
-from ..record import ResultRecord, Status
+from ..record import ResultRecord, Status, read_worker_record
+from ..safeio import atomic_write_text, fresh_dir, open_no_follow, read_no_follow, tail_no_follow
 from ..slurm_site import SlurmSettings, gres_of, is_active, state_word, status_of
 from ..worker import EVENT_PREFIX
-from .base import Backend, EventFn, Launch, LineFn, fresh_dir, log_tail_no_follow, read_record_no_follow
+from .base import Backend, EventFn, Launch, LineFn
 from .slurm_node import NODE_PREFIX, run_on_node
 
 JOBS_FILE = "slurm-jobs.json"
@@ -56,11 +56,9 @@ def cell_key(cell: Cell, job: Job, params: dict[str, Any], runtime: str, python:
 
 def read_jobs(results: Path) -> dict[str, dict[str, Any]]:
     """The cells' jobs of earlier runs in ``results`` ({} when none, or unreadable: they are resubmitted)."""
-    from .base import read_no_follow
-
     try:
-        text = read_no_follow(results / JOBS_FILE, 16 << 20)
-        data = json.loads(text) if text else {}
+        raw = read_no_follow(results / JOBS_FILE, 16 << 20)
+        data = json.loads(raw.decode("utf-8", "replace")) if raw else {}
     except (HarnessError, ValueError):
         return {}
     cells = data.get("cells") if isinstance(data, dict) and data.get("schema") == JOBS_SCHEMA else None
@@ -92,12 +90,10 @@ class LogFollower:
 
     def lines(self, final: bool = False) -> list[str]:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fh = open_no_follow(self.path)  # a link in its place is not followed; only a regular file is read
         except OSError:
             return []
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                return []
+        with fh:
             fh.seek(self.offset)
             data = fh.read(1 << 22)
             self.offset += len(data)
@@ -170,7 +166,7 @@ class SlurmBackend(Backend):
                 entries[cell.name] = {"job_id": str(sub.job_id), "folder": str(folder), "key": key, "run_id": job.run_id}
                 self.note(f"cell {cell.name}: Slurm job {sub.job_id}"
                           + (f" on gpu:{self.settings.gpu_type(cell.gpu)}" if cell.gpu else ""))
-        record.atomic_write_text(results / JOBS_FILE, record.dumps({"schema": JOBS_SCHEMA, "cells": entries}))
+        atomic_write_text(results / JOBS_FILE, record.dumps({"schema": JOBS_SCHEMA, "cells": entries}))
         return failures
 
     def _docker_args(self, cell: Cell) -> dict[str, Any] | None:
@@ -183,9 +179,9 @@ class SlurmBackend(Backend):
     def _pick_up(self, cell: Cell, job: Job, before: dict[str, Any]) -> bool:
         """An earlier run's job for the same request: its ok record reused, or the job still running waited for."""
         job_id = str(before.get("job_id") or "")
-        path = job.cell_dir(cell) / record.RECORD_FILE
+        path = job.cell_paths(cell).record
         try:
-            rec = read_record_no_follow(path)
+            rec = read_worker_record(path)
         except HarnessError:
             rec = None
         slurm = rec.slurm if rec is not None else None
@@ -221,9 +217,10 @@ class SlurmBackend(Backend):
                 except ValueError:
                     pass
 
-        launched = self.launch(cell, job, job.cell_dir(cell) / "spec.json", on_line)
+        files = job.cell_paths(cell)
+        launched = self.launch(cell, job, files.spec, on_line)
         sub = self.jobs[cell.name]
-        tail = log_tail_no_follow(job.cell_dir(cell) / "worker.log") or log_tail_no_follow(Path(sub.paths.stdout)) or ""
+        tail = tail_no_follow(files.log) or tail_no_follow(Path(sub.paths.stdout)) or ""
         return self.finish(cell, job, launched, tail, time.perf_counter() - t0)
 
     def launch(self, cell: Cell, job: Job, spec_path: Path, on_line: LineFn) -> Launch:

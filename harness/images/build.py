@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 
 from ..errors import (BackendError, BaseImageMismatch, BaseImageMissing, BuildFailed, HarnessError, InputError,
                       RunFailed)
+from ..safeio import sha256_file
 from .matrix import ImageCell, same_image_digest
 
 if TYPE_CHECKING:
@@ -217,14 +218,6 @@ def harness_sources(repo_root: Path) -> dict[str, Path]:
 # ----------------------------------------------------------------------------- wheels
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def wheel_digests(wheelhouse: Path) -> dict[str, str]:
     """sha256 of every wheel, cached in a JSON beside them keyed by name, size and mtime."""
     cache_path = wheelhouse / DIGEST_CACHE
@@ -239,7 +232,7 @@ def wheel_digests(wheelhouse: Path) -> dict[str, str]:
         if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
             digest = hit["sha256"]
         else:
-            digest, dirty = _sha256_file(p), True
+            digest, dirty = sha256_file(p), True
         out[p.name] = digest
         fresh[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
     if dirty or set(fresh) != set(cache):

@@ -30,9 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
+from ..safeio import CellPaths
+
 SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 STATE_KEYS = ("model", "state_dict", "model_state_dict", "net")  # where checkpoints keep the model's state
-BEST = "weights/best.pt"  # the documented place, where the harness also saves what it compared
+BEST = CellPaths.BEST  # weights/best.pt: the documented place, where the harness also saves what it compared
 SAFETENSORS_HEADER_MAX = 100 << 20
 MAX_DEPTH = 32  # nesting of a checkpoint, and of the directory walk
 MAX_ENTRIES = 10_000  # directory entries looked at when searching the output directory

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..bundle import DataSpec
 from ..errors import InputError
+from ..safeio import NotRegularFile, hash_into, open_no_follow, refuse_links_leaving, sha256_file
 
 
 @dataclass
@@ -44,33 +45,23 @@ class Dataset:
         return int(self.y.shape[1])
 
 
-def _feed(h: Any, path: str | Path, chunk: int) -> None:
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    _feed(h, path, chunk)
-    return h.hexdigest()
-
-
 def sha256_path(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of the data as bytes, whatever its format.
 
-    A file: the sha256 of its bytes (as ``sha256sum`` prints it). A directory: a
+    A file: the sha256 of its bytes (:func:`harness.safeio.sha256_file`). A directory: a
     sorted walk of its files, hashing each relative path (``/``-separated) and
     its bytes, so renaming, adding or changing any file changes the digest. A directory
     holding a link that leaves it (or is absolute) is refused (InputError): its target is
-    this machine's file, not the one a container mounting the directory would read.
+    this machine's file, not the one a container mounting the directory would read. A FIFO, a
+    device or a socket is refused (InputError), never read.
     """
-    from ..safeio import refuse_links_leaving
-
     p = Path(path)
     if not p.is_dir():
-        return sha256_file(p, chunk)
+        try:
+            return sha256_file(p, chunk=chunk)
+        except NotRegularFile as exc:
+            raise InputError(str(p), f"{exc.strerror}; the data is hashed before it trains, so it is not read",
+                             hint="point data.path (or --data) at a regular file or a directory") from None
     refuse_links_leaving(p, str(p))
     h = hashlib.sha256()
     files = sorted((f for f in p.rglob("*") if f.is_file()), key=lambda f: f.relative_to(p).as_posix())
@@ -78,7 +69,8 @@ def sha256_path(path: str | Path, chunk: int = 1 << 20) -> str:
         rel = f.relative_to(p).as_posix().encode()
         h.update(len(rel).to_bytes(8, "big") + rel)
         h.update(f.stat().st_size.to_bytes(8, "big"))
-        _feed(h, f, chunk)
+        with open_no_follow(f, follow_links=True) as fh:
+            hash_into(h, fh, chunk)
     return h.hexdigest()
 
 

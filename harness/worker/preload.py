@@ -25,7 +25,7 @@ PRELOAD = (
     "numpy", "torch", "torch.nn", "torch.optim", "torch.utils.data",
     "torch._inductor.config",  # torch.use_deterministic_algorithms imports it (and torch._dynamo)
     "yaml", "joblib", "sklearn.preprocessing",  # the archived target scaler is a scikit-learn pickle
-    "harness.bundle", "harness.preflight", "harness.worker.retrain", "harness.worker.determinism",
+    "harness.bundle", "harness.worker.retrain", "harness.worker.determinism",
     "harness.worker.envinfo", "harness.worker.isa", "harness.worker.data", "harness.worker.model",
     "harness.worker.train", "harness.worker.metrics", "harness.worker.perturb", "harness.worker.trace",
     "harness.worker.seed_checks", "harness.worker.trainer_api", "harness.worker.hooks",

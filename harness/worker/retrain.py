@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import errno
 import json
 import os
 import sys
@@ -30,8 +29,9 @@ from typing import Any, Iterator
 
 from .. import __version__
 from . import EVENT_PREFIX
-from ..errors import EXIT_OK, HarnessError, InputError, RunFailed
-from ..record import Env, ResultRecord, RunSpec, Status, atomic_write, write
+from ..errors import EXIT_OK, HarnessError, InputError, RunFailed, disk_failure
+from ..record import Env, ResultRecord, RunSpec, Status, write
+from ..safeio import CellPaths, atomic_write
 from .seed_checks import scaler_check as _scaler_check
 from .seed_checks import sha_json as _sha_json
 
@@ -50,7 +50,7 @@ def _now() -> str:
 
 
 def save_weights(state: Any, path: Path) -> None:
-    """``torch.save`` atomically (:func:`harness.record.atomic_write`): never a truncated file.
+    """``torch.save`` atomically (:func:`harness.safeio.atomic_write`): never a truncated file.
 
     torch's zip writer turns a short write (a full disk, a quota, a file size limit) into
     ``RuntimeError: ... unexpected pos``, which names no cause. On a RuntimeError the same
@@ -79,22 +79,6 @@ def save_weights(state: Any, path: Path) -> None:
         if exc.filename is None and exc.errno is not None:
             raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
         raise
-
-
-DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-               errno.EROFS: "read-only file system"}
-
-
-def disk_failure(exc: OSError) -> str | None:
-    """The one line for a write that failed because of the disk, or None for any other OSError."""
-    where = f" writing {exc.filename}" if exc.filename else ""
-    if exc.errno == errno.EFBIG:  # not a full disk: a file size limit (ulimit -f) or the file system's
-        return (f"file too large{where} (over this process's file size limit, `ulimit -f`, or the file "
-                "system's); raise the limit or pass --out DIR on another disk, then rerun the cell")
-    what = DISK_ERRNOS.get(exc.errno or 0)
-    if what is None:
-        return None
-    return f"{what}{where}; free space or pass --out DIR on another disk, then rerun the cell"
 
 
 # --------------------------------------------------------------------------- scaler
@@ -167,7 +151,7 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
     if archived_scaler is None and scaler is not None:
         import joblib
 
-        joblib.dump(scaler, out / "target_scaler.joblib")  # the scaler this run fitted, for archiving
+        joblib.dump(scaler, CellPaths(out).scaler)  # the scaler this run fitted, for archiving
     y_scaled = (scaler.transform(data.y.astype(np.float64)) if scaler is not None else data.y).astype(np.float32)
 
     # Archived weights first, before training touches any RNG state: this
@@ -221,10 +205,10 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
     retrained["best_epoch"] = result.best_epoch
     rec.metrics = {"retrained": retrained, "archived": archived_metrics}
     rec.history = result.history
-    wdir = out / "weights"
-    wdir.mkdir(parents=True, exist_ok=True)
-    save_weights(result.best_state, wdir / "best.pt")
-    save_weights(result.last_state, wdir / "last.pt")
+    files = CellPaths(out)
+    files.weights.mkdir(parents=True, exist_ok=True)
+    save_weights(result.best_state, files.best)
+    save_weights(result.last_state, files.last)
     rec.weights_sha256 = model_mod.state_sha256(result.best_state)
     if bundle.best_weights:
         rec.weights_vs_archived = compare_state(result.best_state, state)
@@ -434,8 +418,9 @@ def _keep_custom_result(bundle: Any, out: Path, rec: ResultRecord, got: dict[str
                 weights["tensors_from"] = source  # the checkpoint's sub-mapping compared (None: the whole file)
     if state is not None:
         state = {k: v.detach().cpu() for k, v in state.items()}
-        if weights["file"] != checkpoint.BEST and not (out / "weights").is_symlink():
-            (out / "weights").mkdir(parents=True, exist_ok=True)
+        wdir = CellPaths(out).weights
+        if weights["file"] != checkpoint.BEST and not wdir.is_symlink():
+            wdir.mkdir(parents=True, exist_ok=True)
             save_weights(state, out / checkpoint.BEST)  # what export carries; the trainer's own file stays as written
             weights["saved"] = checkpoint.BEST
         rec.weights_sha256 = state_sha256(state)
@@ -464,8 +449,8 @@ def _member_config(bundle: Any, out: Path) -> str:
     with the member's seed at the key it was read from (``training.seed_key``); written into the cell's directory."""
     import yaml
 
-    path = out / "harness-config.yaml"
-    from ..record import atomic_write_text
+    path = CellPaths(out).member_config
+    from ..safeio import atomic_write_text
 
     config = dict(bundle.config)
     data = config.get("data")
@@ -480,7 +465,7 @@ def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: Result
     import shutil
     import tempfile
 
-    from ..bundle import CONFIG
+    from ..bundle import CONFIG, split_command
     from . import trainer_cmd as tc
     from .trainer_api import normalise_result
 
@@ -492,10 +477,10 @@ def _command_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: Result
     values = {"bundle": bundle.root, "config": config, "data": bundle.data.resolved, "out_dir": str(out),
               "seed": str(bundle.training.seed), "device": str(device), "python": sys.executable,
               "code_dir": code_dirs[0] if code_dirs else None}
-    argv = tc.substitute(tc.split_command(trainer.command), values)
+    argv = tc.substitute(split_command(trainer.command), values)
     from .trace import TRACE_FILE, no_trace
 
-    for stale in (tc.METRICS_FILE, "weights/best.pt", TRACE_FILE):
+    for stale in (tc.METRICS_FILE, CellPaths.BEST, TRACE_FILE):
         tc.remove_stale(out / stale)  # a standalone worker's --out may hold an earlier run's
     history: list[dict[str, float]] = []
 
@@ -654,7 +639,7 @@ def seed_via(bundle: Any) -> list[str]:
     if bundle.trainer is None:
         return ["training.seed", rngs]
     if bundle.trainer.command is not None:
-        from .trainer_cmd import placeholders, split_command
+        from ..bundle import placeholders, split_command
 
         used = placeholders(split_command(bundle.trainer.command))
         copy = f"a copy of config.yaml with the seed at {bundle.training.seed_key}"
@@ -668,8 +653,7 @@ def seed_via(bundle: Any) -> list[str]:
 
 def run(spec: RunSpec) -> ResultRecord:
     """Run one cell and return its record (raises HarnessError on failure). Measures; never judges."""
-    from ..bundle import config_digest, load_bundle
-    from ..preflight import expected_data_digests
+    from ..bundle import config_digest, expected_data_digests, load_bundle
     from . import determinism, envinfo, isa
     from .data import prepare, require_exists, sha256_path
 
@@ -729,7 +713,7 @@ def run(spec: RunSpec) -> ResultRecord:
             require_exists(bundle.data.resolved)
         from .trainer_cmd import remove_stale
 
-        remove_stale(out / "weights" / "best.pt")  # a standalone worker's --out may hold an earlier run's
+        remove_stale(CellPaths(out).best)  # a standalone worker's --out may hold an earlier run's
         workdir, mode = trainer_workdir(bundle, out)
         command = bundle.trainer.command is not None
         ran_in = workdir or os.getcwd()
@@ -847,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as exc:
         print(f"harness.worker: {exc.one_line()}", file=sys.stderr)
         if _SPEC_FALLBACK:
-            write(Path(_SPEC_FALLBACK["out_dir"]) / "record.json", ResultRecord.without_metrics(
+            write(CellPaths(_SPEC_FALLBACK["out_dir"]).record, ResultRecord.without_metrics(
                 _SPEC_FALLBACK["cell"], Status.FAILED, exc.kind, exc.one_line(), harness_version=__version__))
         return exc.exit_code
     try:

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 TRACE_SCHEMA = "harness.trace/1"
+# harness.safeio.CellPaths.TRACE, spelled here: this module is also copied, with no package around it,
+# beside a trainer command's sitecustomize (harness.worker.trainer_cmd.HOOKS_FILES), so it imports no harness module
 TRACE_FILE = "trace.jsonl"
 TRACE_MAX_BYTES = 64 * 1024 * 1024  # a trace is refused beyond this; the writer stops just before it
 TENSOR_EVERY_START = 16  # per-tensor checkpoints per doubling phase

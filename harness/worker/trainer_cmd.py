@@ -2,7 +2,8 @@
 
 For projects whose entry point is a command rather than a function. The worker
 splits the command with :func:`shlex.split` (no shell), fills the placeholders of
-:data:`PLACEHOLDERS` in each word, and runs it as its own child, in the cell's
+:data:`harness.bundle.PLACEHOLDERS` in each word (the bundle checked them before anything ran:
+:func:`harness.bundle.check_command`), and runs it as its own child, in the cell's
 results directory, with the worker's environment (``CUBLAS_WORKSPACE_CONFIG`` and
 ``PYTHONHASHSEED`` are already set there before any interpreter starts) plus the
 ``HARNESS_*`` variables of :func:`command_env`. Every Python process the command
@@ -26,29 +27,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import signal
-import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from ..bundle import PLACEHOLDER, placeholders
 from ..errors import InputError, RunFailed
+from ..safeio import create_new, read_no_follow, tail_no_follow
 from . import EVENT_PREFIX
-
-#: The placeholders a command may use, and what each becomes (one word each, never split further).
-PLACEHOLDERS: dict[str, str] = {
-    "bundle": "the optuna_best directory",
-    "config": "its config.yaml",
-    "data": "the data file or directory (--data, else data.path)",
-    "out_dir": "this cell's results directory, also the command's working directory unless trainer.cwd says otherwise",
-    "seed": "the seed (config.yaml at trainer.seed_key, else training.seed, else seed)",
-    "device": "cpu, cuda or cuda:N",
-    "python": "the worker's own Python interpreter (it has torch)",
-    "code_dir": "the first --trainer-path folder (trainer.code_dir)",
-}
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 METRICS_FILE = "metrics.json"
 STDOUT_LOG = "trainer.stdout.log"
@@ -63,47 +51,6 @@ TAIL_CHARS = 4000
 # --------------------------------------------------------------------------- the command (pure)
 
 
-def split_command(command: str, where: str = "--trainer-cmd") -> list[str]:
-    """The command's words, as a POSIX shell would split them (no expansion, no shell)."""
-    try:
-        argv = shlex.split(command)
-    except ValueError as exc:
-        raise InputError(where, f"cannot be split into words ({exc}): {command!r}",
-                         hint="balance the quotes; the command runs without a shell") from None
-    if not argv:
-        raise InputError(where, "is empty", hint='give the command, e.g. "{python} -m mypkg.retrain {bundle}"')
-    return argv
-
-
-def _accepted() -> str:
-    return ", ".join("{" + name + "}" for name in PLACEHOLDERS)
-
-
-def placeholders(argv: list[str], where: str = "--trainer-cmd") -> set[str]:
-    """The placeholders the words use; an unknown one is refused, naming it and the accepted ones."""
-    used: set[str] = set()
-    for word in argv:
-        for name in _PLACEHOLDER.findall(word):
-            if name not in PLACEHOLDERS:
-                raise InputError(where, f"unknown placeholder {{{name}}} in {word!r}; accepted: {_accepted()}",
-                                 hint="use one of these, or move code with braces into a script")
-            used.add(name)
-    return used
-
-
-def check_command(command: str, where: str, *, has_data: bool, has_code_dir: bool) -> list[str]:
-    """Validate a command before anything runs: it splits, and every placeholder it uses can be filled."""
-    argv = split_command(command, where)
-    used = placeholders(argv, where)
-    if "data" in used and not has_data:
-        raise InputError(where, "uses {data}, but config.yaml has no data.path and no --data was given",
-                         hint="add data.path to config.yaml, pass --data FILE, or drop {data}")
-    if "code_dir" in used and not has_code_dir:
-        raise InputError(where, "uses {code_dir}, but no --trainer-path (trainer.code_dir) was given",
-                         hint="pass --trainer-path DIR")
-    return argv
-
-
 def substitute(argv: list[str], values: Mapping[str, str | None], where: str = "--trainer-cmd") -> list[str]:
     """Each word with its placeholders filled; every word stays one word."""
     placeholders(argv, where)
@@ -114,7 +61,7 @@ def substitute(argv: list[str], values: Mapping[str, str | None], where: str = "
             raise InputError(where, f"{{{m.group(1)}}} has no value in this run", hint=f"drop {{{m.group(1)}}}")
         return str(value)
 
-    return [_PLACEHOLDER.sub(fill, word) for word in argv]
+    return [PLACEHOLDER.sub(fill, word) for word in argv]
 
 
 def command_env(base: Mapping[str, str], *, seed: int, device: str, bundle: str, config: str, data: str | None,
@@ -277,26 +224,9 @@ def trace_outcome(processes: list[dict[str, Any]]) -> tuple[dict[str, Any] | Non
     return {**first, "process": pid}, warnings
 
 
-def _read_no_follow(path: Path, limit: int) -> bytes | None:
-    """A regular file's bytes without following a link in its place; None when absent; RunFailed when too big."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise RunFailed(f"{path} cannot be read without following a link ({exc.strerror or exc})") from None
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise RunFailed(f"{path} is not a regular file")
-        if st.st_size > limit:
-            raise RunFailed(f"{path} is {st.st_size} bytes, more than the {limit} a metrics file may hold")
-        return fh.read(limit + 1)
-
-
 def read_metrics_file(path: Path) -> dict[str, Any] | None:
-    """``$HARNESS_METRICS_FILE`` as a mapping; None when the command did not write it."""
-    raw = _read_no_follow(path, METRICS_MAX)
+    """``$HARNESS_METRICS_FILE`` as a mapping (read without following a link); None when the command did not write it."""
+    raw = read_no_follow(path, METRICS_MAX)
     if raw is None:
         return None
     try:
@@ -314,7 +244,7 @@ def read_markers(folder: Path) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for path in sorted(folder.glob("*.json"), key=lambda p: (len(p.stem), p.stem)):
         try:
-            raw = _read_no_follow(path, 1 << 20)
+            raw = read_no_follow(path, 1 << 20)
             value = json.loads(raw.decode("utf-8")) if raw else None
         except (RunFailed, UnicodeDecodeError, ValueError):
             continue
@@ -330,11 +260,6 @@ def remove_stale(path: Path) -> None:
             path.unlink()
     except FileNotFoundError:
         pass
-
-
-def _create(path: Path) -> int:
-    remove_stale(path)
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
 
 
 @dataclass
@@ -357,20 +282,6 @@ class Finished:
         return f"exited with status {self.exit_status}"
 
 
-def _tail(path: Path, chars: int) -> str:
-    """The end of a log the command wrote, without following a link it may have put in its place."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return ""
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            return ""
-        fh.seek(0, os.SEEK_END)
-        fh.seek(max(0, fh.tell() - chars * 4))
-        return fh.read().decode("utf-8", "replace")[-chars:]
-
-
 def run_command(argv: list[str], *, cwd: str, env: Mapping[str, str], out_dir: Path,
                 on_line: Callable[[str], None] | None = None) -> Finished:
     """Run the command as a child of this process: stdout to ``trainer.stdout.log`` (each line also to
@@ -381,7 +292,7 @@ def run_command(argv: list[str], *, cwd: str, env: Mapping[str, str], out_dir: P
     function any other way (an exception, a SIGTERM sent to the worker alone) the
     child is stopped first.
     """
-    with os.fdopen(_create(out_dir / STDOUT_LOG), "wb") as out_fh, os.fdopen(_create(out_dir / STDERR_LOG), "wb") as err_fh:
+    with os.fdopen(create_new(out_dir / STDOUT_LOG), "wb") as out_fh, os.fdopen(create_new(out_dir / STDERR_LOG), "wb") as err_fh:
         try:
             proc = subprocess.Popen(argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=err_fh, close_fds=True)
@@ -409,7 +320,7 @@ def run_command(argv: list[str], *, cwd: str, env: Mapping[str, str], out_dir: P
             _stop(proc)
             restore()
     return Finished(exit_status=status, stdout=b"".join(kept).decode("utf-8", "replace"),
-                    stderr_tail=_tail(out_dir / STDERR_LOG, TAIL_CHARS), argv=list(argv))
+                    stderr_tail=tail_no_follow(out_dir / STDERR_LOG, TAIL_CHARS) or "", argv=list(argv))
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
