@@ -2,11 +2,13 @@
 
     python benchmarks/bench_warm.py [--repeats 4] [--rounds 2] [--skip-readme]
     python benchmarks/bench_warm.py --docker cpu-torch2.13 --wheelhouse wheelhouse \
-        --base-image local/debian-py:bookworm [--repeats 6] [--rounds 3]
+        --base-image local/debian-py:bookworm [--repeats 6] [--rounds 3] [--epochs 150]
 
 ``--docker CELL``: the overhead matrix in that image cell's containers, cold (each container
 started at its cell's turn) and warm (started ahead, importing while the cell before it runs;
-harness.backends.docker_ahead). The README command is local and is skipped.
+harness.backends.docker_ahead). The README command is local and is skipped. ``--epochs N``: the
+overhead matrix on a copy of the example with that many epochs (an import is hidden only behind a
+retrain at least as long as it, or on cores no cell uses).
 
 Each round runs, interleaved (cold, warm, cold, warm), as separate `harness` processes of this Python:
 
@@ -35,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import REPO, machine, median  # noqa: E402
+from _common import REPO, bundle_copy, machine, median  # noqa: E402
 
 
 def harness(args: list[str], out: Path) -> tuple[float, dict[str, dict]]:
@@ -68,6 +70,7 @@ def main() -> None:
     ap.add_argument("--docker", metavar="CELL", help="the overhead matrix in this image cell's containers")
     ap.add_argument("--wheelhouse", help="with --docker: the wheelhouse its image builds from")
     ap.add_argument("--base-image", help="with --docker: the base image its image builds on")
+    ap.add_argument("--epochs", type=int, help="the overhead matrix's retrain with this many epochs")
     a = ap.parse_args()
     print(f"{machine()}; load average {os.getloadavg()[0]:.1f} at start")
     where = ["--backend", "local"]
@@ -75,7 +78,10 @@ def main() -> None:
         where = ["--cells", a.docker, *(["--wheelhouse", a.wheelhouse] if a.wheelhouse else []),
                  *(["--base-image", a.base_image] if a.base_image else [])]
         a.skip_readme = True
-    over = ["matrix", "examples/optuna_best", *where, "--threads", "1", "--determinism", "strict",
+    example = "examples/optuna_best"
+    if a.epochs:
+        example = str(bundle_copy(REPO / example, Path(tempfile.mkdtemp()) / "optuna_best", a.epochs))
+    over = ["matrix", example, *where, "--threads", "1", "--determinism", "strict",
             "--repeats", str(a.repeats), "--band", "0", "--band-seeds", "0", "--jobs", "1"]
     readme = ["matrix", "examples/optuna_best_conv", "--backend", "local", "--isa", "native,baseline", "--band", "4"]
     cells: dict[str, list[tuple[float, float, str]]] = {"cold": [], "warm first": [], "warm next": []}
