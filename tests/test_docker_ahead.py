@@ -16,7 +16,7 @@ import pytest
 from harness import record
 from harness.record import Status
 
-from .conftest import EXAMPLE, patience
+from .conftest import EXAMPLE, default_signals, patience
 
 pytestmark = pytest.mark.docker
 
@@ -71,7 +71,8 @@ def test_a_run_stopped_while_a_container_waits_for_its_turn_leaves_no_container(
     env = dict(os.environ, COLUMNS="200")
     proc = subprocess.Popen([sys.executable, "-m", "harness", "matrix", str(EXAMPLE), "--cells", "cpu-torch2.13",
                              "--repeats", "3", "--out", str(out), *docker_args(wheelhouse_root, base_image)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                            preexec_fn=default_signals)  # a Ctrl-C as at a terminal, under CI too
     try:
         label = {"label": f"org.harness.pid={proc.pid}"}
         deadline = time.monotonic() + patience(600)
