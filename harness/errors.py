@@ -10,6 +10,7 @@ CLI with its kind intact.
 
 from __future__ import annotations
 
+import enum
 import errno
 from typing import Any, Iterable
 
@@ -22,11 +23,51 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_TERMINATED = 143  # SIGTERM (128 + 15): handled like Ctrl-C, told apart for supervisors
 
 
+class ErrorKind(str, enum.Enum):
+    """What kind of failure a record's ``error`` is (``ErrorInfo.kind``), and an error's :attr:`HarnessError.kind`.
+
+    A str: it compares equal to its word, and JSON holds the word. A word this version does not write (one an
+    older or a newer harness wrote) is read as it is, never refused: ``ErrorKind("oom")`` is a kind of no
+    member's, keeping its word, so a record reads, compares and is written back unchanged (``known`` is False).
+    """
+
+    ERROR = "error"  # a harness error of no narrower kind
+    INPUT = "input"  # the bundle, its data, the trainer's input: nothing trains (exit 2)
+    USAGE = "usage"  # how the harness was called (exit 2)
+    RUN = "run"  # the cell failed while it ran, or its worker left no record
+    BACKEND = "backend"  # the launcher (Docker engine, subprocess ...) could not do its job
+    BUILD = "build"  # an image build failed
+    IMAGE = "image"  # what the cell runs in could not be made (its image, wheelhouse, base image): it never started
+    DIVERGED = "diverged"  # no epoch had a finite validation loss
+    DISK = "disk"  # the disk filled up (or went read-only), or the cell wrote past its disk limit
+    TIMEOUT = "timeout"  # it ran past --timeout and was killed
+    SLURM = "slurm"  # Slurm ended its job (cancelled, out of time, node failure) and it left no record
+    SKIPPED = "skipped"  # this host cannot run it; it never started
+    INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM while it ran
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    @property
+    def known(self) -> bool:
+        """One of the kinds this version writes (False: a word an older or a newer harness wrote)."""
+        return any(self is member for member in type(self))
+
+    @classmethod
+    def _missing_(cls, value: object) -> ErrorKind | None:
+        if not isinstance(value, str):
+            return None
+        other = str.__new__(cls, value)  # not a member: the word as read
+        other._name_ = "OTHER"
+        other._value_ = value
+        return other
+
+
 class HarnessError(Exception):
     """Base of every error the harness raises deliberately."""
 
     exit_code = EXIT_RUN_FAILED
-    kind = "error"
+    kind: ErrorKind = ErrorKind.ERROR
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         self.message = message
@@ -47,7 +88,7 @@ class InputError(HarnessError):
     """Bad input: a file, key or value the user has to fix. Exit 2."""
 
     exit_code = EXIT_USAGE
-    kind = "input"
+    kind = ErrorKind.INPUT
 
     def __init__(self, where: str, message: str, *, hint: str | None = None) -> None:
         self.where = where
@@ -57,7 +98,7 @@ class InputError(HarnessError):
 class UsageError(InputError):
     """Bad command-line usage. Exit 2."""
 
-    kind = "usage"
+    kind = ErrorKind.USAGE
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__("", message, hint=hint)
@@ -67,13 +108,13 @@ class RunFailed(HarnessError):
     """A run that was set up correctly failed while it ran. Exit 1."""
 
     exit_code = EXIT_RUN_FAILED
-    kind = "run"
+    kind = ErrorKind.RUN
 
 
 class BackendError(RunFailed):
     """The backend (Docker engine, subprocess launcher ...) could not do its job."""
 
-    kind = "backend"
+    kind = ErrorKind.BACKEND
 
 
 BUILD_LOG_TAIL = 20  # lines of a failed build's log that its error carries
@@ -82,7 +123,7 @@ BUILD_LOG_TAIL = 20  # lines of a failed build's log that its error carries
 class BuildFailed(RunFailed):
     """An image build failed; carries the cell, the tag and the last lines of its log."""
 
-    kind = "build"
+    kind = ErrorKind.BUILD
 
     def __init__(self, cell: str | None, tag: str, reason: str, log_tail: Iterable[str] = ()) -> None:
         self.cell = cell
@@ -123,7 +164,7 @@ class BaseImageMissing(InputError):
 class BaseImageMismatch(RunFailed):
     """A base image pulled by its pinned digest is not that digest: refused, never built on."""
 
-    kind = "image"
+    kind = ErrorKind.IMAGE
 
     def __init__(self, cell: str, pinned: str, got: Iterable[str]) -> None:
         self.cell = cell
@@ -138,7 +179,7 @@ class Interrupted(HarnessError):
     """Ctrl-C during a run: what finished is kept, the running cell is recorded as interrupted. Exit 130."""
 
     exit_code = EXIT_INTERRUPTED
-    kind = "interrupted"
+    kind = ErrorKind.INTERRUPTED
 
 
 # An OSError of the disk, not of the program: said in one line, without a traceback to read.

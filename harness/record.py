@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from . import safeio
-from .errors import HarnessError, InputError
+from .errors import ErrorKind, HarnessError, InputError
 from .options import DATA_PATHS, trainer_cwd_error
 from .safeio import CellPaths, atomic_write_text
 
@@ -298,18 +298,23 @@ def check_band(band: Any, where: str) -> None:
 class ErrorInfo:
     """Why a cell has no metrics: what kind of failure, in one line, and its evidence."""
 
-    kind: str  # input | usage | run | backend | build | image | skipped | interrupted | ...
+    kind: ErrorKind  # a word: input | usage | run | disk | image | skipped | ...; any other word an older harness wrote
     message: str
     exit_status: int | None = None  # the worker's (or container's) exit status, when it had one
     image: str | None = None  # the image tag the cell ran in, when it ran in one
     log_tail: str | None = None  # the last lines the worker printed
     traceback: str | None = None
 
+    def __post_init__(self) -> None:
+        self.kind = ErrorKind(self.kind)  # a word given as a str is its kind (any word: see ErrorKind)
+
     @classmethod
     def from_json(cls, data: Any, where: str) -> "ErrorInfo":
         if not isinstance(data, Mapping):
             raise InputError(where, "error must be an object {kind, message, ...}")
-        return cls(**_take(cls, data, where))
+        kw = _take(cls, data, where)
+        _check_type("kind", kw["kind"], "str", where)
+        return cls(**kw)
 
 
 @dataclass
@@ -463,7 +468,8 @@ class ResultRecord:
     # ---- construction
 
     @classmethod
-    def without_metrics(cls, cell: str, status: Status, kind: str, message: str, **kw: Any) -> "ResultRecord":
+    def without_metrics(cls, cell: str, status: Status, kind: ErrorKind | str, message: str,
+                        **kw: Any) -> "ResultRecord":
         """A complete record for a run that produced no metrics (failed, skipped, interrupted)."""
         err_keys = {f.name for f in fields(ErrorInfo)} - {"kind", "message"}
         err = ErrorInfo(kind=kind, message=message, **{k: kw.pop(k) for k in list(kw) if k in err_keys})

@@ -21,14 +21,20 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import __version__, record
-from .errors import HarnessError, InputError, Interrupted, disk_failure
+from .errors import ErrorKind, HarnessError, InputError, Interrupted, disk_failure
 from .judge import Comparison, Tolerances, compare
 from .options import ReportOptions, RunOptions
 from .plan import Cell, Job, Plan, band_cells, choose_baseline, make_plan, with_band, with_cell_seeds
 from .record import ResultRecord, RunManifest, Status
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from .backends.base import Backend, CellRefused
+    from .schedule import Slot, SlotPool
 
 
 def now_utc() -> str:
@@ -244,7 +250,7 @@ def refuse_another_runs_records(out: Path, resume: bool) -> None:
                           "the others rerun and their records replaced), or pass another --out")
 
 
-def make_backend(plan: Plan, *, cold: bool = False) -> Any:
+def make_backend(plan: Plan, *, cold: bool = False) -> Backend:
     """The backend a plan runs on; ``cold`` (``--cold``): local workers start as fresh interpreters, never warm,
     and Docker cells' containers start at their turn, never ahead of it."""
     if plan.backend == "local":
@@ -280,10 +286,10 @@ class Outcome:
 
 def _is_input_stop(rec: ResultRecord) -> bool:
     """The worker found bad input (the bundle, its data): every cell would fail the same way."""
-    return not rec.ok and rec.error is not None and rec.error.kind in ("input", "usage")
+    return not rec.ok and rec.error is not None and rec.error.kind in (ErrorKind.INPUT, ErrorKind.USAGE)
 
 
-def run_cells(plan: Plan, backend: Any, job: Job, progress: Any, *, jobs: int = 1, cache: Any = None) -> Outcome:
+def run_cells(plan: Plan, backend: Backend, job: Job, progress: Any, *, jobs: int = 1, cache: Any = None) -> Outcome:
     """Run every runnable cell, up to ``jobs`` at once (harness.schedule); a failed cell does not stop the others.
 
     Skipped and blocked cells get their records without starting. With ``cache``
@@ -293,193 +299,269 @@ def run_cells(plan: Plan, backend: Any, job: Job, progress: Any, *, jobs: int = 
     :class:`Interrupted` with the outcome so far attached (``exc.outcome``); cells not
     started stay missing.
     """
-    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-    from dataclasses import replace
+    return _CellRun(plan, backend, job, progress, jobs, cache).run()
 
-    from .schedule import Slot, SlotPool, next_to_start
 
-    records: dict[str, ResultRecord] = {}
-    reused: dict[str, str] = {}
+class _CellRun:
+    """One :func:`run_cells`, step by step: the cells that never start, the finished ones reused, then
+    the loop that starts what fits and collects what finished, and the interrupt path."""
 
-    def keep(cell: Cell, rec: ResultRecord) -> None:
-        rec.run_id = job.run_id
+    def __init__(self, plan: Plan, backend: Backend, job: Job, progress: Any, jobs: int, cache: Any) -> None:
+        self.plan, self.backend, self.job, self.progress = plan, backend, job, progress
+        self.jobs, self.cache = jobs, cache
+        self.records: dict[str, ResultRecord] = {}
+        self.reused: dict[str, str] = {}  # cell -> run id of the earlier run whose record stands
+        self.keys: dict[str, str] = {}  # cell -> its cache key
+        self.waiting: list[Cell] = []  # in plan order; a cell to run again goes first
+        self.running: dict[Future[tuple[ResultRecord, bool]], tuple[Cell, Slot, float]] = {}
+        self.rerun_alone: dict[str, str] = {}  # cells that ran out of GPU memory beside others, and run again alone
+        self.stop: ResultRecord | None = None  # a worker found bad input: nothing more starts
+        self.executor: ThreadPoolExecutor | None = None
+        self.pool: SlotPool  # once the cells to run are known (:meth:`get_ready`)
+
+    def run(self) -> Outcome:
+        self.keep_skipped()
+        try:
+            self.waiting = self.refuse_blocked()
+            self.keys.update(cell_keys(self.waiting, self.backend, self.job, self.cache))
+            self.reuse_finished()
+            self.get_ready()
+            self.run_waiting()
+            self.stop_on_bad_input()
+        except KeyboardInterrupt as stop_signal:
+            raise self.interrupted(stop_signal) from None
+        finally:
+            self.backend.close()
+            if self.executor is not None:
+                self.executor.shutdown(wait=False, cancel_futures=True)
+        return self.outcome()
+
+    # ------------------------------------------------------------------ records
+
+    def keep(self, cell: Cell, rec: ResultRecord) -> None:
+        """A record the runner made (or completed): the run's, the cell's labels and band, written."""
+        rec.run_id = self.job.run_id
         rec.labels = {**cell.labels, **rec.labels}
         if cell.band and rec.band is None:
             rec.band = dict(cell.band)
-        records[cell.name] = rec
+        self.records[cell.name] = rec
         try:
-            record.write(job.cell_dir(cell) / record.RECORD_FILE, rec)
+            record.write(self.job.cell_dir(cell) / record.RECORD_FILE, rec)
         except OSError as exc:
             disk = disk_failure(exc)
             if disk is None:
                 raise
             rec.warnings.append(f"record.json could not be written: {disk}")
 
-    def outcome() -> Outcome:
-        return Outcome([records[c.name] for c in plan.cells if c.name in records],
-                       [c.name for c in plan.cells if c.name not in records], dict(reused))
+    def outcome(self) -> Outcome:
+        cells = self.plan.cells
+        return Outcome([self.records[c.name] for c in cells if c.name in self.records],
+                       [c.name for c in cells if c.name not in self.records], dict(self.reused))
 
-    def work(cell: Cell) -> tuple[ResultRecord, bool]:  # in a worker thread; True: the runner writes the record
+    def work(self, cell: Cell) -> tuple[ResultRecord, bool]:
+        """One cell, in a worker thread: its record, and True when the runner must write it."""
         try:
-            rec = backend.run(cell, job, progress.event)
-            if cell.name in keys:  # the key goes with the record before anyone sees it finished
-                rec.cache_key = keys[cell.name]
-                try:
-                    record.write(job.cell_dir(cell) / record.RECORD_FILE, rec)
-                except OSError:
-                    pass  # the record in memory is judged; a full disk was said already
-            return rec, False
+            return self.backend.run(cell, self.job, self.progress.event, cache_key=self.keys.get(cell.name)), False
         except OSError as exc:
             disk = disk_failure(exc)
             if disk is None:
                 raise
             # The disk filled up (or went read-only) under the cell: its row says so.
-            return ResultRecord.without_metrics(cell.name, Status.FAILED, "disk", disk,
-                                                backend=backend.name, started_at=now_utc()), True
+            return ResultRecord.without_metrics(cell.name, Status.FAILED, ErrorKind.DISK, disk,
+                                                backend=self.backend.name, started_at=now_utc()), True
 
-    for c in plan.skipped:
-        keep(c, ResultRecord.without_metrics(c.name, Status.SKIPPED, "skipped", c.skip_reason or "skipped",
-                                             backend=backend.name, started_at=now_utc()))
-    runnable = plan.runnable
-    for c in runnable:
-        if c.warning:
-            progress.note(f"! {c.name}: {c.warning}", "yellow")
-    running: dict[Future[tuple[ResultRecord, bool]], tuple[Cell, Slot, float]] = {}
-    rerun_alone: dict[str, str] = {}  # cells that ran out of GPU memory beside others, and run again alone
-    keys: dict[str, str] = {}
-    executor: ThreadPoolExecutor | None = None
-    try:
+    # ------------------------------------------------------------------ before any cell starts
+
+    def keep_skipped(self) -> None:
+        """The cells this host cannot run get their records; the runnable ones' warnings are said."""
+        for c in self.plan.skipped:
+            self.keep(c, ResultRecord.without_metrics(c.name, Status.SKIPPED, ErrorKind.SKIPPED,
+                                                      c.skip_reason or "skipped",
+                                                      backend=self.backend.name, started_at=now_utc()))
+        for c in self.plan.runnable:
+            if c.warning:
+                self.progress.note(f"! {c.name}: {c.warning}", "yellow")
+
+    def refuse_blocked(self) -> list[Cell]:
+        """The backend makes what the cells need; the cells that cannot start (the plan's blocked ones, what
+        ``prepare`` refused) get their records. Returns the others, in plan order."""
+        from .backends.base import CellRefused
+
+        plan, runnable = self.plan, self.plan.runnable
         # A wheelhouse cell given no wheelhouse is not blocked when its image is already built: the
         # backend uses harness:<cell> as found (or skips the cell when there is none).
-        blocked = {name: exc for name, exc in plan.blocked.items()
-                   if not any(c.name == name and c.image is not None and c.image.name in plan.aliases
-                              for c in runnable)}
-        blocked.update(backend.prepare([c for c in runnable if c.name not in blocked], job))
+        blocked: dict[str, CellRefused] = {
+            name: CellRefused.of(exc) for name, exc in plan.blocked.items()
+            if not any(c.name == name and c.image is not None and c.image.name in plan.aliases for c in runnable)}
+        blocked.update(self.backend.prepare([c for c in runnable if c.name not in blocked], self.job))
         for cell in runnable:
             if cell.name not in blocked:
                 continue
-            progress.start(cell.name)
-            if getattr(blocked[cell.name], "skip_reason", None):
-                # This host cannot build the cell (no base image, no wheelhouse and no built image):
-                # skipped, with the command that makes it buildable; a build that failed stays failed.
-                rec = ResultRecord.without_metrics(cell.name, Status.SKIPPED, "skipped",
-                                                   blocked[cell.name].skip_reason,  # type: ignore[attr-defined]
-                                                   backend=backend.name, started_at=now_utc())
-            else:
-                # A cell that cannot start (its image, its wheelhouse, its base image) fails alone.
-                exc = blocked[cell.name]
-                rec = ResultRecord.without_metrics(cell.name, Status.FAILED, "image", exc.one_line(),
-                                                   backend=backend.name, started_at=now_utc(),
-                                                   log_tail="\n".join(getattr(exc, "log_tail", []) or []) or None)
-            keep(cell, rec)
-            progress.done(rec)
-        waiting = [c for c in runnable if c.name not in blocked]
-        keys.update(cell_keys(waiting, backend, job, cache))
-        if cache is not None and cache.reuse:
-            from .cache import reusable
+            self.progress.start(cell.name)
+            rec = refused_record(cell.name, blocked[cell.name], self.backend.name)
+            self.keep(cell, rec)
+            self.progress.done(rec)
+        return [c for c in runnable if c.name not in blocked]
 
-            for cell in list(waiting):
-                found = reusable(job.cell_dir(cell), cell.name, keys[cell.name]) if cell.name in keys else None
-                if found is not None:
-                    records[cell.name] = found
-                    reused[cell.name] = found.run_id or ""
-                    waiting.remove(cell)
-                    getattr(progress, "reused", progress.done)(found)
-            if reused:
-                start(plan, job, job.bundle_dir, reused)  # run.json names the records it takes from earlier runs
-        if waiting and cache is not None and cache.before_run is not None:
-            cache.before_run()  # what was left unchecked in case nothing had to train (the weights)
-        expect = getattr(backend, "expect", None)
-        if waiting and expect is not None:
-            expect(list(waiting), job)  # the cells that will run, in order (local: their warm servers start)
-        host = getattr(backend, "host_slots", None)
-        pool = SlotPool(*host(), jobs) if jobs != 1 and host is not None else SlotPool(None, None, 1)
-        if pool.pinning and len(waiting) > 1:
-            at_once = pool.most_at_once([(c.device, c.threads) for c in waiting])
-            getattr(progress, "info", progress.note)(
-                f"jobs: up to {at_once} cell(s) at once on {pool.n_cores} core(s), each on cores of its own")
-        executor = ThreadPoolExecutor(max_workers=max(1, len(waiting)), thread_name_prefix="harness-cell")
-        stop: ResultRecord | None = None
-        while waiting or running:
-            while True:  # what the band's probes showed is not worth running (a skip may decide the next one)
-                ready, skips = band_gates(waiting, records, plan.cells)
-                if not skips:
-                    break
-                for cell in [c for c in waiting if c.name in skips]:
-                    waiting.remove(cell)
-                    progress.start(cell.name)
-                    keep(cell, ResultRecord.without_metrics(cell.name, Status.SKIPPED, "skipped", skips[cell.name],
-                                                            backend=backend.name, started_at=now_utc()))
-                    progress.done(records[cell.name])
-            starts = next_to_start(ready, pool) if stop is None else []
-            if stop is None and not starts and not running and ready:
-                starts = [(ready[0], Slot())]  # nothing fits an idle host (e.g. no GPU id to give): run it as is
-                pool.running += 1
-            for cell, slot in starts:
-                waiting.remove(cell)
-                progress.start(cell.name)
-                placed = replace(cell, slot=slot) if pool.pinning else cell
-                running[executor.submit(work, placed)] = (cell, slot, time.perf_counter())
-            if not running:
+    def reuse_finished(self) -> None:
+        """With ``--resume``: a finished record whose key is unchanged stands for its cell, which does not run."""
+        if self.cache is None or not self.cache.reuse:
+            return
+        from .cache import reusable
+
+        for cell in list(self.waiting):
+            key = self.keys.get(cell.name)
+            found = reusable(self.job.cell_dir(cell), cell.name, key) if key is not None else None
+            if found is not None:
+                self.records[cell.name] = found
+                self.reused[cell.name] = found.run_id or ""
+                self.waiting.remove(cell)
+                getattr(self.progress, "reused", self.progress.done)(found)
+        if self.reused:
+            start(self.plan, self.job, self.job.bundle_dir, self.reused)  # run.json names the records it takes
+
+    def get_ready(self) -> None:
+        """What must hold before a cell trains is checked, the backend told which cells will run, and the host's
+        cores and GPUs pooled for them (``jobs``)."""
+        from .schedule import SlotPool
+
+        waiting = self.waiting
+        if waiting and self.cache is not None and self.cache.before_run is not None:
+            self.cache.before_run()  # what was left unchecked in case nothing had to train (the weights)
+        if waiting:
+            self.backend.expect(list(waiting), self.job)  # the cells that will run, in order (local: warm servers)
+        self.pool = SlotPool(*self.backend.host_slots(), self.jobs) if self.jobs != 1 else SlotPool(None, None, 1)
+        if self.pool.pinning and len(waiting) > 1:
+            at_once = self.pool.most_at_once([(c.device, c.threads) for c in waiting])
+            getattr(self.progress, "info", self.progress.note)(
+                f"jobs: up to {at_once} cell(s) at once on {self.pool.n_cores} core(s), each on cores of its own")
+
+    # ------------------------------------------------------------------ while cells run
+
+    def run_waiting(self) -> None:
+        """Start what fits, collect what finished, until no cell waits or runs (or, after bad input, none runs)."""
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        executor = self.executor = ThreadPoolExecutor(max_workers=max(1, len(self.waiting)),
+                                                      thread_name_prefix="harness-cell")
+        order = [c.name for c in self.plan.runnable]
+        while self.waiting or self.running:
+            self.start_what_fits(self.skip_band_members(), executor)
+            if not self.running:
                 break
-            done, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
-            for fut in sorted(done, key=lambda f: [c.name for c in runnable].index(running[f][0].name)):
-                cell, slot, _t0 = running.pop(fut)
-                pool.give_back(slot, cell.device)
-                rec, unwritten = fut.result()
-                if slot.gpu_shared > 1 and cell.name not in rerun_alone and _out_of_gpu_memory(rec):
-                    # It ran out of GPU memory beside other cells: no cell shares a GPU from now on,
-                    # and this one runs again, alone; its record says so.
-                    why = f"{cell.name} ran out of GPU memory sharing its GPU with {slot.gpu_shared - 1} other cell(s)"
-                    pool.alone_on_gpus(why)
-                    rerun_alone[cell.name] = why
-                    progress.note(f"! {why}: it runs again alone, and no cells share a GPU for the rest of this run",
-                                  "yellow")
-                    waiting.insert(0, cell)
-                    continue
-                if rec.gpu_memory and slot.gpu is not None and pool.size_gpus(rec.gpu_memory, slot.gpu_shared == 1):
-                    getattr(progress, "info", progress.note)(f"gpu: up to {pool.per_gpu} cell(s) share a GPU "
-                                                             f"({pool.per_gpu_why})")
-                if cell.name in rerun_alone:
-                    rec.warnings.append(f"ran again alone on its GPU: {rerun_alone[cell.name]}")
-                    unwritten = True  # the record on disk must carry the warning
-                if unwritten:
-                    keep(cell, rec)
-                else:
-                    records[cell.name] = rec
-                progress.done(rec)
-                if _is_input_stop(rec) and stop is None:
-                    stop = rec  # start nothing more; the cells running now end as they will
-        if stop is not None and stop.error is not None:
-            # The worker found bad input (the bundle, its data): every cell would fail the same
-            # way, so stop, keep what ran, exit 2 (after the report of what ran: execute_plan).
-            refused = InputError("", stop.error.message)
-            refused.outcome = outcome()  # type: ignore[attr-defined]
+            done, _ = wait(list(self.running), timeout=0.5, return_when=FIRST_COMPLETED)
+            for fut in sorted(done, key=lambda f: order.index(self.running[f][0].name)):
+                self.collect(fut)
+
+    def skip_band_members(self) -> list[Cell]:
+        """The waiting cells that may start now; the band members the band's probes showed are not worth
+        running get their skipped records (a skip may decide the next one)."""
+        while True:
+            ready, skips = band_gates(self.waiting, self.records, self.plan.cells)
+            if not skips:
+                return ready
+            for cell in [c for c in self.waiting if c.name in skips]:
+                self.waiting.remove(cell)
+                self.progress.start(cell.name)
+                self.keep(cell, ResultRecord.without_metrics(cell.name, Status.SKIPPED, ErrorKind.SKIPPED,
+                                                             skips[cell.name],
+                                                             backend=self.backend.name, started_at=now_utc()))
+                self.progress.done(self.records[cell.name])
+
+    def start_what_fits(self, ready: list[Cell], executor: ThreadPoolExecutor) -> None:
+        """The ready cells the pool has room for start, each on its slot; nothing starts after bad input."""
+        from dataclasses import replace
+
+        from .schedule import Slot, next_to_start
+
+        pool = self.pool
+        starts = next_to_start(ready, pool) if self.stop is None else []
+        if self.stop is None and not starts and not self.running and ready:
+            starts = [(ready[0], Slot())]  # nothing fits an idle host (e.g. no GPU id to give): run it as is
+            pool.running += 1
+        for cell, slot in starts:
+            self.waiting.remove(cell)
+            self.progress.start(cell.name)
+            placed = replace(cell, slot=slot) if pool.pinning else cell
+            self.running[executor.submit(self.work, placed)] = (cell, slot, time.perf_counter())
+
+    def collect(self, fut: Future[tuple[ResultRecord, bool]]) -> None:
+        """A finished cell: its slot given back and its record kept. One that ran out of GPU memory beside other
+        cells runs again, alone, and no cell shares a GPU from then on; a worker that found bad input stops
+        anything more from starting."""
+        cell, slot, _t0 = self.running.pop(fut)
+        pool = self.pool
+        pool.give_back(slot, cell.device)
+        rec, unwritten = fut.result()
+        if slot.gpu_shared > 1 and cell.name not in self.rerun_alone and _out_of_gpu_memory(rec):
+            # It ran out of GPU memory beside other cells: no cell shares a GPU from now on,
+            # and this one runs again, alone; its record says so.
+            why = f"{cell.name} ran out of GPU memory sharing its GPU with {slot.gpu_shared - 1} other cell(s)"
+            pool.alone_on_gpus(why)
+            self.rerun_alone[cell.name] = why
+            self.progress.note(f"! {why}: it runs again alone, and no cells share a GPU for the rest of this run",
+                               "yellow")
+            self.waiting.insert(0, cell)
+            return
+        if rec.gpu_memory and slot.gpu is not None and pool.size_gpus(rec.gpu_memory, slot.gpu_shared == 1):
+            getattr(self.progress, "info", self.progress.note)(f"gpu: up to {pool.per_gpu} cell(s) share a GPU "
+                                                               f"({pool.per_gpu_why})")
+        if cell.name in self.rerun_alone:
+            rec.warnings.append(f"ran again alone on its GPU: {self.rerun_alone[cell.name]}")
+            unwritten = True  # the record on disk must carry the warning
+        if unwritten:
+            self.keep(cell, rec)
+        else:
+            self.records[cell.name] = rec
+        self.progress.done(rec)
+        if _is_input_stop(rec) and self.stop is None:
+            self.stop = rec  # start nothing more; the cells running now end as they will
+
+    # ------------------------------------------------------------------ how it ends
+
+    def stop_on_bad_input(self) -> None:
+        """The worker found bad input (the bundle, its data): every cell would fail the same way, so the run
+        stops, keeps what ran and exits 2 (after the report of what ran: execute_plan)."""
+        if self.stop is not None and self.stop.error is not None:
+            refused = InputError("", self.stop.error.message)
+            refused.outcome = self.outcome()  # type: ignore[attr-defined]
             raise refused
-    except KeyboardInterrupt as stop_signal:
-        backend.close()  # every running worker or container is stopped
-        if running:
-            wait(list(running), timeout=60)  # their threads end once their workers are gone
+
+    def interrupted(self, stop_signal: KeyboardInterrupt) -> Interrupted:
+        """Ctrl-C (or SIGTERM): every running cell is stopped and gets an ``interrupted`` record, unless it had
+        just finished; the error to raise carries the outcome so far."""
+        from concurrent.futures import wait
+
+        self.backend.close()  # every running worker or container is stopped
+        if self.running:
+            wait(list(self.running), timeout=60)  # their threads end once their workers are gone
         how = "terminated (SIGTERM)" if type(stop_signal).__name__ == "Terminated" else "interrupted (Ctrl-C)"
-        for fut, (cell, _slot, t0) in running.items():
+        for fut, (cell, _slot, t0) in self.running.items():
             finished = fut.done() and fut.exception() is None and fut.result()[0].ok
             if finished:  # it ended just as the signal came: its record stands
-                records[cell.name] = fut.result()[0]
+                self.records[cell.name] = fut.result()[0]
                 continue
-            keep(cell, ResultRecord.without_metrics(
-                cell.name, Status.INTERRUPTED, "interrupted",
+            self.keep(cell, ResultRecord.without_metrics(
+                cell.name, Status.INTERRUPTED, ErrorKind.INTERRUPTED,
                 f"{how} after {time.perf_counter() - t0:.1f}s; the run was stopped",
-                backend=backend.name, started_at=now_utc(), log_tail=_log_tail(job.cell_paths(cell).log)))
-        got = outcome()
-        exc = Interrupted(f"interrupted; {len(got.records)} record(s) kept in {job.results_dir}",
+                backend=self.backend.name, started_at=now_utc(), log_tail=_log_tail(self.job.cell_paths(cell).log)))
+        got = self.outcome()
+        exc = Interrupted(f"interrupted; {len(got.records)} record(s) kept in {self.job.results_dir}",
                           hint=("cells not run: " + ", ".join(got.missing)) if got.missing else None)
         exc.outcome = got  # type: ignore[attr-defined]
-        raise exc from None
-    finally:
-        backend.close()
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
-    return outcome()
+        return exc
+
+
+def refused_record(cell: str, refused: CellRefused, backend: str) -> ResultRecord:
+    """The record of a cell that cannot start. This host cannot build it (no base image, no wheelhouse and no
+    built image): skipped, with the command that makes it buildable. Making what it needs failed (its image,
+    its wheelhouse, its base image): it fails alone, a build with its log's tail."""
+    if refused.skip_reason:
+        return ResultRecord.without_metrics(cell, Status.SKIPPED, ErrorKind.SKIPPED, refused.skip_reason,
+                                            backend=backend, started_at=now_utc())
+    return ResultRecord.without_metrics(cell, Status.FAILED, ErrorKind.IMAGE, refused.error.one_line(),
+                                        backend=backend, started_at=now_utc(),
+                                        log_tail="\n".join(refused.log_tail) or None)
 
 
 def _out_of_gpu_memory(rec: ResultRecord) -> bool:
@@ -521,22 +603,21 @@ def band_gates(waiting: list[Cell], records: dict[str, ResultRecord],
     return ready, skip
 
 
-def cell_keys(cells: list[Cell], backend: Any, job: Job, cache: Any) -> dict[str, str]:
+def cell_keys(cells: list[Cell], backend: Backend, job: Job, cache: Any) -> dict[str, str]:
     """Each cell's cache key (harness.cache), for the cells whose environment the backend can name.
 
-    The backend's ``key_inputs`` (when it has one) add what else can change the cell's numbers: the
+    The backend's ``key_inputs`` add what else can change the cell's numbers: the
     worker's environment, the files a trainer command names. A cell they cannot key is left out (it is
     never reused). With ``--resume``, each finished cell that reruns is said, with what changed."""
     if cache is None:
         return {}
     keys = {}
     said: list[str] = []
-    key_inputs = getattr(backend, "key_inputs", None)
     for cell in cells:
         env = backend.environment_digest(cell)
         if not env:
             continue
-        inputs = dict(key_inputs(cell, job)) if key_inputs is not None else None
+        inputs = dict(backend.key_inputs(cell, job))
         never = inputs.pop("never_reused", None) if inputs else None
         if never is not None:
             said.append(f"{cell.name}: never reused: {never}")
@@ -791,7 +872,7 @@ def _auto_band_plan(plan: Plan, auto: AutoBands, records: list[ResultRecord], re
     return replace(plan, cells=members, blocked=blocked), why
 
 
-def execute_plan(plan: Plan, backend: Any, job: Job, report_opts: ReportOptions, tol: Tolerances,
+def execute_plan(plan: Plan, backend: Backend, job: Job, report_opts: ReportOptions, tol: Tolerances,
                  progress_enabled: bool = True, extra_records: list[ResultRecord] | None = None, *,
                  jobs: int = 1, cache: Any = None, auto_bands: AutoBands | None = None) -> Comparison:
     """Run a plan on a backend (``jobs`` cells at once; ``cache``: harness.cache.CellCache) and judge it;

@@ -273,19 +273,17 @@ def test_disk_full_in_the_worker_is_a_disk_record(make_bundle, tmp_path: Path, m
 
 def test_disk_full_in_the_runner_is_a_disk_record(tmp_path: Path, monkeypatch) -> None:
     from harness import runner
+    from harness.backends.base import Backend
     from harness.plan import Cell, Job, Plan
 
-    class Full:
+    class Full(Backend):
         name = "local"
 
-        def prepare(self, cells, job):
-            return {}
+        def launch(self, cell, job, spec_path, on_line):
+            raise AssertionError("run stands in for the worker")
 
-        def run(self, cell, job, on_event):
+        def run(self, cell, job, on_event=None, cache_key=None):
             raise OSError(errno.ENOSPC, "No space left on device")
-
-        def close(self):
-            pass
 
     class Progress:
         def note(self, *a): pass

@@ -103,3 +103,46 @@ def test_a_cell_directory_that_is_a_link_is_left_out_not_followed(tmp_path: Path
     rs = record.load(out)
     assert [r.cell for r in rs.records] == ["a"]
     assert rs.warnings == [f"{out}: left out 1 link(s), not followed: x"]
+
+
+def test_an_error_kind_is_its_word_in_json_and_in_comparisons(tmp_path: Path) -> None:
+    from harness.errors import ErrorKind
+
+    for kind in ErrorKind:
+        rec = ResultRecord.without_metrics("c", Status.FAILED, kind, "boom")
+        record.write(tmp_path / "r.json", rec)
+        assert json.loads((tmp_path / "r.json").read_text())["error"]["kind"] == kind.value
+        back = record.read(tmp_path / "r.json")
+        assert back.error.kind is kind and back.error.kind == kind.value and kind.known
+        assert f"{back.error.kind}" == str(back.error.kind) == kind.value
+    # a word given as a str is its kind
+    assert ErrorInfo("disk", "full").kind is ErrorKind.DISK
+
+
+def test_every_error_the_harness_raises_has_a_kind_it_knows() -> None:
+    from harness import docker_engine, errors
+    from harness.errors import ErrorKind, HarnessError
+
+    assert docker_engine.ImageStreamRefused.kind is ErrorKind.INPUT
+    found = [errors.HarnessError]
+    for cls in found:
+        found.extend(cls.__subclasses__())
+    assert len(found) > 8
+    assert all(isinstance(c.kind, ErrorKind) and c.kind.known for c in found if issubclass(c, HarnessError)), \
+        [(c.__name__, c.kind) for c in found]
+
+
+def test_an_error_kind_this_version_does_not_write_is_read_and_written_back_unchanged(tmp_path: Path) -> None:
+    """A record an older (or newer) harness wrote, with a kind this one does not know, is read, never refused."""
+    from harness.errors import ErrorKind
+
+    data = make("a", status=Status.FAILED).to_dict()
+    data["error"]["kind"] = "oom-killed"
+    (tmp_path / "old.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    rec = record.read(tmp_path / "old.json")
+    assert rec.error.kind == "oom-killed" and not rec.error.kind.known
+    assert rec.error.kind != ErrorKind.RUN and f"{rec.error.kind}" == "oom-killed"
+    assert rec.to_json() == (tmp_path / "old.json").read_text()
+    data["error"]["kind"] = 3  # not a word: refused in one line, naming the key
+    with pytest.raises(InputError, match="kind must be a str, got int"):
+        ResultRecord.from_json(data)

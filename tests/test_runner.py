@@ -65,9 +65,10 @@ def test_cuda_cells_share_a_gpu_once_the_first_measured_its_memory_and_an_oom_ru
     import time
 
     from harness import runner
+    from harness.backends.base import Backend
     from harness.record import ErrorInfo, ResultRecord
 
-    class OneGpu:
+    class OneGpu(Backend):
         name = "local"
 
         def __init__(self) -> None:
@@ -76,16 +77,13 @@ def test_cuda_cells_share_a_gpu_once_the_first_measured_its_memory_and_an_oom_ru
             self.seen: list[tuple[str, int, int]] = []  # (cell, gpu_shared, cells on the GPU when it started)
             self.oom = {"g3"}
 
-        def prepare(self, cells, job):
-            return {}
-
         def host_slots(self):
             return list(range(8)), ["0"]
 
-        def environment_digest(self, cell):
-            return None
+        def launch(self, cell, job, spec_path, on_line):
+            raise AssertionError("run stands in for the worker")
 
-        def run(self, cell, job, on_event):
+        def run(self, cell, job, on_event=None, cache_key=None):
             with self.lock:
                 self.on_gpu.add(cell.name)
                 self.seen.append((cell.name, cell.slot.gpu_shared, len(self.on_gpu)))
@@ -99,9 +97,6 @@ def test_cuda_cells_share_a_gpu_once_the_first_measured_its_memory_and_an_oom_ru
                     kind="run", message="OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"))
             return ResultRecord(cell=cell.name, status=Status.OK, slot=cell.slot.to_record(), gpu_memory={
                 "total_mib": 10000.0, "peak_reserved_mib": 2000.0, "context_mib": 500.0})
-
-        def close(self):
-            pass
 
     class Progress:
         def __init__(self) -> None:
@@ -135,3 +130,82 @@ def test_cuda_cells_share_a_gpu_once_the_first_measured_its_memory_and_an_oom_ru
     assert any("ran again alone on its GPU" in w for w in g3.warnings)
     assert "ran again alone" in (tmp_path / "g3" / "record.json").read_text()
     assert any("g3 ran out of GPU memory" in line for line in progress.lines)
+
+
+def test_a_cell_that_cannot_start_is_skipped_or_failed_in_the_words_of_its_refusal(tmp_path: Path) -> None:
+    """What a plan blocked and what ``prepare`` refused never start: a refusal with a skip reason is a skip,
+    a failed build fails alone with its log's tail; the other cells run."""
+    from harness import runner
+    from harness.backends.base import Backend, CellRefused, Launch
+    from harness.errors import BaseImageMissing, BuildFailed, InputError
+
+    from .records import record as ok_record
+
+    no_wheelhouse = CellRefused(InputError("cell w", "builds from a wheelhouse, none was given"),
+                                skip_reason="no wheelhouse given and no built image harness:w: `harness images "
+                                            "wheelhouse --cells w --dest DIR`, then --wheelhouse w=DIR")
+    build = BuildFailed("b", "harness:b-0123", "step 5/9 (RUN) exited with code 1", ["", "apt-get: 404", "lacks gcc"])
+    base = BaseImageMissing("m", "nvidia/cuda:12.4.1-runtime-ubuntu22.04")
+
+    class Refusing(Backend):
+        name = "docker"
+
+        def __init__(self) -> None:
+            self.prepared: list[str] = []
+            self.expected: list[str] = []
+
+        def prepare(self, cells, job):
+            self.prepared = [c.name for c in cells]
+            return {"w": no_wheelhouse}
+
+        def expect(self, cells, job):
+            self.expected = [c.name for c in cells]
+
+        def launch(self, cell, job, spec_path, on_line):  # the worker's record, as a worker leaves it
+            (spec_path.parent / "record.json").write_text(ok_record(cell.name).to_json())
+            return Launch(exit_status=0)
+
+    class Progress:
+        def note(self, *a): pass
+        def start(self, *a): pass
+        def event(self, *a): pass
+        def done(self, *a): pass
+
+    backend = Refusing()
+    job = Job(bundle_dir="b", data_path="d", results_dir=str(tmp_path), run_id="r1")
+    plan = Plan("docker", [Cell(n, threads=1) for n in ("w", "b", "m", "ok")], blocked={"b": build, "m": base})
+    outcome = runner.run_cells(plan, backend, job, Progress())
+    assert backend.prepared == ["w", "ok"] and backend.expected == ["ok"]
+    got = {r.cell: r for r in outcome.records}
+    assert {name: record.read(tmp_path / name / "record.json") for name in got} == got
+    assert got["ok"].ok
+    assert got["w"].status is Status.SKIPPED and got["w"].error.kind == "skipped"
+    assert got["w"].error.message == no_wheelhouse.skip_reason
+    assert got["m"].status is Status.SKIPPED and got["m"].error.message == base.skip_reason
+    assert got["b"].status is Status.FAILED and got["b"].error.kind == "image"
+    assert got["b"].error.message == build.one_line() and got["b"].error.log_tail == "apt-get: 404\nlacks gcc"
+
+
+def test_a_cells_record_is_written_once_and_carries_its_cache_key(example: Path, tmp_path: Path, monkeypatch) -> None:
+    """The host writes a cell's record.json once, with everything it adds (the cache key too): never a record
+    on disk without its key, for a --resume to rerun a cell that had finished."""
+    from harness.cache import CellCache
+
+    bundle, pre = load_and_check(RunOptions(bundle=str(example)))
+    out = tmp_path / "out"
+    job = Job(bundle_dir=bundle.root, data_path=bundle.data.resolved, results_dir=str(out), run_id="r3")
+    written: list[tuple[Path, str | None]] = []
+    write = record.write
+
+    def counted(path, rec) -> None:
+        written.append((Path(path), rec.cache_key))
+        write(path, rec)
+
+    monkeypatch.setattr(record, "write", counted)
+    cache = CellCache(bundle.root, pre.data_sha256, ())
+    execute_plan(Plan("local", [Cell("a", threads=1)]), LocalBackend(), job, ReportOptions(), Tolerances(),
+                 progress_enabled=False, cache=cache)
+    path = out / "a" / "record.json"
+    rec = record.read(path)
+    assert rec.ok and rec.cache_key in cache.documents  # the key the cell was run under
+    assert written == [(path, rec.cache_key)]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from .. import record
-from ..errors import HarnessError
+from ..errors import ErrorKind, HarnessError
 from ..plan import Cell, Job
 from ..record import ImageInfo, ResultRecord, RunSpec, Status, read_worker_record
 from ..safeio import atomic_write_text, create_no_follow, fresh_dir
@@ -42,9 +42,32 @@ class Launch:
     image: ImageInfo | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # fields for the record (host_paths ...)
     # when the worker left no record: what the launcher saw it as (a Slurm job cancelled or out of
-    # time is interrupted or timeout, not failed) and where it went wrong ("slurm"); None: failed, "run"
+    # time is interrupted or timeout, not failed) and where it went wrong (slurm); None: failed, run
     status: Status | None = None
-    kind: str | None = None
+    kind: ErrorKind | None = None
+
+
+@dataclass(frozen=True)
+class CellRefused:
+    """A cell that cannot start, decided before it runs (:meth:`Backend.prepare`, a plan's blocked cells).
+
+    ``skip_reason``: this host cannot make what the cell needs (no base image, no wheelhouse and no
+    built image): the cell is skipped, and the reason names the command that makes it buildable.
+    Otherwise making it failed (its image, its wheelhouse ...): the cell fails alone, with ``error``'s
+    line and, for a build, the tail of its log.
+    """
+
+    error: HarnessError
+    skip_reason: str | None = None
+    log_tail: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, error: HarnessError) -> CellRefused:
+        """What ``error`` means for its cell: a missing base image skips it, a failed build carries its log's tail."""
+        from ..errors import BaseImageMissing, BuildFailed
+
+        return cls(error, skip_reason=error.skip_reason if isinstance(error, BaseImageMissing) else None,
+                   log_tail=tuple(error.log_tail) if isinstance(error, BuildFailed) else ())
 
 
 def relay(line: str, on_event: EventFn | None, log: TextIO, tail: deque[str]) -> None:
@@ -87,8 +110,18 @@ def timeout_reason(timeout_s: float | None) -> str:
 class Backend(ABC):
     name = "abstract"
 
-    def prepare(self, cells: list[Cell], job: Job) -> dict[str, HarnessError]:
-        """Make what the cells need (images ...). Returns per-cell failures; the others go on."""
+    def prepare(self, cells: list[Cell], job: Job) -> dict[str, CellRefused]:
+        """Make what the cells need (images ...). Returns the cells that cannot start, and why; the others go on."""
+        return {}
+
+    def expect(self, cells: list[Cell], job: Job) -> None:
+        """The cells about to run, in order, told once before the first starts (a backend may start their
+        workers or containers ahead of their turn). Nothing by default."""
+
+    def key_inputs(self, cell: Cell, job: Job) -> dict[str, object]:
+        """What the cell's cache key adds to its environment and spec (harness.cache): the worker's variables that
+        can change its numbers, the files a trainer command names ...; ``never_reused``: why it is never reused.
+        Nothing by default."""
         return {}
 
     def spec(self, cell: Cell, job: Job) -> RunSpec:
@@ -132,10 +165,11 @@ class Backend(ABC):
         """The cores and GPU ids cells may be given (harness.schedule); None where this host cannot tell."""
         return usable_cpus(), None
 
-    def run(self, cell: Cell, job: Job, on_event: EventFn | None = None) -> ResultRecord:
-        """Run one cell to completion and return its record (also on disk)."""
+    def run(self, cell: Cell, job: Job, on_event: EventFn | None = None, cache_key: str | None = None) -> ResultRecord:
+        """Run one cell to completion and return its record (also on disk); ``cache_key``: the cell's key
+        (harness.cache), which its record carries."""
         launched, log_tail, wall_s = self.execute(cell, job, on_event)
-        return self.finish(cell, job, launched, log_tail, wall_s)
+        return self.finish(cell, job, launched, log_tail, wall_s, cache_key)
 
     def execute(self, cell: Cell, job: Job, on_event: EventFn | None = None) -> tuple[Launch, str, float]:
         """The first half of :meth:`run`: a fresh cell directory, ``spec.json``, the launch, the worker's
@@ -150,14 +184,16 @@ class Backend(ABC):
             launched = self.launch(cell, job, files.spec, lambda line: relay(line, on_event, log, tail))
         return launched, "".join(tail), time.perf_counter() - t0
 
-    def finish(self, cell: Cell, job: Job, launched: Launch, log_tail: str, wall_s: float) -> ResultRecord:
-        """The worker's record, or a failure record when it left none (crash, OOM kill, never started)."""
+    def finish(self, cell: Cell, job: Job, launched: Launch, log_tail: str, wall_s: float,
+               cache_key: str | None = None) -> ResultRecord:
+        """The worker's record, or a failure record when it left none (crash, OOM kill, never started), with what
+        the host adds, written once: the cell's key goes with the record before anyone sees it finished."""
         path = job.cell_paths(cell).record
         rec: ResultRecord | None = None
         problem = None
         if launched.timed_out:
             rec = ResultRecord.without_metrics(
-                cell.name, Status.TIMEOUT, "timeout", timeout_reason(job.timeout_s),
+                cell.name, Status.TIMEOUT, ErrorKind.TIMEOUT, timeout_reason(job.timeout_s),
                 exit_status=launched.exit_status, log_tail=log_tail[-record.LOG_TAIL_CHARS:] or None,
                 image=launched.image.tag if launched.image else None)
         else:
@@ -167,7 +203,7 @@ class Backend(ABC):
                 problem = f"the worker's record is unusable: {exc.one_line()}"
         if rec is None:
             rec = ResultRecord.without_metrics(
-                cell.name, launched.status or Status.FAILED, launched.kind or "run",
+                cell.name, launched.status or Status.FAILED, launched.kind or ErrorKind.RUN,
                 launched.reason or problem or failure_reason(launched.exit_status, log_tail),
                 exit_status=launched.exit_status, log_tail=log_tail[-record.LOG_TAIL_CHARS:] or None,
                 image=launched.image.tag if launched.image else None)
@@ -185,5 +221,7 @@ class Backend(ABC):
         rec.launcher_wall_s = wall_s
         rec.timeout_s = job.timeout_s
         rec.slot = cell.slot.to_record() if cell.slot is not None else None
+        if cache_key is not None:
+            rec.cache_key = cache_key
         record.write(path, rec)
         return rec

@@ -20,13 +20,13 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ..docker_engine import (OVERLAY_LOWER, OVERLAY_WORK, ContainerFacts, ContainerRequest, Engine, Prestarted,
                              overlay_possible)
-from ..errors import BackendError, HarnessError, InputError
+from ..errors import BackendError, ErrorKind, HarnessError, InputError
 from ..plan import Cell, Job
 from ..record import ImageInfo, RunSpec, Status
 from ..safeio import CellPaths, fresh_dir
 from ..worker import EVENT_PREFIX, determinism, isa
 from ..worker.preload import GO_SIGNAL, READY_LINE
-from .base import TAIL_LINES, Backend, Launch, LineFn
+from .base import TAIL_LINES, Backend, CellRefused, Launch, LineFn
 from .docker_ahead import TURN_CPU_SHARES, WORKER_AWAITS, WORKER_LABEL, ahead_request
 
 BUNDLE = "/harness/bundle"
@@ -434,7 +434,7 @@ class DockerBackend(Backend):
         self.fixed_specs: dict[str, dict[str, Any]] = {}  # cell name -> archived spec (harness rerun)
         self.run_id = f"{os.getpid()}-{int(time.time())}"
 
-    def prepare(self, cells: list[Cell], job: Job) -> dict[str, HarnessError]:
+    def prepare(self, cells: list[Cell], job: Job) -> dict[str, CellRefused]:
         from rich.console import Console
 
         from ..images import build as imagebuild
@@ -463,16 +463,16 @@ class DockerBackend(Backend):
         wanted = [self.plans[c.image.name] for c in cells if c.image is not None and c.image.name in self.plans]
         unique = list({p.cell.name: p for p in wanted}.values())
         results = imagebuild.ensure_images(self.engine, unique, progress, offline=self.offline)
-        failures: dict[str, HarnessError] = {}
+        failures: dict[str, CellRefused] = {}
         for c in cells:
             if c.image is not None and c.image.name not in self.plans and c.image.name in self.aliases:
                 found = self.use_alias(c, err)
-                if isinstance(found, HarnessError):
+                if isinstance(found, CellRefused):
                     failures[c.name] = found
                 continue
             r = results.get(c.image.name) if c.image is not None else None
             if isinstance(r, HarnessError):
-                failures[c.name] = r
+                failures[c.name] = CellRefused.of(r)
             elif r is not None:
                 self.images[c.name] = self.describe(c, r)
         return failures
@@ -511,7 +511,7 @@ class DockerBackend(Backend):
             return usable_cpus(), None
         return usable_cpus(), [str(i) for i in range(len(found))] if isinstance(found, list) else None
 
-    def use_alias(self, cell: Cell, err: Any) -> ImageInfo | HarnessError:
+    def use_alias(self, cell: Cell, err: Any) -> ImageInfo | CellRefused:
         """The image already built under ``harness:<cell>``, for a wheelhouse cell given no wheelhouse.
 
         Without the wheelhouse its inputs cannot be hashed, so the image is used as found and
@@ -526,10 +526,9 @@ class DockerBackend(Backend):
         if img is None:
             exc = InputError(f"cell {ic.name}", f"builds from a wheelhouse, none was given and {alias} is not built",
                              hint=f"pass --wheelhouse {ic.name}=DIR")
-            exc.skip_reason = (f"no wheelhouse given and no built image {alias}: "  # type: ignore[attr-defined]
-                               f"`harness images wheelhouse --cells {ic.name} --dest DIR`, "
-                               f"then --wheelhouse {ic.name}=DIR")
-            return exc
+            return CellRefused(exc, skip_reason=(f"no wheelhouse given and no built image {alias}: "
+                                                 f"`harness images wheelhouse --cells {ic.name} --dest DIR`, "
+                                                 f"then --wheelhouse {ic.name}=DIR"))
         note = "not checked against its inputs: no wheelhouse given"
         if ic.name not in getattr(self, "_alias_noted", set()):
             self._alias_noted = getattr(self, "_alias_noted", set()) | {ic.name}
@@ -735,13 +734,13 @@ class DockerBackend(Backend):
         status = kind = None
         if ended.stopped is not None:  # over its disk limit while running: what it wrote is not read
             _remove_record(out)
-            reason, status, kind = ended.stopped, Status.FAILED, "disk"
+            reason, status, kind = ended.stopped, Status.FAILED, ErrorKind.DISK
         elif ended.status is not None and not ended.timed_out:
             over = over_disk_limit(*cell_usage(out, self.disk, DISK_FILES_MAX), self.disk, where=out)
             if over is not None:
                 # the cell fails whatever its worker wrote: its record is not read
                 _remove_record(out)
-                reason, status, kind = over, Status.FAILED, "disk"
+                reason, status, kind = over, Status.FAILED, ErrorKind.DISK
         return Launch(rc, reason=reason, image=info, timed_out=ended.timed_out and ended.stopped is None,
                       status=status, kind=kind,
                       extra={**start, "host_paths": {"bundle": job.bundle_dir, "data": job.data_path, "data_dir": job.data_dir,

@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import record
-from ..errors import BackendError, HarnessError
+from ..errors import BackendError, ErrorKind, HarnessError
 from ..plan import Cell, Job
 from ..record import ResultRecord, Status, read_worker_record
 from ..safeio import atomic_write_text, fresh_dir, open_no_follow, read_no_follow, tail_no_follow
 from ..slurm_site import SlurmSettings, gres_of, is_active, state_word, status_of
 from ..worker import EVENT_PREFIX
-from .base import Backend, EventFn, Launch, LineFn
+from .base import Backend, CellRefused, EventFn, Launch, LineFn
 from .slurm_node import NODE_PREFIX, run_on_node
 
 JOBS_FILE = "slurm-jobs.json"
@@ -130,7 +130,7 @@ class SlurmBackend(Backend):
 
     # ---- submitting
 
-    def prepare(self, cells: list[Cell], job: Job) -> dict[str, HarnessError]:
+    def prepare(self, cells: list[Cell], job: Job) -> dict[str, CellRefused]:
         import submitit
 
         results = Path(job.results_dir)
@@ -146,7 +146,7 @@ class SlurmBackend(Backend):
                 continue
             fresh_dir(job.cell_dir(cell))  # a job that never starts leaves no earlier record behind
             groups.setdefault(json.dumps(params, sort_keys=True), []).append((cell, key))
-        failures: dict[str, HarnessError] = {}
+        failures: dict[str, CellRefused] = {}
         for params_text, group in groups.items():
             executor = submitit.SlurmExecutor(folder=folder, python=shlex.quote(self.python))
             executor.update_parameters(**json.loads(params_text))
@@ -156,10 +156,10 @@ class SlurmBackend(Backend):
                                                  self._docker_args(cell)) for cell, _ in group]
             except Exception as exc:  # noqa: BLE001 - sbatch's refusal, whatever submitit wraps it in
                 for cell, _ in group:
-                    failures[cell.name] = BackendError(
+                    failures[cell.name] = CellRefused(BackendError(
                         f"Slurm refused the job of cell {cell.name}: {_one_line(exc)}",
                         hint="check the partition, account, QoS and GPU type (`sinfo -o '%P %G'`) in the flags "
-                             "or the site file's slurm section")
+                             "or the site file's slurm section"))
                 continue
             for (cell, key), sub in zip(group, submitted):
                 self.jobs[cell.name] = sub
@@ -205,9 +205,13 @@ class SlurmBackend(Backend):
 
     # ---- waiting
 
-    def run(self, cell: Cell, job: Job, on_event: EventFn | None = None) -> ResultRecord:
+    def run(self, cell: Cell, job: Job, on_event: EventFn | None = None, cache_key: str | None = None) -> ResultRecord:
         if cell.name in self.reused:
-            return self.reused[cell.name]
+            rec = self.reused[cell.name]
+            if cache_key is not None and rec.cache_key != cache_key:
+                rec.cache_key = cache_key
+                record.write(job.cell_paths(cell).record, rec)
+            return rec
         t0 = time.perf_counter()
 
         def on_line(line: str) -> None:
@@ -221,7 +225,7 @@ class SlurmBackend(Backend):
         launched = self.launch(cell, job, files.spec, on_line)
         sub = self.jobs[cell.name]
         tail = tail_no_follow(files.log) or tail_no_follow(Path(sub.paths.stdout)) or ""
-        return self.finish(cell, job, launched, tail, time.perf_counter() - t0)
+        return self.finish(cell, job, launched, tail, time.perf_counter() - t0, cache_key)
 
     def launch(self, cell: Cell, job: Job, spec_path: Path, on_line: LineFn) -> Launch:
         """Wait for the cell's job, following its output; how it ended, with its Slurm facts."""
@@ -287,8 +291,8 @@ class SlurmBackend(Backend):
         elif state in ("FAILED", "NODE_FAIL", "OUT_OF_MEMORY") and info.get("ExitCode"):
             reason += f" (exit code {info['ExitCode']})"
         ran = outcome if isinstance(outcome, Launch) else Launch(None)
-        return Launch(ran.exit_status, reason=reason, image=ran.image, status=Status(status_of(state)), kind="slurm",
-                      extra={**ran.extra, "slurm": slurm})
+        return Launch(ran.exit_status, reason=reason, image=ran.image, status=Status(status_of(state)),
+                      kind=ErrorKind.SLURM, extra={**ran.extra, "slurm": slurm})
 
     @staticmethod
     def _final(job_id: str, wait_s: float = 15.0) -> dict[str, str]:

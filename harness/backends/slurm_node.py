@@ -77,10 +77,10 @@ def run_on_node(runtime: str, python: str | None, cell: Cell, job: Job,
     backend = inner_backend(runtime, python, cell, docker)
     try:
         if runtime == "docker":
-            failed = backend.prepare([cell], job).get(cell.name)
-            if failed is not None:
-                print(f"harness: {failed.one_line()}", file=sys.stderr, flush=True)
-                raise failed
+            refused = backend.prepare([cell], job).get(cell.name)
+            if refused is not None:
+                print(f"harness: {refused.error.one_line()}", file=sys.stderr, flush=True)
+                raise refused.error
         launched, _, _ = backend.execute(cell, job, _event)
     finally:
         backend.close()

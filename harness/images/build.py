@@ -467,7 +467,8 @@ def ensure_images(engine: Engine, plans: Iterable[BuildPlan], progress: Progress
             img = build(engine, plan, on_log=lambda line, n=name: say(n, "log", line), offline=offline)
         except HarnessError as exc:
             results[name] = exc
-            skip = getattr(exc, "skip_reason", None)  # this host cannot build it (no base image): not a failure
+            # this host cannot build it (no base image): not a failure
+            skip = exc.skip_reason if isinstance(exc, BaseImageMissing) else None
             say(name, "skipped" if skip else "failed", skip or exc.one_line())
             continue
         except Exception as exc:  # an SDK/transport error must not stop the other cells

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 from .. import __version__
 from . import EVENT_PREFIX
-from ..errors import EXIT_OK, HarnessError, InputError, RunFailed, disk_failure
+from ..errors import EXIT_OK, ErrorKind, HarnessError, InputError, RunFailed, disk_failure
 from ..record import Env, ResultRecord, RunSpec, Status, write
 from ..safeio import CellPaths, atomic_write
 from .seed_checks import scaler_check as _scaler_check
@@ -847,14 +847,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - anything else is a failed run, with its traceback kept
         disk = disk_failure(exc) if isinstance(exc, OSError) else None
         if disk is not None:  # a full (or read-only) disk: one line, no traceback to read
-            rec = ResultRecord.without_metrics(spec.cell, Status.FAILED, "disk", disk, spec=spec.to_dict(),
+            rec = ResultRecord.without_metrics(spec.cell, Status.FAILED, ErrorKind.DISK, disk, spec=spec.to_dict(),
                                                harness_version=__version__, wall_s=time.perf_counter() - t0,
                                                exit_status=RunFailed.exit_code)
         else:
-            rec = ResultRecord.without_metrics(spec.cell, Status.FAILED, "run", f"{exc.__class__.__name__}: {exc}",
-                                               spec=spec.to_dict(), harness_version=__version__,
-                                               wall_s=time.perf_counter() - t0, exit_status=RunFailed.exit_code,
-                                               traceback=traceback.format_exc())
+            rec = ResultRecord.without_metrics(spec.cell, Status.FAILED, ErrorKind.RUN,
+                                               f"{exc.__class__.__name__}: {exc}", spec=spec.to_dict(),
+                                               harness_version=__version__, wall_s=time.perf_counter() - t0,
+                                               exit_status=RunFailed.exit_code, traceback=traceback.format_exc())
         code = RunFailed.exit_code
     write(spec.record_path, rec)
     emit("done", cell=spec.cell, status=rec.status.value)

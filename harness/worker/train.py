@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset, random_split
 from . import feed as feed_mod
 from . import model as model_mod
 from ..bundle import ModelSpec, TrainingSpec
-from ..errors import RunFailed
+from ..errors import ErrorKind, RunFailed
 from .data import Dataset, split_sizes
 from .determinism import set_seed
 
@@ -42,7 +42,7 @@ StepFn = Callable[[int, int, float, torch.nn.Module], None]  # epoch, step, loss
 class Diverged(RunFailed):
     """The training diverged: no epoch had a finite validation loss, so there are no best weights."""
 
-    kind = "diverged"
+    kind = ErrorKind.DIVERGED
 
 
 def _diverged(spec: TrainingSpec, first_bad: tuple[int, int, float] | None, history: list[dict[str, float]],
