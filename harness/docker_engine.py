@@ -380,8 +380,6 @@ class Prestarted:
         self.error: str | None = None  # why it will never be ready (the engine refused it, it ended)
         self.done = threading.Event()  # ready, or never will be
         self.created = threading.Event()  # the container exists (or never will: see ``error``)
-        self.started_s: float | None = None
-        self.ready_s: float | None = None  # seconds from the request to the ready line
 
     @property
     def ready(self) -> bool:
@@ -1019,11 +1017,8 @@ class Engine:
         that cannot mount the ``noexec`` overlay fails it (``error``): its caller runs the cell
         with :meth:`run`, which knows the way around that.
         """
-        import time as _time
-
         docker = _sdk()
         pre = Prestarted(request, ready_line)
-        t0 = _time.perf_counter()
         if request.noexec and self._no_overlay is not None:  # run() mounts it another way, and says so
             pre.error = "this engine cannot mount the noexec overlay"
             pre.done.set()
@@ -1037,11 +1032,9 @@ class Engine:
                 pre.container = container
                 pre.created.set()
                 container.start()
-                pre.started_s = _time.perf_counter() - t0
                 pre.lines = output_lines(container.logs(stream=True, follow=True, stdout=True, stderr=True))
                 for line in pre.lines:
                     if line == ready_line:
-                        pre.ready_s = _time.perf_counter() - t0
                         return
                     pre.before.append(line)
                     del pre.before[:-200]  # import warnings, at most: the tail is what a reader needs

@@ -661,11 +661,32 @@ def recorded_environment_of(records: list[ResultRecord]) -> dict[str, Any] | Non
     return None
 
 
+def _show(records: list[ResultRecord], missing: list[str], comparison: Comparison, detail: bool,
+          trial_env: dict[str, Any] | None, parts: dict[str, str], causes: dict[str, str],
+          bundle_dir: str | None, reused: dict[str, str] | None) -> None:
+    """The terminal report on stdout: what to do when nothing ran, every table (--detail), or the first screen."""
+    from .report import console, print_report
+
+    if records and not missing and all(r.status is Status.SKIPPED for r in records):
+        print_nothing_ran(console(), records, bundle_dir)
+    elif detail:
+        print_report(console(), records, comparison, trial_environment=trial_env, parts_at=parts, causes=causes,
+                     reused=reused)
+    else:
+        from .report_compact import print_compact
+
+        print_compact(console(), records, comparison, trial_environment=trial_env, parts_at=parts, causes=causes,
+                      reused=reused)
+    if reused:
+        console().print(f"Reused {len(reused)} of {len(records)} cell(s) from earlier runs (inputs unchanged; "
+                        f"--force reruns them): {', '.join(reused)}", soft_wrap=True, markup=False, highlight=False)
+
+
 def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, results: Path | None,
            report_opts: ReportOptions, bundle_dir: str | None = None, reused: dict[str, str] | None = None) -> Comparison:
     """Judge, print (on stdout unless ``report_opts.show`` is off), and write the reports (``report.json`` in the
     results directory, --json, --markdown)."""
-    from .report import console, json_report, markdown, print_report
+    from .report import console, json_report, markdown
 
     comparison = compare(records, tol, missing, allow_data_change=report_opts.allow_data_change,
                          alpha=report_opts.alpha)
@@ -673,21 +694,9 @@ def render(records: list[ResultRecord], missing: list[str], tol: Tolerances, res
     roots = [results] if results is not None else [Path(p) for p in report_opts.trace_dirs]
     traces = read_traces(records, roots) if roots else {}
     parts, causes = parting(records, traces)
-    if not report_opts.show:  # harness.api: the caller has the comparison; stdout stays its own
-        pass
-    elif records and not missing and all(r.status is Status.SKIPPED for r in records):
-        print_nothing_ran(console(), records, bundle_dir)
-    elif report_opts.detail:
-        print_report(console(), records, comparison, trial_environment=trial_env,
-                     parts_at=parts, causes={k: f.short for k, f in causes.items()}, reused=reused)
-    else:
-        from .report_compact import print_compact
-
-        print_compact(console(), records, comparison, trial_environment=trial_env,
-                      parts_at=parts, causes={k: f.short for k, f in causes.items()}, reused=reused)
-    if reused and report_opts.show:
-        console().print(f"Reused {len(reused)} of {len(records)} cell(s) from earlier runs (inputs unchanged; "
-                        f"--force reruns them): {', '.join(reused)}", soft_wrap=True, markup=False, highlight=False)
+    if report_opts.show:  # harness.api leaves stdout to its caller unless asked: it has the comparison
+        _show(records, missing, comparison, report_opts.detail, trial_env, parts,
+              {k: f.short for k, f in causes.items()}, bundle_dir, reused)
     report = record.dumps(json_report(records, comparison, causes={k: f.to_dict() for k, f in causes.items()}))
     if results is not None:
         try:

@@ -26,7 +26,8 @@ from harness.backends import warm as warmmod
 from harness.backends.base import usable_cpus
 from harness.backends.local import CELL_TOKEN_VAR, LocalBackend, child_env
 from harness.backends.warm import server_env, server_key, warm_unusable
-from harness.backends.warm_server import TOKEN_PLACEHOLDER, _watch_cuda
+from harness.backends.warm_server import TOKEN_PLACEHOLDER
+from harness.worker.preload import watch_cuda as _watch_cuda
 from harness.plan import Cell, Job
 from harness.record import ResultRecord, Status
 from harness.schedule import Slot

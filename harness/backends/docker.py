@@ -9,6 +9,7 @@ record carries what was measured inside the container plus the image's id.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
@@ -579,9 +580,7 @@ class DockerBackend(Backend):
             return  # made fresh when its container was started ahead, and nothing of the cell has run since
         for name in started:  # something is there: that container is not used, the directory is made anew
             self._drop_ahead(name)
-        fresh_dir(out)
-        if _uid() == 0:
-            os.chown(out, IMAGE_UID, IMAGE_UID)  # the image's non-root user writes here, nobody else
+        _fresh_cell_dir(out)
 
     # ------------------------------------------------------------------ containers started ahead of their turn
 
@@ -623,7 +622,7 @@ class DockerBackend(Backend):
             if not self.ahead_on:
                 return
             names = next_ahead([c.name for c, _ in self.queue], self.launched, set(self.ahead), self.turns,
-                               _default_max_servers(), idle=max(0, self._cores() - self.busy))
+                               _default_max_servers(), idle=max(0, self._cores - self.busy))
             jobs = {c.name: (c, j) for c, j in self.queue}
             for name in names:
                 cell, job = jobs[name]
@@ -631,25 +630,23 @@ class DockerBackend(Backend):
                     self.launched.add(name)  # it starts cold; launch() says why
                     continue
                 out = job.cell_dir(cell)
-                self.make_cell_dir_fresh(out)
+                _fresh_cell_dir(out)
                 work, why_not = make_overlay_work(out, cell.name)
                 request = ahead_request(self._request(replace(cell, slot=None), job, work))
                 self.ahead[name] = Ahead(self.engine.prestart(request, READY_LINE), out, work, why_not)
 
-    def make_cell_dir_fresh(self, out: Path) -> None:
-        """The cell's directory, empty and the image user's, before its container is started ahead."""
-        fresh_dir(out)
-        if _uid() == 0:
-            os.chown(out, IMAGE_UID, IMAGE_UID)
-
     def _drop_ahead(self, name: str) -> None:
-        """Remove a container started ahead that will not run, and its overlay's work folder."""
+        """Remove the container started ahead for ``name``, if there is one: it will not run."""
         with self._ahead_lock:
             got = self.ahead.pop(name, None)
         if got is not None:
-            self.engine.discard(got.pre)
-            if got.work is not None:
-                remove_overlay_work(got.work)
+            self._discard(got)
+
+    def _discard(self, got: Ahead) -> None:
+        """Remove a container started ahead that will not run, and its overlay's work folder."""
+        self.engine.discard(got.pre)
+        if got.work is not None:
+            remove_overlay_work(got.work)
 
     def _take_ahead(self, cell: Cell, job: Job, now: ContainerRequest,
                     timeout_s: float | None) -> tuple[Ahead | None, str | None]:
@@ -666,29 +663,27 @@ class DockerBackend(Backend):
             return None, self._cannot_await(cell) or (
                 "its turn came before a container was started ahead for it (the first cells of a run)" if queued
                 else "no cells were queued before it: it started at its turn")
-        why = mismatch(got.pre.request, now, threads=cell.threads, only_gpu=self._only_gpu())
+        why = mismatch(got.pre.request, now, threads=cell.threads, only_gpu=self._only_gpu)
         if why is None:
             why = self.engine.go(got.pre, GO_SIGNAL, cpuset=now.cpuset, cpu_shares=now.cpu_shares, wait_s=timeout_s)
             if why is not None:
                 why = f"its container started ahead could not take its turn: {why}"
         if why is not None:
-            self.engine.discard(got.pre)
-            if got.work is not None:
-                remove_overlay_work(got.work)
+            self._discard(got)
             return None, why
         return got, None
 
+    @functools.cached_property
     def _cores(self) -> int:
-        if not hasattr(self, "_n_cores"):
-            cpus = self.host_slots()[0]
-            self._n_cores = len(cpus) if cpus else (os.cpu_count() or 1)
-        return self._n_cores
+        """How many cores cells share here (what an idle core is counted against)."""
+        cpus = self.host_slots()[0]
+        return len(cpus) if cpus else (os.cpu_count() or 1)
 
+    @functools.cached_property
     def _only_gpu(self) -> str | None:
-        if not hasattr(self, "_one_gpu"):
-            gpus = self.host_slots()[1]
-            self._one_gpu = gpus[0] if gpus is not None and len(gpus) == 1 else None
-        return self._one_gpu
+        """The host's GPU id when it has exactly one (``all`` is then that GPU); None otherwise."""
+        gpus = self.host_slots()[1]
+        return gpus[0] if gpus is not None and len(gpus) == 1 else None
 
     def launch(self, cell: Cell, job: Job, spec_path: Path, on_line: LineFn) -> Launch:
         info = self.images[cell.name]
@@ -709,7 +704,7 @@ class DockerBackend(Backend):
         output = CappedOutput(on_line)
         if why_not is not None:
             output.line(f"harness: {OUT} is mounted without noexec,nosuid,nodev: {why_not}")
-        n = self._cores()
+        n = self._cores
         held = (len(cell.slot.cpus) if cell.slot is not None and cell.slot.cpus is not None else
                 1 if cell.device.startswith("cuda") else min(n, cell.threads or n))
         with self._ahead_lock:
@@ -778,6 +773,13 @@ class Ahead:
     out: Path  # the cell's directory, made empty for it
     work: Path | None  # its noexec overlay's work folder (None: a bind mount, ``why_not``)
     why_not: str | None = None
+
+
+def _fresh_cell_dir(out: Path) -> None:
+    """The cell's directory, empty, and the image user's when this runs as root."""
+    fresh_dir(out)
+    if _uid() == 0:
+        os.chown(out, IMAGE_UID, IMAGE_UID)  # the image's non-root user writes here, nobody else
 
 
 def _empty_dir(out: Path) -> bool:

@@ -7,7 +7,7 @@ in effect before the interpreter and torch start, as for a cold worker::
 
     python -m harness.backends.warm_server --control FD --launcher PID [--cpus 0,1]
 
-It imports what every worker imports (:data:`PRELOAD`) and never runs a torch operation, never
+It imports what every worker imports (:data:`harness.worker.preload.PRELOAD`) and never runs a torch operation, never
 asks for a GPU (torch never initialises CUDA here: a child does, after its own
 ``CUDA_VISIBLE_DEVICES`` is set) and never starts a thread pool of OpenMP. Then it waits on its
 control socket (a ``SOCK_SEQPACKET`` socket pair with the launcher). A request is one JSON
@@ -49,7 +49,7 @@ import warnings
 from typing import Any
 
 from ..worker import isa
-from ..worker import preload as preload_mod
+from ..worker.preload import preload
 
 TOKEN_VAR = "HARNESS_CELL_TOKEN"
 # The server starts with this value in place of a cell's token (the same length as
@@ -63,11 +63,6 @@ GPU_VAR = "CUDA_VISIBLE_DEVICES"
 ISA_VARS = isa.VARS
 CHILD_VARS = (TOKEN_VAR, GPU_VAR, *ISA_VARS)  # what each child sets itself; never part of a server's environment
 MAX_MESSAGE = 4 << 20
-
-PRELOAD = preload_mod.PRELOAD
-preload = preload_mod.preload
-_watch_cuda = preload_mod.watch_cuda
-
 
 def _die_with_parent(parent: int) -> None:
     """SIGKILL when ``parent`` dies (Linux ``PR_SET_PDEATHSIG``); end now when it already has."""
