@@ -50,6 +50,9 @@ def test_it_is_used_only_when_it_is_the_cells_own_container() -> None:
     assert mismatch(ahead, _cold(), threads=None) is None
     assert mismatch(ahead, _cold(cpuset="1"), threads=1) is None  # its cores are given at its turn
     assert "thread count" in mismatch(ahead, _cold(cpuset="1"), threads=None)  # torch counted other cores
+    assert "thread count" in mismatch(ahead, _cold(cpuset="1"), threads=None, all_cores=[0, 1])
+    # every core of the host is the count torch took when it imported: the default thread count holds
+    assert mismatch(ahead, _cold(cpuset="0,1"), threads=None, all_cores=[0, 1]) is None
     assert "GPU 0" in mismatch(ahead, _cold(gpus="0"), threads=1)
     assert mismatch(ahead_request(_cold(gpus="all")), _cold(gpus="0"), threads=1, only_gpu="0") is None
     assert "environment" in mismatch(ahead, _cold(environment={"PYTHONHASHSEED": "1"}), threads=None)

@@ -663,7 +663,8 @@ class DockerBackend(Backend):
             return None, self._cannot_await(cell) or (
                 "its turn came before a container was started ahead for it (the first cells of a run)" if queued
                 else "no cells were queued before it: it started at its turn")
-        why = mismatch(got.pre.request, now, threads=cell.threads, only_gpu=self._only_gpu)
+        why = mismatch(got.pre.request, now, threads=cell.threads, only_gpu=self._only_gpu,
+                       all_cores=self._every_core)
         if why is None:
             why = self.engine.go(got.pre, GO_SIGNAL, cpuset=now.cpuset, cpu_shares=now.cpu_shares, wait_s=timeout_s)
             if why is not None:
@@ -678,6 +679,13 @@ class DockerBackend(Backend):
         """How many cores cells share here (what an idle core is counted against)."""
         cpus = self.host_slots()[0]
         return len(cpus) if cpus else (os.cpu_count() or 1)
+
+    @functools.cached_property
+    def _every_core(self) -> list[int] | None:
+        """The host's cores, when this process may use every one: what a container without a cpuset (one
+        started ahead) sees, so a cell pinned to all of them gets torch's same default thread count."""
+        cpus = self.host_slots()[0]
+        return cpus if cpus and set(cpus) == set(range(os.cpu_count() or 0)) else None
 
     @functools.cached_property
     def _only_gpu(self) -> str | None:

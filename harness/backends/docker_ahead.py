@@ -42,17 +42,19 @@ def ahead_request(cold: ContainerRequest) -> ContainerRequest:
 
 
 def mismatch(ahead: ContainerRequest, now: ContainerRequest, *, threads: int | None,
-             only_gpu: str | None = None) -> str | None:
+             only_gpu: str | None = None, all_cores: Iterable[int] | None = None) -> str | None:
     """Why the container started ahead is not the one the cell gets now (pure); None: it is.
 
     Only its cores and CPU weight may differ (the engine changes those when the turn comes), and
-    the cores only when the cell sets its own thread count: torch's default counts the cores the
-    worker imported on. ``all`` GPUs and a host's only GPU are the same GPU.
+    the cores only when the cell sets its own thread count or is given every core (``all_cores``,
+    those it imported on): torch's default counts the cores the worker imported on. ``all`` GPUs and
+    a host's only GPU are the same GPU.
     """
     same_gpus = ahead.gpus == now.gpus or (only_gpu is not None and {ahead.gpus, now.gpus} == {"all", only_gpu})
     if not same_gpus:
         return f"its turn gave it GPU {now.gpus}, not the {ahead.gpus} it was started with"
-    if now.cpuset and threads is None:
+    every = set(all_cores) if all_cores is not None else None
+    if now.cpuset and threads is None and {int(c) for c in now.cpuset.split(",")} != every:
         return ("--jobs pinned it to cores of its own and it runs torch's default thread count, which counts "
                 "the cores torch loads on")
     settled = dataclasses.replace(ahead, command=ahead.command[2:], cpu_shares=now.cpu_shares, cpuset=now.cpuset,
