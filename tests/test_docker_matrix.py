@@ -221,11 +221,15 @@ def test_compose_runs_a_cell_without_the_harness(matrix_run, tmp_path: Path) -> 
     rec = record.read(results / "cpu-torch2.13" / "record.json")
     assert rec.status is Status.OK and rec.env.torch == "2.13.0+cpu" and rec.env.in_container
     assert rec.determinism["PYTHONHASHSEED"] == "0" and rec.env.extra["net_interfaces"] == ["lo"]
-    if ON_TRIAL_CPU:  # bit for bit on the trial's CPU model; to float32 noise on another
+    # The claim: this is the harness's own rerun of the cell, on this machine, bit for bit. It holds
+    # on any CPU model; how close either comes to the recorded trial is the judge's business (a
+    # Xeon other than the trial's rounds float32 differently: 30 ulp on val_loss was seen in CI).
+    harness_rec = {r.cell: r for r in record.load(matrix_run["root"] / "out1").records}["cpu-torch2.13"]
+    assert rec.weights_sha256 == harness_rec.weights_sha256
+    assert rec.retrained == harness_rec.retrained
+    if ON_TRIAL_CPU:  # and on the trial's CPU model, bit for bit to the trial itself
         assert rec.retrained["val_loss"] == rec.recorded["value"]
         assert rec.weights_sha256 == rec.recorded["weights_sha256"]
-    else:
-        assert abs(rec.retrained["val_loss"] - rec.recorded["value"]) < 1e-6 * rec.recorded["value"]
 
 
 def test_gpu_request_without_nvidia_runtime_is_a_clear_row(matrix_run, docker_client, engine, tmp_path: Path) -> None:
