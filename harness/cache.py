@@ -300,7 +300,7 @@ _HARNESS_ROOT = Path(__file__).resolve().parent
 
 
 WORKER_SOURCES = ("__init__.py", "bundle.py", "errors.py", "options.py", "record.py", "safeio.py", "schedule.py",
-                  "stats.py")  # beside worker/: what the worker imports (tests/test_structure.py)
+                  "stats.py")  # beside worker/: what the worker imports (tests/unit/test_structure.py)
 
 
 def harness_source_digest() -> str:

@@ -5,7 +5,7 @@
 Synthetic cells are drawn from one distribution (no change: every "drifted" is a false alarm) or
 from one shifted by k seed sd (every "drifted" is a detection), each judged against its own freshly
 drawn seed band, exactly as harness.judge does it: :func:`harness.ladder.climb` on the tests of
-:mod:`harness.stats`. Prints the table docs/verdicts.md quotes; tests/test_calibration.py asserts
+:mod:`harness.stats`. Prints the table docs/verdicts.md quotes; tests/unit/test_calibrate.py asserts
 the bounds. numpy draws the cells (imported here only).
 """
 

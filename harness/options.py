@@ -22,7 +22,7 @@ ISA_ALIASES = {"default": "baseline", "avx512_core": "avx512", "sse41": "baselin
 BACKENDS = ("docker", "local", "slurm")
 # The reference trainer's data paths (harness.worker.feed): the seeded DataLoader, or its replay on
 # tensors resident on the device. The replay is the default: it trains bitwise the DataLoader's
-# weights in every CI image (tests/test_docker_feed.py), and each run proves it again for its own
+# weights in every CI image (tests/engine/test_docker_feed.py), and each run proves it again for its own
 # torch, falling back to the DataLoader when it does not hold. The worker reads these too.
 DATA_PATHS = ("loader", "fast")
 DEFAULT_DATA_PATH = "fast"

@@ -2,7 +2,7 @@
 
 Everything a verdict claims about a distribution is computed here, from plain numbers,
 so that the false-alarm rate and the power can be measured by simulation against the
-very functions the judge calls (``tests/judge/test_calibration.py``). scipy supplies the
+very functions the judge calls (``tests/unit/test_calibrate.py``). scipy supplies the
 Student t distribution; it is imported on first use, so that the CLI starts without it.
 
 The model (docs/verdicts.md, "How a verdict is reached"): the metrics of retrains that

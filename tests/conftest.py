@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+TESTS = REPO / "tests"  # the test projects, trainers and records beside the tests (userproj, trainers, data, ...)
 
 
 def patience(seconds: float) -> float:
@@ -165,7 +166,7 @@ DELETE = _DELETE
 
 
 # =============================================================================
-# Docker fixtures (owned by the images work: tests/test_docker_images.py).
+# Docker fixtures (owned by the images work: tests/engine/test_docker_images.py).
 # Self-contained. Locally they skip when the engine, base image or wheelhouses
 # are absent; with CI=true each absence FAILS instead, because CI provides them.
 # =============================================================================
@@ -243,7 +244,7 @@ def base_image(docker_client) -> str:
 
 
 # =============================================================================
-# Slurm and browser fixtures (tests/test_slurm.py, tests/test_html_browser.py).
+# Slurm and browser fixtures (tests/engine/test_slurm.py, tests/engine/test_report_html_browser.py).
 # Locally they skip where Slurm / Debian's `chromium` is absent; with CI=true an
 # absent or unresponsive one FAILS (.ci/run installs and starts both).
 # =============================================================================
@@ -430,16 +431,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # `--dist loadgroup` relies on rewriting node ids, which pytest 9 no longer allows.
 # =============================================================================
 
-ENGINE_FILES = re.compile(r"tests/test_(docker_\w+|slurm)\.py")
-ENGINE_TESTS = {"tests/test_errors_typed.py::test_a_skipped_docker_cell_says_its_reason_once"}  # docker-marked
+ENGINE_FILES = re.compile(r"tests/engine/test_(docker_\w+|slurm)\.py")
+LAYERS = ("unit", "cli", "engine")
+ENGINES = ("docker", "slurm", "browser")  # what a test in tests/engine needs (its marker)  # tests/<layer>/: each test carries its layer's marker (pytest -m unit)
 
 
 def scope_of(nodeid: str) -> str:
     """The unit of work a test belongs to: ``engines`` for the Docker and Slurm tests, else its file."""
     file = nodeid.split("::", 1)[0]
-    if ENGINE_FILES.fullmatch(file) or nodeid.split("[", 1)[0] in ENGINE_TESTS:
-        return "engines"
-    return file
+    return "engines" if ENGINE_FILES.fullmatch(file) else file
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
@@ -452,11 +452,22 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return ByFileAndEngine(config, log)
 
 
-@pytest.hookimpl(trylast=True)
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test marked docker or slurm is scheduled with the engines (scope_of): said here, checked at collection."""
-    stray = [i.nodeid for i in items if (i.get_closest_marker("docker") or i.get_closest_marker("slurm"))
-             and i.nodeid.startswith("tests/") and scope_of(i.nodeid) != "engines"]
+    """Each test gets its layer's marker from its folder (tests/unit, tests/cli, tests/engine), before
+    ``-m`` selects; and a test marked docker or slurm must live in tests/engine/test_docker_*.py or
+    test_slurm.py, where it is scheduled with the engines (scope_of): said here, checked at collection."""
+    stray = []
+    for item in items:
+        parts = item.nodeid.split("/")
+        if len(parts) > 2 and parts[0] == "tests" and parts[1] in LAYERS:
+            item.add_marker(getattr(pytest.mark, parts[1]))
+        if (item.get_closest_marker("docker") or item.get_closest_marker("slurm")) and item.nodeid.startswith("tests/") \
+                and scope_of(item.nodeid) != "engines":
+            stray.append(f"move {item.nodeid} to tests/engine/test_docker_*.py or test_slurm.py (it uses the engine "
+                         "or the node, so it must share their worker)")
+        if item.nodeid.startswith("tests/engine/") and not any(item.get_closest_marker(m) for m in ENGINES):
+            stray.append(f"move {item.nodeid} to tests/unit or tests/cli, or mark it {' or '.join(ENGINES)} "
+                         "(tests/engine holds only the tests that need one)")
     if stray:
-        raise pytest.UsageError(f"tests/conftest.py: add {stray[0]} to ENGINE_TESTS (it uses the engine or the node, "
-                                "so it must share their worker)")
+        raise pytest.UsageError(f"tests/conftest.py: {stray[0]}")

@@ -59,7 +59,7 @@ GPU_VAR = "CUDA_VISIBLE_DEVICES"
 # The instruction-set switches of ATen, oneDNN and MKL (harness.worker.isa.VARS). Each library reads its
 # own the first time it dispatches a kernel, which no server does (it runs no torch operation), so a
 # child sets them for its cell and one server serves every --isa level of an environment. Their own
-# verbose reports show each level taken in a forked child (tests/test_warm.py).
+# verbose reports show each level taken in a forked child (tests/cli/test_warm.py).
 ISA_VARS = isa.VARS
 CHILD_VARS = (TOKEN_VAR, GPU_VAR, *ISA_VARS)  # what each child sets itself; never part of a server's environment
 MAX_MESSAGE = 4 << 20

@@ -1,5 +1,5 @@
 """A trainer that dispatches one ATen, one oneDNN and one MKL kernel before it trains as ``seed_style`` does
-(for tests/test_warm.py): run with ONEDNN_VERBOSE=1 and MKL_VERBOSE=1, each library prints the instruction
+(for tests/cli/test_warm.py): run with ONEDNN_VERBOSE=1 and MKL_VERBOSE=1, each library prints the instruction
 set it took into the cell's log, and ``isa.json`` says what ATen took and which process forked this one."""
 
 import json

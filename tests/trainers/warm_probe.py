@@ -1,4 +1,4 @@
-"""A trainer that writes down how its worker process started (for tests/test_warm.py), then trains as
+"""A trainer that writes down how its worker process started (for tests/cli/test_warm.py), then trains as
 ``seed_style`` does.
 
 ``probe.json`` in the cell's directory: the process's session and parent, its cores, its token as

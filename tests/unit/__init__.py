@@ -1,0 +1,1 @@
+"""Pure logic: no engine, no CLI process (fast; `pytest -m unit`)."""
