@@ -538,8 +538,8 @@ def _cell(path: str, label: str) -> tuple[Any, Any]:
     rec = read(rec_path)  # hostile input, like the trace: harness.safeio
     trace_path = rec_path.parent / TRACE_FILE
     how = "rerun the cell with --trace (harness run/matrix ... --trace)"
-    if rec.trace is not None and rec.trace.get("file") is None and rec.trace.get("why"):
-        raise InputError(f"{label} {path}", f"has no trace: {rec.trace['why']}", hint=how)
+    if rec.trace is not None and rec.trace.file is None and rec.trace.why:
+        raise InputError(f"{label} {path}", f"has no trace: {rec.trace.why}", hint=how)
     try:
         trace = read_trace(trace_path)
     except InputError as exc:

@@ -57,7 +57,7 @@ class Member:
     kind: str  # "ulp" | "seed"
     member: int
     seed: int | None = None  # the training seed it ran with
-    perturbation: dict[str, Any] | None = None  # what the ulp change was (tensor, index, old/new, direction)
+    perturbation: Any = None  # harness.record.Perturbation: what the ulp change was (tensor, index, old/new, direction)
     used: bool = True  # False: it failed, or an ulp member whose trainer did not apply the perturbation
     why_not: str | None = None
     values: dict[str, float] = field(default_factory=dict)  # its flattened validation metrics

@@ -77,10 +77,7 @@ def _settings(a: ResultRecord, b: ResultRecord) -> list[str] | None:
 
 def _perturbation(rec: ResultRecord) -> str | None:
     """The one-ulp change ``rec`` trained with, in words (None: none was applied)."""
-    p = rec.perturbation or {}
-    if not p.get("applied"):
-        return None
-    return f"{p.get('tensor')}[{p.get('index')}] {p.get('direction')}"
+    return rec.perturbation.where() if rec.perturbation else None
 
 
 def _seed(rec: ResultRecord) -> Any:

@@ -257,7 +257,7 @@ def trial_info(rec: ResultRecord, results: Path, now: str) -> dict[str, Any]:
     if rec.data_sha256:
         info["data_sha256"] = rec.data_sha256
     # A trainer with its own digest convention is compared by its own digest (docs/your-own-project.md, "Weights.").
-    own = (rec.user_weights or {}).get("sha256")
+    own = rec.user_weights.sha256 if rec.user_weights else None
     if own or rec.weights_sha256:
         info["weights_sha256"] = own or rec.weights_sha256
     info["environment"] = environment_of(rec)

@@ -24,7 +24,7 @@ from .band import Band
 from .errors import InputError
 from .ladder import CellRung, Rung, Yardsticks, climb, noise_limit_for
 from .attribution import Attribution, attribute
-from .record import RecordSet, ResultRecord, Status, flatten_split
+from .record import BandKind, RecordSet, ResultRecord, Status, WeightsDiff, flatten_split
 
 FAMILIES = ("val_loss", "r2", "mse", "mae")
 TRIAL = "recorded trial"
@@ -308,7 +308,7 @@ class CellJudgement:
     unmatched_recorded: list[str] = field(default_factory=list)  # recorded metrics this run produced nothing to compare with
     objective: str | None = None  # the flat key trial_info.yaml's value was compared as (None: not compared)
     objective_problem: str | None = None  # why a declared trainer.objective could not be compared
-    weights_vs_archived: dict[str, Any] | None = None  # the retrained best weights vs weights/best.pt, tensor by tensor
+    weights_vs_archived: WeightsDiff | None = None  # the retrained best weights vs weights/best.pt, tensor by tensor
     user_weights_identical_to_recorded: bool | None = None  # the trainer's own digest vs trial_info's, its convention
     ladder: CellRung | None = None  # its rung against the reference (None: it is the reference, or did not run)
     repeat_group: str | None = None  # the cell it repeats (``--repeats``), when it is one of several
@@ -450,7 +450,7 @@ def _judge_ok(rec: ResultRecord, first: ResultRecord | None, tol: Tolerances) ->
     elif rec is first:
         vs_first_ok = True
     archived = rec.archived
-    user = rec.user_weights or {}
+    user = rec.user_weights
     arch_flat = with_aggregates(flatten_split(archived, "val"), wanted) if archived else {}
     arch = diff({k: v for k, v in wanted.items() if k in arch_flat}, arch_flat, tol) if (recorded and archived) else {}
     gated = vs_rec if vs_rec else (vs_first if rec is not first else {})
@@ -467,10 +467,10 @@ def _judge_ok(rec: ResultRecord, first: ResultRecord | None, tol: Tolerances) ->
         vs_first_ok=vs_first_ok,
         weights_identical_to_first=_both(rec.weights_sha256, first.weights_sha256 if first else None),
         # a trainer that returns its own digest tells us trial_info's digest is in its convention, not ours
-        weights_identical_to_recorded=(None if user.get("sha256") else
+        weights_identical_to_recorded=(None if user else
                                        _both(rec.weights_sha256, (recorded or {}).get("weights_sha256"))),
         archived_inference=arch, out_of_tolerance=bad, unmatched_recorded=unmatched,
-        weights_vs_archived=rec.weights_vs_archived, user_weights_identical_to_recorded=user.get("identical_to_recorded"),
+        weights_vs_archived=rec.weights_vs_archived, user_weights_identical_to_recorded=user.identical_to_recorded if user else None,
         nonfinite=bad_numbers,
         objective=objective if recorded and objective in wanted else None,
         objective_problem=objective_problem if recorded and _number(recorded.get("value")) else None,
@@ -558,7 +558,7 @@ def where_words(rec: ResultRecord) -> str:
 
 def is_band_member(rec: ResultRecord) -> bool:
     """Whether ``rec`` is a member of the band (an ulp or seed retrain of the baseline), not a cell's own seed."""
-    return bool(rec.band) and (rec.band or {}).get("kind") in ("ulp", "seed")
+    return rec.band_kind in (BandKind.ULP, BandKind.SEED)
 
 
 def is_row(rec: ResultRecord) -> bool:
@@ -569,14 +569,15 @@ def is_row(rec: ResultRecord) -> bool:
 
 def band_member(rec: ResultRecord) -> band_mod.Member:
     """A band member's record as the band sees it; a failed member, or an ulp member that was not perturbed, is not used."""
-    b = rec.band or {}
-    kind = str(b.get("kind"))
+    b = rec.band
+    kind = b.kind.value if b else "None"
     used, why = True, None
     if not rec.ok:
         used, why = False, f"it {rec.status.value}: {rec.error.message if rec.error else rec.status.value}"
-    elif kind == "ulp" and not (rec.perturbation or {}).get("applied"):
-        used, why = False, ((rec.perturbation or {}).get("skipped") or "its record shows no perturbation applied")
-    return band_mod.Member(cell=rec.cell, kind=kind, member=int(b.get("member") or 0), seed=b.get("seed"),
+    elif kind == "ulp" and not (rec.perturbation and rec.perturbation.applied):
+        used, why = False, ((rec.perturbation.skipped if rec.perturbation else None)
+                            or "its record shows no perturbation applied")
+    return band_mod.Member(cell=rec.cell, kind=kind, member=b.member if b else 0, seed=b.seed if b else None,
                            perturbation=rec.perturbation, used=used, why_not=why,
                            values=flat_val(rec) if rec.ok else {}, weights_sha256=rec.weights_sha256,
                            command=(rec.trainer or {}).get("command"))
@@ -682,11 +683,11 @@ def cell_seed_pairs(cell: str, records: Iterable[ResultRecord]) -> dict[str, lis
     """Per metric, the paired differences (the cell's retrain with seed s) − (the band's with seed s) over
     the seeds both retrained (``--cell-seeds``); None when the cell has no retrain of its own with a band seed."""
     records = list(records)
-    mine = {r.band.get("seed"): r for r in records
-            if r.ok and r.band and r.band.get("kind") == "cell-seed" and r.band.get("of") == cell}
+    mine = {r.band.seed: r for r in records
+            if r.ok and r.band and r.band.kind is BandKind.CELL_SEED and r.band.of == cell}
     if not mine:
         return None
-    theirs = {r.band.get("seed"): r for r in records if r.ok and r.band and r.band.get("kind") == "seed"}
+    theirs = {r.band.seed: r for r in records if r.ok and r.band_kind is BandKind.SEED}
     out: dict[str, list[float]] = {}
     for seed in sorted(s for s in mine if s in theirs and s is not None):
         a, b = flat_val(mine[seed]), flat_val(theirs[seed])
@@ -705,7 +706,7 @@ def _climb(j: CellJudgement, rec: ResultRecord, first: ResultRecord | None, stic
     if j.vs_recorded:
         reference = TRIAL
         ref_vals = {k: d.old for k, d in j.vs_recorded.items()}
-        arch_identical = bool((j.weights_vs_archived or {}).get("identical"))
+        arch_identical = bool(j.weights_vs_archived and j.weights_vs_archived.identical)
         identical = (TRIAL if j.weights_identical_to_recorded or j.user_weights_identical_to_recorded
                      else "archived weights" if arch_identical else None)
     elif first is not None and rec is not first:

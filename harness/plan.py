@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from .errors import HarnessError, InputError, UsageError
 from .options import ImageOptions, RunOptions
+from .record import BandKind, BandMember
 from .safeio import CellPaths
 
 LOCAL_DEFAULT_MODES = ("strict", "default")
@@ -40,9 +41,10 @@ class Cell:
     labels: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None  # a seed band member: overrides training.seed
     perturb: dict[str, Any] | None = None  # an ulp band member: {"kind": "ulp", "seed": s}
-    band: dict[str, Any] | None = None  # a band member: {"kind": "ulp" | "seed", "member": i}
+    band: BandMember | None = None  # a band member: its kind and number
     gpu: str | None = None  # slurm: the GPU type the cell's job asks for (a GRES type); None: no GPU
     slot: Any = None  # harness.schedule.Slot: its cores and GPU while it runs (--jobs); None: unpinned
+    notes: tuple[str, ...] = ()  # what the launcher adds to its record's warnings (e.g. why it ran again alone)
 
 
 @dataclass
@@ -194,7 +196,7 @@ def band_cells(baseline: Cell, n: int, seeds: int, training_seed: int) -> list[C
     out = []
     for kind, count in (("ulp", n), ("seed", seeds)):
         for i in range(1, count + 1):
-            band = {"kind": kind, "member": i}
+            band = BandMember(BandKind(kind), i)
             out.append(Cell(
                 name=f"{BAND_PREFIX}{kind}-{i}", device=baseline.device, determinism=baseline.determinism,
                 threads=baseline.threads, tf32=baseline.tf32, repeat=0, image=baseline.image, isa=baseline.isa,
@@ -265,7 +267,7 @@ def cell_seed_cells(cells: list[Cell], k: int, training_seed: int) -> list[Cell]
                 skip_reason=cell.skip_reason, warning=cell.warning,
                 labels={**{k_: v for k_, v in cell.labels.items() if k_ != "repeat"}, "cell_seed": i,
                         "seed_of": cell.name},
-                seed=training_seed + i, band={"kind": "cell-seed", "member": i, "of": cell.name}, gpu=cell.gpu))
+                seed=training_seed + i, band=BandMember(BandKind.CELL_SEED, i, of=cell.name), gpu=cell.gpu))
     return out
 
 
@@ -276,7 +278,7 @@ def with_cell_seeds(plan: Plan, k: int, training_seed: int) -> Plan:
     extra = cell_seed_cells(plan.cells, k, training_seed)
     blocked = dict(plan.blocked)
     for c in extra:
-        of = c.band["of"] if c.band else ""
+        of = (c.band.of if c.band else None) or ""
         if of in blocked:
             blocked[c.name] = blocked[of]
     return replace(plan, cells=plan.cells + extra, blocked=blocked)

@@ -26,11 +26,11 @@ def finished_line(rec: ResultRecord, reused: bool = False) -> str:
         parts.append(f"reused (run {rec.run_id})" if rec.run_id else "reused")
     elif rec.launcher_wall_s is not None:
         parts.append(f"{rec.launcher_wall_s:.1f}s")
-    slot = rec.slot or {}
-    if not reused and slot.get("cpus"):
-        parts.append("cpus " + ",".join(str(c) for c in slot["cpus"]))
-    if not reused and slot.get("gpu") is not None:
-        parts.append(f"gpu {slot['gpu']}")
+    slot = rec.slot
+    if not reused and slot is not None and slot.cpus:
+        parts.append("cpus " + ",".join(str(c) for c in slot.cpus))
+    if not reused and slot is not None and slot.gpu is not None:
+        parts.append(f"gpu {slot.gpu}")
     # a skipped cell's reason (with the command that makes it run) is said once, under the results; a band
     # member is not a row there, so its line keeps the reason
     said_below = rec.status.value == "skipped" and is_row(rec)

@@ -137,7 +137,9 @@ def _check_type(key: str, value: Any, annotation: str, where: str) -> None:
     else:
         return  # nested documents (ErrorInfo, Env, ImageInfo, Status) are checked by their own readers
     if not ok:
-        raise InputError(where, f"{key} must be {'an object' if base.startswith('dict') else 'a list' if base.startswith('list') else 'a ' + base}"
+        what = "an object" if base.startswith("dict") else "a list" if base.startswith("list") else \
+            {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}[base]
+        raise InputError(where, f"{key} must be {what}"
                                 f"{' or null' if optional else ''}, got {type(value).__name__}")
 
 
@@ -170,6 +172,8 @@ def _jsonable(value: Any) -> Any:
     """Plain JSON data: enums by value, dataclasses as dicts (non-finite floats kept; see :func:`strict`)."""
     if isinstance(value, enum.Enum):
         return value.value
+    if isinstance(value, Part):
+        return value.to_dict()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
     if isinstance(value, Mapping):
@@ -195,6 +199,154 @@ def strict(value: Any, path: str = "", found: list[str] | None = None) -> Any:
 def dumps(data: Any) -> str:
     """Strict JSON: non-finite floats become null (records also list where, in ``nonfinite``)."""
     return json.dumps(strict(_jsonable(data)), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+# --------------------------------------------------------------------------- typed parts of a record
+
+
+class Part:
+    """A typed part of a spec or record: a small document that crosses a boundary (the worker, perhaps in
+    a container, writes it; the launcher, the judge and the report read it), so it is read with its
+    types checked, one line and exit 2 when they are wrong, and written with its unset optional keys
+    left out, which keeps the JSON what it was when the part was a free dict."""
+
+    @classmethod
+    def read(cls, data: Any, where: str, name: str) -> Any:
+        """``data`` as this part (None stays None); anything else than an object is refused in one line."""
+        if data is None or isinstance(data, cls):
+            return data
+        if not isinstance(data, Mapping):
+            raise InputError(where, f"{name} must be an object or null, got {type(data).__name__}")
+        return cls(**_take(cls, data, f"{where}: {name}" if where else name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)  # type: ignore[arg-type]
+                if getattr(self, f.name) is not None or f.default is dataclasses.MISSING}
+
+
+@dataclass(frozen=True)
+class BandMember(Part):
+    """What band a run belongs to, and which member it is. Band members are the band's, never cells
+    of the table; the seed is the training seed it ran with (the record's, not the spec's)."""
+
+    kind: BandKind
+    member: int  # 1, 2, ...
+    seed: int | None = None
+    of: str | None = None  # a cell-seed member: the cell whose own repeats it is
+    seed_via: list[str] | None = None  # where a seed member's seed reaches its trainer, in words
+
+    def __post_init__(self) -> None:
+        check_band({"kind": _jsonable(self.kind), "member": self.member}, "band")
+        object.__setattr__(self, "kind", BandKind(self.kind))
+
+    @classmethod
+    def read(cls, data: Any, where: str, name: str = "band") -> "BandMember | None":
+        if isinstance(data, Mapping):
+            check_band(data, where)  # the kind and member named in the old words
+        return super().read(data, where, name)
+
+
+@dataclass(frozen=True)
+class Perturbation(Part):
+    """What an ulp band member's one-ulp change was (harness.worker.perturb), or that it was skipped and why."""
+
+    applied: bool
+    kind: str | None = None  # "ulp"
+    seed: int | None = None  # the private RNG's seed that chose the value
+    via: str | None = None  # where it was applied: the reference trainer, a forward pre-hook on ...
+    skipped: str | None = None  # not applied: why
+    module: str | None = None  # the model's class
+    tensor: str | None = None  # the parameter, by name
+    index: int | None = None  # the flat index of the value moved
+    shape: list[int] | None = None
+    dtype: str | None = None
+    old: str | None = None  # float.hex of the value before
+    new: str | None = None  # and after
+    direction: str | None = None  # "+inf" | "-inf"
+    process: int | None = None  # a trainer command's: the pid of the process that applied it
+    updated: bool | None = None  # hooks: an optimizer step followed (the change was not overwritten first)
+
+    def where(self) -> str | None:
+        """``tensor[index] direction``, in words; None when nothing was applied."""
+        return f"{self.tensor}[{self.index}] {self.direction}" if self.applied else None
+
+
+@dataclass(frozen=True)
+class WeightsDiff(Part):
+    """The retrained best weights against the bundle's ``weights/best.pt``, tensor by tensor."""
+
+    identical: bool
+    first_difference: str | None = None  # the first differing tensor, by sorted name
+    max_abs_diff: float | None = None  # None: a tensor missing or of another shape or dtype
+
+
+@dataclass(frozen=True)
+class UserWeights(Part):
+    """A trainer's own weights digest (its convention) against trial_info's ``weights_sha256``."""
+
+    sha256: str
+    recorded: str | None = None
+    identical_to_recorded: bool | None = None  # None: the trial recorded no digest
+
+
+@dataclass(frozen=True)
+class TraceInfo(Part):
+    """What ``--trace`` wrote (``file``, ``steps``, ``truncated``), or why there is none (``why``)."""
+
+    file: str | None = None  # trace.jsonl beside the record; None: no trace, and ``why`` says why
+    steps: int = 0
+    truncated: bool = False
+    schema: str | None = None  # the trace file's (harness.trace/1)
+    why: str | None = None
+    process: int | None = None  # a trainer command's: the pid of the process whose steps it holds
+
+
+@dataclass(frozen=True)
+class SlotInfo(Part):
+    """Where ``--jobs`` ran the cell (harness.schedule.Slot, as the record keeps it)."""
+
+    cpus: list[int] | None = None  # the cores it was pinned to; None: not pinned
+    gpu: str | None = None
+    gpu_shared: int | None = None  # cells on its GPU when it started, itself included
+
+
+@dataclass(frozen=True)
+class GpuMemory(Part):
+    """A CUDA cell's use of its GPU, in MiB (harness.worker.envinfo.gpu_memory says what each is)."""
+
+    total_mib: float | None = None
+    peak_reserved_mib: float | None = None
+    peak_allocated_mib: float | None = None
+    device_used_mib: float | None = None
+    context_mib: float | None = None
+
+
+@dataclass(frozen=True)
+class SlurmJob(Part):
+    """The Slurm backend's job for the cell, from sacct and the node (see docs/clusters.md)."""
+
+    job_id: str
+    state: str | None = None  # sacct's word: COMPLETED, FAILED, CANCELLED, TIMEOUT, ...
+    node: str | None = None
+    gpu_type: str | None = None  # the GRES type asked for
+    gres: list[str] | None = None  # the GPU types sacct says it was given
+    job_gpus: str | None = None  # SLURM_JOB_GPUS on the node
+    partition: str | None = None
+    exit_code: str | None = None  # sacct's ExitCode, "code:signal"
+    elapsed: str | None = None
+    runtime: str | None = None  # python | docker
+    reused_from: str | None = None  # the run whose record this is, when a rerun reused it
+
+
+@dataclass(frozen=True)
+class DataFeed(Part):
+    """The reference trainer's data path: asked for, used, and what decided it (harness.worker.feed)."""
+
+    requested: str  # loader | fast
+    effective: str
+    proof: str
+    torch: str | None = None
+    fell_back: bool = False
 
 
 # --------------------------------------------------------------------------- the run spec
@@ -226,13 +378,18 @@ class RunSpec:
     # {"kind": "ulp", "seed": s}: move one initial parameter value by one ulp, chosen by
     # a private RNG seeded with s (an ulp band member); see harness.worker.perturb
     perturb: dict[str, Any] | None = None
-    band: dict[str, Any] | None = None  # {"kind": "ulp" | "seed", "member": i}: copied into the record
+    band: BandMember | None = None  # a band member's kind and number: copied into the record
     # --data-path: the reference trainer's data path, "loader" | "fast"; None: the default
     # (options.DEFAULT_DATA_PATH). Not ``data_path``: that name is the dataset file's.
     data_feed: str | None = None
     seed_key: str | None = None  # --seed-key: where a custom trainer reads its seed in config.yaml (trainer.seed_key)
     trainer_cwd: str | None = None  # where a custom trainer runs: bundle | project (--trainer-cwd, else trainer.cwd)
     schema: str = SPEC_SCHEMA
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "band" and value is not None and not isinstance(value, BandMember):
+            value = BandMember.read(value, "spec")  # its JSON data, read as the part (see ResultRecord)
+        object.__setattr__(self, name, value)
 
     def to_json(self) -> str:
         return dumps(self.to_dict())
@@ -253,9 +410,10 @@ class RunSpec:
     def from_json(cls, data: Any, where: str = CellPaths.SPEC) -> "RunSpec":
         """A spec of this version; another version or an unknown key is refused (exit 2)."""
         data = _refuse_schema(data, SPEC_SCHEMA, where, "harness run spec")
-        spec = cls(**_take(cls, data, where))
+        kw = _take(cls, data, where)
+        kw["band"] = BandMember.read(kw.get("band"), where)
+        spec = cls(**kw)
         check_perturb(spec.perturb, where)
-        check_band(spec.band, where)
         if spec.data_feed is not None and spec.data_feed not in DATA_PATHS:
             raise InputError(where, f"data_feed must be one of {', '.join(DATA_PATHS)}, got {spec.data_feed!r}")
         why = trainer_cwd_error(spec.trainer_cwd, "trainer_cwd")
@@ -414,12 +572,8 @@ class ResultRecord:
     weights_sha256: str | None = None
     last_weights_sha256: str | None = None
     archived_weights_sha256: str | None = None
-    # the retrained best weights vs the bundle's weights/best.pt, tensor by tensor:
-    # {"identical": bool, "first_difference": name | None, "max_abs_diff": float | None}
-    weights_vs_archived: dict[str, Any] | None = None
-    # a trainer's own weights digest (its convention) vs trial_info's weights_sha256:
-    # {"sha256": str, "recorded": str | None, "identical_to_recorded": bool | None}
-    user_weights: dict[str, Any] | None = None
+    weights_vs_archived: WeightsDiff | None = None  # the retrained best weights vs the bundle's weights/best.pt
+    user_weights: UserWeights | None = None  # a trainer's own weights digest vs trial_info's weights_sha256
     history: list[dict[str, Any]] = field(default_factory=list)
     # a custom trainer: what ran and how ({entrypoint | command, code_dirs, seed_key, weights, ...}); since
     # trainer.cwd, also "cwd" (the working directory it ran in, as the worker saw it: a container path in a
@@ -433,25 +587,14 @@ class ResultRecord:
     launcher_wall_s: float | None = None  # as the launcher saw it (start-up included)
     nonfinite: list[str] = field(default_factory=list)  # dotted paths of values that were NaN/inf (written as null)
     timeout_s: float | None = None  # the launcher's --timeout for this cell
-    # a band member: {"kind": "ulp" | "seed", "member": i, "seed": the training seed it ran with};
-    # None for an ordinary cell. Band members are the band's, never cells of the table.
-    band: dict[str, Any] | None = None
+    band: BandMember | None = None  # None for an ordinary cell
     # what an ulp perturbation did: {"kind", "seed", "applied": True, "tensor", "index", "shape", "dtype",
     # "old", "new" (float.hex), "direction" ("+inf" | "-inf")}, or {"applied": False, "skipped": why}
-    perturbation: dict[str, Any] | None = None
-    # --trace: {"file": "trace.jsonl" | None, "schema": "harness.trace/1", "steps": n, "truncated": bool,
-    # "why": why there is none}; None when no trace was asked for
-    trace: dict[str, Any] | None = None
-    # the Slurm backend's job: {"job_id", "state" (sacct's, e.g. COMPLETED, CANCELLED, TIMEOUT), "node",
-    # "gpu_type" (asked for), "gres" (the GPU types sacct says it was given), "job_gpus" (SLURM_JOB_GPUS on the
-    # node), "exit_code", "elapsed", "runtime" (python | docker), "reused_from" (the run whose record this is)};
-    # None for the other backends
-    slurm: dict[str, Any] | None = None
-    # the reference trainer's data path (--data-path): {"requested": "loader" | "fast", "effective": ...,
-    # "proof": what decided it, "torch": version, "fell_back": bool}; None for custom trainers
-    data_feed: dict[str, Any] | None = None
-    # where it ran with --jobs: {"cpus": [core, ...] | None (not pinned), "gpu": id | None}; None: not scheduled
-    slot: dict[str, Any] | None = None
+    perturbation: Perturbation | None = None
+    trace: TraceInfo | None = None  # None when no trace was asked for
+    slurm: SlurmJob | None = None  # the Slurm backend's job; None for the other backends
+    data_feed: DataFeed | None = None  # the reference trainer's data path (--data-path); None for custom trainers
+    slot: SlotInfo | None = None  # where it ran with --jobs; None: not scheduled
     # sha256 over what determines the result (harness.cache.cell_key): a rerun with --resume reuses the
     # record when its key is unchanged
     cache_key: str | None = None
@@ -460,10 +603,16 @@ class ResultRecord:
     # warm (--cold, a trainer command, a server that failed to start); None: older records, other backends
     start: str | None = None
     start_reason: str | None = None
-    # a CUDA cell's use of its GPU (harness.worker.envinfo.gpu_memory): {"total_mib", "peak_reserved_mib",
-    # "peak_allocated_mib", "device_used_mib", "context_mib"}; None: no CUDA, a trainer command, older records
-    gpu_memory: dict[str, Any] | None = None
+    gpu_memory: GpuMemory | None = None  # a CUDA cell's use of its GPU; None: no CUDA, a trainer command, older records
     schema: str = SCHEMA
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A typed part given as its JSON data (the worker's wire format, a child process's report) is
+        read as that part, checked, on construction and on assignment alike (like a validating model)."""
+        part = PARTS.get(name)
+        if part is not None and value is not None and not isinstance(value, part):
+            value = part.read(value, "record", name)
+        object.__setattr__(self, name, value)
 
     # ---- construction
 
@@ -511,13 +660,14 @@ class ResultRecord:
             raise InputError(where, "an ok record carries no metrics")
         if kw["status"] is not Status.OK and kw.get("error") is None:
             raise InputError(where, f"a {kw['status'].value} record carries no error")
-        check_band(kw.get("band"), where)
+        for name, part in PARTS.items():
+            kw[name] = part.read(kw.get(name), where, name)
         return cls(**kw)
 
     @property
     def band_kind(self) -> BandKind | None:
         """The kind of band member this record is, or None for an ordinary cell."""
-        return BandKind(self.band["kind"]) if self.band else None
+        return self.band.kind if self.band else None
 
     @property
     def ok(self) -> bool:
@@ -532,6 +682,12 @@ class ResultRecord:
     def archived(self) -> dict[str, Any] | None:
         value = (self.metrics or {}).get("archived")
         return value if isinstance(value, Mapping) else None
+
+
+# the record's fields that are typed parts, read (and checked) by ResultRecord.from_json
+PARTS: dict[str, type[Part]] = {"weights_vs_archived": WeightsDiff, "user_weights": UserWeights, "band": BandMember,
+                                "perturbation": Perturbation, "slurm": SlurmJob,
+                                "trace": TraceInfo, "data_feed": DataFeed, "slot": SlotInfo, "gpu_memory": GpuMemory}
 
 
 # --------------------------------------------------------------------------- what one invocation planned

@@ -22,7 +22,7 @@ from .band import Band
 from .judge import Comparison, MetricDiff, Verdict, is_row, max_abs
 from .judge import attribution_of as judged_attribution
 from .ladder import RUNG_LINES, RUNG_ORDER, Rung
-from .record import REPORT_SCHEMA, ResultRecord, _jsonable
+from .record import REPORT_SCHEMA, BandKind, ResultRecord, _jsonable
 
 VERDICT_STYLE = {Verdict.REPRODUCED: "bold green", Verdict.DRIFTED: "bold yellow", Verdict.FAILED: "bold red",
                  Verdict.UNRECORDED: "cyan", Verdict.SKIPPED: "dim", Verdict.INCOMPLETE: "bold magenta",
@@ -120,10 +120,10 @@ def _env_summary(rec: ResultRecord) -> dict[str, str]:
     where = rec.backend or "?"
     if rec.image is not None and rec.image.tag:
         where = f"{where}:{rec.image.tag}"
-    slurm = rec.slurm or {}
-    if slurm.get("node") or slurm.get("gres"):  # the node and the GPU type the job was given
-        gres = ",".join(str(g) for g in slurm.get("gres") or [])
-        where += f" {slurm.get('node') or '?'}" + (f" gpu:{gres}" if gres else "")
+    slurm = rec.slurm
+    if slurm is not None and (slurm.node or slurm.gres):  # the node and the GPU type the job was given
+        gres = ",".join(slurm.gres or [])
+        where += f" {slurm.node or '?'}" + (f" gpu:{gres}" if gres else "")
     return {
         "where": where,
         "python": env.python or "—",
@@ -171,15 +171,15 @@ def _weights(j: Any, is_first: bool) -> str:
     if j is None:
         return "—"
     parts = []
-    arch = getattr(j, "weights_vs_archived", None)
+    arch = j.weights_vs_archived
     if arch:  # tensor by tensor against the bundle's weights/best.pt
-        if arch.get("identical"):
+        if arch.identical:
             parts.append("=archived")
         else:
             parts.append("≠archived")  # which tensor, and by how much: a line under the table (weights_notes)
     if j.weights_identical_to_recorded is not None:
         parts.append("=trial" if j.weights_identical_to_recorded else "≠trial")
-    user = getattr(j, "user_weights_identical_to_recorded", None)
+    user = j.user_weights_identical_to_recorded
     if user is not None:  # the trainer's own digest vs trial_info's: its convention
         parts.append("=trial(own sha)" if user else "≠trial(own sha)")
     if not is_first and j.weights_identical_to_first is not None:
@@ -195,9 +195,9 @@ def weights_notes(comparison: Comparison) -> list[str]:
     """
     by_tensor: dict[str, list[tuple[str, float | None]]] = {}
     for j in comparison.cells:
-        arch = getattr(j, "weights_vs_archived", None)
-        if arch and not arch.get("identical"):
-            by_tensor.setdefault(str(arch.get("first_difference")), []).append((j.cell, arch.get("max_abs_diff")))
+        arch = j.weights_vs_archived
+        if arch and not arch.identical:
+            by_tensor.setdefault(str(arch.first_difference), []).append((j.cell, arch.max_abs_diff))
     out = []
     for tensor, cells in by_tensor.items():
         deltas = sorted(d for _, d in cells if d is not None)
@@ -496,12 +496,12 @@ MEMBER_COLUMNS = ("member", "kind", "change", "val loss", "R² val", "weights", 
 
 
 def _change(rec: ResultRecord) -> str:
-    p = rec.perturbation or {}
-    if (rec.band or {}).get("kind") == "seed":
-        return f"seed {(rec.band or {}).get('seed', '?')}"
-    if p.get("applied"):
-        return f"{p.get('tensor')}[{p.get('index')}] {p.get('direction')}"
-    return "not perturbed" if p else "—"
+    p = rec.perturbation
+    if rec.band_kind is BandKind.SEED:
+        return f"seed {rec.band.seed if rec.band and rec.band.seed is not None else '?'}"
+    if p is None:
+        return "—"
+    return p.where() or "not perturbed"
 
 
 def member_rows(records: list[ResultRecord]) -> list[tuple[str, ...]]:
@@ -509,7 +509,7 @@ def member_rows(records: list[ResultRecord]) -> list[tuple[str, ...]]:
     for rec in band_members(records):
         val = rec.retrained.get("val") or {}
         wall = rec.launcher_wall_s if rec.launcher_wall_s is not None else rec.wall_s
-        out.append((rec.cell, str((rec.band or {}).get("kind", "?")), _change(rec),
+        out.append((rec.cell, rec.band.kind.value if rec.band else "?", _change(rec),
                     fnum(rec.retrained.get("val_loss")) if rec.ok else rec.status.value, fnum(_mean(val.get("r2")), 5),
                     (rec.weights_sha256 or "—")[:12], f"{wall:.1f}s" if isinstance(wall, (int, float)) and rec.ok else "—"))
     return out
@@ -660,9 +660,9 @@ def trace_notes(records: Iterable[ResultRecord]) -> list[str]:
     """Why a --trace cell has no trace (the record's ``trace.why``), each reason once, naming its cells."""
     by_why: dict[str, list[str]] = {}
     for r in records:
-        t = r.trace if isinstance(r.trace, dict) else None
-        if t is not None and not t.get("file") and not r.band:
-            by_why.setdefault(str(t.get("why") or "the run wrote none"), []).append(r.cell)
+        t = r.trace
+        if t is not None and not t.file and not r.band:
+            by_why.setdefault(t.why or "the run wrote none", []).append(r.cell)
     return [f"no trace for {', '.join(cells)}: {why}" for why, cells in by_why.items()]
 
 

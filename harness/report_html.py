@@ -510,7 +510,7 @@ def _curves_section(records: list[ResultRecord], members_only: bool, traces: Map
         if isinstance(t, str):
             lines.append(f"{r.cell}: trace refused ({t})")
         elif not isinstance(t, Trace) and traced:
-            why = (r.trace or {}).get("why")
+            why = r.trace.why if r.trace else None
             lines.append(f"{r.cell}: no trace" + (f" ({why})" if why else ""))
     if traced:
         n = max(len(t.steps) for _, t in traced)

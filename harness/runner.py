@@ -19,7 +19,7 @@ import functools
 import os
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -28,7 +28,7 @@ from .errors import ErrorKind, HarnessError, InputError, Interrupted, disk_failu
 from .judge import Comparison, Tolerances, compare
 from .options import ReportOptions, RunOptions
 from .plan import Cell, Job, Plan, band_cells, choose_baseline, make_plan, with_band, with_cell_seeds
-from .record import ResultRecord, RunManifest, Status
+from .record import BandKind, ResultRecord, RunManifest, Status
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -343,7 +343,7 @@ class _CellRun:
         rec.run_id = self.job.run_id
         rec.labels = {**cell.labels, **rec.labels}
         if cell.band and rec.band is None:
-            rec.band = dict(cell.band)
+            rec.band = cell.band
         self.records[cell.name] = rec
         try:
             record.write(self.job.cell_dir(cell) / record.RECORD_FILE, rec)
@@ -470,8 +470,6 @@ class _CellRun:
 
     def start_what_fits(self, ready: list[Cell], executor: ThreadPoolExecutor) -> None:
         """The ready cells the pool has room for start, each on its slot; nothing starts after bad input."""
-        from dataclasses import replace
-
         from .schedule import Slot, next_to_start
 
         pool = self.pool
@@ -501,14 +499,11 @@ class _CellRun:
             self.rerun_alone[cell.name] = why
             self.progress.note(f"! {why}: it runs again alone, and no cells share a GPU for the rest of this run",
                                "yellow")
-            self.waiting.insert(0, cell)
+            self.waiting.insert(0, replace(cell, notes=(*cell.notes, f"ran again alone on its GPU: {why}")))
             return
-        if rec.gpu_memory and slot.gpu is not None and pool.size_gpus(rec.gpu_memory, slot.gpu_shared == 1):
+        if rec.gpu_memory and slot.gpu is not None and pool.size_gpus(rec.gpu_memory.to_dict(), slot.gpu_shared == 1):
             getattr(self.progress, "info", self.progress.note)(f"gpu: up to {pool.per_gpu} cell(s) share a GPU "
                                                                f"({pool.per_gpu_why})")
-        if cell.name in self.rerun_alone:
-            rec.warnings.append(f"ran again alone on its GPU: {self.rerun_alone[cell.name]}")
-            unwritten = True  # the record on disk must carry the warning
         if unwritten:
             self.keep(cell, rec)
         else:
@@ -586,16 +581,15 @@ def band_gates(waiting: list[Cell], records: dict[str, ResultRecord],
     ready: list[Cell] = []
     skip: dict[str, str] = {}
     for cell in waiting:
-        b = cell.band or {}
-        if b.get("kind") not in ("ulp", "seed"):
+        b = cell.band
+        if b is None or b.kind not in (BandKind.ULP, BandKind.SEED):
             ready.append(cell)
             continue
         of = (cell.labels or {}).get("band_of")
-        mine = [c for c in cells if (c.band or {}).get("kind") == b["kind"] and (c.labels or {}).get("band_of") == of]
-        planned = [int(c.band["member"]) for c in mine if c.band]
-        finished = {int(c.band["member"]): band_member(records[c.name]) for c in mine
-                    if c.band and c.name in records}
-        what, why = gate(str(b["kind"]), int(b.get("member") or 0), planned, finished)
+        mine = [c for c in cells if c.band is not None and c.band.kind == b.kind and (c.labels or {}).get("band_of") == of]
+        planned = [c.band.member for c in mine if c.band]
+        finished = {c.band.member: band_member(records[c.name]) for c in mine if c.band and c.name in records}
+        what, why = gate(b.kind.value, b.member, planned, finished)
         if what == "run":
             ready.append(cell)
         elif what == "skip" and why is not None:
@@ -730,7 +724,7 @@ def read_traces(records: list[ResultRecord], roots: list[Path]) -> dict[str, Any
 
     out: dict[str, Any] = {}
     for rec in records:
-        if not (rec.trace and rec.trace.get("file")) or "/" in rec.cell or rec.cell in ("", ".", ".."):
+        if not (rec.trace and rec.trace.file) or "/" in rec.cell or rec.cell in ("", ".", ".."):
             out[rec.cell] = None
             continue
         found: Any = None
@@ -868,7 +862,6 @@ def _auto_band_plan(plan: Plan, auto: AutoBands, records: list[ResultRecord], re
     if base is None:
         return None
     members = band_cells(base, n_ulp, n_seed, auto.training_seed)
-    from dataclasses import replace
 
     blocked = {m.name: plan.blocked[base.name] for m in members if base.name in plan.blocked}
     took = next((r.launcher_wall_s or r.wall_s for r in records if r.cell == base.name and r.ok), None)
@@ -933,7 +926,6 @@ def execute_plan(plan: Plan, backend: Backend, job: Job, report_opts: ReportOpti
 
 
 def replace_cells(plan: Plan, cells: list[Cell], blocked: dict[str, Any]) -> Plan:
-    from dataclasses import replace
 
     return replace(plan, cells=cells, blocked={**plan.blocked, **blocked})
 
@@ -954,7 +946,7 @@ def execute(opts: RunOptions, report_opts: ReportOptions, tol: Tolerances,
     plan = make_plan(opts)
     band = load_band(opts.band_from, bundle, pre.data_sha256) if opts.band_from else []
     if opts.cell_seeds and opts.band_from:  # the cells' seeds pair with the band's: refused before anything trains
-        have = sum(1 for r in band if r.ok and (r.band or {}).get("kind") == "seed")
+        have = sum(1 for r in band if r.ok and r.band_kind is BandKind.SEED)
         if have < opts.cell_seeds:
             raise InputError(opts.band_from, f"holds {have} seed member(s); --cell-seeds {opts.cell_seeds} pairs each "
                              "cell's seeds with as many of the band's",

@@ -89,19 +89,20 @@ def assert_reproduces(rec: Any, stdout: str = "", *, weights: bool = True) -> No
     """``rec`` reproduced its trial: bit for bit on the trial's CPU model, to numerical noise elsewhere."""
     from harness import judge
     from harness.ladder import Rung
+    from harness.record import WeightsDiff
 
     cell = judge.compare([rec]).cell(rec.cell)
     assert cell.verdict is judge.Verdict.REPRODUCED, cell.reason
     if ON_TRIAL_CPU:
         assert cell.rung is Rung.BITWISE, cell.reason
         if weights:
-            assert rec.weights_vs_archived == {"identical": True, "first_difference": None, "max_abs_diff": 0.0}
+            assert rec.weights_vs_archived == WeightsDiff(identical=True, first_difference=None, max_abs_diff=0.0)
         if stdout:
             assert "bitwise" in stdout
     else:
         assert cell.rung in (Rung.BITWISE, Rung.EQUAL), cell.reason
         if weights:
-            assert rec.weights_vs_archived["identical"] or rec.weights_vs_archived["max_abs_diff"] < 1e-5
+            assert rec.weights_vs_archived.identical or rec.weights_vs_archived.max_abs_diff < 1e-5
     if stdout:
         assert "reproduced" in stdout
 

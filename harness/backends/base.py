@@ -211,7 +211,7 @@ class Backend(ABC):
             rec.error.log_tail = log_tail[-record.LOG_TAIL_CHARS:]
         rec.labels = {**rec.labels, **cell.labels}
         if cell.band and rec.band is None:  # a band member that failed is still the band's
-            rec.band = dict(cell.band)
+            rec.band = cell.band
         rec.backend = self.name
         rec.run_id = job.run_id or rec.run_id
         if launched.image is not None:
@@ -221,6 +221,7 @@ class Backend(ABC):
         rec.launcher_wall_s = wall_s
         rec.timeout_s = job.timeout_s
         rec.slot = cell.slot.to_record() if cell.slot is not None else None
+        rec.warnings.extend(n for n in cell.notes if n not in rec.warnings)
         if cache_key is not None:
             rec.cache_key = cache_key
         record.write(path, rec)

@@ -185,9 +185,8 @@ class SlurmBackend(Backend):
         except HarnessError:
             rec = None
         slurm = rec.slurm if rec is not None else None
-        if rec is not None and rec.ok and slurm and state_word(slurm.get("state")) == "COMPLETED" \
-                and str(slurm.get("job_id")) == job_id:
-            rec.slurm = {**slurm, "reused_from": slurm.get("reused_from") or rec.run_id}
+        if rec is not None and rec.ok and slurm and state_word(slurm.state) == "COMPLETED" and slurm.job_id == job_id:
+            rec.slurm = dataclasses.replace(slurm, reused_from=slurm.reused_from or rec.run_id)
             rec.run_id = job.run_id
             record.write(path, rec)
             self.reused[cell.name] = rec

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -197,8 +198,8 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
     rec.perturbation = perturber.record("the reference model was never built")
     rec.train_s = time.perf_counter() - t0
     rec.data_feed = result.extra.get("data_path")
-    if rec.data_feed and rec.data_feed.get("fell_back"):
-        rec.warnings.append(f"--data-path fast was not used: {rec.data_feed['proof']}")
+    if rec.data_feed and rec.data_feed.fell_back:
+        rec.warnings.append(f"--data-path fast was not used: {rec.data_feed.proof}")
     net.load_state_dict(result.best_state)
     retrained = _evaluate(net, data, split, scaler, device, y_scaled)
     retrained["val_loss"] = result.val_loss  # the objective's value: best epoch's validation loss
@@ -354,7 +355,7 @@ def _custom_run(spec: RunSpec, bundle: Any, device: Any, out: Path, rec: ResultR
             rec.trace = ctx._tracer.close()
         elif spec.trace:
             rec.trace = hooked["trace"]
-            if not (rec.trace or {}).get("steps"):
+            if rec.trace is None or not rec.trace.steps:
                 (out / TRACE_FILE).unlink(missing_ok=True)
                 rec.trace = no_trace(NO_STEP_SEEN.format(trainer=f"the trainer {entry}"))
     rec.train_s = time.perf_counter() - t0
@@ -690,8 +691,8 @@ def run(spec: RunSpec) -> ResultRecord:
         bundle={"path": bundle.root, "trial": bundle.recorded.number if bundle.recorded else None,
                 "config_sha256": config_sha256},
         env=Env.from_json({**envinfo.measure(spec.device), **isa.capture(spec.isa)}, "env"),
-        band={**spec.band, "seed": bundle.training.seed,
-              **({"seed_via": seed_via(bundle)} if spec.seed is not None else {})} if spec.band else None,
+        band=dataclasses.replace(spec.band, seed=bundle.training.seed,
+                                 seed_via=seed_via(bundle) if spec.seed is not None else None) if spec.band else None,
     )
     isa_warning = isa.mismatch(spec.isa, rec.env.cpu_capability)
     if isa_warning:
@@ -733,8 +734,8 @@ def run(spec: RunSpec) -> ResultRecord:
         rec.data["shape"] = list(data.raw_shape)
         rec.data["targets"] = data.target_names
         _reference_run(spec, bundle, data, device, out, rec)
-    if rec.perturbation is not None and not rec.perturbation.get("applied"):
-        rec.warnings.append(f"ulp band member not perturbed: {rec.perturbation.get('skipped')}; "
+    if rec.perturbation is not None and not rec.perturbation.applied:
+        rec.warnings.append(f"ulp band member not perturbed: {rec.perturbation.skipped}; "
                             "it is left out of the band")
     rec.determinism = determinism.capture(spec.determinism, bundle.training.seed, reference=bundle.trainer is None)
     rec.gpu_memory = envinfo.gpu_memory(torch)  # in-process trainers only: a command's GPU is its own process's

@@ -44,14 +44,14 @@ def test_band_of_the_example_end_to_end(example_band) -> None:
     names = set(torch.load(example_band["bundle"] / "weights" / "best.pt", weights_only=True))
     for i in (1, 2, 3):
         r = recs[f"band-ulp-{i}"]
-        assert r.band == {"kind": "ulp", "member": i, "seed": 42} and r.labels["band"] == "ulp"
+        assert r.band.to_dict() == {"kind": "ulp", "member": i, "seed": 42} and r.labels["band"] == "ulp"
         p_ = r.perturbation
-        assert p_["applied"] is True and p_["seed"] == i and p_["tensor"] in names
-        assert float.fromhex(p_["old"]) != float.fromhex(p_["new"]) and p_["direction"] in ("+inf", "-inf")
+        assert p_.applied is True and p_.seed == i and p_.tensor in names
+        assert float.fromhex(p_.old) != float.fromhex(p_.new) and p_.direction in ("+inf", "-inf")
         assert r.weights_sha256 != trial["user_attrs"]["weights_sha256"]  # one ulp is enough to move the result
         assert r.bundle["config_sha256"] and r.spec["perturb"] == {"kind": "ulp", "seed": i}
     seed = recs["band-seed-1"]
-    assert seed.band == {"kind": "seed", "member": 1, "seed": 43, "seed_via": [
+    assert seed.band.to_dict() == {"kind": "seed", "member": 1, "seed": 43, "seed_via": [
         "training.seed", "the global RNGs (random, numpy, torch) seeded before training"]} and seed.perturbation is None
     assert seed.determinism["seed"] == 43 and seed.spec["seed"] == 43
     # another seed trains differently, on the trial's split: scored on the same validation samples
@@ -164,8 +164,8 @@ def test_a_custom_trainer_that_calls_the_hook_gets_its_band(make_bundle, tmp_pat
     p = harness("band", str(root), "--n", "2", "--device", "cpu", "-o", str(tmp_path / "b"), "--no-progress")
     assert p.returncode == 0, p.stdout + p.stderr
     recs = record.load(tmp_path / "b").records
-    assert [r.perturbation["applied"] for r in recs] == [True, True]
-    assert {r.perturbation["tensor"] for r in recs} <= {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert [r.perturbation.applied for r in recs] == [True, True]
+    assert {r.perturbation.tensor for r in recs} <= {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert recs[0].weights_sha256 != recs[1].weights_sha256
 
 
@@ -179,10 +179,10 @@ def test_a_custom_trainer_that_never_calls_the_hook_is_perturbed_through_torch_h
         assert p.returncode == 0, p.stdout + p.stderr
         runs[hook] = record.load(tmp_path / f"b{hook}").records
     for a, b in zip(runs[True], runs[False]):
-        assert a.perturbation["via"] == "ctx.perturb" and "forward pre-hook" in b.perturbation["via"]
-        assert b.perturbation["applied"] is True and b.perturbation["updated"] is True
+        assert a.perturbation.via == "ctx.perturb" and "forward pre-hook" in b.perturbation.via
+        assert b.perturbation.applied is True and b.perturbation.updated is True
         keys = ("tensor", "index", "direction", "old", "new")
-        assert {k: a.perturbation[k] for k in keys} == {k: b.perturbation[k] for k in keys}
+        assert {k: getattr(a.perturbation, k) for k in keys} == {k: getattr(b.perturbation, k) for k in keys}
         assert a.weights_sha256 == b.weights_sha256  # the same one-ulp change, the same training
 
 
@@ -193,7 +193,7 @@ def test_a_band_whose_first_member_cannot_be_perturbed_stops_there(make_bundle, 
     text = " ".join(p.stdout.split())
     assert "ulp band skipped" in text and "no module holding trainable parameters" in text
     recs = {r.cell: r for r in record.load(tmp_path / "b").records}
-    assert recs["band-ulp-1"].status is Status.OK and recs["band-ulp-1"].perturbation["applied"] is False
+    assert recs["band-ulp-1"].status is Status.OK and recs["band-ulp-1"].perturbation.applied is False
     for n in (2, 3, 4):  # one retrain spent, not four
         assert recs[f"band-ulp-{n}"].status is Status.SKIPPED and recs[f"band-ulp-{n}"].wall_s is None
 
@@ -207,7 +207,7 @@ def test_a_seed_band_whose_seed_does_not_reach_the_trainer_stops_after_two(make_
     recs = {r.cell: r for r in record.load(tmp_path / "b").records}
     assert [recs[f"band-seed-{n}"].status for n in (1, 2)] == [Status.OK, Status.OK]
     assert recs["band-seed-1"].weights_sha256 == recs["band-seed-2"].weights_sha256
-    assert recs["band-seed-1"].band["seed_via"][0] == "config.yaml training.seed, as the trainer is handed it"
+    assert recs["band-seed-1"].band.seed_via[0] == "config.yaml training.seed, as the trainer is handed it"
     assert all(recs[f"band-seed-{n}"].status is Status.SKIPPED for n in (3, 4, 5))
 
 
@@ -230,7 +230,7 @@ def test_a_command_band_whose_first_member_cannot_be_perturbed_stops_there(make_
     assert "ulp band skipped" in text and "no module holding trainable parameters was ever called" in text
     recs = {r.cell: r for r in record.load(tmp_path / "b").records}
     first = recs["band-ulp-1"]
-    assert first.status is Status.OK and first.perturbation["applied"] is False
+    assert first.status is Status.OK and first.perturbation.applied is False
     assert first.trainer["python_processes"]  # the command's Python ran, with the hooks, and perturbed nothing
     for n in (2, 3):  # one retrain spent, not three
         r = recs[f"band-ulp-{n}"]
@@ -249,9 +249,9 @@ def test_a_command_seed_band_whose_seed_does_not_reach_the_training_stops_after_
             "copy of config.yaml with the member's seed) or {seed} instead of reading {bundle}") in text
     recs = {r.cell: r for r in record.load(tmp_path / "b").records}
     one, two = recs["band-seed-1"], recs["band-seed-2"]
-    assert one.status is Status.OK and two.status is Status.OK and (one.band["seed"], two.band["seed"]) == (8, 9)
+    assert one.status is Status.OK and two.status is Status.OK and (one.band.seed, two.band.seed) == (8, 9)
     assert one.weights_sha256 == two.weights_sha256 and one.extra["seed"] == two.extra["seed"] == 7
-    assert one.band["seed_via"] == COMMAND_SEED_VIA  # neither {seed} nor {config} in this command
+    assert one.band.seed_via == COMMAND_SEED_VIA  # neither {seed} nor {config} in this command
     assert recs["band-seed-3"].status is Status.SKIPPED and recs["band-seed-3"].wall_s is None
 
 
@@ -261,9 +261,9 @@ def test_a_command_seed_band_through_seed_trains_each_seed(make_bundle, tmp_path
     assert p.returncode == 0, p.stdout + p.stderr
     recs = {r.cell: r for r in record.load(tmp_path / "b").records}
     one, two = recs["band-seed-1"], recs["band-seed-2"]
-    assert (one.extra["seed"], two.extra["seed"]) == (one.band["seed"], two.band["seed"]) == (8, 9)
+    assert (one.extra["seed"], two.extra["seed"]) == (one.band.seed, two.band.seed) == (8, 9)
     assert one.weights_sha256 != two.weights_sha256  # another seed, other weights: the band has a spread
-    assert one.band["seed_via"] == ["{seed} in the command", *COMMAND_SEED_VIA]  # and no {config}: it has none
+    assert one.band.seed_via == ["{seed} in the command", *COMMAND_SEED_VIA]  # and no {config}: it has none
 
 
 @pytest.mark.parametrize("args, words", [
@@ -332,9 +332,9 @@ def test_cell_seeds_retrain_each_cell_with_the_bands_seeds(make_bundle, tmp_path
     for cell in ("cpu-strict-t1", "cpu-default-t1"):
         for i in (1, 2):
             mine = recs[f"{cell}-seed-{i}"]
-            assert {k: v for k, v in mine.band.items() if k != "seed_via"} == {
+            assert {k: v for k, v in mine.band.to_dict().items() if k != "seed_via"} == {
                 "kind": "cell-seed", "member": i, "of": cell, "seed": 7 + i}
-            assert mine.band["seed_via"][0] == "training.seed"
+            assert mine.band.seed_via[0] == "training.seed"
             # the band ran where this cell runs: its seed-i retrain is the band's, bit for bit
             assert mine.weights_sha256 == recs[f"band-seed-{i}"].weights_sha256
     results = p.stdout[p.stdout.index("Results"):]

@@ -19,7 +19,7 @@ from harness import record
 from harness.bundle import load_bundle, parse_trial_info
 from harness.errors import InputError
 from harness.export import export_config, pick_cell, trial_info
-from harness.record import Status
+from harness.record import Status, WeightsDiff
 
 from tests.records import record as make_record
 from tests.conftest import TESTS, patience
@@ -69,7 +69,7 @@ def test_the_example_exports_and_reruns_reproduced_with_identical_weights(exampl
     assert "reproduced" in p.stdout and "=trial" in p.stdout
     (again,) = record.load(second).records
     assert again.weights_sha256 == orig.weights_sha256
-    assert again.weights_vs_archived == {"identical": True, "first_difference": None, "max_abs_diff": 0.0}
+    assert again.weights_vs_archived == WeightsDiff(identical=True, first_difference=None, max_abs_diff=0.0)
     for name in ("best.pt", "last.pt"):
         a = torch.load(first / "run" / "weights" / name, weights_only=True)
         b2 = torch.load(second / "run" / "weights" / name, weights_only=True)
@@ -109,7 +109,7 @@ def test_a_scaler_the_run_wrote_is_never_exported(tiny_run, tmp_path: Path) -> N
     assert not marker.exists()  # the host never loaded what the run wrote
     assert again.returncode == 0, again.stdout + again.stderr
     (rerun,) = record.load(tmp_path / "again").records
-    assert rerun.scaler["used"] == "refit" and rerun.weights_vs_archived["identical"] is True
+    assert rerun.scaler["used"] == "refit" and rerun.weights_vs_archived.identical is True
 
 
 def test_a_custom_trainer_cell_keeps_its_trainer(tmp_path: Path) -> None:
@@ -125,14 +125,14 @@ def test_a_custom_trainer_cell_keeps_its_trainer(tmp_path: Path) -> None:
     assert cfg["data"]["window"] == 8 and cfg["training"]["lr"] == 0.003  # the trainer's own keys, untouched
     info = yaml.safe_load((out / "trial_info.yaml").read_text())
     (orig,) = record.load(res).records
-    assert info["weights_sha256"] == orig.user_weights["sha256"]  # the project's own digest convention
+    assert info["weights_sha256"] == orig.user_weights.sha256  # the project's own digest convention
     assert isinstance(info["r2"], float)  # an aggregate stays one number
     again = tmp_path / "again"
     p = harness("run", str(out), "--device", "cpu", "--out", str(again), "--no-progress")  # no --trainer: the config says
     assert p.returncode == 0, p.stdout + p.stderr
     assert "reproduced" in p.stdout
     (rec,) = record.load(again).records
-    assert rec.weights_sha256 == orig.weights_sha256 and rec.user_weights["identical_to_recorded"] is True
+    assert rec.weights_sha256 == orig.weights_sha256 and rec.user_weights.identical_to_recorded is True
 
 
 def test_a_cell_that_left_no_weights_says_so_plainly(make_bundle, tmp_path: Path) -> None:

@@ -589,3 +589,18 @@ def test_a_trainer_returning_a_nan_val_loss_drifts_never_reproduces(tmp_path: Pa
     assert first.startswith("Overall: drifted"), p.stdout
     assert "val_loss is not a finite number here; the reference has 0.5" in p.stdout
     assert "non-finite" in p.stdout  # the val loss column says what it was, not "—"
+
+
+def test_compare_and_diverge_refuse_a_record_with_a_forged_part_in_one_line(tmp_path: Path) -> None:
+    """A record is a container's output: a part of the wrong shape is refused where it is read, naming the
+    file and the key (exit 2), not a traceback in the judge or the report."""
+    out = results_dir(tmp_path / "out")
+    target = out / "b" / "record.json"
+    data = json.loads(target.read_text())
+    data["perturbation"] = {"applied": True, "tensor": "w", "index": "0; rm -rf ~"}
+    target.write_text(json.dumps(data))
+    for args in (["compare", str(out)], ["diverge", str(out / "b"), str(out / "a")]):
+        p = bounded_harness(*args)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (p.returncode, p.stderr)
+        (line,) = [ln for ln in p.stderr.splitlines() if ln.startswith("harness:")]
+        assert line.startswith(f"harness: error: {target}: perturbation: index must be an integer"), line

@@ -54,10 +54,10 @@ def test_two_one_thread_cells_run_at_once_on_disjoint_cores(make_bundle, tmp_pat
                 "--no-progress")
     assert p.returncode == 0, p.stdout + p.stderr
     a, b = by_cell(out).values()
-    assert a.slot and b.slot and len(a.slot["cpus"]) == 1 and len(b.slot["cpus"]) == 1
-    assert set(a.slot["cpus"]).isdisjoint(b.slot["cpus"])
+    assert a.slot and b.slot and len(a.slot.cpus) == 1 and len(b.slot.cpus) == 1
+    assert set(a.slot.cpus).isdisjoint(b.slot.cpus)
     assert a.env.threads == 1 and b.env.threads == 1  # the thread count is the cell's, as asked
-    assert a.env.extra["cpu_affinity"] == a.slot["cpus"] and b.env.extra["cpu_affinity"] == b.slot["cpus"]
+    assert a.env.extra["cpu_affinity"] == a.slot.cpus and b.env.extra["cpu_affinity"] == b.slot.cpus
     span = {r.cell: (datetime.fromisoformat(r.started_at), datetime.fromisoformat(r.finished_at)) for r in (a, b)}
     (s1, e1), (s2, e2) = span.values()
     assert s1 < e2 and s2 < e1, span  # they overlapped: neither ended before the other began

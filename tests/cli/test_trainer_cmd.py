@@ -29,7 +29,7 @@ from harness.backends.local import child_env
 from harness.bundle import PLACEHOLDERS, check_command, load_bundle, split_command
 from harness.errors import InputError
 from harness.plan import Cell
-from harness.record import RunSpec, Status
+from harness.record import RunSpec, Status, TraceInfo
 from harness.worker import trainer_cmd as tc
 
 from tests.conftest import ON_TRIAL_CPU, REPO, TESTS, assert_reproduces, patience
@@ -267,7 +267,7 @@ def test_user_project_entry_point_reproduces(tmp_path: Path, report: str, found_
     (rec,) = records(out)
     assert rec.status is Status.OK
     assert_reproduces(rec, p.stdout)
-    assert rec.user_weights["identical_to_recorded"] is ON_TRIAL_CPU  # the project's own digest, handed back
+    assert rec.user_weights.identical_to_recorded is ON_TRIAL_CPU  # the project's own digest, handed back
     assert rec.trainer["metrics_from"].endswith(found_in)
     assert rec.trainer["argv"][:3] == [sys.executable, "-m", "userproj.cli"] and rec.trainer["exit_status"] == 0
     assert rec.trainer["seeded_by_harness"] is True and rec.trainer["cwd"] == str(out / "run")
@@ -407,7 +407,7 @@ def test_the_trace_of_a_command_holds_the_first_process_that_steps(make_bundle, 
     procs = rec.trainer["python_processes"]
     (parent,) = [p for p in procs if "--child-steps" in p["argv"]]
     (child,) = [p for p in procs if p["ppid"] == parent["pid"]]
-    assert rec.trace == {"file": "trace.jsonl", "schema": "harness.trace/1", "steps": 3, "truncated": False,
+    assert rec.trace.to_dict() == {"file": "trace.jsonl", "schema": "harness.trace/1", "steps": 3, "truncated": False,
                          "process": parent["pid"]}
     lines = [json.loads(line) for line in (tmp_path / "o" / "trace.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "step" in line] == [1, 2, 3]  # none of the child's 5 steps
@@ -422,8 +422,8 @@ def test_a_command_with_a_hand_written_update_says_why_it_left_no_trace(make_bun
 
     rec = _fit(make_bundle, tmp_path, "--update hand", trace=True)
     assert rec.status is Status.OK and rec.weights_sha256  # it trained, by hand: no torch.optim step
-    assert rec.trace == no_trace(NO_STEP_SEEN.format(trainer="the trainer command"))
-    assert "made no torch.optim optimizer step the hooks could see" in rec.trace["why"]
+    assert rec.trace == TraceInfo(**no_trace(NO_STEP_SEEN.format(trainer="the trainer command")))
+    assert "made no torch.optim optimizer step the hooks could see" in rec.trace.why
     assert not (tmp_path / "o" / "trace.jsonl").exists()
 
 

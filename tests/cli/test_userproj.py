@@ -34,7 +34,7 @@ def test_user_project_reproduces_with_run(tmp_path: Path) -> None:
     (rec,) = record.load(out).records
     assert rec.status is Status.OK
     assert_reproduces(rec, p.stdout)
-    assert rec.user_weights["identical_to_recorded"] is ON_TRIAL_CPU  # the project's own digest convention
+    assert rec.user_weights.identical_to_recorded is ON_TRIAL_CPU  # the project's own digest convention
     assert rec.data_sha256  # the CSV is hashed as bytes
     val = rec.retrained["val"]
     assert set(val["r2"]) == {"*"} and isinstance(val["mse"]["*"], float)
@@ -142,14 +142,14 @@ def test_the_project_unedited_gets_a_band_and_traces_as_a_function_and_as_a_comm
         assert p.returncode == 0, p.stdout + p.stderr
         got[way] = {r.cell: r for r in record.load(out).records}
         for r in got[way].values():
-            assert r.perturbation["applied"] is True and r.perturbation["updated"] is True
-            assert "forward pre-hook on MLP" in r.perturbation["via"]
-            assert r.trace["steps"] > 0 and r.trace["file"] == "trace.jsonl"
-    assert "process" in got["command"]["band-ulp-1"].perturbation  # it happened in the command's own process
+            assert r.perturbation.applied is True and r.perturbation.updated is True
+            assert "forward pre-hook on MLP" in r.perturbation.via
+            assert r.trace.steps > 0 and r.trace.file == "trace.jsonl"
+    assert got["command"]["band-ulp-1"].perturbation.process  # it happened in the command's own process
     keys = ("tensor", "index", "direction", "old", "new")
     for cell in ("band-ulp-1", "band-ulp-2"):
         f, c = got["function"][cell], got["command"][cell]
-        assert {k: f.perturbation[k] for k in keys} == {k: c.perturbation[k] for k in keys}
+        assert {k: getattr(f.perturbation, k) for k in keys} == {k: getattr(c.perturbation, k) for k in keys}
         assert f.weights_sha256 == c.weights_sha256
         assert (tmp_path / "function" / cell / "trace.jsonl").read_text() == \
             (tmp_path / "command" / cell / "trace.jsonl").read_text()

@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from harness import record
-from harness.record import Status
+from harness.record import Status, WeightsDiff
 
 from tests.cli.test_cli import harness
 from tests.conftest import TESTS, patience
@@ -150,7 +150,7 @@ def _assert_retrain_matches_trial(proj: Path, out: Path, stdout: str) -> record.
         assert test["mse"]["*"] == trial["user_attrs"]["test_mse"]
         assert judge.compare([rec]).cell(rec.cell).verdict is judge.Verdict.REPRODUCED
         # its own checkpoint format (weights/best.ckpt; checkpoints/best.ckpt here), tensors under "model"
-        assert rec.weights_vs_archived == {"identical": True, "first_difference": None, "max_abs_diff": 0.0}
+        assert rec.weights_vs_archived == WeightsDiff(identical=True, first_difference=None, max_abs_diff=0.0)
         assert "reproduced" in stdout
     else:  # bf16 kernels of another CPU: a sane retrain of the same model
         assert math.isclose(val["mse"]["*"], trial["value"], rel_tol=0.25)
@@ -189,9 +189,9 @@ def test_a_seed_band_member_reaches_the_projects_own_seed(tmp_path: Path) -> Non
     assert p.returncode == 0, p.stdout + p.stderr
     recs = {r.cell: r for r in record.load(out).records}
     assert all(r.status is Status.OK for r in recs.values()), {c: r.error for c, r in recs.items()}
-    members = sorted((r for r in recs.values() if r.band), key=lambda r: r.band["seed"])
+    members = sorted((r for r in recs.values() if r.band), key=lambda r: r.band.seed)
     (base,) = [r for r in recs.values() if not r.band]
-    assert [m.band["seed"] for m in members] == [2025, 2026]
+    assert [m.band.seed for m in members] == [2025, 2026]
     val_mse = [r.retrained["val"]["mse"]["*"] for r in (base, *members)]
     assert len(set(val_mse)) == 3, val_mse  # three seeds, three trainings: the band has a spread
     if ON_BUNDLE_CPU:  # the band's seed 2025 is exactly the project's own run with seed: 2025
@@ -228,16 +228,16 @@ def test_the_project_unedited_gets_a_band_a_trace_and_diverge(tmp_path: Path) ->
     recs = _band(proj, tmp_path / "band", "--trainer", FUNCTION)
     for r in recs.values():
         p = r.perturbation
-        assert p["applied"] is True and p["updated"] is True, p
-        assert p["tensor"].startswith("_orig_mod.") and p["module"] == "OptimizedModule"  # the compiled model
-        assert r.trace["steps"] == _steps(proj)  # one line per optimizer step, not per micro-batch
+        assert p.applied is True and p.updated is True, p
+        assert p.tensor.startswith("_orig_mod.") and p.module == "OptimizedModule"  # the compiled model
+        assert r.trace.steps == _steps(proj)  # one line per optimizer step, not per micro-batch
         assert r.weights_vs_archived is not None  # its own checkpoint format, found and compared
     out = tmp_path / "cmd"
     p = harness("run", str(proj / "optuna_best"), "--trainer-cmd", COMMAND, "--trainer-path", str(proj), "--trace",
                 "--device", "cpu", "--out", str(out), "--no-progress")
     assert p.returncode == 0, p.stdout + p.stderr
     (cmd,) = record.load(out).records
-    assert cmd.trace["steps"] == _steps(proj) and cmd.perturbation is None
+    assert cmd.trace.steps == _steps(proj) and cmd.perturbation is None
     p = harness("diverge", str(tmp_path / "band" / "band-ulp-1"), str(out / cmd.cell))
     assert p.returncode == 3 and "cause: perturbed differently" in p.stdout, p.stdout + p.stderr
     assert "band-ulp-1 moved _orig_mod." in p.stdout

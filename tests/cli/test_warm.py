@@ -283,7 +283,7 @@ def test_a_warm_worker_starts_as_a_cold_one_does(probed: dict[str, Any]) -> None
         tokens.add(probe["token"])
         assert probe["cuda_visible_devices"] == ""  # a CPU cell sees no GPU
         assert probe["cwd"] == probed["cwd"]
-        slot_cpus = (rec.slot or {}).get("cpus")
+        slot_cpus = rec.slot.cpus if rec.slot else None
         assert probe["cpus"] == (slot_cpus if slot_cpus else usable_cpus()), name
         assert probe["num_threads"] == rec.spec["threads"]
         assert probe["cuda_initialized"] is False

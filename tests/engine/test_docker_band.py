@@ -43,8 +43,8 @@ def test_band_members_run_in_the_image(docker_band) -> None:
         assert rec.backend == "docker" and isinstance(rec.image, ImageInfo) and rec.image.cell == CELL
         assert rec.env.in_container is True and rec.env.torch == "2.13.0+cpu"
         assert rec.spec["perturb"] == {"kind": "ulp", "seed": i} and rec.spec["schema"] == "harness.runspec/4"
-        assert rec.band == {"kind": "ulp", "member": i, "seed": 42}
-        assert rec.perturbation["applied"] is True and rec.perturbation["tensor"]
+        assert rec.band.to_dict() == {"kind": "ulp", "member": i, "seed": 42}
+        assert rec.perturbation.applied is True and rec.perturbation.tensor
     assert recs[0].weights_sha256 != recs[1].weights_sha256
     assert recs[0].image.id == recs[1].image.id
     text = " ".join(p.stdout.split())

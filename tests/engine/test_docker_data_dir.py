@@ -63,7 +63,7 @@ def test_a_container_cell_exports_and_its_export_reruns_reproduced(tmp_path: Pat
     assert "reproduced" in p.stdout
     (first,) = record.load(tmp_path / "out").records
     (again,) = record.load(tmp_path / "again").records
-    assert again.weights_sha256 == first.weights_sha256 and again.weights_vs_archived["identical"] is True
+    assert again.weights_sha256 == first.weights_sha256 and again.weights_vs_archived.identical is True
 
 
 def test_snapshot_of_a_custom_trainer_with_directory_data_reruns_offline(tmp_path: Path, wheelhouse_root,

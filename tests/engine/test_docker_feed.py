@@ -57,10 +57,10 @@ def test_fast_and_loader_train_identical_weights_in_every_ci_image(tmp_path: Pat
         assert loader.status is Status.OK and fast.status is Status.OK, (loader.error, fast.error)
         assert loader.env.in_container and fast.env.in_container
         assert loader.spec["data_feed"] == "loader" and fast.spec["data_feed"] == "fast"
-        assert loader.data_feed["effective"] == "loader"
+        assert loader.data_feed.effective == "loader"
         # proven inside the image, against its own torch, and taken
-        assert fast.data_feed["effective"] == "fast", fast.data_feed
-        assert fast.data_feed["torch"] == fast.env.torch and not fast.warnings
+        assert fast.data_feed.effective == "fast", fast.data_feed
+        assert fast.data_feed.torch == fast.env.torch and not fast.warnings
         assert fast.weights_sha256 == loader.weights_sha256, cell
         assert fast.last_weights_sha256 == loader.last_weights_sha256, cell
         assert [h["val_loss"] for h in fast.history] == [h["val_loss"] for h in loader.history]

@@ -28,10 +28,10 @@ def test_two_cells_with_jobs_2_get_disjoint_cpusets(docker_client, wheelhouse_ro
     a, b = recs.values()
     for r in (a, b):
         assert r.status is Status.OK and r.env.in_container is True
-        assert r.slot is not None and len(r.slot["cpus"]) == 1
-        assert r.env.extra["cpu_affinity"] == r.slot["cpus"]  # measured inside: cpuset_cpus took effect
+        assert r.slot is not None and len(r.slot.cpus) == 1
+        assert r.env.extra["cpu_affinity"] == r.slot.cpus  # measured inside: cpuset_cpus took effect
     # Disjoint: both slots were held at once (one after the other, the second would get the first's
     # core back). Whether their training windows overlap depends on how long each container takes to
     # start against how long this example trains (under a second); tests/cli/test_jobs.py checks the
     # overlap on a retrain long enough to show it.
-    assert set(a.slot["cpus"]).isdisjoint(b.slot["cpus"])
+    assert set(a.slot.cpus).isdisjoint(b.slot.cpus)

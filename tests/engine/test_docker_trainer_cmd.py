@@ -55,11 +55,11 @@ def test_an_unedited_project_gets_its_band_and_trace_in_a_ci_image(docker_client
     assert set(recs) == {"band-ulp-1", "band-ulp-2"}
     for r in recs.values():
         assert r.backend == "docker" and r.env.in_container
-        assert r.perturbation["applied"] is True and r.perturbation["updated"] is True and r.perturbation["process"]
-        assert r.perturbation["tensor"].startswith("_orig_mod.")
-        assert r.trace["steps"] == _steps(proj) and (out / r.cell / "trace.jsonl").is_file()
-    assert recs["band-ulp-1"].perturbation["index"] != recs["band-ulp-2"].perturbation["index"] or \
-        recs["band-ulp-1"].perturbation["tensor"] != recs["band-ulp-2"].perturbation["tensor"]
+        assert r.perturbation.applied is True and r.perturbation.updated is True and r.perturbation.process
+        assert r.perturbation.tensor.startswith("_orig_mod.")
+        assert r.trace.steps == _steps(proj) and (out / r.cell / "trace.jsonl").is_file()
+    assert recs["band-ulp-1"].perturbation.index != recs["band-ulp-2"].perturbation.index or \
+        recs["band-ulp-1"].perturbation.tensor != recs["band-ulp-2"].perturbation.tensor
     # the two members' traces, taken in the container, part where each one's own ulp sits: diverge names why
     p = harness("diverge", str(out / "band-ulp-1"), str(out / "band-ulp-2"))
     assert p.returncode == 3 and "cause: perturbed differently" in p.stdout, p.stdout + p.stderr

@@ -95,11 +95,11 @@ def test_two_cells_on_two_gpu_types_then_a_rerun_reuses_their_records(slurm_clus
     for gpu in ("alpha", "beta"):
         rec = recs[f"{CELL}-{gpu}"]
         assert rec.ok and rec.backend == "slurm" and rec.labels["gpu"] == gpu
-        assert rec.slurm["state"] == "COMPLETED" and rec.slurm["gres"] == [gpu] and rec.slurm["gpu_type"] == gpu
-        assert rec.slurm["node"] and rec.env.hostname and rec.slurm["job_gpus"] is not None
-    assert recs[f"{CELL}-alpha"].slurm["job_id"] != recs[f"{CELL}-beta"].slurm["job_id"]
+        assert rec.slurm.state == "COMPLETED" and rec.slurm.gres == [gpu] and rec.slurm.gpu_type == gpu
+        assert rec.slurm.node and rec.env.hostname and rec.slurm.job_gpus is not None
+    assert recs[f"{CELL}-alpha"].slurm.job_id != recs[f"{CELL}-beta"].slurm.job_id
     assert f"{CELL}-alpha" in res.stdout and f"{CELL}-beta" in res.stdout  # one table, both cells
-    node = recs[f"{CELL}-alpha"].slurm["node"]
+    node = recs[f"{CELL}-alpha"].slurm.node
     assert f"slurm {node} gpu:alpha" in res.stdout and f"slurm {node} gpu:beta" in res.stdout
     jobs = jobs_of(out)
 
@@ -108,7 +108,7 @@ def test_two_cells_on_two_gpu_types_then_a_rerun_reuses_their_records(slurm_clus
     assert again.stderr.count("its record is reused") == 2 and "Slurm job" in again.stderr
     assert jobs_of(out) == jobs  # nothing resubmitted
     rerun = records(out)
-    assert all(r.slurm["reused_from"] == recs[c].run_id and r.run_id != recs[c].run_id for c, r in rerun.items())
+    assert all(r.slurm.reused_from == recs[c].run_id and r.run_id != recs[c].run_id for c, r in rerun.items())
 
 
 @pytest.mark.slurm
@@ -118,7 +118,7 @@ def test_a_job_that_fails_on_the_node_is_a_failed_row_with_its_log(slurm_cluster
                   slurm_cluster, "--python", str(tmp_path / "no-such-python"), "--no-progress", "-o", str(out))
     assert res.returncode == 1, res.stdout + res.stderr
     rec = records(out)[f"{CELL}-alpha"]
-    assert rec.status is Status.FAILED and rec.slurm["state"] == "FAILED" and rec.error.kind == "slurm"
+    assert rec.status is Status.FAILED and rec.slurm.state == "FAILED" and rec.error.kind == "slurm"
     assert "no-such-python" in (rec.error.log_tail or "")
     assert "Traceback" not in res.stderr
 
@@ -137,7 +137,7 @@ def test_a_cancelled_job_is_a_cancelled_row_and_the_run_exits_1(slurm_cluster, e
         _end(proc, out)
     assert proc.returncode == 1, stdout + stderr
     rec = records(out)[f"{CELL}-alpha"]
-    assert rec.status is Status.INTERRUPTED and rec.slurm["state"] == "CANCELLED"
+    assert rec.status is Status.INTERRUPTED and rec.slurm.state == "CANCELLED"
     assert "CANCELLED" in rec.error.message and "hang: about to hang" in (rec.error.log_tail or "")
     assert "CANCELLED" in stdout
     # the run is incomplete without a Ctrl-C here: it says the command that finishes it, -o OUT as --resume OUT
@@ -176,7 +176,7 @@ def test_a_job_past_its_time_limit_is_a_timeout_row(slurm_cluster, example, tmp_
     res = harness(*hang_args(example, out, f"{CELL}@beta", slurm_cluster, "--time", "1"), timeout=300)
     assert res.returncode == 1, res.stdout + res.stderr
     rec = records(out)[f"{CELL}-beta"]
-    assert rec.status is Status.TIMEOUT and rec.slurm["state"] == "TIMEOUT"
+    assert rec.status is Status.TIMEOUT and rec.slurm.state == "TIMEOUT"
     assert "time limit" in rec.error.message and "hang: about to hang" in (rec.error.log_tail or "")
 
 
@@ -191,7 +191,7 @@ def test_runtime_docker_runs_the_cell_in_its_image_on_the_node(slurm_cluster, do
     assert res.returncode == 0, res.stdout + res.stderr
     rec = records(out)[f"{CELL}-alpha"]
     assert rec.ok and rec.env.in_container and rec.image is not None and rec.image.tag.startswith("harness:")
-    assert rec.slurm["state"] == "COMPLETED" and rec.slurm["gres"] == ["alpha"] and rec.slurm["runtime"] == "docker"
+    assert rec.slurm.state == "COMPLETED" and rec.slurm.gres == ["alpha"] and rec.slurm.runtime == "docker"
 
 
 @pytest.mark.slurm
@@ -225,7 +225,7 @@ def test_a_rerun_waits_again_for_a_job_a_killed_run_left_running(slurm_cluster, 
     stderr = _read(err_path)
     assert f"Slurm job {job_id} of an earlier run is still queued or running" in stderr, stderr
     assert jobs_of(out)[f"{CELL}-alpha"] == job_id  # not resubmitted
-    assert second.returncode == 1 and records(out)[f"{CELL}-alpha"].slurm["state"] == "CANCELLED"
+    assert second.returncode == 1 and records(out)[f"{CELL}-alpha"].slurm.state == "CANCELLED"
 
 
 

@@ -24,8 +24,8 @@ GPU = REPO / "examples" / "results" / "gpu-h200"
 
 def test_twice_the_learning_rate_is_drifted_with_the_cells_own_seeds() -> None:
     recs = record.load(DATA / "cpu-lr-x2").records
-    mine = [r for r in recs if (r.band or {}).get("kind") == "cell-seed"]
-    assert len(mine) == 8 and {r.band["of"] for r in mine} == {"lr-x2"}
+    mine = [r for r in recs if r.band and r.band.kind == "cell-seed"]
+    assert len(mine) == 8 and {r.band.of for r in mine} == {"lr-x2"}
     paired = compare(recs).cell("lr-x2")
     assert paired.rung is Rung.DRIFTED and paired.verdict is Verdict.DRIFTED
     m = paired.ladder.metrics[paired.ladder.deciding]

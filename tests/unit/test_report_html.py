@@ -57,7 +57,7 @@ def _band(n: int = 3) -> list[ResultRecord]:
     for i in range(1, n + 1):
         m = with_env(record(f"band-ulp-{i}", r2=0.9 + i * 1e-7, loss=0.1 + i * 1e-8, sha=f"b{i}"), "2.13.0+cpu", None)
         m.band = {"kind": "ulp", "member": i}
-        m.perturbation = {"applied": True, "tensor": "w", "index": [0], "direction": "+inf"}
+        m.perturbation = {"applied": True, "tensor": "w", "index": 0, "direction": "+inf"}
         out.append(m)
     return out
 

@@ -128,8 +128,8 @@ def test_a_forced_mismatch_in_the_worker_falls_back_and_records_why(example: Pat
     monkeypatch.setattr(feed, "replay_epoch", _reversed)
     rec = retrain.run(RunSpec(cell="run", bundle_dir=str(example), out_dir=str(tmp_path / "o"), determinism="default",
                               data_feed="fast"))
-    assert rec.data_feed["requested"] == "fast" and rec.data_feed["effective"] == "loader" and rec.data_feed["fell_back"]
-    assert "sample order differs" in rec.data_feed["proof"]
+    assert rec.data_feed.requested == "fast" and rec.data_feed.effective == "loader" and rec.data_feed.fell_back
+    assert "sample order differs" in rec.data_feed.proof
     assert any(w.startswith("--data-path fast was not used: fell back to the DataLoader") for w in rec.warnings)
     assert rec.spec["data_feed"] == "fast"
 

@@ -226,8 +226,8 @@ def test_a_trainer_that_overwrites_the_perturbation_gets_a_member_left_out_of_th
 
     root, _ = _worker_bundle(tmp_path, {"training": {"seed": 1}}, OVERWRITES)
     rec = _run_worker(root, tmp_path / "o", perturb={"kind": "ulp", "seed": 2})
-    assert rec.perturbation["applied"] is False and "overwritten before the first optimizer step" \
-        in rec.perturbation["skipped"]
+    assert rec.perturbation.applied is False and "overwritten before the first optimizer step" \
+        in rec.perturbation.skipped
     assert any(w.startswith("ulp band member not perturbed: the perturbed value") and "left out of the band" in w
                for w in rec.warnings)
 
@@ -361,9 +361,9 @@ def test_an_optimizer_the_hooks_cannot_see_leaves_no_trace_and_says_why(tmp_path
 
     root, name = _worker_bundle(tmp_path, {"training": {"seed": 1}}, HAND_WRITTEN)
     rec = _run_worker(root, tmp_path / "o", trace=True)
-    assert (rec.trace["steps"], rec.trace["file"]) == (0, None)
-    assert rec.trace["why"].startswith(f"the trainer {name}:train made no torch.optim optimizer step the hooks could "
-                                       "see") and "ctx.on_step(model, loss)" in rec.trace["why"]
+    assert (rec.trace.steps, rec.trace.file) == (0, None)
+    assert rec.trace.why.startswith(f"the trainer {name}:train made no torch.optim optimizer step the hooks could "
+                                       "see") and "ctx.on_step(model, loss)" in rec.trace.why
     assert not (tmp_path / "o" / hooks_mod.TRACE_FILE).exists()
 
 

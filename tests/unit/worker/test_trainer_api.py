@@ -11,7 +11,7 @@ import yaml
 from harness import judge
 from harness.bundle import load_bundle, parse_config, parse_trial_info
 from harness.errors import InputError
-from harness.record import ResultRecord, Status
+from harness.record import ResultRecord, Status, WeightsDiff
 from harness.worker import trainer_api
 from harness.worker.data import read_layout, sha256_path
 from harness.worker.trainer_api import TrainerContext, call, normalise_result
@@ -518,7 +518,7 @@ def test_weights_a_trainer_writes_as_model_pt_are_found_and_compared_tensor_by_t
     rec = _run_worker(root, tmp_path / "o")
     assert rec.trainer["weights"] == {"file": "model.pt", "archived": "weights/model.pt", "how": "found",
                                       "why": None, "tensors_from": "model", "saved": "weights/best.pt"}
-    assert rec.weights_vs_archived == {"identical": True, "first_difference": None, "max_abs_diff": 0.0}
+    assert rec.weights_vs_archived == WeightsDiff(identical=True, first_difference=None, max_abs_diff=0.0)
     assert rec.weights_sha256 == rec.archived_weights_sha256
     saved = torch.load(tmp_path / "o" / "weights" / "best.pt", weights_only=True)  # what export carries
     assert sorted(saved) == ["bias", "weight"]
@@ -533,7 +533,7 @@ def test_declared_weights_are_compared_with_the_one_archived_file(tmp_path: Path
     rec = _run_worker(root, tmp_path / "o")
     w = rec.trainer["weights"]
     assert (w["file"], w["archived"], w["how"]) == ("ckpt/last.ckpt", "weights/final.safetensors", "declared")
-    assert rec.weights_vs_archived["identical"] is True
+    assert rec.weights_vs_archived.identical is True
 
 
 def test_safetensors_weights_are_read_without_a_dependency(tmp_path: Path) -> None:
@@ -542,7 +542,7 @@ def test_safetensors_weights_are_read_without_a_dependency(tmp_path: Path) -> No
     rec = _run_worker(root, tmp_path / "o")
     w = rec.trainer["weights"]
     assert (w["file"], w["archived"], w["how"]) == ("out/model.safetensors", "weights/best.pt", "found")
-    assert rec.weights_vs_archived["identical"] is True
+    assert rec.weights_vs_archived.identical is True
 
 
 def test_several_weights_files_are_not_guessed_between(tmp_path: Path) -> None:
@@ -655,7 +655,7 @@ def test_a_seed_band_member_records_where_its_seed_went(tmp_path: Path) -> None:
                              SEED_TRAINER)
     rec = _run_worker(root, tmp_path / "o", seed=9, band={"kind": "seed", "member": 4})
     assert rec.extra == {"seed": 9, "in_config": 9}
-    assert {k: rec.band[k] for k in ("kind", "member", "seed")} == {"kind": "seed", "member": 4, "seed": 9}
+    assert (rec.band.kind, rec.band.member, rec.band.seed) == ("seed", 4, 9)
     assert rec.trainer["seed_key"] == "train.random_state"
 
 
@@ -669,7 +669,7 @@ def test_a_command_seed_band_member_reads_its_seed_from_config(tmp_path: Path) -
                                                                               "code_dir": str(src)}}))
     rec = _run_worker(root, tmp_path / "o", seed=8, band={"kind": "seed", "member": 3})
     assert rec.extra == {"line": "seed: 8"} and rec.trainer["seed_key"] == "seed"
-    assert rec.band["seed_via"][0] == "{config} in the command: a copy of config.yaml with the seed at seed"
+    assert rec.band.seed_via[0] == "{config} in the command: a copy of config.yaml with the seed at seed"
     assert rec.trainer["config"] == str(tmp_path / "o" / "harness-config.yaml")
     assert yaml.safe_load((root / "config.yaml").read_text())["seed"] == 5  # the bundle is untouched
     rec = _run_worker(root, tmp_path / "o2")
