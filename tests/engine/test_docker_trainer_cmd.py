@@ -63,4 +63,4 @@ def test_an_unedited_project_gets_its_band_and_trace_in_a_ci_image(docker_client
     # the two members' traces, taken in the container, part where each one's own ulp sits: diverge names why
     p = harness("diverge", str(out / "band-ulp-1"), str(out / "band-ulp-2"))
     assert p.returncode == 3 and "cause: perturbed differently" in p.stdout, p.stdout + p.stderr
-    assert f"band-ulp-1 moved {recs['band-ulp-1'].perturbation['tensor']}" in p.stdout
+    assert f"band-ulp-1 moved {recs['band-ulp-1'].perturbation.tensor}" in p.stdout
