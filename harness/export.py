@@ -188,7 +188,9 @@ def read_results(path: str | Path) -> Results:
 
 
 def pick_cell(records: list[ResultRecord], wanted: str | None, where: str) -> ResultRecord:
-    """``--cell NAME`` when given (it must have run ok), else the first ok cell in run order."""
+    """``--cell NAME`` when given (it must have run ok), else the first ok cell in run order. Band members
+    are the band's, never cells of the table: they come first in a run that measured a band after its
+    cells (run.json lists them first), so the default skips them; ``--cell band-seed-1`` still names one."""
     if wanted is not None:
         rec = next((r for r in records if r.cell == wanted), None)
         if rec is None:
@@ -198,9 +200,9 @@ def pick_cell(records: list[ResultRecord], wanted: str | None, where: str) -> Re
             raise InputError(where, f"cell {wanted} is {rec.status.value}{why.splitlines()[0] if why else ''}",
                              hint="export a cell that ran ok")
         return rec
-    ok = [r for r in records if r.ok]
+    ok = [r for r in records if r.ok and not r.band]
     if not ok:
-        states = ", ".join(f"{r.cell} {r.status.value}" for r in records) or "no records"
+        states = ", ".join(f"{r.cell} {r.status.value}" for r in records if not r.band) or "no records"
         raise InputError(where, f"has no cell that ran ok ({states})", hint="rerun it, then export")
     return ok[0]
 

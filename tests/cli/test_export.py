@@ -55,7 +55,7 @@ def test_the_example_exports_and_reruns_reproduced_with_identical_weights(exampl
     assert p.returncode == 0, p.stdout + p.stderr
     assert "exported cell run" in p.stdout and f"harness run {exported}" in p.stdout
     b = load_bundle(exported)  # the harness's own loader reads it
-    (orig,) = record.load(first).records
+    (orig,) = [r for r in record.load(first).records if not r.band]  # a band it measured is the band's
     assert b.recorded.value == orig.retrained["val_loss"] and b.recorded.weights_sha256 == orig.weights_sha256
     assert b.recorded.r2 == orig.retrained["val"]["r2"] and b.recorded.data_sha256 == orig.data_sha256
     assert b.recorded.number == 0 and b.recorded.params["hidden"] == 64  # the trial it came from
@@ -203,6 +203,18 @@ def test_pick_cell_in_run_order() -> None:
             pick_cell([make_record("x", status=status)], "x", "R")
     with pytest.raises(InputError, match="no cell that ran ok"):
         pick_cell([make_record("a", status=Status.FAILED)], None, "R")
+
+
+def test_pick_cell_skips_the_band_members_a_run_measured_after_its_cells() -> None:
+    """A run whose cell differed beyond float32 rounding measured a band after it, and run.json lists the
+    band's members first: the default export is still the cell, never a member (seen in CI on a Xeon)."""
+    members = [make_record(f"band-seed-{i}") for i in (1, 2)]
+    for i, m in enumerate(members, 1):
+        m.band = {"kind": "seed", "member": i, "seed": 42 + i}
+    assert pick_cell([*members, make_record("run")], None, "R").cell == "run"
+    assert pick_cell([*members, make_record("run")], "band-seed-2", "R").cell == "band-seed-2"  # named: as asked
+    with pytest.raises(InputError, match=r"no cell that ran ok \(run failed\)"):
+        pick_cell([*members, make_record("run", status=Status.FAILED)], None, "R")
 
 
 def test_trial_info_parses_back_as_the_retrained_trial() -> None:
