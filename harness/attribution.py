@@ -86,6 +86,13 @@ def _isa(rec: ResultRecord) -> tuple[str, str] | None:
     return (f"{cap} ({level})" if level else cap), f"{cap}|{switches}"
 
 
+def _switches(rec: ResultRecord) -> str | None:
+    """The numeric switches in effect (harness.worker.envinfo.SWITCHES), ``none`` when none was set."""
+    if rec.env.torch is None or rec.env.switches is None:
+        return None  # not measured
+    return ",".join(f"{k}={v}" for k, v in sorted(rec.env.switches.items())) or "none"
+
+
 def _determinism(rec: ResultRecord) -> str | None:
     mode = (rec.determinism or {}).get("mode")
     return str(mode) if mode is not None else None
@@ -142,6 +149,7 @@ AXES: tuple[Axis, ...] = (
     Axis("driver", _driver, cuda_only=True),
     Axis("cpu", _cpu),
     Axis("isa", _isa),
+    Axis("switches", _switches),  # MKL_CBWR, OMP_DYNAMIC, NVIDIA_TF32_OVERRIDE, ...: set in the environment
     Axis("determinism", _determinism),
     Axis("threads", _threads),
     Axis("tf32", _tf32),  # a CPU cell's matmuls are fp32: "off", so CPU vs a TF32 GPU cell is two axes

@@ -495,6 +495,9 @@ class Env:
     cpu_capability: str | None = None  # the SIMD level torch's CPU kernels use (torch.backends.cpu.get_cpu_capability())
     isa_requested: str | None = None  # the --isa level the cell asked for (None: no ISA axis)
     isa_env: dict[str, Any] = field(default_factory=dict)  # ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS as set
+    # The numeric switches in effect (harness.worker.envinfo.SWITCHES: MKL_CBWR, OMP_DYNAMIC, ...), by name,
+    # those set only; None: not measured (a record from before they were).
+    switches: dict[str, str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # every other measured fact, kept as measured
 
     @classmethod

@@ -8,9 +8,35 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .isa import read_host_levels
+
+
+# Environment variables that change what a library's kernels compute, and that no other axis
+# measures (thread counts: the ``threads`` axis; the ISA switches: ``isa``; CUBLAS_WORKSPACE_CONFIG
+# and PYTHONHASHSEED: ``determinism``). Each is read where it is in effect, in the worker, and
+# recorded only when set: two runs that differ in one differ in ``switches``, not in "nothing".
+SWITCHES: dict[str, str] = {
+    "MKL_CBWR": "MKL's code branch; any value but OFF turns on its conditional numerical reproducibility",
+    "MKL_DYNAMIC": "whether MKL may run fewer threads than it was given",
+    "MKL_NUM_STRIPES": "how MKL partitions a parallel matrix product among its threads",
+    "MKL_DEBUG_CPU_TYPE": "the code path MKL takes on a CPU it does not dispatch for (MKL before 2020.1)",
+    "OMP_DYNAMIC": "whether OpenMP may give a parallel region fewer threads than asked",
+    "KMP_DETERMINISTIC_REDUCTION": "the order of Intel OpenMP's reductions",
+    "ONEDNN_DEFAULT_FPMATH_MODE": "whether oneDNN may compute float32 in bf16, f16 or tf32",
+    "DNNL_DEFAULT_FPMATH_MODE": "the same switch under oneDNN's older name",
+    "NVIDIA_TF32_OVERRIDE": "0 keeps cuBLAS and cuDNN from TF32 whatever torch asks",
+    "TORCH_BLAS_PREFER_CUBLASLT": "torch's CUDA matrix products through cuBLASLt rather than cuBLAS",
+    "CUBLASLT_WORKSPACE_SIZE": "the workspace cuBLASLt may use, which limits the kernels it can pick",
+    "TORCH_CUDNN_V8_API_DISABLED": "torch's convolutions through cuDNN's older API (other kernels)",
+}
+
+
+def switches(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The :data:`SWITCHES` set in ``environ`` (default: this process's environment), by name (pure on a mapping)."""
+    env = os.environ if environ is None else environ
+    return {name: env[name] for name in sorted(SWITCHES) if name in env}
 
 
 def _affinity() -> list[int] | None:
@@ -92,6 +118,7 @@ def measure(device: str = "cpu") -> dict[str, Any]:
         "cpu_isa_levels": list(read_host_levels()),  # what this CPU can run: harness.worker.isa levels
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
+        "switches": switches(),  # SWITCHES in effect here
         "cuda_available": bool(torch.cuda.is_available()),
         "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "driver": None,

@@ -175,3 +175,29 @@ def test_the_comparison_carries_its_attribution_and_the_renderers_only_show_it()
     # what a renderer shows is the comparison's: change it and the page follows
     comparison.attribution = None
     assert "attribution" not in json_report(recs, comparison)
+
+
+def test_a_numeric_switch_set_in_one_run_is_an_axis_and_no_cause_of_its_own() -> None:
+    """MKL_CBWR in one run's environment and not the other's: the runs differ in ``switches``, so
+    "every setting they measured is equal" (a nondeterministic kernel) is no longer what the evidence says."""
+    from harness.causes import Cause, classify
+
+    plain, cnr = cell("plain", sha="w-plain"), cell("cnr", r2=0.9 + 1e-7, sha="w-cnr")
+    plain.env.switches, cnr.env.switches = {}, {"MKL_CBWR": "COMPATIBLE"}
+    sw = attribute([plain, cnr]).axis("switches")
+    assert sw.status == MEASURED and sorted(sw.values) == ["MKL_CBWR=COMPATIBLE", "none"]
+    assert sw.max_abs["r2/a"] == pytest.approx(1e-7, rel=1e-6)
+    assert classify(plain, cnr) is None  # the settings alone name no class: the traces would
+    cnr.env.switches = {}
+    assert classify(plain, cnr).cause is Cause.NONDETERMINISM  # with the switch gone, every setting is equal
+
+
+def test_switches_a_record_never_measured_are_unknown_not_none() -> None:
+    old, new = cell("old", sha="w-old"), cell("new", sha="w-new")
+    old.env.switches, new.env.switches = None, {}  # a record from before switches were measured
+    attr = attribute([old, new])
+    assert attr.uncertain_pairs == 1  # left out: switches might differ there
+    assert attr.same_environment is None or attr.same_environment.pairs == []
+    old.env.switches = None
+    new.env.switches = None  # unknown in both: equal, as for every axis
+    assert attribute([old, new]).same_environment.pairs == [["old", "new"]]

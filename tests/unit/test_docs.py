@@ -180,3 +180,16 @@ def test_every_link_of_the_readme_leads_somewhere() -> None:
             elif anchor and anchor not in page_anchors(file):
                 dead.append(target)
     assert dead == []
+
+
+def test_every_numeric_switch_the_worker_records_is_in_the_verdicts_page_with_what_it_does() -> None:
+    from harness.worker.envinfo import SWITCHES
+
+    text = (DOCS / "verdicts.md").read_text()
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([A-Z0-9_]+)`(?:, `[A-Z0-9_]+`)? \| (.+?) \|$", text, re.M)}
+    named = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", "\n".join(line for line in text.splitlines() if line.startswith("| `"))))
+    assert set(SWITCHES) <= named, set(SWITCHES) - named
+    assert len(rows) >= len(SWITCHES) - 1  # one row names two (oneDNN's switch under both its names)
+    for name, what in SWITCHES.items():
+        if name in rows:  # a row of its own: the same words as the source's
+            assert rows[name].replace("`", "") == what, name

@@ -32,3 +32,16 @@ def test_gpu_memory_never_fails_a_cell() -> None:
         raise RuntimeError("CUDA driver gone")
 
     assert gpu_memory(SimpleNamespace(cuda=SimpleNamespace(is_initialized=broken))) is None
+
+
+def test_switches_are_the_numeric_ones_set_and_no_other_axis_s() -> None:
+    from harness.worker.envinfo import SWITCHES, switches
+    from harness.worker.determinism import THREAD_VARS
+    from harness.worker.isa import VARS
+
+    env = {"MKL_CBWR": "AVX2", "OMP_DYNAMIC": "FALSE", "HOME": "/root", "OMP_NUM_THREADS": "2",
+           "MKL_ENABLE_INSTRUCTIONS": "AVX2", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    assert switches(env) == {"MKL_CBWR": "AVX2", "OMP_DYNAMIC": "FALSE"}
+    assert switches({}) == {}
+    # each variable is measured by one axis only: threads, isa and determinism have their own
+    assert not set(SWITCHES) & {*THREAD_VARS, *VARS, "CUBLAS_WORKSPACE_CONFIG", "PYTHONHASHSEED"}
