@@ -82,3 +82,33 @@ def test_exit_reasons() -> None:
     assert "OOM-killed" in exit_reason(137, True, "48m") and "48m" in exit_reason(137, True, "48m")
     assert "SIGKILL" in exit_reason(137, False, None)
     assert exit_reason(1, False, None) == "container exited with status 1"
+
+
+class _Stopped:
+    """A container whose follow stream closed before its last writes (what Docker 20.10's json-file follower can do)."""
+
+    def __init__(self, log: list[bytes], followed: int, reread_fails: bool = False) -> None:
+        self.log, self.followed, self.reread_fails = log, followed, reread_fails
+        self.waited = False
+
+    def logs(self, *, stream: bool, follow: bool, stdout: bool, stderr: bool):
+        assert stream and stdout and stderr
+        if not follow and self.reread_fails:
+            raise RuntimeError("container removed")
+        return iter(self.log[:self.followed] if follow else self.log)
+
+    def wait(self, timeout: float | None = None) -> dict:
+        self.waited = True
+        return {"StatusCode": 0}
+
+
+def test_the_output_a_follow_stream_missed_is_read_from_the_log_once_the_container_stopped() -> None:
+    from harness.docker_engine import followed_output
+
+    log = [b"one\nt", b"wo\nthr", b"ee\n", b"after"]
+    for followed in range(len(log) + 1):  # the stream closed after any chunk, the last piece without its newline
+        c = _Stopped(log, followed)
+        assert list(followed_output(c)) == ["one", "two", "three", "after"], followed
+        assert c.waited
+    # where the log cannot be read again, what was followed is what there is: no error, nothing invented
+    assert list(followed_output(_Stopped(log, 2, reread_fails=True))) == ["one", "two", "thr"]
