@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Collection, Mapping, Sequence
 
 MIN_MEMBERS = 2  # a spread needs two values
+REDRAW_OF = "redraw_of"  # the label of an ulp member drawn in place of one whose change training rounded away
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Member:
     values: dict[str, float] = field(default_factory=dict)  # its flattened validation metrics
     weights_sha256: str | None = None
     command: str | None = None  # a trainer command, as configured (None: a function, or the reference trainer)
+    redraw_of: str | None = None  # the ulp member it was drawn in place of (its change was rounded away in training)
 
 
 @dataclass
@@ -77,6 +79,8 @@ class Band:
     source: str = "ulp"  # "ulp": measured with harness band / --band; "repeats": a cell's own repeats
     environment: str | None = None  # where the members ran, in words
     notes: list[str] = field(default_factory=list)  # members left out, and why
+    # ulp members whose change training rounded away and that another member replaced: left out, the band whole
+    redrawn: list[str] = field(default_factory=list)
 
     @property
     def measured(self) -> bool:
@@ -148,6 +152,34 @@ def unreached_ulp(used: Sequence[Member]) -> str | None:
             f"away); 'numerically equal' then means within {FLOAT32_ULPS} float32 ulps of each metric")
 
 
+ABSORBED = ("it trained the unperturbed run's weights: its one-ulp change was rounded away in training (e.g. by "
+            "the optimizer's first step)")
+
+
+def absorbed(members: Sequence[Member], unperturbed: Collection[str] = ()) -> list[str]:
+    """The used ulp members whose one-ulp change training rounded away (pure): their cells, in order.
+
+    A member that trained the unperturbed run's weights (``unperturbed``: its digests, where that run
+    is among the records) is a copy of it. So is every member that trained the same weights as
+    another member: two different one-ulp changes that both reached training cannot end in the same
+    weights, so both were rounded away (an optimizer's first step can move a weight into a binade
+    whose ulp is larger than the change). A copy is a draw of nothing: it would pull the band's
+    width toward zero, which is no measurement of numerical noise.
+    """
+    used = [m for m in members if m.kind == "ulp" and m.used and m.weights_sha256]
+    changes: dict[str, set[Any]] = {}  # weights -> the distinct changes that trained them
+    for m in used:
+        changes.setdefault(str(m.weights_sha256), set()).add(_change(m))
+    return [m.cell for m in used if m.weights_sha256 in unperturbed or len(changes[str(m.weights_sha256)]) > 1]
+
+
+def _change(m: Member) -> Any:
+    """What one-ulp change ``m`` made: the same change twice (one band measured in two runs) is a repeat, not a copy."""
+    p = m.perturbation
+    where = tuple(getattr(p, k, None) for k in ("tensor", "index", "new")) if p is not None else (None,) * 3
+    return where if any(v is not None for v in where) else m.cell
+
+
 def seeds_without_effect(members: Sequence[Member]) -> str | None:
     """Why the seed members do not measure seeds: two of them, with different seeds, trained the same (pure).
 
@@ -185,26 +217,42 @@ def gate(kind: str, member: int, planned: Sequence[int], finished: Mapping[int, 
     return "run", None
 
 
-def measure(members: Sequence[Member], environment: str | None = None) -> Band:
+def measure(members: Sequence[Member], environment: str | None = None, unperturbed: Collection[str] = ()) -> Band:
     """The band of ``members``: per key, the spread of the ulp members used, and of the seed members.
 
-    Seed members that trained identically (:func:`seeds_without_effect`) are all left out.
+    Seed members that trained identically (:func:`seeds_without_effect`) are all left out, and so
+    are ulp members whose change training rounded away (:func:`absorbed`; ``unperturbed``: the
+    weights digests of the run the band perturbs, where it is known).
     """
     no_effect = seeds_without_effect(members)
-    if no_effect is not None:
-        members = [Member(**{**m.__dict__, "used": False, "why_not": no_effect}) if m.kind == "seed" and m.used else m
-                   for m in members]
+    copies = set(absorbed(members, unperturbed))
+
+    def why_not(m: Member) -> str | None:
+        if no_effect and m.kind == "seed" and m.used:
+            return no_effect
+        return ABSORBED if m.cell in copies else None
+
+    members = [replace(m, used=False, why_not=why) if (why := why_not(m)) else m for m in members]
     used_ulp = [m for m in members if m.kind == "ulp" and m.used]
     used_seed = [m for m in members if m.kind == "seed" and m.used]
     ulp_members = [m for m in members if m.kind == "ulp"]
     notes = []
     skipped = bool(ulp_members) and not used_ulp
-    if skipped:
+    if skipped and all(m.cell in copies for m in ulp_members):
+        from .stats import FLOAT32_ULPS
+
+        notes.append(f"the ulp band measured no numerical noise: each of its {len(ulp_members)} members trained the "
+                     "unperturbed run's weights (its one-ulp change was rounded away in training, e.g. by the "
+                     f"optimizer's first step); 'numerically equal' then means within {FLOAT32_ULPS} float32 ulps of "
+                     "each metric")
+    elif skipped:
         reasons = list(dict.fromkeys(m.why_not for m in ulp_members if m.why_not))
         notes.append(f"ulp band skipped: {'; '.join(reasons) or 'no member ran'}")
+    replaced = {m.redraw_of for m in members if m.redraw_of}
+    redrawn = [m.cell for m in members if m.cell in copies and m.cell in replaced]
     left_out: dict[str, list[str]] = {}
     for m in members:
-        if not m.used and not (skipped and m.kind == "ulp"):
+        if not m.used and not (skipped and m.kind == "ulp") and m.cell not in redrawn:
             left_out.setdefault(m.why_not or "not used", []).append(m.cell)
     notes += [f"left out of the band: {', '.join(cells)} ({why})" for why, cells in left_out.items()]
     if 0 < len(used_ulp) < MIN_MEMBERS:
@@ -214,7 +262,7 @@ def measure(members: Sequence[Member], environment: str | None = None) -> Band:
         notes.append(zero)
     return Band(ulp=_spreads([m.values for m in used_ulp]), seed=_spreads([m.values for m in used_seed]),
                 members=list(members), n_ulp=len(used_ulp), n_seed=len(used_seed), environment=environment,
-                notes=notes)
+                notes=notes, redrawn=redrawn)
 
 
 def from_values(name: str, rows: Sequence[Mapping[str, float]]) -> Band:

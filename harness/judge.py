@@ -580,16 +580,32 @@ def band_member(rec: ResultRecord) -> band_mod.Member:
     return band_mod.Member(cell=rec.cell, kind=kind, member=b.member if b else 0, seed=b.seed if b else None,
                            perturbation=rec.perturbation, used=used, why_not=why,
                            values=flat_val(rec) if rec.ok else {}, weights_sha256=rec.weights_sha256,
-                           command=(rec.trainer or {}).get("command"))
+                           command=(rec.trainer or {}).get("command"),
+                           redraw_of=str(of) if (of := rec.labels.get(band_mod.REDRAW_OF)) else None)
 
 
 def measure_band(records: Iterable[ResultRecord]) -> Band | None:
-    """The band of the band members among ``records`` (None when there are none)."""
+    """The band of the band members among ``records`` (None when there are none); the run they perturb, where it is
+    among ``records``, shows which ulp members trained its weights (:func:`harness.band.absorbed`)."""
+    records = list(records)
     members = [r for r in records if is_band_member(r)]
     if not members:
         return None
     ran = next((r for r in members if r.ok), None)
-    return band_mod.measure([band_member(r) for r in members], where_words(ran) if ran else None)
+    return band_mod.measure([band_member(r) for r in members], where_words(ran) if ran else None,
+                            unperturbed_weights(records))
+
+
+def unperturbed_weights(records: Iterable[ResultRecord]) -> set[str]:
+    """The weights digests of the runs the band members among ``records`` perturb (their ``band_of`` cells)."""
+    return {r.weights_sha256 for r in perturbed_runs(records) if r.weights_sha256}
+
+
+def perturbed_runs(records: Iterable[ResultRecord]) -> list[ResultRecord]:
+    """The runs among ``records`` that ran, and that the band members among them perturb (their ``band_of`` cells)."""
+    records = list(records)
+    of = {str(r.labels.get("band_of")) for r in records if is_band_member(r) and r.labels.get("band_of")}
+    return [r for r in records if r.ok and not r.band and r.cell in of]
 
 
 def band_conflict(band_records: Iterable[ResultRecord], config_sha256: str | None, data_sha256: str | None,
@@ -674,8 +690,7 @@ def band_baseline(band: Band | None, records: Iterable[ResultRecord]) -> dict[st
         return None
     if band.n_ulp:
         return {k: s.mean for k, s in band.ulp.items()}
-    names = {str(r.labels.get("band_of")) for r in records if is_band_member(r) and r.labels.get("band_of")}
-    base = next((r for r in records if r.ok and not r.band and r.cell in names), None)
+    base = next(iter(perturbed_runs(records)), None)
     return flat_val(base) if base is not None else None
 
 

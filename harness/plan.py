@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .band import REDRAW_OF
 from .errors import HarnessError, InputError, UsageError
 from .options import ImageOptions, RunOptions
 from .record import BandKind, BandMember
@@ -205,6 +206,19 @@ def band_cells(baseline: Cell, n: int, seeds: int, training_seed: int) -> list[C
                 seed=training_seed + i if kind == "seed" else None,
                 perturb={"kind": "ulp", "seed": i} if kind == "ulp" else None, band=band, gpu=baseline.gpu))
     return out
+
+
+def redraw_cell(member: Cell, number: int) -> Cell:
+    """Ulp member ``member`` drawn again as member ``number`` (pure): the same cell, another one-ulp change.
+
+    Used in place of a member whose change training rounded away (:func:`harness.band.absorbed`): its
+    private RNG is seeded with ``number``, so the value and direction it moves are drawn afresh.
+    """
+    from dataclasses import replace
+
+    return replace(member, name=f"{BAND_PREFIX}ulp-{number}", perturb={"kind": "ulp", "seed": number},
+                   band=BandMember(BandKind.ULP, number), slot=None, notes=(),
+                   labels={**member.labels, "member": number, REDRAW_OF: member.name})
 
 
 def choose_baseline(cells: list[Cell], trial_environment: Mapping[str, Any] | None = None) -> Cell | None:

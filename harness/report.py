@@ -446,6 +446,9 @@ def band_title(band: Band) -> str:
         what = "Band (a cell's own repeats)"
     elif band.n_ulp:
         what = f"Band: {band.n_ulp} retrains of the baseline, each with one initial weight moved by one ulp"
+        if band.redrawn:  # whole again: say so, not as a warning
+            what += (f" ({', '.join(band.redrawn)} drawn again: training rounded {'its' if len(band.redrawn) == 1 else 'their'}"
+                     " change away)")
         what += f"; {band.n_seed} with other seeds" if band.n_seed else ""
     else:
         what = f"Band: {band.n_seed} retrains of the baseline with other seeds"

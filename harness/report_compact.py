@@ -202,7 +202,8 @@ def band_line(comparison: Comparison) -> str | None:
         return "band: a cell's own repeats (their spread is the numerical noise)"
     parts = []
     if band.n_ulp:
-        parts.append(f"{band.n_ulp} retrains, one weight moved by an ulp (the noise)")
+        again = f"; {len(band.redrawn)} drawn again: training rounded the change away" if band.redrawn else ""
+        parts.append(f"{band.n_ulp} retrains, one weight moved by an ulp (the noise{again})")
     if band.n_seed:
         parts.append(f"{band.n_seed} with other seeds (the spread)")
     where = f", on {band.environment}" if band.environment else ""

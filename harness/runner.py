@@ -847,7 +847,9 @@ def _auto_band_plan(plan: Plan, auto: AutoBands, records: list[ResultRecord], re
     # beyond float32 rounding by so little that an ulp band could show them numerically equal
     small = [c for c in judged if c.rung in (Rung.DIFFERS, Rung.SAME) and _plausibly_numerical(c)]
     differing = [c for c in judged if c.rung is Rung.DIFFERS]
-    if auto.n_ulp and (band is None or not band.measured) and small:
+    # once: an ulp band that ran but measured nothing (every member unperturbed, or rounded away) is not run again
+    ulp_ran = band is not None and any(m.kind == "ulp" for m in band.members)
+    if auto.n_ulp and (band is None or not band.measured) and small and not ulp_ran:
         n_ulp, n_seed, what, differing = auto.n_ulp, 0, "the numerical noise (ulp band)", small
     elif differing and auto.n_seed and (band is None or band.n_seed < 2):
         n_ulp, n_seed, what = 0, auto.n_seed, "the seed band"
@@ -874,6 +876,39 @@ def _auto_band_plan(plan: Plan, auto: AutoBands, records: list[ResultRecord], re
     return replace(plan, cells=members, blocked=blocked), why
 
 
+REDRAW_ROUNDS = 3  # a member drawn again whose change is rounded away again is drawn once more, and so on, this often
+
+
+def redraw_plan(plan: Plan, records: list[ResultRecord]) -> tuple[Plan, str] | None:
+    """The ulp members to draw again, in place of those whose one-ulp change training rounded away (and why, in
+    one line), or None when there are none.
+
+    Such a member trained the unperturbed run's weights (:func:`harness.band.absorbed`): it measures no
+    numerical noise, and the band leaves it out. Each is replaced once by a member with a fresh change, at
+    most as many in all as the band planned, so a model that rounds every change away costs one round.
+    """
+    from .band import REDRAW_OF, absorbed
+    from .judge import band_member, unperturbed_weights
+    from .plan import redraw_cell
+
+    ulp = [r for r in records if r.band_kind is BandKind.ULP]
+    copies = absorbed([band_member(r) for r in ulp], unperturbed_weights(records))
+    cells = {c.name: c for c in plan.cells}
+    ulp_cells = [c for c in plan.cells if c.band is not None and c.band.kind is BandKind.ULP]
+    replaced = {c.labels.get(REDRAW_OF) for c in ulp_cells} | {r.labels.get(REDRAW_OF) for r in ulp}
+    budget = sum(1 for c in ulp_cells if REDRAW_OF not in c.labels) - sum(1 for c in ulp_cells if REDRAW_OF in c.labels)
+    todo = [cells[name] for name in copies if name not in replaced and name in cells][:max(budget, 0)]
+    if not todo:
+        return None
+    numbers = [c.band.member for c in ulp_cells if c.band] + [r.band.member for r in ulp if r.band]
+    first = max(numbers, default=0) + 1
+    members = [redraw_cell(c, first + i) for i, c in enumerate(todo)]
+    pairs = ", ".join(f"{m.name} for {c.name}" for c, m in zip(todo, members))
+    why = (f"{len(todo)} ulp member(s) trained the unperturbed run's weights (the one-ulp change was rounded away in "
+           f"training): drawing again: {pairs}")
+    return replace(plan, cells=members, blocked={}), why
+
+
 def execute_plan(plan: Plan, backend: Backend, job: Job, report_opts: ReportOptions, tol: Tolerances,
                  progress_enabled: bool = True, extra_records: list[ResultRecord] | None = None, *,
                  jobs: int = 1, cache: Any = None, auto_bands: AutoBands | None = None) -> Comparison:
@@ -886,21 +921,37 @@ def execute_plan(plan: Plan, backend: Backend, job: Job, report_opts: ReportOpti
     start(plan, job, job.bundle_dir)
     before = list(extra_records or [])
     outcome = Outcome([], [])
+
+    def follow(more: tuple[Plan, str], ahead: bool) -> None:
+        """Run ``more``'s cells after those run so far (listed in run.json ahead of them or after), and say why."""
+        nonlocal plan, outcome
+        extra_plan, why = more
+        console(stderr=True).print(f"[dim]{why}[/dim]", soft_wrap=True)
+        cells = extra_plan.cells + plan.cells if ahead else plan.cells + extra_plan.cells
+        plan = replace_cells(plan, cells, extra_plan.blocked)
+        start(plan, job, job.bundle_dir, outcome.reused)  # run.json lists them too
+        with CellProgress(len(extra_plan.runnable), enabled=progress_enabled) as progress:
+            extra = run_cells(extra_plan, backend, job, progress, jobs=jobs, cache=cache)
+        first, then = (extra, outcome) if ahead else (outcome, extra)
+        outcome = Outcome(first.records + then.records, first.missing + then.missing, {**outcome.reused, **extra.reused})
+
+    def redraw() -> None:
+        for _ in range(REDRAW_ROUNDS):
+            more = redraw_plan(plan, before + outcome.records)
+            if more is None:
+                return
+            follow(more, ahead=False)
+
     try:
         with CellProgress(len(plan.runnable), enabled=progress_enabled) as progress:
             outcome = run_cells(plan, backend, job, progress, jobs=jobs, cache=cache)
+        redraw()
         for _ in range(2):  # the ulp band, then the seed band, each only when still needed
             more = _auto_band_plan(plan, auto_bands, before + outcome.records, report_opts, tol) if auto_bands else None
             if more is None:
                 break
-            band_plan, why = more
-            console(stderr=True).print(f"[dim]{why}[/dim]", soft_wrap=True)
-            plan = replace_cells(plan, band_plan.cells + plan.cells, band_plan.blocked)
-            start(plan, job, job.bundle_dir, outcome.reused)  # run.json lists the band members too
-            with CellProgress(len(band_plan.runnable), enabled=progress_enabled) as progress:
-                extra = run_cells(band_plan, backend, job, progress, jobs=jobs, cache=cache)
-            outcome = Outcome(extra.records + outcome.records, extra.missing + outcome.missing,
-                              {**outcome.reused, **extra.reused})
+            follow(more, ahead=True)
+            redraw()
     except Interrupted as exc:
         got: Outcome = exc.outcome  # type: ignore[attr-defined]
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,9 +137,12 @@ def test_band_first_in_a_matrix(make_bundle, tmp_path: Path) -> None:
     p = harness("matrix", str(root), "--backend", "local", "--devices", "cpu", "--determinism", "strict,default",
                 "--threads", "1", "--band", "2", "--band-seeds", "2", "--out", str(out), "--no-progress", "--detail")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert json.loads((out / "run.json").read_text())["cells"] == [
-        "band-ulp-1", "band-ulp-2", "band-seed-1", "band-seed-2", "cpu-strict-t1", "cpu-default-t1"]
+    cells = json.loads((out / "run.json").read_text())["cells"]
+    assert cells[:6] == ["band-ulp-1", "band-ulp-2", "band-seed-1", "band-seed-2", "cpu-strict-t1", "cpu-default-t1"]
     recs = {r.cell: r for r in record.load(out).records}
+    # band-ulp-2 moves a weight of -4.8e-4, which the first step (lr 0.01) rounds its change out of: drawn again after
+    for i, name in enumerate(cells[6:], 3):
+        assert name == f"band-ulp-{i}" and recs[name].labels["redraw_of"].startswith("band-ulp-")
     assert recs["band-ulp-1"].labels["band_of"] == "cpu-strict-t1" and recs["band-ulp-1"].env.threads == 1
     assert recs["band-ulp-1"].determinism["mode"] == "strict"
     assert "evidence" in p.stdout and "|Δ|/seed sd" in p.stdout  # two seed members: a spread to read |Δ| in
@@ -350,3 +354,79 @@ def test_cell_seeds_against_a_saved_band_without_enough_seeds_is_refused_before_
     (line,) = p.stderr.strip().splitlines()
     assert "holds 2 seed member(s); --cell-seeds 4" in line and "--band-seeds 4" in line
     assert not list(out.glob("*/record.json"))  # nothing trained
+
+
+def _lora_bundle(make_bundle, name: str, perturb: str, **more: int) -> Path:
+    root = make_bundle(name)
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    cfg["trainer"] = {"entrypoint": "lora_head:train", "code_dir": str(TRAINERS)}
+    cfg["perturb"] = perturb
+    cfg.update(more)
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def _hits_zero(seed: int) -> bool:
+    """Whether ulp member ``seed``'s change lands in the LoRA head's zero-initialised B (tests/trainers/lora_head.py)."""
+    from harness.worker.perturb import choose
+
+    sys.path.insert(0, str(TRAINERS))
+    try:
+        import lora_head
+    finally:
+        sys.path.remove(str(TRAINERS))
+    head = lora_head.build(48, 2)[2]
+    return choose([(n, p.numel()) for n, p in head.named_parameters()], seed)[0] == "lora_b"
+
+
+def test_an_ulp_member_whose_change_training_rounds_away_is_drawn_again(make_bundle, tmp_path: Path) -> None:
+    """A one-ulp change of a zero weight (LoRA's B) is gone after Adam's first step, on any CPU: that member trains
+    the unperturbed run's weights. It is left out of the band and drawn again, until the band has as many members
+    that measure something as were asked for (here member 3, then its redraw 4, then 5)."""
+    assert [_hits_zero(s) for s in range(1, 6)] == [False, False, True, True, False]  # what this test rests on
+    root = _lora_bundle(make_bundle, "lora", "head")
+    out = tmp_path / "out"
+    p = harness("run", str(root), "--band", "3", "--band-seeds", "0", "--device", "cpu", "-o", str(out),
+                "--json", str(tmp_path / "r.json"), "--no-progress")
+    assert p.returncode == 0, p.stdout + p.stderr
+    recs = {r.cell: r for r in record.load(out).records}
+    base = next(r for name, r in recs.items() if not r.band)
+    assert sorted(n for n in recs if n.startswith("band-ulp-")) == [f"band-ulp-{i}" for i in range(1, 6)]
+    for i in range(1, 6):
+        r = recs[f"band-ulp-{i}"]
+        assert r.perturbation.applied and r.perturbation.seed == i and r.band.member == i
+        assert (r.weights_sha256 == base.weights_sha256) == _hits_zero(i), i  # rounded away exactly where drawn in B
+    assert recs["band-ulp-4"].labels["redraw_of"] == "band-ulp-3" and recs["band-ulp-5"].labels["redraw_of"] == "band-ulp-4"
+    assert "redraw_of" not in recs["band-ulp-2"].labels
+    err = " ".join(p.stderr.split())
+    assert "drawing again: band-ulp-4 for band-ulp-3" in err and "drawing again: band-ulp-5 for band-ulp-4" in err
+    band = json.loads((tmp_path / "r.json").read_text())["comparison"]["band"]
+    assert band["n_ulp"] == 3  # as many as asked for, each a measurement
+    # left out, each replaced: the band is whole, which the report says beside the band and not as a warning
+    assert [m["cell"] for m in band["members"] if not m["used"]] == ["band-ulp-3", "band-ulp-4"]
+    assert all(m["why_not"].startswith("it trained the unperturbed run's weights") for m in band["members"]
+               if not m["used"])
+    assert band["redrawn"] == ["band-ulp-3", "band-ulp-4"] and band["notes"] == []
+    out_text = " ".join(p.stdout.split())
+    assert "band: 3 retrains, one weight moved by an ulp (the noise; 2 drawn again: training rounded the change away)" \
+        in out_text and "left out of the band" not in out_text
+    detail = harness("compare", str(out), "--detail")
+    assert "(band-ulp-3, band-ulp-4 drawn again: training rounded their change away)" in " ".join(detail.stdout.split())
+    assert json.loads((out / "run.json").read_text())["cells"][-2:] == ["band-ulp-4", "band-ulp-5"]
+
+
+def test_a_band_every_change_of_which_is_rounded_away_is_drawn_again_once_and_measures_nothing(
+        make_bundle, tmp_path: Path) -> None:
+    # every change lands in B (16 zeros at rank 8: the 4 changes drawn are 4 different ones), every one rounded away
+    root = _lora_bundle(make_bundle, "lora_b", "lora_b", rank=8)
+    out = tmp_path / "out"
+    p = harness("band", str(root), "--n", "2", "--band-seeds", "0", "--device", "cpu", "-o", str(out),
+                "--no-progress")
+    assert p.returncode == 1, p.stdout + p.stderr  # asked for a band, got none: never a zero-wide "band"
+    recs = record.load(out).records
+    # two asked for, two drawn again, then no more: the cost is bounded by the band's size
+    assert [r.cell for r in recs] == ["band-ulp-1", "band-ulp-2", "band-ulp-3", "band-ulp-4"]
+    assert len({r.weights_sha256 for r in recs}) == 1 and all(r.perturbation.tensor == "lora_b" for r in recs)
+    assert len({(r.perturbation.index, r.perturbation.direction) for r in recs}) == 4  # four different changes
+    text = " ".join(p.stdout.split())
+    assert "the ulp band measured no numerical noise: each of its 4 members trained the unperturbed run's weights" in text

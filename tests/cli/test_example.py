@@ -138,7 +138,8 @@ def test_readme_main_command_reproduces_and_its_first_screen_reads_in_ten_second
     det = axes["determinism"]
     assert det["status"] == "measured" and det["weights_identical"] == det["weights_compared"] == 4
     band = report["comparison"]["band"]
-    assert band["n_ulp"] == 4 and sum(1 for rec in report["records"] if rec.get("band")) == 4
+    # a member whose change training rounded away (1 of 8 on the H200 host's Xeon) is drawn again: 4 used, whatever CPU
+    assert band["n_ulp"] == 4 and sum(1 for rec in report["records"] if rec.get("band")) == 4 + len(band["redrawn"])
     # against the recorded trial every cell is within the numerical noise of one trajectory (bitwise where
     # this is the trial's CPU and ISA): no cell differs, so no seed band had to be measured
     rungs = {name: c["ladder"]["rung"] for name, c in cells.items()}

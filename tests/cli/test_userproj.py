@@ -147,12 +147,16 @@ def test_the_project_unedited_gets_a_band_and_traces_as_a_function_and_as_a_comm
             assert r.trace.steps > 0 and r.trace.file == "trace.jsonl"
     assert got["command"]["band-ulp-1"].perturbation.process  # it happened in the command's own process
     keys = ("tensor", "index", "direction", "old", "new")
-    for cell in ("band-ulp-1", "band-ulp-2"):
+    # on some CPUs (an AMD EPYC) Adam's first step rounds a member's change away: it is drawn again, alike in both
+    assert list(got["function"]) == list(got["command"])
+    for cell in got["function"]:
         f, c = got["function"][cell], got["command"][cell]
         assert {k: getattr(f.perturbation, k) for k in keys} == {k: getattr(c.perturbation, k) for k in keys}
-        assert f.weights_sha256 == c.weights_sha256
+        assert f.weights_sha256 == c.weights_sha256 and f.labels.get("redraw_of") == c.labels.get("redraw_of")
         assert (tmp_path / "function" / cell / "trace.jsonl").read_text() == \
             (tmp_path / "command" / cell / "trace.jsonl").read_text()
-    p = harness("diverge", str(tmp_path / "function" / "band-ulp-1"), str(tmp_path / "command" / "band-ulp-2"))
+    distinct = list({r.weights_sha256: cell for cell, r in got["function"].items()}.values())
+    assert len(distinct) >= 2  # the band measured something: two members that trained different weights
+    p = harness("diverge", str(tmp_path / "function" / distinct[0]), str(tmp_path / "command" / distinct[1]))
     assert p.returncode == 3 and "first differ at" in p.stdout, p.stdout + p.stderr  # 3: they part
     assert "cause: perturbed differently" in p.stdout

@@ -260,3 +260,39 @@ def test_an_ulp_band_whose_change_never_reaches_the_metrics_says_so() -> None:
     for members in ([m(1, "a"), m(2, "a"), m(3, "a")], [m(1, "a"), m(2, "b", 0.2500001), m(3, "c")],
                     [m(1, "a"), m(2, None), m(3, "c")]):
         assert not any("zero wide" in n for n in band_mod.measure(members).notes)
+
+
+def test_ulp_members_whose_change_training_rounded_away_are_left_out_of_the_band() -> None:
+    """Seen on an AMD EPYC: both one-ulp changes of a 2-member band were gone after Adam's first step, and the
+    members trained the unperturbed run's weights. Such a member is a copy of that run, not a draw of its numerical
+    noise: it would pull the width toward zero, so the band leaves it out and says why."""
+    def m(i: int, sha: str | None, loss: float) -> band_mod.Member:
+        return band_mod.Member(cell=f"band-ulp-{i}", kind="ulp", member=i, values={"val_loss": loss}, weights_sha256=sha)
+
+    # two members with the same weights: both changes were rounded away (two that reached training cannot meet)
+    band = band_mod.measure([m(1, "a", 0.25), m(2, "a", 0.25)])
+    assert band.n_ulp == 0 and not band.measured and band.ulp == {}
+    assert any("measured no numerical noise" in n and "each of its 2 members" in n for n in band.notes), band.notes
+    # one copy of another member, one of the unperturbed run (known from its record): the width rests on the rest
+    members = [m(1, "a", 0.25), m(2, "a", 0.25), m(3, "b", 0.2500001), m(4, "c", 0.25), m(5, "base", 0.25)]
+    assert band_mod.absorbed(members, {"base"}) == ["band-ulp-1", "band-ulp-2", "band-ulp-5"]
+    band = band_mod.measure(members, unperturbed={"base"})
+    assert band.n_ulp == 2 and band.ulp["val_loss"].range == pytest.approx(1e-7)
+    assert [x.cell for x in band.members if not x.used] == ["band-ulp-1", "band-ulp-2", "band-ulp-5"]
+    assert any(n.startswith("left out of the band: band-ulp-1, band-ulp-2, band-ulp-5 (it trained the unperturbed")
+               for n in band.notes), band.notes
+    # distinct weights, unknown weights, a member that was not perturbed, a seed band: nothing is a copy
+    for members in ([m(1, "a", 0.25), m(2, "b", 0.2500001)], [m(1, None, 0.25), m(2, None, 0.25)]):
+        assert band_mod.absorbed(members, {"z"}) == [] and band_mod.measure(members).n_ulp == 2
+    # one band measured in two runs: the same change twice trains the same weights, a repeat and no copy
+    from harness.record import Perturbation
+
+    same = Perturbation(kind="ulp", seed=1, applied=True, tensor="w", index=3, new="0x1p-1")
+    twice = [band_mod.Member(cell=c, kind="ulp", member=1, perturbation=same, weights_sha256="a") for c in ("x", "y")]
+    assert band_mod.absorbed(twice) == [] and band_mod.absorbed(twice, {"a"}) == ["x", "y"]
+    unperturbed = band_mod.Member(cell="band-ulp-3", kind="ulp", member=3, used=False, why_not="not perturbed",
+                                  values={"val_loss": 0.25}, weights_sha256="a")
+    assert band_mod.absorbed([m(1, "a", 0.25), unperturbed]) == []
+    seeds = [band_mod.Member(cell=f"band-seed-{i}", kind="seed", member=i, values={"val_loss": 0.2 + i},
+                             weights_sha256="base") for i in (1, 2)]
+    assert band_mod.absorbed(seeds, {"base"}) == []

@@ -40,7 +40,13 @@ def test_twice_the_learning_rate_is_drifted_with_the_cells_own_seeds() -> None:
 def test_the_committed_h200_evidence_is_what_the_code_says(capsys) -> None:
     assert main(["compare", str(GPU / "conv-matrix")]) == 0
     c = compare(record.load(GPU / "conv-matrix").records)
-    assert c.band.n_ulp == 8 and c.band.n_seed == 8 and "Intel" in (c.band.environment or "")  # the CPU trial's side
+    assert c.band.n_seed == 8 and "Intel" in (c.band.environment or "")  # the CPU trial's side
+    # one of the 8 ulp members (band-ulp-3) trained the unperturbed cell's weights on that Xeon: its change was
+    # rounded away in training, so it is left out (this run predates drawing such a member again)
+    left = {m.cell for m in c.band.members if m.kind == "ulp" and not m.used}
+    assert c.band.n_ulp == 7 and left == {"band-ulp-3"}
+    cells = {r.cell: r for r in record.load(GPU / "conv-matrix").records}
+    assert cells["band-ulp-3"].weights_sha256 == cells["cpu-strict-t1-r1"].weights_sha256
     assert {j.rung for j in c.cells if j.cell.startswith("cuda")} == {Rung.SAME}
     assert {j.rung for j in c.cells if j.cell.startswith("cpu")} == {Rung.EQUAL}
     pairs = compare(record.load(GPU / "conv-pairs").records).cell("cuda-strict-t1-fp32")

@@ -215,3 +215,60 @@ def test_a_cells_record_is_written_once_and_carries_its_cache_key(example: Path,
     rec = record.read(path)
     assert rec.ok and rec.cache_key in cache.documents  # the key the cell was run under
     assert written == [(path, rec.cache_key)]
+
+
+def test_the_ulp_members_training_rounded_away_are_drawn_again_each_once_at_most_as_many_as_the_band() -> None:
+    """Pure: which members :func:`harness.runner.redraw_plan` draws again, as what, and when it stops."""
+    from harness.plan import band_cells
+    from harness.runner import redraw_plan
+
+    from tests.records import member, record as rec
+
+    base = Cell("base", threads=1)
+    plan = Plan("local", band_cells(base, 3, 0, 42) + [base])
+    base_rec = rec("base", sha="w-base")
+
+    def ulp(i: int, sha: str, **labels: str) -> record.ResultRecord:
+        m = member("ulp", i, 0.9)
+        m.weights_sha256 = sha
+        m.labels.update(labels)
+        return m
+
+    assert redraw_plan(plan, [base_rec, ulp(1, "a"), ulp(2, "b"), ulp(3, "c")]) is None  # every change reached training
+    records = [base_rec, ulp(1, "a"), ulp(2, "w-base"), ulp(3, "c")]  # member 2 trained the unperturbed run's weights
+    more, why = redraw_plan(plan, records)
+    (new,) = more.cells
+    assert new.name == "band-ulp-4" and new.perturb == {"kind": "ulp", "seed": 4} and new.band.member == 4
+    assert new.labels["redraw_of"] == "band-ulp-2" and new.labels["band_of"] == "base" and new.threads == 1
+    assert "drawing again: band-ulp-4 for band-ulp-2" in why
+    plan = Plan("local", plan.cells + more.cells)
+    assert redraw_plan(plan, records) is None  # drawn again once: its replacement is planned
+    records.append(ulp(4, "w-base", redraw_of="band-ulp-2"))  # rounded away again: drawn once more
+    assert [c.name for c in redraw_plan(plan, records)[0].cells] == ["band-ulp-5"]
+    # every change rounded away (two members alike, without the unperturbed run): as many again as the band, then none
+    plan = Plan("local", band_cells(base, 2, 0, 42))
+    records = [ulp(1, "x"), ulp(2, "x")]
+    more, _ = redraw_plan(plan, records)
+    assert [(c.name, c.labels["redraw_of"]) for c in more.cells] == [("band-ulp-3", "band-ulp-1"),
+                                                                     ("band-ulp-4", "band-ulp-2")]
+    plan = Plan("local", plan.cells + more.cells)
+    assert redraw_plan(plan, records + [ulp(3, "x", redraw_of="band-ulp-1"), ulp(4, "x", redraw_of="band-ulp-2")]) is None
+    # a band measured in another run (--band-from: not in this plan) is not this run's to draw again
+    assert redraw_plan(Plan("local", [base]), [base_rec, ulp(1, "w-base"), ulp(2, "w-base")]) is None
+
+
+def test_the_automatic_ulp_band_is_measured_once_even_when_it_measured_nothing() -> None:
+    """--band auto: a cell a hair from the trial gets the ulp band; a band that ran and measured nothing (every member
+    unperturbed, or rounded away) is not run again under the same names: the seed band, if any, follows."""
+    from harness.runner import AutoBands, _auto_band_plan
+
+    from tests.records import member, record as rec
+
+    plan = Plan("local", [Cell("run", threads=1)])
+    auto = AutoBands(n_ulp=8, n_seed=8, training_seed=42)
+    near = rec("run", r2=0.9 + 1e-6, loss=0.1 + 1e-8, sha="w2")  # beyond float32 rounding, plausibly numerical
+    more, why = _auto_band_plan(plan, auto, [near], ReportOptions(), Tolerances())
+    assert [c.name for c in more.cells] == [f"band-ulp-{i}" for i in range(1, 9)] and "ulp band" in why
+    nothing = [member("ulp", i, 0.9, applied=False) for i in (1, 2)]
+    again = _auto_band_plan(plan, auto, [near, *nothing], ReportOptions(), Tolerances())
+    assert again is None or not any(c.name.startswith("band-ulp-") for c in again[0].cells)
