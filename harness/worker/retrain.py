@@ -130,8 +130,23 @@ def _evaluate(net: Any, data: Any, split: Any, scaler: Any, device: Any, y_scale
 # --------------------------------------------------------------------------- the run
 
 
-def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path, rec: ResultRecord) -> None:
+def scaled_targets(bundle: Any, data: Any, split: Any) -> tuple[Any, Any, dict[str, Any], Any]:
+    """The reference trainer's targets: (the archived scaler or None, the scaler used or None, the record's
+    ``scaler`` part, the targets in the scaled space as float32). The archived scaler is used, checked against
+    one refitted on the train split; without one, a scaler is fitted there (unless the config scales nothing)."""
     import numpy as np
+
+    archived = _load_scaler(bundle.scaler_path) if bundle.scaler_path else None
+    y_train = data.y[split.train].astype(np.float64)
+    if not bundle.training.scale_targets and archived is None:  # no scaler: scikit-learn is not imported
+        scaler, info = None, {"archived": False, "used": "none"}
+    else:
+        scaler, info = _scaler_check(archived, y_train)
+    y_scaled = (scaler.transform(data.y.astype(np.float64)) if scaler is not None else data.y).astype(np.float32)
+    return archived, scaler, info, y_scaled
+
+
+def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path, rec: ResultRecord) -> None:
     import torch
 
     from . import model as model_mod
@@ -142,18 +157,11 @@ def _reference_run(spec: RunSpec, bundle: Any, data: Any, device: Any, out: Path
     rec.split = {"sizes": [len(split.train), len(split.val), len(split.test)],
                     "indices_sha256": _sha_json([split.train, split.val, split.test])}
 
-    archived_scaler = _load_scaler(bundle.scaler_path) if bundle.scaler_path else None
-    y_train = data.y[split.train].astype(np.float64)
-    if not bundle.training.scale_targets and archived_scaler is None:  # no scaler: scikit-learn is not imported
-        scaler, info = None, {"archived": False, "used": "none"}
-    else:
-        scaler, info = _scaler_check(archived_scaler, y_train)
-    rec.scaler = info
+    archived_scaler, scaler, rec.scaler, y_scaled = scaled_targets(bundle, data, split)
     if archived_scaler is None and scaler is not None:
         import joblib
 
         joblib.dump(scaler, CellPaths(out).scaler)  # the scaler this run fitted, for archiving
-    y_scaled = (scaler.transform(data.y.astype(np.float64)) if scaler is not None else data.y).astype(np.float32)
 
     # Archived weights first, before training touches any RNG state: this
     # isolates inference drift (same weights, this environment) from training drift.
