@@ -102,9 +102,38 @@ def _threads(rec: ResultRecord) -> str | None:
     return str(rec.env.threads) if rec.env.threads is not None else None
 
 
+# The per-backend precisions (harness.worker.determinism.FP32_PRECISION_AT) that a run's device computes with,
+# each with the places it inherits from when it says "none"
+_PRECISION_OF = {
+    "cpu": (("mkldnn.matmul", "mkldnn"), ("mkldnn.conv", "mkldnn"), ("mkldnn.rnn", "mkldnn")),
+    "cuda": (("cuda.matmul",), ("cudnn.conv", "cudnn"), ("cudnn.rnn", "cudnn")),
+}
+
+
 def _tf32(rec: ResultRecord) -> str | None:
-    flag = (rec.determinism or {}).get("matmul_allow_tf32")
-    return None if flag is None else ("on" if flag else "off")
+    """Reduced-precision float32 math: ``off``, ``on`` (TF32) or ``bf16``.
+
+    From torch's per-backend precisions where the record has them (a trainer can set those alone), for the
+    backends of the run's device; else from the legacy switches (``matmul_allow_tf32``, and
+    ``float32_matmul_precision`` "medium", which allows bf16).
+    """
+    det = rec.determinism or {}
+    flag, legacy = det.get("matmul_allow_tf32"), det.get("float32_matmul_precision")
+    per = det.get("fp32_precision")
+    if isinstance(per, dict) and per:
+        used = set()
+        for chain in _PRECISION_OF.get(rec.env.device_type or "", ()):
+            value = next((per.get(k) for k in (*chain, "generic") if per.get(k) not in (None, "none")), "ieee")
+            used.add(value)
+        if rec.env.device_type == "cuda" and flag:
+            used.add("tf32")
+    elif flag is None and legacy is None:
+        return None
+    else:
+        used = {"tf32"} if flag else set()
+    if "bf16" in used or legacy == "medium":
+        return "bf16"
+    return "on" if "tf32" in used else "off"
 
 
 def _device(rec: ResultRecord) -> str | None:

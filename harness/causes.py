@@ -131,8 +131,8 @@ def classify(a: ResultRecord, b: ResultRecord, divergence: Any = None) -> Findin
             why += " (CPU and CUDA generators give different draws for one seed)"
         return Finding(Cause.RANDOM, why, step, rel)
     if differ is not None and "tf32" in differ:
-        on = a.cell if _tf32(a) == "on" else b.cell
-        why = f"TF32 matmuls are on in {on}"
+        on = a if _tf32(a) != "off" else b
+        why = f"{'bf16 float32 math is' if _tf32(on) == 'bf16' else 'TF32 matmuls are'} on in {on.cell}"
         if at_first and rel is not None:
             why += f"; the first step's loss differs by {relw} (relative), beyond float32 rounding"
         elif differ == ["tf32"]:

@@ -81,6 +81,39 @@ def missing_launch_env(mode: str) -> list[str]:
     return missing
 
 
+# Where torch (2.9 and later) keeps a float32 precision per backend and operation
+# (``torch.backends[.<backend>[.<op>]].fp32_precision``): "ieee" is full float32, "tf32" and "bf16" are
+# reduced, "none" inherits from the level above. A trainer can set one without the legacy
+# ``torch.set_float32_matmul_precision``, which then no longer tells the whole story.
+FP32_PRECISION_AT = ("generic", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn",
+                     "mkldnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
+
+
+def fp32_precisions(torch: Any) -> dict[str, str]:
+    """The per-backend float32 precisions in effect (:data:`FP32_PRECISION_AT`), by place; {} for a torch before 2.9."""
+    out: dict[str, str] = {}
+    for where in FP32_PRECISION_AT:
+        node = torch.backends
+        try:
+            for part in (() if where == "generic" else where.split(".")):
+                node = getattr(node, part)
+            value = node.fp32_precision
+        except (AttributeError, RuntimeError):
+            continue
+        if isinstance(value, str):
+            out[where] = value
+    return out
+
+
+def matmul_precision(torch: Any) -> str | None:
+    """``torch.get_float32_matmul_precision()``, or None where torch will not say: it raises once the per-backend
+    API set a precision after the legacy one did (a trainer's own ``torch.backends.mkldnn.matmul.fp32_precision``)."""
+    try:
+        return str(torch.get_float32_matmul_precision())
+    except RuntimeError:
+        return None
+
+
 def capture(mode: str, seed: int | None, reference: bool = True) -> dict[str, Any]:
     """The determinism settings actually in effect in this process.
 
@@ -101,7 +134,8 @@ def capture(mode: str, seed: int | None, reference: bool = True) -> dict[str, An
         "deterministic_warn_only": bool(torch.is_deterministic_algorithms_warn_only_enabled()),
         "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
         "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "float32_matmul_precision": matmul_precision(torch),
+        "fp32_precision": fp32_precisions(torch),
         "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
         "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED"),
         "hash_randomization": bool(sys.flags.hash_randomization),

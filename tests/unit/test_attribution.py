@@ -8,7 +8,7 @@ import json
 import pytest
 from rich.console import Console
 
-from harness.attribution import CONFOUNDED, MEASURED, NOT_ENOUGH, attribute
+from harness.attribution import CONFOUNDED, MEASURED, NOT_ENOUGH, _tf32, attribute
 from harness.judge import compare
 from harness.record import ResultRecord, Status
 from harness.report import json_report, markdown, print_report
@@ -201,3 +201,32 @@ def test_switches_a_record_never_measured_are_unknown_not_none() -> None:
     old.env.switches = None
     new.env.switches = None  # unknown in both: equal, as for every axis
     assert attribute([old, new]).same_environment.pairs == [["old", "new"]]
+
+
+def test_a_per_backend_bf16_precision_is_the_tf32_axis_and_the_cause() -> None:
+    """torch's per-backend precision (torch.backends.mkldnn.matmul.fp32_precision = "bf16", set by a trainer) moves
+    a CPU run's float32 matmuls to bf16 while the legacy switches say nothing: the axis and the cause read it."""
+    from harness.causes import Cause, classify
+
+    ieee = {"generic": "none", "mkldnn": "none", "mkldnn.matmul": "ieee", "cuda.matmul": "ieee", "cudnn.conv": "none"}
+    plain, bf16 = cell("plain", sha="w-plain"), cell("bf16", r2=0.9 + 1e-4, sha="w-bf16")
+    plain.determinism["fp32_precision"] = dict(ieee)
+    bf16.determinism.update(fp32_precision={**ieee, "mkldnn.matmul": "bf16"}, float32_matmul_precision=None)
+    tf32 = attribute([plain, bf16]).axis("tf32")
+    assert tf32.status == MEASURED and sorted(tf32.values) == ["bf16", "off"]
+    found = classify(plain, bf16)
+    assert found.cause is Cause.PRECISION and found.evidence == "bf16 float32 math is on in bf16; nothing else they measured differs"
+    # a CUDA backend's setting does not move a CPU run, and "none" inherits from the level above
+    bf16.determinism["fp32_precision"] = {**ieee, "cudnn.conv": "tf32", "mkldnn.matmul": "none", "generic": "tf32"}
+    assert _tf32(bf16) == "on"
+    bf16.determinism["fp32_precision"] = {**ieee, "cudnn.conv": "tf32"}
+    assert _tf32(bf16) == "off"
+
+
+def test_the_legacy_switches_still_name_the_precision_of_an_older_record() -> None:
+    old = cell("old", tf32=False)
+    old.determinism.pop("fp32_precision", None)
+    assert _tf32(old) == "off"
+    old.determinism["float32_matmul_precision"] = "medium"
+    assert _tf32(old) == "bf16"
+    assert _tf32(cell("gpu", device_type="cuda", tf32=True)) == "on"

@@ -301,3 +301,28 @@ def test_hooks_stay_when_trainer_names_the_entrypoint(tmp_path: Path) -> None:
     assert b.trainer.entrypoint == "m:train" and b.trainer.model_fn == "m:build" and b.trainer.predict is None
     with pytest.raises(InputError, match="trainer.entrypoint is missing"):
         load_bundle(root)
+
+
+def test_the_record_keeps_torchs_per_backend_precision_and_never_fails_reading_it() -> None:
+    """After the harness's legacy switch, a trainer's per-backend setting makes torch refuse the legacy getter
+    (RuntimeError): the capture records the per-backend values and the legacy one as unknown, not a crash."""
+    import torch
+
+    from harness.worker import determinism
+
+    if not hasattr(torch.backends.mkldnn, "matmul"):
+        pytest.skip("this torch has no per-backend float32 precision (torch < 2.9)")
+    before = torch.backends.mkldnn.matmul.fp32_precision, torch.get_float32_matmul_precision()
+    try:
+        determinism.apply("strict", tf32=False, threads=None)
+        got = determinism.capture("strict", 7)
+        assert got["float32_matmul_precision"] == "highest" and got["fp32_precision"]["mkldnn.matmul"] == "ieee"
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"  # as a trainer may, after the harness's switches
+        with pytest.raises(RuntimeError):
+            torch.get_float32_matmul_precision()
+        got = determinism.capture("strict", 7)
+        assert got["float32_matmul_precision"] is None and got["fp32_precision"]["mkldnn.matmul"] == "bf16"
+        assert set(got["fp32_precision"]) <= set(determinism.FP32_PRECISION_AT)
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before[0]
+        torch.set_float32_matmul_precision(before[1])
