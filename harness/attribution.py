@@ -124,9 +124,7 @@ def _tf32(rec: ResultRecord) -> str | None:
         used = set()
         for chain in _PRECISION_OF.get(rec.env.device_type or "", ()):
             value = next((per.get(k) for k in (*chain, "generic") if per.get(k) not in (None, "none")), "ieee")
-            used.add(value)
-        if rec.env.device_type == "cuda" and flag:
-            used.add("tf32")
+            used.add(value)  # cuda.matmul is what matmul_allow_tf32 reads and sets
     elif flag is None and legacy is None:
         return None
     else:

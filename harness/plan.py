@@ -11,7 +11,7 @@ files and the wheelhouses the image builds will use.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -214,8 +214,6 @@ def redraw_cell(member: Cell, number: int) -> Cell:
     Used in place of a member whose change training rounded away (:func:`harness.band.absorbed`): its
     private RNG is seeded with ``number``, so the value and direction it moves are drawn afresh.
     """
-    from dataclasses import replace
-
     return replace(member, name=f"{BAND_PREFIX}ulp-{number}", perturb={"kind": "ulp", "seed": number},
                    band=BandMember(BandKind.ULP, number), slot=None, notes=(),
                    labels={**member.labels, "member": number, REDRAW_OF: member.name})
@@ -250,8 +248,6 @@ def with_band(plan: Plan, n: int, seeds: int, training_seed: int, *, only: bool 
     Band members run where the baseline runs (same backend, image, device, mode, threads,
     TF32): an image cell's build or skip is the baseline's.
     """
-    from dataclasses import replace
-
     base = baseline or next(iter(plan.runnable), None) or (plan.cells[0] if only and plan.cells else None)
     if base is None or not (n or seeds):
         return plan
@@ -287,8 +283,6 @@ def cell_seed_cells(cells: list[Cell], k: int, training_seed: int) -> list[Cell]
 
 def with_cell_seeds(plan: Plan, k: int, training_seed: int) -> Plan:
     """``plan`` with every cell's own seed retrains after the cells (pure); their builds and skips are their cell's."""
-    from dataclasses import replace
-
     extra = cell_seed_cells(plan.cells, k, training_seed)
     blocked = dict(plan.blocked)
     for c in extra:

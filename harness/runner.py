@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import __version__, record
 from .errors import ErrorKind, HarnessError, InputError, Interrupted, disk_failure
-from .judge import Comparison, Tolerances, compare
+from .judge import Comparison, Tolerances, band_member, compare, unperturbed_weights
 from .options import ReportOptions, RunOptions
-from .plan import Cell, Job, Plan, band_cells, choose_baseline, make_plan, with_band, with_cell_seeds
+from .plan import Cell, Job, Plan, band_cells, choose_baseline, make_plan, redraw_cell, with_band, with_cell_seeds
 from .record import BandKind, ResultRecord, RunManifest, Status
 
 if TYPE_CHECKING:
@@ -576,7 +576,6 @@ def band_gates(waiting: list[Cell], records: dict[str, ResultRecord],
     trainer, costs one or two retrains, not the whole band.
     """
     from .band import gate
-    from .judge import band_member
 
     ready: list[Cell] = []
     skip: dict[str, str] = {}
@@ -888,8 +887,6 @@ def redraw_plan(plan: Plan, records: list[ResultRecord]) -> tuple[Plan, str] | N
     most as many in all as the band planned, so a model that rounds every change away costs one round.
     """
     from .band import REDRAW_OF, absorbed
-    from .judge import band_member, unperturbed_weights
-    from .plan import redraw_cell
 
     ulp = [r for r in records if r.band_kind is BandKind.ULP]
     copies = absorbed([band_member(r) for r in ulp], unperturbed_weights(records))
